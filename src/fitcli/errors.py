@@ -1,0 +1,72 @@
+"""The exception family: each class carries the exit code the CLI maps it to."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes: a contract documented in the README."""
+
+    COMPLETED = 0
+    FAILED = 1
+    INVALID_INPUT = 2
+    DIVERGED = 3
+    INTERRUPTED = 130
+
+
+class FitcliError(Exception):
+    """Base of every error fitcli reports to the user as a clean message."""
+
+    exit_code: ExitCode = ExitCode.FAILED
+
+
+class InputError(FitcliError):
+    """Invalid input: usage, config, expression or data (exit 2)."""
+
+    exit_code = ExitCode.INVALID_INPUT
+
+
+class ConfigError(InputError):
+    """The config file or an override is invalid; the message names every problem at once."""
+
+    def __init__(self, problems: list[str] | str, source: str | None = None) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.source = source
+        head = f"invalid config {source}" if source else "invalid config"
+        if len(self.problems) == 1:
+            text = f"{head}: {self.problems[0]}"
+        else:
+            text = head + f" ({len(self.problems)} problems):\n" + "\n".join(
+                f"  - {p}" for p in self.problems
+            )
+        super().__init__(text)
+
+
+class ExpressionError(InputError):
+    """An expression is not allowed or cannot be parsed; points at the offending column."""
+
+    def __init__(self, message: str, source: str, col: int | None = None) -> None:
+        self.message = message
+        self.source = source
+        self.col = col
+        text = f"{message} in expression {source!r}"
+        if col is not None:
+            text += f" at column {col + 1}\n    {source}\n    {' ' * col}^"
+        super().__init__(text)
+
+
+class DataError(InputError):
+    """The data file or synthetic data is invalid (exit 2)."""
+
+
+class DeviceError(InputError):
+    """The requested device does not exist here (exit 2)."""
+
+
+class RunDirError(FitcliError):
+    """The run directory cannot be created or written (exit 1)."""
+
+
+class ResumeError(InputError):
+    """A run directory cannot be resumed (exit 2)."""
