@@ -1,0 +1,196 @@
+"""Known sandbox-escape and denial-of-service payloads for expression evaluators.
+
+Drawn from the public bug history of simpleeval, asteval, numexpr (the ``numexpr.evaluate``
+injection that moved it from a regex blacklist to an AST allowlist), sympy's ``sympify`` and the
+classic Python "jail" escapes. Every entry must be rejected by ``parse_expression`` with an
+``ExpressionError``, quickly, and without side effects.
+
+Payloads that would create a file use the token ``{marker}``; fault tests substitute a real path
+with ``payload.replace("{marker}", path)`` and then check that the file never appears.
+"""
+
+from __future__ import annotations
+
+MARKER_TOKEN = "{marker}"
+
+PAYLOADS: list[str] = [
+    # --- attribute chains to reach object.__subclasses__ (simpleeval, asteval history) ---
+    "().__class__.__bases__[0].__subclasses__()",
+    "().__class__.__base__.__subclasses__()",
+    "''.__class__.__mro__[1].__subclasses__()",
+    "[].__class__.__mro__[-1].__subclasses__()",
+    "x.__class__",
+    "x.__class__.__mro__",
+    "(1).__class__.__base__",
+    "x.real",
+    "x.__dict__",
+    "x.__init__.__globals__",
+    "sin.__globals__",
+    "sin.__self__",
+    "exp.__module__",
+    "log.__globals__['__builtins__']",
+    "sin.__globals__['torch'].load('{marker}')",
+    "x.T",
+    "x.data_ptr()",
+    "x.numpy().tofile('{marker}')",
+    "x.new_tensor",
+    "torch.save(x, '{marker}')",
+    # --- dunder and underscore names ---
+    "__import__('os').system('touch {marker}')",
+    "__import__('subprocess').call(['touch', '{marker}'])",
+    "__builtins__",
+    "__builtins__['eval']('1')",
+    "__loader__",
+    "__spec__",
+    "__name__",
+    "_",
+    "_x",
+    "__class__",
+    "x + __debug__",
+    # --- builtins that must never be callable ---
+    "eval('1+1')",
+    "exec('import os')",
+    "exec(\"open('{marker}', 'w').write('pwned')\")",
+    "compile('1', 'f', 'eval')",
+    "open('{marker}', 'w')",
+    "open('/etc/passwd').read()",
+    "getattr(x, '__class__')",
+    "getattr(sin, '__globals__')",
+    "setattr(x, 'y', 1)",
+    "globals()",
+    "locals()",
+    "vars()",
+    "dir()",
+    "type(x)",
+    "type('A', (), {})",
+    "input()",
+    "breakpoint()",
+    "help()",
+    "print(x)",
+    "object.__subclasses__()",
+    "sin(x, x)",
+    "sin(x=1)",
+    "sin(*[x])",
+    "sin(**{'input': x})",
+    "sin()",
+    # --- frame walking through lambdas and generators ---
+    "(lambda: 0).__code__",
+    "(lambda: 0).__globals__",
+    "(lambda f: f(f))(lambda f: f(f))",
+    "(x for x in ()).gi_frame.f_back.f_globals",
+    "(x for x in ()).gi_code",
+    "[x for x in ()]",
+    "{x for x in ()}",
+    "{x: 1 for x in ()}",
+    "[y for y in range(10**9)]",
+    "[[]] * 10**9",
+    "lambda: 0",
+    # --- format-string attacks (simpleeval CVE-style) ---
+    "'{0.__class__}'.format(x)",
+    "'{0.__class__.__init__.__globals__}'.format(sin)",
+    "'%s' % x",
+    "f'{x.__class__}'",
+    'f\'{__import__("os").system("touch {marker}")}\'',
+    "b'abc'",
+    "'abc'",
+    # --- sympy sympify / numexpr style injections ---
+    "Symbol('x').__class__",
+    "Function('f')(x)",
+    "x; __import__('os').system('touch {marker}')",
+    "x\n__import__('os').system('touch {marker}')",
+    "import os",
+    "from os import system",
+    "x = 1",
+    "del x",
+    # --- walrus, conditionals, comparisons, boolean and bitwise operators ---
+    "(y := 1)",
+    "(x := x + 1)",
+    "1 if x else 2",
+    "x if True else x",
+    "x > 0",
+    "x == x",
+    "x and x",
+    "not x",
+    "x or 1",
+    "x // 2",
+    "x % 2",
+    "x @ x",
+    "x << 1",
+    "x ^ 1",
+    "~x",
+    "x | 1",
+    "x & 1",
+    # --- containers, subscripts, slicing, Ellipsis, literals of other types ---
+    "(x, x)",
+    "[x]",
+    "{x}",
+    "{'a': x}",
+    "x[0]",
+    "x[::-1]",
+    "x[...]",
+    "...",
+    "None",
+    "True + x",
+    "1j",
+    "x * 2j",
+    "await x",
+    "yield x",
+    "*x",
+    # --- unicode lookalikes and control characters ---
+    "\u0445",  # Cyrillic small ha, looks like x
+    "\uff58",  # fullwidth x (NFKC-normalizes to x)
+    "\U0001d431",  # mathematical bold small x
+    "x \u2212 1",  # unicode minus sign
+    "\u00b2",  # superscript two
+    "sin\u200b(x)",  # zero-width space
+    "x\x00",
+    "\x00__import__('os')",
+    "x\x1b[2J",
+    "x\x0b+1",
+    "x\u2028+1",
+    "\ufeffx",  # byte-order mark
+    # --- denial of service: huge numbers, deep nesting, long input ---
+    "9" * 31,
+    "1e999",
+    "-1e999",
+    "1" * 400 + ".0",
+    "2e300 * x",
+    "0x" + "f" * 40,
+    "(" * 10000 + "x" + ")" * 10000,
+    "(" * 100 + "x" + ")" * 100,
+    "-" * 100000 + "x",
+    "-" * 60 + "x",
+    "sin(" * 50 + "x" + ")" * 50,
+    "x**" * 60 + "x",
+    "x+" * 100000 + "x",
+    "x+" * 600 + "x",
+    "[" * 10000,
+    "x" * 100000,
+    "a" * 3000,
+    " " * 5000 + "x",
+    "",
+    "   \t\n ",
+    "#x",
+]
+
+# Hostile but valid: these parse (they are plain arithmetic), and must evaluate quickly in torch,
+# overflowing to inf or nan instead of hanging in Python integer arithmetic.
+HOSTILE_VALID: list[str] = [
+    "9**9**9**9",
+    "10**10**10",
+    "9**9**9",
+    "x**10**10",
+    "(-9)**9**9",
+    "2**-1e300",
+    "1e300*1e300*1e300",
+    "exp(1e300)",
+    "1/0",
+    "0/0",
+    "log(0)",
+    "sqrt(-1)",
+    "(-1)**0.5",
+    "999999999999999999999999999999**999999999999999999999999999999",
+    "x" + "*x" * 200,
+    "-" * 39 + "x",
+    "(" * 40 + "x" + ")" * 40,
+]
