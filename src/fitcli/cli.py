@@ -1,0 +1,231 @@
+"""Typer commands: parse, call one core function, print, map errors to exit codes.
+
+torch, plotly and the core modules are imported inside the commands so that `fitcli --help`
+and `fitcli --version` answer without paying for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fitcli import __version__
+from fitcli.errors import ExitCode, FitcliError
+
+app = typer.Typer(
+    name="fitcli",
+    help="Fit curves with PyTorch autograd from a YAML experiment.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class ProgressMode(StrEnum):
+    auto = "auto"
+    rich = "rich"
+    plain = "plain"
+    none = "none"
+
+
+class PlotlyJS(StrEnum):
+    directory = "directory"
+    embed = "embed"
+    cdn = "cdn"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fitcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Fit curves with PyTorch autograd from a YAML experiment.
+
+    Exit codes: 0 completed, 1 failed (I/O or unexpected), 2 invalid input, 3 diverged,
+    130 interrupted.
+    """
+
+
+@contextlib.contextmanager
+def errors_to_exit(debug: bool = False):
+    """The one place exceptions become messages and exit codes."""
+    from fitcli import console
+
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except FitcliError as exc:
+        if debug:
+            console.stderr.print_exception()
+        console.error(str(exc))
+        raise typer.Exit(int(exc.exit_code)) from None
+    except KeyboardInterrupt:
+        console.error("interrupted")
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+    except Exception as exc:  # a bug or an environment fault: one line unless --debug
+        if debug:
+            console.stderr.print_exception()
+        else:
+            console.error(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        raise typer.Exit(int(ExitCode.FAILED)) from None
+
+
+class StopFlag:
+    """First Ctrl-C asks the loop to stop after this epoch; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopFlag:
+        with contextlib.suppress(ValueError):  # not in the main thread
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+ConfigArg = Annotated[
+    Path, typer.Argument(help="The experiment's YAML config file.", show_default=False)
+]
+OverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="Overrides `key.path=value` (values read as YAML), "
+        "e.g. optimizer.lr=0.05 epochs=2000.",
+        show_default=False,
+    ),
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of unexpected errors.")]
+
+
+@app.command()
+def train(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Parent folder of the new run directory.")
+    ] = Path("runs"),
+    run_dir: Annotated[
+        Path | None,
+        typer.Option("--run-dir", help="Use exactly this run directory (must not exist)."),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace an existing --run-dir (only a fitcli run directory)."
+        ),
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print summary.json to stdout and nothing else.")
+    ] = False,
+    progress: Annotated[
+        ProgressMode,
+        typer.Option("--progress", help="Progress on stderr: rich bar, plain lines, or none."),
+    ] = ProgressMode.auto,
+    plotlyjs: Annotated[
+        PlotlyJS,
+        typer.Option(
+            "--plotlyjs",
+            help="plotly.js: one copy in the "
+            "run directory, embedded in every page, or from "
+            "the CDN.",
+        ),
+    ] = PlotlyJS.directory,
+    debug: DebugOpt = False,
+) -> None:
+    """Train a model on the experiment's data and write a run directory.
+
+    Shows live progress on stderr, then a summary table and the run directory on stdout (or
+    only summary.json with --json). Exit 0 completed, 2 invalid input, 3 diverged,
+    130 interrupted, 1 failed.
+    """
+    from fitcli import console
+
+    with errors_to_exit(debug):
+        from fitcli.config import load_config
+        from fitcli.experiment import execute, make_run_dir, prepare
+
+        cfg = load_config(config, overrides or [])
+        prep = prepare(cfg)
+        target = make_run_dir(cfg, out, run_dir, overwrite)
+        command = ["fitcli", *sys.argv[1:]]
+        with StopFlag() as stop, console.Progress(progress.value, cfg.epochs, cfg.name) as bar:
+
+            def on_epoch(epoch: int, loss: float) -> bool:
+                bar.update(epoch, loss)
+                return stop.requested
+
+            summary = execute(
+                prep, target, plotlyjs=plotlyjs.value, command=command, on_epoch=on_epoch
+            )
+        if json_out:
+            console.print_json(summary)
+        else:
+            console.summary_table(summary)
+        if summary["exit_code"]:
+            raise typer.Exit(summary["exit_code"])
+
+
+@app.command()
+def check(config: ConfigArg, overrides: OverridesArg = None, debug: DebugOpt = False) -> None:
+    """Validate a config (and its data) and print the resolved config; runs nothing."""
+    with errors_to_exit(debug):
+        from fitcli.config import config_to_dict, dump_yaml, load_config
+        from fitcli.experiment import prepare
+
+        cfg = load_config(config, overrides or [])
+        prep = prepare(cfg)
+        d = config_to_dict(cfg)
+        d["device"] = str(prep.device)
+        sys.stdout.write(dump_yaml(d))
+        from fitcli import console
+
+        console.plain_err(
+            f"ok: {config} is valid ({prep.dataset.n} points, "
+            f"{len(prep.model.free_names)} free parameters: "
+            f"{', '.join(prep.model.free_names)})"
+        )
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the config, for editors' YAML completion."""
+    import json
+
+    from fitcli.config import json_schema
+
+    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""The only module that imports rich: progress, tables and messages, all on stderr except the
+summary table and run directory (stdout), which `--json` replaces."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+stdout = Console(highlight=False, soft_wrap=True)
+
+
+def error(message: str) -> None:
+    """A one-paragraph error on stderr, no traceback."""
+    stderr.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, emoji=False)
+
+
+def warn(message: str) -> None:
+    stderr.print(f"[yellow]warning:[/] {message}", markup=True, emoji=False)
+
+
+def plain_err(message: str) -> None:
+    stderr.print(message, markup=False, emoji=False)
+
+
+class Progress:
+    """Progress of one training run: rich bar, plain periodic lines, or nothing.
+
+    `update(epoch, loss)` is called every epoch from the training loop, so it only stores values;
+    rich renders them from its own refresh thread a few times a second, and the plain mode prints
+    at most one line every `plain_every` seconds.
+    """
+
+    def __init__(self, mode: str, total: int, label: str, *, plain_every: float = 5.0) -> None:
+        if mode == "auto":
+            mode = "rich" if stderr.is_terminal else "plain"
+        self.mode, self.total, self.label = mode, total, label
+        self.epoch, self.loss, self.start_epoch = 0, float("nan"), 0
+        self.plain_every = plain_every
+        self._t0 = time.perf_counter()
+        self._next_plain = self._t0 + plain_every
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Progress:
+        self._t0 = time.perf_counter()
+        if self.mode == "rich":
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as RichProgress
+
+            self._progress = RichProgress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=stderr,
+                refresh_per_second=4,
+                transient=False,
+                get_time=time.perf_counter,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task(
+                self.label, total=self.total, loss="-", rate="", completed=self.start_epoch
+            )
+            # Pull the latest values right before each render instead of on every epoch.
+            live = self._progress.live
+            original = live.get_renderable
+
+            def fresh():
+                self._sync()
+                return original()
+
+            live.get_renderable = fresh
+        elif self.mode == "plain":
+            plain_err(f"{self.label}: training {self.total} epochs")
+        return self
+
+    def _sync(self) -> None:
+        if self._progress is None:
+            return
+        elapsed = time.perf_counter() - self._t0
+        done = self.epoch - self.start_epoch
+        rate = f"{done / elapsed:,.0f} ep/s" if elapsed > 0 and done else ""
+        self._progress.update(self._task, completed=self.epoch, loss=f"{self.loss:.6g}", rate=rate)
+
+    def update(self, epoch: int, loss: float) -> None:
+        self.epoch, self.loss = epoch, loss
+        if self.mode == "plain":
+            now = time.perf_counter()
+            if now >= self._next_plain:
+                self._next_plain = now + self.plain_every
+                self._plain_line(now)
+
+    def _plain_line(self, now: float) -> None:
+        elapsed = now - self._t0
+        done = self.epoch - self.start_epoch
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.epoch) / rate if rate > 0 else float("nan")
+        plain_err(
+            f"{self.label}: epoch {self.epoch}/{self.total} loss {self.loss:.6g} "
+            f"{rate:,.0f} ep/s eta {eta:,.1f}s"
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._sync()
+            self._progress.__exit__(None, None, None)
+        elif self.mode == "plain":
+            self._plain_line(time.perf_counter())
+
+
+def summary_table(summary: dict) -> None:
+    """The end-of-run table on stdout: parameters (± standard error when known), loss, time."""
+    from rich.table import Table
+
+    status = summary["status"]
+    colour = {"completed": "green", "diverged": "red", "interrupted": "yellow"}.get(status, "red")
+    table = Table(
+        title=f"{summary['name']}: [{colour}]{status}[/]",
+        title_justify="left",
+        show_edge=False,
+        pad_edge=False,
+    )
+    table.add_column("parameter")
+    table.add_column("value", justify="right")
+    stderrs = summary.get("stderr") or {}
+    has_err = any(v is not None for v in stderrs.values())
+    if has_err:
+        table.add_column("± stderr", justify="right")
+    for name, value in summary["params"].items():
+        row = [name, f"{value:.8g}" if value is not None else "-"]
+        if has_err:
+            err = stderrs.get(name)
+            row.append(f"{err:.3g}" if err is not None else "-")
+        table.add_row(*row)
+    stdout.print(table, markup=True)
+    loss = summary.get("final_loss")
+    lines = [
+        f"final loss  {loss:.8g}" if loss is not None else "final loss  -",
+        f"epochs      {summary['epochs_run']} in {summary['elapsed_s']:.2f} s "
+        f"on {summary['device']} ({summary['dtype']})",
+    ]
+    for key, label in (("optimum_loss", "optimum   "), ("gap", "gap       ")):
+        if summary.get(key) is not None:
+            lines.append(f"{label}  {summary[key]:.6g}")
+    unc = summary.get("uncertainty")
+    if unc and unc.get("status") != "ok":
+        lines.append(f"error bars  {unc['status']}: {unc.get('reason', '')}")
+    if summary.get("reason"):
+        lines.append(f"stopped     {summary['reason']}")
+    lines.append(f"run dir     {summary['run_dir']}")
+    for line in lines:
+        stdout.print(line, markup=False, highlight=False, emoji=False)
+
+
+def print_json(obj: Any) -> None:
+    """The only stdout output with --json."""
+    from fitcli.store import dumps_json
+
+    sys.stdout.write(dumps_json(obj))
+    sys.stdout.flush()

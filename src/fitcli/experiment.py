@@ -1,0 +1,337 @@
+"""One run, start to finish: config -> data -> model -> train -> run directory.
+
+`prepare` validates everything and builds the tensors without touching the disk, so bad input
+never leaves a half-written run directory; `execute` creates the directory and trains.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fitcli.torchboot import import_torch
+
+torch = import_torch()
+
+import contextlib
+
+from fitcli import __version__, optim, store
+from fitcli.data import Dataset, make_dataset, seed_streams
+from fitcli.errors import ConfigError, DeviceError, ExitCode, FitcliError, RunDirError
+from fitcli.model import FitModel, build_model, check_finite_start
+from fitcli.train import LOSSES, TorchStepper, TrainResult, snapshot_epochs, train
+
+FIT_GRID = 1000  # points on which the fitted curve is drawn
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` takes CUDA when present; `cuda`/`cuda:N` must exist here (else exit 2)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError(
+            f"device: {spec!r} was asked for but CUDA is not available on this machine "
+            "(use device: auto or cpu)"
+        )
+    dev = torch.device(spec)
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(
+            f"device: {spec!r} does not exist; this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)"
+        )
+    return dev
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, validated and on its device; nothing written yet."""
+
+    cfg: Any
+    dataset: Dataset
+    model: FitModel
+    device: torch.device
+    dtype: torch.dtype
+    x: torch.Tensor
+    y: torch.Tensor
+    weights: torch.Tensor | None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    stepper: Any
+    lm: bool
+
+    def evaluate_loss(self) -> float:
+        with torch.no_grad():
+            return float(self.loss_fn(self.model(self.x), self.y))
+
+
+def prepare(cfg: Any) -> Prepared:
+    """Validate the config against torch and the data, and build data, model and optimizer."""
+    problems = optim.validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    device = resolve_device(cfg.device)
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    seeds = seed_streams(cfg.seed)
+    dataset = make_dataset(cfg)
+    x = torch.as_tensor(dataset.x, dtype=dtype).to(device)
+    y_obs = torch.as_tensor(dataset.y, dtype=dtype).to(device)
+    weights = None
+    if dataset.sigma is not None:
+        weights = torch.as_tensor(1.0 / dataset.sigma, dtype=dtype).to(device)
+    model = build_model(cfg.model, seeds["init"], dtype).to(device)
+    check_finite_start(model, x, dataset.x)
+    base = LOSSES[cfg.loss]
+    if weights is None:
+        loss_fn, y = base, y_obs
+    else:
+        # Weighted residuals (y - yhat) / sigma, as curve_fit(sigma=...) does.
+        w = weights
+
+        def loss_fn(yhat, yw):
+            return base(yhat * w, yw)
+
+        y = y_obs * w
+    name, kwargs = optim.split_spec(cfg.optimizer)
+    lm = optim.is_lm(name)
+    if lm:
+        from fitcli.lm_optim import LMStepper
+
+        stepper = LMStepper(model, x, y_obs, weights, kwargs)
+    else:
+        opt = optim.build_optimizer(cfg.optimizer, [model.raw])
+        sched = optim.build_scheduler(cfg.scheduler, opt)
+        stepper = TorchStepper(
+            model,
+            x,
+            y,
+            loss_fn,
+            opt,
+            sched,
+            batch_size=cfg.batch_size,
+            shuffle_seed=seeds["shuffle"],
+        )
+    return Prepared(cfg, dataset, model, device, dtype, x, y, weights, loss_fn, stepper, lm)
+
+
+def versions() -> dict[str, str]:
+    return {
+        "fitcli_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+    }
+
+
+def resolved_config_text(cfg: Any, device: torch.device, command: list[str]) -> str:
+    """config.yaml of a run: the resolved config (rerunnable as is) with provenance comments."""
+    from fitcli.config import config_to_dict, dump_yaml
+
+    d = config_to_dict(cfg)
+    d["device"] = str(device)
+    v = versions()
+    head = [
+        "# Resolved config of this run: `fitcli train config.yaml` reruns it.",
+        f"# fitcli {v['fitcli_version']}, torch {v['torch_version']}, Python {v['python_version']}",
+        "# command: " + " ".join(command).replace("\n", " "),
+    ]
+    return "\n".join(head) + "\n" + dump_yaml(d)
+
+
+class RunWriter:
+    """Writes a run directory's files; the only place experiment code touches the disk."""
+
+    def __init__(self, run_dir: Path, prep: Prepared, plotlyjs: str) -> None:
+        self.run_dir, self.prep, self.plotlyjs = run_dir, prep, plotlyjs
+        self.snap_dir = run_dir / store.SNAPSHOTS
+        self.snapshots: list[dict] = []
+        epochs = prep.cfg.epochs
+        self.width = len(str(epochs))
+        ds = prep.dataset
+        lo, hi = float(np.min(ds.x)), float(np.max(ds.x))
+        grid = np.linspace(lo, hi, FIT_GRID) if hi > lo else np.array([lo])
+        self.grid = grid
+        self.grid_t = torch.as_tensor(grid, dtype=prep.dtype).to(prep.device)
+        order = np.argsort(ds.x, kind="stable") if not np.all(np.diff(ds.x) >= 0) else None
+        self.order = order
+
+    def begin(self, cfg_text: str, summary: dict) -> None:
+        self.snap_dir.mkdir(exist_ok=True)
+        ds = self.prep.dataset
+        store.atomic_write(self.run_dir / store.CONFIG, cfg_text)
+        store.write_data_csv(self.run_dir / store.DATA, ds.x, ds.y, ds.y_true, ds.sigma)
+        if self.plotlyjs == "directory":
+            store.copy_plotly_js(self.run_dir)
+        store.write_json(self.run_dir / store.SUMMARY, summary)
+
+    def snapshot_name(self, epoch: int) -> str:
+        return f"epoch-{epoch:0{self.width}d}.html"
+
+    def snapshot(self, epoch: int, loss: float) -> None:
+        from fitcli import plots
+
+        prep = self.prep
+        params = prep.model.values()
+        with torch.no_grad():
+            y_fit = prep.model(self.grid_t).double().cpu().numpy()
+        ds = prep.dataset
+        x, y, yt = ds.x, ds.y, ds.y_true
+        if self.order is not None:
+            x, y = x[self.order], y[self.order]
+            yt = None if yt is None else yt[self.order]
+        fig = plots.snapshot_figure(
+            name=prep.cfg.name,
+            epoch=epoch,
+            epochs=prep.cfg.epochs,
+            loss=loss,
+            params=params,
+            x=x,
+            y=y,
+            y_true=yt,
+            x_fit=self.grid,
+            y_fit=y_fit,
+            loss_name=prep.cfg.loss,
+        )
+        fname = self.snapshot_name(epoch)
+        page = plots.to_html(fig, self.plotlyjs, depth=1, title=f"{prep.cfg.name} epoch {epoch}")
+        store.atomic_write(self.snap_dir / fname, page)
+        self.snapshots = [s for s in self.snapshots if s["epoch"] != epoch]
+        self.snapshots.append({"epoch": epoch, "loss": loss, "params": params, "file": fname})
+        store.write_json(
+            self.run_dir / store.SNAPSHOT_PARAMS,
+            {"names": list(prep.model.names), "snapshots": self.snapshots},
+        )
+
+    def metrics(self, result: TrainResult, start_epoch: int = 0) -> None:
+        hist = result.history
+        model = self.prep.model
+        names = list(model.names)
+        raw = torch.tensor(hist.params, dtype=model.raw.dtype, device=model.raw.device)
+        with torch.no_grad():
+            values = (
+                model.full_vector(model.external(raw)).double().cpu().tolist()
+                if len(hist.params)
+                else []
+            )
+        rows = []
+        for k, (loss, lr, t, vals) in enumerate(
+            zip(hist.losses, hist.lrs, hist.elapsed, values, strict=True)
+        ):
+            rows.append(
+                [
+                    start_epoch + k,
+                    store.fmt(loss),
+                    store.fmt(lr),
+                    f"{t:.6f}",
+                    *(store.fmt(v) for v in vals),
+                ]
+            )
+        store.write_csv(
+            self.run_dir / store.METRICS, ["epoch", "loss", "lr", "elapsed_s", *names], rows
+        )
+
+
+def base_summary(prep: Prepared, run_dir: Path, command: list[str]) -> dict:
+    cfg = prep.cfg
+    return {
+        **versions(),
+        "run_dir": str(run_dir),
+        "name": cfg.name,
+        "status": "running",
+        "exit_code": None,
+        "epochs": cfg.epochs,
+        "epochs_run": 0,
+        "final_loss": None,
+        "loss": cfg.loss,
+        "optimizer": optim.split_spec(cfg.optimizer)[0],
+        "params": prep.model.values(),
+        "device": str(prep.device),
+        "dtype": cfg.dtype,
+        "seed": cfg.seed,
+        "n_points": prep.dataset.n,
+        "elapsed_s": 0.0,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command,
+    }
+
+
+EXIT_FOR_STATUS = {
+    "completed": ExitCode.COMPLETED,
+    "diverged": ExitCode.DIVERGED,
+    "interrupted": ExitCode.INTERRUPTED,
+    "failed": ExitCode.FAILED,
+}
+
+
+def execute(
+    prep: Prepared,
+    run_dir: Path,
+    *,
+    plotlyjs: str = "directory",
+    command: list[str] | None = None,
+    on_epoch: Callable[[int, float], bool] | None = None,
+) -> dict:
+    """Train a prepared run into `run_dir` (already created) and return its summary."""
+    command = command if command is not None else sys.argv
+    cfg = prep.cfg
+    t0 = time.perf_counter()
+    writer = RunWriter(run_dir, prep, plotlyjs)
+    summary = base_summary(prep, run_dir, command)
+    writer.begin(resolved_config_text(cfg, prep.device, command), summary)
+    try:
+        result = train(
+            prep.model,
+            prep.stepper,
+            epochs=cfg.epochs,
+            evaluate_loss=prep.evaluate_loss,
+            snapshots_at=snapshot_epochs(cfg.epochs, cfg.snapshots),
+            on_epoch=on_epoch,
+            on_snapshot=writer.snapshot,
+        )
+        writer.metrics(result)
+    except BaseException as exc:
+        summary.update(
+            status="failed",
+            exit_code=int(ExitCode.FAILED),
+            params=prep.model.values(),
+            elapsed_s=time.perf_counter() - t0,
+            reason=str(exc) or type(exc).__name__,
+        )
+        if isinstance(exc, KeyboardInterrupt):
+            summary.update(status="interrupted", exit_code=int(ExitCode.INTERRUPTED))
+        with contextlib.suppress(FitcliError):
+            store.write_json(run_dir / store.SUMMARY, summary)
+        raise
+    summary.update(
+        status=result.status,
+        exit_code=int(EXIT_FOR_STATUS[result.status]),
+        epochs_run=result.epochs_run,
+        final_loss=result.final_loss,
+        params=prep.model.values(),
+        reason=result.reason,
+        elapsed_s=time.perf_counter() - t0,
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    summary.update(finish_stats(prep, result))
+    store.write_json(run_dir / store.SUMMARY, summary)
+    return summary
+
+
+def finish_stats(prep: Prepared, result: TrainResult) -> dict:
+    """Fit statistics and error bars at the final parameters (filled in by the stats module)."""
+    return {}
+
+
+def make_run_dir(cfg: Any, out: Path, run_dir: Path | None, overwrite: bool) -> Path:
+    if run_dir is not None:
+        return store.claim_run_dir(run_dir, overwrite=overwrite)
+    return store.create_run_dir(out, cfg.name)
+
+
+__all__ = ["Prepared", "RunDirError", "execute", "make_run_dir", "prepare", "resolve_device"]

@@ -1,0 +1,239 @@
+"""Basis and expression models as nn.Modules over one flat vector of free parameters.
+
+Bounds are kept by reparametrisation, never by clipping: a parameter with both bounds is
+`lo + (hi - lo) * sigmoid(u)`, one with a lower bound `lo + softplus(u)`, one with an upper bound
+`hi - softplus(u)`, where `u` is the unconstrained value the optimizer moves. Fixed parameters
+(`vary: false`) are buffers the optimizer never sees.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fitcli.errors import DataError
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One named parameter: initial value, bounds and whether it varies."""
+
+    name: str
+    value: float
+    min: float | None = None
+    max: float | None = None
+    vary: bool = True
+
+
+def _softplus_inv(v: float) -> float:
+    # inverse of softplus(u) = log1p(exp(u)); exact for large v, stable for small v
+    return v + math.log(-math.expm1(-v)) if v > 0 else float("-inf")
+
+
+def to_internal(info: ParamInfo, value: float) -> float:
+    """Unconstrained value u whose transform gives `value` (which must be inside the bounds)."""
+    lo, hi = info.min, info.max
+    if lo is not None and hi is not None:
+        t = (value - lo) / (hi - lo)
+        return math.log(t) - math.log1p(-t)
+    if lo is not None:
+        return _softplus_inv(value - lo)
+    if hi is not None:
+        return _softplus_inv(hi - value)
+    return value
+
+
+class FitModel(torch.nn.Module):
+    """A model whose free parameters live in one flat vector `raw` (internal, unconstrained)."""
+
+    kind = "model"
+
+    def __init__(self, infos: list[ParamInfo], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.infos = tuple(infos)
+        self.names = tuple(i.name for i in infos)
+        self.free_names = tuple(i.name for i in infos if i.vary)
+        free = [i for i in infos if i.vary]
+        self.raw = torch.nn.Parameter(
+            torch.tensor([to_internal(i, i.value) for i in free], dtype=dtype)
+        )
+        self.register_buffer(
+            "fixed", torch.tensor([i.value for i in infos if not i.vary], dtype=dtype)
+        )
+        self._free_pos = [k for k, i in enumerate(infos) if i.vary]
+        self._fixed_pos = [k for k, i in enumerate(infos) if not i.vary]
+        self._bounded = any(i.min is not None or i.max is not None for i in free)
+        self._all_free_unbounded = not self._bounded and not self._fixed_pos
+        if self._bounded:
+            lo = [i.min if i.min is not None else 0.0 for i in free]
+            hi = [i.max if i.max is not None else 0.0 for i in free]
+            self.register_buffer("lo", torch.tensor(lo, dtype=dtype))
+            self.register_buffer("hi", torch.tensor(hi, dtype=dtype))
+            self.register_buffer(
+                "both", torch.tensor([i.min is not None and i.max is not None for i in free])
+            )
+            self.register_buffer(
+                "lower", torch.tensor([i.min is not None and i.max is None for i in free])
+            )
+            self.register_buffer(
+                "upper", torch.tensor([i.min is None and i.max is not None for i in free])
+            )
+
+    # -- parameter space -------------------------------------------------------------------------
+    def external(self, raw: torch.Tensor) -> torch.Tensor:
+        """Free parameter values (bounded space) from internal `raw`; works with a leading batch."""
+        if not self._bounded:
+            return raw
+        both = self.lo + (self.hi - self.lo) * torch.sigmoid(raw)
+        sp = F.softplus(raw)
+        out = torch.where(self.both, both, raw)
+        out = torch.where(self.lower, self.lo + sp, out)
+        return torch.where(self.upper, self.hi - sp, out)
+
+    def full_vector(self, free_ext: torch.Tensor) -> torch.Tensor:
+        """All parameter values in declaration order, fixed ones included."""
+        if self._all_free_unbounded or not self._fixed_pos:
+            return free_ext
+        parts = [None] * len(self.names)
+        for k, pos in enumerate(self._free_pos):
+            parts[pos] = free_ext[..., k]
+        for k, pos in enumerate(self._fixed_pos):
+            parts[pos] = self.fixed[k].expand(free_ext.shape[:-1])
+        return torch.stack(parts, dim=-1)
+
+    def values(self) -> dict[str, float]:
+        """Current parameter values by name, as Python floats."""
+        with torch.no_grad():
+            vec = self.full_vector(self.external(self.raw)).double().cpu().tolist()
+        return dict(zip(self.names, vec, strict=True))
+
+    def set_values(self, values: Mapping[str, float]) -> None:
+        """Set free parameters from external values (they must lie inside their bounds)."""
+        infos = {i.name: i for i in self.infos}
+        raw = [to_internal(infos[n], float(values[n])) for n in self.free_names]
+        with torch.no_grad():
+            self.raw.copy_(torch.tensor(raw, dtype=self.raw.dtype))
+
+    def at_bound(self, rtol: float = 1e-6) -> list[str]:
+        """Names of free parameters sitting on (or numerically at) one of their bounds."""
+        out = []
+        vals = self.values()
+        for info in self.infos:
+            if not info.vary:
+                continue
+            v = vals[info.name]
+            for b in (info.min, info.max):
+                if b is not None and abs(v - b) <= rtol * max(1.0, abs(b)):
+                    out.append(info.name)
+                    break
+        return out
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def predict_full(self, full: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Model output at x for a full parameter vector (declaration order)."""
+        raise NotImplementedError
+
+    def predict(self, raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Pure function of the internal free vector: what LM and torch.func differentiate."""
+        return self.predict_full(self.full_vector(self.external(raw)), x)
+
+    def predict_external(self, free_ext: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Pure function of the external free values: what error bars are computed against."""
+        return self.predict_full(self.full_vector(free_ext), x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.predict(self.raw, x)
+
+
+class BasisModel(FitModel):
+    """yhat = theta0*b0(x) + theta1*b1(x) + ...; the design matrix is cached for the data's x."""
+
+    kind = "basis"
+
+    def __init__(self, basis: list, init: list[float], dtype: torch.dtype) -> None:
+        infos = [ParamInfo(f"theta{k}", float(v)) for k, v in enumerate(init)]
+        super().__init__(infos, dtype)
+        self.basis = list(basis)
+        self._cache_x: torch.Tensor | None = None
+        self._cache_phi: torch.Tensor | None = None
+
+    def design(self, x: torch.Tensor) -> torch.Tensor:
+        """The n x p design matrix [b0(x), b1(x), ...]; cached for the last x it was built for."""
+        if x is self._cache_x and self._cache_phi is not None:
+            return self._cache_phi
+        with torch.no_grad():
+            phi = torch.stack([b(x) for b in self.basis], dim=-1)
+        self._cache_x, self._cache_phi = x, phi
+        return phi
+
+    def predict_full(self, full: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        phi = self.design(x)
+        if full.dim() == 1:
+            return phi @ full
+        return torch.einsum("np,...p->...n", phi, full)
+
+
+class ExprModel(FitModel):
+    """yhat = expr(x; a, b, ...): an expression whose free names are the parameters."""
+
+    kind = "expr"
+
+    def __init__(self, expression, infos: list[ParamInfo], dtype: torch.dtype) -> None:
+        super().__init__(infos, dtype)
+        self.expression = expression
+
+    def predict_full(self, full: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        params = {
+            name: full[..., k, None] if full.dim() > 1 else full[k]
+            for k, name in enumerate(self.names)
+        }
+        return self.expression(x, params)
+
+
+def build_model(model_cfg, init_seed: int, dtype: torch.dtype) -> FitModel:
+    """Model from the config's `model` section; basis coefficients default to N(0, 1) draws."""
+    from fitcli.expr import parse_expression
+
+    if model_cfg.basis is not None:
+        basis = [
+            parse_expression(b, allow_params=False, what="basis function") for b in model_cfg.basis
+        ]
+        if model_cfg.init is not None:
+            init = [float(v) for v in model_cfg.init]
+        else:
+            gen = torch.Generator().manual_seed(init_seed)
+            init = torch.randn(len(basis), generator=gen, dtype=torch.float64).tolist()
+        return BasisModel(basis, init, dtype)
+    expression = parse_expression(model_cfg.expr, allow_params=True)
+    specs = model_cfg.params or {}
+    infos = []
+    for name in expression.params:
+        spec = specs.get(name)
+        if spec is None:
+            infos.append(ParamInfo(name, 1.0))
+        elif isinstance(spec, int | float):
+            infos.append(ParamInfo(name, float(spec)))
+        else:
+            infos.append(ParamInfo(name, float(spec.value), spec.min, spec.max, spec.vary))
+    return ExprModel(expression, infos, dtype)
+
+
+def check_finite_start(model: FitModel, x: torch.Tensor, xs_cpu) -> None:
+    """A model that is NaN or infinite at its starting point on the data is a config error."""
+    with torch.no_grad():
+        yhat = model(x)
+    finite = torch.isfinite(yhat)
+    if not bool(finite.all()):
+        k = int((~finite).nonzero()[0, 0])
+        what = "model.basis" if model.kind == "basis" else "model.expr"
+        raise DataError(
+            f"{what}: the model is not finite at x = {float(xs_cpu[k]):g} with the starting "
+            f"parameters {model.values()}; change the expression, the starting values or the data"
+        )
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

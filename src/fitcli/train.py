@@ -1,0 +1,207 @@
+"""The training loop: pure, reports through callbacks, no printing and no files.
+
+Convention: row k of the history (k = 0..epochs) is the state after k epochs: the parameters
+after k optimizer steps and the loss at those parameters. The loss computed inside epoch k+1
+(before its step) is exactly row k's loss, so only the last row costs an extra evaluation.
+With mini-batches, row k's loss is the mean of epoch k+1's batch losses.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mse": F.mse_loss,
+    "l1": F.l1_loss,
+    "huber": F.huber_loss,
+    "smooth_l1": F.smooth_l1_loss,
+}
+
+
+class Stepper(Protocol):
+    """One epoch of optimisation. Returns the loss at the parameters before the step."""
+
+    def step(self) -> torch.Tensor: ...
+
+    # None while running; a reason string once the optimizer has converged (LM)
+    converged: str | None
+
+
+@dataclass
+class History:
+    """Per-epoch record: loss, learning rate, elapsed seconds and parameter vectors."""
+
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    elapsed: list[float] = field(default_factory=list)
+    params: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    status: str  # completed | diverged | interrupted
+    epochs_run: int
+    final_loss: float
+    history: History
+    reason: str | None = None
+
+
+class TorchStepper:
+    """A torch.optim optimizer (and optional lr scheduler) over a full batch or mini-batches."""
+
+    converged: str | None = None
+
+    def __init__(
+        self,
+        model,
+        x,
+        y,
+        loss_fn,
+        optimizer,
+        scheduler=None,
+        *,
+        batch_size=None,
+        shuffle_seed: int = 0,
+    ) -> None:
+        self.model, self.x, self.y, self.loss_fn = model, x, y, loss_fn
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.n = x.shape[-1]
+        self.batch_size = batch_size if batch_size and batch_size < self.n else None
+        self.generator = torch.Generator(device=x.device).manual_seed(shuffle_seed)
+        self.needs_closure = isinstance(optimizer, torch.optim.LBFGS)
+        self.plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+    def _one(self, xb, yb) -> torch.Tensor:
+        if self.needs_closure:
+
+            def closure():
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.loss_fn(self.model(xb), yb)
+                loss.backward()
+                return loss
+
+            return self.optimizer.step(closure)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(xb), yb)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def step(self) -> torch.Tensor:
+        if self.batch_size is None:
+            loss = self._one(self.x, self.y).detach()
+        else:
+            perm = torch.randperm(self.n, generator=self.generator, device=self.x.device)
+            total = torch.zeros((), dtype=self.x.dtype, device=self.x.device)
+            for start in range(0, self.n, self.batch_size):
+                idx = perm[start : start + self.batch_size]
+                total += self._one(self.x[idx], self.y[idx]).detach() * idx.numel()
+            loss = total / self.n
+        if self.scheduler is not None:
+            if self.plateau:
+                self.scheduler.step(loss.item())
+            else:
+                self.scheduler.step()
+        return loss
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0].get("lr", float("nan")))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+
+def snapshot_epochs(epochs: int, snapshots: int) -> list[int]:
+    """Epoch 0 and every 1/snapshots of the run, rounded, without repeats: snapshots+1 of them."""
+    return sorted({round(i * epochs / snapshots) for i in range(snapshots + 1)})
+
+
+def evaluate(model, x, y, loss_fn) -> float:
+    with torch.no_grad():
+        return float(loss_fn(model(x), y))
+
+
+def train(
+    model: torch.nn.Module,
+    stepper: Any,
+    *,
+    epochs: int,
+    evaluate_loss: Callable[[], float],
+    snapshots_at: list[int] = (),
+    on_epoch: Callable[[int, float], bool] | None = None,
+    on_snapshot: Callable[[int, float], None] | None = None,
+    start_epoch: int = 0,
+    history: History | None = None,
+) -> TrainResult:
+    """Run `epochs` epochs of `stepper` on `model`; stop early on divergence or when asked.
+
+    `on_epoch(epoch, loss)` is called after every epoch with the number of epochs done and the
+    loss at the start of that epoch; returning True asks the loop to stop (Ctrl-C).
+    `on_snapshot(epoch, loss)` is called at epoch 0 (before training) and after each epoch in
+    `snapshots_at`, with the model holding that epoch's parameters.
+    """
+    hist = history if history is not None else History()
+    snaps = set(snapshots_at)
+    raw = model.raw
+    t0 = time.perf_counter() - (hist.elapsed[-1] if hist.elapsed else 0.0)
+    lr = getattr(stepper, "lr", lambda: float("nan"))
+    status, reason, epoch = "completed", None, start_epoch
+    last_good = raw.detach().clone()
+
+    if start_epoch == 0 and on_snapshot is not None and 0 in snaps:
+        on_snapshot(0, evaluate_loss())
+
+    while epoch < epochs:
+        current_lr = lr()
+        last_good.copy_(raw.detach())
+        loss = stepper.step().item()
+        # `loss` belongs to the parameters before this step: row `epoch` of the history.
+        if not math.isfinite(loss):
+            with torch.no_grad():
+                raw.copy_(last_good)
+            status, reason = "diverged", f"loss became {loss} in epoch {epoch + 1}"
+            break
+        hist.losses.append(loss)
+        hist.lrs.append(current_lr)
+        hist.elapsed.append(time.perf_counter() - t0)
+        hist.params.append(last_good.tolist())
+        epoch += 1
+        stop = on_epoch(epoch, loss) if on_epoch is not None else False
+        if stepper.converged:
+            status, reason = "completed", stepper.converged
+            break
+        if stop:
+            status, reason = "interrupted", f"interrupted after epoch {epoch}"
+            break
+        if epoch in snaps and epoch < epochs and on_snapshot is not None:
+            on_snapshot(epoch, evaluate_loss())
+
+    final = evaluate_loss()
+    if not math.isfinite(final) and status == "completed":
+        # The very last step blew up: fall back to the parameters before it.
+        with torch.no_grad():
+            raw.copy_(last_good)
+        epoch -= 1
+        hist.losses.pop(), hist.lrs.pop(), hist.elapsed.pop(), hist.params.pop()
+        final = evaluate_loss()
+        status, reason = "diverged", f"loss became non-finite in epoch {epoch + 1}"
+    hist.losses.append(final)
+    hist.lrs.append(lr())
+    hist.elapsed.append(time.perf_counter() - t0)
+    hist.params.append(raw.detach().tolist())
+    if on_snapshot is not None:
+        on_snapshot(epoch, final)
+    return TrainResult(
+        status=status, epochs_run=epoch, final_loss=final, history=hist, reason=reason
+    )
