@@ -157,25 +157,37 @@ def train(
     t0 = time.perf_counter() - (hist.elapsed[-1] if hist.elapsed else 0.0)
     lr = getattr(stepper, "lr", lambda: float("nan"))
     status, reason, epoch = "completed", None, start_epoch
-    last_good = raw.detach().clone()
+    before = raw.detach().clone()
+
+    def restore_previous_row() -> None:
+        # Row `epoch` is non-finite: go back to row epoch-1, the last finite state, and drop it
+        # from the history (the final evaluation below records it again).
+        nonlocal epoch
+        if epoch > start_epoch:
+            with torch.no_grad():
+                raw.copy_(torch.tensor(hist.params[-1], dtype=raw.dtype, device=raw.device))
+            for column in (hist.losses, hist.lrs, hist.elapsed, hist.params):
+                column.pop()
+            epoch -= 1
 
     if start_epoch == 0 and on_snapshot is not None and 0 in snaps:
         on_snapshot(0, evaluate_loss())
 
     while epoch < epochs:
         current_lr = lr()
-        last_good.copy_(raw.detach())
+        before.copy_(raw.detach())
         loss = stepper.step().item()
         # `loss` belongs to the parameters before this step: row `epoch` of the history.
         if not math.isfinite(loss):
             with torch.no_grad():
-                raw.copy_(last_good)
+                raw.copy_(before)
             status, reason = "diverged", f"loss became {loss} in epoch {epoch + 1}"
+            restore_previous_row()
             break
         hist.losses.append(loss)
         hist.lrs.append(current_lr)
         hist.elapsed.append(time.perf_counter() - t0)
-        hist.params.append(last_good.tolist())
+        hist.params.append(before.tolist())
         epoch += 1
         stop = on_epoch(epoch, loss) if on_epoch is not None else False
         if stepper.converged:
@@ -188,14 +200,11 @@ def train(
             on_snapshot(epoch, evaluate_loss())
 
     final = evaluate_loss()
-    if not math.isfinite(final) and status == "completed":
+    if not math.isfinite(final) and status != "diverged":
         # The very last step blew up: fall back to the parameters before it.
-        with torch.no_grad():
-            raw.copy_(last_good)
-        epoch -= 1
-        hist.losses.pop(), hist.lrs.pop(), hist.elapsed.pop(), hist.params.pop()
+        status, reason = "diverged", f"loss became {final} in epoch {epoch + 1}"
+        restore_previous_row()
         final = evaluate_loss()
-        status, reason = "diverged", f"loss became non-finite in epoch {epoch + 1}"
     hist.losses.append(final)
     hist.lrs.append(lr())
     hist.elapsed.append(time.perf_counter() - t0)

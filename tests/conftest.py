@@ -1,0 +1,89 @@
+"""Shared fixtures: small configs written to tmp_path and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+SMALL = {
+    "name": "small",
+    "seed": 0,
+    "device": "cpu",
+    "epochs": 40,
+    "snapshots": 4,
+    "data": {
+        "target": "1.5*sin(x) + 1.2*cos(x/4)",
+        "x": {"start": -10, "stop": 10, "num": 200},
+        "noise": {"std": 0.5},
+    },
+    "model": {"basis": ["x", "sin(x)", "cos(x/4)"]},
+    "optimizer": {"name": "SGD", "lr": 0.01},
+}
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """write_config(overrides_dict=None, name='c.yaml') -> path of a YAML config in tmp_path."""
+
+    def write(changes: dict | None = None, name: str = "c.yaml", base: dict | None = None) -> Path:
+        cfg = json.loads(json.dumps(base or SMALL))
+        for key, value in (changes or {}).items():
+            node = cfg
+            parts = key.split(".")
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+            if value is _DELETE:
+                node.pop(parts[-1], None)
+            else:
+                node[parts[-1]] = value
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    return write
+
+
+_DELETE = object()
+
+
+@pytest.fixture
+def delete():
+    return _DELETE
+
+
+@pytest.fixture
+def runner():
+    from typer.testing import CliRunner
+
+    return CliRunner()
+
+
+def fitcli_process(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 120, **kw
+) -> subprocess.CompletedProcess:
+    """Run the real `fitcli` entry point in a subprocess."""
+    full_env = {**os.environ, "COLUMNS": "120", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "fitcli.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
+
+
+def only_run_dir(out: Path) -> Path:
+    dirs = [p for p in out.iterdir() if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
