@@ -158,8 +158,6 @@ class RunWriter:
         grid = np.linspace(lo, hi, FIT_GRID) if hi > lo else np.array([lo])
         self.grid = grid
         self.grid_t = torch.as_tensor(grid, dtype=prep.dtype).to(prep.device)
-        order = np.argsort(ds.x, kind="stable") if not np.all(np.diff(ds.x) >= 0) else None
-        self.order = order
 
     def begin(self, cfg_text: str, summary: dict) -> None:
         self.snap_dir.mkdir(exist_ok=True)
@@ -181,28 +179,34 @@ class RunWriter:
         with torch.no_grad():
             y_fit = prep.model(self.grid_t).double().cpu().numpy()
         ds = prep.dataset
-        x, y, yt = ds.x, ds.y, ds.y_true
-        if self.order is not None:
-            x, y = x[self.order], y[self.order]
-            yt = None if yt is None else yt[self.order]
-        fig = plots.snapshot_figure(
+        page = plots.snapshot_page(
             name=prep.cfg.name,
             epoch=epoch,
             epochs=prep.cfg.epochs,
             loss=loss,
             params=params,
-            x=x,
-            y=y,
-            y_true=yt,
+            x=ds.x,
+            y=ds.y,
+            y_true=ds.y_true,
             x_fit=self.grid,
             y_fit=y_fit,
             loss_name=prep.cfg.loss,
+            plotlyjs=self.plotlyjs,
         )
         fname = self.snapshot_name(epoch)
-        page = plots.to_html(fig, self.plotlyjs, depth=1, title=f"{prep.cfg.name} epoch {epoch}")
         store.atomic_write(self.snap_dir / fname, page)
+        # The fitted curve itself, exactly: `fitcli plot` rebuilds this page from it (the model
+        # cannot be re-evaluated bit for bit on another device, dtype or through bounds).
+        fit_name = fname.removesuffix(".html") + ".csv"
+        store.write_csv(
+            self.snap_dir / fit_name,
+            ["x", "y_fit"],
+            ([store.fmt(a), store.fmt(b)] for a, b in zip(self.grid, y_fit, strict=True)),
+        )
         self.snapshots = [s for s in self.snapshots if s["epoch"] != epoch]
-        self.snapshots.append({"epoch": epoch, "loss": loss, "params": params, "file": fname})
+        self.snapshots.append(
+            {"epoch": epoch, "loss": loss, "params": params, "file": fname, "fit": fit_name}
+        )
         store.write_json(
             self.run_dir / store.SNAPSHOT_PARAMS,
             {"names": list(prep.model.names), "snapshots": self.snapshots},

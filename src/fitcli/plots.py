@@ -108,9 +108,17 @@ def snapshot_figure(
     }
 
 
-def to_html(fig: dict, plotlyjs: str, *, depth: int = 0, title: str = "fitcli") -> str:
+def to_html(
+    fig: dict,
+    plotlyjs: str,
+    *,
+    depth: int = 0,
+    title: str = "fitcli",
+    div_id: str | None = None,
+) -> str:
     """A full HTML page; plotly.js embedded, from the CDN, or from the run directory's copy
-    (`depth` levels up from the page)."""
+    (`depth` levels up from the page). A fixed `div_id` makes the page deterministic (plotly
+    otherwise draws a random uuid), so a rebuilt page is byte-identical to the original."""
     import plotly.io as pio
 
     if plotlyjs == "embed":
@@ -125,5 +133,444 @@ def to_html(fig: dict, plotlyjs: str, *, depth: int = 0, title: str = "fitcli") 
         full_html=True,
         validate=False,
         config={"responsive": True, "displaylogo": False},
+        div_id=div_id,
     )
     return page.replace("<head>", f'<head><meta charset="utf-8"><title>{text(title)}</title>', 1)
+
+
+def snapshot_page(
+    *,
+    name: str,
+    epoch: int,
+    epochs: int,
+    loss: float,
+    params: dict[str, float],
+    x: np.ndarray,
+    y: np.ndarray,
+    y_true: np.ndarray | None,
+    x_fit: np.ndarray,
+    y_fit: np.ndarray,
+    loss_name: str,
+    plotlyjs: str,
+) -> str:
+    """One snapshot page, `snapshots/epoch-N.html`: a pure function of stored values.
+
+    Training and `fitcli plot` both call it, so a rebuild from data.csv, params.json and the
+    stored fitted curve is byte-identical to the page training wrote (same plotly.js mode).
+    Observations are drawn sorted by x; the div id comes from the epoch, never a random uuid.
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if not np.all(np.diff(x) >= 0):
+        order = np.argsort(x, kind="stable")
+        x, y = x[order], y[order]
+        y_true = None if y_true is None else np.asarray(y_true)[order]
+    fig = snapshot_figure(
+        name=name,
+        epoch=epoch,
+        epochs=epochs,
+        loss=loss,
+        params=params,
+        x=x,
+        y=y,
+        y_true=y_true,
+        x_fit=x_fit,
+        y_fit=y_fit,
+        loss_name=loss_name,
+    )
+    return to_html(
+        fig, plotlyjs, depth=1, title=f"{name} epoch {epoch}", div_id=f"fitcli-epoch-{epoch}"
+    )
+
+
+# -- the report and comparison pages ---------------------------------------------------------
+
+COLORS = (
+    "#636efa",
+    "#ef553b",
+    "#00cc96",
+    "#ab63fa",
+    "#ffa15a",
+    "#19d3f3",
+    "#ff6692",
+    "#b6e880",
+    "#ff97ff",
+    "#fecb52",
+)
+
+
+def _layout(title: str, **extra: Any) -> dict:
+    return {
+        "title": {"text": title},
+        "xaxis": {**AXIS, **extra.pop("xaxis", {})},
+        "yaxis": {**AXIS, **extra.pop("yaxis", {})},
+        "legend": {"orientation": "h", "y": -0.2},
+        "margin": {"t": 70},
+        **STYLE,
+        **extra,
+    }
+
+
+def _fit_title(name: str, epoch: int, epochs: int, loss_name: str, loss: float | None) -> str:
+    shown = "-" if loss is None else f"{loss:.6g}"
+    return f"{text(name)}: fit at epoch {epoch}/{epochs}, {text(loss_name)} {shown}"
+
+
+def fit_animation_figure(
+    *,
+    name: str,
+    epochs: int,
+    loss_name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    y_true: np.ndarray | None,
+    snapshots: list[dict],
+) -> dict:
+    """Observations, true curve and the fitted curve, with a slider and a play button across
+    `snapshots` (each: epoch, loss, x_fit, y_fit). Frames replace only the fit trace."""
+    if not np.all(np.diff(x) >= 0):
+        order = np.argsort(x, kind="stable")
+        x, y = x[order], y[order]
+        y_true = None if y_true is None else y_true[order]
+    sl, note = downsample(len(x))
+    data: list[dict] = [
+        {
+            "type": "scattergl" if len(x) > 20000 else "scatter",
+            "mode": "markers",
+            "name": "observed" + note,
+            "x": x[sl],
+            "y": y[sl],
+            "marker": {"size": 4, "color": "rgba(99,110,250,0.45)"},
+        }
+    ]
+    if y_true is not None:
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": "true curve" + note,
+                "x": x[sl],
+                "y": y_true[sl],
+                "line": {"color": "#2ca02c", "dash": "dash"},
+            }
+        )
+    fit_index = len(data)
+    last = snapshots[-1] if snapshots else None
+    data.append(
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "name": "fit",
+            "x": last["x_fit"] if last else [],
+            "y": last["y_fit"] if last else [],
+            "line": {"color": "#d62728", "width": 3},
+        }
+    )
+    title = (
+        _fit_title(name, last["epoch"], epochs, loss_name, last["loss"])
+        if last
+        else f"{text(name)}: no snapshot yet"
+    )
+    layout = _layout(title, xaxis={"title": {"text": "x"}}, yaxis={"title": {"text": "y"}})
+    frames = []
+    steps = []
+    for s in snapshots:
+        key = str(s["epoch"])
+        frames.append(
+            {
+                "name": key,
+                "data": [{"x": s["x_fit"], "y": s["y_fit"]}],
+                "traces": [fit_index],
+                "layout": {
+                    "title": {"text": _fit_title(name, s["epoch"], epochs, loss_name, s["loss"])}
+                },
+            }
+        )
+        steps.append(
+            {
+                "label": key,
+                "method": "animate",
+                "args": [
+                    [key],
+                    {"mode": "immediate", "frame": {"duration": 0, "redraw": True}},
+                ],
+            }
+        )
+    if frames:
+        layout["sliders"] = [
+            {
+                "active": len(steps) - 1,
+                "steps": steps,
+                "currentvalue": {"prefix": "epoch "},
+                "pad": {"t": 50},
+                "x": 0.1,
+                "len": 0.9,
+            }
+        ]
+        layout["updatemenus"] = [
+            {
+                "type": "buttons",
+                "showactive": False,
+                "x": 0.0,
+                "y": 0,
+                "xanchor": "left",
+                "yanchor": "top",
+                "pad": {"t": 60},
+                "buttons": [
+                    {
+                        "label": "Play",
+                        "method": "animate",
+                        "args": [
+                            None,
+                            {
+                                "frame": {"duration": 500, "redraw": True},
+                                "fromcurrent": False,
+                                "transition": {"duration": 0},
+                                "mode": "immediate",
+                            },
+                        ],
+                    },
+                    {
+                        "label": "Pause",
+                        "method": "animate",
+                        "args": [
+                            [None],
+                            {"frame": {"duration": 0}, "mode": "immediate"},
+                        ],
+                    },
+                ],
+            }
+        ]
+        layout["legend"] = {
+            "orientation": "h",
+            "y": 1.02,
+            "yanchor": "bottom",
+            "x": 1,
+            "xanchor": "right",
+        }
+    return {"data": data, "layout": layout, "frames": frames}
+
+
+def loss_figure(
+    *,
+    epoch: np.ndarray,
+    loss: np.ndarray,
+    loss_name: str,
+    snap_epochs: list[int],
+    snap_losses: list[float | None],
+) -> dict:
+    """The loss over the epochs on a log scale, snapshot epochs marked."""
+    sl, note = downsample(len(epoch))
+    data = [
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "name": f"{text(loss_name)} loss{note}",
+            "x": epoch[sl],
+            "y": loss[sl],
+            "line": {"color": "#636efa"},
+        }
+    ]
+    if snap_epochs:
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": "snapshots",
+                "x": snap_epochs,
+                "y": snap_losses,
+                "marker": {"size": 9, "color": "#d62728", "symbol": "diamond"},
+                "hovertemplate": "snapshot at epoch %{x}<br>loss %{y:.6g}<extra></extra>",
+            }
+        )
+    return {
+        "data": data,
+        "layout": _layout(
+            "loss",
+            xaxis={"title": {"text": "epoch"}},
+            yaxis={"title": {"text": f"{text(loss_name)} (log scale)"}, "type": "log"},
+        ),
+    }
+
+
+def params_figure(*, epoch: np.ndarray, params: dict[str, np.ndarray]) -> dict:
+    """Each parameter's trajectory over the epochs, one stacked panel per parameter (a shared
+    panel beyond 12 parameters)."""
+    sl, note = downsample(len(epoch))
+    names = list(params)
+    stacked = 0 < len(names) <= 12
+    data, layout = [], _layout("parameters" + note, showlegend=not stacked)
+    n = len(names) if stacked else 1
+    gap = 0.04 if n > 1 else 0.0
+    height = (1.0 - gap * (n - 1)) / n
+    for k, pname in enumerate(names):
+        ax = k + 1 if stacked else 1
+        suffix = "" if ax == 1 else str(ax)
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": text(pname),
+                "x": epoch[sl],
+                "y": params[pname][sl],
+                "xaxis": f"x{suffix}",
+                "yaxis": f"y{suffix}",
+                "line": {"color": COLORS[k % len(COLORS)]},
+            }
+        )
+        if stacked:
+            top = 1.0 - k * (height + gap)
+            layout[f"yaxis{suffix}"] = {
+                **AXIS,
+                "domain": [max(0.0, top - height), top],
+                "title": {"text": text(pname)},
+            }
+            if ax > 1:
+                layout[f"xaxis{suffix}"] = {**AXIS, "matches": "x"}
+            layout[f"xaxis{suffix}"] = {
+                **layout.get(f"xaxis{suffix}", {}),
+                **AXIS,
+                "anchor": f"y{suffix}",
+                "showticklabels": k == n - 1,
+                "title": {"text": "epoch" if k == n - 1 else ""},
+            }
+    if not stacked:
+        layout["xaxis"]["title"] = {"text": "epoch"}
+    layout["height"] = max(320, 60 + 170 * n) if stacked else 480
+    return {"data": data, "layout": layout}
+
+
+def residuals_figure(*, x: np.ndarray, residuals: np.ndarray, epoch: int) -> dict:
+    """Residuals y - fit of the final fit against x (left) and their histogram (right)."""
+    order = np.argsort(x, kind="stable")
+    x, residuals = x[order], residuals[order]
+    sl, note = downsample(len(x))
+    finite = residuals[np.isfinite(residuals)]
+    if finite.size:
+        bins = int(min(80, max(10, np.sqrt(finite.size))))
+        counts, edges = np.histogram(finite, bins=bins)
+        centers, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    else:
+        counts, centers, widths = np.array([]), np.array([]), np.array([])
+    data = [
+        {
+            "type": "scattergl" if len(x) > 20000 else "scatter",
+            "mode": "markers",
+            "name": "residual y - fit" + note,
+            "x": x[sl],
+            "y": residuals[sl],
+            "marker": {"size": 4, "color": "rgba(99,110,250,0.6)"},
+        },
+        {
+            "type": "bar",
+            "name": f"histogram (all {len(finite):,} residuals)",
+            "x": counts,
+            "y": centers,
+            "width": widths,
+            "orientation": "h",
+            "xaxis": "x2",
+            "yaxis": "y2",
+            "marker": {"color": "rgba(214,39,40,0.6)"},
+        },
+    ]
+    layout = _layout(
+        f"residuals of the final fit (epoch {epoch})",
+        xaxis={"title": {"text": "x"}, "domain": [0, 0.72]},
+        yaxis={"title": {"text": "y - fit"}},
+    )
+    layout["xaxis2"] = {**AXIS, "domain": [0.76, 1], "anchor": "y2", "title": {"text": "count"}}
+    layout["yaxis2"] = {**AXIS, "anchor": "x2", "matches": "y", "showticklabels": False}
+    layout["bargap"] = 0
+    return {"data": data, "layout": layout}
+
+
+def compare_loss_figure(runs: list[dict]) -> dict:
+    """Loss curves of several runs overlaid (each: label, epoch, loss)."""
+    data = []
+    for k, r in enumerate(runs):
+        sl, note = downsample(len(r["epoch"]))
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": text(r["label"]) + note,
+                "x": r["epoch"][sl],
+                "y": r["loss"][sl],
+                "line": {"color": COLORS[k % len(COLORS)]},
+            }
+        )
+    return {
+        "data": data,
+        "layout": _layout(
+            "loss",
+            xaxis={"title": {"text": "epoch"}},
+            yaxis={"title": {"text": "loss (log scale)"}, "type": "log"},
+        ),
+    }
+
+
+def compare_fit_figure(runs: list[dict]) -> dict:
+    """Final fits of several runs overlaid; each run's observations can be shown from the
+    legend (the first run's are shown)."""
+    data = []
+    for k, r in enumerate(runs):
+        color = COLORS[k % len(COLORS)]
+        x, y = r["x"], r["y"]
+        order = np.argsort(x, kind="stable")
+        sl, note = downsample(len(x))
+        data.append(
+            {
+                "type": "scattergl" if len(x) > 20000 else "scatter",
+                "mode": "markers",
+                "name": f"{text(r['label'])} observed{note}",
+                "legendgroup": str(k),
+                "x": x[order][sl],
+                "y": y[order][sl],
+                "marker": {"size": 4, "color": color, "opacity": 0.35},
+                "visible": True if k == 0 else "legendonly",
+            }
+        )
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": f"{text(r['label'])} fit (epoch {r['epoch']})",
+                "legendgroup": str(k),
+                "x": r["x_fit"],
+                "y": r["y_fit"],
+                "line": {"color": color, "width": 3},
+            }
+        )
+    return {
+        "data": data,
+        "layout": _layout(
+            "final fits", xaxis={"title": {"text": "x"}}, yaxis={"title": {"text": "y"}}
+        ),
+    }
+
+
+def fragment(fig: dict, plotlyjs: str | bool, *, div_id: str, height: int = 480) -> str:
+    """One figure as a `<div>` plus its script, for pages holding several figures.
+
+    `plotlyjs` is what precedes it: False (already loaded), "embed", "cdn" or a script path.
+    """
+    import plotly.io as pio
+
+    include: Any = {"embed": True, "cdn": "cdn"}.get(plotlyjs, plotlyjs) if plotlyjs else False
+    height = int(fig.get("layout", {}).get("height") or height)
+    return pio.to_html(
+        fig,
+        include_plotlyjs=include,
+        full_html=False,
+        validate=False,
+        auto_play=False,
+        div_id=div_id,
+        default_height=f"{height}px",
+        config={"responsive": True, "displaylogo": False},
+    )
+
+
+def plotlyjs_include(plotlyjs: str, depth: int = 0) -> str:
+    """What `fragment` takes for the page's first figure: embed, cdn or the directory copy."""
+    if plotlyjs in ("embed", "cdn"):
+        return plotlyjs
+    return "../" * depth + "plotly.min.js"
