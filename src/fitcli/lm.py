@@ -1,0 +1,474 @@
+"""Levenberg-Marquardt on autograd Jacobians: one `step()` is one iteration, over a flat theta.
+
+Conventions. ``fn(theta, x) -> yhat`` is a pure, differentiable torch function; the residuals are
+``r = w * (y - fn(theta, x))`` with ``w = 1/sigma`` (or 1), the cost is ``0.5 * sum(r**2)``, and
+``J = d(w * fn)/d(theta)`` is the Jacobian of the weighted model, so that the Gauss-Newton step is
+``delta = (J^T J)^-1 J^T r`` and the steepest-descent direction of the cost is ``+J^T r``.
+
+J is built by forward-mode autograd (`torch.func.jacfwd`: p forward passes, no finite differences),
+and only the p x p matrix J^T J and the p-vector J^T r are kept, accumulated in float64 over chunks
+of rows, so memory stays bounded however many points there are. The iteration is Moré's scaled
+Levenberg-Marquardt (MINPACK) with Nielsen's damping update:
+
+    (J^T J + lambda * D^2) delta = J^T r,   D^2 = running max of diag(J^T J)
+    rho = (cost - cost(theta + delta)) / predicted reduction
+    accept if rho > 0: lambda *= max(1/3, 1 - (2 rho - 1)^3), nu = 2;  else lambda *= nu, nu *= 2
+
+Two additions make it reach NIST's certified values from both StRD starting points: a curvature
+guard that rejects large steps whose geodesic acceleration (Transtrum & Sethna 2012) is comparable
+to the step itself, and a final polishing phase that follows J^T r past the point where cost
+differences are rounding noise (see `LevenbergMarquardt.step`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+MAX_DAMPING = 1e16
+MIN_DAMPING = 1e-300
+JACOBIAN_CHUNK_BYTES = 64_000_000
+# Polishing starts where the quadratic model predicts less than this relative cost reduction
+# with the damping below POLISH_DAMPING (a nearly Gauss-Newton step): see `step`.
+POLISH_RTOL = 1e-10
+POLISH_DAMPING = 1e-2
+# Polishing stops when a step is not shorter than this fraction of the one before.
+POLISH_CONTRACTION = 0.9
+
+
+def default_chunk_size(n_params: int) -> int:
+    """Rows per chunk so that one chunk's Jacobian stays near 64 MB in float64 (at least 4096)."""
+    return max(4096, JACOBIAN_CHUNK_BYTES // (8 * max(n_params, 1)))
+
+
+def _weighted_model(fn: Model, x: torch.Tensor, w: torch.Tensor | None):
+    def model(theta: torch.Tensor) -> torch.Tensor:
+        m = fn(theta, x)
+        return m * w if w is not None else m
+
+    return model
+
+
+def _jacobian_forward(model, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d model / d theta ([m, p]) and the model values, by forward mode (p passes under vmap)."""
+
+    def with_aux(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = model(t)
+        return m, m
+
+    try:
+        jac, m = torch.func.jacfwd(with_aux, has_aux=True)(theta)
+    except (RuntimeError, NotImplementedError):
+        # An op without a forward-mode formula: reverse mode gives the same matrix.
+        jac, m = torch.func.jacrev(with_aux, has_aux=True)(theta)
+    return jac.reshape(m.numel(), theta.numel()), m.reshape(-1)
+
+
+def _jacobian_rowwise(model, theta: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same, in one reverse pass, for a model that treats each theta[i] as a scalar.
+
+    Each row gets its own copy of theta (a [p, rows] leaf that broadcasts against x wherever
+    theta[i] does), so the gradient of sum(model) with respect to the copies is J^T. Several
+    times faster than vmap for small p; only valid for such models, which `_rowwise_ok` checks.
+    """
+    copies = theta.detach()[:, None].expand(-1, rows).clone().requires_grad_()
+    with torch.enable_grad():
+        m = model(copies)
+        (jt,) = torch.autograd.grad(m.sum(), copies)
+    return jt.T, m.detach().reshape(-1)
+
+
+def rowwise_ok(
+    fn: Model, theta: torch.Tensor, x: torch.Tensor, weights: torch.Tensor | None = None
+) -> bool:
+    """Whether the one-pass row-wise Jacobian agrees with forward mode on the first rows."""
+    k = min(x.shape[0], 64)
+    w = weights[:k] if weights is not None else None
+    model = _weighted_model(fn, x[:k], w)
+    try:
+        ref, m_ref = _jacobian_forward(model, theta.detach())
+        fast, m_fast = _jacobian_rowwise(model, theta.detach(), k)
+    except Exception:  # any failure of the fast path just means: do not use it
+        return False
+    if fast.shape != ref.shape or m_fast.shape != m_ref.shape:
+        return False
+    same_nan = torch.isnan(ref) == torch.isnan(fast)
+    close = torch.isclose(fast, ref, rtol=1e-5, atol=0.0, equal_nan=True)
+    return bool(same_nan.all() and close.all())
+
+
+def _jacobian_and_residual(
+    fn: Model,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    w: torch.Tensor | None,
+    rowwise: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """J = d(w * fn)/d theta ([m, p]) and r = w * (y - fn)."""
+    model = _weighted_model(fn, x, w)
+    if rowwise:
+        jac, m = _jacobian_rowwise(model, theta, y.shape[0])
+    else:
+        jac, m = _jacobian_forward(model, theta)
+    wy = (y * w if w is not None else y).reshape(-1)
+    return jac, wy - m
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def jtj_jtr(
+    fn: Model,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    rowwise: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(J^T J, J^T r, sum(r**2))`` at theta, in float64, accumulated over chunks of rows.
+
+    J is the Jacobian of the weighted model ``w * fn`` (the negative of d r / d theta), so that
+    ``solve(J^T J, J^T r)`` is the Gauss-Newton step. Only one chunk's Jacobian is alive at a time.
+    ``rowwise`` picks the one-pass Jacobian (see `rowwise_ok`); None decides by `rowwise_ok`.
+    """
+    theta = theta.detach()
+    p = theta.numel()
+    n = y.shape[0]
+    size = chunk_size or default_chunk_size(p)
+    if rowwise is None:
+        rowwise = rowwise_ok(fn, theta, x, weights)
+    jtj = torch.zeros(p, p, dtype=torch.float64, device=theta.device)
+    jtr = torch.zeros(p, dtype=torch.float64, device=theta.device)
+    rss = torch.zeros((), dtype=torch.float64, device=theta.device)
+    for sl in _chunks(n, size):
+        w = weights[sl] if weights is not None else None
+        jac, r = _jacobian_and_residual(fn, theta, x[sl], y[sl], w, rowwise)
+        jac = jac.to(torch.float64)
+        r = r.to(torch.float64)
+        jtj += jac.T @ jac
+        jtr += jac.T @ r
+        rss += r @ r
+    return jtj, jtr, float(rss)
+
+
+def residual_sum_of_squares(
+    fn: Model,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> float:
+    """``sum(r**2)`` at theta, accumulated in float64 over chunks (no Jacobian)."""
+    n = y.shape[0]
+    size = (chunk_size or default_chunk_size(theta.numel())) * max(theta.numel(), 1)
+    total = torch.zeros((), dtype=torch.float64, device=theta.device)
+    with torch.no_grad():
+        for sl in _chunks(n, size):
+            r = y[sl] - fn(theta, x[sl])
+            if weights is not None:
+                r = r * weights[sl]
+            r = r.to(torch.float64).reshape(-1)
+            total += r @ r
+    return float(total)
+
+
+def second_derivative_jt(
+    fn: Model,
+    theta: torch.Tensor,
+    v: torch.Tensor,
+    x: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    h: float = 0.1,
+) -> torch.Tensor:
+    """``J^T m_vv`` in float64, with m_vv the second derivative of ``w * fn`` along v.
+
+    m_vv by the central difference ``(m(theta + h v) - 2 m(theta) + m(theta - h v)) / h^2`` and
+    J^T m_vv by one reverse pass per chunk: the input of the geodesic acceleration.
+    """
+    theta = theta.detach()
+    n = x.shape[0]
+    size = chunk_size or default_chunk_size(theta.numel())
+    hv = (h * v).to(theta.dtype)
+    out = torch.zeros(theta.numel(), dtype=torch.float64, device=theta.device)
+    for sl in _chunks(n, size):
+        model = _weighted_model(fn, x[sl], weights[sl] if weights is not None else None)
+        with torch.no_grad():
+            m_plus = model(theta + hv)
+            m_minus = model(theta - hv)
+        with torch.enable_grad():
+            t = theta.clone().requires_grad_()
+            m0 = model(t)
+            m_vv = (m_plus - 2 * m0.detach() + m_minus) / (h * h)
+            (g,) = torch.autograd.grad(m0, t, m_vv)
+        out += g.to(torch.float64).reshape(-1)
+    return out
+
+
+def solve_damped(
+    jtj: torch.Tensor, jtr: torch.Tensor, damping: float, scale2: torch.Tensor
+) -> torch.Tensor:
+    """Solve ``(J^T J + damping * diag(scale2)) delta = J^T r`` in float64.
+
+    The system is solved in the scaled variables ``z = D delta`` (unit-diagonal matrix when
+    ``scale2 = diag(J^T J)``) by Cholesky; if that fails (not positive definite to rounding) by a
+    symmetric eigendecomposition that drops the null space.
+    """
+    s = 1.0 / torch.sqrt(scale2)
+    a = jtj * s[:, None] * s[None, :]
+    b = jtr * s
+    m = a + damping * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    chol, info = torch.linalg.cholesky_ex(m)
+    if int(info) == 0:
+        z = torch.cholesky_solve(b[:, None], chol)[:, 0]
+        if bool(torch.isfinite(z).all()):
+            return z * s
+    evals, evecs = torch.linalg.eigh(a)
+    evals = evals + damping
+    cutoff = evals.abs().max() * a.shape[0] * torch.finfo(a.dtype).eps
+    inv = torch.where(evals > cutoff, 1.0 / evals, torch.zeros_like(evals))
+    z = evecs @ (inv * (evecs.T @ b))
+    return z * s
+
+
+@dataclass
+class LMStep:
+    """What one Levenberg-Marquardt iteration did."""
+
+    cost: float  # 0.5 * sum(r**2) at theta after this iteration
+    accepted: bool
+    damping: float  # lambda after this iteration
+    converged: bool
+    reason: str | None  # why it stopped, when converged
+
+
+class LevenbergMarquardt:
+    """Levenberg-Marquardt for ``min 0.5 * sum((w * (y - fn(theta, x)))**2)``; see the module doc.
+
+    Stops (``converged=True``, with a reason) when polishing steps stop contracting (rounding
+    level, the usual end at tight tolerances); when an accepted step reduces the cost by less than
+    ``ftol`` relative while the model predicted no more than that either; when the scaled step
+    ``|D delta|`` is below ``xtol * (xtol + |D theta|)``; when the largest cosine between a Jacobian
+    column and the residual vector is below ``gtol``; when the damping exceeds 1e16 (no decrease
+    is possible); or at once, without an exception, if the residuals are non-finite at the start.
+    A trial point with non-finite residuals is rejected like any step that raises the cost.
+
+    ``max_accel_ratio`` (None to disable) bounds the geodesic-acceleration ratio of steps that
+    change some parameter by more than 10%, see `step`. ``theta0`` may be float32 or float64 on
+    any device; the model runs in its dtype, the normal equations in float64.
+    """
+
+    def __init__(
+        self,
+        fn: Model,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        theta0: torch.Tensor,
+        *,
+        weights: torch.Tensor | None = None,
+        ftol: float = 1e-15,
+        xtol: float = 1e-15,
+        gtol: float = 1e-15,
+        damping: float = 1e-3,
+        max_accel_ratio: float | None = 0.75,
+        chunk_size: int | None = None,
+    ) -> None:
+        self.fn = fn
+        self.x = x
+        self.y = y
+        self.weights = weights
+        self.theta = theta0.detach().clone()
+        self.ftol = ftol
+        self.xtol = xtol
+        self.gtol = gtol
+        self.chunk_size = chunk_size
+        self.max_accel_ratio = max_accel_ratio
+        self.rowwise: bool | None = None
+        self.damping = float(damping)
+        self.nu = 2.0
+        self.cost: float | None = None
+        self.scale2: torch.Tensor | None = None
+        self.n_iter = 0
+        self.n_fev = 0
+        self.n_jev = 0
+        self.converged = False
+        self.reason: str | None = None
+        self.polish_norm: float | None = None
+        self._jtj: torch.Tensor | None = None
+        self._jtr: torch.Tensor | None = None
+
+    # -- one iteration -------------------------------------------------------------------------
+
+    def step(self) -> LMStep:
+        """One LM iteration: build J^T J at theta if stale, solve, try the step, adapt lambda."""
+        if self.converged:
+            return self._result(accepted=False)
+        if self._jtj is None and not self._linearize():
+            return self._result(accepted=False)
+        self.n_iter += 1
+        jtj, jtr, scale2 = self._jtj, self._jtr, self.scale2
+        cost = self.cost
+        d = torch.sqrt(scale2)
+        theta64 = self.theta.to(torch.float64)
+        theta_norm = float(torch.linalg.vector_norm(d * theta64))
+        delta = solve_damped(jtj, jtr, self.damping, scale2)
+        step_norm = float(torch.linalg.vector_norm(d * delta))
+        # Predicted reduction of the quadratic model: g.d - 0.5 d.A.d.
+        predicted = float(jtr @ delta - 0.5 * (delta @ (jtj @ delta)))
+        # Polishing: once the model predicts almost nothing (and the step is nearly Gauss-Newton),
+        # cost differences are rounding noise, but J^T r still points to the minimum; steps are
+        # then taken while they keep contracting, which puts theta where the gradient vanishes.
+        polishing = predicted <= POLISH_RTOL * cost and self.damping <= POLISH_DAMPING
+        if self.polish_norm is not None and (
+            step_norm > POLISH_CONTRACTION * self.polish_norm
+            or step_norm <= self.xtol * (self.xtol + theta_norm)
+        ):
+            return self._stop("converged: Gauss-Newton steps have reached rounding level", False)
+        if not polishing and self.max_accel_ratio is not None and self._large_step(delta):
+            # Curvature guard: the geodesic acceleration a (Transtrum & Sethna 2012) is the
+            # second-order correction to the step along the model's curvature. A large step whose
+            # correction is comparable to itself leaves the region where the linear model holds;
+            # it is rejected even if it happens to lower the cost (it lands BoxBOD on a plateau).
+            jt_vv = second_derivative_jt(
+                self.fn, self.theta, delta, self.x, self.weights, self.chunk_size
+            )
+            self.n_fev += 3
+            accel = solve_damped(jtj, jt_vv, self.damping, scale2)
+            ratio = float(torch.linalg.vector_norm(d * accel)) / step_norm if step_norm else 0.0
+            if not (math.isfinite(ratio) and ratio <= self.max_accel_ratio):
+                return self._reject(step_norm, theta_norm)
+        trial = (theta64 + delta).to(self.theta.dtype)
+        new_cost = 0.5 * residual_sum_of_squares(
+            self.fn, trial, self.x, self.y, self.weights, self.chunk_size
+        )
+        self.n_fev += 1
+        actual = cost - new_cost if math.isfinite(new_cost) else -math.inf
+        rho = actual / predicted if predicted > 0 else -math.inf
+        if polishing and actual >= -POLISH_RTOL * cost:
+            self.polish_norm = step_norm
+            rho = max(rho, 0.0)
+        elif not (rho > 0 and math.isfinite(new_cost)):
+            return self._reject(step_norm, theta_norm)
+        self.theta = trial
+        self.cost = new_cost
+        self._jtj = self._jtr = None
+        self.damping = max(self.damping * max(1 / 3, 1 - (2 * rho - 1) ** 3), MIN_DAMPING)
+        self.nu = 2.0
+        if self.polish_norm is not None:
+            return self._result(True)
+        if actual <= self.ftol * cost and predicted <= self.ftol * cost:
+            return self._stop(f"ftol: relative cost reduction < {self.ftol:g}", True)
+        if step_norm <= self.xtol * (self.xtol + theta_norm):
+            return self._stop(f"xtol: relative step < {self.xtol:g}", True)
+        return self._result(True)
+
+    def _large_step(self, delta: torch.Tensor) -> bool:
+        """Whether some parameter would change by more than 10% of its value."""
+        return bool((delta.abs() > 0.1 * self.theta.to(torch.float64).abs()).any())
+
+    def _reject(self, step_norm: float, theta_norm: float) -> LMStep:
+        """A rejected trial: raise lambda (doubling its growth factor) and test for a stall."""
+        self.damping *= self.nu
+        self.nu *= 2.0
+        if step_norm <= self.xtol * (self.xtol + theta_norm):
+            return self._stop(f"xtol: relative step < {self.xtol:g}", False)
+        if self.damping > MAX_DAMPING:
+            return self._stop("damping too large: no decrease possible", False)
+        return self._result(False)
+
+    def _linearize(self) -> bool:
+        """J^T J, J^T r and the cost at theta; False (and converged) at a stopping point."""
+        if self.rowwise is None:
+            self.rowwise = rowwise_ok(self.fn, self.theta, self.x, self.weights)
+        jtj, jtr, rss = jtj_jtr(
+            self.fn, self.theta, self.x, self.y, self.weights, self.chunk_size, self.rowwise
+        )
+        self.n_jev += 1
+        first = self.cost is None
+        self.cost = 0.5 * rss
+        if not (math.isfinite(rss) and bool(torch.isfinite(jtj).all())):
+            where = "at start" if first else "at the current parameters"
+            self._stop(f"non-finite residuals or Jacobian {where}", False)
+            return False
+        diag = torch.diagonal(jtj)
+        # A column that is zero everywhere gets scale 1 until it ever becomes non-zero (MINPACK).
+        diag = torch.where(diag > 0, diag, torch.ones_like(diag))
+        self.scale2 = diag if self.scale2 is None else torch.maximum(self.scale2, diag)
+        self._jtj, self._jtr = jtj, jtr
+        if rss == 0.0:
+            self._stop("exact fit: residuals are zero", False)
+            return False
+        cosine = jtr.abs() / torch.sqrt(torch.diagonal(jtj).clamp_min(1e-300) * rss)
+        if float(cosine.max()) <= self.gtol:
+            self._stop(f"gtol: gradient cosine < {self.gtol:g}", False)
+            return False
+        return True
+
+    def _stop(self, reason: str, accepted: bool) -> LMStep:
+        self.converged = True
+        self.reason = reason
+        return self._result(accepted)
+
+    def _result(self, accepted: bool) -> LMStep:
+        cost = self.cost if self.cost is not None else math.nan
+        return LMStep(cost, accepted, self.damping, self.converged, self.reason)
+
+    # -- resume --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue identically, as JSON-able floats and lists."""
+
+        def finite(v: float | None) -> float | None:
+            return v if v is not None and math.isfinite(v) else None
+
+        return {
+            "theta": [float(v) for v in self.theta.detach().cpu().reshape(-1).tolist()],
+            "damping": self.damping,
+            "nu": self.nu,
+            "cost": finite(self.cost),
+            "scale2": None if self.scale2 is None else self.scale2.cpu().tolist(),
+            "n_iter": self.n_iter,
+            "n_fev": self.n_fev,
+            "n_jev": self.n_jev,
+            "converged": self.converged,
+            "reason": self.reason,
+            "polish_norm": self.polish_norm,
+            "ftol": self.ftol,
+            "xtol": self.xtol,
+            "gtol": self.gtol,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from `state_dict()`; J^T J is rebuilt at the restored theta on the next step."""
+        ref = self.theta
+        self.theta = torch.tensor(state["theta"], dtype=ref.dtype, device=ref.device).reshape(
+            ref.shape
+        )
+        self.damping = float(state["damping"])
+        self.nu = float(state.get("nu", 2.0))
+        self.cost = state.get("cost")
+        scale2 = state.get("scale2")
+        self.scale2 = (
+            None if scale2 is None else torch.tensor(scale2, dtype=torch.float64, device=ref.device)
+        )
+        self.n_iter = int(state.get("n_iter", 0))
+        self.n_fev = int(state.get("n_fev", 0))
+        self.n_jev = int(state.get("n_jev", 0))
+        self.converged = bool(state.get("converged", False))
+        self.reason = state.get("reason")
+        self.polish_norm = state.get("polish_norm")
+        for key in ("ftol", "xtol", "gtol"):
+            if key in state:
+                setattr(self, key, float(state[key]))
+        self._jtj = self._jtr = None

@@ -1,0 +1,181 @@
+"""Fit statistics against scipy's curve_fit and hand formulas; singular and unconverged fits."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import curve_fit
+
+from fitcli.stats import fit_statistics, linear_optimum, truth_distance
+
+RNG = np.random.default_rng(42)
+XS = np.linspace(0.1, 5, 80)
+SIGMA = 0.05 + 0.03 * XS
+YS = 2.5 * np.exp(-0.9 * XS) + 0.3 + RNG.normal(0, SIGMA)
+NAMES = ["a", "k", "c"]
+
+
+def decay_np(x, a, k, c):
+    return a * np.exp(-k * x) + c
+
+
+def decay(t, x):
+    return t[0] * torch.exp(-t[1] * x) + t[2]
+
+
+def gaussian_np(x, a, mu, s):
+    return a * np.exp(-((x - mu) ** 2) / (2 * s**2))
+
+
+def gaussian(t, x):
+    return t[0] * torch.exp(-((x - t[1]) ** 2) / (2 * t[2] ** 2))
+
+
+@pytest.mark.parametrize("sigma, absolute_sigma", [(None, False), (SIGMA, False), (SIGMA, True)])
+@pytest.mark.parametrize("problem", ["decay", "gaussian"])
+def test_covariance_matches_curve_fit(problem, sigma, absolute_sigma):
+    if problem == "decay":
+        f_np, f, ys, p0 = decay_np, decay, YS, [1, 1, 0]
+    else:
+        f_np, f, p0 = gaussian_np, gaussian, [1, 2, 1]
+        ys = gaussian_np(XS, 1.7, 2.2, 0.8) + RNG.normal(0, SIGMA)
+    popt, pcov = curve_fit(
+        f_np, XS, ys, p0=p0, sigma=sigma, absolute_sigma=absolute_sigma, xtol=1e-15, ftol=1e-15
+    )
+    weights = torch.tensor(1 / sigma) if sigma is not None else None
+    stats = fit_statistics(
+        f,
+        torch.tensor(popt),
+        torch.tensor(XS),
+        torch.tensor(ys),
+        NAMES,
+        weights=weights,
+        absolute_sigma=absolute_sigma,
+    )
+    assert stats.status == "ok", stats.reason
+    # curve_fit's Jacobian is a finite difference: agreement to ~1e-5 of the largest entry.
+    scale = np.abs(pcov).max()
+    np.testing.assert_allclose(np.array(stats.covariance), pcov, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose([stats.stderr[n] for n in NAMES], np.sqrt(np.diag(pcov)), rtol=1e-5)
+    corr = pcov / np.outer(np.sqrt(np.diag(pcov)), np.sqrt(np.diag(pcov)))
+    np.testing.assert_allclose(np.array(stats.correlation), corr, rtol=1e-5, atol=1e-5)
+
+
+def test_goodness_of_fit_against_hand_formulas():
+    popt, _ = curve_fit(decay_np, XS, YS, p0=[1, 1, 0], sigma=SIGMA)
+    stats = fit_statistics(
+        decay,
+        torch.tensor(popt),
+        torch.tensor(XS),
+        torch.tensor(YS),
+        NAMES,
+        weights=torch.tensor(1 / SIGMA),
+    )
+    w = 1 / SIGMA
+    r = w * (YS - decay_np(XS, *popt))
+    rss = float(r @ r)
+    ybar = np.sum(w**2 * YS) / np.sum(w**2)
+    tss = float(np.sum(w**2 * (YS - ybar) ** 2))
+    n, p = XS.size, 3
+    assert (stats.n_points, stats.n_params) == (n, p)
+    assert stats.rss == pytest.approx(rss, rel=1e-12)
+    assert stats.r2 == pytest.approx(1 - rss / tss, rel=1e-12)
+    assert stats.chi2_reduced == pytest.approx(rss / (n - p), rel=1e-12)
+    assert stats.aic == pytest.approx(n * math.log(rss / n) + 2 * p, rel=1e-12)
+    assert stats.bic == pytest.approx(n * math.log(rss / n) + math.log(n) * p, rel=1e-12)
+    assert stats.condition_number is not None and stats.condition_number > 1
+
+
+def test_linear_optimum_matches_numpy_lstsq():
+    design = np.stack([np.ones_like(XS), XS, XS**2, np.sin(XS)], 1)
+    for w in (None, 1 / SIGMA):
+        a = design * w[:, None] if w is not None else design
+        b = YS * w if w is not None else YS
+        expected, res, *_ = np.linalg.lstsq(a, b, rcond=None)
+        theta, rss = linear_optimum(
+            torch.tensor(design), torch.tensor(YS), torch.tensor(w) if w is not None else None
+        )
+        np.testing.assert_allclose(theta.numpy(), expected, rtol=1e-10)
+        assert rss == pytest.approx(float(res[0]), rel=1e-10)
+
+
+def test_linear_optimum_rank_deficient_is_minimum_norm():
+    design = np.stack([np.ones_like(XS), XS, XS], 1)
+    expected, *_ = np.linalg.lstsq(design, YS, rcond=None)
+    theta, _ = linear_optimum(torch.tensor(design), torch.tensor(YS))
+    np.testing.assert_allclose(theta.numpy(), expected, rtol=1e-10)
+
+
+def test_duplicate_basis_columns_are_singular_and_named():
+    def fn(t, x):
+        return t[0] * x + t[1] * x + t[2]
+
+    x = torch.tensor(XS)
+    y = torch.tensor(1.5 * XS + 0.2)
+    stats = fit_statistics(fn, torch.tensor([1.0, 0.5, 0.2]), x, y, ["a", "b", "c"])
+    assert stats.status == "singular"
+    assert "a, b" in stats.reason and "c" not in stats.reason.split(":")[1].split("are")[0]
+    assert stats.stderr["a"] is None and stats.stderr["b"] is None
+    assert stats.stderr["c"] is not None
+    json.dumps(asdict(stats), allow_nan=False)
+
+
+def test_parameter_without_effect_is_singular():
+    stats = fit_statistics(
+        lambda t, x: t[0] * x + 0 * t[1],
+        torch.tensor([1.0, 2.0]),
+        torch.tensor(XS),
+        torch.tensor(YS),
+        ["a", "unused"],
+    )
+    assert stats.status == "singular"
+    assert "unused" in stats.reason and stats.stderr["unused"] is None
+    assert stats.stderr["a"] is not None
+
+
+def test_not_converged_away_from_the_minimum():
+    popt, pcov = curve_fit(decay_np, XS, YS, p0=[1, 1, 0], xtol=1e-15, ftol=1e-15)
+    x, y = torch.tensor(XS), torch.tensor(YS)
+    at_min = fit_statistics(decay, torch.tensor(popt), x, y, NAMES)
+    assert at_min.status == "ok"
+    moved = popt.copy()
+    moved[1] += 2 * math.sqrt(pcov[1, 1])
+    stats = fit_statistics(decay, torch.tensor(moved), x, y, NAMES)
+    assert stats.status == "not_converged"
+    assert stats.reason.startswith("gradient still large")
+    assert "k" in stats.reason
+    assert all(v is not None for v in stats.stderr.values())
+
+
+def test_at_bound_parameters_are_named_and_fixed():
+    popt, _ = curve_fit(decay_np, XS, YS, p0=[1, 1, 0])
+    stats = fit_statistics(
+        decay, torch.tensor(popt), torch.tensor(XS), torch.tensor(YS), NAMES, at_bound=["c"]
+    )
+    assert stats.status == "at_bound"
+    assert "c" in stats.reason
+    assert stats.stderr["c"] is None
+    assert stats.stderr["a"] is not None
+    json.dumps(asdict(stats), allow_nan=False)
+
+
+def test_too_few_points_does_not_crash():
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    stats = fit_statistics(decay, torch.tensor([1.0, 0.5, 0.0]), x, x.clone(), NAMES)
+    assert stats.status == "singular"
+    assert stats.chi2_reduced is None
+    assert all(v is None for v in stats.stderr.values())
+    json.dumps(asdict(stats), allow_nan=False)
+
+
+def test_truth_distance():
+    got = truth_distance(
+        {"a": 1.2, "b": 3.0, "c": 0.0}, {"a": 1.0, "b": 3.5}, {"a": 0.1, "b": None}
+    )
+    assert got["a"] == pytest.approx(2.0)
+    assert got["b"] is None and got["c"] is None
