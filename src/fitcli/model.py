@@ -8,6 +8,7 @@ Bounds are kept by reparametrisation, never by clipping: a parameter with both b
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -148,6 +149,16 @@ class FitModel(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.predict(self.raw, x)
 
+    def bind(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """A zero-argument function giving the prediction on `x` from the current parameters:
+        the training loop's forward pass, with per-call overhead kept out of the hot path."""
+        raw = self.raw
+        return lambda: self.predict(raw, x)
+
+    def predict_rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Prediction on the mini-batch `x[idx]` from the current parameters."""
+        return self.predict(self.raw, x[idx])
+
 
 class BasisModel(FitModel):
     """yhat = theta0*b0(x) + theta1*b1(x) + ...; the design matrix is cached for the data's x."""
@@ -175,6 +186,16 @@ class BasisModel(FitModel):
         if full.dim() == 1:
             return phi @ full
         return torch.einsum("np,...p->...n", phi, full)
+
+    def bind(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        if self._all_free_unbounded:
+            # Phi is computed once: the whole model is one matrix-vector product.
+            return functools.partial(torch.mv, self.design(x), self.raw)
+        return super().bind(x)
+
+    def predict_rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        # Rows of the cached design matrix: the basis functions are not re-evaluated per batch.
+        return self.design(x)[idx] @ self.full_vector(self.external(self.raw))
 
 
 class ExprModel(FitModel):

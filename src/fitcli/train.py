@@ -8,6 +8,7 @@ With mini-batches, row k's loss is the mean of epoch k+1's batch losses.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -77,32 +78,35 @@ class TorchStepper:
         self.generator = torch.Generator(device=x.device).manual_seed(shuffle_seed)
         self.needs_closure = isinstance(optimizer, torch.optim.LBFGS)
         self.plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        self.forward = model.bind(x)
 
-    def _one(self, xb, yb) -> torch.Tensor:
+    def _one(self, forward, yb) -> torch.Tensor:
+        opt, loss_fn = self.optimizer, self.loss_fn
         if self.needs_closure:
 
             def closure():
-                self.optimizer.zero_grad(set_to_none=True)
-                loss = self.loss_fn(self.model(xb), yb)
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(forward(), yb)
                 loss.backward()
                 return loss
 
-            return self.optimizer.step(closure)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(xb), yb)
+            return opt.step(closure)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(forward(), yb)
         loss.backward()
-        self.optimizer.step()
+        opt.step()
         return loss
 
     def step(self) -> torch.Tensor:
         if self.batch_size is None:
-            loss = self._one(self.x, self.y).detach()
+            loss = self._one(self.forward, self.y).detach()
         else:
             perm = torch.randperm(self.n, generator=self.generator, device=self.x.device)
             total = torch.zeros((), dtype=self.x.dtype, device=self.x.device)
             for start in range(0, self.n, self.batch_size):
                 idx = perm[start : start + self.batch_size]
-                total += self._one(self.x[idx], self.y[idx]).detach() * idx.numel()
+                forward = functools.partial(self.model.predict_rows, self.x, idx)
+                total += self._one(forward, self.y[idx]).detach() * idx.numel()
             loss = total / self.n
         if self.scheduler is not None:
             if self.plateau:
@@ -120,6 +124,15 @@ class TorchStepper:
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "generator": self.generator.get_state(),
         }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` saved; a part left out keeps its fresh state (resume)."""
+        if state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scheduler") is not None and self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("generator") is not None:
+            self.generator.set_state(state["generator"])
 
 
 def snapshot_epochs(epochs: int, snapshots: int) -> list[int]:
@@ -157,7 +170,6 @@ def train(
     t0 = time.perf_counter() - (hist.elapsed[-1] if hist.elapsed else 0.0)
     lr = getattr(stepper, "lr", lambda: float("nan"))
     status, reason, epoch = "completed", None, start_epoch
-    before = raw.detach().clone()
 
     def restore_previous_row() -> None:
         # Row `epoch` is non-finite: go back to row epoch-1, the last finite state, and drop it
@@ -175,19 +187,19 @@ def train(
 
     while epoch < epochs:
         current_lr = lr()
-        before.copy_(raw.detach())
+        before = raw.tolist()
         loss = stepper.step().item()
         # `loss` belongs to the parameters before this step: row `epoch` of the history.
         if not math.isfinite(loss):
             with torch.no_grad():
-                raw.copy_(before)
+                raw.copy_(torch.tensor(before, dtype=raw.dtype, device=raw.device))
             status, reason = "diverged", f"loss became {loss} in epoch {epoch + 1}"
             restore_previous_row()
             break
         hist.losses.append(loss)
         hist.lrs.append(current_lr)
         hist.elapsed.append(time.perf_counter() - t0)
-        hist.params.append(before.tolist())
+        hist.params.append(before)
         epoch += 1
         stop = on_epoch(epoch, loss) if on_epoch is not None else False
         if stepper.converged:
