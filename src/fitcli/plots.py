@@ -574,3 +574,76 @@ def plotlyjs_include(plotlyjs: str, depth: int = 0) -> str:
     if plotlyjs in ("embed", "cdn"):
         return plotlyjs
     return "../" * depth + "plotly.min.js"
+
+
+GRAPH_STYLE = {
+    "op": ("operation", "#636efa", "square"),
+    "param": ("parameter (requires grad)", "#d62728", "diamond"),
+    "data": ("data / constant (no grad)", "#2ca02c", "circle"),
+}
+
+
+def graph_figure(graph: Any, pos: dict[int, tuple[int, int]], *, title: str) -> dict:
+    """An autograd DAG drawn in layers from the loss (top) to the leaves: edges as lines,
+    nodes as markers by kind, each with its label and details on hover."""
+    width = {}
+    for layer, k in pos.values():
+        width[layer] = max(width.get(layer, 0), k + 1)
+    widest = max(width.values(), default=1)
+
+    def xy(nid: int) -> tuple[float, float]:
+        layer, k = pos[nid]
+        return (k - (width[layer] - 1) / 2) * (widest / max(width[layer], 1)) / 1.0, -layer
+
+    ex, ey = [], []
+    for a, b in graph.edges:
+        (x0, y0), (x1, y1) = xy(a), xy(b)
+        ex += [x0, x1, None]
+        ey += [y0, y1, None]
+    data: list[dict] = [
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "name": "edge (input of)",
+            "x": ex,
+            "y": ey,
+            "line": {"color": "#aaaaaa", "width": 1.5},
+            "hoverinfo": "skip",
+        }
+    ]
+    for kind, (legend, color, symbol) in GRAPH_STYLE.items():
+        nodes = [n for n in graph.nodes.values() if n.kind == kind]
+        if not nodes:
+            continue
+        pts = [xy(n.id) for n in nodes]
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "markers+text",
+                "name": legend,
+                "x": [p[0] for p in pts],
+                "y": [p[1] for p in pts],
+                "text": [text(n.label) for n in nodes],
+                "textposition": "middle right",
+                "hovertext": [
+                    f"#{n.id} {text(n.label)}" + (f"<br>{text(n.detail)}" if n.detail else "")
+                    for n in nodes
+                ],
+                "hoverinfo": "text",
+                "marker": {"size": 14, "color": color, "symbol": symbol},
+            }
+        )
+    depth = max((layer for layer, _ in pos.values()), default=0)
+    hidden = {"visible": False, "showgrid": False, "zeroline": False}
+    return {
+        "data": data,
+        "layout": {
+            "title": {"text": text(title)},
+            "xaxis": {**hidden, "range": [-widest / 2 - 0.5, widest / 2 + 1.5]},
+            "yaxis": hidden,
+            "legend": {"orientation": "h", "y": -0.05},
+            "height": max(400, 110 * (depth + 1)),
+            "hovermode": "closest",
+            **STYLE,
+        },
+    }
