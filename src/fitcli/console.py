@@ -171,3 +171,39 @@ def print_json(obj: Any) -> None:
 
     sys.stdout.write(dumps_json(obj))
     sys.stdout.flush()
+
+
+def graph_tree(graph: Any) -> None:
+    """The autograd graph as a tree on stdout, from the loss to the leaves; a node reached a
+    second time (the graph is a DAG) is shown once and then as a reference to its number."""
+    from rich.text import Text
+    from rich.tree import Tree
+
+    styles = {"op": "bold", "param": "bold red", "data": "green"}
+    marks = {"op": "", "param": "  [requires grad]", "data": "  [data, no grad]"}
+
+    def label(nid: int, ref: bool = False) -> Text:
+        node = graph.nodes[nid]
+        t = Text(f"#{nid} ", style="dim")
+        t.append(node.label, style=styles.get(node.kind, ""))
+        if ref:
+            t.append(f"  -> see #{nid} above", style="dim italic")
+            return t
+        t.append(marks.get(node.kind, ""), style=styles.get(node.kind, ""))
+        if node.detail:
+            t.append(f"  ({node.detail})", style="dim")
+        return t
+
+    shown: set[int] = set()
+    root = Tree(label(graph.root))
+    shown.add(graph.root)
+    stack = [(root, c) for c in reversed(graph.children[graph.root])]
+    while stack:  # iterative: deep graphs must not hit the recursion limit
+        parent, nid = stack.pop()
+        if nid in shown:
+            parent.add(label(nid, ref=True))
+            continue
+        shown.add(nid)
+        branch = parent.add(label(nid))
+        stack.extend((branch, c) for c in reversed(graph.children[nid]))
+    stdout.print(root, markup=False, highlight=False, emoji=False)
