@@ -223,6 +223,93 @@ def schema() -> None:
     sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
 
 
+@app.command()
+def plot(
+    run_dirs: Annotated[
+        list[Path],
+        typer.Argument(help="One run directory, or several to compare.", show_default=False),
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="The page to write: default RUN_DIR/report.html for one run, compare.html "
+            "for several.",
+        ),
+    ] = None,
+    open_page: Annotated[
+        bool, typer.Option("--open", help="Open the page in the browser afterwards.")
+    ] = False,
+    plotlyjs: Annotated[
+        PlotlyJS,
+        typer.Option(
+            "--plotlyjs",
+            help="plotly.js: one copy in the run directory (beside --out when comparing), "
+            "embedded in every page, or from the CDN.",
+        ),
+    ] = PlotlyJS.directory,
+    debug: DebugOpt = False,
+) -> None:
+    """Rebuild a run's snapshot pages and write its report.html; several runs: one page
+    comparing them.
+
+    Works on finished, diverged, interrupted and still-running runs. Prints the page written.
+    Exit 0 written, 2 a run directory's file is missing, truncated or garbled (named).
+    """
+    from fitcli import console
+
+    with errors_to_exit(debug):
+        from fitcli import report
+
+        if len(run_dirs) == 1:
+            written = report.write_report(run_dirs[0], out=out, plotlyjs=plotlyjs.value)
+            console.plain_err(f"rebuilt {len(written.snapshots)} snapshot pages")
+        else:
+            target = out if out is not None else Path("compare.html")
+            written = report.write_compare(run_dirs, target, plotlyjs=plotlyjs.value)
+        sys.stdout.write(f"{written.page}\n")
+        if open_page:
+            import webbrowser
+
+            webbrowser.open(written.page.resolve().as_uri())
+
+
+@app.command()
+def graph(
+    config: ConfigArg,
+    overrides: OverridesArg = None,
+    html_out: Annotated[
+        Path | None,
+        typer.Option("--html", help="Also write the graph as an interactive HTML page."),
+    ] = None,
+    plotlyjs: Annotated[
+        PlotlyJS,
+        typer.Option(
+            "--plotlyjs",
+            help="plotly.js of the --html page: embedded (one file to share), beside it, or "
+            "from the CDN.",
+        ),
+    ] = PlotlyJS.embed,
+    debug: DebugOpt = False,
+) -> None:
+    """Show the autograd graph of one loss evaluation: a tree from the loss through the
+    operations to the parameters and the data."""
+    from fitcli import console
+
+    with errors_to_exit(debug):
+        from fitcli.config import load_config
+        from fitcli.experiment import prepare
+        from fitcli.graph import autograd_graph, write_html
+
+        prep = prepare(load_config(config, overrides or []))
+        g = autograd_graph(prep)
+        console.graph_tree(g)
+        if html_out is not None:
+            write_html(g, html_out, plotlyjs=plotlyjs.value)
+            console.plain_err(f"wrote {html_out}")
+
+
 def main() -> None:
     app()
 
