@@ -126,7 +126,13 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of unex
 
 @app.command()
 def train(
-    config: ConfigArg,
+    config: Annotated[
+        Path | None,
+        typer.Argument(
+            help="The experiment's YAML config file (with --resume: none, only overrides).",
+            show_default=False,
+        ),
+    ] = None,
     overrides: OverridesArg = None,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Parent folder of the new run directory.")
@@ -157,6 +163,15 @@ def train(
             "the CDN.",
         ),
     ] = PlotlyJS.directory,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue this interrupted run directory from its last snapshot, in place "
+            "(its own config plus any overrides; data and model cannot change).",
+            show_default=False,
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Train a model on the experiment's data and write a run directory.
@@ -169,11 +184,27 @@ def train(
 
     with errors_to_exit(debug):
         from fitcli.config import load_config
+        from fitcli.errors import InputError
         from fitcli.experiment import execute, make_run_dir, prepare
 
-        cfg = load_config(config, overrides or [])
-        prep = prepare(cfg)
-        target = make_run_dir(cfg, out, run_dir, overwrite)
+        point = None
+        if resume is not None:
+            from fitcli.state import prepare_resume
+
+            if run_dir is not None or overwrite:
+                raise InputError("--resume continues RUN_DIR in place; drop --run-dir/--overwrite")
+            # With --resume every argument is an override (the run has its own config).
+            given = ([str(config)] if config is not None else []) + (overrides or [])
+            prep, point = prepare_resume(resume, given)
+            cfg, target = prep.cfg, resume
+            for note in point.notes:
+                console.warn(f"resume: {note}")
+        elif config is None:
+            raise InputError("missing the config file: fitcli train CONFIG [key=value ...]")
+        else:
+            cfg = load_config(config, overrides or [])
+            prep = prepare(cfg)
+            target = make_run_dir(cfg, out, run_dir, overwrite)
         command = ["fitcli", *sys.argv[1:]]
         with StopFlag() as stop, console.Progress(progress.value, cfg.epochs, cfg.name) as bar:
 
@@ -182,7 +213,12 @@ def train(
                 return stop.requested
 
             summary = execute(
-                prep, target, plotlyjs=plotlyjs.value, command=command, on_epoch=on_epoch
+                prep,
+                target,
+                plotlyjs=plotlyjs.value,
+                command=command,
+                on_epoch=on_epoch,
+                resume=point,
             )
         if json_out:
             console.print_json(summary)

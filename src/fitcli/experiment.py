@@ -158,6 +158,19 @@ class RunWriter:
         grid = np.linspace(lo, hi, FIT_GRID) if hi > lo else np.array([lo])
         self.grid = grid
         self.grid_t = torch.as_tensor(grid, dtype=prep.dtype).to(prep.device)
+        self.history = None  # set by execute; saved in state.json with every snapshot
+
+    def resume(self, cfg_text: str | None, summary: dict, epoch: int) -> None:
+        """Continue this run directory from `epoch`: snapshots past it go, the summary says so."""
+        from fitcli.state import tidy_snapshots
+
+        self.snap_dir.mkdir(exist_ok=True)
+        self.snapshots = tidy_snapshots(self.run_dir, epoch)
+        if cfg_text is not None:  # resumed with overrides: config.yaml is the config now
+            store.atomic_write(self.run_dir / store.CONFIG, cfg_text)
+        if self.plotlyjs == "directory":
+            store.copy_plotly_js(self.run_dir)
+        store.write_json(self.run_dir / store.SUMMARY, summary)
 
     def begin(self, cfg_text: str, summary: dict) -> None:
         self.snap_dir.mkdir(exist_ok=True)
@@ -211,6 +224,19 @@ class RunWriter:
             self.run_dir / store.SNAPSHOT_PARAMS,
             {"names": list(prep.model.names), "snapshots": self.snapshots},
         )
+        if self.history is not None:
+            # Last, so that a saved state always has its snapshot beside it (resume).
+            from fitcli.config import config_to_dict
+            from fitcli.state import save_state
+
+            save_state(
+                self.run_dir,
+                epoch=epoch,
+                model=prep.model,
+                stepper=prep.stepper,
+                history=self.history,
+                config=config_to_dict(prep.cfg),
+            )
 
     def metrics(self, result: TrainResult, start_epoch: int = 0) -> None:
         hist = result.history
@@ -280,14 +306,28 @@ def execute(
     plotlyjs: str = "directory",
     command: list[str] | None = None,
     on_epoch: Callable[[int, float], bool] | None = None,
+    resume: Any = None,
 ) -> dict:
-    """Train a prepared run into `run_dir` (already created) and return its summary."""
+    """Train a prepared run into `run_dir` (already created) and return its summary.
+
+    With `resume` (a `state.ResumePoint`), continue that run directory from its saved state.
+    """
+    from fitcli.train import History
+
     command = command if command is not None else sys.argv
     cfg = prep.cfg
     t0 = time.perf_counter()
     writer = RunWriter(run_dir, prep, plotlyjs)
     summary = base_summary(prep, run_dir, command)
-    writer.begin(resolved_config_text(cfg, prep.device, command), summary)
+    history, start_epoch = History(), 0
+    if resume is None:
+        writer.begin(resolved_config_text(cfg, prep.device, command), summary)
+    else:
+        history, start_epoch = resume.history, resume.epoch
+        summary = resume.continued_summary(summary)
+        cfg_text = resolved_config_text(cfg, prep.device, command) if resume.overrides else None
+        writer.resume(cfg_text, summary, start_epoch)
+    writer.history = history
     try:
         result = train(
             prep.model,
@@ -297,6 +337,8 @@ def execute(
             snapshots_at=snapshot_epochs(cfg.epochs, cfg.snapshots),
             on_epoch=on_epoch,
             on_snapshot=writer.snapshot,
+            start_epoch=start_epoch,
+            history=history,
         )
         writer.metrics(result)
     except BaseException as exc:
