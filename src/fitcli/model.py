@@ -233,6 +233,9 @@ class ExprModel(FitModel):
         self.expression = expression
 
     def predict_full(self, full: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if full.dim() > 1:
+            # A leading run dimension: each run's parameters broadcast over its own copy of x.
+            x = x.expand(*full.shape[:-1], x.shape[-1])
         params = {
             name: full[..., k, None] if full.dim() > 1 else full[k]
             for k, name in enumerate(self.names)

@@ -1,0 +1,60 @@
+"""Deferring torch._dynamo changes nothing but start-up time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import CONFIGS
+
+SCRIPT = """
+import json, sys
+from fitcli.config import load_config
+from fitcli.experiment import prepare
+from fitcli.train import train
+out = {}
+for name in ["SGD", "Adam", "LBFGS", "RMSprop"]:
+    cfg = load_config(sys.argv[1], ["epochs=50", f"optimizer.name={name}",
+                                    "scheduler={name: StepLR, step_size: 10}"])
+    prep = prepare(cfg)
+    train(prep.model, prep.stepper, epochs=50, evaluate_loss=prep.evaluate_loss)
+    out[name] = [v.hex() for v in prep.model.values().values()]
+out["real_dynamo"] = type(sys.modules.get("torch._dynamo")).__name__ == "module"
+print(json.dumps(out))
+"""
+
+
+def run(env_value: str | None) -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "FITCLI_EAGER_DYNAMO"}
+    if env_value:
+        env["FITCLI_EAGER_DYNAMO"] = env_value
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(CONFIGS / "seed.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(proc.stdout)
+
+
+def test_deferred_dynamo_gives_bit_identical_results():
+    deferred, eager = run(None), run("1")
+    assert deferred.pop("real_dynamo") is False
+    assert eager.pop("real_dynamo") is True
+    assert deferred == eager
+
+
+def test_real_dynamo_loads_on_demand():
+    code = (
+        "from fitcli.torchboot import import_torch; import sys; torch = import_torch(); "
+        "f = torch.func.jacrev(lambda p: (p * p).sum()); f(torch.ones(3)); "
+        "print(type(sys.modules['torch._dynamo']).__name__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "module"
