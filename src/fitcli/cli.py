@@ -185,7 +185,6 @@ def train(
     with errors_to_exit(debug):
         from fitcli.config import load_config
         from fitcli.errors import InputError
-        from fitcli.experiment import execute, make_run_dir, prepare
 
         point = None
         if resume is not None:
@@ -202,9 +201,13 @@ def train(
         elif config is None:
             raise InputError("missing the config file: fitcli train CONFIG [key=value ...]")
         else:
-            cfg = load_config(config, overrides or [])
+            cfg = load_config(config, overrides or [])  # before torch: bad input fails fast
+            from fitcli.experiment import make_run_dir, prepare
+
             prep = prepare(cfg)
             target = make_run_dir(cfg, out, run_dir, overwrite)
+        from fitcli.experiment import execute
+
         command = ["fitcli", *sys.argv[1:]]
         with StopFlag() as stop, console.Progress(progress.value, cfg.epochs, cfg.name) as bar:
 
@@ -233,9 +236,9 @@ def check(config: ConfigArg, overrides: OverridesArg = None, debug: DebugOpt = F
     """Validate a config (and its data) and print the resolved config; runs nothing."""
     with errors_to_exit(debug):
         from fitcli.config import config_to_dict, dump_yaml, load_config
+        cfg = load_config(config, overrides or [])  # before torch: bad input fails fast
         from fitcli.experiment import prepare
 
-        cfg = load_config(config, overrides or [])
         prep = prepare(cfg)
         d = config_to_dict(cfg)
         d["device"] = str(prep.device)

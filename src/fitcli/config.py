@@ -308,7 +308,10 @@ def _integral(value: Any) -> Any:
 
 def _number_to_text(value: Any) -> Any:
     # `basis: [1, x]`: a YAML number where an expression or a name is expected is its text.
+    # Not inf or nan, whose text would read as a parameter name: those stay numbers and fail.
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            return value
         return repr(value) if isinstance(value, float) else str(value)
     return value
 
