@@ -41,7 +41,8 @@ def dir_bytes(path: Path) -> int:
 def machine() -> str:
     import platform
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def record(section: str, text: str) -> None:

@@ -56,8 +56,14 @@ def loop_timing(epochs: int, reps: int) -> dict:
     def ours() -> float:
         prep = prepare(cfg)
         t = time.perf_counter()
-        train(prep.model, prep.stepper, epochs=epochs, evaluate_loss=prep.evaluate_loss,
-              snapshots_at=[], on_epoch=lambda e, loss: False)
+        train(
+            prep.model,
+            prep.stepper,
+            epochs=epochs,
+            evaluate_loss=prep.evaluate_loss,
+            snapshots_at=[],
+            on_epoch=lambda e, loss: False,
+        )
         return (time.perf_counter() - t) / epochs
 
     def bare() -> float:
@@ -111,16 +117,41 @@ def main() -> None:
     torch_t = median(st["import torch"])
     help_t, ver_t = median(st["fitcli --help"]), median(st["fitcli --version"])
     rows = [
-        ("whole process, seed config", f"{base_t:.2f} s (tutorial script)", f"{ours_t:.2f} s",
-         ours_t / base_t, "<= 0.60"),
-        ("bytes written per run", f"{wp['base_bytes'] / 1e6:.1f} MB",
-         f"{wp['ours_bytes'] / 1e6:.2f} MB", wp["ours_bytes"] / wp["base_bytes"], "<= 0.125"),
-        (f"time per epoch ({args.epochs} epochs)", f"{bare_e * 1e6:.1f} µs (bare loop)",
-         f"{ours_e * 1e6:.1f} µs", ours_e / bare_e, "<= 1.15"),
-        ("`fitcli --help`", f"{torch_t:.2f} s (`import torch`)", f"{help_t:.3f} s",
-         help_t / torch_t, "<= 0.25"),
-        ("`fitcli --version`", f"{torch_t:.2f} s (`import torch`)", f"{ver_t:.3f} s",
-         ver_t / torch_t, "<= 0.25"),
+        (
+            "whole process, seed config",
+            f"{base_t:.2f} s (tutorial script)",
+            f"{ours_t:.2f} s",
+            ours_t / base_t,
+            "<= 0.60",
+        ),
+        (
+            "bytes written per run",
+            f"{wp['base_bytes'] / 1e6:.1f} MB",
+            f"{wp['ours_bytes'] / 1e6:.2f} MB",
+            wp["ours_bytes"] / wp["base_bytes"],
+            "<= 0.125",
+        ),
+        (
+            f"time per epoch ({args.epochs} epochs)",
+            f"{bare_e * 1e6:.1f} µs (bare loop)",
+            f"{ours_e * 1e6:.1f} µs",
+            ours_e / bare_e,
+            "<= 1.15",
+        ),
+        (
+            "`fitcli --help`",
+            f"{torch_t:.2f} s (`import torch`)",
+            f"{help_t:.3f} s",
+            help_t / torch_t,
+            "<= 0.25",
+        ),
+        (
+            "`fitcli --version`",
+            f"{torch_t:.2f} s (`import torch`)",
+            f"{ver_t:.3f} s",
+            ver_t / torch_t,
+            "<= 0.25",
+        ),
     ]
     lines = [
         "## fitcli train (issue 2)",
@@ -135,8 +166,9 @@ def main() -> None:
         lines.append(f"| {name} | {base} | {ours} | {ratio:.3f} | {target} |")
     lines += [
         "",
-        "The baseline is `benchmarks/tutorial_baseline.py`: the tutorial's numpy/torch data, a bare "
-        "SGD loop and 11 plotly figures written with `write_html` and plotly.js embedded in each. "
+        "The baseline is `benchmarks/tutorial_baseline.py`: the tutorial's numpy/torch data, "
+        "a bare SGD loop and 11 plotly figures written with `write_html` and plotly.js "
+        "embedded in each. "
         "fitcli writes plotly.js once per run directory and snapshots as compact figure dicts; it "
         "defers `torch._dynamo` (which every `torch.optim` step imports, about as costly as "
         "importing torch, for wrappers that do nothing outside `torch.compile`; see "
@@ -146,8 +178,14 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    print("\nraw:", {"whole": wp["times"], "loop_us": {k: [v * 1e6 for v in vs]
-                                                       for k, vs in lt.items()}, "startup": st})
+    print(
+        "\nraw:",
+        {
+            "whole": wp["times"],
+            "loop_us": {k: [v * 1e6 for v in vs] for k, vs in lt.items()},
+            "startup": st,
+        },
+    )
     if args.write:
         record("issue 2", text)
 
