@@ -50,6 +50,15 @@ def _key(t: Any) -> tuple:
     return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), str(t.dtype))
 
 
+def _signed(v: Any) -> Any:
+    """A negative dim comes back from a saved attribute as its unsigned 64-bit value."""
+    if isinstance(v, tuple):
+        return tuple(_signed(i) for i in v)
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 2**63:
+        return v - 2**64
+    return v
+
+
 def _details(fn: Any) -> str:
     """Non-tensor arguments the op saved (dim, index, exponent, ...), briefly."""
     out = []
@@ -60,8 +69,7 @@ def _details(fn: Any) -> str:
             v = getattr(fn, attr)
         except Exception:  # some saved values cannot be read back; they are not needed
             continue
-        if isinstance(v, int) and not isinstance(v, bool) and v >= 2**63:
-            v -= 2**64  # a negative dim comes back as its unsigned 64-bit value
+        v = _signed(v)
         if isinstance(v, bool | int | float | str) or (
             isinstance(v, tuple) and len(v) <= 4 and all(isinstance(i, int) for i in v)
         ):
@@ -143,16 +151,23 @@ def build_graph(
 
 def autograd_graph(prep: Any) -> Graph:
     """Build the model and one loss evaluation from a prepared run, and return its graph."""
+    import torch
+
     model = prep.model
     loss = prep.loss_fn(model(prep.x), prep.y)
     free = ", ".join(model.free_names)
     params = {id(model.raw): f"raw: free parameters ({free})" if free else "raw (empty)"}
     data = {"x (data)": prep.x, "y (data)": prep.y, "weights 1/sigma (data)": prep.weights}
-    phi = getattr(model, "_cache_phi", None)
-    if phi is not None:
-        data["design matrix [b_k(x)] (data)"] = phi
-    for name, buf in model.named_buffers():
-        data.setdefault(f"{name} (model buffer)", buf)
+    # Tensors the model keeps (a basis model's cached design matrix, bounds, fixed values),
+    # named after their attribute, so saved tensors that are them get a name.
+    for name, t in [*vars(model).items(), *model.named_buffers()]:
+        if not isinstance(t, torch.Tensor) or t is model.raw:
+            continue
+        if "phi" in name:
+            label = "design matrix [b_k(x)]" + (" transposed" if name.endswith("_t") else "")
+        else:
+            label = f"{name.strip('_')} (model)"
+        data.setdefault(label, t)
     return build_graph(loss, params=params, data=data)
 
 
