@@ -60,7 +60,7 @@ def _lookup(name: Any, classes: dict[str, type], key: str) -> tuple[str, type]:
     valid = sorted(classes)
     close = difflib.get_close_matches(name, valid, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"{key}.name: unknown {key} {name!r}{hint} Valid: {', '.join(valid)}")
+    raise ConfigError(f"{key}.name: unknown {key} {name!r}{hint} (valid: {', '.join(valid)})")
 
 
 def _check_kwargs(cls: type, kwargs: dict, key: str, supplied: set[str]) -> list[str]:
