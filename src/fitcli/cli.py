@@ -349,6 +349,147 @@ def graph(
             console.plain_err(f"wrote {html_out}")
 
 
+@app.command()
+def sweep(
+    config: Annotated[
+        Path | None,
+        typer.Argument(help="The base YAML config (none with --resume).", show_default=False),
+    ] = None,
+    axes: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="`key=a,b,c` or `key=range(start, stop[, step])` makes an axis, `key=value` a "
+            "fixed override; the sweep is the Cartesian product of the axes. Commas inside "
+            'quotes, (), [] or {} stay in their value: model.basis=[x, sin(x)] or '
+            "'data.target=\"atan2(x, 1)\"' is one value.",
+            show_default=False,
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Parent folder of the new sweep directory.")
+    ] = Path("sweeps"),
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume", help="Run what is missing or unfinished in this sweep directory."
+        ),
+    ] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", help="Local worker processes (default: this process).")
+    ] = 0,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler",
+            envvar="FITCLI_DASK_SCHEDULER",
+            help="Dask scheduler address (tcp://host:8786), or `local` for a local cluster.",
+        ),
+    ] = None,
+    fail_fast: Annotated[
+        bool, typer.Option("--fail-fast", help="Stop at the first run that does not complete.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the runs (as fitcli train commands) only.")
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object with every run's summary.")
+    ] = False,
+    progress: Annotated[
+        ProgressMode, typer.Option("--progress", help="Progress of the sweep on stderr.")
+    ] = ProgressMode.auto,
+    plotlyjs: Annotated[
+        PlotlyJS, typer.Option("--plotlyjs", help="plotly.js for the runs' pages.")
+    ] = PlotlyJS.directory,
+    debug: DebugOpt = False,
+) -> None:
+    """Train every combination of the axes; one run directory each, under one sweep directory.
+
+    Runs that differ only in learning rate, seed, noise or starting values train together as
+    one batched tensor program. Exit 0 when every run completed, 1 when any did not,
+    2 invalid input, 130 interrupted.
+    """
+    from fitcli import console
+
+    with errors_to_exit(debug):
+        from fitcli import sweep as sw
+
+        if resume is not None:
+            if config is not None or axes:
+                raise sw.SweepError("--resume takes the sweep directory only, no config or axes")
+            plan, rows = sw.load_sweep(resume)
+            sweep_dir = resume
+        elif config is None:
+            raise sw.SweepError("missing the config file: fitcli sweep CONFIG key=a,b ...")
+        else:
+            plan = sw.make_plan(config, axes or [])
+            rows = None
+        if dry_run:
+            for line in sw.dry_run_lines(plan):
+                sys.stdout.write(line + "\n")
+            return
+        if workers < 0:
+            raise sw.SweepError("--workers must be 0 or more")
+        if scheduler and not sw.dask_available():
+            raise sw.SweepError(sw.DASK_HINT)
+        if rows is None:
+            sweep_dir = sw.create_sweep(plan, out, ["fitcli", *sys.argv[1:]])
+            rows = [sw.Row(r) for r in plan.runs]
+        options = sw.Options(workers, scheduler, fail_fast, plotlyjs.value)
+        label = plan.base.get("name", "sweep") if isinstance(plan.base, dict) else "sweep"
+        with StopFlag() as stop, console.SweepProgress(progress.value, len(rows), label) as bar:
+            outcome = sw.run_sweep(plan, sweep_dir, rows, options, stop_flag=stop, progress=bar)
+        if json_out:
+            console.print_json(outcome.to_json())
+        else:
+            console.plain_err(
+                f"{outcome.completed} of {len(rows)} runs completed, {outcome.failed} did not"
+            )
+            sys.stdout.write(f"{sweep_dir}\n")
+        if outcome.exit_code:
+            raise typer.Exit(outcome.exit_code)
+
+
+class RunsFormat(StrEnum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@app.command()
+def runs(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Run directories, or folders to search below.")
+    ],
+    fmt: Annotated[RunsFormat, typer.Option("--format", help="Output format.")] = RunsFormat.table,
+    sort: Annotated[
+        str | None,
+        typer.Option("--sort", help="Sort by a column: name, status, epochs, final_loss, time_s."),
+    ] = None,
+    status: Annotated[
+        str | None, typer.Option("--status", help="Only runs with this status.")
+    ] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """List the run directories found below PATHS (from train and sweep alike)."""
+    from fitcli import console
+
+    with errors_to_exit(debug):
+        from fitcli.runs import COLUMNS, collect, render_csv, render_json, sort_rows
+
+        rows, skipped = collect(paths)
+        for path, why in skipped:
+            console.warn(f"skipped {path}: {why}")
+        if status is not None:
+            rows = [r for r in rows if r["status"] == status]
+        rows = sort_rows(rows, sort)
+        if fmt == RunsFormat.csv:
+            sys.stdout.write(render_csv(rows))
+        elif fmt == RunsFormat.json:
+            sys.stdout.write(render_json(rows))
+        else:
+            console.runs_table([{**r, **r["display"]} for r in rows], list(COLUMNS))
+
+
 def main() -> None:
     app()
 

@@ -173,6 +173,82 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+class SweepProgress:
+    """One bar for a whole sweep: runs done of total, how many did not complete, ETA."""
+
+    def __init__(self, mode: str, total: int, label: str, *, plain_every: float = 5.0) -> None:
+        if mode == "auto":
+            mode = "rich" if stderr.is_terminal else "plain"
+        self.mode, self.total, self.label = mode, total, label
+        self.done, self.failed = 0, 0
+        self.plain_every = plain_every
+        self._next_plain = 0.0
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> SweepProgress:
+        if self.mode == "rich":
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as RichProgress
+
+            self._progress = RichProgress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("runs, {task.fields[failed]} not completed"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=stderr,
+                refresh_per_second=4,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self.label, total=self.total, failed=0)
+        elif self.mode == "plain":
+            plain_err(f"{self.label}: {self.total} runs")
+            self._next_plain = time.perf_counter() + self.plain_every
+        self._t0 = time.perf_counter()
+        return self
+
+    def update(self, done: int, failed: int) -> None:
+        self.done, self.failed = done, failed
+        if self._progress is not None:
+            self._progress.update(self._task, completed=done, failed=failed)
+        elif self.mode == "plain" and time.perf_counter() >= self._next_plain:
+            self._next_plain = time.perf_counter() + self.plain_every
+            self._plain_line()
+
+    def _plain_line(self) -> None:
+        plain_err(
+            f"{self.label}: {self.done}/{self.total} runs, {self.failed} not completed, "
+            f"{time.perf_counter() - self._t0:.1f}s"
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(None, None, None)
+        elif self.mode == "plain":
+            self._plain_line()
+
+
+def runs_table(rows: list[dict], columns: list[str]) -> None:
+    """`fitcli runs`: one line per run directory on stdout."""
+    from rich.table import Table
+
+    table = Table(show_edge=False, pad_edge=False)
+    right = ("epochs", "final_loss", "time_s")
+    for col in columns:
+        table.add_column(col, justify="right" if col in right else "left")
+    for row in rows:
+        table.add_row(*(str(row.get(c, "")) for c in columns))
+    stdout.print(table, markup=False, highlight=False, emoji=False)
+
+
 def graph_tree(graph: Any) -> None:
     """The autograd graph as a tree on stdout, from the loss to the leaves; a node reached a
     second time (the graph is a DAG) is shown once and then as a reference to its number."""

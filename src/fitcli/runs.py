@@ -1,0 +1,129 @@
+"""`fitcli runs`: find run directories below some paths and tabulate their summary.json."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from fitcli import store
+from fitcli.errors import InputError
+
+COLUMNS = ("name", "status", "epochs", "final_loss", "params", "time_s", "path")
+SORT_KEYS = ("name", "status", "epochs", "final_loss", "time_s", "path")
+
+
+def find_run_dirs(paths: Iterable[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Run directories at or below `paths` (a run directory's own subfolders are not searched),
+    and (path, reason) for each given path that holds none or does not exist."""
+    found: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    for root in paths:
+        if not root.exists():
+            skipped.append((root, "no such file or directory"))
+            continue
+        if not root.is_dir():
+            skipped.append((root, "not a directory"))
+            continue
+        before = len(found)
+        for here, dirs, _files in os.walk(root):
+            d = Path(here)
+            if store.is_run_dir(d):
+                found.append(d)
+                dirs.clear()
+            else:
+                dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        if len(found) == before:
+            skipped.append((root, "no run directories below it"))
+    return sorted(dict.fromkeys(found)), skipped
+
+
+def _row(run_dir: Path, summary: dict) -> dict:
+    params = summary.get("params") or {}
+    loss = summary.get("final_loss")
+    t = summary.get("elapsed_s")
+    return {
+        "name": str(summary.get("name", "")),
+        "status": str(summary.get("status", "unknown")),
+        "epochs": summary.get("epochs_run"),
+        "final_loss": loss,
+        "params": params,
+        "time_s": t,
+        "path": str(run_dir),
+        "display": {
+            "epochs": "" if summary.get("epochs_run") is None else str(summary["epochs_run"]),
+            "final_loss": "-" if loss is None else f"{loss:.6g}",
+            "params": ", ".join(
+                f"{k}={'-' if v is None else format(v, '.6g')}" for k, v in params.items()
+            ),
+            "time_s": "-" if t is None else f"{t:.2f}",
+        },
+    }
+
+
+def collect(paths: Iterable[Path]) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """One row per readable run directory; unreadable ones are skipped with the reason."""
+    dirs, skipped = find_run_dirs(paths)
+    rows = []
+    for d in dirs:
+        path = d / store.SUMMARY
+        if not path.is_file():
+            skipped.append((d, f"no {store.SUMMARY}"))
+            continue
+        try:
+            summary = store.read_json(path)
+        except (OSError, ValueError) as exc:
+            skipped.append((d, f"unreadable {store.SUMMARY}: {exc}"))
+            continue
+        if not isinstance(summary, dict):
+            skipped.append((d, f"{store.SUMMARY} is not a JSON object"))
+            continue
+        rows.append(_row(d, summary))
+    return rows, skipped
+
+
+def sort_rows(rows: list[dict], key: str | None) -> list[dict]:
+    if key is None:
+        return rows
+    if key not in SORT_KEYS:
+        raise InputError(f"--sort: unknown column {key!r}; valid: {', '.join(SORT_KEYS)}")
+
+    def k(r: dict) -> tuple:
+        v = r[key]
+        missing = v is None or (isinstance(v, float) and math.isnan(v))
+        return (missing, v if not missing else 0)
+
+    return sorted(rows, key=k)
+
+
+def render_csv(rows: list[dict]) -> str:
+    names: list[str] = []
+    for r in rows:
+        names += [n for n in r["params"] if n not in names]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["name", "status", "epochs", "final_loss", *names, "time_s", "path"])
+    for r in rows:
+        p = r["params"]
+        w.writerow(
+            [
+                r["name"],
+                r["status"],
+                "" if r["epochs"] is None else r["epochs"],
+                "" if r["final_loss"] is None else store.fmt(r["final_loss"]),
+                *("" if p.get(n) is None else store.fmt(p[n]) for n in names),
+                "" if r["time_s"] is None else f"{r['time_s']:.6f}",
+                r["path"],
+            ]
+        )
+    return buf.getvalue()
+
+
+def render_json(rows: list[dict]) -> str:
+    out: list[Any] = [{k: r[k] for k in COLUMNS} for r in rows]
+    return json.dumps(out, indent=2, allow_nan=False) + "\n"

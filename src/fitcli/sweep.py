@@ -1,0 +1,1035 @@
+"""Sweeps: grid expansion, executors (in-process batched, local processes, Dask), the run table.
+
+A sweep is the Cartesian product of axes (`key=a,b,c` or `key=range(start, stop[, step])`) over a
+base config. Every run is computed somewhere (a batch in this process, a local process, a Dask
+worker) into a `Trace`: the loss before each step, the parameters after it and the stepper state
+at every snapshot epoch. This process then writes each run directory by replaying its trace
+through `experiment.execute`, so a sweep's run directory is the one `fitcli train` writes, file
+for file, and the parameters are the same to the last bit (see `model.rows_dot`).
+
+Runs that share a basis model, data grid, loss and epochs, and use an elementwise torch.optim
+optimizer without a scheduler or mini-batches, train together as one batched tensor program: a
+leading run dimension on the parameters, one optimizer per distinct optimizer section.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fitcli import store
+from fitcli.errors import ConfigError, ExitCode, FitcliError, InputError
+
+SWEEP_FILE = "sweep.yaml"
+RUNS_FILE = "runs.csv"
+SHARED_JS = ".plotly.min.js"
+FORMAT = "fitcli-sweep"
+# Optimizers whose update is elementwise, checked bit for bit against single runs in the tests.
+BATCHABLE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad")
+MAX_BATCH = 1024
+# Statuses a resumed sweep keeps; anything else (missing, interrupted, failed) runs again.
+FINISHED = ("completed", "diverged")
+
+
+class SweepError(InputError):
+    """A sweep's axes, options or sweep directory are invalid (exit 2)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Grid expansion
+# --------------------------------------------------------------------------------------------
+
+_RANGE = re.compile(r"^\s*range\(\s*([^,()]+?)\s*,\s*([^,()]+?)\s*(?:,\s*([^,()]+?)\s*)?\)\s*$")
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_OPEN, _CLOSE = "([{", ")]}"
+
+
+def split_values(text: str) -> list[str]:
+    """Split on top-level commas: a comma inside quotes, (), [] or {} belongs to its value.
+
+    So `1,2,3` is three values, while `[x, sin(x)]`, `"atan2(a, b)"` and `atan2(x, 1)` are one.
+    """
+    parts, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+        elif ch in _OPEN:
+            depth += 1
+        elif ch in _CLOSE:
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts]
+
+
+def _range_values(text: str, where: str) -> list[str] | None:
+    m = _RANGE.match(text)
+    if not m:
+        return None
+    try:
+        args = [int(a) for a in m.groups() if a is not None]
+    except ValueError:
+        raise SweepError(f"{where}: range() takes integers, e.g. range(0, 10, 2)") from None
+    if len(args) == 3 and args[2] == 0:
+        raise SweepError(f"{where}: range() step must not be 0")
+    values = [str(v) for v in range(*args)]
+    if not values:
+        raise SweepError(f"{where}: {text.strip()} is empty")
+    return values
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One swept key and the YAML texts of its values, in order."""
+
+    key: str
+    values: tuple[str, ...]
+
+
+def parse_assignments(items: Sequence[str]) -> tuple[list[str], list[Axis]]:
+    """Fixed overrides (`key=value`) and axes (`key=a,b` or `key=range(...)`), in given order."""
+    fixed: list[str] = []
+    axes: list[Axis] = []
+    seen: set[str] = set()
+    problems: list[str] = []
+    for text in items:
+        key, eq, value = text.partition("=")
+        key = key.strip()
+        if not eq or not _KEY.match(key):
+            problems.append(f"{text!r} is not key.path=value or key.path=a,b,c")
+            continue
+        if key in seen:
+            problems.append(f"{key!r} is given twice")
+            continue
+        seen.add(key)
+        try:
+            values = _range_values(value, text)
+        except SweepError as exc:
+            problems.append(str(exc))
+            continue
+        if values is None:
+            values = split_values(value)
+            if len(values) == 1:
+                fixed.append(f"{key}={value}")
+                continue
+            if any(v == "" for v in values):
+                problems.append(f"{text!r} has an empty value between commas")
+                continue
+        axes.append(Axis(key, tuple(values)))
+    if problems:
+        raise SweepError("invalid sweep axes:\n" + "\n".join(f"  - {p}" for p in problems))
+    return fixed, axes
+
+
+@dataclass
+class RunSpec:
+    """One point of the grid: its index and the value text of each axis."""
+
+    index: int
+    values: dict[str, str]
+
+    def overrides(self, fixed: Sequence[str]) -> list[str]:
+        return [*fixed, *(f"{k}={v}" for k, v in self.values.items())]
+
+
+def expand(axes: Sequence[Axis]) -> list[RunSpec]:
+    """The Cartesian product of the axes (the last axis varies fastest)."""
+    combos = itertools.product(*(a.values for a in axes)) if axes else [()]
+    return [
+        RunSpec(i, {a.key: v for a, v in zip(axes, combo, strict=True)})
+        for i, combo in enumerate(combos)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# The plan: base config, overrides, axes; sweep.yaml
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Everything a sweep needs to (re)build each run's config, independent of this machine."""
+
+    config: str  # the config file as given, for the runs' `fitcli train` command lines
+    base: dict  # the config file's mapping, before overrides
+    base_dir: str  # where a relative data.file is found
+    fixed: list[str]
+    axes: list[Axis]
+    runs: list[RunSpec] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            self.runs = expand(self.axes)
+
+    def overrides(self, run: RunSpec) -> list[str]:
+        return run.overrides(self.fixed)
+
+    def cfg(self, run: RunSpec) -> Any:
+        """The run's validated config: what `load_config(config, overrides)` gives."""
+        from fitcli.config import apply_overrides, config_from_dict
+
+        raw = apply_overrides(self.base, self.overrides(run), self.config)
+        return config_from_dict(raw, self.config, Path(self.base_dir))
+
+    def command(self, run: RunSpec) -> list[str]:
+        """The `fitcli train` command line that makes the same run on its own."""
+        return ["fitcli", "train", self.config, *self.overrides(run)]
+
+    def to_doc(self) -> dict:
+        return {
+            "format": FORMAT,
+            "config": self.config,
+            "base_dir": self.base_dir,
+            "overrides": list(self.fixed),
+            "axes": [{"key": a.key, "values": list(a.values)} for a in self.axes],
+            "runs": len(self.runs),
+            "base": self.base,
+        }
+
+    @classmethod
+    def from_doc(cls, doc: Any, source: str) -> Plan:
+        try:
+            if doc.get("format") != FORMAT:
+                raise ValueError("not a fitcli sweep file")
+            axes = [Axis(str(a["key"]), tuple(str(v) for v in a["values"])) for a in doc["axes"]]
+            return cls(
+                str(doc["config"]),
+                dict(doc["base"]),
+                str(doc["base_dir"]),
+                [str(o) for o in doc["overrides"]],
+                axes,
+            )
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise SweepError(f"{source} is not a valid {SWEEP_FILE}: {exc}") from None
+
+
+def make_plan(config: Path, assignments: Sequence[str]) -> Plan:
+    """Read the base config and expand the axes; every run's config is validated up front."""
+    from fitcli.config import load_yaml, read_config_text
+
+    fixed, axes = parse_assignments(assignments)
+    base = load_yaml(read_config_text(config), str(config))
+    if not isinstance(base, dict):
+        from fitcli.config import load_config
+
+        load_config(config)  # raises the config file's own top-level problem
+    plan = Plan(str(config), base, os.path.dirname(os.path.abspath(config)), fixed, axes)
+    validate_plan(plan)
+    return plan
+
+
+def validate_plan(plan: Plan) -> list[Any]:
+    """Every run's config, or one ConfigError naming each bad run and its problems."""
+    cfgs, problems = [], []
+    for run in plan.runs:
+        try:
+            cfgs.append(plan.cfg(run))
+        except ConfigError as exc:
+            label = " ".join(plan.overrides(run)) or "(base config)"
+            problems += [f"run {run.index} [{label}]: {p}" for p in exc.problems]
+            if len(problems) > 20:
+                break
+    if problems:
+        raise ConfigError(problems, source=plan.config)
+    return cfgs
+
+
+# --------------------------------------------------------------------------------------------
+# Traces: what a computed run hands back to the process that writes it
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trace:
+    """A computed run: enough to replay it through the training loop without computing again.
+
+    Step k (0-based) started from the parameters after k steps, whose loss is `losses[k]`, and
+    left `params[k]`; `lrs[k]` is the learning rate before step k (one more at the end);
+    `states[k]` is the stepper's state_dict after k steps, kept at snapshot epochs and the end.
+    """
+
+    index: int
+    losses: list[float] = field(default_factory=list)
+    params: Any = None  # tensor [steps, p]
+    lrs: list[float] = field(default_factory=list)
+    states: dict[int, Any] = field(default_factory=dict)
+    converged: dict[int, str] = field(default_factory=dict)
+    stop_epoch: int | None = None
+    elapsed: list[float] = field(default_factory=list)
+    wall: float = 0.0
+    error: str | None = None
+    exit_code: int | None = None
+    batched: int = 1  # how many runs shared the tensor program
+
+
+class ReplayStepper:
+    """Plays a Trace back into a model: what `train` sees in place of the real stepper."""
+
+    def __init__(self, trace: Trace, model: Any) -> None:
+        self.trace, self.model, self.k = trace, model, 0
+        self.converged: str | None = None
+
+    def step(self) -> Any:
+        import torch
+
+        k = self.k
+        with torch.no_grad():
+            self.model.raw.copy_(self.trace.params[k])
+        self.k = k + 1
+        self.converged = self.trace.converged.get(k + 1)
+        return torch.tensor(self.trace.losses[k], dtype=torch.float64)
+
+    def lr(self) -> float:
+        return self.trace.lrs[min(self.k, len(self.trace.lrs) - 1)]
+
+    def state_dict(self) -> Any:
+        return self.trace.states[self.k]
+
+
+class RecordingStepper:
+    """Wraps a real stepper and records its trace (one run computed on its own)."""
+
+    def __init__(self, inner: Any, model: Any, trace: Trace, keep: set[int]) -> None:
+        self.inner, self.model, self.trace, self.keep = inner, model, trace, keep
+        self.k = 0
+        self.rows: list[Any] = []
+        self._lr = getattr(inner, "lr", lambda: float("nan"))
+        self.trace.states[0] = self._state()
+
+    @property
+    def converged(self) -> str | None:
+        return self.inner.converged
+
+    def _state(self) -> Any:
+        sd = getattr(self.inner, "state_dict", None)
+        return copy.deepcopy(sd()) if sd is not None else None
+
+    def lr(self) -> float:
+        return self._lr()
+
+    def step(self) -> Any:
+        self.trace.lrs.append(self._lr())
+        loss = self.inner.step()
+        self.k += 1
+        self.trace.losses.append(float(loss.item()))
+        self.rows.append(self.model.raw.detach().clone())
+        if self.inner.converged:
+            self.trace.converged[self.k] = self.inner.converged
+        if self.k in self.keep:
+            self.trace.states[self.k] = self._state()
+        return loss
+
+    def finish(self) -> None:
+        import torch
+
+        self.trace.lrs.append(self._lr())
+        self.trace.states[self.k] = self._state()
+        p = self.model.raw.numel()
+        self.trace.params = (
+            torch.stack(self.rows) if self.rows else torch.empty(0, p, dtype=self.model.raw.dtype)
+        )
+
+
+def _stopper(stop: Callable[[], bool] | None) -> Callable[[int, float], bool] | None:
+    if stop is None:
+        return None
+    return lambda epoch, loss: stop()
+
+
+def compute_single(prep: Any, index: int, stop: Callable[[], bool] | None = None) -> Trace:
+    """One run through the real stepper and training loop, recorded."""
+    from fitcli.train import snapshot_epochs, train
+
+    cfg = prep.cfg
+    trace = Trace(index)
+    keep = set(snapshot_epochs(cfg.epochs, cfg.snapshots))
+    t0 = time.perf_counter()
+    rec = RecordingStepper(prep.stepper, prep.model, trace, keep)
+    stopped: list[int] = []
+
+    def on_epoch(epoch: int, loss: float) -> bool:
+        trace.elapsed.append(time.perf_counter() - t0)
+        if stop is not None and stop():
+            stopped.append(epoch)
+            return True
+        return False
+
+    result = train(
+        prep.model, rec, epochs=cfg.epochs, evaluate_loss=prep.evaluate_loss, on_epoch=on_epoch
+    )
+    rec.finish()
+    if result.status == "interrupted" and stopped:
+        trace.stop_epoch = stopped[0]
+    trace.wall = time.perf_counter() - t0
+    return trace
+
+
+# --------------------------------------------------------------------------------------------
+# The batched engine
+# --------------------------------------------------------------------------------------------
+
+
+def batch_key(cfg: Any) -> tuple | None:
+    """Runs with equal keys can train as one batch (checked again on the prepared data)."""
+    from fitcli import optim
+
+    name, kwargs = optim.split_spec(cfg.optimizer)
+    if cfg.model.basis is None or cfg.scheduler is not None or cfg.batch_size is not None:
+        return None
+    if name not in BATCHABLE_OPTIMIZERS or kwargs.get("foreach") or kwargs.get("fused"):
+        return None
+    data = cfg.data.model_dump(mode="json", exclude={"noise", "target"})
+    return (
+        json.dumps(data, sort_keys=True, default=str),
+        tuple(cfg.model.basis),
+        cfg.loss,
+        cfg.epochs,
+        cfg.dtype,
+        cfg.device,
+    )
+
+
+def _slice_state(sd: dict, row: int) -> dict:
+    """Row `row` of a batched optimizer's state_dict: the state_dict its single run would have."""
+    import torch
+
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v[row].clone() if v.dim() >= 1 else v.clone()
+        return copy.deepcopy(v)
+
+    return {
+        "state": {k: {n: cut(v) for n, v in s.items()} for k, s in sd["state"].items()},
+        "param_groups": copy.deepcopy(sd["param_groups"]),
+    }
+
+
+def batchable(preps: Sequence[Any]) -> bool:
+    """Whether prepared runs can share one tensor program and stay bit-identical to single runs."""
+    import torch
+
+    from fitcli.model import ROW_EXACT_LIMIT, BasisModel
+
+    p0 = preps[0]
+    for p in preps:
+        m, st = p.model, p.stepper
+        if not isinstance(m, BasisModel) or not m._all_free_unbounded or p.lm:
+            return False
+        if st.batch_size is not None or st.needs_closure or st.scheduler is not None:
+            return False
+        if p.dataset.n >= ROW_EXACT_LIMIT or p.x.shape != p0.x.shape:
+            return False
+        if not torch.equal(p.x, p0.x) or p.model.raw.shape != p0.model.raw.shape:
+            return False
+        if (p.weights is None) != (p0.weights is None):
+            return False
+        if p.weights is not None and not torch.equal(p.weights, p0.weights):
+            return False
+    return True
+
+
+def compute_batch(
+    preps: Sequence[Any], indices: Sequence[int], stop: Callable[[], bool] | None = None
+) -> list[Trace]:
+    """Train runs as one tensor program with a leading run dimension; one Trace per run.
+
+    Each step does what `TorchStepper.step` does for one run (zero grads, forward, loss, backward,
+    optimizer step), on all runs at once: the forward is `rows_dot` (same kernels as a single
+    run), each run's loss is the mean over its own row, and one optimizer per distinct
+    `optimizer` section updates its runs' rows elementwise.
+    """
+    import torch
+
+    from fitcli import optim
+    from fitcli.model import rows_dot
+    from fitcli.train import LOSSES, snapshot_epochs
+
+    t0 = time.perf_counter()
+    cfg0, p0 = preps[0].cfg, preps[0]
+    epochs = cfg0.epochs
+    keep = set(snapshot_epochs(epochs, cfg0.snapshots))
+    # Rows grouped by optimizer section, each group one leaf tensor with its own optimizer.
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(preps):
+        spec = json.dumps(p.cfg.optimizer.model_dump(mode="json"), sort_keys=True)
+        groups.setdefault(spec, []).append(i)
+    order = [i for rows in groups.values() for i in rows]
+    leaves, opts, lrs, row_of = [], [], [], {}
+    for rows in groups.values():
+        leaf = torch.nn.Parameter(torch.stack([preps[i].model.raw.detach() for i in rows]))
+        opt = optim.build_optimizer(preps[rows[0]].cfg.optimizer, [leaf])
+        for j, i in enumerate(rows):
+            row_of[i] = (len(leaves), j)
+        leaves.append(leaf)
+        opts.append(opt)
+        lrs.append(float(opt.param_groups[0].get("lr", float("nan"))))
+    phi_t = p0.model.design_t(p0.x)
+    y = torch.stack([preps[i].y for i in order])
+    w = p0.weights
+    base = LOSSES[cfg0.loss]
+    n_runs = len(preps)
+    gen_states = [p.stepper.generator.get_state() for p in preps]
+
+    def stepper_state(i: int, sds: list[dict]) -> dict:
+        g, j = row_of[i]
+        return {
+            "optimizer": _slice_state(sds[g], j),
+            "scheduler": None,
+            "generator": gen_states[i].clone(),
+        }
+
+    def all_states() -> list[dict]:
+        return [opt.state_dict() for opt in opts]
+
+    traces = [Trace(idx, batched=n_runs) for idx in indices]
+    for i, tr in enumerate(traces):
+        tr.states[0] = stepper_state(i, all_states())
+    pos = {i: k for k, i in enumerate(order)}  # run -> row of the batch
+    done = [False] * n_runs
+    steps = [epochs] * n_runs
+    hist_raw: list[torch.Tensor] = []
+    hist_loss: list[torch.Tensor] = []
+    elapsed: list[float] = []
+    stop_epoch = None
+    k = 0
+    while k < epochs:
+        raw = torch.cat(leaves)  # a copy: the history keeps it while the leaves move on
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        yhat = rows_dot(phi_t, raw)
+        if w is not None:
+            yhat = yhat * w
+        loss = base(yhat, y, reduction="none").mean(-1)
+        loss.sum().backward()
+        for opt in opts:
+            opt.step()
+        loss = loss.detach()
+        k += 1
+        hist_raw.append(raw.detach())
+        hist_loss.append(loss)
+        elapsed.append(time.perf_counter() - t0)
+        finite = torch.isfinite(loss)
+        sds = None
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            for r in bad:
+                i = order[r]
+                if not done[i]:
+                    done[i], steps[i] = True, k
+                    sds = sds or all_states()
+                    traces[i].states[k] = stepper_state(i, sds)
+        if k in keep:
+            sds = sds or all_states()
+            for i in range(n_runs):
+                if not done[i]:
+                    traces[i].states[k] = stepper_state(i, sds)
+        if all(done):
+            break
+        if stop is not None and stop() and k < epochs:
+            stop_epoch = k
+            break
+    final = torch.cat(leaves).detach()
+    sds = all_states()
+    raws = torch.stack([*hist_raw[1:], final])  # [steps, B, p]: parameters after each step
+    losses = torch.stack(hist_loss).T.tolist()  # [B][steps]
+    wall = time.perf_counter() - t0
+    for i, tr in enumerate(traces):
+        r = pos[i]
+        g, _ = row_of[i]
+        n = steps[i] if done[i] else k
+        tr.losses = losses[r][:n]
+        tr.params = raws[:n, r].clone()
+        tr.lrs = [lrs[g]] * (n + 1)
+        tr.elapsed = elapsed[:n]
+        tr.wall = wall / n_runs
+        if not done[i]:
+            tr.states[n] = stepper_state(i, sds)
+            tr.stop_epoch = stop_epoch
+    return traces
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks: the unit an executor runs (picklable; no files touched)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Task:
+    """Runs to compute together (a batch) or one by one, with what builds their configs."""
+
+    plan: dict
+    indices: list[int]
+    batch: bool
+
+
+def _failed(index: int, exc: BaseException) -> Trace:
+    code = int(exc.exit_code) if isinstance(exc, FitcliError) else int(ExitCode.FAILED)
+    msg = str(exc) if isinstance(exc, FitcliError) else f"{type(exc).__name__}: {exc}"
+    return Trace(index, error=msg or type(exc).__name__, exit_code=code)
+
+
+def run_task(
+    task: Task, stop: Callable[[], bool] | None = None, preps: dict | None = None
+) -> list[Trace]:
+    """Compute a task's runs: one batch when they qualify, else one after another.
+
+    This is what local worker processes and Dask workers execute; it writes nothing.
+    """
+    from fitcli.experiment import prepare
+
+    plan = Plan.from_doc(task.plan, SWEEP_FILE)
+    ready: dict[int, Any] = {}
+    out: list[Trace] = []
+    for i in task.indices:
+        try:
+            ready[i] = preps[i] if preps and i in preps else prepare(plan.cfg(plan.runs[i]))
+        except Exception as exc:
+            out.append(_failed(i, exc))
+    idx = list(ready)
+    if task.batch and len(idx) > 1 and batchable([ready[i] for i in idx]):
+        try:
+            return out + compute_batch([ready[i] for i in idx], idx, stop)
+        except Exception as exc:  # an engine fault must not cost the runs: do them one by one
+            if os.environ.get("FITCLI_SWEEP_STRICT") == "1":
+                raise
+            _ = exc
+    for i in idx:
+        if stop is not None and stop():
+            break
+        try:
+            out.append(compute_single(ready[i], i, stop))
+        except Exception as exc:
+            out.append(_failed(i, exc))
+    return out
+
+
+def make_tasks(plan: Plan, cfgs: dict[int, Any], indices: Sequence[int], chunks: int) -> list[Task]:
+    """Batches of batchable runs (split in up to `chunks` parts each) and single-run tasks."""
+    doc = plan.to_doc()
+    groups: dict[Any, list[int]] = {}
+    singles: list[int] = []
+    for i in indices:
+        key = batch_key(cfgs[i])
+        if key is None:
+            singles.append(i)
+        else:
+            groups.setdefault(key, []).append(i)
+    tasks = []
+    for rows in groups.values():
+        parts = max(1, min(chunks, len(rows)), math.ceil(len(rows) / MAX_BATCH))
+        size = math.ceil(len(rows) / parts)
+        for s in range(0, len(rows), size):
+            part = rows[s : s + size]
+            tasks.append(Task(doc, part, len(part) > 1))
+    tasks += [Task(doc, [i], False) for i in singles]
+    tasks.sort(key=lambda t: t.indices[0])
+    return tasks
+
+
+# --------------------------------------------------------------------------------------------
+# Writing run directories (only in the process that owns the sweep directory)
+# --------------------------------------------------------------------------------------------
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    """Hard link `src` at `dest` (same file system), else copy it."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
+def write_run(plan: Plan, run: RunSpec, trace: Trace, run_dir: Path, plotlyjs: str) -> dict:
+    """The run directory `fitcli train` would write, from a trace; returns its summary."""
+    import dataclasses
+
+    from fitcli.experiment import execute, prepare
+
+    prep = prepare(plan.cfg(run))
+    if plotlyjs == "directory":
+        shared = run_dir.parent / SHARED_JS
+        if shared.exists():
+            link_or_copy(shared, run_dir / store.PLOTLY_JS)
+    replay = dataclasses.replace(prep, stepper=ReplayStepper(trace, prep.model))
+    stop_at = trace.stop_epoch
+
+    def on_epoch(epoch: int, loss: float) -> bool:
+        return stop_at is not None and epoch >= stop_at
+
+    summary = execute(
+        replay, run_dir, plotlyjs=plotlyjs, command=plan.command(run), on_epoch=on_epoch
+    )
+    if plotlyjs == "directory" and not (run_dir.parent / SHARED_JS).exists():
+        link_or_copy(run_dir / store.PLOTLY_JS, run_dir.parent / SHARED_JS)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# The run table
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of runs.csv."""
+
+    run: RunSpec
+    status: str = "pending"
+    exit_code: int | None = None
+    epochs: int | None = None
+    final_loss: float | None = None
+    params: dict[str, float] = field(default_factory=dict)
+    time_s: float | None = None
+    run_dir: str = ""
+    reason: str | None = None
+    summary: dict | None = None
+
+
+def run_dir_name(plan: Plan, run: RunSpec) -> str:
+    width = len(str(max(len(plan.runs) - 1, 0)))
+    parts = [f"{k.rsplit('.', 1)[-1]}-{v}" for k, v in run.values.items()]
+    tail = store.slug("-".join(parts)) if parts else "run"
+    return f"{run.index:0{width}d}-{tail}"[:80]
+
+
+def write_table(sweep_dir: Path, plan: Plan, rows: Sequence[Row]) -> None:
+    names: list[str] = []
+    for r in rows:
+        names += [n for n in r.params if n not in names]
+    header = [
+        "index",
+        *(a.key for a in plan.axes),
+        "status",
+        "exit_code",
+        "epochs",
+        "final_loss",
+        *names,
+        "time_s",
+        "run_dir",
+    ]
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return ""
+        return store.fmt(v) if isinstance(v, float) else str(v)
+
+    lines = [
+        [
+            r.run.index,
+            *(r.run.values[a.key] for a in plan.axes),
+            r.status,
+            cell(r.exit_code),
+            cell(r.epochs),
+            cell(r.final_loss),
+            *(cell(r.params.get(n)) for n in names),
+            "" if r.time_s is None else f"{r.time_s:.6f}",
+            r.run_dir,
+        ]
+        for r in rows
+    ]
+    store.write_csv(sweep_dir / RUNS_FILE, header, lines)
+
+
+def row_from_summary(row: Row, summary: dict, sweep_dir: Path, run_dir: Path) -> None:
+    row.summary = summary
+    row.status = summary.get("status", "failed")
+    row.exit_code = summary.get("exit_code")
+    row.epochs = summary.get("epochs_run")
+    row.final_loss = summary.get("final_loss")
+    row.params = dict(summary.get("params") or {})
+    row.time_s = summary.get("elapsed_s")
+    row.reason = summary.get("reason")
+    row.run_dir = os.path.relpath(run_dir, sweep_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Running a sweep
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    """How a sweep runs (everything but what it runs)."""
+
+    workers: int = 0
+    scheduler: str | None = None
+    fail_fast: bool = False
+    plotlyjs: str = "directory"
+
+
+@dataclass
+class Outcome:
+    """What `run_sweep` hands back to the command line."""
+
+    sweep_dir: Path
+    plan: Plan
+    rows: list[Row]
+    interrupted: bool = False
+
+    @property
+    def completed(self) -> int:
+        return sum(r.status == "completed" for r in self.rows)
+
+    @property
+    def failed(self) -> int:
+        return sum(r.status not in ("completed", "pending") for r in self.rows)
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return int(ExitCode.INTERRUPTED)
+        return 0 if all(r.status == "completed" for r in self.rows) else int(ExitCode.FAILED)
+
+    def to_json(self) -> dict:
+        runs = []
+        for r in self.rows:
+            entry = dict(r.summary) if r.summary else {"status": r.status, "run_dir": None}
+            if r.summary is None and r.reason:
+                entry["reason"] = r.reason
+            entry["index"] = r.run.index
+            entry["values"] = dict(r.run.values)
+            runs.append(entry)
+        return {
+            "sweep_dir": str(self.sweep_dir),
+            "runs": runs,
+            "completed": self.completed,
+            "failed": self.failed,
+        }
+
+
+def create_sweep(plan: Plan, out: Path, command: list[str]) -> Path:
+    """A new sweep directory with sweep.yaml and a runs.csv of pending runs."""
+    from fitcli.config import dump_yaml
+
+    name = plan.base.get("name", "sweep") if isinstance(plan.base, dict) else "sweep"
+    sweep_dir = store.create_run_dir(out, f"{name}-sweep")
+    doc = plan.to_doc()
+    head = (
+        "# A fitcli sweep: `fitcli sweep --resume DIR` runs what is missing or unfinished.\n"
+        "# command: " + " ".join(command).replace("\n", " ") + "\n"
+    )
+    store.atomic_write(sweep_dir / SWEEP_FILE, head + dump_yaml(doc))
+    write_table(sweep_dir, plan, [Row(r) for r in plan.runs])
+    return sweep_dir
+
+
+def load_sweep(sweep_dir: Path) -> tuple[Plan, list[Row]]:
+    """Plan and rows of an existing sweep directory (rows filled from the run directories)."""
+    from fitcli.config import load_yaml
+
+    path = sweep_dir / SWEEP_FILE
+    if not path.is_file():
+        raise SweepError(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE})")
+    plan = Plan.from_doc(load_yaml(path.read_text(encoding="utf-8"), str(path)), str(path))
+    rows = [Row(r) for r in plan.runs]
+    for row in rows:
+        d = sweep_dir / run_dir_name(plan, row.run)
+        if (d / store.SUMMARY).is_file():
+            try:
+                row_from_summary(row, store.read_json(d / store.SUMMARY), sweep_dir, d)
+            except (OSError, ValueError):
+                row.status = "failed"
+    return plan, rows
+
+
+class _Stop:
+    """Stop requests from Ctrl-C (`flag`) and --fail-fast."""
+
+    def __init__(self, flag: Any, fail_fast: bool) -> None:
+        self.flag, self.fail_fast, self.failed = flag, fail_fast, False
+
+    def __call__(self) -> bool:
+        return bool(self.flag is not None and self.flag.requested) or (
+            self.fail_fast and self.failed
+        )
+
+
+def run_sweep(
+    plan: Plan,
+    sweep_dir: Path,
+    rows: list[Row],
+    options: Options,
+    *,
+    stop_flag: Any = None,
+    progress: Any = None,
+) -> Outcome:
+    """Compute every pending row (batched where possible) and write its run directory."""
+    from fitcli import console
+
+    todo = [r for r in rows if r.status not in FINISHED]
+    cfgs = {r.run.index: plan.cfg(r.run) for r in todo}
+    stop = _Stop(stop_flag, options.fail_fast)
+    outcome = Outcome(sweep_dir, plan, rows)
+    by_index = {r.run.index: r for r in rows}
+    done = [sum(r.status in FINISHED for r in rows), sum(r.status == "diverged" for r in rows)]
+    if progress is not None:
+        progress.update(done[0], done[1])
+
+    def accept(trace: Trace) -> None:
+        row = by_index[trace.index]
+        target = sweep_dir / run_dir_name(plan, row.run)
+        if trace.error is not None:
+            row.status, row.exit_code, row.reason = "failed", trace.exit_code, trace.error
+            if trace.exit_code == int(ExitCode.INVALID_INPUT):
+                row.status = "invalid"
+            console.warn(f"run {row.run.index} failed: {trace.error}")
+        else:
+            target = store.claim_run_dir(target, overwrite=True)
+            summary = write_run(plan, row.run, trace, target, options.plotlyjs)
+            row_from_summary(row, summary, sweep_dir, target)
+            if trace.batched > 1 and row.time_s is not None:
+                row.time_s = trace.wall + row.time_s
+        done[0] += 1
+        if row.status != "completed":
+            done[1] += 1
+            if row.status != "interrupted":
+                stop.failed = True
+        if progress is not None:
+            progress.update(done[0], done[1])
+
+    indices = [r.run.index for r in todo]
+    try:
+        if options.scheduler:
+            _run_dask(plan, cfgs, indices, options, accept, stop)
+        elif options.workers > 1:
+            _run_processes(plan, cfgs, indices, options, accept, stop)
+        else:
+            _run_here(plan, cfgs, indices, accept, stop)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+    finally:
+        if stop_flag is not None and stop_flag.requested:
+            outcome.interrupted = True
+        for r in rows:
+            if r.status == "running":
+                r.status = "interrupted"
+        write_table(sweep_dir, plan, rows)
+    return outcome
+
+
+def _run_here(plan, cfgs, indices, accept, stop) -> None:
+    for task in make_tasks(plan, cfgs, indices, 1):
+        if stop():
+            break
+        for trace in run_task(task, stop):
+            accept(trace)
+
+
+def _pool_init() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C does
+
+
+def _run_processes(plan, cfgs, indices, options, accept, stop) -> None:
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    tasks = make_tasks(plan, cfgs, indices, options.workers)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(options.workers, mp_context=ctx, initializer=_pool_init) as pool:
+        pending = {pool.submit(run_task, t) for t in tasks}
+        try:
+            while pending:
+                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    for trace in fut.result():
+                        accept(trace)
+                if stop():
+                    break
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+DASK_HINT = (
+    "--scheduler needs Dask distributed, an optional extra: pip install 'fitcli[dask]' "
+    "(or pip install 'dask[distributed]')"
+)
+
+
+def _dask_client(address: str) -> Any:
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise SweepError(DASK_HINT) from None
+    if address == "local":
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True)
+        client = Client(cluster)
+        client._fitcli_cluster = cluster  # closed with the client below
+        return client
+    try:
+        return Client(address, timeout="10s")
+    except OSError as exc:
+        raise SweepError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+
+
+def dask_available() -> bool:
+    try:
+        import dask.distributed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _run_dask(plan, cfgs, indices, options, accept, stop) -> None:
+    client = _dask_client(options.scheduler)
+    try:
+        from dask.distributed import as_completed
+
+        n = max(1, len(client.scheduler_info().get("workers", {})))
+        tasks = make_tasks(plan, cfgs, indices, n)
+        futures = [client.submit(run_task, t, pure=False) for t in tasks]
+        seq = as_completed(futures)
+        try:
+            for fut in seq:
+                for trace in fut.result():
+                    accept(trace)
+                if stop():
+                    break
+        finally:
+            client.cancel(futures)
+    finally:
+        cluster = getattr(client, "_fitcli_cluster", None)
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def dry_run_lines(plan: Plan) -> Iterable[str]:
+    for run in plan.runs:
+        yield " ".join(plan.command(run))
+
+
+__all__ = [
+    "Axis",
+    "Options",
+    "Outcome",
+    "Plan",
+    "SweepError",
+    "Trace",
+    "compute_batch",
+    "compute_single",
+    "create_sweep",
+    "expand",
+    "load_sweep",
+    "make_plan",
+    "parse_assignments",
+    "run_sweep",
+    "split_values",
+]
