@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fitcli-installed
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench clean screenshot
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ format: setup
 
 bench: setup
 	$(PY) benchmarks/train_speed.py
+
+# docs/report.png for the README: the seed report in headless Chromium (needs chromium, chromium-driver).
+screenshot: setup
+	$(PY) tools/screenshot.py docs/report.png
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
