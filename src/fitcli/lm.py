@@ -22,6 +22,7 @@ differences are rounding noise (see `LevenbergMarquardt.step`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ import torch
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 MAX_DAMPING = 1e16
+# Normal equations up to this size are solved on one CPU thread (see `_one_thread`).
+SMALL_SYSTEM = 64
 MIN_DAMPING = 1e-300
 JACOBIAN_CHUNK_BYTES = 64_000_000
 # Polishing starts where the quadratic model predicts less than this relative cost reduction
@@ -225,6 +228,31 @@ def solve_damped(
     ``scale2 = diag(J^T J)``) by Cholesky; if that fails (not positive definite to rounding) by a
     symmetric eigendecomposition that drops the null space.
     """
+    if jtj.device.type == "cpu" and jtj.shape[0] <= SMALL_SYSTEM:
+        with _one_thread():
+            return _solve_damped(jtj, jtr, damping, scale2)
+    return _solve_damped(jtj, jtr, damping, scale2)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    # MKL's multi-threaded Cholesky of a tiny matrix waits on its thread pool for milliseconds
+    # when the other cores are busy (16 ms instead of 2 us on 2 cores): a p x p system is solved
+    # on one thread, and the setting is restored at once.
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _solve_damped(
+    jtj: torch.Tensor, jtr: torch.Tensor, damping: float, scale2: torch.Tensor
+) -> torch.Tensor:
     s = 1.0 / torch.sqrt(scale2)
     a = jtj * s[:, None] * s[None, :]
     b = jtr * s
@@ -251,6 +279,7 @@ class LMStep:
     damping: float  # lambda after this iteration
     converged: bool
     reason: str | None  # why it stopped, when converged
+    cost_before: float = math.nan  # 0.5 * sum(r**2) at theta before this iteration
 
 
 class LevenbergMarquardt:
@@ -307,15 +336,19 @@ class LevenbergMarquardt:
         self.polish_norm: float | None = None
         self._jtj: torch.Tensor | None = None
         self._jtr: torch.Tensor | None = None
+        self._cost_before: float | None = None
 
     # -- one iteration -------------------------------------------------------------------------
 
     def step(self) -> LMStep:
         """One LM iteration: build J^T J at theta if stale, solve, try the step, adapt lambda."""
+        self._cost_before = self.cost
         if self.converged:
             return self._result(accepted=False)
         if self._jtj is None and not self._linearize():
+            self._cost_before = self.cost
             return self._result(accepted=False)
+        self._cost_before = self.cost
         self.n_iter += 1
         jtj, jtr, scale2 = self._jtj, self._jtr, self.scale2
         cost = self.cost
@@ -422,7 +455,15 @@ class LevenbergMarquardt:
 
     def _result(self, accepted: bool) -> LMStep:
         cost = self.cost if self.cost is not None else math.nan
-        return LMStep(cost, accepted, self.damping, self.converged, self.reason)
+        before = self._cost_before if self._cost_before is not None else math.nan
+        return LMStep(cost, accepted, self.damping, self.converged, self.reason, before)
+
+    def reset_theta(self, theta: torch.Tensor) -> None:
+        """Continue from another theta (set from outside): J^T J and the cost are rebuilt there."""
+        self.theta = theta.detach().clone().to(dtype=self.theta.dtype, device=self.theta.device)
+        self.cost = None
+        self.polish_norm = None
+        self._jtj = self._jtr = None
 
     # -- resume --------------------------------------------------------------------------------
 

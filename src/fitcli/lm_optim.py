@@ -1,0 +1,181 @@
+"""Levenberg-Marquardt as a fitcli optimizer: one LM iteration per epoch of the training loop.
+
+`LMStepper` drives `fitcli.lm.LevenbergMarquardt` over the model's internal parameter vector
+`model.raw` (bounds are reparametrised and fixed parameters are not in it, so both come for free),
+with the residuals ``w * (y - model.predict(raw, x))``, ``w = 1/sigma`` when the data carry
+sigmas. Each `step()` returns the loss at the parameters before the step in the config's terms
+(mse: the mean of the squared weighted residuals, the same number a torch optimizer reports) and
+writes the new parameters back into `model.raw`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any
+
+import torch
+
+from fitcli.errors import ConfigError
+from fitcli.lm import LevenbergMarquardt
+
+NAME = "LevenbergMarquardt"
+# Keyword arguments of `optimizer: {name: LevenbergMarquardt, ...}` and their defaults.
+DEFAULTS: dict[str, Any] = {
+    "ftol": 1e-15,
+    "xtol": 1e-15,
+    "gtol": 1e-15,
+    "damping": 1e-3,
+    "chunk_size": None,
+}
+# Reasons of the core that mean "no solution could be reached", not convergence.
+_FAILURES = ("non-finite",)
+
+
+def validate(cfg: Any, kwargs: dict) -> list[str]:
+    """Every problem with an LM optimizer section and the settings it cannot work with."""
+    problems: list[str] = []
+    valid = list(DEFAULTS)
+    for key, value in kwargs.items():
+        if key not in DEFAULTS:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" did you mean {close[0]!r}?" if close else ""
+            problems.append(
+                f"optimizer.{key}: {NAME} takes no argument {key!r};{hint} it takes: "
+                + ", ".join(valid)
+            )
+        elif key == "chunk_size":
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                problems.append(
+                    f"optimizer.chunk_size: must be a whole number >= 1 (rows per Jacobian "
+                    f"chunk) or null for automatic (got {value!r})"
+                )
+        elif (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+            or (key == "damping" and value == 0)
+        ):
+            what = "> 0" if key == "damping" else ">= 0"
+            problems.append(f"optimizer.{key}: must be a finite number {what} (got {value!r})")
+    if cfg.loss != "mse":
+        problems.append(
+            f"loss: {NAME} minimises the sum of squared residuals, so the loss must be mse "
+            f"(got {cfg.loss!r}); use loss: mse or a torch optimizer such as Adam"
+        )
+    if cfg.batch_size is not None:
+        problems.append(
+            f"batch_size: {NAME} works on the full batch (got {cfg.batch_size}); "
+            "remove batch_size or use a torch optimizer"
+        )
+    if cfg.scheduler is not None:
+        problems.append(
+            f"scheduler: {NAME} has no learning rate to schedule; remove the scheduler section"
+        )
+    return problems
+
+
+class LMStepper:
+    """The training loop's stepper for Levenberg-Marquardt (see the module doc)."""
+
+    def __init__(
+        self,
+        model: Any,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        weights: torch.Tensor | None,
+        kwargs: dict,
+    ) -> None:
+        problems = validate_kwargs(kwargs)
+        if problems:
+            raise ConfigError(problems)
+        opts = {**DEFAULTS, **kwargs}
+        self.model = model
+        self.n = int(y.shape[0])
+        self.converged: str | None = None
+        self.failure: str | None = None  # set when no solution could be reached
+        self.stop_reason: str | None = None  # the core's own words
+        self.lm = LevenbergMarquardt(
+            _model_function(model),
+            x,
+            y,
+            model.raw.detach(),
+            weights=weights,
+            ftol=float(opts["ftol"]),
+            xtol=float(opts["xtol"]),
+            gtol=float(opts["gtol"]),
+            damping=float(opts["damping"]),
+            chunk_size=opts["chunk_size"],
+        )
+        self._written = self.lm.theta.clone()
+
+    def step(self) -> torch.Tensor:
+        raw = self.model.raw
+        if not torch.equal(raw.detach(), self._written):
+            # The parameters were set from outside (resume, divergence restore): start there.
+            self.lm.reset_theta(raw.detach())
+        result = self.lm.step()
+        theta = self.lm.theta
+        with torch.no_grad():
+            raw.copy_(theta)
+        self._written = theta.clone()
+        if result.converged:
+            self.stop_reason = result.reason
+            if any(result.reason.startswith(f) for f in _FAILURES):
+                self.failure = f"{NAME} cannot continue: {result.reason}"
+                self.converged = self.failure
+            else:
+                self.converged = f"{NAME} converged after {self.lm.n_iter} iterations: " + (
+                    result.reason or ""
+                )
+        # mse-equivalent: mean of the squared (weighted) residuals, cost = 0.5 * sum(r**2).
+        return torch.tensor(2.0 * result.cost_before / self.n, dtype=torch.float64)
+
+    def lr(self) -> float:
+        return float("nan")
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able: the core's state (theta, damping, counters) and why it stopped."""
+        return {
+            "lm": self.lm.state_dict(),
+            "converged": self.converged,
+            "failure": self.failure,
+            "stop_reason": self.stop_reason,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("lm") is not None:
+            self.lm.load_state_dict(state["lm"])
+            self._written = self.lm.theta.clone()
+            with torch.no_grad():
+                self.model.raw.copy_(self.lm.theta)
+        self.converged = state.get("converged")
+        self.failure = state.get("failure")
+        self.stop_reason = state.get("stop_reason")
+
+
+def validate_kwargs(kwargs: dict) -> list[str]:
+    """The keyword-argument problems alone (no config needed)."""
+
+    class _Plain:
+        loss, batch_size, scheduler = "mse", None, None
+
+    return validate(_Plain, kwargs)
+
+
+def _model_function(model: Any):
+    """``fn(raw, x)`` for the LM core: ``model.predict`` for a 1-D raw vector, and for a
+    ``[p, rows]`` raw (the core's one-pass row-wise Jacobian, one parameter copy per row) the
+    same model evaluated row by row through its leading-batch convention. The core checks the
+    row-wise form against forward mode before it uses it."""
+    predict = model.predict
+
+    def fn(raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if raw.dim() == 1:
+            return predict(raw, x)
+        return predict(raw.T, x[:, None])[..., 0]
+
+    return fn
