@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 stdout = Console(highlight=False, soft_wrap=True)
@@ -15,11 +16,14 @@ stdout = Console(highlight=False, soft_wrap=True)
 
 def error(message: str) -> None:
     """A one-paragraph error on stderr, no traceback."""
-    stderr.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, emoji=False)
+    # escape: a message quoting `[x, sin(x)]` or `fitcli[dask]` must not be read as markup
+    stderr.print(
+        f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, emoji=False
+    )
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]warning:[/] {message}", markup=True, emoji=False)
+    stderr.print(f"[yellow]warning:[/] {escape(message)}", markup=True, emoji=False)
 
 
 def plain_err(message: str) -> None:
@@ -134,16 +138,31 @@ def summary_table(summary: dict) -> None:
         pad_edge=False,
     )
     table.add_column("parameter")
-    table.add_column("value", justify="right")
     stderrs = summary.get("stderr") or {}
     has_err = any(v is not None for v in stderrs.values())
+    truth = summary.get("truth") or {}
+    distance = summary.get("truth_distance") or {}
+    # Like a fit report: value ± standard error (relative), and the truth when it is known.
+    table.add_column("value ± stderr" if has_err else "value", justify="right", no_wrap=True)
     if has_err:
-        table.add_column("± stderr", justify="right")
+        table.add_column("", justify="right", no_wrap=True)
+    if truth:
+        table.add_column("truth", justify="right", no_wrap=True)
+        table.add_column("(fit-truth)/σ", justify="right", no_wrap=True)
     for name, value in summary["params"].items():
-        row = [name, f"{value:.8g}" if value is not None else "-"]
+        err = stderrs.get(name)
+        text = f"{value:.8g}" if value is not None else "-"
+        row = [name]
         if has_err:
-            err = stderrs.get(name)
-            row.append(f"{err:.3g}" if err is not None else "-")
+            row.append(f"{text} ± {err:.3g}" if err is not None else f"{text} ± -")
+            rel = abs(err / value) if err is not None and value else None
+            row.append(f"({rel:.2%})" if rel is not None else "")
+        else:
+            row.append(text)
+        if truth:
+            t, d = truth.get(name), distance.get(name)
+            row.append(f"{t:.8g}" if t is not None else "-")
+            row.append(f"{d:+.2f}" if d is not None else "-")
         table.add_row(*row)
     stdout.print(table, markup=True)
     loss = summary.get("final_loss")
@@ -152,9 +171,17 @@ def summary_table(summary: dict) -> None:
         f"epochs      {summary['epochs_run']} in {summary['elapsed_s']:.2f} s "
         f"on {summary['device']} ({summary['dtype']})",
     ]
-    for key, label in (("optimum_loss", "optimum   "), ("gap", "gap       ")):
-        if summary.get(key) is not None:
-            lines.append(f"{label}  {summary[key]:.6g}")
+    if summary.get("optimum_loss") is not None:
+        gap = summary.get("gap")
+        tail = f"  (gap {gap:.3g}: final loss relative to it)" if gap is not None else ""
+        lines.append(f"optimum     {summary['optimum_loss']:.8g}{tail}")
+    if summary.get("rss") is not None:
+        fit = f"fit         RSS {summary['rss']:.6g}"
+        if summary.get("r2") is not None:
+            fit += f"  R² {summary['r2']:.6g}"
+        if summary.get("chi2_reduced") is not None:
+            fit += f"  reduced χ² {summary['chi2_reduced']:.6g}"
+        lines.append(fit + f"  ({summary['n_points']} points, {summary['n_params']} free)")
     unc = summary.get("uncertainty")
     if unc and unc.get("status") != "ok":
         lines.append(f"error bars  {unc['status']}: {unc.get('reason', '')}")

@@ -241,7 +241,7 @@ def validate_plan(plan: Plan) -> list[Any]:
             cfgs.append(plan.cfg(run))
         except ConfigError as exc:
             label = " ".join(plan.overrides(run)) or "(base config)"
-            problems += [f"run {run.index} [{label}]: {p}" for p in exc.problems]
+            problems += [f"run {run.index} ({label}): {p}" for p in exc.problems]
             if len(problems) > 20:
                 break
     if problems:
@@ -436,6 +436,10 @@ def batchable(preps: Sequence[Any]) -> bool:
             return False
         if not torch.equal(p.x, p0.x) or p.model.raw.shape != p0.model.raw.shape:
             return False
+        c, c0 = p.cfg, p0.cfg
+        same = ("loss", "epochs", "snapshots", "dtype")
+        if any(getattr(c, k) != getattr(c0, k) for k in same) or p.device != p0.device:
+            return False
         if (p.weights is None) != (p0.weights is None):
             return False
         if p.weights is not None and not torch.equal(p.weights, p0.weights):
@@ -453,6 +457,21 @@ def compute_batch(
     run), each run's loss is the mean over its own row, and one optimizer per distinct
     `optimizer` section updates its runs' rows elementwise.
     """
+    import torch
+
+    threads = torch.get_num_threads()
+    # One thread: the batch's rows are reduced one after another either way (each row exactly as
+    # a single run), and on a shared 2-core machine parallel regions wait on each other (5x).
+    torch.set_num_threads(1)
+    try:
+        return _compute_batch(preps, indices, stop)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compute_batch(
+    preps: Sequence[Any], indices: Sequence[int], stop: Callable[[], bool] | None
+) -> list[Trace]:
     import torch
 
     from fitcli import optim
