@@ -184,7 +184,7 @@ class RunWriter:
     def snapshot_name(self, epoch: int) -> str:
         return f"epoch-{epoch:0{self.width}d}.html"
 
-    def snapshot(self, epoch: int, loss: float) -> None:
+    def snapshot(self, epoch: int, loss: float, note: str | None = None) -> None:
         from fitcli import plots
 
         prep = self.prep
@@ -193,7 +193,7 @@ class RunWriter:
             y_fit = prep.model(self.grid_t).double().cpu().numpy()
         ds = prep.dataset
         page = plots.snapshot_page(
-            name=prep.cfg.name,
+            name=prep.cfg.name if note is None else f"{prep.cfg.name} ({note})",
             epoch=epoch,
             epochs=prep.cfg.epochs,
             loss=loss,
@@ -217,9 +217,8 @@ class RunWriter:
             ([store.fmt(a), store.fmt(b)] for a, b in zip(self.grid, y_fit, strict=True)),
         )
         self.snapshots = [s for s in self.snapshots if s["epoch"] != epoch]
-        self.snapshots.append(
-            {"epoch": epoch, "loss": loss, "params": params, "file": fname, "fit": fit_name}
-        )
+        entry = {"epoch": epoch, "loss": loss, "params": params, "file": fname, "fit": fit_name}
+        self.snapshots.append(entry if note is None else {**entry, "note": note})
         store.write_json(
             self.run_dir / store.SNAPSHOT_PARAMS,
             {"names": list(prep.model.names), "snapshots": self.snapshots},
@@ -341,6 +340,8 @@ def execute(
             history=history,
         )
         writer.metrics(result)
+        if prep.lm:
+            fill_converged_snapshots(writer, prep, result)
     except BaseException as exc:
         summary.update(
             status="failed",
@@ -364,14 +365,71 @@ def execute(
         elapsed_s=time.perf_counter() - t0,
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
+    if prep.lm:
+        summary.update(prep.stepper.summary_fields())
     summary.update(finish_stats(prep, result))
     store.write_json(run_dir / store.SUMMARY, summary)
     return summary
 
 
+def fill_converged_snapshots(writer: RunWriter, prep: Prepared, result: TrainResult) -> None:
+    """LM stopped early, converged: the scheduled snapshots it did not reach show the converged
+    fit, so that a run still has `snapshots + 1` of them (the converged one takes the place of
+    the next scheduled one when it is not itself scheduled)."""
+    stepper, cfg = prep.stepper, prep.cfg
+    done = result.epochs_run
+    if result.status != "completed" or stepper.failure or not stepper.converged:
+        return
+    later = [e for e in snapshot_epochs(cfg.epochs, cfg.snapshots) if e > done]
+    if done not in snapshot_epochs(cfg.epochs, cfg.snapshots):
+        later = later[1:]
+    history, writer.history = writer.history, None  # state.json stays at the real last epoch
+    try:
+        for epoch in later:
+            writer.snapshot(epoch, result.final_loss, note=f"converged at epoch {done}")
+    finally:
+        writer.history = history
+
+
 def finish_stats(prep: Prepared, result: TrainResult) -> dict:
-    """Fit statistics and error bars at the final parameters (filled in by the stats module)."""
-    return {}
+    """Error bars and fit statistics at the final parameters, in float64, after any optimizer;
+    the closed-form optimum and the distance to the truth where they exist (`stats.run_report`).
+    A failure here never fails the run: the summary then says why there are no error bars."""
+    import copy
+
+    from fitcli.stats import run_report
+
+    ds, model = prep.dataset, prep.model
+    f64 = torch.float64
+    try:
+        if model.raw.dtype != f64:
+            model = copy.deepcopy(model).to(f64)
+        x = torch.as_tensor(ds.x, dtype=f64).to(prep.device)
+        y = torch.as_tensor(ds.y, dtype=f64).to(prep.device)
+        weights = None if prep.weights is None else prep.weights.to(f64)
+        if ds.sigma is not None:
+            weights = torch.as_tensor(1.0 / ds.sigma, dtype=f64).to(prep.device)
+        y_true = None if ds.y_true is None else torch.as_tensor(ds.y_true, dtype=f64)
+        return run_report(
+            model,
+            x,
+            y,
+            weights=weights,
+            y_true=None if y_true is None else y_true.to(prep.device),
+            loss=prep.cfg.loss,
+            final_loss=result.final_loss,
+            model_expr=prep.cfg.model.expr,
+            target=prep.cfg.data.target,
+        )
+    except Exception as exc:  # error bars are a report, not the fit: say why they are missing
+        return {
+            "stderr": dict.fromkeys(prep.model.names),
+            "uncertainty": {
+                "status": "failed",
+                "reason": f"error bars could not be computed: {type(exc).__name__}: {exc}",
+                "condition_number": None,
+            },
+        }
 
 
 def make_run_dir(cfg: Any, out: Path, run_dir: Path | None, overwrite: bool) -> Path:

@@ -36,7 +36,12 @@ MAX_DAMPING = 1e16
 # Normal equations up to this size are solved on one CPU thread (see `_one_thread`).
 SMALL_SYSTEM = 64
 MIN_DAMPING = 1e-300
-JACOBIAN_CHUNK_BYTES = 64_000_000
+# Rows per chunk are sized so that one chunk's Jacobian is about this many bytes. On the CPU a
+# small working set matters more than few chunks: at 4 MB every temporary of a chunk stays in
+# cache and the allocator reuses its blocks, where 64 MB chunks page-fault fresh memory for each
+# elementwise op (3-5x slower at 10^6 rows). On CUDA big chunks keep kernel launches few.
+JACOBIAN_CHUNK_BYTES = 4_000_000
+JACOBIAN_CHUNK_BYTES_CUDA = 64_000_000
 # Polishing starts where the quadratic model predicts less than this relative cost reduction
 # with the damping below POLISH_DAMPING (a nearly Gauss-Newton step): see `step`.
 POLISH_RTOL = 1e-10
@@ -45,9 +50,13 @@ POLISH_DAMPING = 1e-2
 POLISH_CONTRACTION = 0.9
 
 
-def default_chunk_size(n_params: int) -> int:
-    """Rows per chunk so that one chunk's Jacobian stays near 64 MB in float64 (at least 4096)."""
-    return max(4096, JACOBIAN_CHUNK_BYTES // (8 * max(n_params, 1)))
+def default_chunk_size(n_params: int, device: torch.device | None = None) -> int:
+    """Rows per chunk so that one chunk's Jacobian stays near 4 MB in float64 (64 MB on CUDA),
+    at least 4096 rows."""
+    budget = JACOBIAN_CHUNK_BYTES
+    if device is not None and device.type == "cuda":
+        budget = JACOBIAN_CHUNK_BYTES_CUDA
+    return max(4096, budget // (8 * max(n_params, 1)))
 
 
 def _weighted_model(fn: Model, x: torch.Tensor, w: torch.Tensor | None):
@@ -87,6 +96,29 @@ def _jacobian_rowwise(model, theta: torch.Tensor, rows: int) -> tuple[torch.Tens
     return jt.T, m.detach().reshape(-1)
 
 
+def _jacobian_columns(model, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d model / d theta ([m, p]) by reverse mode only, one column per backward pass.
+
+    With ``g(u) = J^T u`` (one backward pass with a graph), ``d g_j / d u = J[:, j]``. Used as
+    the reference of `rowwise_ok` because, unlike forward mode, it needs no functorch start-up
+    (about 2 s on the first call in a process, which a short run would feel).
+    """
+    t = theta.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        m = model(t).reshape(-1)
+        u = torch.zeros_like(m, requires_grad=True)
+        # A scalar output, never explicit grad_outputs: torch imports sympy (1 s) for those.
+        (g,) = torch.autograd.grad((m * u).sum(), t, create_graph=True)
+        cols = []
+        for j in range(t.numel()):
+            if not g[j].requires_grad:  # theta[j] has no effect on the model
+                cols.append(torch.zeros_like(m))
+                continue
+            (col,) = torch.autograd.grad(g[j], u, retain_graph=True, allow_unused=True)
+            cols.append(torch.zeros_like(m) if col is None else col)
+    return torch.stack(cols, dim=1).detach(), m.detach()
+
+
 def rowwise_ok(
     fn: Model, theta: torch.Tensor, x: torch.Tensor, weights: torch.Tensor | None = None
 ) -> bool:
@@ -95,7 +127,7 @@ def rowwise_ok(
     w = weights[:k] if weights is not None else None
     model = _weighted_model(fn, x[:k], w)
     try:
-        ref, m_ref = _jacobian_forward(model, theta.detach())
+        ref, m_ref = _jacobian_columns(model, theta.detach())
         fast, m_fast = _jacobian_rowwise(model, theta.detach(), k)
     except Exception:  # any failure of the fast path just means: do not use it
         return False
@@ -147,20 +179,21 @@ def jtj_jtr(
     theta = theta.detach()
     p = theta.numel()
     n = y.shape[0]
-    size = chunk_size or default_chunk_size(p)
+    size = chunk_size or default_chunk_size(p, theta.device)
     if rowwise is None:
         rowwise = rowwise_ok(fn, theta, x, weights)
     jtj = torch.zeros(p, p, dtype=torch.float64, device=theta.device)
     jtr = torch.zeros(p, dtype=torch.float64, device=theta.device)
     rss = torch.zeros((), dtype=torch.float64, device=theta.device)
-    for sl in _chunks(n, size):
-        w = weights[sl] if weights is not None else None
-        jac, r = _jacobian_and_residual(fn, theta, x[sl], y[sl], w, rowwise)
-        jac = jac.to(torch.float64)
-        r = r.to(torch.float64)
-        jtj += jac.T @ jac
-        jtr += jac.T @ r
-        rss += r @ r
+    with _chunk_threads(theta.device):
+        for sl in _chunks(n, size):
+            w = weights[sl] if weights is not None else None
+            jac, r = _jacobian_and_residual(fn, theta, x[sl], y[sl], w, rowwise)
+            jac = jac.to(torch.float64)
+            r = r.to(torch.float64)
+            jtj += jac.T @ jac
+            jtr += jac.T @ r
+            rss += r @ r
     return jtj, jtr, float(rss)
 
 
@@ -174,9 +207,11 @@ def residual_sum_of_squares(
 ) -> float:
     """``sum(r**2)`` at theta, accumulated in float64 over chunks (no Jacobian)."""
     n = y.shape[0]
-    size = (chunk_size or default_chunk_size(theta.numel())) * max(theta.numel(), 1)
+    # No Jacobian here: an explicit chunk_size stretches p-fold; the default stays cache-sized.
+    p = theta.numel()
+    size = chunk_size * max(p, 1) if chunk_size else default_chunk_size(p, theta.device)
     total = torch.zeros((), dtype=torch.float64, device=theta.device)
-    with torch.no_grad():
+    with torch.no_grad(), _chunk_threads(theta.device):
         for sl in _chunks(n, size):
             r = y[sl] - fn(theta, x[sl])
             if weights is not None:
@@ -202,20 +237,21 @@ def second_derivative_jt(
     """
     theta = theta.detach()
     n = x.shape[0]
-    size = chunk_size or default_chunk_size(theta.numel())
+    size = chunk_size or default_chunk_size(theta.numel(), theta.device)
     hv = (h * v).to(theta.dtype)
     out = torch.zeros(theta.numel(), dtype=torch.float64, device=theta.device)
-    for sl in _chunks(n, size):
-        model = _weighted_model(fn, x[sl], weights[sl] if weights is not None else None)
-        with torch.no_grad():
-            m_plus = model(theta + hv)
-            m_minus = model(theta - hv)
-        with torch.enable_grad():
-            t = theta.clone().requires_grad_()
-            m0 = model(t)
-            m_vv = (m_plus - 2 * m0.detach() + m_minus) / (h * h)
-            (g,) = torch.autograd.grad(m0, t, m_vv)
-        out += g.to(torch.float64).reshape(-1)
+    with _chunk_threads(theta.device):
+        for sl in _chunks(n, size):
+            model = _weighted_model(fn, x[sl], weights[sl] if weights is not None else None)
+            with torch.no_grad():
+                m_plus = model(theta + hv)
+                m_minus = model(theta - hv)
+            with torch.enable_grad():
+                t = theta.clone().requires_grad_()
+                m0 = model(t)
+                m_vv = (m_plus - 2 * m0.detach() + m_minus) / (h * h)
+                (g,) = torch.autograd.grad((m0 * m_vv).sum(), t)  # scalar: see _jacobian_columns
+            out += g.to(torch.float64).reshape(-1)
     return out
 
 
@@ -232,6 +268,13 @@ def solve_damped(
         with _one_thread():
             return _solve_damped(jtj, jtr, damping, scale2)
     return _solve_damped(jtj, jtr, damping, scale2)
+
+
+def _chunk_threads(device: torch.device):
+    """One CPU thread for the chunked loops: a cache-sized chunk's elementwise ops gain little
+    from a second thread, and on a busy machine each op's thread barrier waits for a descheduled
+    thread (a 10^6-point fit took 20 s on two busy cores instead of 3 s on one)."""
+    return _one_thread() if device.type == "cpu" else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fitcli.errors import ConfigError
+from fitcli.errors import ConfigError, ExitCode
 from fitcli.lm import LevenbergMarquardt
 
 NAME = "LevenbergMarquardt"
@@ -40,6 +40,8 @@ def validate(cfg: Any, kwargs: dict) -> list[str]:
         if key not in DEFAULTS:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" did you mean {close[0]!r}?" if close else ""
+            if key in ("lr", "momentum", "weight_decay", "betas"):
+                hint = " LM needs no learning rate (replace the whole optimizer section);"
             problems.append(
                 f"optimizer.{key}: {NAME} takes no argument {key!r};{hint} it takes: "
                 + ", ".join(valid)
@@ -99,7 +101,7 @@ class LMStepper:
         self.failure: str | None = None  # set when no solution could be reached
         self.stop_reason: str | None = None  # the core's own words
         self.lm = LevenbergMarquardt(
-            _model_function(model),
+            model_function(model),
             x,
             y,
             model.raw.detach(),
@@ -137,6 +139,19 @@ class LMStepper:
     def lr(self) -> float:
         return float("nan")
 
+    def summary_fields(self) -> dict[str, Any]:
+        """What summary.json records about how LM ended; a failure makes the run `failed`."""
+        lm = self.lm
+        out: dict[str, Any] = {
+            "converged": self.converged is not None and self.failure is None,
+            "stop_reason": self.stop_reason,
+            "lm_iterations": lm.n_iter,
+            "lm_evaluations": {"model": lm.n_fev, "jacobian": lm.n_jev},
+        }
+        if self.failure is not None:
+            out.update(status="failed", exit_code=int(ExitCode.FAILED), reason=self.failure)
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-able: the core's state (theta, damping, counters) and why it stopped."""
         return {
@@ -166,16 +181,22 @@ def validate_kwargs(kwargs: dict) -> list[str]:
     return validate(_Plain, kwargs)
 
 
-def _model_function(model: Any):
-    """``fn(raw, x)`` for the LM core: ``model.predict`` for a 1-D raw vector, and for a
-    ``[p, rows]`` raw (the core's one-pass row-wise Jacobian, one parameter copy per row) the
-    same model evaluated row by row through its leading-batch convention. The core checks the
-    row-wise form against forward mode before it uses it."""
-    predict = model.predict
+def model_function(model: Any, *, external: bool = False):
+    """``fn(theta, x)`` of a `fitcli.model.FitModel` in the form the LM core and the error bars
+    differentiate: ``model.predict`` (internal raw vector) or, with `external`,
+    ``model.predict_external`` (free parameters' values) for a 1-D theta; for a ``[p, rows]``
+    theta (the core's one-pass row-wise Jacobian, one parameter copy per row) the same model
+    evaluated row by row through the model's leading-batch convention. The core checks the
+    row-wise form against an exact Jacobian before it uses it."""
+    one = model.predict_external if external else model.predict
 
-    def fn(raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if raw.dim() == 1:
-            return predict(raw, x)
-        return predict(raw.T, x[:, None])[..., 0]
+    def fn(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if theta.dim() == 1:
+            return one(theta, x)
+        rows = theta.T if external else model.external(theta.T)
+        full = model.full_vector(rows)  # [rows, all parameters]
+        if model.kind == "basis":
+            return (model.design(x) * full).sum(-1)
+        return model.predict_full(full, x[:, None])[..., 0]
 
     return fn

@@ -262,3 +262,229 @@ def truth_distance(
         else:
             out[name] = _finite((value - t) / se)
     return out
+
+
+# Above this many design-matrix entries the closed-form optimum is reduced chunk by chunk.
+DESIGN_CHUNK_ENTRIES = 4_000_000
+# y_true counts as "of the model's form" when the least-squares fit to it leaves a relative
+# residual norm below this: the basis then reproduces the target up to rounding.
+TRUTH_RTOL = 1e-9
+
+
+def reduce_least_squares(
+    design_rows: Callable[[slice], torch.Tensor],
+    ys: Sequence[torch.Tensor],
+    n: int,
+    p: int,
+    weights: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[float]]:
+    """QR-reduce ``min |w (y - A theta)|`` for several right-hand sides ``ys``, chunk by chunk.
+
+    ``design_rows(sl)`` gives the rows ``sl`` of A. Returns ``(R, zs, rss_perp)``: A's p x p
+    triangular factor, each ``Q^T (w y)`` (p-vector) and the part of each residual that no theta
+    can remove, so that ``|w (y - A theta)|^2 = |z - R theta|^2 + rss_perp`` exactly (in exact
+    arithmetic): `linear_optimum` on ``(R, z)`` then solves the full problem in p x p memory.
+    """
+    k = len(ys)
+    size = chunk_rows or max(p + k, DESIGN_CHUNK_ENTRIES // max(p + k, 1))
+    acc: torch.Tensor | None = None
+    for start in range(0, n, size):
+        sl = slice(start, min(start + size, n))
+        a = design_rows(sl).to(torch.float64)
+        cols = [a] + [y[sl].to(torch.float64).reshape(-1, 1) for y in ys]
+        block = torch.cat(cols, dim=1)
+        if weights is not None:
+            block = block * weights[sl].to(torch.float64).reshape(-1, 1)
+        stacked = block if acc is None else torch.cat([acc, block], dim=0)
+        acc = torch.linalg.qr(stacked, mode="r").R
+    assert acc is not None
+    width = p + k
+    if acc.shape[0] < width:  # fewer rows than columns: pad with zero rows
+        pad = torch.zeros(width - acc.shape[0], width, dtype=acc.dtype, device=acc.device)
+        acc = torch.cat([acc, pad], dim=0)
+    r = acc[:p, :p]
+    zs = [acc[:p, p + j] for j in range(k)]
+    # Rows p and below of column p+j hold Q^T (w y_j) outside span(Q[:, :p]) ⊇ span(A).
+    perp = []
+    for j in range(k):
+        tail = acc[p:, p + j]
+        perp.append(float(tail @ tail))
+    return r, zs, perp
+
+
+def linear_optimum_chunked(
+    design_rows: Callable[[slice], torch.Tensor],
+    y: torch.Tensor,
+    n: int,
+    p: int,
+    weights: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, float, int]:
+    """`linear_optimum` for a design given by rows, in bounded memory; also returns the rank."""
+    r, (z,), (perp,) = reduce_least_squares(design_rows, [y], n, p, weights, chunk_rows)
+    theta, rss_r = linear_optimum(r, z)
+    sv = torch.linalg.svdvals(r)
+    cutoff = max(n, p) * torch.finfo(torch.float64).eps * (float(sv.max()) if sv.numel() else 0)
+    rank = int((sv > cutoff).sum())
+    return theta, perp + rss_r, rank
+
+
+def expression_truth(model_expr: str, target: str, params: Sequence[str]) -> dict[str, float]:
+    """Parameter values that turn `model_expr` into `target`, when both have the same form.
+
+    The two expressions are compared as syntax trees: every node must match except where the
+    model has a parameter name and the target a number (a signed literal), which binds that
+    parameter (consistently, if it appears more than once). ``{}`` when the forms differ, e.g.
+    ``a*sin(b*x)`` against ``1.5*sin(2*x)`` gives ``{"a": 1.5, "b": 2.0}``, against
+    ``sin(2*x)*1.5`` nothing (the form differs even though the function is the same).
+    """
+    import ast
+
+    names = set(params)
+    bound: dict[str, float] = {}
+
+    def number(node: ast.AST) -> float | None:
+        value = getattr(node, "value", None) if isinstance(node, ast.Constant) else None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+            inner = number(node.operand)
+            if inner is not None:
+                return -inner if isinstance(node.op, ast.USub) else inner
+        return None
+
+    def match(m: ast.AST, t: ast.AST) -> bool:
+        if isinstance(m, ast.Name) and m.id in names:
+            v = number(t)
+            if v is None or (m.id in bound and bound[m.id] != v):
+                return False
+            bound[m.id] = v
+            return True
+        if (
+            isinstance(m, ast.BinOp)
+            and isinstance(t, ast.BinOp)
+            and isinstance(m.op, ast.Add)
+            and isinstance(t.op, ast.Sub)
+            and isinstance(m.right, ast.Name)
+            and m.right.id in names
+            and number(t.right) is not None
+        ):
+            # `... + c` against `... - 0.5`: c = -0.5.
+            neg = ast.UnaryOp(op=ast.USub(), operand=t.right)
+            return match(m.left, t.left) and match(m.right, neg)
+        if type(m) is not type(t):
+            return False
+        for field in m._fields:
+            a, b = getattr(m, field), getattr(t, field)
+            if isinstance(a, ast.AST):
+                if not isinstance(b, ast.AST) or not match(a, b):
+                    return False
+            elif isinstance(a, list):
+                if not isinstance(b, list) or len(a) != len(b):
+                    return False
+                if not all(match(u, v) for u, v in zip(a, b, strict=True)):
+                    return False
+            elif field != "ctx" and a != b:
+                return False
+        return True
+
+    try:
+        m_tree = ast.parse(model_expr.strip(), mode="eval").body
+        t_tree = ast.parse(target.strip(), mode="eval").body
+    except SyntaxError:
+        return {}
+    if not match(m_tree, t_tree):
+        return {}
+    return bound
+
+
+def run_report(
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
+    y_true: torch.Tensor | None = None,
+    loss: str = "mse",
+    final_loss: float | None = None,
+    model_expr: str | None = None,
+    target: str | None = None,
+) -> dict:
+    """The summary fields of a finished run, for a float64 `fitcli.model.FitModel` on x, y.
+
+    Error bars are taken against the free parameters' external values through
+    ``model.predict_external``, so the bounds' transforms do not distort them; fixed parameters
+    get stderr None. With `weights` (1/sigma from the data) sigma is absolute, as in
+    ``curve_fit(sigma=..., absolute_sigma=True)``. For a basis model the closed-form least-squares
+    optimum gives ``optimum_loss`` (mse: RSS/n) and ``gap``; when the noiseless `y_true` is
+    itself a combination of the basis (or, for an expression model, `target` is `model_expr`
+    with numbers for the parameters), ``truth`` and ``truth_distance`` in standard errors.
+    """
+    free = list(model.free_names)
+    with torch.no_grad():
+        theta = model.external(model.raw.detach()).to(torch.float64)
+    from fitcli.lm_optim import model_function
+
+    stats = fit_statistics(
+        model_function(model, external=True),
+        theta,
+        x,
+        y,
+        free,
+        weights=weights,
+        absolute_sigma=weights is not None,
+        at_bound=model.at_bound(),
+    )
+    stderr = {name: stats.stderr.get(name) for name in model.names}
+    out: dict = {
+        "stderr": stderr,
+        "covariance_params": free,
+        "covariance": stats.covariance,
+        "correlation": stats.correlation,
+        "uncertainty": {
+            "status": stats.status,
+            "reason": stats.reason,
+            "condition_number": stats.condition_number,
+        },
+        "rss": _finite(stats.rss),
+        "r2": _finite(stats.r2),
+        "chi2_reduced": stats.chi2_reduced,
+        "aic": _finite(stats.aic),
+        "bic": _finite(stats.bic),
+        "n_points": stats.n_points,
+        "n_params": stats.n_params,
+    }
+    truth: dict[str, float] = {}
+    n = int(y.shape[0])
+    if model.kind == "basis":
+        p = len(model.names)
+
+        def rows(sl: slice) -> torch.Tensor:
+            return torch.stack([b(x[sl]) for b in model.basis], dim=-1)
+
+        _, rss_opt, _ = linear_optimum_chunked(rows, y, n, p, weights)
+        if loss == "mse":
+            optimum = rss_opt / n
+            out["optimum_loss"] = optimum
+            if final_loss is not None and optimum > 0:
+                out["gap"] = _finite((final_loss - optimum) / optimum)
+            else:
+                out["gap"] = None
+        if y_true is not None:
+            t_opt, rss_true, rank = linear_optimum_chunked(rows, y_true, n, p)
+            scale = float(y_true.to(torch.float64) @ y_true.to(torch.float64))
+            if rank == p and rss_true <= (TRUTH_RTOL**2) * max(scale, 1e-300):
+                top = float(t_opt.abs().max())
+                # A coefficient at rounding level is an absent basis function: exactly 0.
+                clean = [v if abs(v) > 1e-12 * top else 0.0 for v in t_opt.tolist()]
+                truth = dict(zip(model.names, clean, strict=True))
+    elif model_expr is not None and target is not None:
+        truth = expression_truth(model_expr, target, model.names)
+    if truth:
+        values = model.values()
+        out["truth"] = truth
+        out["truth_distance"] = truth_distance(
+            {k: values[k] for k in free if k in truth}, truth, stderr
+        )
+    return out
