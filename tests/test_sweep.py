@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from sweep_helpers import ROOT, SEED, SMALL, assert_same_run
 from typer.testing import CliRunner
 
 from fitcli import sweep as sw
 from fitcli.cli import app
-from sweep_helpers import ROOT, SEED, SMALL, assert_same_run
 
 runner = CliRunner()
 

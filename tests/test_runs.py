@@ -1,0 +1,79 @@
+"""fitcli runs: a table of the run directories below some paths, from train and sweep alike."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from sweep_helpers import SEED, SMALL
+from typer.testing import CliRunner
+
+from fitcli.cli import app
+
+runner = CliRunner()
+
+
+def make_runs(tmp_path):
+    res = runner.invoke(
+        app, ["sweep", str(SEED), *SMALL, "optimizer.lr=0.01,1e6", "-o", str(tmp_path / "sweeps")]
+    )
+    assert res.exit_code == 1  # the second one diverges
+    res = runner.invoke(
+        app, ["train", str(SEED), *SMALL, "--out", str(tmp_path / "runs"), "--progress", "none"]
+    )
+    assert res.exit_code == 0, res.output
+    (tmp_path / "runs" / "not-a-run").mkdir()
+    (tmp_path / "runs" / "broken").mkdir()
+    (tmp_path / "runs" / "broken" / "summary.json").write_text("{not json")
+    (tmp_path / "empty").mkdir()
+
+
+def test_table_lists_train_and_sweep_runs_and_says_what_it_skipped(tmp_path):
+    make_runs(tmp_path)
+    res = runner.invoke(
+        app,
+        ["runs", str(tmp_path / "runs"), str(tmp_path / "sweeps"), str(tmp_path / "empty"),
+         str(tmp_path / "missing")],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    for col in ("name", "status", "epochs", "final_loss", "params", "time_s", "path"):
+        assert col in res.stdout
+    assert res.stdout.count("seed-sine") >= 3
+    assert "diverged" in res.stdout and "completed" in res.stdout
+    assert "broken: unreadable summary.json" in res.stderr
+    assert "empty: no run directories below it" in res.stderr
+    assert "missing: no such file or directory" in res.stderr
+
+
+def test_csv_sorted_by_final_loss(tmp_path):
+    make_runs(tmp_path)
+    res = runner.invoke(
+        app, ["runs", str(tmp_path / "sweeps"), "--format", "csv", "--sort", "final_loss"]
+    )
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(io.StringIO(res.stdout)))
+    assert list(rows[0])[:4] == ["name", "status", "epochs", "final_loss"]
+    assert "theta0" in rows[0] and "time_s" in rows[0] and "path" in rows[0]
+    losses = [float(r["final_loss"]) for r in rows]
+    assert losses == sorted(losses) and len(rows) == 2
+
+
+def test_json_filtered_by_status(tmp_path):
+    make_runs(tmp_path)
+    res = runner.invoke(
+        app,
+        ["runs", str(tmp_path / "runs"), str(tmp_path / "sweeps"), "--format", "json",
+         "--status", "completed"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert len(doc) == 2 and {r["status"] for r in doc} == {"completed"}
+    assert set(doc[0]) == {"name", "status", "epochs", "final_loss", "params", "time_s", "path"}
+
+
+def test_unknown_sort_key_is_an_input_error(tmp_path):
+    make_runs(tmp_path)
+    res = runner.invoke(app, ["runs", str(tmp_path / "runs"), "--sort", "colour"])
+    assert res.exit_code == 2
+    assert "unknown column 'colour'" in res.stderr
