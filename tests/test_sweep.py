@@ -119,7 +119,8 @@ def single_run(cfg):
         ["optimizer.lr=0.001,0.01,0.05", "seed=0,1,2"],
         ["optimizer={name: Adam, lr: 0.05},{name: Adam, lr: 0.1, amsgrad: true}", "seed=3,4"],
         [
-            "optimizer={name: SGD, lr: 0.01, momentum: 0.9, nesterov: true},{name: RMSprop, lr: 0.01}",
+            "optimizer={name: SGD, lr: 0.01, momentum: 0.9, nesterov: true},"
+            "{name: RMSprop, lr: 0.01}",
             "loss=l1,huber",
         ],
         ["data.noise.std=0.1,2.0", "model.init=[1, 2, 3],[0, 0, 0]", "loss=smooth_l1,mse"],
@@ -177,7 +178,7 @@ def test_diverging_row_stops_alone_and_matches_its_single_run():
     assert len(traces[1].losses) < 60
 
 
-# -- end to end: run directories, table, JSON --------------------------------------------------------
+# -- end to end: run directories, table, JSON ------------------------------------------------
 
 
 def test_sweep_run_directories_match_fitcli_train(tmp_path):
