@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
+import warnings
 from typing import Any
 
 from fitcli.errors import ConfigError
@@ -91,7 +93,98 @@ def _check_kwargs(cls: type, kwargs: dict, key: str, supplied: set[str]) -> list
     for r in required:
         if r not in kwargs:
             problems.append(f"{key}.{r}: {cls.__name__} needs {r!r}; add it under {key}")
+    for k, value in kwargs.items():
+        if k in accepted and not _accepts(sig.parameters[k].annotation, value):
+            text = _annotation_text(sig.parameters[k].annotation)
+            problems.append(f"{key}.{k}: {cls.__name__} expects {text} (got {value!r})")
     return problems
+
+
+def _annotation_text(annotation: Any) -> str:
+    if isinstance(annotation, str):
+        return annotation
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _accepts(annotation: Any, value: Any) -> bool:
+    """Whether `value` fits a constructor's type annotation. torch checks many arguments only
+    when it first uses them, mid-run (a scheduler's gamma); what this cannot read passes."""
+    if annotation is inspect.Parameter.empty:
+        return True
+    text, parts, depth, start = _annotation_text(annotation), [], 0, 0
+    for i, ch in enumerate(text):  # split a union at its top level
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "|" and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    fits = [_fits(part.strip(), value) for part in parts]
+    return None in fits or any(fits)
+
+
+def _fits(part: str, value: Any) -> bool | None:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if part in ("float", "torch.Tensor", "Tensor"):
+        return number
+    if part == "int":
+        return number and float(value).is_integer()
+    if part == "bool":
+        return isinstance(value, bool)
+    if part == "str":
+        return isinstance(value, str)
+    if part in ("None", "NoneType"):
+        return value is None
+    if part.startswith(("list[", "tuple[", "Iterable[", "Sequence[")):
+        return isinstance(value, list)
+    if part.startswith("Optional["):
+        return value is None or _fits(part[9:-1], value)
+    if part.startswith("Literal["):
+        return value in re.findall(r"'([^']*)'", part)
+    return None  # not understood: torch decides
+
+
+def trial_step(cfg) -> list[str]:
+    """Build the optimizer and scheduler on a throwaway parameter and take one step of each, so
+    that arguments torch checks only when stepping (LBFGS's line_search_fn, lr 0 in its line
+    search, a scheduler's step_size) are invalid input now instead of a crash mid-run."""
+    import torch
+
+    # Small gradients (sum below 1) take LBFGS down its Python-float step-size path.
+    p = torch.full((2,), 0.1, dtype=torch.float64, requires_grad=True)
+    opt = build_optimizer(cfg.optimizer, [p])
+    sched = build_scheduler(cfg.scheduler, opt)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p * p).sum()
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for key, obj, step in (
+            ("optimizer", opt, lambda: opt.step(closure)),
+            ("scheduler", sched, lambda: sched.step(1.0) if _plateau(sched) else sched.step()),
+        ):
+            if obj is None:
+                continue
+            try:
+                step()
+            except Exception as exc:  # whatever it is, these arguments cause it
+                return [
+                    f"{key}: {type(obj).__name__} fails on its first step with these "
+                    f"arguments: {type(exc).__name__}: {exc}"
+                ]
+    return []
+
+
+def _plateau(sched: Any) -> bool:
+    import torch
+
+    return isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
 
 def split_spec(spec: Any) -> tuple[str, dict]:
@@ -124,6 +217,11 @@ def validate(cfg) -> list[str]:
         try:
             _, scls = _lookup(sname, scheduler_classes(), "scheduler")
             problems += _check_kwargs(scls, skw, "scheduler", _SUPPLIED)
+        except ConfigError as exc:
+            problems += exc.problems
+    if not problems and not is_lm(name):
+        try:
+            problems += trial_step(cfg)
         except ConfigError as exc:
             problems += exc.problems
     return problems
