@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from fitcli.config import Config
 
 MAX_FILE_BYTES = 4 * 1024**3
+EVAL_CHUNK = 1 << 20  # points per chunk when evaluating a target expression
+READ_BLOCK = 16 * 1024**2  # bytes of a data file parsed at a time by the fast reader
 
 
 @dataclass
@@ -52,11 +54,18 @@ def first_bad_x(values: np.ndarray, x: np.ndarray) -> float | None:
 
 
 def evaluate_on(expression: Any, x: np.ndarray, key: str) -> np.ndarray:
-    """Evaluate a parameter-free expression on x in float64; a non-finite value is a DataError."""
+    """Evaluate a parameter-free expression on x in float64; a non-finite value is a DataError.
+
+    Evaluated in chunks of EVAL_CHUNK points into one output array, so the expression's
+    temporaries stay small however long x is (10^8 points need 800 MB for the result alone).
+    """
     import torch
 
+    values = np.empty(x.shape, dtype=np.float64)
     with torch.no_grad():
-        values = expression(torch.from_numpy(x)).numpy()
+        for start in range(0, max(x.shape[0], 1), EVAL_CHUNK):
+            sl = slice(start, start + EVAL_CHUNK)
+            values[sl] = expression(torch.from_numpy(x[sl])).numpy()
     bad = first_bad_x(values, x)
     if bad is not None:
         raise DataError(
@@ -79,7 +88,9 @@ def make_dataset(cfg: Config) -> Dataset:
     y = y_true
     if data.noise.std > 0:
         rng = np.random.default_rng(seed_streams(cfg.seed)["noise"])
-        y = y_true + rng.normal(0.0, data.noise.std, size=x.shape[0])
+        # The noise array becomes y (added to in place): x, y_true and y are the only n-arrays.
+        y = rng.normal(0.0, data.noise.std, size=x.shape[0])
+        y += y_true
     return Dataset(x=x, y=y, y_true=y_true, source="synthetic")
 
 
@@ -132,13 +143,200 @@ def _column_index(
 
 
 def load_table(path: Path, columns: Any = None) -> Dataset:
-    """Read x, y (and sigma) from a CSV or whitespace table; every cell must be a finite number."""
+    """Read x, y (and sigma) from a CSV or whitespace table; every cell must be a finite number.
+
+    Two readers, one result. The fast one (`_read_fast`) maps the file and hands blocks of
+    rows to numpy's C parser (`np.loadtxt`), converting only the wanted columns, straight into
+    the output arrays: no Python object per cell or line, and nothing held beyond the output
+    but one block. Whenever it meets anything unusual (comments or blank lines in the body, a
+    ragged row, a bad or non-finite cell, non-ASCII bytes) it gives up, and the precise reader
+    (`_read_precise`) reads the file line by line and names the line and column at fault.
+    """
     if not path.exists():
         raise DataError(f"data.file: {path} does not exist")
     if not path.is_file():
         raise DataError(f"data.file: {path} is not a regular file")
-    if path.stat().st_size > MAX_FILE_BYTES:
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
         raise DataError(f"data.file: {path} is larger than {MAX_FILE_BYTES // 1024**3} GiB")
+    table = _read_fast(path, columns) if size else None
+    if table is None:
+        return _read_precise(path, columns)
+    return _dataset(path, table)
+
+
+def _dataset(path: Path, table: list[np.ndarray]) -> Dataset:
+    x, y = table[0], table[1]
+    if x.shape[0] < 2:
+        raise DataError(f"data.file: {path} has {x.shape[0]} data rows; need at least 2")
+    sigma = table[2] if len(table) > 2 else None
+    if sigma is not None:
+        nonpos = np.flatnonzero(sigma <= 0)
+        if nonpos.size:
+            row = int(nonpos[0])
+            raise DataError(
+                f"data.file: {path}: sigma must be > 0, got {sigma[row]:g} in data row {row + 1}"
+            )
+    return Dataset(x=x, y=y, sigma=sigma, source=str(path))
+
+
+def _is_skipped(line: str) -> bool:
+    return not line.strip() or line.lstrip().startswith("#")
+
+
+def _layout(
+    head_line: str, lineno: int, path: Path, columns: Any
+) -> tuple[list[str] | None, str | None, int, list[int]]:
+    """(header or None, delimiter, number of columns, wanted column indexes) from the first
+    non-blank, non-comment line (1-based `lineno`); column problems are DataErrors."""
+    delimiter = "," if "," in head_line else ("\t" if "\t" in head_line else None)
+    cells = _split(head_line, delimiter)
+    header: list[str] | None = None
+    if not all(_is_number(c) for c in cells):
+        header = cells
+        if len(set(header)) != len(header):
+            dup = next(h for h in header if header.count(h) > 1)
+            raise DataError(f"data.file: {path} line {lineno}: column {dup!r} appears twice")
+    ncols = len(cells)
+    if ncols < 2:
+        raise DataError(
+            f"data.file: {path} line {lineno}: found 1 column; need at least x and y "
+            "(comma-, tab- or space-separated)"
+        )
+    get = (lambda name: getattr(columns, name, None)) if columns is not None else (lambda _: None)
+    ix = _column_index(get("x"), header, 0, "x", path, ncols)
+    iy = _column_index(get("y"), header, 1, "y", path, ncols)
+    sigma_spec = get("sigma")
+    isig = (
+        None if sigma_spec is None else _column_index(sigma_spec, header, 2, "sigma", path, ncols)
+    )
+    if ix == iy:
+        raise DataError("data.columns: x and y name the same column")
+    wanted = [ix, iy] + ([isig] if isig is not None else [])
+    return header, delimiter, ncols, wanted
+
+
+def _read_fast(path: Path, columns: Any) -> list[np.ndarray] | None:
+    """The wanted columns as contiguous float64 arrays, or None to leave it to `_read_precise`.
+
+    The body's newlines are counted once for its number of rows, then blocks of whole lines
+    (READ_BLOCK bytes) are parsed by np.loadtxt straight into preallocated arrays. Rows of a
+    delimited file are checked to have exactly the header's number of cells (loadtxt with
+    usecols would not notice a surplus); a whitespace table is parsed whole, where loadtxt
+    itself rejects ragged rows.
+    """
+    import io
+    import mmap
+
+    with open(path, "rb") as fh:
+        try:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            return None
+    with mm:
+        if mm.find(b"\0", 0, 65536) >= 0:
+            return None
+        # The head: skipped lines, then the first row (header or data), decoded line by line.
+        pos, lineno, start = 0, 0, 3 if mm[:3] == b"\xef\xbb\xbf" else 0
+        pos = start
+        while True:
+            end = mm.find(b"\n", pos)
+            end = len(mm) if end < 0 else end
+            try:
+                line = mm[pos:end].decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+            lineno += 1
+            if any(c in _OTHER_LINE_BREAKS for c in line.rstrip("\r")):
+                return None  # str.splitlines would count lines differently: let it
+            if not _is_skipped(line):
+                break
+            if end >= len(mm):
+                return None
+            pos = end + 1
+        header, delimiter, ncols, wanted = _layout(line, lineno, path, columns)
+        body_start = end + 1 if header is not None else pos
+        body_end = len(mm)
+        while body_end > body_start and mm[body_end - 1] in b" \t\r\n":
+            body_end -= 1
+        if body_end <= body_start:
+            return None
+        nrows = 1 + _count_newlines(mm, body_start, body_end)
+        out = [np.empty(nrows, dtype=np.float64) for _ in wanted]
+        usecols = wanted if delimiter is not None else None
+        row = 0
+        a = body_start
+        try:
+            while a < body_end:
+                b = mm.find(b"\n", min(a + READ_BLOCK, body_end), body_end)
+                b = body_end if b < 0 else b
+                block = mm[a:b]
+                a = b + 1
+                if not _plain_block(block, delimiter, ncols):
+                    return None
+                table = np.loadtxt(
+                    io.BytesIO(block),
+                    dtype=np.float64,
+                    delimiter=delimiter,
+                    usecols=usecols,
+                    comments=None,
+                    ndmin=2,
+                    encoding="latin1",  # checked ASCII: the cheapest decoding
+                )
+                if delimiter is None:
+                    if table.shape[1] != ncols:
+                        return None
+                    table = table[:, wanted]
+                k = table.shape[0]
+                if row + k > nrows or not np.isfinite(table).all():
+                    return None
+                for j, col in enumerate(out):
+                    col[row : row + k] = table[:, j]
+                row += k
+        except (ValueError, UnicodeDecodeError, IndexError):
+            return None
+    if row != nrows:
+        return None
+    return out
+
+
+_OTHER_LINE_BREAKS = frozenset("\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def _count_newlines(mm: Any, start: int, end: int) -> int:
+    view = np.frombuffer(mm, dtype=np.uint8, count=end - start, offset=start)
+    try:
+        return sum(
+            int(np.count_nonzero(view[k : k + READ_BLOCK] == 10))
+            for k in range(0, view.shape[0], READ_BLOCK)
+        )
+    finally:
+        del view  # release the export, or the map cannot be closed
+
+
+def _plain_block(block: bytes, delimiter: str | None, ncols: int) -> bool:
+    """Whether a block of body lines is plain data: ASCII, no comment or blank line, and (for a
+    delimited file) exactly ncols - 1 delimiters on every line."""
+    if b"#" in block or not block.isascii():
+        return False
+    lf = b"\n"
+    if lf + lf in block or b"\n\r\n" in block or block.startswith((lf, b"\r\n")):
+        return False
+    if delimiter is None:
+        return True
+    arr = np.frombuffer(block, dtype=np.uint8)
+    newlines = np.flatnonzero(arr == 10)
+    delims = np.flatnonzero(arr == ord(delimiter))
+    per_row = ncols - 1
+    if delims.shape[0] != (newlines.shape[0] + 1) * per_row:
+        return False
+    # The k-th delimiter must lie on line k // per_row: each line holds exactly per_row of them.
+    line_of = np.searchsorted(newlines, delims)
+    return bool((line_of == np.arange(delims.shape[0]) // per_row).all())
+
+
+def _read_precise(path: Path, columns: Any) -> Dataset:
+    """The line-by-line reader: slower and memory-hungry, but it names the first fault."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -153,54 +351,14 @@ def load_table(path: Path, columns: Any = None) -> Dataset:
     lines = text.splitlines()
     # Skip leading blank lines and '#' comments, remembering 1-based line numbers for messages.
     first = 0
-    while first < len(lines) and (
-        not lines[first].strip() or lines[first].lstrip().startswith("#")
-    ):
+    while first < len(lines) and _is_skipped(lines[first]):
         first += 1
     if first == len(lines):
         raise DataError(f"data.file: {path} holds no data")
-    head_line = lines[first]
-    delimiter = "," if "," in head_line else ("\t" if "\t" in head_line else None)
-    cells = _split(head_line, delimiter)
-    header: list[str] | None = None
-    body_start = first
-    if not all(_is_number(c) for c in cells):
-        header = cells
-        body_start = first + 1
-        if len(set(header)) != len(header):
-            dup = next(h for h in header if header.count(h) > 1)
-            raise DataError(f"data.file: {path} line {first + 1}: column {dup!r} appears twice")
-    ncols = len(cells)
-    if ncols < 2:
-        raise DataError(
-            f"data.file: {path} line {first + 1}: found 1 column; need at least x and y "
-            "(comma-, tab- or space-separated)"
-        )
-    get = (lambda name: getattr(columns, name, None)) if columns is not None else (lambda _: None)
-    ix = _column_index(get("x"), header, 0, "x", path, ncols)
-    iy = _column_index(get("y"), header, 1, "y", path, ncols)
-    sigma_spec = get("sigma")
-    isig = (
-        None if sigma_spec is None else _column_index(sigma_spec, header, 2, "sigma", path, ncols)
-    )
-    if ix == iy:
-        raise DataError("data.columns: x and y name the same column")
-    wanted = [ix, iy] + ([isig] if isig is not None else [])
+    header, delimiter, ncols, wanted = _layout(lines[first], first + 1, path, columns)
+    body_start = first + 1 if header is not None else first
     table = _parse_body(lines, body_start, delimiter, ncols, path, wanted)
-    if table.shape[0] < 2:
-        raise DataError(f"data.file: {path} has {table.shape[0]} data rows; need at least 2")
-    x = np.ascontiguousarray(table[:, 0])
-    y = np.ascontiguousarray(table[:, 1])
-    sigma = None
-    if isig is not None:
-        sigma = np.ascontiguousarray(table[:, 2])
-        nonpos = np.flatnonzero(sigma <= 0)
-        if nonpos.size:
-            row = int(nonpos[0])
-            raise DataError(
-                f"data.file: {path}: sigma must be > 0, got {sigma[row]:g} in data row {row + 1}"
-            )
-    return Dataset(x=x, y=y, sigma=sigma, source=str(path))
+    return _dataset(path, [np.ascontiguousarray(table[:, j]) for j in range(len(wanted))])
 
 
 def _parse_body(
@@ -208,18 +366,6 @@ def _parse_body(
 ) -> np.ndarray:
     """The wanted columns of the table body as an (n, len(wanted)) float64 array."""
     body = [ln for ln in lines[start:] if ln.strip() and not ln.lstrip().startswith("#")]
-    try:
-        # Fast path: the whole table is numeric and rectangular.
-        if delimiter is None:
-            flat = np.array(" ".join(body).split(), dtype=np.float64)
-        else:
-            flat = np.array(delimiter.join(body).split(delimiter), dtype=np.float64)
-        if flat.size == len(body) * ncols:
-            table = flat.reshape(len(body), ncols)[:, wanted]
-            if np.isfinite(table).all():
-                return table
-    except ValueError:
-        pass
     # Slow path: other columns may hold text; read the wanted ones and name the first bad cell.
     out = np.empty((len(body), len(wanted)), dtype=np.float64)
     row = 0
