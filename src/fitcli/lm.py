@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -313,6 +314,30 @@ def _solve_damped(
     return z * s
 
 
+def _solve_damped_np(
+    jtj: np.ndarray, jtr: np.ndarray, damping: float, scale2: np.ndarray
+) -> np.ndarray:
+    """`solve_damped` in numpy for the p x p systems of one iteration (same algorithm)."""
+    s = 1.0 / np.sqrt(scale2)
+    a = jtj * s[:, None] * s[None, :]
+    b = jtr * s
+    m = a + damping * np.eye(a.shape[0])
+    try:
+        chol = np.linalg.cholesky(m)
+        z = np.linalg.solve(chol.T, np.linalg.solve(chol, b))
+        if np.isfinite(z).all():
+            return z * s
+    except np.linalg.LinAlgError:
+        pass
+    evals, evecs = np.linalg.eigh(a)
+    evals = evals + damping
+    cutoff = np.abs(evals).max() * a.shape[0] * np.finfo(np.float64).eps
+    safe = np.where(evals > cutoff, evals, 1.0)
+    inv = np.where(evals > cutoff, 1.0 / safe, 0.0)
+    z = evecs @ (inv * (evecs.T @ b))
+    return z * s
+
+
 @dataclass
 class LMStep:
     """What one Levenberg-Marquardt iteration did."""
@@ -370,15 +395,15 @@ class LevenbergMarquardt:
         self.damping = float(damping)
         self.nu = 2.0
         self.cost: float | None = None
-        self.scale2: torch.Tensor | None = None
+        self.scale2: np.ndarray | None = None
         self.n_iter = 0
         self.n_fev = 0
         self.n_jev = 0
         self.converged = False
         self.reason: str | None = None
         self.polish_norm: float | None = None
-        self._jtj: torch.Tensor | None = None
-        self._jtr: torch.Tensor | None = None
+        self._jtj: np.ndarray | None = None
+        self._jtr: np.ndarray | None = None
         self._cost_before: float | None = None
 
     # -- one iteration -------------------------------------------------------------------------
@@ -393,13 +418,15 @@ class LevenbergMarquardt:
             return self._result(accepted=False)
         self._cost_before = self.cost
         self.n_iter += 1
+        # The p x p algebra runs in numpy: a few microseconds per call where torch's dispatch
+        # costs tens, which is most of an iteration on NIST-sized problems.
         jtj, jtr, scale2 = self._jtj, self._jtr, self.scale2
         cost = self.cost
-        d = torch.sqrt(scale2)
-        theta64 = self.theta.to(torch.float64)
-        theta_norm = float(torch.linalg.vector_norm(d * theta64))
-        delta = solve_damped(jtj, jtr, self.damping, scale2)
-        step_norm = float(torch.linalg.vector_norm(d * delta))
+        d = np.sqrt(scale2)
+        theta64 = self.theta.detach().cpu().numpy().astype(np.float64).reshape(-1)
+        theta_norm = float(np.linalg.norm(d * theta64))
+        delta = _solve_damped_np(jtj, jtr, self.damping, scale2)
+        step_norm = float(np.linalg.norm(d * delta))
         # Predicted reduction of the quadratic model: g.d - 0.5 d.A.d.
         predicted = float(jtr @ delta - 0.5 * (delta @ (jtj @ delta)))
         # Polishing: once the model predicts almost nothing (and the step is nearly Gauss-Newton),
@@ -411,20 +438,22 @@ class LevenbergMarquardt:
             or step_norm <= self.xtol * (self.xtol + theta_norm)
         ):
             return self._stop("converged: Gauss-Newton steps have reached rounding level", False)
-        if not polishing and self.max_accel_ratio is not None and self._large_step(delta):
+        if not polishing and self.max_accel_ratio is not None and self._large_step(delta, theta64):
             # Curvature guard: the geodesic acceleration a (Transtrum & Sethna 2012) is the
             # second-order correction to the step along the model's curvature. A large step whose
             # correction is comparable to itself leaves the region where the linear model holds;
             # it is rejected even if it happens to lower the cost (it lands BoxBOD on a plateau).
+            v = torch.from_numpy(delta).to(self.theta.device)
             jt_vv = second_derivative_jt(
-                self.fn, self.theta, delta, self.x, self.weights, self.chunk_size
+                self.fn, self.theta, v, self.x, self.weights, self.chunk_size
             )
             self.n_fev += 3
-            accel = solve_damped(jtj, jt_vv, self.damping, scale2)
-            ratio = float(torch.linalg.vector_norm(d * accel)) / step_norm if step_norm else 0.0
+            accel = _solve_damped_np(jtj, jt_vv.cpu().numpy(), self.damping, scale2)
+            ratio = float(np.linalg.norm(d * accel)) / step_norm if step_norm else 0.0
             if not (math.isfinite(ratio) and ratio <= self.max_accel_ratio):
                 return self._reject(step_norm, theta_norm)
-        trial = (theta64 + delta).to(self.theta.dtype)
+        trial = torch.from_numpy(theta64 + delta).to(self.theta.device, self.theta.dtype)
+        trial = trial.reshape(self.theta.shape)
         new_cost = 0.5 * residual_sum_of_squares(
             self.fn, trial, self.x, self.y, self.weights, self.chunk_size
         )
@@ -449,9 +478,10 @@ class LevenbergMarquardt:
             return self._stop(f"xtol: relative step < {self.xtol:g}", True)
         return self._result(True)
 
-    def _large_step(self, delta: torch.Tensor) -> bool:
+    @staticmethod
+    def _large_step(delta: np.ndarray, theta: np.ndarray) -> bool:
         """Whether some parameter would change by more than 10% of its value."""
-        return bool((delta.abs() > 0.1 * self.theta.to(torch.float64).abs()).any())
+        return bool((np.abs(delta) > 0.1 * np.abs(theta)).any())
 
     def _reject(self, step_norm: float, theta_norm: float) -> LMStep:
         """A rejected trial: raise lambda (doubling its growth factor) and test for a stall."""
@@ -473,19 +503,20 @@ class LevenbergMarquardt:
         self.n_jev += 1
         first = self.cost is None
         self.cost = 0.5 * rss
-        if not (math.isfinite(rss) and bool(torch.isfinite(jtj).all())):
+        jtj, jtr = jtj.cpu().numpy(), jtr.cpu().numpy()
+        if not (math.isfinite(rss) and bool(np.isfinite(jtj).all())):
             where = "at start" if first else "at the current parameters"
             self._stop(f"non-finite residuals or Jacobian {where}", False)
             return False
-        diag = torch.diagonal(jtj)
+        diag = np.diagonal(jtj)
         # A column that is zero everywhere gets scale 1 until it ever becomes non-zero (MINPACK).
-        diag = torch.where(diag > 0, diag, torch.ones_like(diag))
-        self.scale2 = diag if self.scale2 is None else torch.maximum(self.scale2, diag)
+        diag = np.where(diag > 0, diag, 1.0)
+        self.scale2 = diag if self.scale2 is None else np.maximum(self.scale2, diag)
         self._jtj, self._jtr = jtj, jtr
         if rss == 0.0:
             self._stop("exact fit: residuals are zero", False)
             return False
-        cosine = jtr.abs() / torch.sqrt(torch.diagonal(jtj).clamp_min(1e-300) * rss)
+        cosine = np.abs(jtr) / np.sqrt(np.maximum(np.diagonal(jtj), 1e-300) * rss)
         if float(cosine.max()) <= self.gtol:
             self._stop(f"gtol: gradient cosine < {self.gtol:g}", False)
             return False
@@ -521,7 +552,7 @@ class LevenbergMarquardt:
             "damping": self.damping,
             "nu": self.nu,
             "cost": finite(self.cost),
-            "scale2": None if self.scale2 is None else self.scale2.cpu().tolist(),
+            "scale2": None if self.scale2 is None else [float(v) for v in self.scale2],
             "n_iter": self.n_iter,
             "n_fev": self.n_fev,
             "n_jev": self.n_jev,
@@ -543,9 +574,7 @@ class LevenbergMarquardt:
         self.nu = float(state.get("nu", 2.0))
         self.cost = state.get("cost")
         scale2 = state.get("scale2")
-        self.scale2 = (
-            None if scale2 is None else torch.tensor(scale2, dtype=torch.float64, device=ref.device)
-        )
+        self.scale2 = None if scale2 is None else np.asarray(scale2, dtype=np.float64)
         self.n_iter = int(state.get("n_iter", 0))
         self.n_fev = int(state.get("n_fev", 0))
         self.n_jev = int(state.get("n_jev", 0))
