@@ -1,0 +1,39 @@
+"""NIST StRD lower-difficulty problems through fitcli's config and training path (issue 4)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from fitcli.nist import load_suite, worst_lre
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from nist import fit_fitcli, nist_config, write_csv  # noqa: E402
+
+SUITE = load_suite(ROOT / "tests" / "data" / "nist")
+LOWER = [name for name, p in SUITE.items() if p.difficulty == "lower"]
+
+
+@pytest.mark.parametrize("start", [1, 2])
+@pytest.mark.parametrize("name", LOWER)
+def test_lower_difficulty_through_the_config_path(name, start, tmp_path):
+    problem = SUITE[name]
+    got = fit_fitcli(problem, start, write_csv(problem, tmp_path))
+    assert got["status"] == "completed", got["reason"]
+    assert got["reason"].startswith("LevenbergMarquardt converged")
+    assert worst_lre(got["theta"], problem.certified) >= 6
+    assert worst_lre(got["stderr"], problem.certified_stderr) >= 3
+    assert got["uncertainty"] == "ok"
+
+
+def test_config_is_a_plain_fitcli_config(tmp_path):
+    from fitcli.config import config_from_dict
+
+    problem = SUITE["Misra1a"]
+    cfg = config_from_dict(nist_config(problem, 1, write_csv(problem, tmp_path)))
+    assert cfg.optimizer.name == "LevenbergMarquardt" and cfg.dtype == "float64"
+    assert cfg.model.expr == "b1*(1-exp(-b2*x))"
+    assert cfg.model.params["b1"].value == 500.0
