@@ -182,7 +182,9 @@ def train(
     """
     from fitcli import console
 
-    with errors_to_exit(debug):
+    # Ctrl-C is caught from the start: before the run directory exists it ends the command
+    # (exit 130, nothing written); after, the loop stops at the end of the epoch.
+    with errors_to_exit(debug), StopFlag() as stop:
         from fitcli.config import load_config
         from fitcli.errors import InputError
 
@@ -196,6 +198,8 @@ def train(
             given = ([str(config)] if config is not None else []) + (overrides or [])
             prep, point = prepare_resume(resume, given)
             cfg, target = prep.cfg, resume
+            if stop.requested:
+                raise KeyboardInterrupt
             for note in point.notes:
                 console.warn(f"resume: {note}")
         elif config is None:
@@ -205,11 +209,13 @@ def train(
             from fitcli.experiment import make_run_dir, prepare
 
             prep = prepare(cfg)
+            if stop.requested:
+                raise KeyboardInterrupt
             target = make_run_dir(cfg, out, run_dir, overwrite)
         from fitcli.experiment import execute
 
         command = ["fitcli", *sys.argv[1:]]
-        with StopFlag() as stop, console.Progress(progress.value, cfg.epochs, cfg.name) as bar:
+        with console.Progress(progress.value, cfg.epochs, cfg.name) as bar:
 
             def on_epoch(epoch: int, loss: float) -> bool:
                 bar.update(epoch, loss)
@@ -236,6 +242,7 @@ def check(config: ConfigArg, overrides: OverridesArg = None, debug: DebugOpt = F
     """Validate a config (and its data) and print the resolved config; runs nothing."""
     with errors_to_exit(debug):
         from fitcli.config import config_to_dict, dump_yaml, load_config
+
         cfg = load_config(config, overrides or [])  # before torch: bad input fails fast
         from fitcli.experiment import prepare
 

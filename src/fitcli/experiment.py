@@ -324,15 +324,17 @@ def execute(
     writer = RunWriter(run_dir, prep, plotlyjs)
     summary = base_summary(prep, run_dir, command)
     history, start_epoch = History(), 0
-    if resume is None:
-        writer.begin(resolved_config_text(cfg, prep.device, command), summary)
-    else:
+    if resume is not None:
         history, start_epoch = resume.history, resume.epoch
         summary = resume.continued_summary(summary)
-        cfg_text = resolved_config_text(cfg, prep.device, command) if resume.overrides else None
-        writer.resume(cfg_text, summary, start_epoch)
     writer.history = history
     try:
+        # Inside the try: a fault (disk full, Ctrl-C) while starting still marks the run.
+        if resume is None:
+            writer.begin(resolved_config_text(cfg, prep.device, command), summary)
+        else:
+            text = resolved_config_text(cfg, prep.device, command) if resume.overrides else None
+            writer.resume(text, summary, start_epoch)
         result = train(
             prep.model,
             prep.stepper,

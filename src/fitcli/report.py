@@ -296,7 +296,8 @@ def read_run(run_dir: Path) -> Run:
         )
 
     snapshots: list[Snapshot] = []
-    if (run_dir / store.SNAPSHOT_PARAMS).exists() or status != "running":
+    # A run stopped (or failed) before its first snapshot has none, like one still starting.
+    if (run_dir / store.SNAPSHOT_PARAMS).exists() or status in ("completed", "diverged"):
         _, entries = _check_snapshots(run_dir, _read_json(run_dir, store.SNAPSHOT_PARAMS), names)
         for e in entries:
             rel = f"{store.SNAPSHOTS}/{e['fit']}"
@@ -318,7 +319,11 @@ def read_run(run_dir: Path) -> Run:
                 )
             )
     else:
-        notes.append("no snapshot yet: the run is still starting")
+        notes.append(
+            "no snapshot yet: the run is still starting"
+            if status == "running"
+            else f"no snapshot was written (status {status})"
+        )
 
     metrics = None
     if (run_dir / store.METRICS).exists() or status in ("completed", "diverged"):

@@ -1,0 +1,244 @@
+"""Fault suite 3: SIGINT and SIGKILL at random moments of real `fitcli train` processes.
+
+SIGINT: exit 130 every time, summary.json says interrupted, and `fitcli plot` reads the run
+directory. SIGKILL: every file under its final name parses (writes are atomic), and
+`fitcli train --resume` ends exactly where the same run uninterrupted ends. The moments are drawn
+from a seeded generator, measured from the moment the run directory appears (plus a few during
+start-up); the run writes a snapshot every 20 epochs, so many land while one is being written.
+`benchmarks/faults.py` runs many more.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import yaml
+from conftest import ROOT
+
+from fitcli.cli import app
+
+SIGNAL_CONFIG = {
+    "name": "signals",
+    "seed": 0,
+    "device": "cpu",
+    "epochs": 1000,
+    "snapshots": 50,
+    "batch_size": 16,
+    "data": {
+        "target": "1.5*sin(x) + 0.5*x",
+        "x": {"start": -5, "stop": 5, "num": 64},
+        "noise": {"std": 0.3},
+    },
+    "model": {"basis": ["x", "sin(x)", "cos(x)"]},
+    "optimizer": {"name": "Adam", "lr": 0.01},
+    "scheduler": {"name": "StepLR", "step_size": 300, "gamma": 0.5},
+}
+
+
+def write_config(tmp: Path, **changes) -> Path:
+    path = tmp / "signals.yaml"
+    path.write_text(yaml.safe_dump({**SIGNAL_CONFIG, **changes}, sort_keys=False))
+    return path
+
+
+def start(cfg: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fitcli.cli", "train", str(cfg), "--out", str(out)]
+        + ["--progress", "none", "--json", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def wait_for_run_dir(out: Path, proc: subprocess.Popen, timeout: float = 60) -> Path | None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        dirs = [p for p in out.iterdir() if p.is_dir()] if out.is_dir() else []
+        if dirs:
+            return dirs[0]
+        if proc.poll() is not None:
+            return None
+        time.sleep(0.005)
+    raise AssertionError("no run directory appeared")
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    def handle_endtag(self, tag: str) -> None:
+        self.closed |= tag == "html"
+
+
+def assert_files_parse(run: Path) -> int:
+    """Every file under its final name parses; temporary files (".name.tmp-...") are ignored.
+    Returns how many files were checked."""
+    import plotly
+
+    js = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    checked = 0
+    for path in sorted(run.rglob("*")):
+        if path.is_dir() or (path.name.startswith(".") and ".tmp-" in path.name):
+            continue
+        text = path.read_bytes().decode("utf-8")
+        if path.suffix == ".json":
+            json.loads(text)
+        elif path.suffix == ".csv":
+            rows = list(csv.reader(text.splitlines()))
+            assert len(rows) >= 2, path
+            for row in rows[1:]:
+                assert len(row) == len(rows[0]), path
+                [float(cell) for cell in row]
+        elif path.suffix == ".yaml":
+            assert isinstance(yaml.safe_load(text), dict), path
+        elif path.suffix == ".html":
+            page = _Page()
+            page.feed(text)
+            assert page.closed, f"{path} is cut short"
+        elif path.name == "plotly.min.js":
+            assert path.stat().st_size == js.stat().st_size, path
+        else:
+            raise AssertionError(f"unexpected file {path}")
+        checked += 1
+    return checked
+
+
+def plot_reads(runner, run: Path) -> None:
+    result = runner.invoke(app, ["plot", str(run)])
+    assert result.exit_code == 0, (run, result.output)
+
+
+def test_sigint_at_random_moments_exits_130_and_leaves_a_readable_run(runner, tmp_path):
+    cfg = write_config(tmp_path, epochs=10**6, snapshots=1000)  # runs until interrupted
+    rng = random.Random(3)
+    # (seconds after the run directory appears, or None: during start-up; SIGINTs to send)
+    moments = [(rng.uniform(0, 1.5), 1) for _ in range(6)] + [(rng.uniform(0, 1.0), 2)] * 2
+    moments += [(None, 1), (None, 1)]
+    outcomes = []
+    for k, (delay, count) in enumerate(moments):
+        out = tmp_path / f"int{k}"
+        proc = start(cfg, out)
+        if delay is None:
+            time.sleep(rng.uniform(0.05, 0.6))
+        else:
+            wait_for_run_dir(out, proc)
+            time.sleep(delay)
+        for _ in range(count):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.02)
+        stdout, stderr = proc.communicate(timeout=120)
+        runs = [p for p in out.iterdir()] if out.exists() else []
+        if delay is None and not runs:
+            # Before fitcli made a run directory. An interrupt during the interpreter's own
+            # start-up kills Python by the signal, which the shell reports as 130 too.
+            assert proc.returncode in (130, -signal.SIGINT), stderr
+            outcomes.append("before the run")
+            continue
+        assert proc.returncode == 130, (k, delay, stderr)
+        assert "Traceback" not in stderr, stderr
+        (run,) = runs
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "interrupted" and summary["exit_code"] == 130
+        if count == 1:
+            assert json.loads(stdout) == summary  # --json still prints it
+        assert_files_parse(run)
+        plot_reads(runner, run)
+        outcomes.append(f"interrupted at epoch {summary['epochs_run']}")
+    assert sum(o.startswith("interrupted") for o in outcomes) >= 8, outcomes
+    print("\nSIGINT outcomes:", outcomes)
+
+
+def test_sigkill_at_random_moments_leaves_parseable_files_and_resumes_exactly(runner, tmp_path):
+    cfg = write_config(tmp_path)
+    reference = tmp_path / "reference"
+    result = runner.invoke(
+        app, ["train", str(cfg), "--run-dir", str(reference), "--progress", "none"]
+    )
+    assert result.exit_code == 0, result.output
+    want = json.loads((reference / "summary.json").read_text())
+    want_rows = [r[:3] + r[4:] for r in csv.reader((reference / "metrics.csv").open())]
+    rng = random.Random(9)
+    resumed = 0
+    for k in range(5):
+        out = tmp_path / f"kill{k}"
+        proc = start(cfg, out)
+        run = wait_for_run_dir(out, proc)
+        time.sleep(rng.uniform(0, 1.2))
+        proc.kill()
+        proc.communicate(timeout=60)
+        if proc.returncode == 0:
+            continue  # it finished first: nothing to test
+        assert proc.returncode == -signal.SIGKILL
+        assert_files_parse(run)
+        result = runner.invoke(app, ["train", "--resume", str(run), "--progress", "none"])
+        if not (run / "state.json").exists():
+            assert result.exit_code == 2, result.output
+            continue
+        assert result.exit_code == 0, result.output
+        got = json.loads((run / "summary.json").read_text())
+        assert got["params"] == want["params"] and got["final_loss"] == want["final_loss"]
+        rows = [r[:3] + r[4:] for r in csv.reader((run / "metrics.csv").open())]
+        assert rows == want_rows  # every epoch's loss, lr and parameters, elapsed time aside
+        assert_files_parse(run)
+        plot_reads(runner, run)
+        resumed += 1
+    assert resumed >= 3, resumed
+
+
+def test_sigint_right_after_the_run_directory_is_made_still_leaves_a_run(
+    runner, tmp_path, monkeypatch
+):
+    """The narrowest window: Ctrl-C just after `mkdir`. The run stops after one epoch with a
+    full, readable directory (it used to leave an empty one: the handler came after mkdir)."""
+    import os
+
+    from fitcli import store
+
+    real = store.create_run_dir
+
+    def mkdir_then_sigint(*args, **kwargs):
+        path = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return path
+
+    monkeypatch.setattr(store, "create_run_dir", mkdir_then_sigint)
+    out = tmp_path / "runs"
+    cfg = write_config(tmp_path)
+    result = runner.invoke(app, ["train", str(cfg), "--out", str(out), "--progress", "none"])
+    assert result.exit_code == 130, result.output
+    (run,) = out.iterdir()
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    assert_files_parse(run)
+    plot_reads(runner, run)
+
+
+def test_second_sigint_while_the_run_directory_is_being_filled(runner, tmp_path, monkeypatch):
+    """A second Ctrl-C raises at once, here while plotly.min.js is copied: the summary still
+    says interrupted and the directory reads (the start of a run used to be outside the
+    handler that marks it, leaving config.yaml and data.csv without a summary)."""
+    from fitcli import store
+
+    def interrupted(run_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "copy_plotly_js", interrupted)
+    out = tmp_path / "runs"
+    cfg = write_config(tmp_path)
+    result = runner.invoke(app, ["train", str(cfg), "--out", str(out), "--progress", "none"])
+    assert result.exit_code == 130, result.output
+    (run,) = out.iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["exit_code"] == 130
+    monkeypatch.undo()  # plot copies plotly.js too
+    plot_reads(runner, run)
