@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 "the worst parameter's log relative error against NIST's certified values (capped "
                 "at 11); stderr LRE is the worst of fitcli's standard errors (summary.json's "
                 "`stderr`) against the certified standard deviations. Machine: "
-                f"{machine()}.",
+                f"{machine()}, load average {os.getloadavg()[0]:.1f} while it ran (other work "
+                "shared the cores: compare the ratio, not the seconds).",
                 "",
                 *lines,
                 "",
