@@ -58,3 +58,17 @@ def test_real_dynamo_loads_on_demand():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "module"
+
+
+def test_module_introspection_does_not_load_dynamo_mid_import():
+    """inspect.getmodule probes every module's __file__; that must not import torch._dynamo
+    (it did, inside torch.distributed's import, and failed with a circular import)."""
+    code = (
+        "from fitcli.torchboot import import_torch; import sys; torch = import_torch(); "
+        "import torch.testing; torch.testing.assert_close(torch.ones(2), torch.ones(2)); "
+        "print(type(sys.modules['torch._dynamo']).__name__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "_DeferredDynamo"

@@ -30,6 +30,10 @@ class _DeferredDynamo(types.ModuleType):
         return fn
 
     def __getattr__(self, name: str):
+        if name.startswith("__"):
+            # Module introspection (inspect.getmodule probes every module's __file__) must not
+            # trigger the real import, possibly in the middle of another one.
+            raise AttributeError(name)
         return getattr(load_real_dynamo(), name)
 
 
