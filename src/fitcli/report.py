@@ -50,6 +50,7 @@ class Snapshot:
     fit_file: str
     x_fit: np.ndarray
     y_fit: np.ndarray
+    note: str | None = None  # e.g. "converged at epoch 37" on snapshots LM filled in
 
 
 @dataclass
@@ -316,6 +317,7 @@ def read_run(run_dir: Path) -> Run:
                     fit_file=e["fit"],
                     x_fit=fit["x"],
                     y_fit=fit["y_fit"],
+                    note=e["note"] if isinstance(e.get("note"), str) else None,
                 )
             )
     else:
@@ -380,7 +382,7 @@ def snapshot_pages(run: Run, plotlyjs: str) -> dict[str, str]:
     d, epochs, loss_name = run.data, int(run.summary["epochs"]), run.cfg.loss
     return {
         s.file: plots.snapshot_page(
-            name=run.name,
+            name=run.name if s.note is None else f"{run.name} ({s.note})",
             epoch=s.epoch,
             epochs=epochs,
             loss=s.loss,
