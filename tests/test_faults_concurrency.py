@@ -1,0 +1,69 @@
+"""Fault suite 4: 64 `fitcli train` processes started at once into the same --out.
+
+Run directories are claimed with `os.mkdir` (which either creates or fails), so no two runs can
+share one even when they start in the same second with the same name: 64 distinct, complete
+run directories, each its own run's. (plotly.js from the CDN here, to spare CI 300 MB of
+copies; benchmarks/faults.py runs the same with a copy in every directory.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import yaml
+from conftest import ROOT
+from test_faults_signals import assert_files_parse
+
+RUNS = 64
+
+TINY = {
+    "name": "crowd",
+    "seed": 0,
+    "device": "cpu",
+    "epochs": 5,
+    "snapshots": 1,
+    "data": {"target": "2*x + 1", "x": {"start": 0, "stop": 1, "num": 20}, "noise": {"std": 0.1}},
+    "model": {"basis": ["1", "x"]},
+    "optimizer": {"name": "SGD", "lr": 0.1},
+}
+
+
+def test_64_runs_at_once_into_one_out_make_64_complete_run_directories(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "runs"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fitcli.cli", "train", str(cfg), f"seed={k}"]
+            + ["--out", str(out), "--progress", "none", "--json", "--plotlyjs", "cdn"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for k in range(RUNS)
+    ]
+    summaries = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr
+        summaries.append(json.loads(stdout))
+    dirs = sorted(p for p in out.iterdir())
+    assert len(dirs) == RUNS and all(p.is_dir() for p in dirs)
+    assert len({s["run_dir"] for s in summaries}) == RUNS
+    # Each directory is complete and holds exactly its own run (seed k went to one place).
+    seeds = set()
+    for run in dirs:
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["epochs_run"] == 5
+        assert summary["run_dir"] == str(run)
+        assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == summary["seed"]
+        assert {p.name for p in run.iterdir()} >= {
+            "summary.json", "config.yaml", "data.csv", "metrics.csv",
+            "snapshots", "state.json",
+        }  # fmt: skip
+        assert assert_files_parse(run) >= 10
+        seeds.add(summary["seed"])
+    assert seeds == set(range(RUNS))
