@@ -31,6 +31,8 @@ from conftest import CONFIGS, fitcli_process
 from fitcli.cli import app
 
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))
+# benchmarks/faults.py sets this above 1: every mutation, more random files, more seeds.
+SCALE = int(os.environ.get("FITCLI_FAULTS_SCALE", "1"))
 
 # Keys a config cannot do without (given the shape of the shipped configs).
 REQUIRED = {
@@ -523,7 +525,9 @@ def run_all(runner, tmp: Path, cases: list[Mutation]) -> tuple[Counter, list[str
 
 
 def test_at_least_a_thousand_broken_configs_all_exit_2(runner, tmp_path):
-    cases = mutations()
+    cases = mutations(full=SCALE > 1, random_files=24 * SCALE)
+    for seed in range(1, SCALE):
+        cases += binaries(random.Random(seed), 24 * SCALE)
     assert len(cases) >= 1000
     counts, failures = run_all(runner, tmp_path, cases)
     print(f"\n{len(cases)} mutated configs: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

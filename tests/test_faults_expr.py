@@ -9,6 +9,7 @@ expressions through config loading and preparation: nothing but fitcli's own inp
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from fitcli.config import load_config
 from fitcli.errors import FitcliError, InputError
 
 SLOTS = ("target", "basis", "expr")
+# benchmarks/faults.py sets this above 1: every payload through a real process, more examples.
+SCALE = int(os.environ.get("FITCLI_FAULTS_SCALE", "1"))
 
 
 def place(payload: str, slot: str) -> dict:
@@ -77,6 +80,8 @@ SUBPROCESS_PAYLOADS = [
     "x+" * 100000 + "x",
     "x\n__import__('os').system('touch {marker}')",
 ]
+if SCALE > 1:
+    SUBPROCESS_PAYLOADS = PAYLOADS
 
 
 @pytest.mark.parametrize("slot", SLOTS)
@@ -129,7 +134,7 @@ def check_config(tmp_path: Path, cfg: dict) -> None:
 
 
 @settings(
-    max_examples=150,
+    max_examples=150 * SCALE,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
