@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,7 +262,10 @@ def _read_fast(path: Path, columns: Any) -> list[np.ndarray] | None:
             body_end -= 1
         if body_end <= body_start:
             return None
+        # Pages of the map that are done with are dropped from this process's resident set
+        # (they stay in the page cache): memory is the output plus one block, not the file.
         nrows = 1 + _count_newlines(mm, body_start, body_end)
+        released = 0
         out = [np.empty(nrows, dtype=np.float64) for _ in wanted]
         usecols = wanted if delimiter is not None else None
         row = 0
@@ -293,6 +297,9 @@ def _read_fast(path: Path, columns: Any) -> list[np.ndarray] | None:
                 for j, col in enumerate(out):
                     col[row : row + k] = table[:, j]
                 row += k
+                done = a - a % mmap.PAGESIZE
+                _release(mm, released, done)
+                released = max(released, done)
         except (ValueError, UnicodeDecodeError, IndexError):
             return None
     if row != nrows:
@@ -303,15 +310,23 @@ def _read_fast(path: Path, columns: Any) -> list[np.ndarray] | None:
 _OTHER_LINE_BREAKS = frozenset("\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
 
 
+def _release(mm: Any, start: int, end: int) -> None:
+    """Drop mapped pages [start, end) from the resident set, where the platform can."""
+    if end > start and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
 def _count_newlines(mm: Any, start: int, end: int) -> int:
     view = np.frombuffer(mm, dtype=np.uint8, count=end - start, offset=start)
+    total = 0
     try:
-        return sum(
-            int(np.count_nonzero(view[k : k + READ_BLOCK] == 10))
-            for k in range(0, view.shape[0], READ_BLOCK)
-        )
+        for k in range(0, view.shape[0], READ_BLOCK):
+            total += int(np.count_nonzero(view[k : k + READ_BLOCK] == 10))
+            done = start + k + READ_BLOCK
+            _release(mm, 0, done - done % mmap.PAGESIZE)
     finally:
         del view  # release the export, or the map cannot be closed
+    return total
 
 
 def _plain_block(block: bytes, delimiter: str | None, ncols: int) -> bool:
