@@ -248,3 +248,26 @@ def test_second_sigint_while_the_run_directory_is_being_filled(runner, tmp_path,
     assert summary["status"] == "interrupted" and summary["exit_code"] == 130
     monkeypatch.undo()  # plot copies plotly.js too
     plot_reads(runner, run)
+
+
+def test_second_sigint_while_the_summary_is_being_finished(runner, tmp_path, monkeypatch):
+    """Found by the random SIGINT test: a second Ctrl-C during the final summary write left
+    summary.json saying "running" (finishing was outside the handler that marks the run)."""
+    from fitcli import store
+
+    real = store.write_json
+
+    def write(path, obj):
+        if path.name == "summary.json" and obj.get("status") == "completed":
+            raise KeyboardInterrupt
+        return real(path, obj)
+
+    monkeypatch.setattr(store, "write_json", write)
+    out = tmp_path / "runs"
+    result = runner.invoke(
+        app, ["train", str(write_config(tmp_path, epochs=20)), "--out", str(out)]
+    )
+    assert result.exit_code == 130, result.output
+    (run,) = out.iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["epochs_run"] == 20

@@ -349,6 +349,21 @@ def execute(
         writer.metrics(result)
         if prep.lm:
             fill_converged_snapshots(writer, prep, result)
+        # Still inside: a second Ctrl-C or a fault while finishing must not leave "running".
+        summary.update(
+            status=result.status,
+            exit_code=int(EXIT_FOR_STATUS[result.status]),
+            epochs_run=result.epochs_run,
+            final_loss=result.final_loss,
+            params=prep.model.values(),
+            reason=result.reason,
+            elapsed_s=time.perf_counter() - t0,
+            finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
+        if prep.lm:
+            summary.update(prep.stepper.summary_fields())
+        summary.update(finish_stats(prep, result))
+        store.write_json(run_dir / store.SUMMARY, summary)
     except BaseException as exc:
         summary.update(
             status="failed",
@@ -362,20 +377,6 @@ def execute(
         with contextlib.suppress(FitcliError):
             store.write_json(run_dir / store.SUMMARY, summary)
         raise
-    summary.update(
-        status=result.status,
-        exit_code=int(EXIT_FOR_STATUS[result.status]),
-        epochs_run=result.epochs_run,
-        final_loss=result.final_loss,
-        params=prep.model.values(),
-        reason=result.reason,
-        elapsed_s=time.perf_counter() - t0,
-        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    )
-    if prep.lm:
-        summary.update(prep.stepper.summary_fields())
-    summary.update(finish_stats(prep, result))
-    store.write_json(run_dir / store.SUMMARY, summary)
     return summary
 
 
