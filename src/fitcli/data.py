@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import mmap
 import re
@@ -221,12 +222,11 @@ def _read_fast(path: Path, columns: Any) -> list[np.ndarray] | None:
     """The wanted columns as contiguous float64 arrays, or None to leave it to `_read_precise`.
 
     The body's newlines are counted once for its number of rows, then blocks of whole lines
-    (READ_BLOCK bytes) are parsed by np.loadtxt straight into preallocated arrays. Rows of a
-    delimited file are checked to have exactly the header's number of cells (loadtxt with
-    usecols would not notice a surplus); a whitespace table is parsed whole, where loadtxt
-    itself rejects ragged rows.
+    (READ_BLOCK bytes) are parsed by `_parse_block` into preallocated arrays. Anything that is
+    not a plain numeric table gives up here: a comment, text or non-ASCII cell does not parse, a
+    blank line or empty cell is not finite, a ragged row changes the width or fails to parse,
+    and a count of rows that differs from the newline count is caught at the end.
     """
-    import io
     import mmap
 
     with open(path, "rb") as fh:
@@ -267,7 +267,6 @@ def _read_fast(path: Path, columns: Any) -> list[np.ndarray] | None:
         nrows = 1 + _count_newlines(mm, body_start, body_end)
         released = 0
         out = [np.empty(nrows, dtype=np.float64) for _ in wanted]
-        usecols = wanted if delimiter is not None else None
         row = 0
         a = body_start
         try:
@@ -276,21 +275,10 @@ def _read_fast(path: Path, columns: Any) -> list[np.ndarray] | None:
                 b = body_end if b < 0 else b
                 block = mm[a:b]
                 a = b + 1
-                if not _plain_block(block, delimiter, ncols):
+                table = _parse_block(block, delimiter)
+                if table.ndim != 2 or table.shape[1] != ncols:
                     return None
-                table = np.loadtxt(
-                    io.BytesIO(block),
-                    dtype=np.float64,
-                    delimiter=delimiter,
-                    usecols=usecols,
-                    comments=None,
-                    ndmin=2,
-                    encoding="latin1",  # checked ASCII: the cheapest decoding
-                )
-                if delimiter is None:
-                    if table.shape[1] != ncols:
-                        return None
-                    table = table[:, wanted]
+                table = table[:, wanted]
                 k = table.shape[0]
                 if row + k > nrows or not np.isfinite(table).all():
                     return None
@@ -300,11 +288,43 @@ def _read_fast(path: Path, columns: Any) -> list[np.ndarray] | None:
                 done = a - a % mmap.PAGESIZE
                 _release(mm, released, done)
                 released = max(released, done)
-        except (ValueError, UnicodeDecodeError, IndexError):
+        except (ValueError, UnicodeDecodeError, IndexError, TypeError):
             return None
     if row != nrows:
         return None
     return out
+
+
+def _parse_block(block: bytes, delimiter: str | None) -> np.ndarray:
+    """A block of plain numeric lines as a float64 table (rows x all columns).
+
+    pandas' C tokenizer and float parser read a block several times faster than
+    numpy.loadtxt, with the same bits (both round-trip every float64 written with 17 digits).
+    Strict: the first line fixes the width, a longer line is a ParserError (a ValueError), a
+    shorter one or an empty cell is not a number; any of these sends the caller to the precise
+    reader, which names the line.
+    """
+    try:
+        import pandas as pd
+    except ImportError:  # pragma: no cover - pandas is a dependency; keep working without it
+        return np.loadtxt(
+            io.BytesIO(block),
+            dtype=np.float64,
+            delimiter=delimiter,
+            comments=None,
+            ndmin=2,
+            encoding="latin1",
+        )
+    frame = pd.read_csv(
+        io.BytesIO(block),
+        sep=delimiter if delimiter is not None else r"\s+",
+        header=None,
+        dtype=np.float64,
+        engine="c",
+        na_filter=False,  # "nan", "NA", "": not numbers here; the precise reader says so
+        skip_blank_lines=False,
+    )
+    return frame.to_numpy(dtype=np.float64)
 
 
 _OTHER_LINE_BREAKS = frozenset("\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
@@ -327,27 +347,6 @@ def _count_newlines(mm: Any, start: int, end: int) -> int:
     finally:
         del view  # release the export, or the map cannot be closed
     return total
-
-
-def _plain_block(block: bytes, delimiter: str | None, ncols: int) -> bool:
-    """Whether a block of body lines is plain data: ASCII, no comment or blank line, and (for a
-    delimited file) exactly ncols - 1 delimiters on every line."""
-    if b"#" in block or not block.isascii():
-        return False
-    lf = b"\n"
-    if lf + lf in block or b"\n\r\n" in block or block.startswith((lf, b"\r\n")):
-        return False
-    if delimiter is None:
-        return True
-    arr = np.frombuffer(block, dtype=np.uint8)
-    newlines = np.flatnonzero(arr == 10)
-    delims = np.flatnonzero(arr == ord(delimiter))
-    per_row = ncols - 1
-    if delims.shape[0] != (newlines.shape[0] + 1) * per_row:
-        return False
-    # The k-th delimiter must lie on line k // per_row: each line holds exactly per_row of them.
-    line_of = np.searchsorted(newlines, delims)
-    return bool((line_of == np.arange(delims.shape[0]) // per_row).all())
 
 
 def _read_precise(path: Path, columns: Any) -> Dataset:
