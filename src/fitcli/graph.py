@@ -160,14 +160,15 @@ def autograd_graph(prep: Any) -> Graph:
     data = {"x (data)": prep.x, "y (data)": prep.y, "weights 1/sigma (data)": prep.weights}
     # Tensors the model keeps (a basis model's cached design matrix, bounds, fixed values),
     # named after their attribute, so saved tensors that are them get a name.
+    design = getattr(model, "_designs", [])
+    for _, (phi, phi_t) in design:
+        data.setdefault("design matrix [b_k(x)]", phi)
+        if phi_t is not None:
+            data.setdefault("design matrix [b_k(x)] transposed", phi_t)
     for name, t in [*vars(model).items(), *model.named_buffers()]:
         if not isinstance(t, torch.Tensor) or t is model.raw:
             continue
-        if "phi" in name:
-            label = "design matrix [b_k(x)]" + (" transposed" if name.endswith("_t") else "")
-        else:
-            label = f"{name.strip('_')} (model)"
-        data.setdefault(label, t)
+        data.setdefault(f"{name.strip('_')} (model)", t)
     return build_graph(loss, params=params, data=data)
 
 

@@ -184,18 +184,23 @@ class BasisModel(FitModel):
         infos = [ParamInfo(f"theta{k}", float(v)) for k, v in enumerate(init)]
         super().__init__(infos, dtype)
         self.basis = list(basis)
-        self._cache_x: torch.Tensor | None = None
-        self._cache_phi: torch.Tensor | None = None
-        self._cache_phi_t: torch.Tensor | None = None
+        # x tensor -> [phi, phi transposed or None], for the last two x seen (the data and the
+        # snapshot grid): a snapshot must not evict the training data's design matrix.
+        self._designs: list[tuple[torch.Tensor, list]] = []
 
-    def design(self, x: torch.Tensor) -> torch.Tensor:
-        """The n x p design matrix [b0(x), b1(x), ...]; cached for the last x it was built for."""
-        if x is self._cache_x and self._cache_phi is not None:
-            return self._cache_phi
+    def _design_entry(self, x: torch.Tensor) -> list:
+        for seen, entry in self._designs:
+            if seen is x:
+                return entry
         with torch.no_grad():
             phi = torch.stack([b(x) for b in self.basis], dim=-1)
-        self._cache_x, self._cache_phi, self._cache_phi_t = x, phi, None
-        return phi
+        entry = [phi, None]
+        self._designs = [(x, entry), *self._designs[:1]]
+        return entry
+
+    def design(self, x: torch.Tensor) -> torch.Tensor:
+        """The n x p design matrix [b0(x), b1(x), ...]; cached for the last two x seen."""
+        return self._design_entry(x)[0]
 
     def predict_full(self, full: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         phi = self.design(x)
@@ -205,10 +210,10 @@ class BasisModel(FitModel):
 
     def design_t(self, x: torch.Tensor) -> torch.Tensor:
         """The p x n transposed design matrix, contiguous (what `rows_dot` reads)."""
-        phi = self.design(x)
-        if self._cache_phi_t is None:
-            self._cache_phi_t = phi.T.contiguous()
-        return self._cache_phi_t
+        entry = self._design_entry(x)
+        if entry[1] is None:
+            entry[1] = entry[0].T.contiguous()
+        return entry[1]
 
     def bind(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
         if self._all_free_unbounded:

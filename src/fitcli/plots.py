@@ -29,6 +29,15 @@ def text(s: Any) -> str:
     return html.escape(str(s), quote=True)
 
 
+def typed(values: Any) -> dict:
+    """A numeric array as a plotly.js typed array (base64 float64): exact, about half the size
+    of decimal JSON, and encoded in microseconds instead of milliseconds."""
+    import base64
+
+    arr = np.ascontiguousarray(values, dtype="<f8")
+    return {"dtype": "f8", "bdata": base64.b64encode(arr.tobytes()).decode("ascii")}
+
+
 def downsample(n: int, limit: int = MAX_POINTS) -> tuple[slice, str]:
     """An even stride keeping at most `limit` of n points, and a legend note when it drops any."""
     if n <= limit:
@@ -65,8 +74,8 @@ def snapshot_figure(
             "type": "scattergl" if len(x) > 20000 else "scatter",
             "mode": "markers",
             "name": "observed" + note,
-            "x": x[sl],
-            "y": y[sl],
+            "x": typed(x[sl]),
+            "y": typed(y[sl]),
             "marker": {"size": 4, "color": "rgba(99,110,250,0.45)"},
         },
     ]
@@ -76,8 +85,8 @@ def snapshot_figure(
                 "type": "scatter",
                 "mode": "lines",
                 "name": "true curve",
-                "x": x[sl],
-                "y": y_true[sl],
+                "x": typed(x[sl]),
+                "y": typed(y_true[sl]),
                 "line": {"color": "#2ca02c", "dash": "dash"},
             }
         )
@@ -86,8 +95,8 @@ def snapshot_figure(
             "type": "scatter",
             "mode": "lines",
             "name": "fit",
-            "x": x_fit,
-            "y": y_fit,
+            "x": typed(x_fit),
+            "y": typed(y_fit),
             "line": {"color": "#d62728", "width": 3},
         }
     )
