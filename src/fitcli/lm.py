@@ -5,8 +5,10 @@ Conventions. ``fn(theta, x) -> yhat`` is a pure, differentiable torch function; 
 ``J = d(w * fn)/d(theta)`` is the Jacobian of the weighted model, so that the Gauss-Newton step is
 ``delta = (J^T J)^-1 J^T r`` and the steepest-descent direction of the cost is ``+J^T r``.
 
-J is built by forward-mode autograd (`torch.func.jacfwd`: p forward passes, no finite differences),
-and only the p x p matrix J^T J and the p-vector J^T r are kept, accumulated in float64 over chunks
+J is built by forward-mode autograd (`torch.func.jacfwd`: p forward passes, no finite differences)
+or, for a model that treats each parameter as a scalar broadcast over the rows, by one reverse
+pass with one leaf per parameter (`_jacobian_rowwise`). Only the p x p matrix J^T J and the
+p-vector J^T r are kept, accumulated in float64 over chunks
 of rows, so memory stays bounded however many points there are. The iteration is Moré's scaled
 Levenberg-Marquardt (MINPACK) with Nielsen's damping update:
 
@@ -43,6 +45,8 @@ MIN_DAMPING = 1e-300
 # elementwise op (3-5x slower at 10^6 rows). On CUDA big chunks keep kernel launches few.
 JACOBIAN_CHUNK_BYTES = 4_000_000
 JACOBIAN_CHUNK_BYTES_CUDA = 64_000_000
+# The curvature guard estimates J^T m_vv from at most about this many evenly strided rows.
+GUARD_ROWS = 65536
 # Polishing starts where the quadratic model predicts less than this relative cost reduction
 # with the damping below POLISH_DAMPING (a nearly Gauss-Newton step): see `step`.
 POLISH_RTOL = 1e-10
@@ -86,15 +90,28 @@ def _jacobian_forward(model, theta: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def _jacobian_rowwise(model, theta: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The same, in one reverse pass, for a model that treats each theta[i] as a scalar.
 
-    Each row gets its own copy of theta (a [p, rows] leaf that broadcasts against x wherever
-    theta[i] does), so the gradient of sum(model) with respect to the copies is J^T. Several
-    times faster than vmap for small p; only valid for such models, which `_rowwise_ok` checks.
+    The model gets a list of p leaves instead of theta, leaf k being theta[k] expanded to `rows`
+    (a stride-0 view, no copy), so that ``theta[k]`` broadcasts against x as before. The
+    gradient of sum(model) with respect to leaf k is column k of J, as it is: no parameter is
+    selected out of a vector, so the backward pass builds no [rows, p] zero gradient per
+    parameter read (that scatter was half of the pass). Several times faster than vmap for
+    small p; only valid for such models, which `rowwise_ok` checks.
     """
-    copies = theta.detach()[:, None].expand(-1, rows).clone().requires_grad_()
+    flat = theta.detach().reshape(-1)
+    leaves = [flat[k].expand(rows).requires_grad_() for k in range(flat.numel())]
     with torch.enable_grad():
-        m = model(copies)
-        (jt,) = torch.autograd.grad(m.sum(), copies)
-    return jt.T, m.detach().reshape(-1)
+        m = model(leaves).reshape(-1)
+        grads = torch.autograd.grad(m.sum(), leaves, allow_unused=True)
+    zero = None
+    cols = []
+    for g in grads:
+        if g is None:  # the model does not depend on this parameter
+            if zero is None:
+                zero = torch.zeros(rows, dtype=m.dtype, device=m.device)
+            g = zero
+        cols.append(g)
+    # [p, rows] contiguous, returned transposed: J^T J is then one BLAS product of it.
+    return torch.stack(cols).T, m.detach()
 
 
 def _jacobian_columns(model, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -404,6 +421,7 @@ class LevenbergMarquardt:
         self.polish_norm: float | None = None
         self._jtj: np.ndarray | None = None
         self._jtr: np.ndarray | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor, float] | None = None
         self._cost_before: float | None = None
 
     # -- one iteration -------------------------------------------------------------------------
@@ -443,10 +461,15 @@ class LevenbergMarquardt:
             # second-order correction to the step along the model's curvature. A large step whose
             # correction is comparable to itself leaves the region where the linear model holds;
             # it is rejected even if it happens to lower the cost (it lands BoxBOD on a plateau).
+            # The guard is a yes/no on a ratio: at large n an evenly strided sample of rows
+            # estimates J^T m_vv well enough, at a fraction of three model passes over all rows.
             v = torch.from_numpy(delta).to(self.theta.device)
-            jt_vv = second_derivative_jt(
-                self.fn, self.theta, v, self.x, self.weights, self.chunk_size
-            )
+            n = self.x.shape[0]
+            stride = -(-n // GUARD_ROWS)
+            rows = slice(None, None, stride)
+            w = self.weights[rows] if self.weights is not None else None
+            jt_vv = second_derivative_jt(self.fn, self.theta, v, self.x[rows], w, self.chunk_size)
+            jt_vv = jt_vv * (n / self.x[rows].shape[0])
             self.n_fev += 3
             accel = _solve_damped_np(jtj, jt_vv.cpu().numpy(), self.damping, scale2)
             ratio = float(np.linalg.norm(d * accel)) / step_norm if step_norm else 0.0
@@ -454,10 +477,22 @@ class LevenbergMarquardt:
                 return self._reject(step_norm, theta_norm)
         trial = torch.from_numpy(theta64 + delta).to(self.theta.device, self.theta.dtype)
         trial = trial.reshape(self.theta.shape)
-        new_cost = 0.5 * residual_sum_of_squares(
-            self.fn, trial, self.x, self.y, self.weights, self.chunk_size
-        )
-        self.n_fev += 1
+        pending = None
+        if self.nu == 2.0 and self.rowwise:
+            # The last step was accepted, so this one likely is too: linearize at the trial
+            # right away. Its pass yields the cost as well, so an accepted trial costs one model
+            # pass instead of two (the Jacobian at the new theta re-ran the model); a rejected
+            # one wastes a backward pass.
+            pending = jtj_jtr(
+                self.fn, trial, self.x, self.y, self.weights, self.chunk_size, self.rowwise
+            )
+            self.n_jev += 1
+            new_cost = 0.5 * pending[2]
+        else:
+            new_cost = 0.5 * residual_sum_of_squares(
+                self.fn, trial, self.x, self.y, self.weights, self.chunk_size
+            )
+            self.n_fev += 1
         actual = cost - new_cost if math.isfinite(new_cost) else -math.inf
         rho = actual / predicted if predicted > 0 else -math.inf
         if polishing and actual >= -POLISH_RTOL * cost:
@@ -468,6 +503,7 @@ class LevenbergMarquardt:
         self.theta = trial
         self.cost = new_cost
         self._jtj = self._jtr = None
+        self._pending = pending
         self.damping = max(self.damping * max(1 / 3, 1 - (2 * rho - 1) ** 3), MIN_DAMPING)
         self.nu = 2.0
         if self.polish_norm is not None:
@@ -497,10 +533,14 @@ class LevenbergMarquardt:
         """J^T J, J^T r and the cost at theta; False (and converged) at a stopping point."""
         if self.rowwise is None:
             self.rowwise = rowwise_ok(self.fn, self.theta, self.x, self.weights)
-        jtj, jtr, rss = jtj_jtr(
-            self.fn, self.theta, self.x, self.y, self.weights, self.chunk_size, self.rowwise
-        )
-        self.n_jev += 1
+        if self._pending is not None:  # already built at this theta when it was a trial
+            jtj, jtr, rss = self._pending
+            self._pending = None
+        else:
+            jtj, jtr, rss = jtj_jtr(
+                self.fn, self.theta, self.x, self.y, self.weights, self.chunk_size, self.rowwise
+            )
+            self.n_jev += 1
         first = self.cost is None
         self.cost = 0.5 * rss
         jtj, jtr = jtj.cpu().numpy(), jtr.cpu().numpy()
@@ -537,7 +577,7 @@ class LevenbergMarquardt:
         self.theta = theta.detach().clone().to(dtype=self.theta.dtype, device=self.theta.device)
         self.cost = None
         self.polish_norm = None
-        self._jtj = self._jtr = None
+        self._jtj = self._jtr = self._pending = None
 
     # -- resume --------------------------------------------------------------------------------
 
@@ -584,4 +624,4 @@ class LevenbergMarquardt:
         for key in ("ftol", "xtol", "gtol"):
             if key in state:
                 setattr(self, key, float(state[key]))
-        self._jtj = self._jtr = None
+        self._jtj = self._jtr = self._pending = None

@@ -184,19 +184,52 @@ def validate_kwargs(kwargs: dict) -> list[str]:
 def model_function(model: Any, *, external: bool = False):
     """``fn(theta, x)`` of a `fitcli.model.FitModel` in the form the LM core and the error bars
     differentiate: ``model.predict`` (internal raw vector) or, with `external`,
-    ``model.predict_external`` (free parameters' values) for a 1-D theta; for a ``[p, rows]``
-    theta (the core's one-pass row-wise Jacobian, one parameter copy per row) the same model
-    evaluated row by row through the model's leading-batch convention. The core checks the
-    row-wise form against an exact Jacobian before it uses it."""
+    ``model.predict_external`` (free parameters' values) for a 1-D theta; for a list of p
+    tensors (the core's one-pass row-wise Jacobian: one leaf per free parameter, expanded over
+    the rows) the same model with each parameter read from its own leaf, so that no parameter is
+    selected out of a vector. The core checks the row-wise form against an exact Jacobian before
+    it uses it."""
     one = model.predict_external if external else model.predict
+    free = [info for info in model.infos if info.vary]
+    # Per free parameter, the bound transform of `FitModel.external` (None: unbounded).
+    transforms: list = [None] * len(free)
+    if not external and getattr(model, "_bounded", False):
+        import torch.nn.functional as F
 
-    def fn(theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if theta.dim() == 1:
+        for k, info in enumerate(free):
+            lo, hi = model.lo[k], model.hi[k]
+            if info.min is not None and info.max is not None:
+                transforms[k] = lambda u, lo=lo, hi=hi: lo + (hi - lo) * torch.sigmoid(u)
+            elif info.min is not None:
+                transforms[k] = lambda u, lo=lo: lo + F.softplus(u)
+            elif info.max is not None:
+                transforms[k] = lambda u, hi=hi: hi - F.softplus(u)
+    fixed_pos = {pos: k for k, pos in enumerate(model._fixed_pos)}
+    free_pos = {pos: k for k, pos in enumerate(model._free_pos)}
+
+    def columns(theta: list, x: torch.Tensor) -> list:
+        # All parameters in declaration order: free ones from their leaves, fixed ones as
+        # 0-dim tensors that broadcast.
+        out = []
+        for pos in range(len(model.names)):
+            if pos in free_pos:
+                k = free_pos[pos]
+                u = theta[k]
+                out.append(u if transforms[k] is None else transforms[k](u))
+            else:
+                out.append(model.fixed[fixed_pos[pos]])
+        return out
+
+    def fn(theta, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(theta, torch.Tensor):
             return one(theta, x)
-        rows = theta.T if external else model.external(theta.T)
-        full = model.full_vector(rows)  # [rows, all parameters]
+        values = columns(theta, x)
         if model.kind == "basis":
-            return (model.design(x) * full).sum(-1)
-        return model.predict_full(full, x[:, None])[..., 0]
+            phi_t = model.design(x).T
+            total = phi_t[0] * values[0]
+            for k in range(1, len(values)):
+                total = total + phi_t[k] * values[k]
+            return total
+        return model.expression(x, dict(zip(model.names, values, strict=True)))
 
     return fn
