@@ -354,3 +354,21 @@ def test_resume_refuses_edited_data_file(runner, tmp_path):
     data.write_text(data.read_text().replace("\n3,7\n", "\n3,8\n"))
     result = cli(runner, "train", "--resume", str(run))
     assert result.exit_code == 2 and "the data differ" in result.output
+
+
+def test_levenberg_marquardt_run_resumes_exactly(runner, tmp_path):
+    """Resume is generic over steppers with state_dict/load_state_dict: the LM stepper too."""
+    from conftest import CONFIGS
+
+    cfg = CONFIGS / "nist-misra1a.yaml"
+    reference = tmp_path / "reference"
+    train_full(runner, cfg, reference)
+    want = json.loads((reference / "summary.json").read_text())
+    for stop in (1, 4):
+        run = tmp_path / f"stop{stop}"
+        assert train_stopped_at(cfg, run, stop)["status"] == "interrupted"
+        result = cli(runner, "train", "--resume", str(run))
+        assert result.exit_code == 0, result.output
+        got = json.loads((run / "summary.json").read_text())
+        assert got["params"] == want["params"] and got["epochs_run"] == want["epochs_run"]
+        assert metrics(run) == metrics(reference)
