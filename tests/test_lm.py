@@ -251,3 +251,39 @@ def test_cuda_fit_matches_cpu():
     run(lm)
     assert lm.theta.is_cuda
     assert worst_lre(lm.theta.cpu().tolist(), p.certified) >= 6
+
+
+def test_trust_region_variant_reaches_certified_values():
+    p = SUITE["Misra1a"]
+    x, y = tensors(p)
+    for start in (1, 2):
+        lm = LevenbergMarquardt(
+            MODELS["Misra1a"],
+            x,
+            y,
+            torch.tensor(p.start(start), dtype=torch.float64),
+            trust_region=True,
+        )
+        run(lm, 500)
+        assert lm.converged and lm.radius is not None
+        assert worst_lre(lm.theta.tolist(), p.certified) >= 6
+
+
+@pytest.mark.slow
+def test_mgh10_start1_restarts_with_the_trust_region_and_resumes_identically():
+    """MGH10 from start 1 crawls under damping; the restart from theta0 reaches the answer."""
+    p = SUITE["MGH10"]
+    x, y = tensors(p)
+    theta0 = torch.tensor(p.start1, dtype=torch.float64)
+    a = LevenbergMarquardt(MODELS["MGH10"], x, y, theta0, restart_after=50)
+    run(a, 60)
+    assert a.trust_region and a.max_accel_ratio is None
+    state = json.loads(json.dumps(a.state_dict(), allow_nan=False))
+    b = LevenbergMarquardt(MODELS["MGH10"], x, y, theta0 * 2)
+    b.load_state_dict(state)
+    for _ in range(3000):
+        sa, sb = a.step(), b.step()
+        assert sa == sb and torch.equal(a.theta, b.theta)
+        if sa.converged:
+            break
+    assert worst_lre(a.theta.tolist(), p.certified) >= 6

@@ -45,6 +45,8 @@ MIN_DAMPING = 1e-300
 # elementwise op (3-5x slower at 10^6 rows). On CUDA big chunks keep kernel launches few.
 JACOBIAN_CHUNK_BYTES = 4_000_000
 JACOBIAN_CHUNK_BYTES_CUDA = 64_000_000
+# Moré's initial trust radius: this factor times |D theta0| (MINPACK's default `factor`).
+TRUST_FACTOR = 100.0
 # The curvature guard estimates J^T m_vv from at most about this many evenly strided rows.
 GUARD_ROWS = 65536
 # Polishing starts where the quadratic model predicts less than this relative cost reduction
@@ -355,6 +357,43 @@ def _solve_damped_np(
     return z * s
 
 
+def _trust_region_damping(
+    jtj: np.ndarray, jtr: np.ndarray, scale2: np.ndarray, radius: float
+) -> float:
+    """Moré's ``lmpar``: the damping whose step has ``|D delta| = radius`` (within 10%), or 0
+    when the Gauss-Newton step is shorter than that.
+
+    In the scaled variables ``z = D delta`` the system is ``(A + par I) z = b`` with eigenvalues
+    e_i and components q_i of b, so ``|z(par)|^2 = sum q_i^2 / (e_i + par)^2`` and the root is
+    found by Hebden's safeguarded Newton iteration on ``1/|z| - 1/radius``.
+    """
+    s = 1.0 / np.sqrt(scale2)
+    a = jtj * s[:, None] * s[None, :]
+    evals, evecs = np.linalg.eigh(a)
+    q2 = (evecs.T @ (jtr * s)) ** 2
+    cutoff = max(float(np.abs(evals).max()), 1e-300) * a.shape[0] * np.finfo(np.float64).eps
+    keep = evals > cutoff
+    gn = math.sqrt(float((q2[keep] / evals[keep] ** 2).sum()))
+    if not math.isfinite(gn) or gn <= 1.1 * radius:
+        return 0.0
+    lo, hi = 0.0, math.sqrt(float(q2.sum())) / radius
+    par = hi * 1e-3
+    for _ in range(30):
+        inv = 1.0 / np.maximum(evals + par, 1e-300)
+        znorm = math.sqrt(float((q2 * inv**2).sum()))
+        if abs(znorm - radius) <= 0.1 * radius:
+            break
+        if znorm > radius:
+            lo = par
+        else:
+            hi = par
+        slope = float((q2 * inv**3).sum())
+        par = par + (znorm - radius) / radius * znorm**2 / slope if slope > 0 else hi
+        if not lo < par < hi:
+            par = math.sqrt(lo * hi) if lo > 0 else 0.5 * hi
+    return par
+
+
 @dataclass
 class LMStep:
     """What one Levenberg-Marquardt iteration did."""
@@ -397,12 +436,15 @@ class LevenbergMarquardt:
         damping: float = 1e-3,
         max_accel_ratio: float | None = 0.75,
         chunk_size: int | None = None,
+        trust_region: bool = False,
+        restart_after: int | None = 1000,
     ) -> None:
         self.fn = fn
         self.x = x
         self.y = y
         self.weights = weights
         self.theta = theta0.detach().clone()
+        self.theta0 = self.theta.clone()
         self.ftol = ftol
         self.xtol = xtol
         self.gtol = gtol
@@ -411,6 +453,11 @@ class LevenbergMarquardt:
         self.rowwise: bool | None = None
         self.damping = float(damping)
         self.nu = 2.0
+        # Moré's trust region (MINPACK lmder): the damping follows from a radius on |D delta|,
+        # started at TRUST_FACTOR * |D theta0|; None until the first Jacobian.
+        self.trust_region = trust_region
+        self.radius: float | None = None
+        self.restart_after = restart_after
         self.cost: float | None = None
         self.scale2: np.ndarray | None = None
         self.n_iter = 0
@@ -435,6 +482,26 @@ class LevenbergMarquardt:
             self._cost_before = self.cost
             return self._result(accepted=False)
         self._cost_before = self.cost
+        if (
+            not self.trust_region
+            and self.restart_after is not None
+            and self.n_iter >= self.restart_after
+            and self.polish_norm is None
+        ):
+            # Restart: a fit still far from converged after this many iterations is crawling
+            # along a curved valley under damping. Start over from theta0 with Moré's trust
+            # region and without the curvature guard, whose long first steps jump the valley
+            # (MGH10 from NIST's start 1, as MINPACK does).
+            self.trust_region = True
+            self.max_accel_ratio = None
+            self.radius = None
+            self.restart_after = None
+            self.theta = self.theta0.clone()
+            self.scale2 = None
+            self._jtj = self._jtr = self._pending = None
+            self.nu = 2.0
+            if not self._linearize():
+                return self._result(accepted=False)
         self.n_iter += 1
         # The p x p algebra runs in numpy: a few microseconds per call where torch's dispatch
         # costs tens, which is most of an iteration on NIST-sized problems.
@@ -443,14 +510,24 @@ class LevenbergMarquardt:
         d = np.sqrt(scale2)
         theta64 = self.theta.detach().cpu().numpy().astype(np.float64).reshape(-1)
         theta_norm = float(np.linalg.norm(d * theta64))
+        if self.trust_region:
+            self.radius_fresh = self.radius is None
+            if self.radius is None:
+                self.radius = TRUST_FACTOR * theta_norm if theta_norm > 0 else TRUST_FACTOR
+            self.damping = _trust_region_damping(jtj, jtr, scale2, self.radius)
         delta = _solve_damped_np(jtj, jtr, self.damping, scale2)
         step_norm = float(np.linalg.norm(d * delta))
+        if self.trust_region and self.radius_fresh:
+            self.radius = min(self.radius, step_norm)
+            self.radius_fresh = False
         # Predicted reduction of the quadratic model: g.d - 0.5 d.A.d.
         predicted = float(jtr @ delta - 0.5 * (delta @ (jtj @ delta)))
         # Polishing: once the model predicts almost nothing (and the step is nearly Gauss-Newton),
         # cost differences are rounding noise, but J^T r still points to the minimum; steps are
         # then taken while they keep contracting, which puts theta where the gradient vanishes.
-        polishing = predicted <= POLISH_RTOL * cost and self.damping <= POLISH_DAMPING
+        # (With the trust region: only for a Gauss-Newton step the radius does not cut short.)
+        nearly_gn = self.damping == 0 if self.trust_region else self.damping <= POLISH_DAMPING
+        polishing = predicted <= POLISH_RTOL * cost and nearly_gn
         if self.polish_norm is not None and (
             step_norm > POLISH_CONTRACTION * self.polish_norm
             or step_norm <= self.xtol * (self.xtol + theta_norm)
@@ -474,7 +551,7 @@ class LevenbergMarquardt:
             accel = _solve_damped_np(jtj, jt_vv.cpu().numpy(), self.damping, scale2)
             ratio = float(np.linalg.norm(d * accel)) / step_norm if step_norm else 0.0
             if not (math.isfinite(ratio) and ratio <= self.max_accel_ratio):
-                return self._reject(step_norm, theta_norm)
+                return self._reject(step_norm, theta_norm, curvature=True)
         trial = torch.from_numpy(theta64 + delta).to(self.theta.device, self.theta.dtype)
         trial = trial.reshape(self.theta.shape)
         pending = None
@@ -498,13 +575,18 @@ class LevenbergMarquardt:
         if polishing and actual >= -POLISH_RTOL * cost:
             self.polish_norm = step_norm
             rho = max(rho, 0.0)
+        elif self.trust_region:
+            self._update_radius(rho, actual, cost, delta, step_norm)
+            if not (rho >= 1e-4 and math.isfinite(new_cost)):
+                return self._reject(step_norm, theta_norm, radius_done=True)
         elif not (rho > 0 and math.isfinite(new_cost)):
             return self._reject(step_norm, theta_norm)
         self.theta = trial
         self.cost = new_cost
         self._jtj = self._jtr = None
         self._pending = pending
-        self.damping = max(self.damping * max(1 / 3, 1 - (2 * rho - 1) ** 3), MIN_DAMPING)
+        if not self.trust_region:
+            self.damping = max(self.damping * max(1 / 3, 1 - (2 * rho - 1) ** 3), MIN_DAMPING)
         self.nu = 2.0
         if self.polish_norm is not None:
             return self._result(True)
@@ -519,8 +601,44 @@ class LevenbergMarquardt:
         """Whether some parameter would change by more than 10% of its value."""
         return bool((np.abs(delta) > 0.1 * np.abs(theta)).any())
 
-    def _reject(self, step_norm: float, theta_norm: float) -> LMStep:
-        """A rejected trial: raise lambda (doubling its growth factor) and test for a stall."""
+    def _update_radius(
+        self, rho: float, actual: float, cost: float, delta: np.ndarray, step_norm: float
+    ) -> None:
+        """MINPACK lmder's radius update from the ratio of actual to predicted reduction."""
+        jtj = self._jtj
+        if rho <= 0.25:
+            if actual >= 0 or not math.isfinite(actual):
+                temp = 0.5
+            else:
+                # Interpolate the cost along the step (Moré 1978, eq. 8.5) for the shrink factor.
+                dirder = -(float(delta @ (jtj @ delta)) + self.damping * step_norm**2) / (2 * cost)
+                act = actual / cost
+                temp = 0.5 * dirder / (dirder + 0.5 * act) if dirder + 0.5 * act != 0 else 0.1
+            if not math.isfinite(actual) or actual < -99 * cost or temp < 0.1:
+                temp = 0.1
+            self.radius = temp * min(self.radius, step_norm / 0.1)
+        elif self.damping == 0 or rho >= 0.75:
+            self.radius = step_norm / 0.5
+
+    def _reject(
+        self,
+        step_norm: float,
+        theta_norm: float,
+        *,
+        curvature: bool = False,
+        radius_done: bool = False,
+    ) -> LMStep:
+        """A rejected trial: raise lambda (doubling its growth factor) or shrink the trust
+        radius, and test for a stall."""
+        if self.trust_region:
+            if not radius_done:
+                self.radius = 0.5 * min(self.radius, step_norm)
+            self.nu *= 2.0
+            if step_norm <= self.xtol * (self.xtol + theta_norm):
+                return self._stop(f"xtol: relative step < {self.xtol:g}", False)
+            if self.radius <= 1e-300:
+                return self._stop("trust region vanished: no decrease possible", False)
+            return self._result(False)
         self.damping *= self.nu
         self.nu *= 2.0
         if step_norm <= self.xtol * (self.xtol + theta_norm):
@@ -599,6 +717,11 @@ class LevenbergMarquardt:
             "converged": self.converged,
             "reason": self.reason,
             "polish_norm": self.polish_norm,
+            "radius": self.radius,
+            "trust_region": self.trust_region,
+            "restart_after": self.restart_after,
+            "max_accel_ratio": self.max_accel_ratio,
+            "theta0": [float(v) for v in self.theta0.detach().cpu().reshape(-1).tolist()],
             "ftol": self.ftol,
             "xtol": self.xtol,
             "gtol": self.gtol,
@@ -621,6 +744,14 @@ class LevenbergMarquardt:
         self.converged = bool(state.get("converged", False))
         self.reason = state.get("reason")
         self.polish_norm = state.get("polish_norm")
+        self.radius = state.get("radius")
+        self.trust_region = bool(state.get("trust_region", self.trust_region))
+        self.restart_after = state.get("restart_after", self.restart_after)
+        self.max_accel_ratio = state.get("max_accel_ratio", self.max_accel_ratio)
+        if state.get("theta0") is not None:
+            self.theta0 = torch.tensor(state["theta0"], dtype=ref.dtype, device=ref.device).reshape(
+                ref.shape
+            )
         for key in ("ftol", "xtol", "gtol"):
             if key in state:
                 setattr(self, key, float(state[key]))
