@@ -149,3 +149,48 @@ def test_cuda_matches_cpu():
     c, g = cpu.model.values(), gpu.model.values()
     for k in c:
         assert g[k] == pytest.approx(c[k], rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"optimizer": {"name": "SGD", "lr": 1e6}},  # diverges mid-window
+        {"batch_size": 8, "scheduler": {"name": "StepLR", "step_size": 4, "gamma": 0.5}},
+    ],
+)
+def test_deferred_reads_give_the_same_run(changes):
+    """CUDA reads the loss back every 64 epochs, not every epoch; on the CPU, forcing that mode
+    must give the very same history, snapshots and final state as reading every epoch."""
+    outcomes = []
+    for sync_every in (1, 7):
+        prep = make(changes)
+        snaps, seen = [], []
+        result = run(
+            prep,
+            epochs=30,
+            snapshots_at=[0, 10, 20, 30],
+            sync_every=sync_every,
+            on_epoch=lambda e, loss, seen=seen: seen.append((e, loss)) or False,
+            on_snapshot=lambda e, loss, snaps=snaps: snaps.append((e, loss)),
+        )
+        outcomes.append(
+            (
+                result.status,
+                result.epochs_run,
+                result.final_loss,
+                result.history.losses,
+                result.history.params,
+                result.history.lrs,
+                snaps,
+                seen,
+                prep.model.raw.tolist(),
+            )
+        )
+    assert outcomes[0] == outcomes[1]
+
+
+def test_deferred_reads_stop_at_the_end_of_the_window():
+    prep = make()
+    result = run(prep, epochs=30, sync_every=7, on_epoch=lambda e, loss: e == 3)
+    assert result.status == "interrupted" and result.epochs_run == 7
