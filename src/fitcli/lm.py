@@ -49,6 +49,12 @@ JACOBIAN_CHUNK_BYTES_CUDA = 64_000_000
 TRUST_FACTOR = 100.0
 # The curvature guard estimates J^T m_vv from at most about this many evenly strided rows.
 GUARD_ROWS = 65536
+# A damped fit restarts (see `LevenbergMarquardt.step`) when, over the last two windows of this
+# many iterations, the cost fell by less than STALL_RTOL relative, by about as much in each
+# (the second window's reduction within STALL_BAND times the first's).
+STALL_WINDOW = 50
+STALL_RTOL = 0.01
+STALL_BAND = (0.7, 1.4)
 # Polishing starts where the quadratic model predicts less than this relative cost reduction
 # with the damping below POLISH_DAMPING (a nearly Gauss-Newton step): see `step`.
 POLISH_RTOL = 1e-10
@@ -217,6 +223,34 @@ def jtj_jtr(
     return jtj, jtr, float(rss)
 
 
+def _normal_equations(
+    fn: Model,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor | None,
+    chunk_size: int | None,
+    rowwise: bool,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """`jtj_jtr` as numpy float64 arrays, for the iteration.
+
+    When all rows fit in one chunk on the CPU (NIST's tens to hundreds of points), the products
+    are taken in numpy straight from the one Jacobian: no accumulators and no device round
+    trip, which are much of an iteration's cost at that size.
+    """
+    n = y.shape[0]
+    size = chunk_size or default_chunk_size(theta.numel(), theta.device)
+    if theta.device.type == "cpu" and n <= size:
+        with _one_thread():
+            jac, r = _jacobian_and_residual(fn, theta.detach(), x, y, weights, rowwise)
+        jac = jac.detach().to(torch.float64).numpy()
+        r = r.detach().to(torch.float64).numpy()
+        with np.errstate(all="ignore"):  # non-finite values are the caller's to report
+            return jac.T @ jac, jac.T @ r, float(r @ r)
+    jtj, jtr, rss = jtj_jtr(fn, theta, x, y, weights, chunk_size, rowwise)
+    return jtj.cpu().numpy(), jtr.cpu().numpy(), rss
+
+
 def residual_sum_of_squares(
     fn: Model,
     theta: torch.Tensor,
@@ -230,6 +264,13 @@ def residual_sum_of_squares(
     # No Jacobian here: an explicit chunk_size stretches p-fold; the default stays cache-sized.
     p = theta.numel()
     size = chunk_size * max(p, 1) if chunk_size else default_chunk_size(p, theta.device)
+    if n <= size and theta.device.type == "cpu":  # one chunk: no accumulator
+        with torch.no_grad(), _one_thread():
+            r = y - fn(theta, x)
+            if weights is not None:
+                r = r * weights
+            r = r.to(torch.float64).reshape(-1)
+            return float(r @ r)
     total = torch.zeros((), dtype=torch.float64, device=theta.device)
     with torch.no_grad(), _chunk_threads(theta.device):
         for sl in _chunks(n, size):
@@ -472,15 +513,23 @@ class LevenbergMarquardt:
         self.converged = False
         self.reason: str | None = None
         self.polish_norm: float | None = None
+        # The cost every STALL_WINDOW iterations (the last three), for the stall restart.
+        self.cost_marks: list[float] = []
         self._jtj: np.ndarray | None = None
         self._jtr: np.ndarray | None = None
-        self._pending: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        self._pending: tuple[np.ndarray, np.ndarray, float] | None = None
         self._cost_before: float | None = None
 
     # -- one iteration -------------------------------------------------------------------------
 
     def step(self) -> LMStep:
         """One LM iteration: build J^T J at theta if stale, solve, try the step, adapt lambda."""
+        # On the CPU the whole iteration runs on one thread (see `_chunk_threads`): at NIST's
+        # sizes every op is tiny, and a thread barrier on a busy machine cost up to 10x.
+        with _chunk_threads(self.theta.device):
+            return self._step()
+
+    def _step(self) -> LMStep:
         self._cost_before = self.cost
         if self.converged:
             return self._result(accepted=False)
@@ -491,13 +540,14 @@ class LevenbergMarquardt:
         if (
             not self.trust_region
             and self.restart_after is not None
-            and self.n_iter >= self.restart_after
             and self.polish_norm is None
+            and (self.n_iter >= self.restart_after or self._stalled())
         ):
-            # Restart: a fit still far from converged after this many iterations is crawling
-            # along a curved valley under damping. Start over from theta0 with Moré's trust
-            # region and without the curvature guard, whose long first steps jump the valley
-            # (MGH10 from NIST's start 1, as MINPACK does).
+            # Restart: a fit still far from converged after this many iterations, or whose cost
+            # has been falling by a steady trickle for 100 iterations, is crawling along a curved
+            # valley under damping. Start over from theta0 with Moré's trust region and without
+            # the curvature guard, whose long first steps jump the valley (MGH10 from NIST's
+            # start 1, as MINPACK does).
             self.trust_region = True
             self.max_accel_ratio = None
             self.radius = None
@@ -566,7 +616,7 @@ class LevenbergMarquardt:
             # right away. Its pass yields the cost as well, so an accepted trial costs one model
             # pass instead of two (the Jacobian at the new theta re-ran the model); a rejected
             # one wastes a backward pass.
-            pending = jtj_jtr(
+            pending = _normal_equations(
                 self.fn, trial, self.x, self.y, self.weights, self.chunk_size, self.rowwise
             )
             self.n_jev += 1
@@ -601,6 +651,22 @@ class LevenbergMarquardt:
         if step_norm <= self.xtol * (self.xtol + theta_norm):
             return self._stop(f"xtol: relative step < {self.xtol:g}", True)
         return self._result(True)
+
+    def _stalled(self) -> bool:
+        """Record the cost every STALL_WINDOW iterations; True when the last two windows lowered
+        it by less than STALL_RTOL together, by about the same amount each: a steady crawl (MGH10
+        from start 1: 0.14% per window, ratio 1.03), unlike the shrinking reductions of a fit
+        closing in on its minimum (Bennett5: ratio about 0.5) or the growing ones of a fit
+        finding its way out of a flat region (MGH17 from start 1: ratio 1.6-2.5)."""
+        if self.n_iter % STALL_WINDOW:
+            return False
+        self.cost_marks = [*self.cost_marks, self.cost][-3:]
+        if len(self.cost_marks) < 3:
+            return False
+        c0, c1, c2 = self.cost_marks
+        lo, hi = STALL_BAND
+        first, second = c0 - c1, c1 - c2
+        return 0 < c0 - c2 <= STALL_RTOL * c0 and lo * first <= second <= hi * first
 
     @staticmethod
     def _large_step(delta: np.ndarray, theta: np.ndarray) -> bool:
@@ -661,13 +727,12 @@ class LevenbergMarquardt:
             jtj, jtr, rss = self._pending
             self._pending = None
         else:
-            jtj, jtr, rss = jtj_jtr(
+            jtj, jtr, rss = _normal_equations(
                 self.fn, self.theta, self.x, self.y, self.weights, self.chunk_size, self.rowwise
             )
             self.n_jev += 1
         first = self.cost is None
         self.cost = 0.5 * rss
-        jtj, jtr = jtj.cpu().numpy(), jtr.cpu().numpy()
         if not (math.isfinite(rss) and bool(np.isfinite(jtj).all())):
             where = "at start" if first else "at the current parameters"
             self._stop(f"non-finite residuals or Jacobian {where}", False)
@@ -723,6 +788,7 @@ class LevenbergMarquardt:
             "converged": self.converged,
             "reason": self.reason,
             "polish_norm": self.polish_norm,
+            "cost_marks": list(self.cost_marks),
             "radius": self.radius,
             "trust_region": self.trust_region,
             "restart_after": self.restart_after,
@@ -750,6 +816,7 @@ class LevenbergMarquardt:
         self.converged = bool(state.get("converged", False))
         self.reason = state.get("reason")
         self.polish_norm = state.get("polish_norm")
+        self.cost_marks = [float(c) for c in state.get("cost_marks", [])]
         self.radius = state.get("radius")
         self.trust_region = bool(state.get("trust_region", self.trust_region))
         self.restart_after = state.get("restart_after", self.restart_after)
