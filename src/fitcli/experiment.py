@@ -21,6 +21,7 @@ from fitcli.torchboot import import_torch
 torch = import_torch()
 
 import contextlib
+import operator
 
 from fitcli import __version__, optim, store
 from fitcli.data import Dataset, make_dataset, seed_streams
@@ -145,10 +146,19 @@ def resolved_config_text(cfg: Any, device: torch.device, command: list[str]) -> 
 
 
 class RunWriter:
-    """Writes a run directory's files; the only place experiment code touches the disk."""
+    """Writes a run directory's files; the only place experiment code touches the disk.
 
-    def __init__(self, run_dir: Path, prep: Prepared, plotlyjs: str) -> None:
+    With `defer_state`, params.json and state.json are written once, by `flush`, instead of at
+    every snapshot: their last versions are the same, and a run replayed from a finished
+    computation (`fitcli sweep`) has nothing to resume from in between.
+    """
+
+    def __init__(
+        self, run_dir: Path, prep: Prepared, plotlyjs: str, *, defer_state: bool = False
+    ) -> None:
         self.run_dir, self.prep, self.plotlyjs = run_dir, prep, plotlyjs
+        self.defer_state = defer_state
+        self._pending: dict | None = None  # the deferred save_state arguments
         self.snap_dir = run_dir / store.SNAPSHOTS
         self.snapshots: list[dict] = []
         epochs = prep.cfg.epochs
@@ -157,6 +167,7 @@ class RunWriter:
         lo, hi = float(np.min(ds.x)), float(np.max(ds.x))
         grid = np.linspace(lo, hi, FIT_GRID) if hi > lo else np.array([lo])
         self.grid = grid
+        self._fit_rows: list[str] | None = None  # "x," of each grid point, for the fit CSVs
         self.grid_t = torch.as_tensor(grid, dtype=prep.dtype).to(prep.device)
         # Snapshots draw the observations sorted by x: sort once here, not O(n log n) per snapshot
         # (a copy only when the data are unsorted; sorted data are passed as they are).
@@ -216,31 +227,71 @@ class RunWriter:
         # The fitted curve itself, exactly: `fitcli plot` rebuilds this page from it (the model
         # cannot be re-evaluated bit for bit on another device, dtype or through bounds).
         fit_name = fname.removesuffix(".html") + ".csv"
-        store.write_csv(
-            self.snap_dir / fit_name,
-            ["x", "y_fit"],
-            ([store.fmt(a), store.fmt(b)] for a, b in zip(self.grid, y_fit, strict=True)),
-        )
+        store.atomic_write(self.snap_dir / fit_name, self.fit_csv(y_fit))
         self.snapshots = [s for s in self.snapshots if s["epoch"] != epoch]
         entry = {"epoch": epoch, "loss": loss, "params": params, "file": fname, "fit": fit_name}
         self.snapshots.append(entry if note is None else {**entry, "note": note})
-        store.write_json(
-            self.run_dir / store.SNAPSHOT_PARAMS,
-            {"names": list(prep.model.names), "snapshots": self.snapshots},
-        )
+        if self.defer_state:
+            if self.history is not None:
+                self._pending = self._frozen_state(epoch)
+            elif self._pending is None:
+                self._pending = {}  # params.json still to write
+            return
+        self.write_params()
         if self.history is not None:
             # Last, so that a saved state always has its snapshot beside it (resume).
-            from fitcli.config import config_to_dict
-            from fitcli.state import save_state
+            self._save_state(epoch=epoch, model=prep.model, stepper=prep.stepper)
 
-            save_state(
-                self.run_dir,
-                epoch=epoch,
-                model=prep.model,
-                stepper=prep.stepper,
-                history=self.history,
-                config=config_to_dict(prep.cfg),
-            )
+    def fit_csv(self, y_fit: np.ndarray) -> str:
+        """snapshots/epoch-N.csv: `x,y_fit` rows by repr, what csv.writer with `store.fmt`
+        wrote (no float repr needs quoting); the x column is formatted once per run."""
+        if self._fit_rows is None:
+            self._fit_rows = [f"{v!r}," for v in self.grid.tolist()]
+        ys = y_fit.tolist()
+        if len(ys) != len(self._fit_rows):
+            raise ValueError(f"fitted curve has {len(ys)} points, the grid {len(self.grid)}")
+        return "x,y_fit\n" + "\n".join(map(operator.add, self._fit_rows, map(repr, ys))) + "\n"
+
+    def write_params(self) -> None:
+        store.write_json(
+            self.run_dir / store.SNAPSHOT_PARAMS,
+            {"names": list(self.prep.model.names), "snapshots": self.snapshots},
+        )
+
+    def _save_state(self, **kw: Any) -> None:
+        from fitcli.config import config_to_dict
+        from fitcli.state import save_state
+
+        history = kw.pop("history", self.history)
+        save_state(self.run_dir, history=history, config=config_to_dict(self.prep.cfg), **kw)
+
+    def _frozen_state(self, epoch: int) -> dict:
+        """save_state's arguments at this snapshot, copied: the run moves on before `flush`."""
+        import copy
+        from types import SimpleNamespace
+
+        from fitcli.train import History
+
+        h, stepper = self.history, self.prep.stepper
+        frozen = SimpleNamespace(raw=self.prep.model.raw.detach().clone())
+        if hasattr(stepper, "state_dict"):
+            state = stepper.state_dict()
+            if not getattr(stepper, "state_dicts_are_copies", False):
+                state = copy.deepcopy(state)
+            stepper = SimpleNamespace(state_dict=lambda: state)
+        else:
+            stepper = SimpleNamespace()
+        history = History(h.losses[:epoch], h.lrs[:epoch], h.elapsed[:epoch], h.params[:epoch])
+        return {"epoch": epoch, "model": frozen, "stepper": stepper, "history": history}
+
+    def flush(self) -> None:
+        """Write what `defer_state` held back: params.json, then state.json."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        self.write_params()
+        if pending:
+            self._save_state(**pending)
 
     def metrics(self, result: TrainResult, start_epoch: int = 0) -> None:
         hist = result.history
@@ -263,7 +314,7 @@ class RunWriter:
                     store.fmt(loss),
                     store.fmt(lr),
                     f"{t:.6f}",
-                    *(store.fmt(v) for v in vals),
+                    *map(repr, vals),  # floats from tolist(): store.fmt without the calls
                 ]
             )
         store.write_csv(
@@ -311,17 +362,19 @@ def execute(
     command: list[str] | None = None,
     on_epoch: Callable[[int, float], bool] | None = None,
     resume: Any = None,
+    defer_state: bool = False,
 ) -> dict:
     """Train a prepared run into `run_dir` (already created) and return its summary.
 
     With `resume` (a `state.ResumePoint`), continue that run directory from its saved state.
+    `defer_state` writes params.json and state.json once at the end (see `RunWriter`).
     """
     from fitcli.train import History
 
     command = command if command is not None else sys.argv
     cfg = prep.cfg
     t0 = time.perf_counter()
-    writer = RunWriter(run_dir, prep, plotlyjs)
+    writer = RunWriter(run_dir, prep, plotlyjs, defer_state=defer_state)
     summary = base_summary(prep, run_dir, command)
     history, start_epoch = History(), 0
     if resume is not None:
@@ -349,6 +402,7 @@ def execute(
         writer.metrics(result)
         if prep.lm:
             fill_converged_snapshots(writer, prep, result)
+        writer.flush()
         # Still inside: a second Ctrl-C or a fault while finishing must not leave "running".
         summary.update(
             status=result.status,
@@ -374,6 +428,8 @@ def execute(
         )
         if isinstance(exc, KeyboardInterrupt):
             summary.update(status="interrupted", exit_code=int(ExitCode.INTERRUPTED))
+        with contextlib.suppress(Exception):
+            writer.flush()  # the last snapshot's state, as fitcli train would have left it
         with contextlib.suppress(FitcliError):
             store.write_json(run_dir / store.SUMMARY, summary)
         raise
@@ -399,10 +455,38 @@ def fill_converged_snapshots(writer: RunWriter, prep: Prepared, result: TrainRes
         writer.history = history
 
 
+@contextlib.contextmanager
+def small_data_threads(n: int):
+    """One torch thread while working on fewer than `model.ROW_EXACT_LIMIT` points.
+
+    Below it torch's own kernels are serial anyway, but LAPACK (the QR of the fit statistics)
+    may split its work by thread count, so the last bits of the statistics would depend on how
+    many threads the calling process runs: one thread makes `fitcli train` and `fitcli sweep`
+    agree whatever each process uses. It is also faster: on busy cores a parallel region of a
+    small op waits for a second thread far longer than the op takes.
+    """
+    from fitcli.model import ROW_EXACT_LIMIT
+
+    threads = torch.get_num_threads()
+    if n >= ROW_EXACT_LIMIT or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def finish_stats(prep: Prepared, result: TrainResult) -> dict:
     """Error bars and fit statistics at the final parameters, in float64, after any optimizer;
     the closed-form optimum and the distance to the truth where they exist (`stats.run_report`).
     A failure here never fails the run: the summary then says why there are no error bars."""
+    with small_data_threads(prep.dataset.n):
+        return _finish_stats(prep, result)
+
+
+def _finish_stats(prep: Prepared, result: TrainResult) -> dict:
     import copy
 
     from fitcli.stats import run_report

@@ -14,6 +14,7 @@ leading run dimension on the parameters, one optimizer per distinct optimizer se
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -277,22 +278,30 @@ class Trace:
     batched: int = 1  # how many runs shared the tensor program
 
 
+class _Loss(float):
+    """A recorded loss as `train` reads a stepper's: `step().item()`."""
+
+    def item(self) -> float:
+        return float(self)
+
+
 class ReplayStepper:
     """Plays a Trace back into a model: what `train` sees in place of the real stepper."""
+
+    # `state_dict` hands out the trace's recorded states, which nothing changes afterwards.
+    state_dicts_are_copies = True
 
     def __init__(self, trace: Trace, model: Any) -> None:
         self.trace, self.model, self.k = trace, model, 0
         self.converged: str | None = None
+        self.rows = trace.params.unbind(0) if trace.params is not None else ()
 
     def step(self) -> Any:
-        import torch
-
         k = self.k
-        with torch.no_grad():
-            self.model.raw.copy_(self.trace.params[k])
+        self.model.raw.data.copy_(self.rows[k])  # `.data`: outside autograd, as under no_grad
         self.k = k + 1
         self.converged = self.trace.converged.get(k + 1)
-        return torch.tensor(self.trace.losses[k], dtype=torch.float64)
+        return _Loss(self.trace.losses[k])
 
     def lr(self) -> float:
         return self.trace.lrs[min(self.k, len(self.trace.lrs) - 1)]
@@ -673,13 +682,20 @@ def link_or_copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
-def write_run(plan: Plan, run: RunSpec, trace: Trace, run_dir: Path, plotlyjs: str) -> dict:
-    """The run directory `fitcli train` would write, from a trace; returns its summary."""
+def write_run(
+    plan: Plan, run: RunSpec, trace: Trace, run_dir: Path, plotlyjs: str, prep: Any = None
+) -> dict:
+    """The run directory `fitcli train` would write, from a trace; returns its summary.
+
+    `prep` is the run's prepared state when the caller still holds it untouched (a batched run
+    computed in this process), else it is prepared again from the plan.
+    """
     import dataclasses
 
-    from fitcli.experiment import execute, prepare
+    from fitcli.experiment import execute, prepare, small_data_threads
 
-    prep = prepare(plan.cfg(run))
+    if prep is None:
+        prep = prepare(plan.cfg(run))
     if plotlyjs == "directory":
         shared = run_dir.parent / SHARED_JS
         if shared.exists():
@@ -690,9 +706,18 @@ def write_run(plan: Plan, run: RunSpec, trace: Trace, run_dir: Path, plotlyjs: s
     def on_epoch(epoch: int, loss: float) -> bool:
         return stop_at is not None and epoch >= stop_at
 
-    summary = execute(
-        replay, run_dir, plotlyjs=plotlyjs, command=plan.command(run), on_epoch=on_epoch
-    )
+    # The replay only reads the trace and evaluates the model on the data and the snapshot grid:
+    # serial kernels below ROW_EXACT_LIMIT points, so one thread writes the same bytes, faster.
+    # params.json and state.json are written once: no one resumes from inside a replay.
+    with small_data_threads(prep.dataset.n):
+        summary = execute(
+            replay,
+            run_dir,
+            plotlyjs=plotlyjs,
+            command=plan.command(run),
+            on_epoch=on_epoch,
+            defer_state=True,
+        )
     if plotlyjs == "directory" and not (run_dir.parent / SHARED_JS).exists():
         link_or_copy(run_dir / store.PLOTLY_JS, run_dir.parent / SHARED_JS)
     return summary
@@ -899,7 +924,7 @@ def run_sweep(
     if progress is not None:
         progress.update(done[0], done[1])
 
-    def accept(trace: Trace) -> None:
+    def accept(trace: Trace, prep: Any = None) -> None:
         row = by_index[trace.index]
         target = sweep_dir / run_dir_name(plan, row.run)
         if trace.error is not None:
@@ -909,7 +934,7 @@ def run_sweep(
             console.warn(f"run {row.run.index} failed: {trace.error}")
         else:
             target = store.claim_run_dir(target, overwrite=True)
-            summary = write_run(plan, row.run, trace, target, options.plotlyjs)
+            summary = write_run(plan, row.run, trace, target, options.plotlyjs, prep)
             row_from_summary(row, summary, sweep_dir, target)
             if trace.batched > 1 and row.time_s is not None:
                 row.time_s = trace.wall + row.time_s
@@ -945,8 +970,17 @@ def _run_here(plan, cfgs, indices, accept, stop) -> None:
     for task in make_tasks(plan, cfgs, indices, 1):
         if stop():
             break
-        for trace in run_task(task, stop):
-            accept(trace)
+        # Imported after the check: torch takes seconds to import, and a Ctrl-C meanwhile must
+        # still find the runs started, so that they are written and marked interrupted.
+        from fitcli.experiment import prepare
+
+        preps = {}
+        for i in task.indices:
+            with contextlib.suppress(Exception):  # run_task reports it
+                preps[i] = prepare(cfgs[i])
+        for trace in run_task(task, stop, preps):
+            # A batch leaves its runs' prepared state untouched: the writer reuses it.
+            accept(trace, preps.pop(trace.index, None) if trace.batched > 1 else None)
 
 
 def _pool_init() -> None:
