@@ -1,11 +1,11 @@
 """The fault suite at a larger scale than CI runs it, with its figures.
 
-    .venv/bin/python benchmarks/faults.py            # scale 4 (about 15-25 minutes on 2 cores)
-    .venv/bin/python benchmarks/faults.py --scale 2
+    .venv/bin/python benchmarks/faults.py            # scale 2: 10 minutes on 2 shared cores
+    .venv/bin/python benchmarks/faults.py --scale 4
 
 Runs tests/test_faults_*.py and tests/test_resume.py with FITCLI_FAULTS_SCALE set: every config
 mutation (not the CI subset) plus more random byte files, every payload through a real process,
-more hypothesis examples, 4x the SIGINT and SIGKILL moments, and the 64 concurrent runs each
+more hypothesis examples, SCALE x the SIGINT and SIGKILL moments, and the 64 concurrent runs each
 copying plotly.min.js. Prints each suite's figures and the time taken; RELIABILITY.md quotes them.
 """
 
@@ -27,12 +27,12 @@ FIGURES = re.compile(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--scale", type=int, default=2)
     args = parser.parse_args()
     tests = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_faults_*.py"))
     tests.append("tests/test_resume.py")
     env = {**os.environ, "FITCLI_FAULTS_SCALE": str(args.scale)}
-    cmd = [sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-s", "-p", "no:cacheprovider", *tests]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     took = time.perf_counter() - start
