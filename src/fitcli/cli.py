@@ -297,8 +297,7 @@ def plot(
     ] = PlotlyJS.directory,
     debug: DebugOpt = False,
 ) -> None:
-    """Rebuild a run's snapshot pages and write its report.html; several runs: one page
-    comparing them.
+    """Rebuild a run's snapshots and write its report.html (several runs: one comparison page).
 
     Works on finished, diverged, interrupted and still-running runs. Prints the page written.
     Exit 0 written, 2 a run directory's file is missing, truncated or garbled (named).
@@ -339,8 +338,10 @@ def graph(
     ] = PlotlyJS.embed,
     debug: DebugOpt = False,
 ) -> None:
-    """Show the autograd graph of one loss evaluation: a tree from the loss through the
-    operations to the parameters and the data."""
+    """Show the autograd graph of one loss evaluation, from the loss down to parameters and data.
+
+    A tree in the terminal, or an interactive figure with --html.
+    """
     from fitcli import console
 
     with errors_to_exit(debug):
