@@ -37,8 +37,10 @@ class ConfigError(InputError):
         if len(self.problems) == 1:
             text = f"{head}: {self.problems[0]}"
         else:
-            text = head + f" ({len(self.problems)} problems):\n" + "\n".join(
-                f"  - {p}" for p in self.problems
+            text = (
+                head
+                + f" ({len(self.problems)} problems):\n"
+                + "\n".join(f"  - {p}" for p in self.problems)
             )
         super().__init__(text)
 
