@@ -236,15 +236,30 @@ def make_plan(config: Path, assignments: Sequence[str]) -> Plan:
 
 def validate_plan(plan: Plan) -> list[Any]:
     """Every run's config, or one ConfigError naming each bad run and its problems."""
+    from fitcli import optim
+
     cfgs, problems = [], []
+    checked: dict[str, list[str]] = {}  # optimizer/scheduler/loss choice -> torch's verdict
     for run in plan.runs:
+        label = " ".join(plan.overrides(run)) or "(base config)"
         try:
-            cfgs.append(plan.cfg(run))
+            cfg = plan.cfg(run)
         except ConfigError as exc:
-            label = " ".join(plan.overrides(run)) or "(base config)"
             problems += [f"run {run.index} ({label}): {p}" for p in exc.problems]
-            if len(problems) > 20:
-                break
+        else:
+            cfgs.append(cfg)
+            # Names and keyword arguments of optimizers and schedulers are checked against torch
+            # here too, so a typo is exit 2 before anything runs, not a failed run per point.
+            key = json.dumps(
+                [cfg.optimizer.model_dump(), cfg.scheduler and cfg.scheduler.model_dump(),
+                 cfg.loss, cfg.batch_size is None, cfg.model.basis is None],
+                sort_keys=True, default=str,
+            )
+            if key not in checked:
+                checked[key] = optim.validate(cfg)
+            problems += [f"run {run.index} ({label}): {p}" for p in checked[key]]
+        if len(problems) > 20:
+            break
     if problems:
         raise ConfigError(problems, source=plan.config)
     return cfgs
