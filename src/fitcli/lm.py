@@ -231,24 +231,31 @@ def _normal_equations(
     weights: torch.Tensor | None,
     chunk_size: int | None,
     rowwise: bool,
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """`jtj_jtr` as numpy float64 arrays, for the iteration.
+) -> tuple[np.ndarray, np.ndarray, float, tuple[np.ndarray, torch.Tensor] | None]:
+    """`jtj_jtr` as numpy float64 arrays, for the iteration, and (J, w * fn) when kept.
 
     When all rows fit in one chunk on the CPU (NIST's tens to hundreds of points), the products
     are taken in numpy straight from the one Jacobian: no accumulators and no device round
-    trip, which are much of an iteration's cost at that size.
+    trip, which are much of an iteration's cost at that size. J (float64) and the weighted
+    model values are then returned too, for the curvature guard (`_second_derivative_jt_kept`).
     """
     n = y.shape[0]
     size = chunk_size or default_chunk_size(theta.numel(), theta.device)
     if theta.device.type == "cpu" and n <= size:
+        model = _weighted_model(fn, x, weights)
         with _one_thread():
-            jac, r = _jacobian_and_residual(fn, theta.detach(), x, y, weights, rowwise)
+            if rowwise:
+                jac, m = _jacobian_rowwise(model, theta.detach(), n)
+            else:
+                jac, m = _jacobian_forward(model, theta.detach())
+            wy = (y * weights if weights is not None else y).reshape(-1)
+            r = wy - m
         jac = jac.detach().to(torch.float64).numpy()
         r = r.detach().to(torch.float64).numpy()
         with np.errstate(all="ignore"):  # non-finite values are the caller's to report
-            return jac.T @ jac, jac.T @ r, float(r @ r)
+            return jac.T @ jac, jac.T @ r, float(r @ r), (jac, m.detach())
     jtj, jtr, rss = jtj_jtr(fn, theta, x, y, weights, chunk_size, rowwise)
-    return jtj.cpu().numpy(), jtr.cpu().numpy(), rss
+    return jtj.cpu().numpy(), jtr.cpu().numpy(), rss, None
 
 
 def residual_sum_of_squares(
@@ -316,6 +323,26 @@ def second_derivative_jt(
     return out
 
 
+def _second_derivative_jt_kept(
+    fn: Model,
+    theta: torch.Tensor,
+    v: np.ndarray,
+    x: torch.Tensor,
+    weights: torch.Tensor | None,
+    kept: tuple[np.ndarray, torch.Tensor],
+    h: float = 0.1,
+) -> np.ndarray:
+    """`second_derivative_jt` from the J and model values kept at theta by `_normal_equations`:
+    two model passes and a numpy product instead of three passes and a reverse pass."""
+    jac, m0 = kept
+    model = _weighted_model(fn, x, weights)
+    hv = torch.from_numpy(h * v).to(theta.dtype)
+    with torch.no_grad():
+        m_vv = (model(theta + hv) - 2 * m0 + model(theta - hv)) / (h * h)
+    with np.errstate(all="ignore"):
+        return jac.T @ m_vv.reshape(-1).to(torch.float64).numpy()
+
+
 def solve_damped(
     jtj: torch.Tensor, jtr: torch.Tensor, damping: float, scale2: torch.Tensor
 ) -> torch.Tensor:
@@ -381,7 +408,8 @@ def _solve_damped_np(
     s = 1.0 / np.sqrt(scale2)
     a = jtj * s[:, None] * s[None, :]
     b = jtr * s
-    m = a + damping * np.eye(a.shape[0])
+    m = a.copy()
+    m.flat[:: a.shape[0] + 1] += damping  # a + damping * I, without building I
     try:
         chol = np.linalg.cholesky(m)
         z = np.linalg.solve(chol.T, np.linalg.solve(chol, b))
@@ -433,6 +461,11 @@ def _trust_region_damping(
         if not lo < par < hi:
             par = math.sqrt(lo * hi) if lo > 0 else 0.5 * hi
     return par
+
+
+def _damping_factor(rho: float) -> float:
+    """Nielsen's factor for lambda after an accepted step with gain ratio rho."""
+    return max(1 / 3, 1 - (2 * rho - 1) ** 3)
 
 
 @dataclass
@@ -517,7 +550,8 @@ class LevenbergMarquardt:
         self.cost_marks: list[float] = []
         self._jtj: np.ndarray | None = None
         self._jtr: np.ndarray | None = None
-        self._pending: tuple[np.ndarray, np.ndarray, float] | None = None
+        self._pending: tuple | None = None
+        self._kept: tuple[np.ndarray, torch.Tensor] | None = None  # J and w * fn at theta
         self._cost_before: float | None = None
 
     # -- one iteration -------------------------------------------------------------------------
@@ -554,7 +588,7 @@ class LevenbergMarquardt:
             self.restart_after = None
             self.theta = self.theta0.clone()
             self.scale2 = None
-            self._jtj = self._jtr = self._pending = None
+            self._jtj = self._jtr = self._pending = self._kept = None
             self.nu = 2.0
             if not self._linearize():
                 return self._result(accepted=False)
@@ -596,15 +630,23 @@ class LevenbergMarquardt:
             # it is rejected even if it happens to lower the cost (it lands BoxBOD on a plateau).
             # The guard is a yes/no on a ratio: at large n an evenly strided sample of rows
             # estimates J^T m_vv well enough, at a fraction of three model passes over all rows.
-            v = torch.from_numpy(delta).to(self.theta.device)
-            n = self.x.shape[0]
-            stride = -(-n // GUARD_ROWS)
-            rows = slice(None, None, stride)
-            w = self.weights[rows] if self.weights is not None else None
-            jt_vv = second_derivative_jt(self.fn, self.theta, v, self.x[rows], w, self.chunk_size)
-            jt_vv = jt_vv * (n / self.x[rows].shape[0])
-            self.n_fev += 3
-            accel = _solve_damped_np(jtj, jt_vv.cpu().numpy(), self.damping, scale2)
+            if self._kept is not None:
+                jt_vv = _second_derivative_jt_kept(
+                    self.fn, self.theta, delta, self.x, self.weights, self._kept
+                )
+                self.n_fev += 2
+            else:
+                v = torch.from_numpy(delta).to(self.theta.device)
+                n = self.x.shape[0]
+                stride = -(-n // GUARD_ROWS)
+                rows = slice(None, None, stride)
+                w = self.weights[rows] if self.weights is not None else None
+                jt_vv = second_derivative_jt(
+                    self.fn, self.theta, v, self.x[rows], w, self.chunk_size
+                )
+                jt_vv = (jt_vv * (n / self.x[rows].shape[0])).cpu().numpy()
+                self.n_fev += 3
+            accel = _solve_damped_np(jtj, jt_vv, self.damping, scale2)
             ratio = float(np.linalg.norm(d * accel)) / step_norm if step_norm else 0.0
             if not (math.isfinite(ratio) and ratio <= self.max_accel_ratio):
                 return self._reject(step_norm, theta_norm, curvature=True)
@@ -639,10 +681,10 @@ class LevenbergMarquardt:
             return self._reject(step_norm, theta_norm)
         self.theta = trial
         self.cost = new_cost
-        self._jtj = self._jtr = None
+        self._jtj = self._jtr = self._kept = None
         self._pending = pending
         if not self.trust_region:
-            self.damping = max(self.damping * max(1 / 3, 1 - (2 * rho - 1) ** 3), MIN_DAMPING)
+            self.damping = max(self.damping * _damping_factor(rho), MIN_DAMPING)
         self.nu = 2.0
         if self.polish_norm is not None:
             return self._result(True)
@@ -724,10 +766,10 @@ class LevenbergMarquardt:
         if self.rowwise is None:
             self.rowwise = rowwise_ok(self.fn, self.theta, self.x, self.weights)
         if self._pending is not None:  # already built at this theta when it was a trial
-            jtj, jtr, rss = self._pending
+            jtj, jtr, rss, self._kept = self._pending
             self._pending = None
         else:
-            jtj, jtr, rss = _normal_equations(
+            jtj, jtr, rss, self._kept = _normal_equations(
                 self.fn, self.theta, self.x, self.y, self.weights, self.chunk_size, self.rowwise
             )
             self.n_jev += 1
@@ -766,7 +808,7 @@ class LevenbergMarquardt:
         self.theta = theta.detach().clone().to(dtype=self.theta.dtype, device=self.theta.device)
         self.cost = None
         self.polish_norm = None
-        self._jtj = self._jtr = self._pending = None
+        self._jtj = self._jtr = self._pending = self._kept = None
 
     # -- resume --------------------------------------------------------------------------------
 
@@ -828,4 +870,4 @@ class LevenbergMarquardt:
         for key in ("ftol", "xtol", "gtol"):
             if key in state:
                 setattr(self, key, float(state[key]))
-        self._jtj = self._jtr = self._pending = None
+        self._jtj = self._jtr = self._pending = self._kept = None
