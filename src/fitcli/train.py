@@ -99,7 +99,7 @@ class TorchStepper:
 
     def step(self) -> torch.Tensor:
         if self.batch_size is None:
-            loss = self._one(self.forward, self.y).detach()
+            loss = self._one(self.forward, self.y)  # graph already freed by backward()
         else:
             perm = torch.randperm(self.n, generator=self.generator, device=self.x.device)
             total = torch.zeros((), dtype=self.x.dtype, device=self.x.device)
@@ -195,24 +195,34 @@ def train(
     if start_epoch == 0 and on_snapshot is not None and 0 in snaps:
         on_snapshot(0, evaluate_loss())
 
-    while epoch < epochs and sync_every > 1:
-        # Deferred reads: run a window of epochs on the device, then read it back at once.
-        window = min(sync_every, epochs - epoch)
-        upcoming = [e for e in snaps if epoch < e <= epoch + window]
-        if upcoming:
-            window = min(upcoming) - epoch  # a snapshot needs this epoch's state on the host
+    def run_window(size: int) -> list[tuple[float, list[float], float, float]]:
+        """(lr, parameters before the step, loss, elapsed) for each of `size` epochs."""
+        if size == 1:  # read back at once: on the CPU a read costs nothing
+            current_lr, before = lr(), raw.tolist()
+            loss = stepper.step().item()
+            return [(current_lr, before, loss, time.perf_counter() - t0)]
         lrs, befores, losses, stamps = [], [], [], []
-        for _ in range(window):
+        for _ in range(size):
             lrs.append(lr())
             befores.append(raw.detach().clone())
             losses.append(stepper.step().detach())
             stamps.append(time.perf_counter() - t0)
             if stepper.converged:
                 break
-        values = torch.stack(losses).tolist()
-        rows = torch.stack(befores).tolist()
+        # One read for the whole window.
+        rows, values = torch.stack(befores).tolist(), torch.stack(losses).tolist()
+        return list(zip(lrs, rows, values, stamps, strict=True))
+
+    while epoch < epochs:
+        window = 1
+        if sync_every > 1:
+            window = min(sync_every, epochs - epoch)
+            upcoming = [e for e in snaps if epoch < e <= epoch + window]
+            if upcoming:  # a snapshot needs that epoch's state on the host
+                window = min(upcoming) - epoch
         stop = False
-        for current_lr, before, loss, stamp in zip(lrs, rows, values, stamps, strict=True):
+        for current_lr, before, loss, stamp in run_window(window):
+            # `loss` belongs to the parameters before this step: row `epoch` of the history.
             if not math.isfinite(loss):
                 with torch.no_grad():
                     raw.copy_(torch.tensor(before, dtype=raw.dtype, device=raw.device))
@@ -224,36 +234,10 @@ def train(
             hist.elapsed.append(stamp)
             hist.params.append(before)
             epoch += 1
-            if on_epoch is not None:
-                stop = bool(on_epoch(epoch, loss)) or stop
+            if on_epoch is not None and on_epoch(epoch, loss):
+                stop = True
         if status == "diverged":
             break
-        if stepper.converged:
-            status, reason = "completed", stepper.converged
-            break
-        if stop:
-            status, reason = "interrupted", f"interrupted after epoch {epoch}"
-            break
-        if epoch in snaps and epoch < epochs and on_snapshot is not None:
-            on_snapshot(epoch, evaluate_loss())
-
-    while epoch < epochs and sync_every == 1:
-        current_lr = lr()
-        before = raw.tolist()
-        loss = stepper.step().item()
-        # `loss` belongs to the parameters before this step: row `epoch` of the history.
-        if not math.isfinite(loss):
-            with torch.no_grad():
-                raw.copy_(torch.tensor(before, dtype=raw.dtype, device=raw.device))
-            status, reason = "diverged", f"loss became {loss} in epoch {epoch + 1}"
-            restore_previous_row()
-            break
-        hist.losses.append(loss)
-        hist.lrs.append(current_lr)
-        hist.elapsed.append(time.perf_counter() - t0)
-        hist.params.append(before)
-        epoch += 1
-        stop = on_epoch(epoch, loss) if on_epoch is not None else False
         if stepper.converged:
             status, reason = "completed", stepper.converged
             break
