@@ -290,7 +290,7 @@ def test_mgh10_start1_restarts_with_the_trust_region_and_resumes_identically():
 
 
 def test_a_steady_crawl_restarts_early_and_the_marks_resume_identically():
-    """MGH10 from start 1 loses about 0.14% of its cost per 50 iterations under damping: the
+    """MGH10 from start 1 loses a steady 9-12% of its cost per 50 iterations under damping: the
     stall test restarts it long before `restart_after`; the cost marks it keeps survive resume."""
     p = SUITE["MGH10"]
     x, y = tensors(p)
@@ -298,7 +298,7 @@ def test_a_steady_crawl_restarts_early_and_the_marks_resume_identically():
     a = LevenbergMarquardt(MODELS["MGH10"], x, y, theta0)
     while not a.trust_region:
         assert not a.step().converged
-    assert a.n_iter <= 800  # restart_after is 1000
+    assert a.n_iter <= 200  # restart_after is 1000
     run(a, 20)
     state = json.loads(json.dumps(a.state_dict(), allow_nan=False))
     assert len(state["cost_marks"]) == 3
