@@ -38,6 +38,8 @@ Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MAX_DAMPING = 1e16
 # Normal equations up to this size are solved on one CPU thread (see `_one_thread`).
 SMALL_SYSTEM = 64
+# Fits of up to this many rows on the CPU keep their Jacobian for the guard (`_normal_equations`).
+SMALL_ROWS = 1024
 MIN_DAMPING = 1e-300
 # Rows per chunk are sized so that one chunk's Jacobian is about this many bytes. On the CPU a
 # small working set matters more than few chunks: at 4 MB every temporary of a chunk stays in
@@ -237,14 +239,15 @@ def _normal_equations(
 ) -> tuple[np.ndarray, np.ndarray, float, tuple[np.ndarray, torch.Tensor] | None]:
     """`jtj_jtr` as numpy float64 arrays, for the iteration, and (J, w * fn) when kept.
 
-    When all rows fit in one chunk on the CPU (NIST's tens to hundreds of points), the products
-    are taken in numpy straight from the one Jacobian: no accumulators and no device round
-    trip, which are much of an iteration's cost at that size. J (float64) and the weighted
-    model values are then returned too, for the curvature guard (`_second_derivative_jt_kept`).
+    Up to SMALL_ROWS rows on the CPU (NIST's tens to hundreds of points, within one chunk), the
+    products are taken in numpy straight from the one Jacobian, and J (float64) and the weighted
+    model values are returned too, so that the curvature guard needs no reverse pass
+    (`_second_derivative_jt_kept`). Above that, numpy's threaded BLAS products on a busy machine
+    cost more than torch's single-threaded ones (26 ms against 7 ms at 10^5 rows, 2 busy cores).
     """
     n = y.shape[0]
     size = chunk_size or default_chunk_size(theta.numel(), theta.device)
-    if theta.device.type == "cpu" and n <= size:
+    if theta.device.type == "cpu" and n <= min(size, SMALL_ROWS):
         model = _weighted_model(fn, x, weights)
         with _one_thread():
             if rowwise:
