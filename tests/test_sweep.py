@@ -375,3 +375,77 @@ def test_ctrl_c_in_a_real_process_exits_130(tmp_path):
     rows = table(sweep_dir_of(tmp_path))
     assert {r["status"] for r in rows} == {"interrupted"}
     assert all((sweep_dir_of(tmp_path) / r["run_dir"] / "summary.json").is_file() for r in rows)
+
+
+# -- writing: deferred state, forked writers --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [*SMALL],
+        [*SMALL, "optimizer.name=Adam", "optimizer.lr=0.1"],
+        [*SMALL, "optimizer.lr=1e6"],  # diverges: the final snapshot steps back
+        ["epochs=200", "snapshots=5", "optimizer={name: LM}"],  # converges early: filled snapshots
+    ],
+)
+def test_deferred_state_writes_what_every_snapshot_would(tmp_path, overrides):
+    from fitcli.config import load_config
+    from fitcli.experiment import execute, prepare
+
+    for name, defer in (("each", False), ("once", True)):
+        prep = prepare(load_config(SEED, overrides))
+        (tmp_path / name).mkdir()
+        execute(prep, tmp_path / name, command=["fitcli"], defer_state=defer)
+    assert_same_run(tmp_path / "each", tmp_path / "once")
+
+
+def test_forked_writers_write_what_one_writer_writes(tmp_path, monkeypatch):
+    calls = []
+    forked = sw._write_forked
+    monkeypatch.setattr(
+        sw, "_write_forked", lambda jobs, done: calls.append(len(jobs)) or forked(jobs, done)
+    )
+    args = [
+        "sweep",
+        str(SEED),
+        *SMALL,
+        "optimizer.lr=0.01,0.05,1e6",
+        "seed=0,1",
+        "--progress",
+        "none",
+    ]
+    monkeypatch.setenv("FITCLI_SWEEP_WRITERS", "1")
+    a = runner.invoke(app, [*args, "-o", str(tmp_path / "a")])
+    assert calls == []
+    monkeypatch.setenv("FITCLI_SWEEP_WRITERS", "2")
+    b = runner.invoke(app, [*args, "-o", str(tmp_path / "b")])
+    assert calls == [5]  # the first run is written here, the other five by two processes
+    assert a.exit_code == b.exit_code == 1, a.output + b.output  # two runs diverge
+    from sweep_helpers import assert_same_sweep
+
+    da, db = sweep_dir_of(tmp_path / "a"), sweep_dir_of(tmp_path / "b")
+    assert_same_sweep(da, db)
+    strip = [{k: v for k, v in r.items() if k != "time_s"} for r in table(da)]
+    assert strip == [{k: v for k, v in r.items() if k != "time_s"} for r in table(db)]
+
+
+def test_a_fault_in_a_forked_writer_stops_the_sweep_like_one_writer(tmp_path, monkeypatch):
+    from fitcli.errors import RunDirError
+
+    write = sw.write_run
+
+    def faulty(plan, run, trace, run_dir, plotlyjs, prep=None):
+        if run.index == 3:
+            raise RunDirError(f"cannot write {run_dir}: No space left on device")
+        return write(plan, run, trace, run_dir, plotlyjs, prep)
+
+    monkeypatch.setattr(sw, "write_run", faulty)
+    args = ["sweep", str(SEED), *SMALL, "seed=range(0,8)", "--progress", "none"]
+    results = []
+    for writers in ("1", "2"):
+        monkeypatch.setenv("FITCLI_SWEEP_WRITERS", writers)
+        res = runner.invoke(app, [*args, "-o", str(tmp_path / writers)])
+        rows = table(sweep_dir_of(tmp_path / writers))
+        results.append((res.exit_code, rows[3]["status"], "No space left" in res.stderr))
+    assert results[0] == results[1] == (1, "pending", True)

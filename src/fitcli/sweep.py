@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ FORMAT = "fitcli-sweep"
 # Optimizers whose update is elementwise, checked bit for bit against single runs in the tests.
 BATCHABLE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad")
 MAX_BATCH = 1024
+MAX_WRITERS = 4  # processes writing a batch's run directories (see `writer_processes`)
 # Statuses a resumed sweep keeps; anything else (missing, interrupted, failed) runs again.
 FINISHED = ("completed", "diverged")
 
@@ -172,6 +174,8 @@ class Plan:
     fixed: list[str]
     axes: list[Axis]
     runs: list[RunSpec] = field(default_factory=list)
+    # Validated configs by run index: validation is paid once per run (nothing changes them).
+    _cfgs: dict[int, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.runs:
@@ -184,8 +188,14 @@ class Plan:
         """The run's validated config: what `load_config(config, overrides)` gives."""
         from fitcli.config import apply_overrides, config_from_dict
 
+        own = run.index < len(self.runs) and self.runs[run.index] is run
+        if own and run.index in self._cfgs:
+            return self._cfgs[run.index]
         raw = apply_overrides(self.base, self.overrides(run), self.config)
-        return config_from_dict(raw, self.config, Path(self.base_dir))
+        cfg = config_from_dict(raw, self.config, Path(self.base_dir))
+        if own:
+            self._cfgs[run.index] = cfg
+        return cfg
 
     def command(self, run: RunSpec) -> list[str]:
         """The `fitcli train` command line that makes the same run on its own."""
@@ -251,9 +261,15 @@ def validate_plan(plan: Plan) -> list[Any]:
             # Names and keyword arguments of optimizers and schedulers are checked against torch
             # here too, so a typo is exit 2 before anything runs, not a failed run per point.
             key = json.dumps(
-                [cfg.optimizer.model_dump(), cfg.scheduler and cfg.scheduler.model_dump(),
-                 cfg.loss, cfg.batch_size is None, cfg.model.basis is None],
-                sort_keys=True, default=str,
+                [
+                    cfg.optimizer.model_dump(),
+                    cfg.scheduler and cfg.scheduler.model_dump(),
+                    cfg.loss,
+                    cfg.batch_size is None,
+                    cfg.model.basis is None,
+                ],
+                sort_keys=True,
+                default=str,
             )
             if key not in checked:
                 checked[key] = optim.validate(cfg)
@@ -697,6 +713,13 @@ def link_or_copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
+def claim_and_write(
+    plan: Plan, run: RunSpec, trace: Trace, target: Path, plotlyjs: str, prep: Any = None
+) -> dict:
+    """Create (or replace) the run directory `target` and write the run into it."""
+    return write_run(plan, run, trace, store.claim_run_dir(target, overwrite=True), plotlyjs, prep)
+
+
 def write_run(
     plan: Plan, run: RunSpec, trace: Trace, run_dir: Path, plotlyjs: str, prep: Any = None
 ) -> dict:
@@ -939,18 +962,20 @@ def run_sweep(
     if progress is not None:
         progress.update(done[0], done[1])
 
-    def accept(trace: Trace, prep: Any = None) -> None:
+    def target_of(trace: Trace) -> Path:
+        return sweep_dir / run_dir_name(plan, by_index[trace.index].run)
+
+    def record(trace: Trace, summary: dict | None) -> None:
+        """A run computed (and written, with its summary): its row and the progress bar."""
         row = by_index[trace.index]
-        target = sweep_dir / run_dir_name(plan, row.run)
         if trace.error is not None:
             row.status, row.exit_code, row.reason = "failed", trace.exit_code, trace.error
             if trace.exit_code == int(ExitCode.INVALID_INPUT):
                 row.status = "invalid"
             console.warn(f"run {row.run.index} failed: {trace.error}")
         else:
-            target = store.claim_run_dir(target, overwrite=True)
-            summary = write_run(plan, row.run, trace, target, options.plotlyjs, prep)
-            row_from_summary(row, summary, sweep_dir, target)
+            assert summary is not None
+            row_from_summary(row, summary, sweep_dir, target_of(trace))
             if trace.batched > 1 and row.time_s is not None:
                 row.time_s = trace.wall + row.time_s
         done[0] += 1
@@ -961,6 +986,28 @@ def run_sweep(
         if progress is not None:
             progress.update(done[0], done[1])
 
+    def accept(trace: Trace, prep: Any = None) -> None:
+        summary = None
+        if trace.error is None:
+            run = by_index[trace.index].run
+            summary = claim_and_write(plan, run, trace, target_of(trace), options.plotlyjs, prep)
+        record(trace, summary)
+
+    def accept_batch(pairs: list[tuple[Trace, Any]]) -> None:
+        """A computed batch (each trace with its untouched prepared run): the first run is written
+        here (it sets up the sweep's shared plotly.js), the rest by forked writer processes."""
+        ready = [(t, p) for t, p in pairs if t.error is None]
+        for trace, _ in pairs:
+            if trace.error is not None:
+                record(trace, None)
+        if ready:
+            accept(*ready[0])
+        jobs = [
+            (plan, by_index[t.index].run, t, target_of(t), options.plotlyjs, p)
+            for t, p in ready[1:]
+        ]
+        _write_forked(jobs, lambda k, summary: record(jobs[k][2], summary))
+
     indices = [r.run.index for r in todo]
     try:
         if options.scheduler:
@@ -968,7 +1015,7 @@ def run_sweep(
         elif options.workers > 1:
             _run_processes(plan, cfgs, indices, options, accept, stop)
         else:
-            _run_here(plan, cfgs, indices, accept, stop)
+            _run_here(plan, cfgs, indices, accept, stop, accept_batch)
     except KeyboardInterrupt:
         outcome.interrupted = True
     finally:
@@ -981,7 +1028,7 @@ def run_sweep(
     return outcome
 
 
-def _run_here(plan, cfgs, indices, accept, stop) -> None:
+def _run_here(plan, cfgs, indices, accept, stop, accept_batch=None) -> None:
     for task in make_tasks(plan, cfgs, indices, 1):
         if stop():
             break
@@ -993,9 +1040,86 @@ def _run_here(plan, cfgs, indices, accept, stop) -> None:
         for i in task.indices:
             with contextlib.suppress(Exception):  # run_task reports it
                 preps[i] = prepare(cfgs[i])
-        for trace in run_task(task, stop, preps):
-            # A batch leaves its runs' prepared state untouched: the writer reuses it.
-            accept(trace, preps.pop(trace.index, None) if trace.batched > 1 else None)
+        traces = run_task(task, stop, preps)
+        # A batch leaves its runs' prepared state untouched: the writer reuses it.
+        pairs = [(t, preps.pop(t.index, None) if t.batched > 1 else None) for t in traces]
+        if accept_batch is not None and _forking_pays([p for _, p in pairs]):
+            accept_batch(pairs)
+            continue
+        for trace, prep in pairs:
+            accept(trace, prep)
+
+
+def writer_processes() -> int:
+    """How many processes write a batch's run directories: FITCLI_SWEEP_WRITERS, else one per
+    CPU this process may use, at most MAX_WRITERS."""
+    env = os.environ.get("FITCLI_SWEEP_WRITERS", "").strip()
+    if env.isdigit():
+        return max(1, int(env))
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_WRITERS))
+
+
+def _forking_pays(preps: Sequence[Any]) -> bool:
+    """Fork writers for a batch of at least 2 runs per writer, on Linux (fork is safe there for a
+    process that uses torch on one thread), with every run below ROW_EXACT_LIMIT points: a
+    writer then never enters a parallel region (OpenMP does not survive fork)."""
+    from fitcli.model import ROW_EXACT_LIMIT
+
+    n = writer_processes()
+    if n < 2 or len(preps) < 2 * n or not sys.platform.startswith("linux"):
+        return False
+    return all(p is not None and p.dataset.n < ROW_EXACT_LIMIT for p in preps)
+
+
+# What forked writers write: set by `_write_forked` just before it forks, read by the children.
+_FORKED_JOBS: list[tuple] = []
+
+
+def _stopped_by_parent(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # the run being written is marked interrupted, then the writer ends
+
+
+def _writer_init() -> None:
+    import signal
+
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C does
+    signal.signal(signal.SIGTERM, _stopped_by_parent)  # Pool.terminate: a second Ctrl-C, a fault
+    torch.set_num_threads(1)
+    # The parent's progress thread may have held stderr's lock when it forked: never touch it.
+    sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process's life
+
+
+def _write_job(k: int) -> tuple[int, dict | None, Exception | None]:
+    try:
+        return k, claim_and_write(*_FORKED_JOBS[k]), None
+    except Exception as exc:  # re-raised by the parent; KeyboardInterrupt ends this process
+        return k, None, exc
+
+
+def _write_forked(jobs: list[tuple], done: Callable[[int, dict], None]) -> None:
+    """`claim_and_write(*job)` for every job in forked processes; `done(k, summary)` here."""
+    global _FORKED_JOBS
+    import multiprocessing
+
+    if not jobs:
+        return
+    _FORKED_JOBS = jobs
+    try:
+        ctx = multiprocessing.get_context("fork")
+        n = min(writer_processes(), len(jobs))
+        with ctx.Pool(n, initializer=_writer_init) as pool:
+            for k, summary, exc in pool.imap_unordered(_write_job, range(len(jobs))):
+                if exc is not None:
+                    raise exc
+                done(k, summary)
+    finally:
+        _FORKED_JOBS = []
 
 
 def _pool_init() -> None:
