@@ -499,9 +499,10 @@ class LevenbergMarquardt:
 
     ``trust_region=True`` picks Moré's trust-region control of the damping (MINPACK lmder: a
     radius on ``|D delta|``, started at 100 |D theta0|) instead of Nielsen's update. A fit not
-    converged after ``restart_after`` iterations (None: never) restarts once from theta0 with the
-    trust region and no curvature guard: the damped iteration can crawl for thousands of
-    iterations along a curved valley (NIST MGH10, start 1) that MINPACK's long steps jump.
+    converged after ``restart_after`` iterations (None: never), or whose cost falls by a steady
+    trickle before that (see `_stalled`), restarts once from theta0 with the trust region and no
+    curvature guard: the damped iteration can crawl for thousands of iterations along a curved
+    valley (NIST MGH10, start 1) that MINPACK's long steps jump.
 
     ``max_accel_ratio`` (None to disable) bounds the geodesic-acceleration ratio of steps that
     change some parameter by more than 10%, see `step`. ``theta0`` may be float32 or float64 on
