@@ -348,3 +348,13 @@ def test_shipped_configs_run_briefly(runner, tmp_path):
             ["train", str(cfg), "epochs=3", "--out", str(tmp_path), "--progress", "none", "--json"],
         )
         assert result.exit_code == 0, (cfg, result.output)
+
+
+@pytest.mark.parametrize(("mode", "needle"), [("rich", "40/40"), ("plain", "epoch 40/40")])
+def test_progress_modes_write_to_stderr_only(write_config, tmp_path, mode, needle):
+    proc = fitcli_process(
+        "train", str(write_config()), "--out", str(tmp_path / "r"), "--progress", mode, "--json"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert needle in proc.stderr
+    assert json.loads(proc.stdout)["status"] == "completed"  # stdout holds the JSON alone

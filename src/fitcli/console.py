@@ -30,6 +30,32 @@ def plain_err(message: str) -> None:
     stderr.print(message, markup=False, emoji=False)
 
 
+def _rich_bar(*fields: str) -> Any:
+    """A rich progress bar on stderr: description, bar, done/total, `fields`, elapsed, ETA;
+    redrawn four times a second from rich's own thread."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.progress import Progress as RichProgress
+
+    return RichProgress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *(TextColumn(f) for f in fields),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        refresh_per_second=4,
+        transient=False,
+        get_time=time.perf_counter,
+    )
+
+
 class Progress:
     """Progress of one training run: rich bar, plain periodic lines, or nothing.
 
@@ -52,28 +78,7 @@ class Progress:
     def __enter__(self) -> Progress:
         self._t0 = time.perf_counter()
         if self.mode == "rich":
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            from rich.progress import Progress as RichProgress
-
-            self._progress = RichProgress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"),
-                TextColumn("{task.fields[rate]}"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=stderr,
-                refresh_per_second=4,
-                transient=False,
-                get_time=time.perf_counter,
-            )
+            self._progress = _rich_bar("loss {task.fields[loss]}", "{task.fields[rate]}")
             self._progress.__enter__()
             self._task = self._progress.add_task(
                 self.label, total=self.total, loss="-", rate="", completed=self.start_epoch
@@ -215,25 +220,7 @@ class SweepProgress:
 
     def __enter__(self) -> SweepProgress:
         if self.mode == "rich":
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-            from rich.progress import Progress as RichProgress
-
-            self._progress = RichProgress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("runs, {task.fields[failed]} not completed"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=stderr,
-                refresh_per_second=4,
-            )
+            self._progress = _rich_bar("runs, {task.fields[failed]} not completed")
             self._progress.__enter__()
             self._task = self._progress.add_task(self.label, total=self.total, failed=0)
         elif self.mode == "plain":
