@@ -150,7 +150,7 @@ def summary_table(summary: dict) -> None:
     # Like a fit report: value ± standard error (relative), and the truth when it is known.
     table.add_column("value ± stderr" if has_err else "value", justify="right", no_wrap=True)
     if has_err:
-        table.add_column("", justify="right", no_wrap=True)
+        table.add_column("rel. err", justify="right", no_wrap=True)
     if truth:
         table.add_column("truth", justify="right", no_wrap=True)
         table.add_column("(fit-truth)/σ", justify="right", no_wrap=True)
