@@ -118,3 +118,4 @@ def test_unreachable_scheduler_is_a_clean_error(tmp_path):
     )  # fmt: skip
     assert res.exit_code == 2
     assert "cannot reach the Dask scheduler" in res.stderr
+    assert list(tmp_path.iterdir()) == []  # connected before the sweep directory is made

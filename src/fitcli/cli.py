@@ -368,7 +368,7 @@ def sweep(
         typer.Argument(
             help="`key=a,b,c` or `key=range(start, stop[, step])` makes an axis, `key=value` a "
             "fixed override; the sweep is the Cartesian product of the axes. Commas inside "
-            'quotes, (), [] or {} stay in their value: model.basis=[x, sin(x)] or '
+            "quotes, (), [] or {} stay in their value: model.basis=[x, sin(x)] or "
             "'data.target=\"atan2(x, 1)\"' is one value.",
             show_default=False,
         ),
@@ -378,9 +378,7 @@ def sweep(
     ] = Path("sweeps"),
     resume: Annotated[
         Path | None,
-        typer.Option(
-            "--resume", help="Run what is missing or unfinished in this sweep directory."
-        ),
+        typer.Option("--resume", help="Run what is missing or unfinished in this sweep directory."),
     ] = None,
     workers: Annotated[
         int, typer.Option("--workers", help="Local worker processes (default: this process).")
@@ -439,10 +437,16 @@ def sweep(
             raise sw.SweepError("--workers must be 0 or more")
         if scheduler and not sw.dask_available():
             raise sw.SweepError(sw.DASK_HINT)
+        client = sw.connect(scheduler) if scheduler else None
         if rows is None:
-            sweep_dir = sw.create_sweep(plan, out, ["fitcli", *sys.argv[1:]])
+            try:
+                sweep_dir = sw.create_sweep(plan, out, ["fitcli", *sys.argv[1:]])
+            except BaseException:
+                if client is not None:
+                    sw.disconnect(client)
+                raise
             rows = [sw.Row(r) for r in plan.runs]
-        options = sw.Options(workers, scheduler, fail_fast, plotlyjs.value)
+        options = sw.Options(workers, scheduler, fail_fast, plotlyjs.value, client)
         label = plan.base.get("name", "sweep") if isinstance(plan.base, dict) else "sweep"
         with StopFlag() as stop, console.SweepProgress(progress.value, len(rows), label) as bar:
             outcome = sw.run_sweep(plan, sweep_dir, rows, options, stop_flag=stop, progress=bar)

@@ -859,6 +859,7 @@ class Options:
     scheduler: str | None = None
     fail_fast: bool = False
     plotlyjs: str = "directory"
+    client: Any = None  # a Dask client connected before the sweep directory was made
 
 
 @dataclass
@@ -1162,7 +1163,9 @@ DASK_HINT = (
 )
 
 
-def _dask_client(address: str) -> Any:
+def connect(address: str) -> Any:
+    """A Dask client for `address` (`local` starts a two-worker LocalCluster). The command line
+    connects before it creates the sweep directory, so an unreachable scheduler leaves nothing."""
     try:
         from dask.distributed import Client, LocalCluster
     except ImportError:
@@ -1187,7 +1190,7 @@ def dask_available() -> bool:
 
 
 def _run_dask(plan, cfgs, indices, options, accept, stop) -> None:
-    client = _dask_client(options.scheduler)
+    client = options.client or connect(options.scheduler)
     try:
         from dask.distributed import as_completed
 
@@ -1204,10 +1207,15 @@ def _run_dask(plan, cfgs, indices, options, accept, stop) -> None:
         finally:
             client.cancel(futures)
     finally:
-        cluster = getattr(client, "_fitcli_cluster", None)
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        disconnect(client)
+
+
+def disconnect(client: Any) -> None:
+    """Close a client from `connect`, and the local cluster it started, if any."""
+    cluster = getattr(client, "_fitcli_cluster", None)
+    client.close()
+    if cluster is not None:
+        cluster.close()
 
 
 def dry_run_lines(plan: Plan) -> Iterable[str]:
