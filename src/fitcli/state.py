@@ -79,6 +79,8 @@ def encode(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return {"__tuple__": [encode(v) for v in obj]}
     if isinstance(obj, list):
+        if all(type(v) is float for v in obj) and all(map(math.isfinite, obj)):
+            return list(obj)  # the common case (history columns): already plain JSON, exactly
         return [encode(v) for v in obj]
     if isinstance(obj, dict):
         if all(isinstance(k, str) and k not in _TAGS for k in obj):
