@@ -288,6 +288,3 @@ def check_finite_start(model: FitModel, x: torch.Tensor, xs_cpu) -> None:
             f"{what}: the model is not finite at x = {float(xs_cpu[k]):g} with the starting "
             f"parameters {model.values()}; change the expression, the starting values or the data"
         )
-
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -150,7 +150,10 @@ def trial_step(cfg) -> list[str]:
     """Build the optimizer and scheduler on a throwaway parameter and take one step of each, so
     that arguments torch checks only when stepping (LBFGS's line_search_fn, lr 0 in its line
     search, a scheduler's step_size) are invalid input now instead of a crash mid-run."""
-    import torch
+    from fitcli.torchboot import import_torch
+
+    # A step imports torch._dynamo; the deferred stand-in saves every caller that second.
+    torch = import_torch()
 
     # Small gradients (sum below 1) take LBFGS down its Python-float step-size path.
     p = torch.full((2,), 0.1, dtype=torch.float64, requires_grad=True)

@@ -247,9 +247,6 @@ def make_plan(config: Path, assignments: Sequence[str]) -> Plan:
 def validate_plan(plan: Plan) -> list[Any]:
     """Every run's config, or one ConfigError naming each bad run and its problems."""
     from fitcli import optim
-    from fitcli.torchboot import import_torch
-
-    import_torch()  # before optim's trial steps, which would import the real torch._dynamo (1 s)
 
     cfgs, problems = [], []
     checked: dict[str, list[str]] = {}  # optimizer/scheduler/loss choice -> torch's verdict

@@ -140,11 +140,6 @@ def snapshot_epochs(epochs: int, snapshots: int) -> list[int]:
     return sorted({round(i * epochs / snapshots) for i in range(snapshots + 1)})
 
 
-def evaluate(model, x, y, loss_fn) -> float:
-    with torch.no_grad():
-        return float(loss_fn(model(x), y))
-
-
 def train(
     model: torch.nn.Module,
     stepper: Any,
