@@ -444,8 +444,9 @@ def fill_converged_snapshots(writer: RunWriter, prep: Prepared, result: TrainRes
     done = result.epochs_run
     if result.status != "completed" or stepper.failure or not stepper.converged:
         return
-    later = [e for e in snapshot_epochs(cfg.epochs, cfg.snapshots) if e > done]
-    if done not in snapshot_epochs(cfg.epochs, cfg.snapshots):
+    scheduled = snapshot_epochs(cfg.epochs, cfg.snapshots)
+    later = [e for e in scheduled if e > done]
+    if done not in scheduled:
         later = later[1:]
     history, writer.history = writer.history, None  # state.json stays at the real last epoch
     try:
