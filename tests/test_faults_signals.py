@@ -186,11 +186,13 @@ def test_sigkill_at_random_moments_leaves_parseable_files_and_resumes_exactly(ru
             continue  # it finished first: nothing to test
         assert proc.returncode == -signal.SIGKILL
         assert_files_parse(run)
+        summary = run / "summary.json"
+        finished = summary.exists() and json.loads(summary.read_text())["status"] == "completed"
         result = runner.invoke(app, ["train", "--resume", str(run), "--progress", "none"])
         if not (run / "state.json").exists():
             assert result.exit_code == 2, result.output
             continue
-        if json.loads((run / "summary.json").read_text())["status"] == "completed":
+        if finished:
             # Killed after its final summary was written, before the process exited: the run
             # is complete, and resuming it is refused.
             assert result.exit_code == 2 and "has already completed" in result.output
