@@ -16,6 +16,11 @@ Levenberg-Marquardt (MINPACK) with Nielsen's damping update:
     rho = (cost - cost(theta + delta)) / predicted reduction
     accept if rho > 0: lambda *= max(1/3, 1 - (2 rho - 1)^3), nu = 2;  else lambda *= nu, nu *= 2
 
+Small fits on the CPU in float64 (up to SMALL_ROWS rows) can run on a `HostModel` instead: the
+model and its exact Jacobian in numpy (`fitcli.symdiff` differentiates the expression tree), which
+costs a fifth of torch's dispatch and reverse pass at those sizes. The core checks it against an
+exact autograd Jacobian at the start (`host_ok`) and keeps torch if they disagree.
+
 Two additions make it reach NIST's certified values from both StRD starting points: a curvature
 guard that rejects large steps whose geodesic acceleration (Transtrum & Sethna 2012) is comparable
 to the step itself, and a final polishing phase that follows J^T r past the point where cost
@@ -167,6 +172,58 @@ def rowwise_ok(
     same_nan = torch.isnan(ref) == torch.isnan(fast)
     close = torch.isclose(fast, ref, rtol=1e-5, atol=0.0, equal_nan=True)
     return bool(same_nan.all() and close.all())
+
+
+class HostModel:
+    """What the LM core needs of a model evaluated in numpy on the CPU (see `fitcli.symdiff`):
+    ``value(theta)`` and ``jacobian(theta) -> (value, J)`` at the data's x, for a float64 theta
+    (the model's internal vector)."""
+
+    def value(self, theta: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def jacobian(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def host_eligible(x: torch.Tensor, theta: torch.Tensor) -> bool:
+    """Whether a fit is small enough, and on the CPU in float64, for the numpy path: at up to
+    SMALL_ROWS rows torch's per-operation dispatch and its reverse pass, not arithmetic, are
+    what an iteration costs."""
+    return (
+        x.device.type == "cpu"
+        and theta.dtype == torch.float64
+        and x.dtype == torch.float64
+        and x.shape[0] <= SMALL_ROWS
+    )
+
+
+def host_ok(fn: Model, host: HostModel, theta: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether the numpy model and its Jacobian agree with torch's model and an exact reverse-mode
+    Jacobian on the first rows (values to 1e-9, Jacobian entries to 1e-6 relative, non-finite
+    entries in the same places); any failure means: do not use it."""
+    k = min(x.shape[0], 64)
+    try:
+        ref, m_ref = _jacobian_columns(_weighted_model(fn, x[:k], None), theta.detach())
+        with np.errstate(all="ignore"):
+            m, jac = host.jacobian(theta.detach().cpu().numpy().astype(np.float64).reshape(-1))
+            m2 = host.value(theta.detach().cpu().numpy().astype(np.float64).reshape(-1))
+    except Exception:  # a model the numpy path cannot evaluate: stay with torch
+        return False
+    ref, m_ref = ref.numpy(), m_ref.numpy()
+    m, m2, jac = m[:k], m2[:k], jac[:k]
+    if jac.shape != ref.shape or m.shape != m_ref.shape:
+        return False
+    with np.errstate(all="ignore"):
+        scale = np.nanmax(np.where(np.isfinite(ref), np.abs(ref), 0.0), axis=0, initial=0.0)
+        jac_close = np.isclose(jac, ref, rtol=1e-6, atol=0.0, equal_nan=True) | (
+            np.abs(jac - ref) <= 1e-9 * scale
+        )
+        m_close = np.isclose(m, m_ref, rtol=1e-9, atol=0.0, equal_nan=True) & np.isclose(
+            m2, m_ref, rtol=1e-9, atol=0.0, equal_nan=True
+        )
+    same_nan = (np.isnan(ref) == np.isnan(jac)).all() and (np.isnan(m_ref) == np.isnan(m)).all()
+    return bool(same_nan and jac_close.all() and m_close.all())
 
 
 def _jacobian_and_residual(
@@ -428,7 +485,8 @@ def _solve_damped_np(
     cutoff = np.abs(evals).max() * a.shape[0] * np.finfo(np.float64).eps
     safe = np.where(evals > cutoff, evals, 1.0)
     inv = np.where(evals > cutoff, 1.0 / safe, 0.0)
-    z = evecs @ (inv * (evecs.T @ b))
+    with np.errstate(all="ignore"):  # a non-finite step is rejected by the caller
+        z = evecs @ (inv * (evecs.T @ b))
     return z * s
 
 
@@ -525,8 +583,14 @@ class LevenbergMarquardt:
         chunk_size: int | None = None,
         trust_region: bool = False,
         restart_after: int | None = 1000,
+        host: HostModel | None = None,
     ) -> None:
         self.fn = fn
+        # The numpy model (`HostModel`), used once `host_ok` has checked it at the start; None
+        # when there is none or the check failed.
+        self.host = host
+        self._host_checked = host is None
+        self._host_data: tuple[np.ndarray, np.ndarray | None] | None = None
         self.x = x
         self.y = y
         self.weights = weights
@@ -567,7 +631,9 @@ class LevenbergMarquardt:
         """One LM iteration: build J^T J at theta if stale, solve, try the step, adapt lambda."""
         # On the CPU the whole iteration runs on one thread (see `_chunk_threads`): at NIST's
         # sizes every op is tiny, and a thread barrier on a busy machine cost up to 10x.
-        with _chunk_threads(self.theta.device):
+        # Overflow in a trial's norms or residuals is an outcome the iteration handles (a rejected
+        # step, a stop with a reason), not something to warn a user about.
+        with _chunk_threads(self.theta.device), np.errstate(all="ignore"):
             return self._step()
 
     def _step(self) -> LMStep:
@@ -637,7 +703,10 @@ class LevenbergMarquardt:
             # it is rejected even if it happens to lower the cost (it lands BoxBOD on a plateau).
             # The guard is a yes/no on a ratio: at large n an evenly strided sample of rows
             # estimates J^T m_vv well enough, at a fraction of three model passes over all rows.
-            if self._kept is not None:
+            if self._kept is not None and self.host is not None:
+                jt_vv = self._host_second_derivative_jt(theta64, delta)
+                self.n_fev += 2
+            elif self._kept is not None:
                 jt_vv = _second_derivative_jt_kept(
                     self.fn, self.theta, delta, self.x, self.weights, self._kept
                 )
@@ -660,16 +729,17 @@ class LevenbergMarquardt:
         trial = torch.from_numpy(theta64 + delta).to(self.theta.device, self.theta.dtype)
         trial = trial.reshape(self.theta.shape)
         pending = None
-        if self.nu == 2.0 and self.rowwise:
+        if self.nu == 2.0 and (self.rowwise or self.host is not None):
             # The last step was accepted, so this one likely is too: linearize at the trial
             # right away. Its pass yields the cost as well, so an accepted trial costs one model
             # pass instead of two (the Jacobian at the new theta re-ran the model); a rejected
             # one wastes a backward pass.
-            pending = _normal_equations(
-                self.fn, trial, self.x, self.y, self.weights, self.chunk_size, self.rowwise
-            )
+            pending = self._equations(trial)
             self.n_jev += 1
             new_cost = 0.5 * pending[2]
+        elif self.host is not None:
+            new_cost = 0.5 * self._host_rss(theta64 + delta)
+            self.n_fev += 1
         else:
             new_cost = 0.5 * residual_sum_of_squares(
                 self.fn, trial, self.x, self.y, self.weights, self.chunk_size
@@ -768,17 +838,68 @@ class LevenbergMarquardt:
             return self._stop("damping too large: no decrease possible", False)
         return self._result(False)
 
+    def _equations(self, theta: torch.Tensor) -> tuple:
+        """`_normal_equations` at theta, by the numpy model when there is one."""
+        if self.host is not None:
+            return self._host_equations(theta.numpy().reshape(-1))
+        return _normal_equations(
+            self.fn, theta, self.x, self.y, self.weights, self.chunk_size, self.rowwise
+        )
+
+    def _host_arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(w * y, w) as numpy float64, made once."""
+        if self._host_data is None:
+            y = self.y.detach().reshape(-1).numpy().astype(np.float64)
+            w = None
+            if self.weights is not None:
+                w = self.weights.detach().reshape(-1).numpy().astype(np.float64)
+                y = y * w
+            self._host_data = (y, w)
+        return self._host_data
+
+    def _host_equations(self, theta: np.ndarray) -> tuple:
+        wy, w = self._host_arrays()
+        with np.errstate(all="ignore"):  # non-finite values are the caller's to report
+            m, jac = self.host.jacobian(theta)
+            if w is not None:
+                m = m * w
+                jac = jac * w[:, None]
+            r = wy - m
+            return jac.T @ jac, jac.T @ r, float(r @ r), (jac, m)
+
+    def _host_rss(self, theta: np.ndarray) -> float:
+        wy, w = self._host_arrays()
+        with np.errstate(all="ignore"):
+            m = self.host.value(theta)
+            r = wy - (m * w if w is not None else m)
+            return float(r @ r)
+
+    def _host_second_derivative_jt(
+        self, theta: np.ndarray, v: np.ndarray, h: float = 0.1
+    ) -> np.ndarray:
+        """`_second_derivative_jt_kept` by the numpy model."""
+        jac, m0 = self._kept
+        _, w = self._host_arrays()
+        with np.errstate(all="ignore"):
+            m_plus = self.host.value(theta + h * v)
+            m_minus = self.host.value(theta - h * v)
+            if w is not None:
+                m_plus, m_minus = m_plus * w, m_minus * w
+            return jac.T @ ((m_plus - 2 * m0 + m_minus) / (h * h))
+
     def _linearize(self) -> bool:
         """J^T J, J^T r and the cost at theta; False (and converged) at a stopping point."""
-        if self.rowwise is None:
+        if not self._host_checked:
+            self._host_checked = True
+            if not host_ok(self.fn, self.host, self.theta, self.x):
+                self.host = None
+        if self.rowwise is None and self.host is None:
             self.rowwise = rowwise_ok(self.fn, self.theta, self.x, self.weights)
         if self._pending is not None:  # already built at this theta when it was a trial
             jtj, jtr, rss, self._kept = self._pending
             self._pending = None
         else:
-            jtj, jtr, rss, self._kept = _normal_equations(
-                self.fn, self.theta, self.x, self.y, self.weights, self.chunk_size, self.rowwise
-            )
+            jtj, jtr, rss, self._kept = self._equations(self.theta)
             self.n_jev += 1
         first = self.cost is None
         self.cost = 0.5 * rss

@@ -14,10 +14,11 @@ import difflib
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from fitcli.errors import ConfigError, ExitCode
-from fitcli.lm import LevenbergMarquardt
+from fitcli.lm import HostModel, LevenbergMarquardt, host_eligible
 
 NAME = "LevenbergMarquardt"
 # Keyword arguments of `optimizer: {name: LevenbergMarquardt, ...}` and their defaults.
@@ -111,6 +112,7 @@ class LMStepper:
             gtol=float(opts["gtol"]),
             damping=float(opts["damping"]),
             chunk_size=opts["chunk_size"],
+            host=host_model(model, x) if host_eligible(x, model.raw) else None,
         )
         self._written = self.lm.theta.clone()
 
@@ -233,3 +235,81 @@ def model_function(model: Any, *, external: bool = False):
         return model.expression(x, dict(zip(model.names, values, strict=True)))
 
     return fn
+
+
+class NumpyModel(HostModel):
+    """A `FitModel` in numpy float64 at fixed x, as a function of its internal vector: the
+    expression's value and exact Jacobian from `fitcli.symdiff` (a basis model's Jacobian is its
+    design matrix), chained through the bound transforms of `FitModel.external`."""
+
+    def __init__(self, model: Any, x: torch.Tensor) -> None:
+        from fitcli.symdiff import compile_jacobian, compile_value
+
+        self.x = x.detach().reshape(-1).to(torch.float64).numpy()
+        free = [info for info in model.infos if info.vary]
+        self.free_names = [info.name for info in free]
+        fixed = model.fixed.detach().to(torch.float64).tolist()
+        self.fixed = {
+            info.name: fixed[k] for k, info in enumerate(i for i in model.infos if not i.vary)
+        }
+        self.bounds = [(info.min, info.max) for info in free]
+        self.bounded = any(lo is not None or hi is not None for lo, hi in self.bounds)
+        self.kind = model.kind
+        if model.kind == "basis":
+            phi = model.design(x).detach().to(torch.float64).numpy()
+            self.free_pos = list(model._free_pos)
+            self.phi = np.ascontiguousarray(phi)
+            self.phi_free = np.ascontiguousarray(phi[:, self.free_pos])
+            self.names = list(model.names)
+        else:
+            self._jacobian = compile_jacobian(model.expression, self.free_names)
+            self._value = compile_value(model.expression)
+
+    def external(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Free parameters' values from the internal vector, and d value / d u (None: all 1)."""
+        if not self.bounded:
+            return u, None
+        ext = np.array(u, dtype=np.float64)
+        slope = np.ones_like(ext)
+        for k, (lo, hi) in enumerate(self.bounds):
+            if lo is None and hi is None:
+                continue
+            s = 1.0 / (1.0 + np.exp(-u[k]))
+            if lo is not None and hi is not None:
+                ext[k] = lo + (hi - lo) * s
+                slope[k] = (hi - lo) * s * (1.0 - s)
+            else:
+                soft = u[k] if u[k] > 20.0 else np.log1p(np.exp(u[k]))  # torch's softplus
+                ext[k] = lo + soft if lo is not None else hi - soft
+                slope[k] = s if lo is not None else -s
+        return ext, slope
+
+    def _values(self, ext: np.ndarray) -> dict[str, Any]:
+        return {**self.fixed, **dict(zip(self.free_names, ext.tolist(), strict=True))}
+
+    def _full(self, ext: np.ndarray) -> np.ndarray:
+        values = self._values(ext)
+        return np.array([values[name] for name in self.names], dtype=np.float64)
+
+    def value(self, theta: np.ndarray) -> np.ndarray:
+        ext, _ = self.external(theta)
+        if self.kind == "basis":
+            return self.phi @ self._full(ext)
+        return self._value(self.x, self._values(ext))
+
+    def jacobian(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ext, slope = self.external(theta)
+        if self.kind == "basis":
+            m, jac = self.phi @ self._full(ext), self.phi_free
+        else:
+            m, jac = self._jacobian(self.x, self._values(ext))
+        if slope is not None:
+            jac = jac * slope
+        return m, jac
+
+
+def host_model(model: Any, x: torch.Tensor) -> HostModel | None:
+    """The numpy form of a basis or expression model (None for anything else)."""
+    if getattr(model, "kind", None) not in ("basis", "expr"):
+        return None
+    return NumpyModel(model, x)
