@@ -180,3 +180,76 @@ def test_cuda_agrees_with_cpu(optimizer, tmp_path: Path):
         results[device] = summary["params"]
     for name, value in results["cpu"].items():
         assert results["cuda"][name] == pytest.approx(value, rel=1e-9), name
+
+
+# -- full batches in chunks of rows (train.FULL_BATCH_CHUNK_BYTES) ----------------------------
+
+
+def _chunked_and_whole(monkeypatch, cfg: dict):
+    """(params, losses) of the same run with chunks of 500 rows and in one piece."""
+    from fitcli import train as train_mod
+
+    whole = train_params(cfg)
+    monkeypatch.setattr(train_mod, "FULL_BATCH_CHUNK_BYTES", 500 * 8)
+    prep = experiment.prepare(config_from_dict(cfg))
+    assert prep.stepper.chunk_rows == 500
+    losses = [float(prep.stepper.step()) for _ in range(cfg["epochs"])]
+    return (list(prep.model.values().values()), losses), whole
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"optimizer": {"name": "Adam", "lr": 0.01}},
+        {"optimizer": {"name": "SGD", "lr": 1e-7}, "loss": "huber"},
+        {"optimizer": {"name": "LBFGS", "lr": 0.1}, "epochs": 3},
+        {
+            "model": {
+                "expr": MODEL,
+                "params": {
+                    **START,
+                    "a": {"value": 80, "min": 0, "max": 200},
+                    "d": {"value": 100, "vary": False},
+                },
+            }
+        },
+        {"model": {"basis": ["1", "x", "exp(-x/50)"], "init": [0, 0, 1]}, "loss": "l1"},
+    ],
+    ids=["adam", "sgd-huber", "lbfgs", "bounds-fixed", "basis-l1"],
+)
+def test_full_batch_in_chunks_takes_the_same_steps(monkeypatch, over):
+    (p_chunk, l_chunk), (p_whole, l_whole) = _chunked_and_whole(monkeypatch, config(2100, **over))
+    # The same gradient summed in another order: equal to rounding, step after step.
+    np.testing.assert_allclose(l_chunk, l_whole, rtol=1e-10)
+    np.testing.assert_allclose(p_chunk, p_whole, rtol=1e-9)
+
+
+def test_full_batch_in_chunks_with_sigma_weights(monkeypatch, tmp_path):
+    xs = np.linspace(0, 250, 1500)
+    ys = 90 * np.exp(-0.01 * xs) + 100 * np.exp(-((xs - 110) ** 2) / 25**2)
+    sig = 1 + xs / 100
+    path = tmp_path / "w.csv"
+    path.write_text(
+        "x,y,s\n"
+        + "".join(
+            f"{a!r},{b!r},{c!r}\n"
+            for a, b, c in zip(xs.tolist(), ys.tolist(), sig.tolist(), strict=True)
+        )
+    )
+    cfg = config(data={"file": str(path), "columns": {"x": "x", "y": "y", "sigma": "s"}})
+    (p_chunk, l_chunk), (p_whole, l_whole) = _chunked_and_whole(monkeypatch, cfg)
+    np.testing.assert_allclose(l_chunk, l_whole, rtol=1e-10)
+    np.testing.assert_allclose(p_chunk, p_whole, rtol=1e-9)
+
+
+def test_chunks_only_for_large_full_batches_on_the_cpu():
+    from fitcli.train import full_batch_chunk_rows
+
+    cpu = torch.device("cpu")
+    rows64 = full_batch_chunk_rows(10**7, torch.float64, cpu)
+    assert rows64 is not None and rows64 * 8 == 2 * 2**20
+    assert full_batch_chunk_rows(10**7, torch.float32, cpu) == 2 * rows64  # same bytes
+    assert full_batch_chunk_rows(rows64, torch.float64, cpu) is None  # one chunk's worth
+    assert full_batch_chunk_rows(10**7, torch.float64, torch.device("cuda")) is None
+    prep = experiment.prepare(config_from_dict(config(2000, batch_size=100)))
+    assert prep.stepper.chunk_rows is None  # mini-batches are small already

@@ -92,12 +92,19 @@ def prepare(cfg: Any) -> Prepared:
     base = LOSSES[cfg.loss]
     if weights is None:
         loss_fn, y = base, y_obs
+
+        def rows_loss(yhat, yw, rows):
+            return base(yhat, yw)
+
     else:
         # Weighted residuals (y - yhat) / sigma, as curve_fit(sigma=...) does.
         w = weights
 
         def loss_fn(yhat, yw):
             return base(yhat * w, yw)
+
+        def rows_loss(yhat, yw, rows):
+            return base(yhat * w[rows], yw)
 
         y = y_obs * w
     name, kwargs = optim.split_spec(cfg.optimizer)
@@ -118,6 +125,7 @@ def prepare(cfg: Any) -> Prepared:
             sched,
             batch_size=cfg.batch_size,
             shuffle_seed=seeds["shuffle"],
+            rows_loss=rows_loss,
         )
     return Prepared(cfg, dataset, model, device, dtype, x, y, weights, loss_fn, stepper, lm)
 

@@ -170,8 +170,8 @@ class FitModel(torch.nn.Module):
         raw = self.raw
         return lambda: self.predict(raw, x)
 
-    def predict_rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Prediction on the mini-batch `x[idx]` from the current parameters."""
+    def predict_rows(self, x: torch.Tensor, idx: torch.Tensor | slice) -> torch.Tensor:
+        """Prediction on the rows `x[idx]` (a mini-batch, a chunk) from the current parameters."""
         return self.predict(self.raw, x[idx])
 
 
@@ -223,7 +223,7 @@ class BasisModel(FitModel):
             return functools.partial(rows_dot, self.design_t(x), self.raw)
         return super().bind(x)
 
-    def predict_rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def predict_rows(self, x: torch.Tensor, idx: torch.Tensor | slice) -> torch.Tensor:
         # Rows of the cached design matrix: the basis functions are not re-evaluated per batch.
         return self.design(x)[idx] @ self.full_vector(self.external(self.raw))
 

