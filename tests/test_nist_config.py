@@ -17,11 +17,22 @@ SUITE = load_suite(ROOT / "tests" / "data" / "nist")
 LOWER = [name for name, p in SUITE.items() if p.difficulty == "lower"]
 
 
+@pytest.mark.parametrize("path", ["numpy", "torch"])
 @pytest.mark.parametrize("start", [1, 2])
 @pytest.mark.parametrize("name", LOWER)
-def test_lower_difficulty_through_the_config_path(name, start, tmp_path):
+def test_lower_difficulty_through_the_config_path(name, start, path, tmp_path, monkeypatch):
+    # "numpy": the LM core's numpy model with symbolic Jacobians (what these small float64 fits
+    # use); "torch": autograd, what float32, large or CUDA fits use.
+    from fitcli import lm, lm_optim
+
+    checks = []
+    if path == "torch":
+        monkeypatch.setattr(lm_optim, "host_eligible", lambda x, theta: False)
+    real = lm.host_ok
+    monkeypatch.setattr(lm, "host_ok", lambda *a: checks.append(real(*a)) or checks[-1])
     problem = SUITE[name]
     got = fit_fitcli(problem, start, write_csv(problem, tmp_path))
+    assert checks == ([True] if path == "numpy" else [])  # the numpy model was used
     assert got["status"] == "completed", got["reason"]
     assert got["reason"].startswith("LevenbergMarquardt converged")
     assert worst_lre(got["theta"], problem.certified) >= 6
