@@ -101,6 +101,49 @@ def claim_run_dir(path: Path, *, overwrite: bool) -> Path:
     return path
 
 
+def install_run_dir(
+    path: Path, files: dict[str, bytes | None], links: dict[str, Path] | None = None
+) -> Path:
+    """Write a whole run directory at once: `files` (relative POSIX path -> bytes; a path ending
+    in "/" with None is a directory) and `links` (relative path -> a file hard-linked, else
+    copied) go into a hidden folder beside `path`, which is then renamed to `path`. A reader, a
+    crash or Ctrl-C sees the complete directory or none of it; an existing fitcli run directory
+    at `path` is replaced, anything else is refused (as by `claim_run_dir`)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        tmp.mkdir()
+        for rel, data in files.items():
+            dest = tmp.joinpath(*rel.rstrip("/").split("/"))
+            if data is None:
+                dest.mkdir(exist_ok=True)
+                continue
+            with open(dest, "wb") as fh:
+                fh.write(data)
+        for rel, src in (links or {}).items():
+            dest = tmp.joinpath(*rel.split("/"))
+            try:
+                os.link(src, dest)
+            except OSError:
+                shutil.copyfile(src, dest)
+        if path.exists() or path.is_symlink():
+            if not is_run_dir(path):
+                raise RunDirError(
+                    f"{path} exists and is not a fitcli run directory; refusing to replace it"
+                )
+            trash = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
+            path.rename(trash)
+            tmp.rename(path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except OSError as exc:
+        _raise_os(exc, path, "write")
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def atomic_write(path: Path, data: str | bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers see old or new, never half."""
     payload = data.encode("utf-8") if isinstance(data, str) else data
