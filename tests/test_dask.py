@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +18,7 @@ import pytest
 from sweep_helpers import ROOT, SEED, SMALL, assert_same_sweep
 from typer.testing import CliRunner
 
+from fitcli import sweep as sw
 from fitcli.cli import app
 
 pytest.importorskip("distributed")
@@ -89,16 +93,105 @@ def only_dir(out: Path) -> Path:
     return d
 
 
+def table(d: Path) -> list[dict]:
+    with open(d / sw.RUNS_FILE, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def untimed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
+
+
 def test_sweep_on_a_dask_cluster_matches_a_local_sweep(cluster, tmp_path):
-    # SGD runs batch on the workers, LBFGS runs one by one; the client writes every directory.
-    args = ["sweep", str(SEED), *SMALL, "optimizer.name=SGD,LBFGS", "seed=0,1,2"]
+    # SGD runs batch on the workers (tasks of 2), LBFGS runs one by one; the workers write
+    # each run directory and send it back, the client puts it in place.
+    args = ["sweep", str(SEED), *SMALL, "optimizer.name=SGD,LBFGS", "seed=range(0,6)"]
     remote = runner.invoke(
         app, [*args, "-o", str(tmp_path / "remote"), "--scheduler", cluster, "--progress", "none"]
     )
     assert remote.exit_code == 0, remote.output
     local = runner.invoke(app, [*args, "-o", str(tmp_path / "local"), "--progress", "none"])
     assert local.exit_code == 0, local.output
+    d = only_dir(tmp_path / "remote")
+    assert_same_sweep(d, only_dir(tmp_path / "local"))
+    assert untimed(table(d)) == untimed(table(only_dir(tmp_path / "local")))
+    # Nothing left over from putting runs in place; one plotly.js, linked into every run.
+    assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == [sw.SHARED_JS]
+    shared = (d / sw.SHARED_JS).stat().st_ino
+    for row in table(d):
+        run_dir = d / row["run_dir"]
+        assert (run_dir / "plotly.min.js").stat().st_ino == shared
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["run_dir"] == str(run_dir)  # not the worker's scratch folder
+
+
+def test_failed_runs_on_a_dask_cluster_stay_in_their_rows(cluster, tmp_path):
+    args = ["sweep", str(SEED), *SMALL, "optimizer.lr=0.01,1e6,0.02", "--progress", "none"]
+    remote = runner.invoke(
+        app, [*args, "-o", str(tmp_path / "remote"), "--scheduler", cluster, "--json"]
+    )
+    assert remote.exit_code == 1, remote.output
+    doc = json.loads(remote.stdout)
+    assert (doc["completed"], doc["failed"]) == (2, 1)
+    assert [r["status"] for r in doc["runs"]] == ["completed", "diverged", "completed"]
+    assert all(Path(r["run_dir"]).is_dir() for r in doc["runs"])
+    local = runner.invoke(app, [*args, "-o", str(tmp_path / "local")])
+    assert local.exit_code == 1
     assert_same_sweep(only_dir(tmp_path / "remote"), only_dir(tmp_path / "local"))
+
+
+def test_fail_fast_on_a_dask_cluster_cancels_what_did_not_run(cluster, tmp_path):
+    # A scheduler makes every run a task of its own: the first diverges at once, the others
+    # take seconds, and are cancelled (still pending) instead of run.
+    res = runner.invoke(
+        app,
+        ["sweep", str(SEED), "epochs=4000", "snapshots=2",
+         "scheduler={name: StepLR, step_size: 1000}", "optimizer.lr=1e6,0.01,0.02,0.03",
+         "-o", str(tmp_path), "--scheduler", cluster, "--fail-fast", "--progress", "none"],
+    )  # fmt: skip
+    assert res.exit_code == 1, res.output
+    rows = table(only_dir(tmp_path))
+    assert rows[0]["status"] == "diverged"
+    assert [r["status"] for r in rows[2:]] == ["pending", "pending"]
+
+
+class StopAfterFirstRun:
+    """A StopFlag stand-in: Ctrl-C as soon as one run directory is in place."""
+
+    def __init__(self, sweep_dir: Path) -> None:
+        self.sweep_dir = sweep_dir
+
+    @property
+    def requested(self) -> bool:
+        return any(self.sweep_dir.glob("*/summary.json"))
+
+
+def test_interrupted_dask_sweep_marks_what_did_not_come_back_and_resumes(cluster, tmp_path):
+    plan = sw.make_plan(SEED, [*SMALL, "seed=range(0,12)"])
+    d = sw.create_sweep(plan, tmp_path / "remote", ["fitcli", "sweep"])
+    rows = [sw.Row(r) for r in plan.runs]
+    options = sw.Options(scheduler=cluster, client=sw.connect(cluster))
+    outcome = sw.run_sweep(plan, d, rows, options, stop_flag=StopAfterFirstRun(d))
+    assert outcome.interrupted and outcome.exit_code == 130
+    got = table(d)
+    done = [r for r in got if r["status"] == "completed"]
+    assert done and len(done) < len(got)
+    assert {r["status"] for r in got} == {"completed", "interrupted"}
+    assert all(r["run_dir"] == "" for r in got if r["status"] == "interrupted")
+    assert sorted(p.name for p in d.iterdir() if p.is_dir()) == sorted(r["run_dir"] for r in done)
+    kept = {r["run_dir"]: (d / r["run_dir"] / "summary.json").stat().st_mtime_ns for r in done}
+    res = runner.invoke(
+        app, ["sweep", "--resume", str(d), "--scheduler", cluster, "--progress", "none"]
+    )
+    assert res.exit_code == 0, res.output
+    assert {r["status"] for r in table(d)} == {"completed"}
+    for rel, mtime in kept.items():
+        assert (d / rel / "summary.json").stat().st_mtime_ns == mtime
+    fresh = runner.invoke(
+        app, ["sweep", str(SEED), *SMALL, "seed=range(0,12)", "-o", str(tmp_path / "local")]
+    )
+    assert fresh.exit_code == 0, fresh.output
+    assert_same_sweep(d, only_dir(tmp_path / "local"))
 
 
 def test_scheduler_from_the_environment(cluster, tmp_path, monkeypatch):
@@ -119,3 +212,30 @@ def test_unreachable_scheduler_is_a_clean_error(tmp_path):
     assert res.exit_code == 2
     assert "cannot reach the Dask scheduler" in res.stderr
     assert list(tmp_path.iterdir()) == []  # connected before the sweep directory is made
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_the_terminal_stops_a_local_cluster_sweep(tmp_path):
+    # SIGINT to the whole process group, as a terminal sends it: the local cluster's workers
+    # ignore it (this process decides), the sweep marks its runs and exits 130.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fitcli.cli", "sweep", str(SEED), "epochs=100000",
+         "seed=0,1", "-o", str(tmp_path), "--progress", "none", "--scheduler", "local"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(tmp_path.glob("*/sweep.yaml")):
+            time.sleep(0.2)
+        time.sleep(3.0)  # the workers are computing
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err.decode()
+    assert b"KeyboardInterrupt" not in err
+    rows = table(only_dir(tmp_path))
+    assert {r["status"] for r in rows} == {"interrupted"}

@@ -449,3 +449,80 @@ def test_a_fault_in_a_forked_writer_stops_the_sweep_like_one_writer(tmp_path, mo
         rows = table(sweep_dir_of(tmp_path / writers))
         results.append((res.exit_code, rows[3]["status"], "No space left" in res.stderr))
     assert results[0] == results[1] == (1, "pending", True)
+
+
+# -- rendered runs: what Dask workers send back, and how the client puts it in place ----------
+
+
+def test_rendered_runs_installed_here_equal_a_local_sweep(tmp_path):
+    # What a Dask worker does (render_task) and the client then (install_rendered), in this
+    # process: the run directories must be a local sweep's, and the worker's scratch folder
+    # must not show in any file.
+    axes = [*SMALL, "optimizer.name=SGD,LBFGS", "optimizer.lr=0.01,1e6"]
+    plan = sw.make_plan(SEED, axes)
+    cfgs = {r.index: plan.cfg(r) for r in plan.runs}
+    tasks = sw.make_tasks(plan, cfgs, list(cfgs), 1)
+    assert any(t.batch for t in tasks) and any(not t.batch for t in tasks)
+    d = sw.create_sweep(plan, tmp_path / "a", ["fitcli", "sweep"])
+    for task in tasks:
+        for rendered in sw.render_task(task, "directory"):
+            assert rendered.trace.params is None  # the tensors stay on the worker
+            assert "plotly.min.js" not in rendered.files  # linked here instead
+            scratch = str(Path(rendered.summary["run_dir"]).parent).encode()
+            # summary.json names it (run_dir) and is rewritten by the client; nothing else may.
+            assert [k for k, v in rendered.files.items() if v and scratch in v] == ["summary.json"]
+            run = plan.runs[rendered.trace.index]
+            target = d / sw.run_dir_name(plan, run)
+            summary = sw.install_rendered(rendered, target, "directory")
+            assert summary["run_dir"] == str(target)
+            assert json.loads((target / "summary.json").read_text()) == summary
+            js = (target / "plotly.min.js").stat()
+            assert js.st_ino == (d / sw.SHARED_JS).stat().st_ino  # one copy per sweep
+    local = sw.create_sweep(plan, tmp_path / "b", ["fitcli", "sweep"])
+    sw.run_sweep(plan, local, [sw.Row(r) for r in plan.runs], sw.Options())
+    from sweep_helpers import assert_same_sweep
+
+    assert_same_sweep(d, local)
+    assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == [sw.SHARED_JS]
+
+
+def test_install_run_dir_is_all_or_nothing(tmp_path, monkeypatch):
+    from fitcli import store
+
+    files = {
+        "config.yaml": b"a",
+        "snapshots/": None,
+        "snapshots/1.html": b"b",
+        "summary.json": b"{}",
+    }
+    target = tmp_path / "run"
+    store.install_run_dir(target, files)
+    assert (target / "snapshots" / "1.html").read_bytes() == b"b"
+    calls = []
+
+    def interrupted_open(path, mode="r", *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C while the second file is written
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(store, "open", interrupted_open, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        store.install_run_dir(target, {**files, "config.yaml": b"new"})
+    # The run directory that was there is untouched, and nothing half-written is left.
+    assert (target / "config.yaml").read_bytes() == b"a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        store.install_run_dir(tmp_path / "new", files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    monkeypatch.undo()
+    store.install_run_dir(target, {**files, "config.yaml": b"new"})  # a run directory: replaced
+    assert (target / "config.yaml").read_bytes() == b"new"
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(sw.store.RunDirError, match="not a fitcli run directory"):
+        store.install_run_dir(other, files)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run"]

@@ -1298,7 +1298,10 @@ def connect(address: str) -> Any:
     except ImportError:
         raise SweepError(DASK_HINT) from None
     if address == "local":
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True)
+        # The workers run `dask_setup` below as they start (Dask's preload).
+        cluster = LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, preload=["fitcli.sweep"]
+        )
         client = Client(cluster)
         client._fitcli_cluster = cluster  # closed with the client below
         return client
@@ -1306,6 +1309,14 @@ def connect(address: str) -> Any:
         return Client(address, timeout="10s")
     except OSError as exc:
         raise SweepError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+
+
+def dask_setup(worker: Any) -> None:
+    """Preload of the local cluster's worker processes: a Ctrl-C at the terminal reaches them
+    too, and this process decides what it does (cancel, write the table, close the cluster)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def dask_available() -> bool:
