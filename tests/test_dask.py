@@ -239,3 +239,18 @@ def test_ctrl_c_at_the_terminal_stops_a_local_cluster_sweep(tmp_path):
     assert b"KeyboardInterrupt" not in err
     rows = table(only_dir(tmp_path))
     assert {r["status"] for r in rows} == {"interrupted"}
+
+
+@pytest.mark.slow
+def test_local_cluster_workers_leave_ctrl_c_to_the_sweep():
+    # A terminal's Ctrl-C reaches the workers too; without the preload they die of it
+    # (KeyboardInterrupt) while the sweep may still be fetching their results.
+    client = sw.connect("local")
+    try:
+        pids = client.run(os.getpid)
+        for pid in pids.values():
+            os.kill(pid, signal.SIGINT)
+        time.sleep(1.0)
+        assert client.run(os.getpid) == pids
+    finally:
+        sw.disconnect(client)
