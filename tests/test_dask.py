@@ -102,9 +102,11 @@ def untimed(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "time_s"} for r in rows]
 
 
-def test_sweep_on_a_dask_cluster_matches_a_local_sweep(cluster, tmp_path):
-    # SGD runs batch on the workers (tasks of 2), LBFGS runs one by one; the workers write
-    # each run directory and send it back, the client puts it in place.
+def test_sweep_on_a_dask_cluster_matches_a_local_sweep(cluster, tmp_path, monkeypatch):
+    # SGD runs batch on the workers (two batches of 3, each rendered in parts of 2 by tasks of
+    # their own), LBFGS runs one by one; the workers write each run directory and send it back,
+    # the client puts it in place.
+    monkeypatch.setattr(sw, "DASK_RENDER_RUNS", 2)
     args = ["sweep", str(SEED), *SMALL, "optimizer.name=SGD,LBFGS", "seed=range(0,6)"]
     remote = runner.invoke(
         app, [*args, "-o", str(tmp_path / "remote"), "--scheduler", cluster, "--progress", "none"]

@@ -455,29 +455,37 @@ def test_a_fault_in_a_forked_writer_stops_the_sweep_like_one_writer(tmp_path, mo
 
 
 def test_rendered_runs_installed_here_equal_a_local_sweep(tmp_path):
-    # What a Dask worker does (render_task) and the client then (install_rendered), in this
-    # process: the run directories must be a local sweep's, and the worker's scratch folder
-    # must not show in any file.
+    # What Dask workers do (render_task, run_task + render_traces) and the client then
+    # (install_rendered), in this process: the run directories must be a local sweep's, and
+    # the worker's scratch folder must not show in any file.
     axes = [*SMALL, "optimizer.name=SGD,LBFGS", "optimizer.lr=0.01,1e6"]
     plan = sw.make_plan(SEED, axes)
     cfgs = {r.index: plan.cfg(r) for r in plan.runs}
     tasks = sw.make_tasks(plan, cfgs, list(cfgs), 1)
     assert any(t.batch for t in tasks) and any(not t.batch for t in tasks)
     d = sw.create_sweep(plan, tmp_path / "a", ["fitcli", "sweep"])
+    rendered_runs = []
     for task in tasks:
-        for rendered in sw.render_task(task, "directory"):
-            assert rendered.trace.params is None  # the tensors stay on the worker
-            assert "plotly.min.js" not in rendered.files  # linked here instead
-            scratch = str(Path(rendered.summary["run_dir"]).parent).encode()
-            # summary.json names it (run_dir) and is rewritten by the client; nothing else may.
-            assert [k for k, v in rendered.files.items() if v and scratch in v] == ["summary.json"]
-            run = plan.runs[rendered.trace.index]
-            target = d / sw.run_dir_name(plan, run)
-            summary = sw.install_rendered(rendered, target, "directory")
-            assert summary["run_dir"] == str(target)
-            assert json.loads((target / "summary.json").read_text()) == summary
-            js = (target / "plotly.min.js").stat()
-            assert js.st_ino == (d / sw.SHARED_JS).stat().st_ino  # one copy per sweep
+        if task.batch:  # computed by one task, rendered by others (prepared again), run by run
+            traces = sw.run_task(task)
+            for i in task.indices:
+                rendered_runs += sw.render_traces(task.plan, traces, [i], "directory")
+        else:
+            rendered_runs += sw.render_task(task, "directory")
+    assert sorted(r.trace.index for r in rendered_runs) == list(range(len(plan.runs)))
+    for rendered in rendered_runs:
+        assert rendered.trace.params is None  # the tensors stay on the worker
+        assert "plotly.min.js" not in rendered.files  # linked here instead
+        scratch = str(Path(rendered.summary["run_dir"]).parent).encode()
+        # summary.json names it (run_dir) and is rewritten by the client; nothing else may.
+        assert [k for k, v in rendered.files.items() if v and scratch in v] == ["summary.json"]
+        run = plan.runs[rendered.trace.index]
+        target = d / sw.run_dir_name(plan, run)
+        summary = sw.install_rendered(rendered, target, "directory")
+        assert summary["run_dir"] == str(target)
+        assert json.loads((target / "summary.json").read_text()) == summary
+        js = (target / "plotly.min.js").stat()
+        assert js.st_ino == (d / sw.SHARED_JS).stat().st_ino  # one copy per sweep
     local = sw.create_sweep(plan, tmp_path / "b", ["fitcli", "sweep"])
     sw.run_sweep(plan, local, [sw.Row(r) for r in plan.runs], sw.Options())
     from sweep_helpers import assert_same_sweep

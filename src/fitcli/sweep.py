@@ -807,14 +807,7 @@ def read_tree(run_dir: Path, skip: Iterable[str] = ()) -> dict[str, bytes | None
 
 
 def render_task(task: Task, plotlyjs: str) -> list[Rendered]:
-    """Compute a task's runs (`run_task`) and write each run directory into a scratch folder of
-    this process, the same replay as `write_run`; hand back the files, delete the folder.
-
-    What a Dask worker executes: the workers compute and write in parallel, the client only
-    puts bytes in place, and no filesystem is shared.
-    """
-    import tempfile
-
+    """Compute a task's runs (`run_task`) and render them (`render_traces`): one Dask task."""
     plan = Plan.from_doc(task.plan, SWEEP_FILE)
     preps = {}
     # Imported here: what a worker imports first, paid once per worker process.
@@ -824,10 +817,33 @@ def render_task(task: Task, plotlyjs: str) -> list[Rendered]:
         with contextlib.suppress(Exception):  # run_task reports it
             preps[i] = prepare(plan.cfg(plan.runs[i]))
     traces = run_task(task, None, preps)
+    return render_traces(task.plan, traces, task.indices, plotlyjs, preps)
+
+
+def render_traces(
+    plan_doc: dict,
+    traces: Sequence[Trace],
+    indices: Sequence[int],
+    plotlyjs: str,
+    preps: dict | None = None,
+) -> list[Rendered]:
+    """Write the run directory of each trace among `indices` into a scratch folder of this
+    process, the same replay as `write_run`; hand back the files and delete the folder.
+
+    What Dask workers execute: they compute and write in parallel, the client only puts bytes
+    in place, and no filesystem is shared. `preps` holds runs' prepared state left untouched
+    by a batch computed in this task; other runs are prepared again.
+    """
+    import tempfile
+
+    plan = Plan.from_doc(plan_doc, SWEEP_FILE)
+    wanted = set(indices)
     skip = [store.PLOTLY_JS] if plotlyjs == "directory" else []
     out = []
     with tempfile.TemporaryDirectory(prefix="fitcli-render-", dir=_scratch_root()) as scratch:
         for trace in traces:
+            if trace.index not in wanted:
+                continue
             light = Trace(
                 trace.index,
                 wall=trace.wall,
@@ -841,8 +857,7 @@ def render_task(task: Task, plotlyjs: str) -> list[Rendered]:
             run = plan.runs[trace.index]
             run_dir = Path(scratch) / run_dir_name(plan, run)
             run_dir.mkdir()
-            # A batch leaves its runs' prepared state untouched: the replay reuses it.
-            prep = preps.pop(trace.index, None) if trace.batched > 1 else None
+            prep = preps.pop(trace.index, None) if preps and trace.batched > 1 else None
             summary = write_run(plan, run, trace, run_dir, plotlyjs, prep)
             out.append(Rendered(light, summary, read_tree(run_dir, skip)))
             shutil.rmtree(run_dir)
@@ -1343,23 +1358,38 @@ def dask_available() -> bool:
     return True
 
 
-# Dask tasks per worker (at most DASK_TASK_RUNS runs each): the client writes what the first
-# tasks hand back while the workers compute and write the next ones. A batch of 25 runs costs
-# about 1.2x per run what one of 100 does, one of 13 about 1.7x.
-DASK_TASKS_PER_WORKER = 2
-DASK_TASK_RUNS = 32
+# Runs per Dask render task: a worker computes its share of a batch as one tensor program
+# (`run_task`), then renders it in parts of this many runs (`render_traces`), each sent back as
+# soon as it is written, so the client writes while the workers still work.
+DASK_RENDER_RUNS = 10
+
+
+def _submit_dask(client: Any, plan: Plan, cfgs: dict, indices: Sequence[int], plotlyjs: str):
+    """Submit the sweep: {render future: the runs it hands back}, and the compute futures."""
+    n = max(1, len(client.scheduler_info().get("workers", {})))
+    parts: dict[Any, list[int]] = {}
+    computed = []
+    for task in make_tasks(plan, cfgs, indices, n):
+        if not task.batch:
+            parts[client.submit(render_task, task, plotlyjs, pure=False)] = task.indices
+            continue
+        traces = client.submit(run_task, task, pure=False)
+        computed.append(traces)
+        for lo in range(0, len(task.indices), DASK_RENDER_RUNS):
+            part = task.indices[lo : lo + DASK_RENDER_RUNS]
+            fut = client.submit(render_traces, task.plan, traces, part, plotlyjs, pure=False)
+            parts[fut] = part
+    return parts, computed
 
 
 def _run_dask(plan, cfgs, indices, options, accept, stop, unfinished) -> None:
-    """Each task's runs computed and written on a worker (`render_task`); `accept` puts each
-    one in place here. `unfinished` receives the runs of tasks that did not come back."""
+    """Runs computed and written on the workers; `accept` puts each one in place here.
+    `unfinished` receives the runs that did not come back."""
     client = options.client or connect(options.scheduler)
     try:
         from dask.distributed import wait
 
-        n = max(1, len(client.scheduler_info().get("workers", {})))
-        tasks = make_tasks(plan, cfgs, indices, n * DASK_TASKS_PER_WORKER, DASK_TASK_RUNS)
-        pending = {client.submit(render_task, t, options.plotlyjs, pure=False): t for t in tasks}
+        pending, computed = _submit_dask(client, plan, cfgs, indices, options.plotlyjs)
         try:
             while pending and not stop():
                 try:
@@ -1367,15 +1397,15 @@ def _run_dask(plan, cfgs, indices, options, accept, stop, unfinished) -> None:
                     done = wait(list(pending), timeout=0.2, return_when="FIRST_COMPLETED").done
                 except TimeoutError:
                     continue
-                for fut in sorted(done, key=lambda f: pending[f].indices[0]):
+                for fut in sorted(done, key=lambda f: pending[f][0]):
                     for rendered in fut.result():
                         accept(rendered)
-                    del pending[fut]  # released: the worker frees the task's files
+                    del pending[fut]  # released: the worker frees the files
                     if stop():
                         break
         finally:
-            unfinished += [i for t in pending.values() for i in t.indices]
-            client.cancel(list(pending))
+            unfinished += [i for part in pending.values() for i in part]
+            client.cancel([*pending, *computed])
     finally:
         disconnect(client)
 
