@@ -534,3 +534,25 @@ def test_install_run_dir_is_all_or_nothing(tmp_path, monkeypatch):
         store.install_run_dir(other, files)
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run"]
+
+
+def test_forked_writers_end_on_their_own_when_their_work_is_done(tmp_path, monkeypatch):
+    # Pool.terminate signals the writers while it holds the lock they wait on: a writer the
+    # signal reaches just before it waits never ends (a sweep hung so). Only faults use it.
+    import multiprocessing.process
+
+    terminated = []
+    terminate = multiprocessing.process.BaseProcess.terminate
+    monkeypatch.setattr(
+        multiprocessing.process.BaseProcess,
+        "terminate",
+        lambda self: terminated.append(self.pid) or terminate(self),
+    )
+    monkeypatch.setenv("FITCLI_SWEEP_WRITERS", "2")
+    res = runner.invoke(
+        app,
+        ["sweep", str(SEED), *SMALL, "seed=range(0,6)", "-o", str(tmp_path), "--progress", "none"],
+    )
+    assert res.exit_code == 0, res.output
+    assert [r["status"] for r in table(sweep_dir_of(tmp_path))] == ["completed"] * 6
+    assert terminated == []

@@ -1263,11 +1263,24 @@ def _write_forked(jobs: list[tuple], done: Callable[[int, dict], None]) -> None:
     try:
         ctx = multiprocessing.get_context("fork")
         n = min(writer_processes(), len(jobs))
-        with ctx.Pool(n, initializer=_writer_init) as pool:
+        pool = ctx.Pool(n, initializer=_writer_init)
+        finished = False
+        try:
             for k, summary, exc in pool.imap_unordered(_write_job, range(len(jobs))):
                 if exc is not None:
                     raise exc
                 done(k, summary)
+            finished = True
+        finally:
+            if finished:
+                # Every job is written: the writers end on their own. Pool.terminate (what
+                # `with Pool` does) would take the task queue's lock for good and signal them,
+                # and a writer the signal reaches just before it waits on that lock never ends
+                # (a sweep hung so, one in about twenty, on a busy machine).
+                pool.close()
+                pool.join()
+            else:
+                pool.terminate()  # a fault or Ctrl-C: stop the writers now
     finally:
         _FORKED_JOBS = []
 
