@@ -256,3 +256,38 @@ def test_local_cluster_workers_leave_ctrl_c_to_the_sweep():
         assert client.run(os.getpid) == pids
     finally:
         sw.disconnect(client)
+
+
+def test_torch_checks_run_on_the_cluster_exit_2_and_write_nothing(cluster, tmp_path):
+    # The client of a Dask sweep leaves the checks against torch to a worker: a typo in an
+    # optimizer argument is still exit 2, named per run, before anything is written.
+    out = tmp_path / "sweeps"
+    result = runner.invoke(
+        app,
+        ["sweep", str(SEED), *SMALL, "optimizer.lrr=0.01,0.1", "--out", str(out),
+         "--scheduler", cluster],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "optimizer.lrr=0.01): optimizer.lrr: SGD takes no argument 'lrr'" in result.output
+    assert "run 1 (" in result.output
+    assert "did you mean 'lr'?" in result.output
+    assert not out.exists()
+
+
+def test_the_client_of_a_dask_sweep_never_imports_torch(cluster, tmp_path):
+    # A second of a core at start-up, which the workers importing torch need; and nothing a
+    # worker sends back (summary.json's torch_version was a TorchVersion) may unpickle as torch.
+    code = (
+        "import sys\n"
+        "from fitcli.cli import app\n"
+        "try:\n"
+        f"    app(['sweep', {str(SEED)!r}, *{SMALL!r}, 'optimizer.name=SGD,LBFGS', 'seed=0,1',\n"
+        f"         '--out', {str(tmp_path / 'out')!r}, '--scheduler', {cluster!r},\n"
+        "         '--progress', 'none'])\n"
+        "except SystemExit as exc:\n"
+        "    print('exit', exc.code, 'torch' in sys.modules, file=sys.stderr)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert "exit 0 False" in res.stderr, res.stderr[-3000:]
+    assert len(table(only_dir(tmp_path / "out"))) == 4

@@ -427,7 +427,8 @@ def sweep(
         elif config is None:
             raise sw.SweepError("missing the config file: fitcli sweep CONFIG key=a,b ...")
         else:
-            plan = sw.make_plan(config, axes or [])
+            # With a Dask scheduler the checks against torch run on a worker, after connecting.
+            plan = sw.make_plan(config, axes or [], torch_checks=not scheduler)
             rows = None
         if dry_run:
             for line in sw.dry_run_lines(plan):
@@ -440,6 +441,8 @@ def sweep(
         client = sw.connect(scheduler) if scheduler else None
         if rows is None:
             try:
+                if client is not None:
+                    sw.check_on_cluster(client, plan)
                 sweep_dir = sw.create_sweep(plan, out, ["fitcli", *sys.argv[1:]])
             except BaseException:
                 if client is not None:

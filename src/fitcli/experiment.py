@@ -133,7 +133,7 @@ def prepare(cfg: Any) -> Prepared:
 def versions() -> dict[str, str]:
     return {
         "fitcli_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # a plain str: TorchVersion pickles as torch
         "python_version": platform.python_version(),
     }
 

@@ -231,8 +231,9 @@ class Plan:
             raise SweepError(f"{source} is not a valid {SWEEP_FILE}: {exc}") from None
 
 
-def make_plan(config: Path, assignments: Sequence[str]) -> Plan:
-    """Read the base config and expand the axes; every run's config is validated up front."""
+def make_plan(config: Path, assignments: Sequence[str], *, torch_checks: bool = True) -> Plan:
+    """Read the base config and expand the axes; every run's config is validated up front
+    (without the checks against torch when `torch_checks` is False: see `check_on_cluster`)."""
     from fitcli.config import load_yaml, read_config_text
 
     fixed, axes = parse_assignments(assignments)
@@ -242,45 +243,89 @@ def make_plan(config: Path, assignments: Sequence[str]) -> Plan:
 
         load_config(config)  # raises the config file's own top-level problem
     plan = Plan(str(config), base, os.path.dirname(os.path.abspath(config)), fixed, axes)
-    validate_plan(plan)
+    validate_plan(plan, torch_checks=torch_checks)
     return plan
 
 
-def validate_plan(plan: Plan) -> list[Any]:
-    """Every run's config, or one ConfigError naming each bad run and its problems."""
-    from fitcli import optim
+MAX_PLAN_PROBLEMS = 20  # a plan's validation stops after this many problems
 
+
+def validate_plan(plan: Plan, *, torch_checks: bool = True) -> list[Any]:
+    """Every run's config, or one ConfigError naming each bad run and its problems."""
     cfgs, problems = [], []
-    checked: dict[str, list[str]] = {}  # optimizer/scheduler/loss choice -> torch's verdict
+    checks = _TorchChecks(plan) if torch_checks else None
     for run in plan.runs:
-        label = " ".join(plan.overrides(run)) or "(base config)"
         try:
             cfg = plan.cfg(run)
         except ConfigError as exc:
-            problems += [f"run {run.index} ({label}): {p}" for p in exc.problems]
+            problems += [f"run {run.index} ({_label(plan, run)}): {p}" for p in exc.problems]
         else:
             cfgs.append(cfg)
-            # Names and keyword arguments of optimizers and schedulers are checked against torch
-            # here too, so a typo is exit 2 before anything runs, not a failed run per point.
-            key = json.dumps(
-                [
-                    cfg.optimizer.model_dump(),
-                    cfg.scheduler and cfg.scheduler.model_dump(),
-                    cfg.loss,
-                    cfg.batch_size is None,
-                    cfg.model.basis is None,
-                ],
-                sort_keys=True,
-                default=str,
-            )
-            if key not in checked:
-                checked[key] = optim.validate(cfg)
-            problems += [f"run {run.index} ({label}): {p}" for p in checked[key]]
-        if len(problems) > 20:
+            if checks is not None:
+                problems += checks(run, cfg)
+        if len(problems) > MAX_PLAN_PROBLEMS:
             break
     if problems:
         raise ConfigError(problems, source=plan.config)
     return cfgs
+
+
+def _label(plan: Plan, run: RunSpec) -> str:
+    return " ".join(plan.overrides(run)) or "(base config)"
+
+
+class _TorchChecks:
+    """Names and keyword arguments of optimizers and schedulers checked against torch
+    (`optim.validate`, once per distinct choice), so a typo is exit 2 before anything runs, not
+    a failed run per point."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.checked: dict[str, list[str]] = {}  # optimizer/scheduler/loss choice -> verdict
+
+    def __call__(self, run: RunSpec, cfg: Any) -> list[str]:
+        from fitcli import optim
+
+        key = json.dumps(
+            [
+                cfg.optimizer.model_dump(),
+                cfg.scheduler and cfg.scheduler.model_dump(),
+                cfg.loss,
+                cfg.batch_size is None,
+                cfg.model.basis is None,
+            ],
+            sort_keys=True,
+            default=str,
+        )
+        if key not in self.checked:
+            self.checked[key] = optim.validate(cfg)
+        return [f"run {run.index} ({_label(self.plan, run)}): {p}" for p in self.checked[key]]
+
+
+def torch_problems(plan_doc: dict) -> list[str]:
+    """The checks of `validate_plan` that need torch, for a plan whose configs are valid
+    otherwise: what a Dask worker runs for the client (`check_on_cluster`)."""
+    plan = Plan.from_doc(plan_doc, SWEEP_FILE)
+    checks = _TorchChecks(plan)
+    problems: list[str] = []
+    for run in plan.runs:
+        try:
+            cfg = plan.cfg(run)
+        except ConfigError:  # the client has reported those already
+            continue
+        problems += checks(run, cfg)
+        if len(problems) > MAX_PLAN_PROBLEMS:
+            break
+    return problems
+
+
+def check_on_cluster(client: Any, plan: Plan) -> None:
+    """`validate_plan`'s checks against torch, run by a Dask worker: the client of a Dask sweep
+    never imports torch (about a second of a core, which the workers, importing it themselves at
+    the same moment, would otherwise share with it). Raises the same ConfigError."""
+    problems = client.submit(torch_problems, plan.to_doc(), pure=False).result()
+    if problems:
+        raise ConfigError(problems, source=plan.config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1359,6 +1404,9 @@ def dask_setup(worker: Any) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     atexit.register(_exit_now)
+    # torch now, as the cluster starts: both workers import it at once, and the first task on
+    # each (the client's checks against torch, a batch) does not wait a second for it.
+    import fitcli.experiment  # noqa: F401
 
 
 def _exit_now() -> None:
