@@ -474,17 +474,14 @@ def small_data_threads(n: int):
     agree whatever each process uses. It is also faster: on busy cores a parallel region of a
     small op waits for a second thread far longer than the op takes.
     """
+    from fitcli.lm import one_thread
     from fitcli.model import ROW_EXACT_LIMIT
 
-    threads = torch.get_num_threads()
-    if n >= ROW_EXACT_LIMIT or threads == 1:
+    if n >= ROW_EXACT_LIMIT:
         yield
         return
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def finish_stats(prep: Prepared, result: TrainResult) -> dict:

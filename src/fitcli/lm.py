@@ -41,8 +41,6 @@ import torch
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 MAX_DAMPING = 1e16
-# Normal equations up to this size are solved on one CPU thread (see `_one_thread`).
-SMALL_SYSTEM = 64
 # Fits of up to this many rows on the CPU keep their Jacobian for the guard (`_normal_equations`).
 SMALL_ROWS = 1024
 MIN_DAMPING = 1e-300
@@ -203,11 +201,12 @@ def host_ok(fn: Model, host: HostModel, theta: torch.Tensor, x: torch.Tensor) ->
     Jacobian on the first rows (values to 1e-9, Jacobian entries to 1e-6 relative, non-finite
     entries in the same places); any failure means: do not use it."""
     k = min(x.shape[0], 64)
+    theta64 = theta.detach().cpu().numpy().astype(np.float64).reshape(-1)
     try:
         ref, m_ref = _jacobian_columns(_weighted_model(fn, x[:k], None), theta.detach())
         with np.errstate(all="ignore"):
-            m, jac = host.jacobian(theta.detach().cpu().numpy().astype(np.float64).reshape(-1))
-            m2 = host.value(theta.detach().cpu().numpy().astype(np.float64).reshape(-1))
+            m, jac = host.jacobian(theta64)
+            m2 = host.value(theta64)
     except Exception:  # a model the numpy path cannot evaluate: stay with torch
         return False
     ref, m_ref = ref.numpy(), m_ref.numpy()
@@ -306,7 +305,7 @@ def _normal_equations(
     size = chunk_size or default_chunk_size(theta.numel(), theta.device)
     if theta.device.type == "cpu" and n <= min(size, SMALL_ROWS):
         model = _weighted_model(fn, x, weights)
-        with _one_thread():
+        with one_thread():
             if rowwise:
                 jac, m = _jacobian_rowwise(model, theta.detach(), n)
             else:
@@ -335,7 +334,7 @@ def residual_sum_of_squares(
     p = theta.numel()
     size = chunk_size * max(p, 1) if chunk_size else default_chunk_size(p, theta.device)
     if n <= size and theta.device.type == "cpu":  # one chunk: no accumulator
-        with torch.no_grad(), _one_thread():
+        with torch.no_grad(), one_thread():
             r = y - fn(theta, x)
             if weights is not None:
                 r = r * weights
@@ -406,33 +405,18 @@ def _second_derivative_jt_kept(
         return jac.T @ m_vv.reshape(-1).to(torch.float64).numpy()
 
 
-def solve_damped(
-    jtj: torch.Tensor, jtr: torch.Tensor, damping: float, scale2: torch.Tensor
-) -> torch.Tensor:
-    """Solve ``(J^T J + damping * diag(scale2)) delta = J^T r`` in float64.
-
-    The system is solved in the scaled variables ``z = D delta`` (unit-diagonal matrix when
-    ``scale2 = diag(J^T J)``) by Cholesky; if that fails (not positive definite to rounding) by a
-    symmetric eigendecomposition that drops the null space.
-    """
-    if jtj.device.type == "cpu" and jtj.shape[0] <= SMALL_SYSTEM:
-        with _one_thread():
-            return _solve_damped(jtj, jtr, damping, scale2)
-    return _solve_damped(jtj, jtr, damping, scale2)
-
-
 def _chunk_threads(device: torch.device):
     """One CPU thread for the chunked loops: a cache-sized chunk's elementwise ops gain little
     from a second thread, and on a busy machine each op's thread barrier waits for a descheduled
     thread (a 10^6-point fit took 20 s on two busy cores instead of 3 s on one)."""
-    return _one_thread() if device.type == "cpu" else contextlib.nullcontext()
+    return one_thread() if device.type == "cpu" else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
-def _one_thread():
-    # MKL's multi-threaded Cholesky of a tiny matrix waits on its thread pool for milliseconds
-    # when the other cores are busy (16 ms instead of 2 us on 2 cores): a p x p system is solved
-    # on one thread, and the setting is restored at once.
+def one_thread():
+    """torch on one CPU thread inside the block, the setting restored after it. On busy cores a
+    parallel region of a small op waits for a second thread far longer than the op takes (MKL's
+    threaded Cholesky of a tiny matrix: 16 ms instead of 2 us on 2 cores)."""
     n = torch.get_num_threads()
     if n == 1:
         yield
@@ -444,30 +428,16 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
-def _solve_damped(
-    jtj: torch.Tensor, jtr: torch.Tensor, damping: float, scale2: torch.Tensor
-) -> torch.Tensor:
-    s = 1.0 / torch.sqrt(scale2)
-    a = jtj * s[:, None] * s[None, :]
-    b = jtr * s
-    m = a + damping * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-    chol, info = torch.linalg.cholesky_ex(m)
-    if int(info) == 0:
-        z = torch.cholesky_solve(b[:, None], chol)[:, 0]
-        if bool(torch.isfinite(z).all()):
-            return z * s
-    evals, evecs = torch.linalg.eigh(a)
-    evals = evals + damping
-    cutoff = evals.abs().max() * a.shape[0] * torch.finfo(a.dtype).eps
-    inv = torch.where(evals > cutoff, 1.0 / evals, torch.zeros_like(evals))
-    z = evecs @ (inv * (evecs.T @ b))
-    return z * s
-
-
 def _solve_damped_np(
     jtj: np.ndarray, jtr: np.ndarray, damping: float, scale2: np.ndarray
 ) -> np.ndarray:
-    """`solve_damped` in numpy for the p x p systems of one iteration (same algorithm)."""
+    """Solve ``(J^T J + damping * diag(scale2)) delta = J^T r`` in float64 (numpy: a few
+    microseconds per call where torch's dispatch costs tens).
+
+    The system is solved in the scaled variables ``z = D delta`` (unit-diagonal matrix when
+    ``scale2 = diag(J^T J)``) by Cholesky; if that fails (not positive definite to rounding) by a
+    symmetric eigendecomposition that drops the null space.
+    """
     s = 1.0 / np.sqrt(scale2)
     a = jtj * s[:, None] * s[None, :]
     b = jtr * s
