@@ -102,7 +102,7 @@ class TorchStepper:
         self.plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         self.forward = model.bind(x)
         self.rows_loss = rows_loss
-        self.chunk_rows = None
+        self.chunk_rows = None  # set only for a full batch: `_one` then ignores its arguments
         if rows_loss is not None and self.batch_size is None:
             self.chunk_rows = full_batch_chunk_rows(self.n, x.dtype, x.device)
 
@@ -119,30 +119,19 @@ class TorchStepper:
         return total
 
     def _one(self, forward, yb) -> torch.Tensor:
-        opt, loss_fn = self.optimizer, self.loss_fn
-        if self.chunk_rows is not None and forward is self.forward:
+        opt, loss_fn, chunked = self.optimizer, self.loss_fn, self.chunk_rows is not None
 
-            def chunked():
-                opt.zero_grad(set_to_none=True)
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            if chunked:
                 return self._chunked_loss_backward()
-
-            if self.needs_closure:
-                return opt.step(chunked)
-            loss = chunked()
-            opt.step()
+            loss = loss_fn(forward(), yb)
+            loss.backward()
             return loss
+
         if self.needs_closure:
-
-            def closure():
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(forward(), yb)
-                loss.backward()
-                return loss
-
             return opt.step(closure)
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(forward(), yb)
-        loss.backward()
+        loss = closure()
         opt.step()
         return loss
 
