@@ -252,22 +252,32 @@ MAX_PLAN_PROBLEMS = 20  # a plan's validation stops after this many problems
 
 def validate_plan(plan: Plan, *, torch_checks: bool = True) -> list[Any]:
     """Every run's config, or one ConfigError naming each bad run and its problems."""
-    cfgs, problems = [], []
-    checks = _TorchChecks(plan) if torch_checks else None
-    for run in plan.runs:
-        try:
-            cfg = plan.cfg(run)
-        except ConfigError as exc:
-            problems += [f"run {run.index} ({_label(plan, run)}): {p}" for p in exc.problems]
-        else:
-            cfgs.append(cfg)
-            if checks is not None:
-                problems += checks(run, cfg)
-        if len(problems) > MAX_PLAN_PROBLEMS:
-            break
+    cfgs, problems = _check_runs(plan, _TorchChecks(plan) if torch_checks else None)
     if problems:
         raise ConfigError(problems, source=plan.config)
     return cfgs
+
+
+def _check_runs(
+    plan: Plan, checks: _TorchChecks | None, *, invalid: bool = True
+) -> tuple[list[Any], list[str]]:
+    """(the valid runs' configs, the problems found, labelled by run), stopping after
+    MAX_PLAN_PROBLEMS; a config that does not validate is a problem only with `invalid`."""
+    cfgs: list[Any] = []
+    problems: list[str] = []
+    for run in plan.runs:
+        if len(problems) > MAX_PLAN_PROBLEMS:
+            break
+        try:
+            cfg = plan.cfg(run)
+        except ConfigError as exc:
+            if invalid:
+                problems += [f"run {run.index} ({_label(plan, run)}): {p}" for p in exc.problems]
+            continue
+        cfgs.append(cfg)
+        if checks is not None:
+            problems += checks(run, cfg)
+    return cfgs, problems
 
 
 def _label(plan: Plan, run: RunSpec) -> str:
@@ -306,17 +316,8 @@ def torch_problems(plan_doc: dict) -> list[str]:
     """The checks of `validate_plan` that need torch, for a plan whose configs are valid
     otherwise: what a Dask worker runs for the client (`check_on_cluster`)."""
     plan = Plan.from_doc(plan_doc, SWEEP_FILE)
-    checks = _TorchChecks(plan)
-    problems: list[str] = []
-    for run in plan.runs:
-        try:
-            cfg = plan.cfg(run)
-        except ConfigError:  # the client has reported those already
-            continue
-        problems += checks(run, cfg)
-        if len(problems) > MAX_PLAN_PROBLEMS:
-            break
-    return problems
+    # Configs that do not validate here the client has reported already.
+    return _check_runs(plan, _TorchChecks(plan), invalid=False)[1]
 
 
 def check_on_cluster(client: Any, plan: Plan) -> None:
