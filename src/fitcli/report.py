@@ -354,9 +354,7 @@ def read_run(run_dir: Path) -> Run:
 
 def check_plotly_js(path: Path) -> None:
     """An existing plotly.min.js must be a whole plotly.js (a damaged one breaks every page)."""
-    import plotly
-
-    src = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    src = store.plotly_js_source()
     try:
         got = path.read_bytes()
     except OSError as exc:

@@ -120,11 +120,7 @@ def install_run_dir(
             with open(dest, "wb") as fh:
                 fh.write(data)
         for rel, src in (links or {}).items():
-            dest = tmp.joinpath(*rel.split("/"))
-            try:
-                os.link(src, dest)
-            except OSError:
-                shutil.copyfile(src, dest)
+            link_or_copy(src, tmp.joinpath(*rel.split("/")))
         if path.exists() or path.is_symlink():
             if not is_run_dir(path):
                 raise RunDirError(
@@ -142,6 +138,23 @@ def install_run_dir(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    """Hard link `src` at `dest` (same file system), else copy it."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
+
+
+def plotly_js_source() -> Path:
+    """plotly.js as the installed plotly package ships it (found without importing plotly)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("plotly")
+    assert spec is not None and spec.submodule_search_locations
+    return Path(spec.submodule_search_locations[0]) / "package_data" / PLOTLY_JS
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -221,9 +234,7 @@ def write_data_csv(path: Path, x, y, y_true=None, sigma=None) -> None:
 
 def copy_plotly_js(run_dir: Path) -> None:
     """plotly.min.js, once per run directory; snapshots and the report load it from here."""
-    import plotly
-
-    src = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    src = plotly_js_source()
     dest = run_dir / PLOTLY_JS
     if dest.exists():
         return

@@ -757,14 +757,6 @@ def make_tasks(plan: Plan, cfgs: dict[int, Any], indices: Sequence[int], chunks:
 # --------------------------------------------------------------------------------------------
 
 
-def link_or_copy(src: Path, dest: Path) -> None:
-    """Hard link `src` at `dest` (same file system), else copy it."""
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copyfile(src, dest)
-
-
 def claim_and_write(
     plan: Plan, run: RunSpec, trace: Trace, target: Path, plotlyjs: str, prep: Any = None
 ) -> dict:
@@ -789,7 +781,7 @@ def write_run(
     if plotlyjs == "directory":
         shared = run_dir.parent / SHARED_JS
         if shared.exists():
-            link_or_copy(shared, run_dir / store.PLOTLY_JS)
+            store.link_or_copy(shared, run_dir / store.PLOTLY_JS)
     replay = dataclasses.replace(prep, stepper=ReplayStepper(trace, prep.model))
     stop_at = trace.stop_epoch
 
@@ -809,7 +801,7 @@ def write_run(
             defer_state=True,
         )
     if plotlyjs == "directory" and not (run_dir.parent / SHARED_JS).exists():
-        link_or_copy(run_dir / store.PLOTLY_JS, run_dir.parent / SHARED_JS)
+        store.link_or_copy(run_dir / store.PLOTLY_JS, run_dir.parent / SHARED_JS)
     return summary
 
 
@@ -928,12 +920,7 @@ def shared_plotly_js(sweep_dir: Path) -> Path:
     """The sweep's one copy of plotly.js that its run directories link to (made if missing)."""
     shared = sweep_dir / SHARED_JS
     if not shared.exists():
-        import importlib.util
-
-        spec = importlib.util.find_spec("plotly")
-        assert spec is not None and spec.submodule_search_locations
-        src = Path(spec.submodule_search_locations[0]) / "package_data" / store.PLOTLY_JS
-        store.atomic_write(shared, src.read_bytes())
+        store.atomic_write(shared, store.plotly_js_source().read_bytes())
     return shared
 
 
