@@ -257,9 +257,8 @@ class NumpyModel(HostModel):
         self.kind = model.kind
         if model.kind == "basis":
             phi = model.design(x).detach().to(torch.float64).numpy()
-            self.free_pos = list(model._free_pos)
             self.phi = np.ascontiguousarray(phi)
-            self.phi_free = np.ascontiguousarray(phi[:, self.free_pos])
+            self.phi_free = np.ascontiguousarray(phi[:, model._free_pos])
             self.names = list(model.names)
         else:
             self._jacobian = compile_jacobian(model.expression, self.free_names)

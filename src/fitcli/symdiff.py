@@ -86,7 +86,6 @@ def compile_jacobian(
     `values`). Evaluate under ``np.errstate`` of your choice: non-finite values propagate.
     """
     index = {name: k for k, name in enumerate(wrt)}
-    missing = [name for name in wrt if name not in expression.params]
     root = _compile(expression._tree, index)
     names = expression.params
     p = len(wrt)
@@ -101,19 +100,15 @@ def compile_jacobian(
         y = np.broadcast_to(np.asarray(value, dtype=np.float64), (n,))
         return y, jac
 
-    jacobian.missing = missing  # wrt names the expression does not use (zero columns)
     return jacobian
 
 
 def compile_value(expression: Expression) -> Callable[[np.ndarray, Mapping[str, Any]], np.ndarray]:
     """``f(x, values) -> y``: the expression alone in numpy float64 (no derivatives)."""
-    root = _compile(expression._tree, {})
-    names = expression.params
+    evaluate = compile_jacobian(expression, ())
 
     def value(x: np.ndarray, values: Mapping[str, Any]) -> np.ndarray:
-        vals = {name: np.float64(values[name]) for name in names}
-        y = root(x, vals)[0]
-        return np.broadcast_to(np.asarray(y, dtype=np.float64), x.shape)
+        return evaluate(x, values)[0]
 
     return value
 
