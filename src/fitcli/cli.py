@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from fitcli import __version__
-from fitcli.errors import ExitCode, FitcliError
+from fitcli.errors import STOP_SIGNALS, ExitCode, FitcliError, Interrupted, exit_code_for
 
 app = typer.Typer(
     name="fitcli",
@@ -77,9 +77,10 @@ def errors_to_exit(debug: bool = False):
             console.stderr.print_exception()
         console.error(str(exc))
         raise typer.Exit(int(exc.exit_code)) from None
-    except KeyboardInterrupt:
-        console.error("interrupted")
-        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+    except KeyboardInterrupt as exc:
+        by = getattr(exc, "signal", None)
+        console.error(f"interrupted by {by}" if by else "interrupted")
+        raise typer.Exit(int(exit_code_for("interrupted", by))) from None
     except Exception as exc:  # a bug or an environment fault: one line unless --debug
         if debug:
             console.stderr.print_exception()
@@ -89,25 +90,40 @@ def errors_to_exit(debug: bool = False):
 
 
 class StopFlag:
-    """First Ctrl-C asks the loop to stop after this epoch; a second one stops at once."""
+    """The first SIGINT (Ctrl-C), SIGTERM (a batch scheduler, `timeout`) or SIGHUP (the terminal
+    closed) asks the loop to stop after this epoch; a second one of any of them stops at once
+    (`Interrupted`). `signal` names the first: it decides the exit code (`exit_code_for`)."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signal: str | None = None
+        self._raised = False
+        self._previous: dict[int, object] = {}
 
     def _handler(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        if not self.requested:
+            self.requested, self.signal = True, signal.Signals(signum).name
+        elif not self._raised:
+            self._raised = True
+            raise Interrupted(self.signal or "SIGINT")
+        # Later ones: the command is already ending; let it write the summary.
 
     def __enter__(self) -> StopFlag:
-        with contextlib.suppress(ValueError):  # not in the main thread
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+        for name in STOP_SIGNALS:
+            signum = getattr(signal, name, None)  # no SIGHUP on Windows
+            if signum is None:
+                continue
+            with contextlib.suppress(ValueError):  # not in the main thread
+                self._previous[signum] = signal.signal(signum, self._handler)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+    def interrupt(self) -> Interrupted:
+        """What to raise when a stop was asked for before anything ran."""
+        return Interrupted(self.signal or "SIGINT")
 
 
 ConfigArg = Annotated[
@@ -199,7 +215,7 @@ def train(
             prep, point = prepare_resume(resume, given)
             cfg, target = prep.cfg, resume
             if stop.requested:
-                raise KeyboardInterrupt
+                raise stop.interrupt()
             for note in point.notes:
                 console.warn(f"resume: {note}")
         elif config is None:
@@ -210,7 +226,7 @@ def train(
 
             prep = prepare(cfg)
             if stop.requested:
-                raise KeyboardInterrupt
+                raise stop.interrupt()
             target = make_run_dir(cfg, out, run_dir, overwrite)
         from fitcli.experiment import execute
 
@@ -228,6 +244,7 @@ def train(
                 command=command,
                 on_epoch=on_epoch,
                 resume=point,
+                stopped_by=lambda: stop.signal,
             )
         if json_out:
             console.print_json(summary)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fitcli import store
-from fitcli.errors import ConfigError, ExitCode, FitcliError, InputError
+from fitcli.errors import ConfigError, ExitCode, FitcliError, InputError, exit_code_for
 
 SWEEP_FILE = "sweep.yaml"
 RUNS_FILE = "runs.csv"
@@ -350,6 +350,7 @@ class Trace:
     states: dict[int, Any] = field(default_factory=dict)
     converged: dict[int, str] = field(default_factory=dict)
     stop_epoch: int | None = None
+    stop_signal: str | None = None  # what stopped it at stop_epoch (set by the sweep's process)
     elapsed: list[float] = field(default_factory=list)
     wall: float = 0.0
     error: str | None = None
@@ -703,6 +704,8 @@ def run_task(
     """
     from fitcli.experiment import prepare
 
+    if stop is not None and stop():
+        return []  # stopped before this task began: its runs stay pending
     plan = Plan.from_doc(task.plan, SWEEP_FILE)
     ready: dict[int, Any] = {}
     out: list[Trace] = []
@@ -799,6 +802,7 @@ def write_run(
             command=plan.command(run),
             on_epoch=on_epoch,
             defer_state=True,
+            stopped_by=lambda: trace.stop_signal,
         )
     if plotlyjs == "directory" and not (run_dir.parent / SHARED_JS).exists():
         store.link_or_copy(run_dir / store.PLOTLY_JS, run_dir.parent / SHARED_JS)
@@ -1039,6 +1043,7 @@ class Outcome:
     plan: Plan
     rows: list[Row]
     interrupted: bool = False
+    signal: str | None = None  # the signal that interrupted it (None: Ctrl-C as far as known)
 
     @property
     def completed(self) -> int:
@@ -1051,7 +1056,7 @@ class Outcome:
     @property
     def exit_code(self) -> int:
         if self.interrupted:
-            return int(ExitCode.INTERRUPTED)
+            return int(exit_code_for("interrupted", self.signal))
         return 0 if all(r.status == "completed" for r in self.rows) else int(ExitCode.FAILED)
 
     def to_json(self) -> dict:
@@ -1107,10 +1112,17 @@ def load_sweep(sweep_dir: Path) -> tuple[Plan, list[Row]]:
 
 
 class _Stop:
-    """Stop requests from Ctrl-C (`flag`) and --fail-fast."""
+    """Stop requests from a signal (`flag`: Ctrl-C, SIGTERM, SIGHUP) and --fail-fast."""
 
     def __init__(self, flag: Any, fail_fast: bool) -> None:
         self.flag, self.fail_fast, self.failed = flag, fail_fast, False
+
+    @property
+    def signal(self) -> str | None:
+        """The signal that asked to stop, if one did."""
+        if self.flag is None or not self.flag.requested:
+            return None
+        return getattr(self.flag, "signal", None)
 
     def __call__(self) -> bool:
         return bool(self.flag is not None and self.flag.requested) or (
@@ -1163,8 +1175,14 @@ def run_sweep(
         if progress is not None:
             progress.update(done[0], done[1])
 
+    def stamp(trace: Trace) -> None:
+        """A run stopped mid-way was stopped by this process's stop: by its signal, if any."""
+        if trace.stop_epoch is not None and trace.stop_signal is None:
+            trace.stop_signal = stop.signal
+
     def accept(trace: Trace, prep: Any = None) -> None:
         summary = None
+        stamp(trace)
         if trace.error is None:
             run = by_index[trace.index].run
             summary = claim_and_write(plan, run, trace, target_of(trace), options.plotlyjs, prep)
@@ -1175,6 +1193,7 @@ def run_sweep(
         here (it sets up the sweep's shared plotly.js), the rest by forked writer processes."""
         ready = [(t, p) for t, p in pairs if t.error is None]
         for trace, _ in pairs:
+            stamp(trace)  # before the writers fork: they replay it
             if trace.error is not None:
                 record(trace, None)
         if ready:
@@ -1198,22 +1217,26 @@ def run_sweep(
         if options.scheduler:
             _run_dask(plan, cfgs, indices, options, accept_rendered, stop, unfinished)
         elif options.workers > 1:
-            _run_processes(plan, cfgs, indices, options, accept, stop)
+            _run_processes(plan, cfgs, indices, options, accept, stop, unfinished)
         else:
             _run_here(plan, cfgs, indices, accept, stop, accept_batch)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         outcome.interrupted = True
+        outcome.signal = getattr(exc, "signal", None) or stop.signal
     finally:
         if stop_flag is not None and stop_flag.requested:
             outcome.interrupted = True
+            outcome.signal = outcome.signal or stop.signal
         for r in rows:
             if r.status == "running":
                 r.status = "interrupted"
         if outcome.interrupted:
+            where = "Dask" if options.scheduler else "its worker process"
             for i in unfinished:
                 if by_index[i].status == "pending":
                     by_index[i].status = "interrupted"
-                    by_index[i].reason = "interrupted before its result came back from Dask"
+                    by_index[i].reason = f"interrupted before its result came back from {where}"
+                    by_index[i].exit_code = outcome.exit_code
         write_table(sweep_dir, plan, rows)
     return outcome
 
@@ -1325,31 +1348,75 @@ def _write_forked(jobs: list[tuple], done: Callable[[int, dict], None]) -> None:
         _FORKED_JOBS = []
 
 
-def _pool_init() -> None:
+# In a worker process of `--workers N`: the parent's stop event and its pid (`_pool_init`).
+_WORKER_STOP: Any = None
+_WORKER_PARENT: int | None = None
+
+
+def _pool_init(halt: Any = None, parent: int | None = None) -> None:
+    global _WORKER_STOP, _WORKER_PARENT
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C does
+    # The parent decides what a stop signal does (a scheduler's SIGTERM reaches the whole
+    # process group): it sets `halt`, and the worker's runs stop at the end of their epoch.
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    _WORKER_STOP, _WORKER_PARENT = halt, parent
 
 
-def _run_processes(plan, cfgs, indices, options, accept, stop) -> None:
+def _worker_stop() -> bool:
+    """Stop when the parent says so, or has died (SIGKILL): an orphan computes for no one."""
+    halted = _WORKER_STOP is not None and _WORKER_STOP.is_set()
+    return halted or (_WORKER_PARENT is not None and os.getppid() != _WORKER_PARENT)
+
+
+def _worker_task(task: Task) -> list[Trace]:
+    """`run_task` in a worker process, stopped by the parent's stop event."""
+    traces = run_task(task, _worker_stop)
+    if _WORKER_PARENT is not None and os.getppid() != _WORKER_PARENT:
+        os._exit(1)  # orphaned: no one reads the result, nor ends this process
+    return traces
+
+
+def _run_processes(plan, cfgs, indices, options, accept, stop, unfinished) -> None:
+    """Tasks computed by worker processes, written here. A stop sets `halt`: tasks not begun
+    are cancelled (their runs stay pending), running ones stop at the end of the epoch and come
+    back to be written as interrupted. A second signal ends the workers at once; `unfinished`
+    receives the runs that did not come back."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     tasks = make_tasks(plan, cfgs, indices, options.workers)
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(options.workers, mp_context=ctx, initializer=_pool_init) as pool:
-        pending = {pool.submit(run_task, t) for t in tasks}
-        try:
-            while pending:
-                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    for trace in fut.result():
-                        accept(trace)
-                if stop():
-                    break
-        finally:
+    halt = ctx.Event()
+    pool = ProcessPoolExecutor(
+        options.workers, mp_context=ctx, initializer=_pool_init, initargs=(halt, os.getpid())
+    )
+    pending = {pool.submit(_worker_task, t): t.indices for t in tasks}
+    clean = False
+    try:
+        while pending:
+            if stop() and not halt.is_set():
+                halt.set()
+                for fut in [f for f in pending if f.cancel()]:
+                    del pending[fut]  # never began: its runs stay pending
+            finished, _ = wait(list(pending), timeout=0.2, return_when=FIRST_COMPLETED)
+            for fut in sorted(finished, key=lambda f: pending[f][0]):
+                del pending[fut]
+                for trace in fut.result():
+                    accept(trace)
+        clean = True
+    finally:
+        unfinished += [i for part in pending.values() for i in part]
+        if not clean:  # a second signal or a fault: end the workers now
+            halt.set()
             for fut in pending:
                 fut.cancel()
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                with contextlib.suppress(Exception):
+                    proc.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 DASK_HINT = (
