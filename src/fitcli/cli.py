@@ -7,6 +7,7 @@ and `fitcli --version` answer without paying for them.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 from enum import StrEnum
@@ -117,9 +118,28 @@ class StopFlag:
                 self._previous[signum] = signal.signal(signum, self._handler)
         return self
 
+    def _late(self, signum, frame) -> None:
+        # The command is done but the process still exits (output, torch's teardown): a second
+        # signal now must neither kill it by the signal nor print a traceback; it exits at once.
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(int(exit_code_for("interrupted", self.signal)))
+
+    def _ignore(self) -> None:
+        # Interpreter teardown resets Python-level handlers to the default (death by the
+        # signal); an ignored signal stays ignored.
+        for signum in self._previous:
+            signal.signal(signum, signal.SIG_IGN)
+
     def __exit__(self, *exc: object) -> None:
+        ending = self.requested and _IN_MAIN  # the fitcli process, stopping: nothing to restore
         for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
+            signal.signal(signum, self._late if ending else previous)
+        if ending:
+            import atexit
+
+            atexit.register(self._ignore)
 
     def interrupt(self) -> Interrupted:
         """What to raise when a stop was asked for before anything ran."""
@@ -522,7 +542,12 @@ def runs(
             console.runs_table([{**r, **r["display"]} for r in rows], list(COLUMNS))
 
 
+_IN_MAIN = False  # set by `main`: this is the fitcli process, not a caller of `app`
+
+
 def main() -> None:
+    global _IN_MAIN
+    _IN_MAIN = True
     app()
 
 
