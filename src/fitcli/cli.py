@@ -60,7 +60,7 @@ def _root(
     """Fit curves with PyTorch autograd from a YAML experiment.
 
     Exit codes: 0 completed, 1 failed (I/O or unexpected), 2 invalid input, 3 diverged,
-    130 interrupted.
+    130 interrupted (Ctrl-C), 143 by SIGTERM, 129 by SIGHUP.
     """
 
 
@@ -214,12 +214,12 @@ def train(
 
     Shows live progress on stderr, then a summary table and the run directory on stdout (or
     only summary.json with --json). Exit 0 completed, 2 invalid input, 3 diverged,
-    130 interrupted, 1 failed.
+    130 interrupted (143 SIGTERM, 129 SIGHUP), 1 failed.
     """
     from fitcli import console
 
     # Ctrl-C is caught from the start: before the run directory exists it ends the command
-    # (exit 130, nothing written); after, the loop stops at the end of the epoch.
+    # (exit 130, 143 or 129, nothing written); after, the loop stops at the end of the epoch.
     with errors_to_exit(debug), StopFlag() as stop:
         from fitcli.config import load_config
         from fitcli.errors import InputError
@@ -449,7 +449,7 @@ def sweep(
 
     Runs that differ only in learning rate, seed, noise or starting values train together as
     one batched tensor program. Exit 0 when every run completed, 1 when any did not,
-    2 invalid input, 130 interrupted.
+    2 invalid input, 130 interrupted (143 SIGTERM, 129 SIGHUP).
     """
     from fitcli import console
 
