@@ -451,11 +451,17 @@ def wait_for_first_run(out: Path, proc: subprocess.Popen, timeout: float = 120) 
     raise AssertionError("the sweep's first run did not finish")
 
 
-@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "workers-2"])
-def test_sigterm_stops_a_sweep_keeps_finished_runs_marks_in_flight_interrupted(tmp_path, workers):
+SWEEP_STOPS = [(0, signal.SIGTERM, 143), (2, signal.SIGTERM, 143), (2, signal.SIGINT, 130)]
+
+
+@pytest.mark.parametrize(("workers", "sig", "code"), SWEEP_STOPS, ids=["here", "workers", "ctrl-c"])
+def test_a_stop_signal_ends_a_sweep_keeps_finished_runs_marks_in_flight_interrupted(
+    tmp_path, workers, sig, code
+):
     """Run 0 (40 epochs) finishes, run 1 (a million) is in flight when SIGTERM comes: the sweep
     stops promptly, keeps run 0, writes run 1 as interrupted by SIGTERM and exits 143. With
-    worker processes the signal goes to the whole process group, as systemd and SLURM send it."""
+    worker processes the signal goes to the whole process group, as systemd and SLURM send it
+    and a terminal sends Ctrl-C (which used to wait for the runs in flight, then discard them)."""
     out = tmp_path / "sweeps"
     proc = start_sweep(out, "--workers", str(workers), group=workers > 0)
     try:
@@ -463,21 +469,77 @@ def test_sigterm_stops_a_sweep_keeps_finished_runs_marks_in_flight_interrupted(t
         time.sleep(0.5)
         sent = time.monotonic()
         if workers:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(proc.pid, sig)
         else:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=120)
         took = time.monotonic() - sent
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 143, stderr
+    assert proc.returncode == code, stderr
     assert "Traceback" not in stderr, stderr
     d, rows = sweep_rows(out)
     assert [r["status"] for r in rows] == ["completed", "interrupted"]
     summary = json.loads((d / rows[1]["run_dir"] / "summary.json").read_text())
-    assert summary["signal"] == "SIGTERM" and summary["exit_code"] == 143
+    assert summary["signal"] == signal.Signals(sig).name and summary["exit_code"] == code
     assert summary["epochs_run"] > 0
     assert took < 30, took
-    print(f"\nSIGTERM to a sweep ({workers} workers): exit 143 after {took:.1f} s")
+    name = signal.Signals(sig).name
+    print(f"\n{name} to a sweep ({workers} workers): exit {code} after {took:.1f} s")
+
+
+def spawned_workers(pid: int) -> list[int]:
+    """The multiprocessing workers (spawned) among the children of `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
+        if ppid == pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_dead_worker_fails_its_runs_and_the_sweep_goes_on(tmp_path):
+    """`--workers 2`, two million-epoch runs first: one worker is SIGKILLed, its run fails with
+    the reason, a new worker computes the two short runs; SIGTERM then interrupts the other
+    long run (a dead worker used to end the sweep with BrokenProcessPool, every run pending)."""
+    seed = ROOT / "configs" / "seed.yaml"
+    out = tmp_path / "sweeps"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fitcli.cli", "sweep", str(seed), "snapshots=2",
+         "epochs=1000000,300", "seed=0,1", "-o", str(out), "--progress", "none",
+         "--workers", "2", "--json"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        end = time.monotonic() + 120
+        while len(spawned_workers(proc.pid)) < 2 and time.monotonic() < end:
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.05)
+        victim = spawned_workers(proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        while len(list(out.glob("*/*/summary.json"))) < 2 and time.monotonic() < end:
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr, stderr
+    _, rows = sweep_rows(out)
+    statuses = [r["status"] for r in rows]
+    assert sorted(statuses[:2]) == ["failed", "interrupted"] and statuses[2:] == ["completed"] * 2
+    failed = [r for r in json.loads(stdout)["runs"] if r["status"] == "failed"]
+    assert failed[0]["reason"] == "its worker process was killed by SIGKILL", failed
+    assert "its worker process was killed by SIGKILL" in stderr

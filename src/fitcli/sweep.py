@@ -1379,44 +1379,99 @@ def _worker_task(task: Task) -> list[Trace]:
     return traces
 
 
+class _Worker:
+    """One worker process of `--workers N` (an executor of one), one task at a time: when it
+    dies, the task it held is the one lost, and a new one takes its place."""
+
+    def __init__(self, ctx: Any, halt: Any) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.pool = ProcessPoolExecutor(
+            1, mp_context=ctx, initializer=_pool_init, initargs=(halt, os.getpid())
+        )
+        self.process: Any = None
+
+    def submit(self, task: Task) -> Any:
+        fut = self.pool.submit(_worker_task, task)
+        if self.process is None:  # started by the first submit
+            procs = getattr(self.pool, "_processes", None) or {}
+            self.process = next(iter(procs.values()), None)
+        return fut
+
+    def death(self) -> str:
+        code = getattr(self.process, "exitcode", None)
+        if code is None:
+            return "its worker process died"
+        if code < 0:
+            import signal
+
+            with contextlib.suppress(ValueError):
+                return f"its worker process was killed by {signal.Signals(-code).name}"
+        return f"its worker process died (exit code {code})"
+
+    def kill(self) -> None:
+        if self.process is not None:
+            with contextlib.suppress(Exception):
+                self.process.kill()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _run_processes(plan, cfgs, indices, options, accept, stop, unfinished) -> None:
     """Tasks computed by worker processes, written here. A stop sets `halt`: tasks not begun
-    are cancelled (their runs stay pending), running ones stop at the end of the epoch and come
-    back to be written as interrupted. A second signal ends the workers at once; `unfinished`
-    receives the runs that did not come back."""
+    stay pending, running ones stop at the end of the epoch and come back to be written as
+    interrupted. A worker that dies fails its task's runs (with the reason) and is replaced;
+    the others go on. A second signal ends the workers at once; `unfinished` receives the
+    runs that did not come back."""
     import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from collections import deque
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
 
-    tasks = make_tasks(plan, cfgs, indices, options.workers)
+    queue = deque(make_tasks(plan, cfgs, indices, options.workers))
     ctx = multiprocessing.get_context("spawn")
     halt = ctx.Event()
-    pool = ProcessPoolExecutor(
-        options.workers, mp_context=ctx, initializer=_pool_init, initargs=(halt, os.getpid())
-    )
-    pending = {pool.submit(_worker_task, t): t.indices for t in tasks}
+    workers: list[_Worker | None] = [None] * min(options.workers, len(queue))
+    busy: dict[Any, tuple[int, Task]] = {}  # future -> (worker, task)
     clean = False
     try:
-        while pending:
+        while queue or busy:
             if stop() and not halt.is_set():
                 halt.set()
-                for fut in [f for f in pending if f.cancel()]:
-                    del pending[fut]  # never began: its runs stay pending
-            finished, _ = wait(list(pending), timeout=0.2, return_when=FIRST_COMPLETED)
-            for fut in sorted(finished, key=lambda f: pending[f][0]):
-                del pending[fut]
+                queue.clear()  # not begun: their runs stay pending
+            held = {k for k, _ in busy.values()}
+            for k in range(len(workers)):
+                if queue and k not in held:
+                    if workers[k] is None:
+                        workers[k] = _Worker(ctx, halt)
+                    task = queue.popleft()
+                    busy[workers[k].submit(task)] = (k, task)
+            if not busy:
+                break
+            finished, _ = wait(list(busy), timeout=0.2, return_when=FIRST_COMPLETED)
+            for fut in sorted(finished, key=lambda f: busy[f][1].indices[0]):
+                k, task = busy.pop(fut)
+                if isinstance(fut.exception(), BrokenProcessPool):
+                    dead, workers[k] = workers[k], None
+                    reason = dead.death()
+                    dead.close()
+                    for i in task.indices:
+                        accept(Trace(i, error=reason, exit_code=int(ExitCode.FAILED)))
+                    continue
                 for trace in fut.result():
                     accept(trace)
         clean = True
     finally:
-        unfinished += [i for part in pending.values() for i in part]
+        unfinished += [i for _, task in busy.values() for i in task.indices]
         if not clean:  # a second signal or a fault: end the workers now
             halt.set()
-            for fut in pending:
-                fut.cancel()
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                with contextlib.suppress(Exception):
-                    proc.kill()
-        pool.shutdown(wait=True, cancel_futures=True)
+            for w in workers:
+                if w is not None:
+                    w.kill()
+        for w in workers:
+            if w is not None:
+                w.close()
 
 
 DASK_HINT = (
