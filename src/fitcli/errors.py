@@ -72,3 +72,12 @@ class RunDirError(FitcliError):
 
 class ResumeError(InputError):
     """A run directory cannot be resumed (exit 2)."""
+
+
+class RunFileError(InputError):
+    """A file of a run directory is missing, truncated, garbled or not a regular file (exit 2)."""
+
+
+class NotRunDirError(InputError):
+    """An existing folder is not a fitcli run directory holding only fitcli's files, so it is
+    never replaced, even with --overwrite (exit 2)."""

@@ -29,7 +29,7 @@ from fitcli.errors import ConfigError, DeviceError, ExitCode, FitcliError, RunDi
 from fitcli.model import FitModel, build_model, check_finite_start
 from fitcli.train import LOSSES, TorchStepper, TrainResult, snapshot_epochs, train
 
-FIT_GRID = 1000  # points on which the fitted curve is drawn
+FIT_GRID = store.FIT_GRID  # points on which the fitted curve is drawn
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -333,6 +333,7 @@ class RunWriter:
 def base_summary(prep: Prepared, run_dir: Path, command: list[str]) -> dict:
     cfg = prep.cfg
     return {
+        store.RUN_MARKER: store.RUN_SCHEMA,  # what marks a fitcli run directory (store.py)
         **versions(),
         "run_dir": str(run_dir),
         "name": cfg.name,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fitcli import store
-from fitcli.errors import InputError
+from fitcli.errors import InputError, RunFileError
 
 COLUMNS = ("name", "status", "epochs", "final_loss", "params", "time_s", "path")
 SORT_KEYS = ("name", "status", "epochs", "final_loss", "time_s", "path")
@@ -31,9 +31,11 @@ def find_run_dirs(paths: Iterable[Path]) -> tuple[list[Path], list[tuple[Path, s
             skipped.append((root, "not a directory"))
             continue
         before = len(found)
-        for here, dirs, _files in os.walk(root):
+        for here, dirs, files in os.walk(root):
             d = Path(here)
-            if store.is_run_dir(d):
+            # A folder with a summary.json is a candidate; `collect` reads it (store.read_summary)
+            # and skips it with the reason when it is not a fitcli run directory after all.
+            if store.SUMMARY in files:
                 found.append(d)
                 dirs.clear()
             else:
@@ -71,17 +73,10 @@ def collect(paths: Iterable[Path]) -> tuple[list[dict], list[tuple[Path, str]]]:
     dirs, skipped = find_run_dirs(paths)
     rows = []
     for d in dirs:
-        path = d / store.SUMMARY
-        if not path.is_file():
-            skipped.append((d, f"no {store.SUMMARY}"))
-            continue
         try:
-            summary = store.read_json(path)
-        except (OSError, ValueError) as exc:
-            skipped.append((d, f"unreadable {store.SUMMARY}: {exc}"))
-            continue
-        if not isinstance(summary, dict):
-            skipped.append((d, f"{store.SUMMARY} is not a JSON object"))
+            summary = store.read_summary(d)
+        except RunFileError as exc:
+            skipped.append((d, str(exc).removeprefix(f"{d}: ")))
             continue
         rows.append(_row(d, summary))
     return rows, skipped

@@ -14,14 +14,16 @@ produced it. Run directories get shared, so loading must never run code: no pick
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fitcli import store
-from fitcli.errors import ResumeError, RunDirError
+from fitcli.errors import ResumeError, RunDirError, RunFileError
 
 STATE_FILE = "state.json"
 FORMAT = "fitcli-state"
@@ -177,13 +179,14 @@ def load_state(run_dir: Path) -> SavedState:
     from fitcli.train import History
 
     path = run_dir / STATE_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ResumeError(
             f"{run_dir} has no saved state ({STATE_FILE}); it stopped before its first snapshot "
             "or was made by an older fitcli, so it cannot be resumed"
         )
+    raw_doc = store.read_run_file(run_dir, STATE_FILE)
     try:
-        doc = json.loads(path.read_bytes())
+        doc = json.loads(raw_doc)
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise ValueError("not a fitcli state file")
         if doc.get("version") != VERSION:
@@ -264,15 +267,13 @@ def prepare_resume(run_dir: Path, overrides: list[str]) -> tuple[Any, ResumePoin
     from fitcli.experiment import prepare
 
     run_dir = Path(run_dir)
-    if not store.is_run_dir(run_dir):
+    if not run_dir.is_dir():
         what = "does not exist" if not run_dir.exists() else "is not a fitcli run directory"
         raise ResumeError(f"cannot resume {run_dir}: it {what}")
     try:
-        summary = store.read_json(run_dir / store.SUMMARY)
-    except (OSError, ValueError) as exc:
-        raise ResumeError(
-            f"cannot resume {run_dir}: its {store.SUMMARY} is unreadable: {exc}"
-        ) from None
+        summary = store.read_summary(run_dir)
+    except RunFileError as exc:
+        raise ResumeError(f"cannot resume {run_dir}: {exc}") from None
     status = summary.get("status") if isinstance(summary, dict) else None
     if status == "completed":
         raise ResumeError(
@@ -281,6 +282,9 @@ def prepare_resume(run_dir: Path, overrides: list[str]) -> tuple[Any, ResumePoin
             f"{run_dir / store.CONFIG} epochs=N"
         )
     saved = load_state(run_dir)
+    store.read_run_file(run_dir, store.CONFIG)  # a regular file of the run (load_config reads it)
+    if os.path.lexists(run_dir / store.SNAPSHOT_PARAMS):  # read again before anything is written
+        store.read_run_file(run_dir, store.SNAPSHOT_PARAMS)
     cfg = load_config(run_dir / store.CONFIG, overrides)
     new = config_to_dict(cfg)
     changed = [k for k in FROZEN_KEYS if not _same(new, saved.config, k)]
@@ -315,8 +319,9 @@ def _check_data(run_dir: Path, prep: Any) -> None:
     import numpy as np
 
     path = run_dir / store.DATA
+    raw = store.read_run_file(run_dir, store.DATA, limit=store.csv_limit(prep.dataset.n, 4))
     try:
-        table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+        table = np.loadtxt(io.BytesIO(raw), delimiter=",", skiprows=1, ndmin=2)
     except (OSError, ValueError) as exc:
         raise ResumeError(f"cannot resume: {path} is unreadable: {exc}") from None
     ds = prep.dataset
@@ -375,9 +380,9 @@ def tidy_snapshots(run_dir: Path, epoch: int) -> list[dict]:
     written again, identically, when the resumed run reaches them.
     """
     try:
-        doc = store.read_json(run_dir / store.SNAPSHOT_PARAMS)
+        doc = store.read_run_json(run_dir, store.SNAPSHOT_PARAMS)
         entries = [s for s in doc["snapshots"] if s["epoch"] <= epoch]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (RunFileError, KeyError, TypeError):
         entries = []
     keep = {s.get(k) for s in entries for k in ("file", "fit")}
     snap_dir = run_dir / store.SNAPSHOTS

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fitcli import store
-from fitcli.errors import ConfigError, ExitCode, FitcliError, InputError
+from fitcli.errors import ConfigError, ExitCode, FitcliError, InputError, RunFileError
 
 SWEEP_FILE = "sweep.yaml"
 RUNS_FILE = "runs.csv"
@@ -761,7 +761,8 @@ def claim_and_write(
     plan: Plan, run: RunSpec, trace: Trace, target: Path, plotlyjs: str, prep: Any = None
 ) -> dict:
     """Create (or replace) the run directory `target` and write the run into it."""
-    return write_run(plan, run, trace, store.claim_run_dir(target, overwrite=True), plotlyjs, prep)
+    run_dir = store.claim_run_dir(target, overwrite=True, own=True)
+    return write_run(plan, run, trace, run_dir, plotlyjs, prep)
 
 
 def write_run(
@@ -933,7 +934,7 @@ def install_rendered(rendered: Rendered, target: Path, plotlyjs: str) -> dict:
     links = {}
     if plotlyjs == "directory":
         links[store.PLOTLY_JS] = shared_plotly_js(target.parent)
-    store.install_run_dir(target, files, links)
+    store.install_run_dir(target, files, links, own=True)
     return summary
 
 
@@ -1094,14 +1095,15 @@ def load_sweep(sweep_dir: Path) -> tuple[Plan, list[Row]]:
     path = sweep_dir / SWEEP_FILE
     if not path.is_file():
         raise SweepError(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE})")
-    plan = Plan.from_doc(load_yaml(path.read_text(encoding="utf-8"), str(path)), str(path))
+    text = store.read_run_text(sweep_dir, SWEEP_FILE)
+    plan = Plan.from_doc(load_yaml(text, str(path)), str(path))
     rows = [Row(r) for r in plan.runs]
     for row in rows:
         d = sweep_dir / run_dir_name(plan, row.run)
-        if (d / store.SUMMARY).is_file():
+        if os.path.lexists(d / store.SUMMARY):
             try:
-                row_from_summary(row, store.read_json(d / store.SUMMARY), sweep_dir, d)
-            except (OSError, ValueError):
+                row_from_summary(row, store.read_summary(d), sweep_dir, d)
+            except RunFileError:
                 row.status = "failed"
     return plan, rows
 
@@ -1358,6 +1360,52 @@ DASK_HINT = (
 )
 
 
+CONNECT_TIMEOUT_S = 10.0  # to reach a scheduler and hear its handshake
+
+
+async def _handshake(address: str) -> None:
+    """Connect to `address` and read its Dask handshake. Dask's `connect` gives up connecting
+    after CONNECT_TIMEOUT_S (OSError); the second more are for the handshake (TimeoutError)."""
+    import asyncio
+
+    from distributed.comm import connect as comm_connect
+
+    comm = await asyncio.wait_for(
+        comm_connect(address, timeout=CONNECT_TIMEOUT_S), CONNECT_TIMEOUT_S + 1
+    )
+    await comm.close()
+
+
+def probe_scheduler(address: str) -> None:
+    """A SweepError (exit 2) unless a Dask scheduler answers at a tcp:// `address` in time.
+
+    Dask's own client waits for the handshake without a time limit and decodes whatever comes
+    as frame lengths: a port that is silent hangs it for ever, one that sends anything else
+    makes it allocate exabytes. So the handshake is heard here first, bounded in time, and any
+    failure is a message. (tls:// and other protocols go to the client directly.)
+    """
+    import asyncio
+
+    from distributed.comm.addressing import parse_address
+
+    if parse_address(address)[0] != "tcp":
+        return
+    try:
+        asyncio.run(_handshake(address))
+    except TimeoutError:  # before OSError, its base class
+        raise SweepError(
+            f"{address} is not a Dask scheduler: it accepted the connection but sent no Dask "
+            f"handshake within {CONNECT_TIMEOUT_S + 1:g} s"
+        ) from None
+    except OSError as exc:
+        raise SweepError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever garbage did to the decoder
+        raise SweepError(
+            f"{address} is not a Dask scheduler: what it sent is not a Dask handshake "
+            f"({type(exc).__name__})"
+        ) from None
+
+
 def connect(address: str) -> Any:
     """A Dask client for `address` (`local` starts a two-worker LocalCluster). The command line
     connects before it creates the sweep directory, so an unreachable scheduler leaves nothing."""
@@ -1373,8 +1421,9 @@ def connect(address: str) -> Any:
         client = Client(cluster)
         client._fitcli_cluster = cluster  # closed with the client below
         return client
+    probe_scheduler(address)
     try:
-        return Client(address, timeout="10s")
+        return Client(address, timeout=f"{CONNECT_TIMEOUT_S}s")
     except OSError as exc:
         raise SweepError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
 
