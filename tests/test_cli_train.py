@@ -215,7 +215,7 @@ def test_run_dir_exact_refuses_existing(runner, write_config, tmp_path):
     result = runner.invoke(
         app, ["train", str(cfg), "--run-dir", str(mine), "--overwrite", "--progress", "none"]
     )
-    assert result.exit_code == 1 and "not a fitcli run directory" in result.output
+    assert result.exit_code == 2 and "not a fitcli run directory" in result.output
     assert (mine / "thesis.tex").read_text() == "precious"
 
 

@@ -500,12 +500,12 @@ def test_install_run_dir_is_all_or_nothing(tmp_path, monkeypatch):
     files = {
         "config.yaml": b"a",
         "snapshots/": None,
-        "snapshots/1.html": b"b",
-        "summary.json": b"{}",
+        "snapshots/epoch-1.html": b"b",
+        "summary.json": b'{"fitcli_run": 1}',
     }
     target = tmp_path / "run"
     store.install_run_dir(target, files)
-    assert (target / "snapshots" / "1.html").read_bytes() == b"b"
+    assert (target / "snapshots" / "epoch-1.html").read_bytes() == b"b"
     calls = []
 
     def interrupted_open(path, mode="r", *args, **kwargs):
@@ -530,7 +530,7 @@ def test_install_run_dir_is_all_or_nothing(tmp_path, monkeypatch):
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep")
-    with pytest.raises(sw.store.RunDirError, match="not a fitcli run directory"):
+    with pytest.raises(sw.store.NotRunDirError, match="not a fitcli run directory"):
         store.install_run_dir(other, files)
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run"]

@@ -76,7 +76,9 @@ def collect(paths: Iterable[Path]) -> tuple[list[dict], list[tuple[Path, str]]]:
         try:
             summary = store.read_summary(d)
         except RunFileError as exc:
-            skipped.append((d, str(exc).removeprefix(f"{d}: ")))
+            why, file = str(exc), f"{d / store.SUMMARY}: "
+            why = f"unreadable {store.SUMMARY}: {why[len(file) :]}" if why.startswith(file) else why
+            skipped.append((d, why.removeprefix(f"{d}: ")))
             continue
         rows.append(_row(d, summary))
     return rows, skipped

@@ -117,7 +117,7 @@ def read_summary(run_dir: Path) -> dict:
     """
     path = Path(run_dir) / SUMMARY
     if not os.path.lexists(path):
-        raise RunFileError(f"{run_dir}: not a fitcli run directory (no {SUMMARY})")
+        raise RunFileError(f"{path}: missing, so {run_dir} is not a fitcli run directory")
     doc = read_run_json(Path(run_dir), SUMMARY)
     if not is_run_summary(doc):
         raise RunFileError(
@@ -163,14 +163,13 @@ def foreign_entries(path: Path) -> list[str]:
     return out
 
 
-def _refuse(path: Path, why: str, entries: list[str]) -> NotRunDirError:
+def _refuse(head: str, entries: list[str]) -> NotRunDirError:
     shown = ", ".join(entries[:10]) + (
         f" and {len(entries) - 10} more" if len(entries) > 10 else ""
     )
-    would = f"; it would have deleted {shown}" if entries else ""
     return NotRunDirError(
-        f"{path} is not a fitcli run directory ({why}); --overwrite replaces only a folder "
-        f"holding nothing but what fitcli writes{would}. Move those away or choose another "
+        f"{head}: --overwrite would have deleted {shown}. It replaces only a fitcli run "
+        "directory holding nothing but what fitcli writes: move those away or choose another "
         "--run-dir"
     )
 
@@ -190,7 +189,10 @@ def replaceable(path: Path, *, own: bool = False) -> Path:
             f"{path} is a link to {real}, which does not exist; refusing to replace it"
         )
     if not real.is_dir():
-        raise _refuse(path, "a file, not a folder", [])
+        raise NotRunDirError(
+            f"{path} is a file, not a fitcli run directory; --overwrite never replaces it: "
+            "choose another --run-dir"
+        )
     here = Path.cwd().resolve()
     if real == here or real in here.parents:
         raise NotRunDirError(
@@ -211,9 +213,11 @@ def replaceable(path: Path, *, own: bool = False) -> Path:
         why = str(exc).removeprefix(f"{real}: ").removeprefix("not a fitcli run directory ")
         if why.startswith("(") and why.endswith(")"):
             why = why[1:-1]
-        raise _refuse(path, why, everything) from None
+        if not os.path.lexists(real / SUMMARY):
+            why = f"no {SUMMARY}"
+        raise _refuse(f"{path} is not a fitcli run directory ({why})", everything) from None
     if foreign:
-        raise _refuse(path, "it holds files fitcli did not write", foreign)
+        raise _refuse(f"{path} holds what fitcli did not write", foreign)
     return real
 
 
