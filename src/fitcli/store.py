@@ -193,7 +193,10 @@ def replaceable(path: Path, *, own: bool = False) -> Path:
             f"{path} is a file, not a fitcli run directory; --overwrite never replaces it: "
             "choose another --run-dir"
         )
-    here = Path.cwd().resolve()
+    try:
+        here = Path.cwd().resolve()
+    except OSError:  # the working folder was deleted: nothing can be it or hold it
+        here = Path("/nonexistent-working-folder")
     if real == here or real in here.parents:
         raise NotRunDirError(
             f"{path} is the working folder or holds it; --overwrite never replaces it: choose "
@@ -201,11 +204,14 @@ def replaceable(path: Path, *, own: bool = False) -> Path:
         )
     if real == Path.home().resolve():
         raise NotRunDirError(f"{path} is the home folder; --overwrite never replaces it")
-    foreign = foreign_entries(real)
+    try:
+        foreign = foreign_entries(real)
+        everything = sorted(e.name for e in os.scandir(real))
+    except OSError as exc:
+        _raise_os(exc, real, "read")
     try:
         read_summary(real)
     except RunFileError as exc:
-        everything = sorted(e.name for e in os.scandir(real))
         if not [n for n in everything if not _TEMP_FILE.match(n)]:
             return real  # empty (or a killed write's temporary files): nothing to lose
         if own and not foreign:
