@@ -189,7 +189,9 @@ def summary_table(summary: dict) -> None:
         lines.append(fit + f"  ({summary['n_points']} points, {summary['n_params']} free)")
     unc = summary.get("uncertainty")
     if unc and unc.get("status") != "ok":
-        lines.append(f"error bars  {unc['status']}: {unc.get('reason', '')}")
+        why = unc.get("reason", "")
+        told = why and why in (summary.get("reason") or "")  # the stopped line says why
+        lines.append(f"error bars  {unc['status']}" + ("" if told else f": {why}"))
     if summary.get("reason"):
         lines.append(f"stopped     {summary['reason']}")
     lines.append(f"run dir     {summary['run_dir']}")

@@ -362,6 +362,15 @@ EXIT_FOR_STATUS = {
 }
 
 
+def strict_exit_code(code: int, converged: bool | None, strict: bool) -> int:
+    """The exit code of a command whose runs ended with `code` (EXIT_FOR_STATUS): with `strict`,
+    runs that all completed (code 0) but did not all converge (`converged` False) exit
+    NOT_CONVERGED (4), so that a script can tell a fit that is not at its minimum."""
+    if strict and code == ExitCode.COMPLETED and converged is False:
+        return int(ExitCode.NOT_CONVERGED)
+    return int(code)
+
+
 def execute(
     prep: Prepared,
     run_dir: Path,
@@ -377,6 +386,7 @@ def execute(
     With `resume` (a `state.ResumePoint`), continue that run directory from its saved state.
     `defer_state` writes params.json and state.json once at the end (see `RunWriter`).
     """
+    from fitcli.stats import verdict
     from fitcli.train import History
 
     command = command if command is not None else sys.argv
@@ -425,11 +435,15 @@ def execute(
         if prep.lm:
             summary.update(prep.stepper.summary_fields())
         summary.update(finish_stats(prep, result))
+        summary.update(
+            verdict(summary["status"], summary["reason"], result.epochs_run, summary["uncertainty"])
+        )
         store.write_json(run_dir / store.SUMMARY, summary)
     except BaseException as exc:
         summary.update(
             status="failed",
             exit_code=int(ExitCode.FAILED),
+            converged=False,
             params=prep.model.values(),
             elapsed_s=time.perf_counter() - t0,
             reason=str(exc) or type(exc).__name__,
@@ -445,9 +459,10 @@ def execute(
 
 
 def fill_converged_snapshots(writer: RunWriter, prep: Prepared, result: TrainResult) -> None:
-    """LM stopped early, converged: the scheduled snapshots it did not reach show the converged
-    fit, so that a run still has `snapshots + 1` of them (the converged one takes the place of
-    the next scheduled one when it is not itself scheduled)."""
+    """LM stopped early by itself: the scheduled snapshots it did not reach show the final fit,
+    so that a run still has `snapshots + 1` of them (the final one takes the place of the next
+    scheduled one when it is not itself scheduled). Their note says "stopped", not "converged":
+    whether the fit converged is decided afterwards, with the error bars (`stats.verdict`)."""
     stepper, cfg = prep.stepper, prep.cfg
     done = result.epochs_run
     if result.status != "completed" or stepper.failure or not stepper.converged:
@@ -459,7 +474,7 @@ def fill_converged_snapshots(writer: RunWriter, prep: Prepared, result: TrainRes
     history, writer.history = writer.history, None  # state.json stays at the real last epoch
     try:
         for epoch in later:
-            writer.snapshot(epoch, result.final_loss, note=f"converged at epoch {done}")
+            writer.snapshot(epoch, result.final_loss, note=f"stopped at epoch {done}")
     finally:
         writer.history = history
 

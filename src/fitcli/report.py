@@ -50,7 +50,7 @@ class Snapshot:
     fit_file: str
     x_fit: np.ndarray
     y_fit: np.ndarray
-    note: str | None = None  # e.g. "converged at epoch 37" on snapshots LM filled in
+    note: str | None = None  # e.g. "stopped at epoch 37" on snapshots LM filled in
 
 
 @dataclass

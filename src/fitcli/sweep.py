@@ -949,6 +949,7 @@ class Row:
     run: RunSpec
     status: str = "pending"
     exit_code: int | None = None
+    converged: bool | None = None
     epochs: int | None = None
     final_loss: float | None = None
     params: dict[str, float] = field(default_factory=dict)
@@ -974,6 +975,7 @@ def write_table(sweep_dir: Path, plan: Plan, rows: Sequence[Row]) -> None:
         *(a.key for a in plan.axes),
         "status",
         "exit_code",
+        "converged",
         "epochs",
         "final_loss",
         *names,
@@ -992,6 +994,7 @@ def write_table(sweep_dir: Path, plan: Plan, rows: Sequence[Row]) -> None:
             *(r.run.values[a.key] for a in plan.axes),
             r.status,
             cell(r.exit_code),
+            "" if r.converged is None else str(r.converged).lower(),
             cell(r.epochs),
             cell(r.final_loss),
             *(cell(r.params.get(n)) for n in names),
@@ -1007,6 +1010,7 @@ def row_from_summary(row: Row, summary: dict, sweep_dir: Path, run_dir: Path) ->
     row.summary = summary
     row.status = summary.get("status", "failed")
     row.exit_code = summary.get("exit_code")
+    row.converged = summary.get("converged")
     row.epochs = summary.get("epochs_run")
     row.final_loss = summary.get("final_loss")
     row.params = dict(summary.get("params") or {})
@@ -1029,6 +1033,7 @@ class Options:
     fail_fast: bool = False
     plotlyjs: str = "directory"
     client: Any = None  # a Dask client connected before the sweep directory was made
+    strict: bool = False  # exit 4 when every run completed but some did not converge
 
 
 @dataclass
@@ -1039,6 +1044,7 @@ class Outcome:
     plan: Plan
     rows: list[Row]
     interrupted: bool = False
+    strict: bool = False
 
     @property
     def completed(self) -> int:
@@ -1050,9 +1056,14 @@ class Outcome:
 
     @property
     def exit_code(self) -> int:
+        from fitcli.experiment import strict_exit_code
+
         if self.interrupted:
             return int(ExitCode.INTERRUPTED)
-        return 0 if all(r.status == "completed" for r in self.rows) else int(ExitCode.FAILED)
+        if not all(r.status == "completed" for r in self.rows):
+            return int(ExitCode.FAILED)
+        converged = all(r.converged is not False for r in self.rows)
+        return strict_exit_code(int(ExitCode.COMPLETED), converged, self.strict)
 
     def to_json(self) -> dict:
         runs = []
@@ -1133,7 +1144,7 @@ def run_sweep(
     todo = [r for r in rows if r.status not in FINISHED]
     cfgs = {r.run.index: plan.cfg(r.run) for r in todo}
     stop = _Stop(stop_flag, options.fail_fast)
-    outcome = Outcome(sweep_dir, plan, rows)
+    outcome = Outcome(sweep_dir, plan, rows, strict=options.strict)
     by_index = {r.run.index: r for r in rows}
     done = [sum(r.status in FINISHED for r in rows), sum(r.status == "diverged" for r in rows)]
     if progress is not None:
