@@ -76,6 +76,7 @@ CASES = {
         [f"model={BOUNDED},{SINGULAR}", "optimizer={name: Adam, lr: 0.05},{name: LM}"],
     ),
 }
+EXPRESSION_STATUSES = ["completed", "completed", "diverged", "failed"]
 
 
 def grid(axes: list[str]) -> list[list[str]]:
@@ -174,17 +175,17 @@ def test_sweep_run_directories_are_what_train_writes(
     assert_sweep_is_train(only_dir(tmp_path), axes, trained[case])
 
 
-def test_expression_case_covers_what_it_claims(trained):
+def test_the_cases_cover_what_they_claim(configs, trained):
     # The matrix above proves equality; this says the runs compared are the ones claimed.
+    plan = sw.make_plan(configs["families"], CASES["families"][1])
+    cfgs = {r.index: plan.cfg(r) for r in plan.runs}
+    tasks = [(t.batch, t.indices) for t in sw.make_tasks(plan, cfgs, list(cfgs), 1)]
+    assert tasks == [(True, [0, 1, 2, 3]), (False, [4]), (False, [5]), (False, [6]), (False, [7])]
+
     def summary(k: int) -> dict:
         return yaml.safe_load((trained["expression"][k] / "summary.json").read_text())
 
-    assert [summary(k)["status"] for k in range(4)] == [
-        "completed",
-        "completed",
-        "diverged",
-        "failed",
-    ]
+    assert [summary(k)["status"] for k in range(4)] == EXPRESSION_STATUSES
     assert "lm_iterations" in summary(1) and summary(1)["converged"] is True
     assert summary(1)["params"]["c"] == 0.3  # fixed
     assert summary(3)["converged"] is False
@@ -199,16 +200,15 @@ def test_resume_of_an_lm_sweep_finishes_what_is_missing(configs, trained, tmp_pa
     assert res.exit_code == 1, res.output  # the failing and the diverging run
     d = only_dir(tmp_path)
     rows = table(d)
+    assert [r["status"] for r in rows] == EXPRESSION_STATUSES
+    kept = {r["run_dir"]: (d / r["run_dir"] / "summary.json").stat().st_mtime_ns for r in rows}
     gone = d / rows[1]["run_dir"]  # the LM run on the bounded model
     shutil.rmtree(gone)
-    kept = {r["run_dir"]: (d / r["run_dir"] / "summary.json").stat().st_mtime_ns for r in rows}
-    del kept[rows[1]["run_dir"]]
     res = runner.invoke(app, ["sweep", "--resume", str(d), "--progress", "none"])
     # The diverged run is finished and kept; the failed one runs (and fails) again.
     assert res.exit_code == 1, res.output
-    assert [r["status"] for r in table(d)] == ["completed", "completed", "diverged", "failed"]
+    assert [r["status"] for r in table(d)] == EXPRESSION_STATUSES
     assert_same_run(trained["expression"][1], gone)
-    for rel, mtime in kept.items():
-        if rel != rows[3]["run_dir"]:
-            assert (d / rel / "summary.json").stat().st_mtime_ns == mtime
+    mtimes = {rel: (d / rel / "summary.json").stat().st_mtime_ns for rel in kept}
+    assert [mtimes[r["run_dir"]] == kept[r["run_dir"]] for r in rows] == [True, False, True, False]
     assert_sweep_is_train(d, axes, trained["expression"])
