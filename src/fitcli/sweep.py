@@ -92,10 +92,12 @@ def _range_values(text: str, where: str) -> list[str] | None:
         raise SweepError(f"{where}: range() takes integers, e.g. range(0, 10, 2)") from None
     if len(args) == 3 and args[2] == 0:
         raise SweepError(f"{where}: range() step must not be 0")
-    values = [str(v) for v in range(*args)]
-    if not values:
+    steps = range(*args)
+    if not steps:
         raise SweepError(f"{where}: {text.strip()} is empty")
-    return values
+    if len(steps) > MAX_RUNS:  # checked before a value is made: range(0, 10**9) costs nothing
+        raise SweepError(f"{where}: {len(steps):,} values; a sweep has at most {MAX_RUNS:,} runs")
+    return [str(v) for v in steps]
 
 
 @dataclass(frozen=True)
@@ -152,8 +154,24 @@ class RunSpec:
         return [*fixed, *(f"{k}={v}" for k, v in self.values.items())]
 
 
+MAX_RUNS = 100_000  # the most runs one sweep may have (README: Sweeps)
+
+
+def check_grid_size(axes: Sequence[Axis]) -> int:
+    """The number of runs the axes make; a SweepError above MAX_RUNS, before any is built."""
+    total = math.prod(len(a.values) for a in axes)
+    if total > MAX_RUNS:
+        sizes = " x ".join(f"{a.key} ({len(a.values):,} values)" for a in axes)
+        raise SweepError(
+            f"the grid {sizes} has {total:,} runs; a sweep has at most {MAX_RUNS:,} runs "
+            "(split it into several sweeps)"
+        )
+    return total
+
+
 def expand(axes: Sequence[Axis]) -> list[RunSpec]:
-    """The Cartesian product of the axes (the last axis varies fastest)."""
+    """The Cartesian product of the axes (the last axis varies fastest), at most MAX_RUNS."""
+    check_grid_size(axes)
     combos = itertools.product(*(a.values for a in axes)) if axes else [()]
     return [
         RunSpec(i, {a.key: v for a, v in zip(axes, combo, strict=True)})
