@@ -134,3 +134,12 @@ def test_strict_sweep_exits_4_when_a_run_did_not_converge(tmp_path):
     lbfgs = [*args, "optimizer={name: LBFGS}"]
     converged = runner.invoke(app, [*lbfgs, "--strict", "-o", str(tmp_path / "c")])
     assert converged.exit_code == 0, converged.output
+
+
+def test_strict_lm_sweep_of_converged_runs_exits_0(tmp_path):
+    args = ["sweep", str(MISRA), "snapshots=2", "seed=0,1", "--progress", "none", "--strict"]
+    res = runner.invoke(app, [*args, "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    (sweep_dir,) = tmp_path.iterdir()
+    with open(sweep_dir / "runs.csv", newline="") as fh:
+        assert [r["converged"] for r in csv.DictReader(fh)] == ["true", "true"]
