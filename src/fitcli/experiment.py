@@ -148,9 +148,8 @@ def resolved_config_text(cfg: Any, device: torch.device, command: list[str]) -> 
     head = [
         "# Resolved config of this run: `fitcli train config.yaml` reruns it.",
         f"# fitcli {v['fitcli_version']}, torch {v['torch_version']}, Python {v['python_version']}",
-        "# command: " + " ".join(command).replace("\n", " "),
     ]
-    return "\n".join(head) + "\n" + dump_yaml(d)
+    return "\n".join(head) + "\n" + store.command_comment(command) + dump_yaml(d)
 
 
 class RunWriter:

@@ -1080,7 +1080,7 @@ def create_sweep(plan: Plan, out: Path, command: list[str]) -> Path:
     doc = plan.to_doc()
     head = (
         "# A fitcli sweep: `fitcli sweep --resume DIR` runs what is missing or unfinished.\n"
-        "# command: " + " ".join(command).replace("\n", " ") + "\n"
+        + store.command_comment(command)
     )
     store.atomic_write(sweep_dir / SWEEP_FILE, head + dump_yaml(doc))
     write_table(sweep_dir, plan, [Row(r) for r in plan.runs])
