@@ -58,6 +58,12 @@ def _float_in(v: Any, where: str = "") -> float:
     return float(v)
 
 
+def _floats_in(values: list, where: str) -> list[float]:
+    if all(type(v) is float for v in values):
+        return values
+    return [_float_in(v, f"{where}[{i}]") for i, v in enumerate(values)]
+
+
 def _bad(where: str, what: str) -> str:
     """A problem with the field at path `where` (`history.losses[3]`), as one line."""
     return f"{where}: {what}" if where else what
@@ -115,6 +121,8 @@ def decode(obj: Any, where: str = "") -> Any:
     import torch
 
     if isinstance(obj, list):
+        if all(type(v) is float for v in obj):
+            return list(obj)  # the common case (history columns), with no path to build
         return [decode(v, f"{where}[{i}]") for i, v in enumerate(obj)]
     if type(obj) is int and not -INT_LIMIT <= obj < INT_LIMIT:
         raise ValueError(_bad(where, f"the integer {_short(obj)} is out of range"))
@@ -154,7 +162,7 @@ def _tensor_in(obj: dict, where: str, torch: Any) -> Any:
         values: list = list(bytes.fromhex(text))
     elif dtype in _FLOAT_DTYPES:
         data = _list(obj.get("data"), f"{where}.data")
-        values = [_float_in(v, f"{where}.data[{i}]") for i, v in enumerate(data)]
+        values = _floats_in(data, f"{where}.data")
     elif dtype in _INT_DTYPES or dtype == "bool":
         values = _list(obj.get("data"), f"{where}.data")
         kind = bool if dtype == "bool" else int
@@ -256,7 +264,7 @@ def load_state(run_dir: Path) -> SavedState:
             if len(rows) != epoch:
                 raise ValueError(_bad(where, f"does not hold {epoch} rows (it holds {len(rows)})"))
             if key != "params":
-                columns[key] = [_float_in(v, f"{where}[{i}]") for i, v in enumerate(rows)]
+                columns[key] = _floats_in(rows, where)
                 continue
             for i, row in enumerate(rows):
                 if not isinstance(row, list) or len(row) != raw.numel():
@@ -264,10 +272,7 @@ def load_state(run_dir: Path) -> SavedState:
                     raise ValueError(
                         _bad(f"{where}[{i}]", f"holds {width} values, not {raw.numel()}")
                     )
-            columns[key] = [
-                [_float_in(v, f"{where}[{i}][{j}]") for j, v in enumerate(row)]
-                for i, row in enumerate(rows)
-            ]
+            columns[key] = [_floats_in(row, f"{where}[{i}]") for i, row in enumerate(rows)]
         history = History(**columns)
         stepper = decode(doc["stepper"], "stepper") if doc["stepper"] is not None else {}
         if not isinstance(stepper, dict):
