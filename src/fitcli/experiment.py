@@ -24,7 +24,7 @@ import contextlib
 import operator
 
 from fitcli import __version__, optim, store
-from fitcli.data import Dataset, make_dataset, seed_streams
+from fitcli.data import Dataset, check_dtype_range, make_dataset, seed_streams
 from fitcli.errors import ConfigError, DeviceError, ExitCode, FitcliError, RunDirError
 from fitcli.model import FitModel, build_model, check_finite_start
 from fitcli.train import LOSSES, TorchStepper, TrainResult, snapshot_epochs, train
@@ -82,6 +82,7 @@ def prepare(cfg: Any) -> Prepared:
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     seeds = seed_streams(cfg.seed)
     dataset = make_dataset(cfg)
+    check_dtype_range(dataset, cfg.dtype)
     x = torch.as_tensor(dataset.x, dtype=dtype).to(device)
     y_obs = torch.as_tensor(dataset.y, dtype=dtype).to(device)
     weights = None

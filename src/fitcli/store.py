@@ -166,6 +166,17 @@ def plotly_js_source() -> Path:
     return Path(spec.submodule_search_locations[0]) / "package_data" / PLOTLY_JS
 
 
+def check_output_file(path: Path, option: str) -> None:
+    """A file the user named for output (`option` PATH) can be written: it is not a folder and
+    its folder exists (an InputError, exit 2, otherwise)."""
+    from fitcli.errors import InputError
+
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a directory; give the HTML file to write")
+    if not path.parent.is_dir():
+        raise InputError(f"{option} {path}: its folder {path.parent} does not exist")
+
+
 def atomic_write(path: Path, data: str | bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers see old or new, never half."""
     payload = data.encode("utf-8") if isinstance(data, str) else data

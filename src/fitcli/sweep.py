@@ -92,10 +92,12 @@ def _range_values(text: str, where: str) -> list[str] | None:
         raise SweepError(f"{where}: range() takes integers, e.g. range(0, 10, 2)") from None
     if len(args) == 3 and args[2] == 0:
         raise SweepError(f"{where}: range() step must not be 0")
-    values = [str(v) for v in range(*args)]
-    if not values:
+    steps = range(*args)
+    if not steps:
         raise SweepError(f"{where}: {text.strip()} is empty")
-    return values
+    if len(steps) > MAX_RUNS:  # checked before a value is made: range(0, 10**9) costs nothing
+        raise SweepError(f"{where}: {len(steps):,} values; a sweep has at most {MAX_RUNS:,} runs")
+    return [str(v) for v in steps]
 
 
 @dataclass(frozen=True)
@@ -152,8 +154,24 @@ class RunSpec:
         return [*fixed, *(f"{k}={v}" for k, v in self.values.items())]
 
 
+MAX_RUNS = 100_000  # the most runs one sweep may have (README: Sweeps)
+
+
+def check_grid_size(axes: Sequence[Axis]) -> int:
+    """The number of runs the axes make; a SweepError above MAX_RUNS, before any is built."""
+    total = math.prod(len(a.values) for a in axes)
+    if total > MAX_RUNS:
+        sizes = " x ".join(f"{a.key} ({len(a.values):,} values)" for a in axes)
+        raise SweepError(
+            f"the grid {sizes} has {total:,} runs; a sweep has at most {MAX_RUNS:,} runs "
+            "(split it into several sweeps)"
+        )
+    return total
+
+
 def expand(axes: Sequence[Axis]) -> list[RunSpec]:
-    """The Cartesian product of the axes (the last axis varies fastest)."""
+    """The Cartesian product of the axes (the last axis varies fastest), at most MAX_RUNS."""
+    check_grid_size(axes)
     combos = itertools.product(*(a.values for a in axes)) if axes else [()]
     return [
         RunSpec(i, {a.key: v for a, v in zip(axes, combo, strict=True)})
@@ -341,6 +359,8 @@ class Trace:
     Step k (0-based) started from the parameters after k steps, whose loss is `losses[k]`, and
     left `params[k]`; `lrs[k]` is the learning rate before step k (one more at the end);
     `states[k]` is the stepper's state_dict after k steps, kept at snapshot epochs and the end.
+    `failure` and `summary_fields` are what the stepper reports once it has stopped (LM's
+    `failure` and `summary_fields()`, which `experiment.execute` reads after training).
     """
 
     index: int
@@ -349,6 +369,8 @@ class Trace:
     lrs: list[float] = field(default_factory=list)
     states: dict[int, Any] = field(default_factory=dict)
     converged: dict[int, str] = field(default_factory=dict)
+    failure: str | None = None
+    summary_fields: dict = field(default_factory=dict)
     stop_epoch: int | None = None
     elapsed: list[float] = field(default_factory=list)
     wall: float = 0.0
@@ -373,6 +395,7 @@ class ReplayStepper:
     def __init__(self, trace: Trace, model: Any) -> None:
         self.trace, self.model, self.k = trace, model, 0
         self.converged: str | None = None
+        self.failure: str | None = None
         self.rows = trace.params.unbind(0) if trace.params is not None else ()
 
     def step(self) -> Any:
@@ -380,7 +403,13 @@ class ReplayStepper:
         self.model.raw.data.copy_(self.rows[k])  # `.data`: outside autograd, as under no_grad
         self.k = k + 1
         self.converged = self.trace.converged.get(k + 1)
+        if self.k == len(self.trace.losses):
+            # A stepper's failure stops the run in the step that finds it: the last one.
+            self.failure = self.trace.failure
         return _Loss(self.trace.losses[k])
+
+    def summary_fields(self) -> dict:
+        return copy.deepcopy(self.trace.summary_fields)
 
     def lr(self) -> float:
         return self.trace.lrs[min(self.k, len(self.trace.lrs) - 1)]
@@ -427,6 +456,9 @@ class RecordingStepper:
 
         self.trace.lrs.append(self._lr())
         self.trace.states[self.k] = self._state()
+        self.trace.failure = getattr(self.inner, "failure", None)
+        fields = getattr(self.inner, "summary_fields", None)
+        self.trace.summary_fields = fields() if fields is not None else {}
         p = self.model.raw.numel()
         self.trace.params = (
             torch.stack(self.rows) if self.rows else torch.empty(0, p, dtype=self.model.raw.dtype)
