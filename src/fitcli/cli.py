@@ -322,7 +322,7 @@ def plot(
         else:
             target = out if out is not None else Path("compare.html")
             written = report.write_compare(run_dirs, target, plotlyjs=plotlyjs.value)
-        sys.stdout.write(f"{written.page}\n")
+        console.plain_out(f"{written.page}\n")
         if open_page:
             import webbrowser
 
@@ -443,7 +443,7 @@ def sweep(
             rows = None
         if dry_run:
             for line in sw.dry_run_lines(plan):
-                sys.stdout.write(line + "\n")
+                console.plain_out(line + "\n")
             return
         if workers < 0:
             raise sw.SweepError("--workers must be 0 or more")
@@ -470,7 +470,7 @@ def sweep(
             console.plain_err(
                 f"{outcome.completed} of {len(rows)} runs completed, {outcome.failed} did not"
             )
-            sys.stdout.write(f"{sweep_dir}\n")
+            console.plain_out(f"{sweep_dir}\n")
         if outcome.exit_code:
             raise typer.Exit(outcome.exit_code)
 
@@ -509,7 +509,7 @@ def runs(
             rows = [r for r in rows if r["status"] == status]
         rows = sort_rows(rows, sort)
         if fmt == RunsFormat.csv:
-            sys.stdout.write(render_csv(rows))
+            console.plain_out(render_csv(rows))
         elif fmt == RunsFormat.json:
             sys.stdout.write(render_json(rows))
         else:

@@ -31,6 +31,7 @@ class Dataset:
     y_true: np.ndarray | None = None
     sigma: np.ndarray | None = None
     source: str = "synthetic"
+    digest: str | None = None  # of a data file's bytes: resume refuses a file edited since
 
     @property
     def n(self) -> int:
@@ -191,9 +192,20 @@ def load_table(path: Path, columns: Any = None) -> Dataset:
         raise DataError(f"data.file: {path} is larger than {MAX_FILE_BYTES // 1024**3} GiB")
     _check_text(path)
     table = _read_fast(path, columns) if size else None
-    if table is None:
-        return _read_precise(path, columns)
-    return _dataset(path, table)
+    ds = _read_precise(path, columns) if table is None else _dataset(path, table)
+    ds.digest = file_digest(path)
+    return ds
+
+
+def file_digest(path: Path) -> str:
+    """`sha256:<hex>` of a file's bytes (hardware-accelerated: 2x faster here than blake2b)."""
+    import hashlib
+
+    try:
+        with open(path, "rb") as fh:
+            return "sha256:" + hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError as exc:
+        raise DataError(f"data.file: cannot read {path}: {exc.strerror}") from None
 
 
 SNIFF_BYTES = 65536  # a data file whose first 64 KiB are not text is refused before reading on

@@ -149,9 +149,8 @@ def resolved_config_text(cfg: Any, device: torch.device, command: list[str]) -> 
     head = [
         "# Resolved config of this run: `fitcli train config.yaml` reruns it.",
         f"# fitcli {v['fitcli_version']}, torch {v['torch_version']}, Python {v['python_version']}",
-        "# command: " + " ".join(command).replace("\n", " "),
     ]
-    return "\n".join(head) + "\n" + dump_yaml(d)
+    return "\n".join(head) + "\n" + store.command_comment(command) + dump_yaml(d)
 
 
 class RunWriter:
@@ -186,12 +185,14 @@ class RunWriter:
             self.obs = tuple(None if a is None else a[order] for a in self.obs)
         self.history = None  # set by execute; saved in state.json with every snapshot
 
-    def resume(self, cfg_text: str | None, summary: dict, epoch: int) -> None:
-        """Continue this run directory from `epoch`: snapshots past it go, the summary says so."""
+    def resume(self, cfg_text: str | None, summary: dict, point: Any) -> None:
+        """Continue this run directory from `point` (a `state.ResumePoint`): snapshots past its
+        epoch go, the summary says so."""
         from fitcli.state import tidy_snapshots
 
         self.snap_dir.mkdir(exist_ok=True)
-        self.snapshots = tidy_snapshots(self.run_dir, epoch)
+        tidy_snapshots(self.run_dir, point.epoch)
+        self.snapshots = list(point.snapshots)
         if cfg_text is not None:  # resumed with overrides: config.yaml is the config now
             store.atomic_write(self.run_dir / store.CONFIG, cfg_text)
         if self.plotlyjs == "directory":
@@ -349,6 +350,8 @@ def base_summary(prep: Prepared, run_dir: Path, command: list[str]) -> dict:
         "dtype": cfg.dtype,
         "seed": cfg.seed,
         "n_points": prep.dataset.n,
+        # What resume compares a data file with (a file edited since cannot be resumed).
+        **({"data_digest": prep.dataset.digest} if prep.dataset.digest else {}),
         "elapsed_s": 0.0,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": command,
@@ -406,7 +409,7 @@ def execute(
             writer.begin(resolved_config_text(cfg, prep.device, command), summary)
         else:
             text = resolved_config_text(cfg, prep.device, command) if resume.overrides else None
-            writer.resume(text, summary, start_epoch)
+            writer.resume(text, summary, resume)
         result = train(
             prep.model,
             prep.stepper,

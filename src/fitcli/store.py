@@ -35,6 +35,15 @@ def slug(name: str) -> str:
     return (s or "run")[:60]
 
 
+def command_comment(command: list[str]) -> str:
+    """The `# command: ...` line of config.yaml and sweep.yaml: the command line on one line,
+    every line break or control character in it escaped (`\\r`, NEL and U+2028 end a YAML line:
+    written raw, the rest of the command would become YAML keys)."""
+    from fitcli.console import printable
+
+    return "# command: " + printable(" ".join(command)) + "\n"
+
+
 def _raise_os(exc: OSError, path: Path, what: str) -> None:
     reason = exc.strerror or str(exc)
     raise RunDirError(f"cannot {what} {path}: {reason}") from None

@@ -1123,7 +1123,7 @@ def create_sweep(plan: Plan, out: Path, command: list[str]) -> Path:
     doc = plan.to_doc()
     head = (
         "# A fitcli sweep: `fitcli sweep --resume DIR` runs what is missing or unfinished.\n"
-        "# command: " + " ".join(command).replace("\n", " ") + "\n"
+        + store.command_comment(command)
     )
     store.atomic_write(sweep_dir / SWEEP_FILE, head + dump_yaml(doc))
     write_table(sweep_dir, plan, [Row(r) for r in plan.runs])
@@ -1131,8 +1131,10 @@ def create_sweep(plan: Plan, out: Path, command: list[str]) -> Path:
 
 
 def load_sweep(sweep_dir: Path) -> tuple[Plan, list[Row]]:
-    """Plan and rows of an existing sweep directory (rows filled from the run directories)."""
+    """Plan and rows of an existing sweep directory (rows filled from the run directories; a run
+    whose summary is unreadable or garbled is failed, so that it runs again)."""
     from fitcli.config import load_yaml
+    from fitcli.runs import summary_problem
 
     path = sweep_dir / SWEEP_FILE
     if not path.is_file():
@@ -1143,9 +1145,14 @@ def load_sweep(sweep_dir: Path) -> tuple[Plan, list[Row]]:
         d = sweep_dir / run_dir_name(plan, row.run)
         if (d / store.SUMMARY).is_file():
             try:
-                row_from_summary(row, store.read_json(d / store.SUMMARY), sweep_dir, d)
-            except (OSError, ValueError):
-                row.status = "failed"
+                summary = store.read_json(d / store.SUMMARY)
+                problem = summary_problem(summary)
+            except (OSError, ValueError) as exc:
+                problem = f"unreadable {store.SUMMARY}: {exc}"
+            if problem is None:
+                row_from_summary(row, summary, sweep_dir, d)
+            else:
+                row.status, row.reason = "failed", problem
     return plan, rows
 
 
