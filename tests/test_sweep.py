@@ -233,7 +233,7 @@ def test_json_output_and_mixed_executors(tmp_path):
     doc = json.loads(res.stdout)
     assert set(doc) == {"sweep_dir", "runs", "completed", "failed"}
     assert doc["completed"] == 4 and doc["failed"] == 0
-    assert [r["values"] for r in doc["runs"]][1] == {"optimizer.name": "SGD", "seed": "1"}
+    assert [r["values"] for r in doc["runs"]][1] == {"optimizer.name": "SGD", "seed": 1}
     assert all(r["status"] == "completed" and "theta0" in r["params"] for r in doc["runs"])
     lbfgs = doc["runs"][2]
     target = tmp_path / "lbfgs"

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fitcli.errors import RunDirError
+from fitcli.errors import RunDirError, RunDirExistsError
 
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
@@ -75,7 +75,7 @@ def claim_run_dir(path: Path, *, overwrite: bool) -> Path:
     fitcli run directory (never a folder a user made for something else)."""
     if path.exists() or path.is_symlink():
         if not overwrite:
-            raise RunDirError(
+            raise RunDirExistsError(
                 f"run directory {path} already exists; pass --overwrite to replace it, or choose "
                 "another --run-dir"
             )
