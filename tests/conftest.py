@@ -89,6 +89,17 @@ def only_run_dir(out: Path) -> Path:
     return dirs[0]
 
 
+# Whole suites of end-to-end tests (real processes, browsers, clusters, thousands of cases):
+# marked slow, so `make test-fast` (pytest -m "not slow") leaves them to `make test`.
+SLOW_FILES = ("test_faults_", "test_browser.py", "test_dask.py", "test_harness.py")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if item.path.name.startswith(SLOW_FILES):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """One line per group of skipped tests (their file and reason), so that a run that could not
     test something says so even with -q."""

@@ -243,13 +243,13 @@ def test_runs_table_prints_whole_values_without_a_terminal(tmp_path, write_confi
     basis = ["x", "sin(x)", "cos(x)", "sin(2*x)", "cos(2*x)", "sin(3*x)", "cos(3*x)", "x**2"]
     cfg = write_config({"model.basis": basis, "epochs": 3, "snapshots": 2, "data.x.num": 30})
     deep = tmp_path / "a-rather-long-folder-name-for-the-runs" / "and-another-level-below-it"
-    res = fitcli_process("train", str(cfg), "--out", str(deep), "--progress", "none")
-    assert res.returncode == 0, res.stderr
+    res = runner.invoke(app, ["train", str(cfg), "--out", str(deep), "--progress", "none"])
+    assert res.exit_code == 0, res.output
     (run,) = deep.iterdir()
     summary = json.loads((run / "summary.json").read_text())
     params = ", ".join(f"{k}={v:.6g}" for k, v in summary["params"].items())
     assert len(params) > 80 and len(str(run)) > 80
-    res = fitcli_process("runs", str(deep), env={"COLUMNS": "80"})  # stdout is a pipe
+    res = fitcli_process("runs", str(deep), env={"COLUMNS": "80"})  # stdout is a pipe, not a tty
     assert res.returncode == 0, res.stderr
     (line,) = [ln for ln in res.stdout.splitlines() if str(run) in ln]
     assert params in line

@@ -306,6 +306,7 @@ def _wait_for_metrics(run_root, proc, timeout=60):
     raise AssertionError("run never started")
 
 
+@pytest.mark.slow
 def test_sigint_writes_summary_and_exits_130(write_config, tmp_path):
     cfg = write_config({"epochs": 10**7, "snapshots": 10})
     out = tmp_path / "runs"
@@ -352,6 +353,7 @@ def test_shipped_configs_run_briefly(runner, tmp_path):
         assert result.exit_code == 0, (cfg, result.output)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "needle"), [("rich", "40/40"), ("plain", "epoch 40/40")])
 def test_progress_modes_write_to_stderr_only(write_config, tmp_path, mode, needle):
     proc = fitcli_process(
