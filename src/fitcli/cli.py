@@ -18,12 +18,11 @@ import typer
 from fitcli import __version__
 from fitcli.errors import ExitCode, FitcliError
 
-# Help is plain text, never rich markup: it quotes config values such as `[x, sin(x)]`, which
-# markup would swallow. The group's help is the docstring of `_root`.
+# Help text is rich markup: a literal "[" before a letter (`[x, sin(x)]`) is written "\\[", or
+# rich takes it for a tag and drops it. The group's help is the docstring of `_root`.
 app = typer.Typer(
     name="fitcli",
     no_args_is_help=True,
-    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -385,7 +384,7 @@ def sweep(
         typer.Argument(
             help="`key=a,b,c` or `key=range(start, stop[, step])` makes an axis, `key=value` a "
             "fixed override; the sweep is the Cartesian product of the axes. Commas inside "
-            "quotes, (), [] or {} stay in their value: model.basis=[x, sin(x)] or "
+            "quotes, (), [] or {} stay in their value: model.basis=\\[x, sin(x)] or "
             "'name=\"sine, v2\"' is one value.",
             show_default=False,
             autocompletion=_complete_keys,
