@@ -82,7 +82,7 @@ def test_plot_rebuilds_snapshots_byte_identical_and_changes_nothing_else(run: Pa
         # re-evaluated bit for bit; the stored curve makes the rebuild exact.
         ("configs/damped-oscillator.yaml", ["epochs=40", "dtype=float32"]),
         ("configs/measured-decay.yaml", ["epochs=5"]),
-        # LM converges early and fills the remaining snapshots with a "converged at" note.
+        # LM converges early and fills the remaining snapshots with a "stopped at" note.
         ("configs/nist-misra1a.yaml", ["epochs=500"]),
     ],
 )

@@ -201,7 +201,7 @@ def test_sweep_run_directories_match_fitcli_train(tmp_path):
     assert [r["status"] for r in rows] == ["completed"] * 4
     assert [r["optimizer.lr"] for r in rows] == ["0.01", "0.01", "0.05", "0.05"]
     assert list(rows[0]) == [
-        "index", "optimizer.lr", "seed", "status", "exit_code", "epochs", "final_loss",
+        "index", "optimizer.lr", "seed", "status", "exit_code", "converged", "epochs", "final_loss",
         "theta0", "theta1", "theta2", "time_s", "run_dir",
     ]  # fmt: skip
     for row in rows[1::2]:

@@ -59,7 +59,7 @@ def _root(
     """Fit curves with PyTorch autograd from a YAML experiment.
 
     Exit codes: 0 completed, 1 failed (I/O or unexpected), 2 invalid input, 3 diverged,
-    130 interrupted.
+    4 completed but not converged (only with --strict), 130 interrupted.
     """
 
 
@@ -138,6 +138,13 @@ OverridesArg = Annotated[
     ),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of unexpected errors.")]
+StrictOpt = Annotated[
+    bool,
+    typer.Option(
+        "--strict",
+        help="Exit 4 when a run completed but did not converge (summary.json converged: false).",
+    ),
+]
 
 
 @app.command()
@@ -188,13 +195,14 @@ def train(
             show_default=False,
         ),
     ] = None,
+    strict: StrictOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Train a model on the experiment's data and write a run directory.
 
     Shows live progress on stderr, then a summary table and the run directory on stdout (or
     only summary.json with --json). Exit 0 completed, 2 invalid input, 3 diverged,
-    130 interrupted, 1 failed.
+    130 interrupted, 1 failed; with --strict, 4 completed but not converged.
     """
     from fitcli import console
 
@@ -228,7 +236,7 @@ def train(
             if stop.requested:
                 raise KeyboardInterrupt
             target = make_run_dir(cfg, out, run_dir, overwrite)
-        from fitcli.experiment import execute
+        from fitcli.experiment import execute, strict_exit_code
 
         command = ["fitcli", *sys.argv[1:]]
         with console.Progress(progress.value, cfg.epochs, cfg.name) as bar:
@@ -249,8 +257,9 @@ def train(
             console.print_json(summary)
         else:
             console.summary_table(summary)
-        if summary["exit_code"]:
-            raise typer.Exit(summary["exit_code"])
+        code = strict_exit_code(summary["exit_code"], summary.get("converged"), strict)
+        if code:
+            raise typer.Exit(code)
 
 
 @app.command()
@@ -329,7 +338,7 @@ def plot(
         else:
             target = out if out is not None else Path("compare.html")
             written = report.write_compare(run_dirs, target, plotlyjs=plotlyjs.value)
-        sys.stdout.write(f"{written.page}\n")
+        console.plain_out(f"{written.page}\n")
         if open_page:
             import webbrowser
 
@@ -423,13 +432,15 @@ def sweep(
     plotlyjs: Annotated[
         PlotlyJS, typer.Option("--plotlyjs", help="plotly.js for the runs' pages.")
     ] = PlotlyJS.directory,
+    strict: StrictOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Train every combination of the axes; one run directory each, under one sweep directory.
 
     Runs that differ only in learning rate, seed, noise or starting values train together as
     one batched tensor program. Exit 0 when every run completed, 1 when any did not,
-    2 invalid input, 130 interrupted.
+    2 invalid input, 130 interrupted; with --strict, 4 when every run completed but some did
+    not converge.
     """
     from fitcli import console
 
@@ -449,7 +460,7 @@ def sweep(
             rows = None
         if dry_run:
             for line in sw.dry_run_lines(plan):
-                sys.stdout.write(line + "\n")
+                console.plain_out(line + "\n")
             return
         if workers < 0:
             raise sw.SweepError("--workers must be 0 or more")
@@ -466,7 +477,7 @@ def sweep(
                     sw.disconnect(client)
                 raise
             rows = [sw.Row(r) for r in plan.runs]
-        options = sw.Options(workers, scheduler, fail_fast, plotlyjs.value, client)
+        options = sw.Options(workers, scheduler, fail_fast, plotlyjs.value, client, strict=strict)
         label = plan.base.get("name", "sweep") if isinstance(plan.base, dict) else "sweep"
         with StopFlag() as stop, console.SweepProgress(progress.value, len(rows), label) as bar:
             outcome = sw.run_sweep(plan, sweep_dir, rows, options, stop_flag=stop, progress=bar)
@@ -476,7 +487,7 @@ def sweep(
             console.plain_err(
                 f"{outcome.completed} of {len(rows)} runs completed, {outcome.failed} did not"
             )
-            sys.stdout.write(f"{sweep_dir}\n")
+            console.plain_out(f"{sweep_dir}\n")
         if outcome.exit_code:
             raise typer.Exit(outcome.exit_code)
 
@@ -515,7 +526,7 @@ def runs(
             rows = [r for r in rows if r["status"] == status]
         rows = sort_rows(rows, sort)
         if fmt == RunsFormat.csv:
-            sys.stdout.write(render_csv(rows))
+            console.plain_out(render_csv(rows))
         elif fmt == RunsFormat.json:
             sys.stdout.write(render_json(rows))
         else:

@@ -12,6 +12,7 @@ class ExitCode(IntEnum):
     FAILED = 1
     INVALID_INPUT = 2
     DIVERGED = 3
+    NOT_CONVERGED = 4  # with --strict: completed, but the fit did not converge
     INTERRUPTED = 130
 
 

@@ -50,7 +50,7 @@ class Snapshot:
     fit_file: str
     x_fit: np.ndarray
     y_fit: np.ndarray
-    note: str | None = None  # e.g. "converged at epoch 37" on snapshots LM filled in
+    note: str | None = None  # e.g. "stopped at epoch 37" on snapshots LM filled in
 
 
 @dataclass
@@ -674,7 +674,7 @@ def write_report(run_dir: Path, *, out: Path | None = None, plotlyjs: str = "dir
         if js.exists():
             check_plotly_js(js)
     pages = snapshot_pages(run, plotlyjs)
-    _check_out(page_path)
+    store.check_output_file(page_path, "--out")
     src = _plotlyjs_for(page_path, run.path, plotlyjs)
     href = _href(run.path / store.SNAPSHOTS, page_path.parent) + "/"
     page = report_page(run, src, snapshot_href=href)
@@ -690,14 +690,7 @@ def write_compare(run_dirs: list[Path], out: Path, *, plotlyjs: str = "directory
     """One comparison page of several runs at `out` (plotly.min.js beside it in directory mode)."""
     runs = [read_run(Path(d)) for d in run_dirs]
     out = Path(out)
-    _check_out(out)
+    store.check_output_file(out, "--out")
     src = _plotlyjs_for(out, out.parent, plotlyjs)
     store.atomic_write(out, compare_page(runs, src))
     return Written(out, [])
-
-
-def _check_out(path: Path) -> None:
-    if path.is_dir():
-        raise InputError(f"--out {path} is a directory; give the HTML file to write")
-    if not path.parent.is_dir():
-        raise InputError(f"--out {path}: its folder {path.parent} does not exist")

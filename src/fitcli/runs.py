@@ -43,6 +43,40 @@ def find_run_dirs(paths: Iterable[Path]) -> tuple[list[Path], list[tuple[Path, s
     return sorted(dict.fromkeys(found)), skipped
 
 
+def summary_problem(summary: Any) -> str | None:
+    """Why a summary.json cannot be listed (or trusted as a finished sweep run), or None: the
+    fields a listing shows must have the types fitcli writes (numbers finite or null)."""
+    if not isinstance(summary, dict):
+        return f"{store.SUMMARY} is not a JSON object"
+
+    def number(v: Any) -> bool:
+        return type(v) in (int, float) and math.isfinite(v)
+
+    checks = {
+        "name": lambda v: isinstance(v, str),
+        "status": lambda v: isinstance(v, str),
+        "reason": lambda v: isinstance(v, str),
+        "epochs_run": lambda v: type(v) is int and v >= 0,
+        "exit_code": lambda v: type(v) is int,
+        "final_loss": number,
+        "elapsed_s": lambda v: number(v) and v >= 0,
+        "params": lambda v: isinstance(v, dict),
+    }
+    for key, ok in checks.items():
+        value = summary.get(key)
+        if value is not None and not ok(value):
+            return f"{store.SUMMARY}: {key} is {_short(value)}, not what fitcli writes"
+    for name, value in (summary.get("params") or {}).items():
+        if value is not None and not number(value):
+            return f"{store.SUMMARY}: params.{name} is {_short(value)}, not a finite number"
+    return None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _row(run_dir: Path, summary: dict) -> dict:
     params = summary.get("params") or {}
     loss = summary.get("final_loss")
@@ -80,8 +114,9 @@ def collect(paths: Iterable[Path]) -> tuple[list[dict], list[tuple[Path, str]]]:
         except (OSError, ValueError) as exc:
             skipped.append((d, f"unreadable {store.SUMMARY}: {exc}"))
             continue
-        if not isinstance(summary, dict):
-            skipped.append((d, f"{store.SUMMARY} is not a JSON object"))
+        problem = summary_problem(summary)
+        if problem is not None:
+            skipped.append((d, problem))
             continue
         rows.append(_row(d, summary))
     return rows, skipped

@@ -35,6 +35,15 @@ def slug(name: str) -> str:
     return (s or "run")[:60]
 
 
+def command_comment(command: list[str]) -> str:
+    """The `# command: ...` line of config.yaml and sweep.yaml: the command line on one line,
+    every line break or control character in it escaped (`\\r`, NEL and U+2028 end a YAML line:
+    written raw, the rest of the command would become YAML keys)."""
+    from fitcli.console import printable
+
+    return "# command: " + printable(" ".join(command)) + "\n"
+
+
 def _raise_os(exc: OSError, path: Path, what: str) -> None:
     reason = exc.strerror or str(exc)
     raise RunDirError(f"cannot {what} {path}: {reason}") from None
@@ -155,6 +164,17 @@ def plotly_js_source() -> Path:
     spec = importlib.util.find_spec("plotly")
     assert spec is not None and spec.submodule_search_locations
     return Path(spec.submodule_search_locations[0]) / "package_data" / PLOTLY_JS
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """A file the user named for output (`option` PATH) can be written: it is not a folder and
+    its folder exists (an InputError, exit 2, otherwise)."""
+    from fitcli.errors import InputError
+
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a directory; give the HTML file to write")
+    if not path.parent.is_dir():
+        raise InputError(f"{option} {path}: its folder {path.parent} does not exist")
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:

@@ -94,10 +94,12 @@ def _range_values(text: str, where: str) -> list[str] | None:
         raise SweepError(f"{where}: range() takes integers, e.g. range(0, 10, 2)") from None
     if len(args) == 3 and args[2] == 0:
         raise SweepError(f"{where}: range() step must not be 0")
-    values = [str(v) for v in range(*args)]
-    if not values:
+    steps = range(*args)
+    if not steps:
         raise SweepError(f"{where}: {text.strip()} is empty")
-    return values
+    if len(steps) > MAX_RUNS:  # checked before a value is made: range(0, 10**9) costs nothing
+        raise SweepError(f"{where}: {len(steps):,} values; a sweep has at most {MAX_RUNS:,} runs")
+    return [str(v) for v in steps]
 
 
 @dataclass(frozen=True)
@@ -154,8 +156,24 @@ class RunSpec:
         return [*fixed, *(f"{k}={v}" for k, v in self.values.items())]
 
 
+MAX_RUNS = 100_000  # the most runs one sweep may have (README: Sweeps)
+
+
+def check_grid_size(axes: Sequence[Axis]) -> int:
+    """The number of runs the axes make; a SweepError above MAX_RUNS, before any is built."""
+    total = math.prod(len(a.values) for a in axes)
+    if total > MAX_RUNS:
+        sizes = " x ".join(f"{a.key} ({len(a.values):,} values)" for a in axes)
+        raise SweepError(
+            f"the grid {sizes} has {total:,} runs; a sweep has at most {MAX_RUNS:,} runs "
+            "(split it into several sweeps)"
+        )
+    return total
+
+
 def expand(axes: Sequence[Axis]) -> list[RunSpec]:
-    """The Cartesian product of the axes (the last axis varies fastest)."""
+    """The Cartesian product of the axes (the last axis varies fastest), at most MAX_RUNS."""
+    check_grid_size(axes)
     combos = itertools.product(*(a.values for a in axes)) if axes else [()]
     return [
         RunSpec(i, {a.key: v for a, v in zip(axes, combo, strict=True)})
@@ -343,6 +361,8 @@ class Trace:
     Step k (0-based) started from the parameters after k steps, whose loss is `losses[k]`, and
     left `params[k]`; `lrs[k]` is the learning rate before step k (one more at the end);
     `states[k]` is the stepper's state_dict after k steps, kept at snapshot epochs and the end.
+    `failure` and `summary_fields` are what the stepper reports once it has stopped (LM's
+    `failure` and `summary_fields()`, which `experiment.execute` reads after training).
     """
 
     index: int
@@ -351,6 +371,8 @@ class Trace:
     lrs: list[float] = field(default_factory=list)
     states: dict[int, Any] = field(default_factory=dict)
     converged: dict[int, str] = field(default_factory=dict)
+    failure: str | None = None
+    summary_fields: dict = field(default_factory=dict)
     stop_epoch: int | None = None
     elapsed: list[float] = field(default_factory=list)
     wall: float = 0.0
@@ -375,6 +397,7 @@ class ReplayStepper:
     def __init__(self, trace: Trace, model: Any) -> None:
         self.trace, self.model, self.k = trace, model, 0
         self.converged: str | None = None
+        self.failure: str | None = None
         self.rows = trace.params.unbind(0) if trace.params is not None else ()
 
     def step(self) -> Any:
@@ -382,7 +405,13 @@ class ReplayStepper:
         self.model.raw.data.copy_(self.rows[k])  # `.data`: outside autograd, as under no_grad
         self.k = k + 1
         self.converged = self.trace.converged.get(k + 1)
+        if self.k == len(self.trace.losses):
+            # A stepper's failure stops the run in the step that finds it: the last one.
+            self.failure = self.trace.failure
         return _Loss(self.trace.losses[k])
+
+    def summary_fields(self) -> dict:
+        return copy.deepcopy(self.trace.summary_fields)
 
     def lr(self) -> float:
         return self.trace.lrs[min(self.k, len(self.trace.lrs) - 1)]
@@ -429,6 +458,9 @@ class RecordingStepper:
 
         self.trace.lrs.append(self._lr())
         self.trace.states[self.k] = self._state()
+        self.trace.failure = getattr(self.inner, "failure", None)
+        fields = getattr(self.inner, "summary_fields", None)
+        self.trace.summary_fields = fields() if fields is not None else {}
         p = self.model.raw.numel()
         self.trace.params = (
             torch.stack(self.rows) if self.rows else torch.empty(0, p, dtype=self.model.raw.dtype)
@@ -951,6 +983,7 @@ class Row:
     run: RunSpec
     status: str = "pending"
     exit_code: int | None = None
+    converged: bool | None = None
     epochs: int | None = None
     final_loss: float | None = None
     params: dict[str, float] = field(default_factory=dict)
@@ -976,6 +1009,7 @@ def write_table(sweep_dir: Path, plan: Plan, rows: Sequence[Row]) -> None:
         *(a.key for a in plan.axes),
         "status",
         "exit_code",
+        "converged",
         "epochs",
         "final_loss",
         *names,
@@ -994,6 +1028,7 @@ def write_table(sweep_dir: Path, plan: Plan, rows: Sequence[Row]) -> None:
             *(r.run.values[a.key] for a in plan.axes),
             r.status,
             cell(r.exit_code),
+            "" if r.converged is None else str(r.converged).lower(),
             cell(r.epochs),
             cell(r.final_loss),
             *(cell(r.params.get(n)) for n in names),
@@ -1009,6 +1044,7 @@ def row_from_summary(row: Row, summary: dict, sweep_dir: Path, run_dir: Path) ->
     row.summary = summary
     row.status = summary.get("status", "failed")
     row.exit_code = summary.get("exit_code")
+    row.converged = summary.get("converged")
     row.epochs = summary.get("epochs_run")
     row.final_loss = summary.get("final_loss")
     row.params = dict(summary.get("params") or {})
@@ -1031,6 +1067,7 @@ class Options:
     fail_fast: bool = False
     plotlyjs: str = "directory"
     client: Any = None  # a Dask client connected before the sweep directory was made
+    strict: bool = False  # exit 4 when every run completed but some did not converge
 
 
 @dataclass
@@ -1041,6 +1078,7 @@ class Outcome:
     plan: Plan
     rows: list[Row]
     interrupted: bool = False
+    strict: bool = False
 
     @property
     def completed(self) -> int:
@@ -1052,9 +1090,14 @@ class Outcome:
 
     @property
     def exit_code(self) -> int:
+        from fitcli.experiment import strict_exit_code
+
         if self.interrupted:
             return int(ExitCode.INTERRUPTED)
-        return 0 if all(r.status == "completed" for r in self.rows) else int(ExitCode.FAILED)
+        if not all(r.status == "completed" for r in self.rows):
+            return int(ExitCode.FAILED)
+        converged = all(r.converged is not False for r in self.rows)
+        return strict_exit_code(int(ExitCode.COMPLETED), converged, self.strict)
 
     def to_json(self) -> dict:
         from fitcli.config import load_yaml
@@ -1085,7 +1128,7 @@ def create_sweep(plan: Plan, out: Path, command: list[str]) -> Path:
     doc = plan.to_doc()
     head = (
         "# A fitcli sweep: `fitcli sweep --resume DIR` runs what is missing or unfinished.\n"
-        "# command: " + " ".join(command).replace("\n", " ") + "\n"
+        + store.command_comment(command)
     )
     store.atomic_write(sweep_dir / SWEEP_FILE, head + dump_yaml(doc))
     write_table(sweep_dir, plan, [Row(r) for r in plan.runs])
@@ -1093,8 +1136,10 @@ def create_sweep(plan: Plan, out: Path, command: list[str]) -> Path:
 
 
 def load_sweep(sweep_dir: Path) -> tuple[Plan, list[Row]]:
-    """Plan and rows of an existing sweep directory (rows filled from the run directories)."""
+    """Plan and rows of an existing sweep directory (rows filled from the run directories; a run
+    whose summary is unreadable or garbled is failed, so that it runs again)."""
     from fitcli.config import load_yaml
+    from fitcli.runs import summary_problem
 
     path = sweep_dir / SWEEP_FILE
     if not path.is_file():
@@ -1105,9 +1150,14 @@ def load_sweep(sweep_dir: Path) -> tuple[Plan, list[Row]]:
         d = sweep_dir / run_dir_name(plan, row.run)
         if (d / store.SUMMARY).is_file():
             try:
-                row_from_summary(row, store.read_json(d / store.SUMMARY), sweep_dir, d)
-            except (OSError, ValueError):
-                row.status = "failed"
+                summary = store.read_json(d / store.SUMMARY)
+                problem = summary_problem(summary)
+            except (OSError, ValueError) as exc:
+                problem = f"unreadable {store.SUMMARY}: {exc}"
+            if problem is None:
+                row_from_summary(row, summary, sweep_dir, d)
+            else:
+                row.status, row.reason = "failed", problem
     return plan, rows
 
 
@@ -1138,7 +1188,7 @@ def run_sweep(
     todo = [r for r in rows if r.status not in FINISHED]
     cfgs = {r.run.index: plan.cfg(r.run) for r in todo}
     stop = _Stop(stop_flag, options.fail_fast)
-    outcome = Outcome(sweep_dir, plan, rows)
+    outcome = Outcome(sweep_dir, plan, rows, strict=options.strict)
     by_index = {r.run.index: r for r in rows}
     done = [sum(r.status in FINISHED for r in rows), sum(r.status == "diverged" for r in rows)]
     if progress is not None:
