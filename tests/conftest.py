@@ -91,7 +91,13 @@ def only_run_dir(out: Path) -> Path:
 
 # Whole suites of end-to-end tests (real processes, browsers, clusters, thousands of cases):
 # marked slow, so `make test-fast` (pytest -m "not slow") leaves them to `make test`.
-SLOW_FILES = ("test_faults_", "test_browser.py", "test_dask.py", "test_harness.py")
+SLOW_FILES = (
+    "test_faults_",
+    "test_browser.py",
+    "test_dask.py",
+    "test_harness.py",
+    "test_sweep_cli.py",
+)
 
 
 def pytest_collection_modifyitems(items) -> None:
