@@ -213,6 +213,7 @@ class Killed(BaseException):
     """Stands in for SIGKILL: once raised, nothing more reaches the disk."""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["before-write", "mid-write"])
 def test_killed_at_every_write_then_resumed_equals_uninterrupted(
     runner, tmp_path, monkeypatch, where

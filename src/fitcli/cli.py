@@ -18,11 +18,11 @@ import typer
 from fitcli import __version__
 from fitcli.errors import ExitCode, FitcliError
 
+# Help text is rich markup: a literal "[" before a letter (`[x, sin(x)]`) is written "\\[", or
+# rich takes it for a tag and drops it. The group's help is the docstring of `_root`.
 app = typer.Typer(
     name="fitcli",
-    help="Fit curves with PyTorch autograd from a YAML experiment.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -110,6 +110,21 @@ class StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _complete_keys(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Shell completion of an override: the keys of the schema and of the config file already
+    on the command line, each with its "=" (reads YAML only: no torch, instant)."""
+    if "=" in incomplete:
+        return []
+    from fitcli.config import load_yaml, override_keys, read_config_text
+
+    raw = None
+    config = ctx.params.get("config")
+    if config is not None:
+        with contextlib.suppress(Exception):  # completion never fails; the schema's keys remain
+            raw = load_yaml(read_config_text(config), str(config))
+    return [f"{k}=" for k in override_keys(raw) if k.startswith(incomplete)]
+
+
 ConfigArg = Annotated[
     Path, typer.Argument(help="The experiment's YAML config file.", show_default=False)
 ]
@@ -119,6 +134,7 @@ OverridesArg = Annotated[
         help="Overrides `key.path=value` (values read as YAML), "
         "e.g. optimizer.lr=0.05 epochs=2000.",
         show_default=False,
+        autocompletion=_complete_keys,
     ),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of unexpected errors.")]
@@ -377,9 +393,10 @@ def sweep(
         typer.Argument(
             help="`key=a,b,c` or `key=range(start, stop[, step])` makes an axis, `key=value` a "
             "fixed override; the sweep is the Cartesian product of the axes. Commas inside "
-            "quotes, (), [] or {} stay in their value: model.basis=[x, sin(x)] or "
-            "'data.target=\"atan2(x, 1)\"' is one value.",
+            "quotes, (), [] or {} stay in their value: model.basis=\\[x, sin(x)] or "
+            "'name=\"sine, v2\"' is one value.",
             show_default=False,
+            autocompletion=_complete_keys,
         ),
     ] = None,
     out: Annotated[
@@ -517,7 +534,9 @@ def runs(
 
 
 def main() -> None:
-    app()
+    # One program name however it is started (`fitcli`, `python -m fitcli.cli`): the usage
+    # lines, and the variable the shell completion scripts set (_FITCLI_COMPLETE).
+    app(prog_name="fitcli")
 
 
 if __name__ == "__main__":

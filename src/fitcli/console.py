@@ -328,7 +328,13 @@ def runs_table(rows: list[dict], columns: list[str]) -> None:
         table.add_column(col, justify="right" if col in right else "left")
     for row in rows:
         table.add_row(*(_literal(row.get(c, "")) for c in columns))
-    stdout.print(table, markup=False, highlight=False, emoji=False)
+    out = stdout
+    if not stdout.is_terminal:  # a pipe or a file: whole values, however long the lines get
+        from rich.measure import Measurement
+
+        wide = Measurement.get(stdout, stdout.options.update(max_width=10**6), table).maximum
+        out = Console(width=wide, highlight=False, soft_wrap=True)
+    out.print(table, markup=False, highlight=False, emoji=False)
 
 
 def graph_tree(graph: Any) -> None:

@@ -71,6 +71,12 @@ class RunDirError(FitcliError):
     """The run directory cannot be created or written (exit 1)."""
 
 
+class RunDirExistsError(RunDirError, InputError):
+    """The exact --run-dir asked for already exists (a usage error, exit 2)."""
+
+    exit_code = ExitCode.INVALID_INPUT
+
+
 class ResumeError(InputError):
     """A run directory cannot be resumed (exit 2)."""
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fitcli.errors import NotRunDirError, RunDirError, RunFileError
+from fitcli.errors import NotRunDirError, RunDirError, RunDirExistsError, RunFileError
 
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
@@ -246,7 +246,7 @@ def claim_run_dir(path: Path, *, overwrite: bool, own: bool = False) -> Path:
     target = path
     if path.exists() or path.is_symlink():
         if not overwrite:
-            raise RunDirError(
+            raise RunDirExistsError(
                 f"run directory {path} already exists; pass --overwrite to replace it, or choose "
                 "another --run-dir"
             )

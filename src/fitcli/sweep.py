@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -62,7 +63,8 @@ _OPEN, _CLOSE = "([{", ")]}"
 def split_values(text: str) -> list[str]:
     """Split on top-level commas: a comma inside quotes, (), [] or {} belongs to its value.
 
-    So `1,2,3` is three values, while `[x, sin(x)]`, `"atan2(a, b)"` and `atan2(x, 1)` are one.
+    So `1,2,3` is three values, while `[x, sin(x)]`, `"sine, v2"` and `{std: 0.1, seed: 1}` are
+    one.
     """
     parts, depth, quote, start = [], 0, None, 0
     for i, ch in enumerate(text):
@@ -1099,13 +1101,16 @@ class Outcome:
         return strict_exit_code(int(ExitCode.COMPLETED), converged, self.strict)
 
     def to_json(self) -> dict:
+        from fitcli.config import load_yaml
+
         runs = []
         for r in self.rows:
             entry = dict(r.summary) if r.summary else {"status": r.status, "run_dir": None}
             if r.summary is None and r.reason:
                 entry["reason"] = r.reason
             entry["index"] = r.run.index
-            entry["values"] = dict(r.run.values)
+            # The values as the run's config reads them (`0.001` a number), not their texts.
+            entry["values"] = {k: load_yaml(v, f"{k}={v}") for k, v in r.run.values.items()}
             runs.append(entry)
         return {
             "sweep_dir": str(self.sweep_dir),
@@ -1575,8 +1580,9 @@ def disconnect(client: Any) -> None:
 
 
 def dry_run_lines(plan: Plan) -> Iterable[str]:
+    """Each run's `fitcli train` command, quoted for the shell: a line runs as it is."""
     for run in plan.runs:
-        yield " ".join(plan.command(run))
+        yield shlex.join(plan.command(run))
 
 
 __all__ = [
