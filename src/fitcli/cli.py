@@ -236,7 +236,8 @@ def train(
             if stop.requested:
                 raise KeyboardInterrupt
             target = make_run_dir(cfg, out, run_dir, overwrite)
-        from fitcli.experiment import execute, strict_exit_code
+        from fitcli.errors import strict_exit_code
+        from fitcli.experiment import execute
 
         command = ["fitcli", *sys.argv[1:]]
         with console.Progress(progress.value, cfg.epochs, cfg.name) as bar:

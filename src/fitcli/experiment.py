@@ -367,15 +367,6 @@ EXIT_FOR_STATUS = {
 }
 
 
-def strict_exit_code(code: int, converged: bool | None, strict: bool) -> int:
-    """The exit code of a command whose runs ended with `code` (EXIT_FOR_STATUS): with `strict`,
-    runs that all completed (code 0) but did not all converge (`converged` False) exit
-    NOT_CONVERGED (4), so that a script can tell a fit that is not at its minimum."""
-    if strict and code == ExitCode.COMPLETED and converged is False:
-        return int(ExitCode.NOT_CONVERGED)
-    return int(code)
-
-
 def execute(
     prep: Prepared,
     run_dir: Path,

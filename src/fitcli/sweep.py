@@ -33,7 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from fitcli import store
-from fitcli.errors import ConfigError, ExitCode, FitcliError, InputError, RunFileError
+from fitcli.errors import (
+    ConfigError,
+    ExitCode,
+    FitcliError,
+    InputError,
+    RunFileError,
+    strict_exit_code,
+)
 
 SWEEP_FILE = "sweep.yaml"
 RUNS_FILE = "runs.csv"
@@ -1091,8 +1098,6 @@ class Outcome:
 
     @property
     def exit_code(self) -> int:
-        from fitcli.experiment import strict_exit_code
-
         if self.interrupted:
             return int(ExitCode.INTERRUPTED)
         if not all(r.status == "completed" for r in self.rows):
