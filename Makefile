@@ -1,11 +1,11 @@
 # `make demo`: set everything up and run the shipped seed experiment.
-# `make test`: set everything up and pass the tests.
+# `make test`: set everything up and pass the tests (`make test-fast`: all but the slow ones).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fitcli-installed
 
-.PHONY: setup demo test lint format bench clean screenshot
+.PHONY: setup demo test test-fast lint format bench clean screenshot
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/pytest
+
+# The unit and CLI tests only (under a minute): everything but the tests marked slow.
+test-fast: setup
+	$(VENV)/bin/pytest -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

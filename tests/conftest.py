@@ -87,3 +87,32 @@ def only_run_dir(out: Path) -> Path:
     dirs = [p for p in out.iterdir() if p.is_dir()]
     assert len(dirs) == 1, dirs
     return dirs[0]
+
+
+# Whole suites of end-to-end tests (real processes, browsers, clusters, thousands of cases):
+# marked slow, so `make test-fast` (pytest -m "not slow") leaves them to `make test`.
+SLOW_FILES = (
+    "test_faults_",
+    "test_browser.py",
+    "test_dask.py",
+    "test_harness.py",
+    "test_sweep_cli.py",
+)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if item.path.name.startswith(SLOW_FILES):
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One line per group of skipped tests (their file and reason), so that a run that could not
+    test something says so even with -q."""
+    groups: dict[tuple[str, str], int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        key = (report.nodeid.split("::")[0], reason.removeprefix("Skipped: "))
+        groups[key] = groups.get(key, 0) + 1
+    for (where, reason), n in groups.items():
+        terminalreporter.write_line(f"skipped {n} test{'s' * (n != 1)} in {where}: {reason}")

@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SEED = ROOT / "configs" / "seed.yaml"
 # Quick variants of the seed config for tests.
-SMALL = ["epochs=40", "snapshots=4"]
+SMALL = ["epochs=40", "snapshots=2", "data.x.num=100"]
 VOLATILE = ("run_dir", "elapsed_s", "started_at", "finished_at", "command")
 
 

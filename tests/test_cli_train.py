@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import typer
 import yaml
 from conftest import CONFIGS, fitcli_process, only_run_dir
 
@@ -205,7 +206,7 @@ def test_run_dir_exact_refuses_existing(runner, write_config, tmp_path):
     assert runner.invoke(app, args).exit_code == 0
     first = (target / "summary.json").read_text()
     again = runner.invoke(app, args)
-    assert again.exit_code == 1 and "already exists; pass --overwrite" in again.output
+    assert again.exit_code == 2 and "already exists; pass --overwrite" in again.output
     assert (target / "summary.json").read_text() == first
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
     # --overwrite never deletes a folder that is not a fitcli run directory.
@@ -215,7 +216,7 @@ def test_run_dir_exact_refuses_existing(runner, write_config, tmp_path):
     result = runner.invoke(
         app, ["train", str(cfg), "--run-dir", str(mine), "--overwrite", "--progress", "none"]
     )
-    assert result.exit_code == 1 and "not a fitcli run directory" in result.output
+    assert result.exit_code == 2 and "not a fitcli run directory" in result.output
     assert (mine / "thesis.tex").read_text() == "precious"
 
 
@@ -270,7 +271,8 @@ def test_schema_is_json_schema(runner):
 @pytest.mark.parametrize("command", ["train", "check", "schema"])
 def test_every_command_has_help(runner, command):
     result = runner.invoke(app, [command, "--help"])
-    assert result.exit_code == 0 and len(result.output) > 200
+    first = typer.main.get_command(app).commands[command].help.splitlines()[0]
+    assert result.exit_code == 0 and " ".join(first.split()) in " ".join(result.output.split())
 
 
 def test_version(runner):
@@ -304,6 +306,7 @@ def _wait_for_metrics(run_root, proc, timeout=60):
     raise AssertionError("run never started")
 
 
+@pytest.mark.slow
 def test_sigint_writes_summary_and_exits_130(write_config, tmp_path):
     cfg = write_config({"epochs": 10**7, "snapshots": 10})
     out = tmp_path / "runs"
@@ -350,6 +353,7 @@ def test_shipped_configs_run_briefly(runner, tmp_path):
         assert result.exit_code == 0, (cfg, result.output)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "needle"), [("rich", "40/40"), ("plain", "epoch 40/40")])
 def test_progress_modes_write_to_stderr_only(write_config, tmp_path, mode, needle):
     proc = fitcli_process(

@@ -128,7 +128,9 @@ def test_empty_and_degenerate_files(tmp_path):
     path = write(tmp_path, "x\n1\n", "single.csv")
     assert "found 1 column; need at least x and y" in message(path)
     path = write(tmp_path, b"x,y\n\x00\x01", "bin.csv")
-    assert message(path) == f"data.file: {path} is a binary file, not a CSV or whitespace table"
+    assert message(path) == (
+        f"data.file: {path} is a binary file (a NUL at byte 4), not a CSV or whitespace table"
+    )
     path = write(tmp_path, b"x,y\n1,2\n3,\xff\n", "latin.csv")
     assert message(path) == f"data.file: {path} is not UTF-8 text (byte 10)"
     assert message(tmp_path / "nope.csv") == f"data.file: {tmp_path / 'nope.csv'} does not exist"

@@ -62,8 +62,8 @@ def test_l1_loss_has_no_least_squares_optimum():
 
 def test_adam_on_an_expression_with_bounds_gets_truth_and_error_bars():
     raw = small(
-        epochs=3000,
-        optimizer={"name": "Adam", "lr": 0.05},
+        epochs=300,
+        optimizer={"name": "Adam", "lr": 0.1},
         data={**SMALL["data"], "target": "2*exp(-0.3*x**2) + 0.5", "noise": {"std": 0.05}},
         model={
             "expr": "a*exp(-k*x**2) + c",

@@ -321,3 +321,42 @@ def test_slow_but_converging_fits_do_not_restart(name, start):
     run(lm, 1000)
     assert lm.converged and not lm.trust_region
     assert worst_lre(lm.theta.tolist(), p.certified) >= 6
+
+
+def test_a_singular_stop_restarts_along_the_null_space_and_resumes_identically():
+    """a*log(x + 1 + b) + c*log(x + 1 + d) + e0 from all ones meets a = c, b = d, where the two
+    terms coincide and J^T J is singular: the restart from a point moved along its null space
+    reaches the minimum MINPACK finds from the same start; resumed mid-restart, it goes on
+    identically."""
+    from scipy.optimize import curve_fit
+
+    data = np.loadtxt(NIST.parent / "logsum" / "two-logs.csv", delimiter=",", skiprows=1)
+    x, y = torch.tensor(data[:, 0]), torch.tensor(data[:, 1])
+
+    def fn(t, x):
+        return t[0] * torch.log(x + 1 + t[1]) + t[2] * torch.log(x + 1 + t[3]) + t[4]
+
+    def fn_np(x, a, b, c, d, e0):
+        return a * np.log(x + 1 + b) + c * np.log(x + 1 + d) + e0
+
+    ones = torch.ones(5, dtype=torch.float64)
+    a = LevenbergMarquardt(fn, x, y, ones)
+    while a.singular_from is None:
+        assert not a.step().converged
+    saddle = a.singular_from
+    assert saddle["theta"][0] == pytest.approx(saddle["theta"][2], rel=1e-6)
+    run(a, 20)
+    state = json.loads(json.dumps(a.state_dict(), allow_nan=False))
+    b = LevenbergMarquardt(fn, x, y, ones)
+    b.load_state_dict(state)
+    for _ in range(3000):
+        sa, sb = a.step(), b.step()
+        assert sa == sb and torch.equal(a.theta, b.theta)
+        if sa.converged:
+            break
+    assert a.converged and a.singular_from is None
+    assert "after a restart that left a singular point" in a.reason
+    with np.errstate(all="ignore"):
+        p_ref, _ = curve_fit(fn_np, data[:, 0], data[:, 1], p0=np.ones(5), maxfev=100000)
+    rss_ref = float(((data[:, 1] - fn_np(data[:, 0], *p_ref)) ** 2).sum())
+    assert 2 * a.cost <= rss_ref * (1 + 1e-9) < saddle["cost"] * 2

@@ -113,7 +113,7 @@ def test_matches_curve_fit_with_sigma_and_reports_the_mse_before_each_step(tmp_p
     for got, expected in losses:
         assert got == pytest.approx(expected, rel=1e-12)
     result = train(model, prep.stepper, epochs=cfg.epochs, evaluate_loss=prep.evaluate_loss)
-    assert result.status == "completed" and result.reason.startswith("LevenbergMarquardt converged")
+    assert result.status == "completed" and result.reason.startswith("LevenbergMarquardt stopped")
     popt, pcov = curve_fit(
         decay_np, XS, YS, p0=[1, 0.5, 0], sigma=SIGMA, absolute_sigma=True, xtol=1e-15, ftol=1e-15
     )
@@ -205,7 +205,8 @@ def test_early_convergence_fills_the_remaining_snapshots(runner, write_config, t
     summary = json.loads((run / "summary.json").read_text())
     done = summary["epochs_run"]
     assert done < 20 and summary["converged"] is True
-    assert summary["reason"].startswith("LevenbergMarquardt converged after")
+    assert summary["reason"].startswith("LevenbergMarquardt stopped after")
+    assert summary["reason"].endswith("; converged: at the least-squares minimum")
     assert summary["stop_reason"]
     # 0 and the converged epoch, then the scheduled 200, 300, 400: snapshots + 1 of them.
     params = json.loads((run / "snapshots" / "params.json").read_text())
@@ -213,7 +214,7 @@ def test_early_convergence_fills_the_remaining_snapshots(runner, write_config, t
     assert epochs == [0, done, 200, 300, 400]
     assert len(list((run / "snapshots").glob("*.html"))) == 5
     page = (run / "snapshots" / "epoch-400.html").read_text()
-    assert f"converged at epoch {done}" in page
+    assert f"stopped at epoch {done}" in page
     final = params["snapshots"][1]
     assert all(s["params"] == final["params"] for s in params["snapshots"][2:])
     assert "±" in result.output and "stopped" in result.output

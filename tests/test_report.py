@@ -82,7 +82,7 @@ def test_plot_rebuilds_snapshots_byte_identical_and_changes_nothing_else(run: Pa
         # re-evaluated bit for bit; the stored curve makes the rebuild exact.
         ("configs/damped-oscillator.yaml", ["epochs=40", "dtype=float32"]),
         ("configs/measured-decay.yaml", ["epochs=5"]),
-        # LM converges early and fills the remaining snapshots with a "converged at" note.
+        # LM converges early and fills the remaining snapshots with a "stopped at" note.
         ("configs/nist-misra1a.yaml", ["epochs=500"]),
     ],
 )
@@ -217,6 +217,7 @@ def test_run_still_starting_and_running(run: Path) -> None:
     assert "no snapshot yet" in (run / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_plot_during_training_in_a_real_process(tmp_path: Path) -> None:
     run = tmp_path / "run"
     cmd = [*FITCLI, "train", str(ROOT / "configs/seed.yaml"), "epochs=200000", "snapshots=1000"]
@@ -400,6 +401,7 @@ def test_not_a_run_directory(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "not a fitcli run directory" in res.stderr
 
 
+@pytest.mark.slow
 def test_damaged_run_in_a_real_process(run: Path) -> None:
     damage(run / "snapshots" / "params.json", "truncated")
     res = subprocess.run([*FITCLI, "plot", str(run)], capture_output=True, text=True, timeout=120)

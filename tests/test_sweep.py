@@ -201,7 +201,7 @@ def test_sweep_run_directories_match_fitcli_train(tmp_path):
     assert [r["status"] for r in rows] == ["completed"] * 4
     assert [r["optimizer.lr"] for r in rows] == ["0.01", "0.01", "0.05", "0.05"]
     assert list(rows[0]) == [
-        "index", "optimizer.lr", "seed", "status", "exit_code", "epochs", "final_loss",
+        "index", "optimizer.lr", "seed", "status", "exit_code", "converged", "epochs", "final_loss",
         "theta0", "theta1", "theta2", "time_s", "run_dir",
     ]  # fmt: skip
     for row in rows[1::2]:
@@ -220,6 +220,7 @@ def test_sweep_run_directories_match_fitcli_train(tmp_path):
         assert float(row["theta1"]) == summary["params"]["theta1"]
 
 
+@pytest.mark.slow
 def test_json_output_and_mixed_executors(tmp_path):
     # LBFGS cannot batch: it runs on its own beside the SGD batch, and both are in the JSON.
     res = runner.invoke(
@@ -233,7 +234,7 @@ def test_json_output_and_mixed_executors(tmp_path):
     doc = json.loads(res.stdout)
     assert set(doc) == {"sweep_dir", "runs", "completed", "failed"}
     assert doc["completed"] == 4 and doc["failed"] == 0
-    assert [r["values"] for r in doc["runs"]][1] == {"optimizer.name": "SGD", "seed": "1"}
+    assert [r["values"] for r in doc["runs"]][1] == {"optimizer.name": "SGD", "seed": 1}
     assert all(r["status"] == "completed" and "theta0" in r["params"] for r in doc["runs"])
     lbfgs = doc["runs"][2]
     target = tmp_path / "lbfgs"
@@ -283,6 +284,7 @@ class FlagAfter:
         return self.n < 0
 
 
+@pytest.mark.slow
 def test_interrupt_marks_unfinished_runs_and_resume_finishes_them(tmp_path):
     plan = sw.make_plan(SEED, [*SMALL, "optimizer.name=SGD,LBFGS", "seed=0,1"])
     d = sw.create_sweep(plan, tmp_path, ["fitcli", "sweep"])
@@ -347,6 +349,7 @@ def test_scheduler_without_dask_explains_how_to_install(tmp_path, monkeypatch):
     assert "pip install 'fitcli[dask]'" in res.stderr
 
 
+@pytest.mark.slow
 def test_local_worker_processes_give_the_same_runs(tmp_path):
     args = ["sweep", str(SEED), *SMALL, "optimizer.name=SGD,LBFGS", "seed=0,1"]
     a = runner.invoke(app, [*args, "-o", str(tmp_path / "a"), "--workers", "2"])
@@ -454,6 +457,7 @@ def test_a_fault_in_a_forked_writer_stops_the_sweep_like_one_writer(tmp_path, mo
 # -- rendered runs: what Dask workers send back, and how the client puts it in place ----------
 
 
+@pytest.mark.slow
 def test_rendered_runs_installed_here_equal_a_local_sweep(tmp_path):
     # What Dask workers do (render_task, run_task + render_traces) and the client then
     # (install_rendered), in this process: the run directories must be a local sweep's, and
@@ -500,12 +504,12 @@ def test_install_run_dir_is_all_or_nothing(tmp_path, monkeypatch):
     files = {
         "config.yaml": b"a",
         "snapshots/": None,
-        "snapshots/1.html": b"b",
-        "summary.json": b"{}",
+        "snapshots/epoch-1.html": b"b",
+        "summary.json": b'{"fitcli_run": 1}',
     }
     target = tmp_path / "run"
     store.install_run_dir(target, files)
-    assert (target / "snapshots" / "1.html").read_bytes() == b"b"
+    assert (target / "snapshots" / "epoch-1.html").read_bytes() == b"b"
     calls = []
 
     def interrupted_open(path, mode="r", *args, **kwargs):
@@ -530,7 +534,7 @@ def test_install_run_dir_is_all_or_nothing(tmp_path, monkeypatch):
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep")
-    with pytest.raises(sw.store.RunDirError, match="not a fitcli run directory"):
+    with pytest.raises(sw.store.NotRunDirError, match="not a fitcli run directory"):
         store.install_run_dir(other, files)
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run"]

@@ -6,7 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import CONFIGS
+
+pytestmark = pytest.mark.slow  # each test starts Python processes that import torch
 
 SCRIPT = """
 import json, sys
@@ -15,10 +18,10 @@ from fitcli.experiment import prepare
 from fitcli.train import train
 out = {}
 for name in ["SGD", "Adam", "LBFGS", "RMSprop"]:
-    cfg = load_config(sys.argv[1], ["epochs=50", f"optimizer.name={name}",
-                                    "scheduler={name: StepLR, step_size: 10}"])
+    cfg = load_config(sys.argv[1], ["epochs=20", "data.x.num=50", f"optimizer.name={name}",
+                                    "scheduler={name: StepLR, step_size: 5}"])
     prep = prepare(cfg)
-    train(prep.model, prep.stepper, epochs=50, evaluate_loss=prep.evaluate_loss)
+    train(prep.model, prep.stepper, epochs=20, evaluate_loss=prep.evaluate_loss)
     out[name] = [v.hex() for v in prep.model.values().values()]
 out["real_dynamo"] = type(sys.modules.get("torch._dynamo")).__name__ == "module"
 print(json.dumps(out))

@@ -19,11 +19,11 @@ import typer
 from fitcli import __version__
 from fitcli.errors import STOP_SIGNALS, ExitCode, FitcliError, Interrupted, exit_code_for
 
+# Help text is rich markup: a literal "[" before a letter (`[x, sin(x)]`) is written "\\[", or
+# rich takes it for a tag and drops it. The group's help is the docstring of `_root`.
 app = typer.Typer(
     name="fitcli",
-    help="Fit curves with PyTorch autograd from a YAML experiment.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -60,7 +60,8 @@ def _root(
     """Fit curves with PyTorch autograd from a YAML experiment.
 
     Exit codes: 0 completed, 1 failed (I/O or unexpected), 2 invalid input, 3 diverged,
-    130 interrupted (Ctrl-C), 143 by SIGTERM, 129 by SIGHUP.
+    4 completed but not converged (only with --strict), 130 interrupted (Ctrl-C),
+    143 by SIGTERM, 129 by SIGHUP.
     """
 
 
@@ -146,6 +147,21 @@ class StopFlag:
         return Interrupted(self.signal or "SIGINT")
 
 
+def _complete_keys(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Shell completion of an override: the keys of the schema and of the config file already
+    on the command line, each with its "=" (reads YAML only: no torch, instant)."""
+    if "=" in incomplete:
+        return []
+    from fitcli.config import load_yaml, override_keys, read_config_text
+
+    raw = None
+    config = ctx.params.get("config")
+    if config is not None:
+        with contextlib.suppress(Exception):  # completion never fails; the schema's keys remain
+            raw = load_yaml(read_config_text(config), str(config))
+    return [f"{k}=" for k in override_keys(raw) if k.startswith(incomplete)]
+
+
 ConfigArg = Annotated[
     Path, typer.Argument(help="The experiment's YAML config file.", show_default=False)
 ]
@@ -155,9 +171,17 @@ OverridesArg = Annotated[
         help="Overrides `key.path=value` (values read as YAML), "
         "e.g. optimizer.lr=0.05 epochs=2000.",
         show_default=False,
+        autocompletion=_complete_keys,
     ),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks of unexpected errors.")]
+StrictOpt = Annotated[
+    bool,
+    typer.Option(
+        "--strict",
+        help="Exit 4 when a run completed but did not converge (summary.json converged: false).",
+    ),
+]
 
 
 @app.command()
@@ -208,13 +232,15 @@ def train(
             show_default=False,
         ),
     ] = None,
+    strict: StrictOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Train a model on the experiment's data and write a run directory.
 
     Shows live progress on stderr, then a summary table and the run directory on stdout (or
     only summary.json with --json). Exit 0 completed, 2 invalid input, 3 diverged,
-    130 interrupted (143 SIGTERM, 129 SIGHUP), 1 failed.
+    130 interrupted (143 SIGTERM, 129 SIGHUP), 1 failed; with --strict, 4 completed but not
+    converged.
     """
     from fitcli import console
 
@@ -248,6 +274,7 @@ def train(
             if stop.requested:
                 raise stop.interrupt()
             target = make_run_dir(cfg, out, run_dir, overwrite)
+        from fitcli.errors import strict_exit_code
         from fitcli.experiment import execute
 
         command = ["fitcli", *sys.argv[1:]]
@@ -270,8 +297,9 @@ def train(
             console.print_json(summary)
         else:
             console.summary_table(summary)
-        if summary["exit_code"]:
-            raise typer.Exit(summary["exit_code"])
+        code = strict_exit_code(summary["exit_code"], summary.get("converged"), strict)
+        if code:
+            raise typer.Exit(code)
 
 
 @app.command()
@@ -350,7 +378,7 @@ def plot(
         else:
             target = out if out is not None else Path("compare.html")
             written = report.write_compare(run_dirs, target, plotlyjs=plotlyjs.value)
-        sys.stdout.write(f"{written.page}\n")
+        console.plain_out(f"{written.page}\n")
         if open_page:
             import webbrowser
 
@@ -405,9 +433,10 @@ def sweep(
         typer.Argument(
             help="`key=a,b,c` or `key=range(start, stop[, step])` makes an axis, `key=value` a "
             "fixed override; the sweep is the Cartesian product of the axes. Commas inside "
-            "quotes, (), [] or {} stay in their value: model.basis=[x, sin(x)] or "
-            "'data.target=\"atan2(x, 1)\"' is one value.",
+            "quotes, (), [] or {} stay in their value: model.basis=\\[x, sin(x)] or "
+            "'name=\"sine, v2\"' is one value.",
             show_default=False,
+            autocompletion=_complete_keys,
         ),
     ] = None,
     out: Annotated[
@@ -443,13 +472,15 @@ def sweep(
     plotlyjs: Annotated[
         PlotlyJS, typer.Option("--plotlyjs", help="plotly.js for the runs' pages.")
     ] = PlotlyJS.directory,
+    strict: StrictOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Train every combination of the axes; one run directory each, under one sweep directory.
 
     Runs that differ only in learning rate, seed, noise or starting values train together as
     one batched tensor program. Exit 0 when every run completed, 1 when any did not,
-    2 invalid input, 130 interrupted (143 SIGTERM, 129 SIGHUP).
+    2 invalid input, 130 interrupted (143 SIGTERM, 129 SIGHUP); with --strict, 4 when every
+    run completed but some did not converge.
     """
     from fitcli import console
 
@@ -469,7 +500,7 @@ def sweep(
             rows = None
         if dry_run:
             for line in sw.dry_run_lines(plan):
-                sys.stdout.write(line + "\n")
+                console.plain_out(line + "\n")
             return
         if workers < 0:
             raise sw.SweepError("--workers must be 0 or more")
@@ -486,7 +517,7 @@ def sweep(
                     sw.disconnect(client)
                 raise
             rows = [sw.Row(r) for r in plan.runs]
-        options = sw.Options(workers, scheduler, fail_fast, plotlyjs.value, client)
+        options = sw.Options(workers, scheduler, fail_fast, plotlyjs.value, client, strict=strict)
         label = plan.base.get("name", "sweep") if isinstance(plan.base, dict) else "sweep"
         with StopFlag() as stop, console.SweepProgress(progress.value, len(rows), label) as bar:
             outcome = sw.run_sweep(plan, sweep_dir, rows, options, stop_flag=stop, progress=bar)
@@ -496,7 +527,7 @@ def sweep(
             console.plain_err(
                 f"{outcome.completed} of {len(rows)} runs completed, {outcome.failed} did not"
             )
-            sys.stdout.write(f"{sweep_dir}\n")
+            console.plain_out(f"{sweep_dir}\n")
         if outcome.exit_code:
             raise typer.Exit(outcome.exit_code)
 
@@ -535,7 +566,7 @@ def runs(
             rows = [r for r in rows if r["status"] == status]
         rows = sort_rows(rows, sort)
         if fmt == RunsFormat.csv:
-            sys.stdout.write(render_csv(rows))
+            console.plain_out(render_csv(rows))
         elif fmt == RunsFormat.json:
             sys.stdout.write(render_json(rows))
         else:
@@ -548,7 +579,9 @@ _IN_MAIN = False  # set by `main`: this is the fitcli process, not a caller of `
 def main() -> None:
     global _IN_MAIN
     _IN_MAIN = True
-    app()
+    # One program name however it is started (`fitcli`, `python -m fitcli.cli`): the usage
+    # lines, and the variable the shell completion scripts set (_FITCLI_COMPLETE).
+    app(prog_name="fitcli")
 
 
 if __name__ == "__main__":

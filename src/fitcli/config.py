@@ -32,6 +32,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from fitcli.errors import ConfigError, ExpressionError
+from fitcli.expr import CONSTANT_MEANINGS
 
 MAX_FILE_BYTES = 1024 * 1024
 MAX_DEPTH = 50
@@ -581,7 +582,16 @@ class ModelSpec(_Section):
                     (("expr",), "has no parameters to fit; use names other than x, pi and e")
                 )
             for key in params if isinstance(params, dict) else ():
-                if key not in names:
+                if key in CONSTANT_MEANINGS:  # `e` and `pi` in an expression are the constants
+                    problems.append(
+                        (
+                            ("params", key),
+                            f"{key!r} is {CONSTANT_MEANINGS[key]} in expressions, not a "
+                            f"parameter; name the parameter otherwise (e.g. {key}0) in "
+                            "model.expr and model.params",
+                        )
+                    )
+                elif key not in names:
                     problems.append(
                         (
                             ("params", key),
@@ -988,6 +998,35 @@ def apply_overrides(raw: dict, overrides: Sequence[str], source: str | None = No
     absent or null section creates it.
     """
     return _apply(raw, overrides, source)[0]
+
+
+def override_keys(raw: Any = None) -> list[str]:
+    """Every `key.path` an override can set (for shell completion): the schema's keys and those
+    of the config mapping `raw` (keyword arguments, parameters, also those only in model.expr),
+    values only, not sections; in schema order, then the file's."""
+    keys: dict[str, None] = {}
+    root = raw if isinstance(raw, dict) else {}
+    model = root.get("model")
+    expr = model.get("expr") if isinstance(model, dict) else None
+    try:
+        expr_params = list(_parse(expr, allow_params=True).params) if isinstance(expr, str) else []
+    except ExpressionError:
+        expr_params = []
+
+    def walk(path: tuple[str, ...], node: Any) -> None:
+        _, fields, _ = _section(path)
+        own = [k for k in node if isinstance(k, str)] if isinstance(node, dict) else []
+        if path == ("model", "params"):
+            own += expr_params
+        for key in dict.fromkeys([*fields, *own]):
+            child = (*path, key)
+            if not _section(child)[0] or path == ("model", "params"):  # `model.params.a=2` too
+                keys[_dotted(child)] = None
+            if _section(child)[0]:
+                walk(child, node.get(key) if isinstance(node, dict) else None)
+
+    walk((), root)
+    return [k for k in keys if _KEY.match(k)]
 
 
 # --------------------------------------------------------------------------------------------

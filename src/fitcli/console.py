@@ -3,8 +3,10 @@ summary table and run directory (stdout), which `--json` replaces."""
 
 from __future__ import annotations
 
+import re
 import sys
 import time
+import unicodedata
 from typing import Any
 
 from rich.console import Console
@@ -13,21 +15,85 @@ from rich.markup import escape
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 stdout = Console(highlight=False, soft_wrap=True)
 
+# What a terminal may act on instead of showing: C0/C1 controls (ESC starts the sequences that
+# clear the screen, retitle the window or write the clipboard), format characters (bidi
+# overrides), line and paragraph separators, and lone surrogates (undecodable file names).
+_UNSAFE = frozenset(("Cc", "Cf", "Zl", "Zp", "Cs"))
+# What follows a backslash that must be doubled to stay a backslash when read back.
+_ESCAPE_NEXT = re.compile(r"\\|x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}")
+
+
+def _escaped(c: str) -> str:
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def printable(text: str, *, allow: str = "") -> str:
+    """`text` with every character a terminal could act on written as an escape (`\\x1b`,
+    `\\u2028`); the characters in `allow` (a newline, for messages) are kept.
+
+    Readable back unambiguously: a backslash is doubled only where it would otherwise read as
+    the start of such an escape (or as `\\\\`), so ordinary text and most Windows paths show as
+    they are.
+    """
+    if text.isprintable() and "\\" not in text:
+        return text  # the common case, at C speed
+    out = []
+    for i, c in enumerate(text):
+        if c == "\\":
+            nxt = text[i + 1 : i + 10]
+            doubled = nxt and (_ESCAPE_NEXT.match(nxt) or _unsafe(nxt[0], allow))
+            out.append("\\\\" if doubled else c)
+        elif _unsafe(c, allow):
+            out.append(_escaped(c))
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def _unsafe(c: str, allow: str) -> bool:
+    return c not in allow and unicodedata.category(c) in _UNSAFE
+
+
+def _markup(text: str) -> str:
+    """`text` for a place rich reads as markup (a progress column), shown literally."""
+    return escape(printable(text))
+
+
+def _literal(text: Any) -> Any:
+    """A table cell or label as rich text shown literally: no markup, no control characters."""
+    from rich.text import Text
+
+    return Text(printable(str(text)))
+
 
 def error(message: str) -> None:
     """A one-paragraph error on stderr, no traceback."""
     # escape: a message quoting `[x, sin(x)]` or `fitcli[dask]` must not be read as markup
     stderr.print(
-        f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, emoji=False
+        f"[bold red]error:[/] {escape(printable(message, allow=chr(10)))}",
+        markup=True,
+        highlight=False,
+        emoji=False,
     )
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]warning:[/] {escape(message)}", markup=True, emoji=False)
+    stderr.print(
+        f"[yellow]warning:[/] {escape(printable(message, allow=chr(10)))}",
+        markup=True,
+        emoji=False,
+    )
 
 
 def plain_err(message: str) -> None:
-    stderr.print(message, markup=False, emoji=False)
+    stderr.print(printable(message, allow="\n"), markup=False, emoji=False)
+
+
+def plain_out(text: str) -> None:
+    """Text for stdout as it is (lines of a listing, a path), control characters escaped."""
+    sys.stdout.write(printable(text, allow="\n"))
+    sys.stdout.flush()
 
 
 def _rich_bar(*fields: str) -> Any:
@@ -81,7 +147,7 @@ class Progress:
             self._progress = _rich_bar("loss {task.fields[loss]}", "{task.fields[rate]}")
             self._progress.__enter__()
             self._task = self._progress.add_task(
-                self.label, total=self.total, loss="-", rate="", completed=self.start_epoch
+                _markup(self.label), total=self.total, loss="-", rate="", completed=self.start_epoch
             )
             # Pull the latest values right before each render instead of on every epoch.
             live = self._progress.live
@@ -137,7 +203,7 @@ def summary_table(summary: dict) -> None:
     status = summary["status"]
     colour = {"completed": "green", "diverged": "red", "interrupted": "yellow"}.get(status, "red")
     table = Table(
-        title=f"{summary['name']}: [{colour}]{status}[/]",
+        title=f"{_markup(summary['name'])}: [{colour}]{status}[/]",
         title_justify="left",
         show_edge=False,
         pad_edge=False,
@@ -168,7 +234,7 @@ def summary_table(summary: dict) -> None:
             t, d = truth.get(name), distance.get(name)
             row.append(f"{t:.8g}" if t is not None else "-")
             row.append(f"{d:+.2f}" if d is not None else "-")
-        table.add_row(*row)
+        table.add_row(*map(_literal, row))
     stdout.print(table, markup=True)
     loss = summary.get("final_loss")
     lines = [
@@ -189,12 +255,14 @@ def summary_table(summary: dict) -> None:
         lines.append(fit + f"  ({summary['n_points']} points, {summary['n_params']} free)")
     unc = summary.get("uncertainty")
     if unc and unc.get("status") != "ok":
-        lines.append(f"error bars  {unc['status']}: {unc.get('reason', '')}")
+        why = unc.get("reason", "")
+        told = why and why in (summary.get("reason") or "")  # the stopped line says why
+        lines.append(f"error bars  {unc['status']}" + ("" if told else f": {why}"))
     if summary.get("reason"):
         lines.append(f"stopped     {summary['reason']}")
     lines.append(f"run dir     {summary['run_dir']}")
     for line in lines:
-        stdout.print(line, markup=False, highlight=False, emoji=False)
+        stdout.print(printable(line), markup=False, highlight=False, emoji=False)
 
 
 def print_json(obj: Any) -> None:
@@ -222,7 +290,7 @@ class SweepProgress:
         if self.mode == "rich":
             self._progress = _rich_bar("runs, {task.fields[failed]} not completed")
             self._progress.__enter__()
-            self._task = self._progress.add_task(self.label, total=self.total, failed=0)
+            self._task = self._progress.add_task(_markup(self.label), total=self.total, failed=0)
         elif self.mode == "plain":
             plain_err(f"{self.label}: {self.total} runs")
             self._next_plain = time.perf_counter() + self.plain_every
@@ -259,8 +327,14 @@ def runs_table(rows: list[dict], columns: list[str]) -> None:
     for col in columns:
         table.add_column(col, justify="right" if col in right else "left")
     for row in rows:
-        table.add_row(*(str(row.get(c, "")) for c in columns))
-    stdout.print(table, markup=False, highlight=False, emoji=False)
+        table.add_row(*(_literal(row.get(c, "")) for c in columns))
+    out = stdout
+    if not stdout.is_terminal:  # a pipe or a file: whole values, however long the lines get
+        from rich.measure import Measurement
+
+        wide = Measurement.get(stdout, stdout.options.update(max_width=10**6), table).maximum
+        out = Console(width=wide, highlight=False, soft_wrap=True)
+    out.print(table, markup=False, highlight=False, emoji=False)
 
 
 def graph_tree(graph: Any) -> None:
@@ -275,13 +349,13 @@ def graph_tree(graph: Any) -> None:
     def label(nid: int, ref: bool = False) -> Text:
         node = graph.nodes[nid]
         t = Text(f"#{nid} ", style="dim")
-        t.append(node.label, style=styles.get(node.kind, ""))
+        t.append(printable(node.label), style=styles.get(node.kind, ""))
         if ref:
             t.append(f"  -> see #{nid} above", style="dim italic")
             return t
         t.append(marks.get(node.kind, ""), style=styles.get(node.kind, ""))
         if node.detail:
-            t.append(f"  ({node.detail})", style="dim")
+            t.append(f"  ({printable(node.detail)})", style="dim")
         return t
 
     shown: set[int] = set()

@@ -12,6 +12,7 @@ class ExitCode(IntEnum):
     FAILED = 1
     INVALID_INPUT = 2
     DIVERGED = 3
+    NOT_CONVERGED = 4  # with --strict: completed, but the fit did not converge
     HANGUP = 129  # 128 + SIGHUP: the terminal or session went away
     INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C
     TERMINATED = 143  # 128 + SIGTERM: a batch scheduler, `timeout`, `kill`
@@ -46,6 +47,15 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signal: str = "SIGINT") -> None:
         super().__init__(signal)
         self.signal = signal
+
+
+def strict_exit_code(code: int, converged: bool | None, strict: bool) -> int:
+    """The exit code of a command whose runs ended with `code` (exit_code_for): with `strict`,
+    runs that all completed (code 0) but did not all converge (`converged` False) exit
+    NOT_CONVERGED (4), so that a script can tell a fit that is not at its minimum."""
+    if strict and code == ExitCode.COMPLETED and converged is False:
+        return int(ExitCode.NOT_CONVERGED)
+    return int(code)
 
 
 class FitcliError(Exception):
@@ -103,5 +113,20 @@ class RunDirError(FitcliError):
     """The run directory cannot be created or written (exit 1)."""
 
 
+class RunDirExistsError(RunDirError, InputError):
+    """The exact --run-dir asked for already exists (a usage error, exit 2)."""
+
+    exit_code = ExitCode.INVALID_INPUT
+
+
 class ResumeError(InputError):
     """A run directory cannot be resumed (exit 2)."""
+
+
+class RunFileError(InputError):
+    """A file of a run directory is missing, truncated, garbled or not a regular file (exit 2)."""
+
+
+class NotRunDirError(InputError):
+    """An existing folder is not a fitcli run directory holding only fitcli's files, so it is
+    never replaced, even with --overwrite (exit 2)."""

@@ -24,7 +24,7 @@ import contextlib
 import operator
 
 from fitcli import __version__, liveness, optim, store
-from fitcli.data import Dataset, make_dataset, seed_streams
+from fitcli.data import Dataset, check_dtype_range, make_dataset, seed_streams
 from fitcli.errors import (
     ConfigError,
     DeviceError,
@@ -36,7 +36,7 @@ from fitcli.errors import (
 from fitcli.model import FitModel, build_model, check_finite_start
 from fitcli.train import LOSSES, TorchStepper, TrainResult, snapshot_epochs, train
 
-FIT_GRID = 1000  # points on which the fitted curve is drawn
+FIT_GRID = store.FIT_GRID  # points on which the fitted curve is drawn
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -89,6 +89,7 @@ def prepare(cfg: Any) -> Prepared:
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     seeds = seed_streams(cfg.seed)
     dataset = make_dataset(cfg)
+    check_dtype_range(dataset, cfg.dtype)
     x = torch.as_tensor(dataset.x, dtype=dtype).to(device)
     y_obs = torch.as_tensor(dataset.y, dtype=dtype).to(device)
     weights = None
@@ -155,9 +156,8 @@ def resolved_config_text(cfg: Any, device: torch.device, command: list[str]) -> 
     head = [
         "# Resolved config of this run: `fitcli train config.yaml` reruns it.",
         f"# fitcli {v['fitcli_version']}, torch {v['torch_version']}, Python {v['python_version']}",
-        "# command: " + " ".join(command).replace("\n", " "),
     ]
-    return "\n".join(head) + "\n" + dump_yaml(d)
+    return "\n".join(head) + "\n" + store.command_comment(command) + dump_yaml(d)
 
 
 class RunWriter:
@@ -192,12 +192,14 @@ class RunWriter:
             self.obs = tuple(None if a is None else a[order] for a in self.obs)
         self.history = None  # set by execute; saved in state.json with every snapshot
 
-    def resume(self, cfg_text: str | None, summary: dict, epoch: int) -> None:
-        """Continue this run directory from `epoch`: snapshots past it go, the summary says so."""
+    def resume(self, cfg_text: str | None, summary: dict, point: Any) -> None:
+        """Continue this run directory from `point` (a `state.ResumePoint`): snapshots past its
+        epoch go, the summary says so."""
         from fitcli.state import tidy_snapshots
 
         self.snap_dir.mkdir(exist_ok=True)
-        self.snapshots = tidy_snapshots(self.run_dir, epoch)
+        tidy_snapshots(self.run_dir, point.epoch)
+        self.snapshots = list(point.snapshots)
         if cfg_text is not None:  # resumed with overrides: config.yaml is the config now
             store.atomic_write(self.run_dir / store.CONFIG, cfg_text)
         if self.plotlyjs == "directory":
@@ -340,6 +342,7 @@ class RunWriter:
 def base_summary(prep: Prepared, run_dir: Path, command: list[str]) -> dict:
     cfg = prep.cfg
     return {
+        store.RUN_MARKER: store.RUN_SCHEMA,  # what marks a fitcli run directory (store.py)
         **versions(),
         "run_dir": str(run_dir),
         "name": cfg.name,
@@ -355,6 +358,8 @@ def base_summary(prep: Prepared, run_dir: Path, command: list[str]) -> dict:
         "dtype": cfg.dtype,
         "seed": cfg.seed,
         "n_points": prep.dataset.n,
+        # What resume compares a data file with (a file edited since cannot be resumed).
+        **({"data_digest": prep.dataset.digest} if prep.dataset.digest else {}),
         "elapsed_s": 0.0,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": command,
@@ -381,6 +386,7 @@ def execute(
     `stopped_by` names the signal that made `on_epoch` stop the run (SIGINT, SIGTERM, SIGHUP;
     None when none did, e.g. --fail-fast): the summary records it and exits by it.
     """
+    from fitcli.stats import verdict
     from fitcli.train import History
 
     command = command if command is not None else sys.argv
@@ -399,7 +405,7 @@ def execute(
             writer.begin(resolved_config_text(cfg, prep.device, command), summary)
         else:
             text = resolved_config_text(cfg, prep.device, command) if resume.overrides else None
-            writer.resume(text, summary, start_epoch)
+            writer.resume(text, summary, resume)
         result = train(
             prep.model,
             prep.stepper,
@@ -433,11 +439,15 @@ def execute(
         if prep.lm:
             summary.update(prep.stepper.summary_fields())
         summary.update(finish_stats(prep, result))
+        summary.update(
+            verdict(summary["status"], summary["reason"], result.epochs_run, summary["uncertainty"])
+        )
         store.write_json(run_dir / store.SUMMARY, summary)
     except BaseException as exc:
         summary.update(
             status="failed",
             exit_code=int(ExitCode.FAILED),
+            converged=False,
             params=prep.model.values(),
             elapsed_s=time.perf_counter() - t0,
             reason=str(exc) or type(exc).__name__,
@@ -467,9 +477,10 @@ def _interruption(signal: str | None, when: str) -> dict:
 
 
 def fill_converged_snapshots(writer: RunWriter, prep: Prepared, result: TrainResult) -> None:
-    """LM stopped early, converged: the scheduled snapshots it did not reach show the converged
-    fit, so that a run still has `snapshots + 1` of them (the converged one takes the place of
-    the next scheduled one when it is not itself scheduled)."""
+    """LM stopped early by itself: the scheduled snapshots it did not reach show the final fit,
+    so that a run still has `snapshots + 1` of them (the final one takes the place of the next
+    scheduled one when it is not itself scheduled). Their note says "stopped", not "converged":
+    whether the fit converged is decided afterwards, with the error bars (`stats.verdict`)."""
     stepper, cfg = prep.stepper, prep.cfg
     done = result.epochs_run
     if result.status != "completed" or stepper.failure or not stepper.converged:
@@ -481,7 +492,7 @@ def fill_converged_snapshots(writer: RunWriter, prep: Prepared, result: TrainRes
     history, writer.history = writer.history, None  # state.json stays at the real last epoch
     try:
         for epoch in later:
-            writer.snapshot(epoch, result.final_loss, note=f"converged at epoch {done}")
+            writer.snapshot(epoch, result.final_loss, note=f"stopped at epoch {done}")
     finally:
         writer.history = history
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONSTANTS",
+    "CONSTANT_MEANINGS",
     "FUNCTIONS",
     "FUNCTION_NAMES",
     "MAX_DEPTH",
@@ -74,6 +75,10 @@ FUNCTION_NAMES: frozenset[str] = frozenset(_TORCH_NAMES)
 """Names callable in an expression; known without importing torch."""
 
 CONSTANTS: dict[str, float] = {"pi": math.pi, "e": math.e}
+CONSTANT_MEANINGS: dict[str, str] = {
+    "pi": "the constant pi (3.14159...)",
+    "e": "Euler's number (2.71828...)",
+}
 
 _ALLOWED_FUNCTIONS = ", ".join(sorted(FUNCTION_NAMES))
 _ALLOWED_OPERATORS = "+ - * / **"

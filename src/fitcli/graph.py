@@ -220,8 +220,9 @@ def write_html(graph: Graph, path: Path, *, plotlyjs: str = "embed", title: str 
     """The graph as an interactive plotly page at `path`."""
     from fitcli import plots, store
 
-    fig = plots.graph_figure(graph, layers(graph), title=title or "autograd graph of the loss")
     path = Path(path)
+    store.check_output_file(path, "--html")
+    fig = plots.graph_figure(graph, layers(graph), title=title or "autograd graph of the loss")
     if plotlyjs == "directory":
         store.copy_plotly_js(path.parent)
     page = plots.to_html(fig, plotlyjs, title=title or "fitcli graph", div_id="fitcli-graph")

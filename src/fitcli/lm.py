@@ -44,6 +44,13 @@ MAX_DAMPING = 1e16
 # Fits of up to this many rows on the CPU keep their Jacobian for the guard (`_normal_equations`).
 SMALL_ROWS = 1024
 MIN_DAMPING = 1e-300
+# An eigenvalue of the unit-diagonal (column-scaled) J^T J below this, relative to the largest,
+# is taken as zero: past a condition number of 1e13 the float64 inverse of J^T J keeps fewer than
+# three correct digits. A stop at such a point restarts once (`_leave_singular_point`), and the
+# error bars call it singular (`fitcli.stats`).
+SINGULAR_RCOND = 1e-13
+# Stops that no restart can improve on: nothing to evaluate, or nothing left to fit.
+_FINAL_STOPS = ("non-finite", "exact fit")
 # Rows per chunk are sized so that one chunk's Jacobian is about this many bytes. On the CPU a
 # small working set matters more than few chunks: at 4 MB every temporary of a chunk stays in
 # cache and the allocator reuses its blocks, where 64 MB chunks page-fault fresh memory for each
@@ -530,7 +537,9 @@ class LevenbergMarquardt:
     converged after ``restart_after`` iterations (None: never), or whose cost falls by a steady
     trickle before that (see `_stalled`), restarts once from theta0 with the trust region and no
     curvature guard: the damped iteration can crawl for thousands of iterations along a curved
-    valley (NIST MGH10, start 1) that MINPACK's long steps jump.
+    valley (NIST MGH10, start 1) that MINPACK's long steps jump. A fit that stops where the
+    column-scaled J^T J is singular restarts once, with the trust region, from a point moved
+    along its null space, and keeps the lower of the two ends (`_leave_singular_point`).
 
     ``max_accel_ratio`` (None to disable) bounds the geodesic-acceleration ratio of steps that
     change some parameter by more than 10%, see `step`. ``theta0`` may be float32 or float64 on
@@ -589,6 +598,10 @@ class LevenbergMarquardt:
         self.polish_norm: float | None = None
         # The cost every STALL_WINDOW iterations (the last three), for the stall restart.
         self.cost_marks: list[float] = []
+        # The singular-point restart (`_leave_singular_point`): where it began (theta, cost,
+        # reason) while it runs, and whether it has been tried (once per fit).
+        self.singular_from: dict[str, Any] | None = None
+        self.singular_restarted = False
         self._jtj: np.ndarray | None = None
         self._jtr: np.ndarray | None = None
         self._pending: tuple | None = None
@@ -625,14 +638,7 @@ class LevenbergMarquardt:
             # valley under damping. Start over from theta0 with Moré's trust region and without
             # the curvature guard, whose long first steps jump the valley (MGH10 from NIST's
             # start 1, as MINPACK does).
-            self.trust_region = True
-            self.max_accel_ratio = None
-            self.radius = None
-            self.restart_after = None
-            self.theta = self.theta0.clone()
-            self.scale2 = None
-            self._jtj = self._jtr = self._pending = self._kept = None
-            self.nu = 2.0
+            self._restart_trust_region(self.theta0.clone())
             if not self._linearize():
                 return self._result(accepted=False)
         self.n_iter += 1
@@ -665,7 +671,7 @@ class LevenbergMarquardt:
             step_norm > POLISH_CONTRACTION * self.polish_norm
             or step_norm <= self.xtol * (self.xtol + theta_norm)
         ):
-            return self._stop("converged: Gauss-Newton steps have reached rounding level", False)
+            return self._stop("Gauss-Newton steps have reached rounding level", False)
         if not polishing and self.max_accel_ratio is not None and self._large_step(delta, theta64):
             # Curvature guard: the geodesic acceleration a (Transtrum & Sethna 2012) is the
             # second-order correction to the step along the model's curvature. A large step whose
@@ -891,10 +897,104 @@ class LevenbergMarquardt:
             return False
         return True
 
+    def _restart_trust_region(self, theta: torch.Tensor) -> None:
+        """Continue from theta with Moré's trust region, no curvature guard and no further stall
+        restart, the damping and scaling started afresh (the restarts of `_step` and `_stop`)."""
+        self.trust_region = True
+        self.max_accel_ratio = None
+        self.radius = None
+        self.restart_after = None
+        self.theta = theta
+        self.scale2 = None
+        self.polish_norm = None
+        self._jtj = self._jtr = self._pending = self._kept = None
+        self.nu = 2.0
+
     def _stop(self, reason: str, accepted: bool) -> LMStep:
+        """Stop with `reason`; but at a singular point (J^T J rank deficient, see
+        `_leave_singular_point`), first restart once from a perturbation along its null space,
+        and of the two ends keep the lower cost."""
+        if self.singular_from is None and not self.singular_restarted:
+            if not reason.startswith(_FINAL_STOPS) and self._leave_singular_point(reason):
+                return self._result(accepted)
+        elif self.singular_from is not None:
+            start = self.singular_from
+            self.singular_from = None
+            if self.cost is not None and self.cost < start["cost"]:
+                reason = f"{reason}, after a restart that left a singular point"
+            else:
+                # The restart ended no lower: back to where it began.
+                ref = self.theta
+                self.theta = torch.tensor(start["theta"], dtype=ref.dtype, device=ref.device)
+                self.theta = self.theta.reshape(ref.shape)
+                self.cost = start["cost"]
+                reason = (
+                    f"{start['reason']}; a restart along the null space of J^T J ended no lower"
+                )
+                self._jtj = self._jtr = self._pending = self._kept = None
         self.converged = True
         self.reason = reason
         return self._result(accepted)
+
+    def _leave_singular_point(self, reason: str) -> bool:
+        """At a stop where the column-scaled J^T J is singular (an eigenvalue below
+        SINGULAR_RCOND of the largest), restart with the trust region from theta moved along
+        the sum of its null vectors by 1% of |D theta| (0.1%, 0.01% if that point's residuals
+        are not finite); False, changing nothing, where J^T J is regular or no such point is.
+
+        Such a point is typically a saddle that the exact Jacobian cannot leave: two terms of
+        the same form that have met (``a*log(x + 1 + b) + c*log(x + 1 + d)`` at a = c, b = d)
+        keep meeting, since the gradient has no component that tells them apart. MINPACK's
+        finite-difference Jacobian breaks that symmetry by its rounding; the perturbation
+        breaks it on purpose. Where the model itself cannot tell the parameters apart
+        (a duplicated basis column) the restart ends at the same cost and `_stop` keeps the
+        first end.
+        """
+        if self._jtj is not None:
+            jtj = self._jtj
+        elif self._pending is not None:  # the equations at theta, built when it was a trial
+            jtj = self._pending[0]
+        else:
+            jtj = self._equations(self.theta)[0]
+            self.n_jev += 1
+        if not np.isfinite(jtj).all():
+            return False
+        diag = np.diagonal(jtj)
+        d = np.sqrt(np.where(diag > 0, diag, 1.0))
+        evals, evecs = np.linalg.eigh(jtj / d[:, None] / d[None, :])
+        top = float(evals.max())
+        small = evals <= SINGULAR_RCOND * top if top > 0 else np.ones_like(evals, dtype=bool)
+        if not small.any():
+            return False
+        v = evecs[:, small].sum(axis=1)
+        v = v / np.linalg.norm(v)
+        theta64 = self.theta.detach().cpu().numpy().astype(np.float64).reshape(-1)
+        size = float(np.linalg.norm(d * theta64)) or 1.0
+        for frac in (1e-2, 1e-3, 1e-4):
+            moved = theta64 + frac * size * v / d
+            trial = torch.from_numpy(moved).to(self.theta.device, self.theta.dtype)
+            trial = trial.reshape(self.theta.shape)
+            if self.host is not None:
+                rss = self._host_rss(moved)
+            else:
+                rss = residual_sum_of_squares(
+                    self.fn, trial, self.x, self.y, self.weights, self.chunk_size
+                )
+            self.n_fev += 1
+            if math.isfinite(rss):
+                break
+        else:
+            return False
+        self.singular_from = {
+            "theta": [float(t) for t in theta64],
+            "cost": self.cost,
+            "reason": reason,
+        }
+        self.singular_restarted = True
+        # self.cost stays the cost at the singular point until the next step linearizes at the
+        # new theta: it is the cost of the parameters this iteration began from.
+        self._restart_trust_region(trial)
+        return True
 
     def _result(self, accepted: bool) -> LMStep:
         cost = self.cost if self.cost is not None else math.nan
@@ -932,6 +1032,8 @@ class LevenbergMarquardt:
             "radius": self.radius,
             "trust_region": self.trust_region,
             "restart_after": self.restart_after,
+            "singular_from": self.singular_from,
+            "singular_restarted": self.singular_restarted,
             "max_accel_ratio": self.max_accel_ratio,
             "theta0": [float(v) for v in self.theta0.detach().cpu().reshape(-1).tolist()],
             "ftol": self.ftol,
@@ -960,6 +1062,8 @@ class LevenbergMarquardt:
         self.radius = state.get("radius")
         self.trust_region = bool(state.get("trust_region", self.trust_region))
         self.restart_after = state.get("restart_after", self.restart_after)
+        self.singular_from = state.get("singular_from")
+        self.singular_restarted = bool(state.get("singular_restarted", False))
         self.max_accel_ratio = state.get("max_accel_ratio", self.max_accel_ratio)
         if state.get("theta0") is not None:
             self.theta0 = torch.tensor(state["theta0"], dtype=ref.dtype, device=ref.device).reshape(

@@ -132,9 +132,9 @@ class LMStepper:
                 self.failure = f"{NAME} cannot continue: {result.reason}"
                 self.converged = self.failure
             else:
-                self.converged = f"{NAME} converged after {self.lm.n_iter} iterations: " + (
-                    result.reason or ""
-                )
+                # Whether this is a minimum is the error bars' to say (`stats.verdict`).
+                n = self.lm.n_iter
+                self.converged = f"{NAME} stopped after {n} iterations ({result.reason})"
         # mse-equivalent: mean of the squared (weighted) residuals, cost = 0.5 * sum(r**2).
         return torch.tensor(2.0 * result.cost_before / self.n, dtype=torch.float64)
 
@@ -142,10 +142,10 @@ class LMStepper:
         return float("nan")
 
     def summary_fields(self) -> dict[str, Any]:
-        """What summary.json records about how LM ended; a failure makes the run `failed`."""
+        """What summary.json records about how LM ended; a failure makes the run `failed`.
+        (Whether it converged is decided with the error bars, by `stats.verdict`.)"""
         lm = self.lm
         out: dict[str, Any] = {
-            "converged": self.converged is not None and self.failure is None,
             "stop_reason": self.stop_reason,
             "lm_iterations": lm.n_iter,
             "lm_evaluations": {"model": lm.n_fev, "jacobian": lm.n_jev},

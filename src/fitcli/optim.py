@@ -50,7 +50,11 @@ def scheduler_classes() -> dict[str, type]:
     return classes
 
 
-def _lookup(name: Any, classes: dict[str, type], key: str) -> tuple[str, type]:
+def _lookup(
+    name: Any, classes: dict[str, type], key: str, also: tuple[str, ...] = ()
+) -> tuple[str, type]:
+    """The class named `name` (any case); else a ConfigError suggesting the nearest of `classes`
+    and `also` (names handled before the lookup, such as LM_NAMES)."""
     if not isinstance(name, str):
         raise ConfigError(f"{key}.name: must be a class name (got {name!r})")
     if name in classes:
@@ -59,7 +63,7 @@ def _lookup(name: Any, classes: dict[str, type], key: str) -> tuple[str, type]:
     if name.lower() in folded:
         real = folded[name.lower()]
         return real, classes[real]
-    valid = sorted(classes)
+    valid = sorted([*classes, *also])
     close = difflib.get_close_matches(name, valid, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ConfigError(f"{key}.name: unknown {key} {name!r}{hint} (valid: {', '.join(valid)})")
@@ -211,7 +215,7 @@ def validate(cfg) -> list[str]:
         problems += lm_optim.validate(cfg, kwargs)
     else:
         try:
-            _, cls = _lookup(name, optimizer_classes(), "optimizer")
+            _, cls = _lookup(name, optimizer_classes(), "optimizer", LM_NAMES)
             problems += _check_kwargs(cls, kwargs, "optimizer", {"self", "params"})
         except ConfigError as exc:
             problems += exc.problems

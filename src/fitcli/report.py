@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import math
 import os
 import re
@@ -27,16 +26,15 @@ from typing import Any
 import numpy as np
 
 from fitcli import liveness, plots, store
-from fitcli.errors import InputError
+from fitcli.errors import RunFileError
 
 STATUSES = ("running", "completed", "diverged", "interrupted", "failed")
-REPORT = "report.html"
-_PAGE = re.compile(r"^epoch-[0-9]+\.html$")
-_FIT = re.compile(r"^epoch-[0-9]+\.csv$")
-
-
-class RunFileError(InputError):
-    """A file of a run directory is missing, truncated or garbled (exit 2); names the file."""
+REPORT = store.REPORT
+_PAGE = re.compile(r"^epoch-([0-9]+)\.html$")
+_FIT = re.compile(r"^epoch-([0-9]+)\.csv$")
+# Snapshots a report draws at most: a run's schedule has at most 1001 (snapshots <= 1000), each
+# resume with more epochs adds its own; more than this is not a list fitcli wrote.
+MAX_SNAPSHOTS = 10_000
 
 
 @dataclass
@@ -50,7 +48,7 @@ class Snapshot:
     fit_file: str
     x_fit: np.ndarray
     y_fit: np.ndarray
-    note: str | None = None  # e.g. "converged at epoch 37" on snapshots LM filled in
+    note: str | None = None  # e.g. "stopped at epoch 37" on snapshots LM filled in
 
 
 @dataclass
@@ -114,42 +112,21 @@ def _rel(run_dir: Path, path: Path) -> str:
         return str(path)
 
 
-def _read_text(run_dir: Path, rel: str) -> str:
-    path = run_dir / rel
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise RunFileError(f"{path}: missing from the run directory") from None
-    except IsADirectoryError:
-        raise RunFileError(f"{path}: is a directory, expected a file") from None
-    except OSError as exc:
-        raise RunFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RunFileError(
-            f"{path}: garbled (not UTF-8 text at byte {exc.start}); it cannot be read"
-        ) from None
+def _read_text(run_dir: Path, rel: str, limit: int | None = None) -> str:
+    return store.read_run_text(run_dir, rel, limit=limit)
 
 
 def _read_json(run_dir: Path, rel: str) -> Any:
-    text = _read_text(run_dir, rel)
-    if not text.strip():
-        raise RunFileError(f"{run_dir / rel}: empty (truncated?)")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RunFileError(
-            f"{run_dir / rel}: not valid JSON (truncated or garbled?): {exc.msg} at line "
-            f"{exc.lineno}, column {exc.colno}"
-        ) from None
+    return store.read_run_json(run_dir, rel)
 
 
-def _read_csv(run_dir: Path, rel: str, *, header: list[str] | None = None) -> dict[str, np.ndarray]:
+def _read_csv(
+    run_dir: Path, rel: str, *, header: list[str] | None = None, limit: int | None = None
+) -> dict[str, np.ndarray]:
     """A numeric CSV with a header row, as columns. Every row must be complete and the file
     must end with a newline (the writers always end one), which catches truncation."""
     path = run_dir / rel
-    text = _read_text(run_dir, rel)
+    text = _read_text(run_dir, rel, limit)
     if not text:
         raise RunFileError(f"{path}: empty (truncated?)")
     if not text.endswith("\n"):
@@ -231,13 +208,23 @@ def _check_config(run_dir: Path, summary: dict) -> tuple[str, Any]:
     return text, cfg
 
 
-def _check_snapshots(run_dir: Path, raw: Any, names: list[str]) -> tuple[list[str], list[dict]]:
+def _check_snapshots(
+    run_dir: Path, raw: Any, names: list[str], run_epochs: int
+) -> tuple[list[str], list[dict]]:
+    """The snapshot list, each entry naming its own epoch's page and curve (epoch-N, N its
+    epoch, at most the run's `run_epochs`), at most MAX_SNAPSHOTS of them: what it makes the report
+    draw is bounded by what the run could have written."""
     path = run_dir / store.SNAPSHOT_PARAMS
     bad = f"{path}: garbled"
     if not isinstance(raw, dict) or not isinstance(raw.get("names"), list):
         raise RunFileError(f"{bad} (expected an object with 'names' and 'snapshots')")
     if not isinstance(raw.get("snapshots"), list):
         raise RunFileError(f"{bad} (no 'snapshots' list)")
+    if len(raw["snapshots"]) > MAX_SNAPSHOTS:
+        raise RunFileError(
+            f"{bad} ({len(raw['snapshots'])} snapshots, more than the {MAX_SNAPSHOTS} a fitcli "
+            "run writes)"
+        )
     got = raw["names"]
     if got != names:
         raise RunFileError(
@@ -251,6 +238,8 @@ def _check_snapshots(run_dir: Path, raw: Any, names: list[str]) -> tuple[list[st
         epoch, loss, params, file = e.get("epoch"), e.get("loss"), e.get("params"), e.get("file")
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise RunFileError(f"{where}: epoch {epoch!r} is not a whole number)")
+        if epoch > run_epochs:
+            raise RunFileError(f"{where}: epoch {epoch} is past the run's {run_epochs} epochs)")
         if loss is not None and not isinstance(loss, int | float):
             raise RunFileError(f"{where}: loss {_short(str(loss))} is not a number)")
         if not isinstance(params, dict) or list(params) != names:
@@ -258,11 +247,17 @@ def _check_snapshots(run_dir: Path, raw: Any, names: list[str]) -> tuple[list[st
         if any(v is not None and not isinstance(v, int | float) for v in params.values()):
             raise RunFileError(f"{where}: a parameter value is not a number)")
         # File names go into paths we write: only epoch-N.html / epoch-N.csv, never a path.
-        if not isinstance(file, str) or not _PAGE.match(file):
+        page = _PAGE.match(file) if isinstance(file, str) else None
+        if page is None:
             raise RunFileError(f"{where}: file {_short(str(file))} is not epoch-N.html)")
+        if int(page.group(1)) != epoch:
+            raise RunFileError(f"{where}: file {_short(file)} is not the page of epoch {epoch})")
         fit = e.get("fit", file.removesuffix(".html") + ".csv")
-        if not isinstance(fit, str) or not _FIT.match(fit):
+        curve = _FIT.match(fit) if isinstance(fit, str) else None
+        if curve is None:
             raise RunFileError(f"{where}: fit {_short(str(fit))} is not epoch-N.csv)")
+        if int(curve.group(1)) != epoch:
+            raise RunFileError(f"{where}: fit {_short(fit)} is not the curve of epoch {epoch})")
         entries.append({**e, "fit": fit})
     epochs = [e["epoch"] for e in entries]
     if epochs != sorted(set(epochs)):
@@ -279,22 +274,19 @@ def read_run(run_dir: Path) -> Run:
     if not run_dir.is_dir():
         what = "does not exist" if not run_dir.exists() else "is not a directory"
         raise RunFileError(f"{run_dir}: {what}; expected a fitcli run directory")
-    if not any((run_dir / m).exists() for m in store.MARKERS):
-        raise RunFileError(
-            f"{run_dir}: not a fitcli run directory (no {' or '.join(store.MARKERS)})"
-        )
-    summary = _check_summary(run_dir, _read_json(run_dir, store.SUMMARY))
+    summary = _check_summary(run_dir, store.read_summary(run_dir))
     status = summary["status"]
     names = list(summary["params"])
     config_text, cfg = _check_config(run_dir, summary)
     notes: list[str] = []
 
-    data = _read_csv(run_dir, store.DATA)
+    n = summary.get("n_points")
+    rows = n if isinstance(n, int) and 0 <= n <= 10**8 else 10**8
+    data = _read_csv(run_dir, store.DATA, limit=store.csv_limit(rows, 4))
     data_path = run_dir / store.DATA
     cols = list(data)
     if cols[:2] != ["x", "y"] or any(c not in ("y_true", "sigma") for c in cols[2:]):
         raise RunFileError(f"{data_path}: garbled header {','.join(cols)!r}; expected x,y,...")
-    n = summary.get("n_points")
     if isinstance(n, int) and len(data["x"]) != n:
         raise RunFileError(
             f"{data_path}: has {len(data['x'])} rows but {store.SUMMARY} says {n} points "
@@ -304,7 +296,8 @@ def read_run(run_dir: Path) -> Run:
     snapshots: list[Snapshot] = []
     # A run stopped (or failed) before its first snapshot has none, like one still starting.
     if (run_dir / store.SNAPSHOT_PARAMS).exists() or status in ("completed", "diverged"):
-        _, entries = _check_snapshots(run_dir, _read_json(run_dir, store.SNAPSHOT_PARAMS), names)
+        raw = _read_json(run_dir, store.SNAPSHOT_PARAMS)
+        _, entries = _check_snapshots(run_dir, raw, names, summary["epochs"])
         for e in entries:
             rel = f"{store.SNAPSHOTS}/{e['fit']}"
             if not (run_dir / rel).exists():
@@ -313,6 +306,11 @@ def read_run(run_dir: Path) -> Run:
                     "runs trained before fitcli stored fitted curves cannot be rebuilt)"
                 )
             fit = _read_csv(run_dir, rel, header=["x", "y_fit"])
+            if len(fit["x"]) > store.FIT_GRID:
+                raise RunFileError(
+                    f"{run_dir / rel}: {len(fit['x'])} points, more than the {store.FIT_GRID} of "
+                    "a fitted curve fitcli draws"
+                )
             snapshots.append(
                 Snapshot(
                     epoch=e["epoch"],
@@ -335,7 +333,8 @@ def read_run(run_dir: Path) -> Run:
     metrics = None
     if (run_dir / store.METRICS).exists() or status in ("completed", "diverged"):
         header = ["epoch", "loss", "lr", "elapsed_s", *names]
-        metrics = _read_csv(run_dir, store.METRICS, header=header)
+        limit = store.csv_limit(max(summary["epochs"], summary["epochs_run"]), len(header))
+        metrics = _read_csv(run_dir, store.METRICS, header=header, limit=limit)
         m_path = run_dir / store.METRICS
         ep = metrics["epoch"]
         if np.any(np.diff(ep) <= 0) or np.any(ep != np.round(ep)):
@@ -360,10 +359,7 @@ def read_run(run_dir: Path) -> Run:
 def check_plotly_js(path: Path) -> None:
     """An existing plotly.min.js must be a whole plotly.js (a damaged one breaks every page)."""
     src = store.plotly_js_source()
-    try:
-        got = path.read_bytes()
-    except OSError as exc:
-        raise RunFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    got = store.read_run_file(path.parent, path.name)
     want = src.read_bytes()
     if got == want:
         return
@@ -687,7 +683,7 @@ def write_report(run_dir: Path, *, out: Path | None = None, plotlyjs: str = "dir
         if js.exists():
             check_plotly_js(js)
     pages = snapshot_pages(run, plotlyjs)
-    _check_out(page_path)
+    store.check_output_file(page_path, "--out")
     src = _plotlyjs_for(page_path, run.path, plotlyjs)
     href = _href(run.path / store.SNAPSHOTS, page_path.parent) + "/"
     page = report_page(run, src, snapshot_href=href)
@@ -703,14 +699,7 @@ def write_compare(run_dirs: list[Path], out: Path, *, plotlyjs: str = "directory
     """One comparison page of several runs at `out` (plotly.min.js beside it in directory mode)."""
     runs = [read_run(Path(d)) for d in run_dirs]
     out = Path(out)
-    _check_out(out)
+    store.check_output_file(out, "--out")
     src = _plotlyjs_for(out, out.parent, plotlyjs)
     store.atomic_write(out, compare_page(runs, src))
     return Written(out, [])
-
-
-def _check_out(path: Path) -> None:
-    if path.is_dir():
-        raise InputError(f"--out {path} is a directory; give the HTML file to write")
-    if not path.parent.is_dir():
-        raise InputError(f"--out {path}: its folder {path.parent} does not exist")

@@ -20,14 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fitcli.lm import jtj_jtr
+from fitcli.lm import SINGULAR_RCOND, jtj_jtr
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-# An eigenvalue of the unit-diagonal (column-scaled) J^T J below this, relative to the largest,
-# is taken as zero: past a condition number of 1e13 the float64 inverse of J^T J keeps fewer than
-# three correct digits, so its standard errors would be noise.
-SINGULAR_RCOND = 1e-13
 
 
 @dataclass
@@ -180,7 +175,9 @@ def fit_statistics(
             (
                 "singular",
                 f"J^T J is rank deficient: {_names(names, degenerate)} are not determined "
-                "separately by the data (linear combinations of each other or without effect)",
+                "separately by the data (linear combinations of each other or without effect): "
+                "they cannot be told apart here, likely a saddle, not a minimum, unless the "
+                "model never tells them apart; try other starts",
             )
         )
     if bound:
@@ -225,6 +222,34 @@ def fit_statistics(
         reason=reason,
         condition_number=condition,
     )
+
+
+# Uncertainty statuses at which the parameters are a least-squares minimum: a fit ending with
+# any other (not_converged, singular, failed) did not converge, whatever stopped it.
+MINIMUM_STATUSES = ("ok", "at_bound")
+
+
+def verdict(status: str, reason: str | None, epochs_run: int, uncertainty: dict) -> dict:
+    """``converged`` and ``reason`` of a finished run's summary, from its status, what stopped
+    it (`reason`, None: it ran all its epochs) and its error bars' `uncertainty` block: the one
+    place that decides whether a fit converged, so that the two never disagree.
+
+    A completed run converged only if its error bars say it is at the least-squares minimum
+    (`MINIMUM_STATUSES`); its reason then ends in "converged: ...", else in "did not converge:"
+    and why. A run that did not complete did not converge, and keeps its reason.
+    """
+    kind = uncertainty.get("status")
+    converged = status == "completed" and kind in MINIMUM_STATUSES
+    if status != "completed":
+        return {"converged": False, "reason": reason}
+    stop = reason or f"ran all {epochs_run} epochs"
+    if kind == "ok":
+        why = "converged: at the least-squares minimum"
+    elif converged:
+        why = f"converged: at the least-squares minimum within the bounds ({uncertainty['reason']})"
+    else:
+        why = f"did not converge: {uncertainty.get('reason') or kind}"
+    return {"converged": converged, "reason": f"{stop}; {why}"}
 
 
 def linear_optimum(

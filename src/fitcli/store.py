@@ -11,11 +11,12 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Any
 
-from fitcli.errors import RunDirError
+from fitcli.errors import NotRunDirError, RunDirError, RunDirExistsError, RunFileError
 
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
@@ -25,14 +26,52 @@ SNAPSHOTS = "snapshots"
 SNAPSHOT_PARAMS = "snapshots/params.json"
 PLOTLY_JS = "plotly.min.js"
 STATE = "state"
+STATE_JSON = "state.json"
+REPORT = "report.html"
+FIT_GRID = 1000  # points of the fitted curve in each snapshot (snapshots/epoch-N.csv)
 DATA_CSV_ROWS = 1 << 14  # rows of data.csv formatted at a time
-MARKERS = (SUMMARY, CONFIG)  # what makes a directory a fitcli run directory
+
+# What makes a directory a fitcli run directory: a summary.json that says so. Every summary
+# fitcli writes (experiment.base_summary) carries RUN_MARKER with the run directory's schema
+# version; summaries written before the marker are recognised by fitcli's three version fields.
+RUN_MARKER = "fitcli_run"
+RUN_SCHEMA = 1
+LEGACY_FIELDS = ("fitcli_version", "torch_version", "python_version")
+# Everything fitcli writes in a run directory; --overwrite deletes nothing else.
+RUN_FILES = frozenset({CONFIG, DATA, METRICS, SUMMARY, STATE_JSON, PLOTLY_JS, REPORT})
+SNAPSHOT_FILE = re.compile(r"^(?:params\.json|epoch-[0-9]+\.(?:html|csv))$")
+_TEMP_FILE = re.compile(r"^\.(.+)\.tmp-[0-9]+-[0-9a-f]{6}$")  # atomic_write's temporary names
+
+MiB = 1 << 20
+# The most bytes a run file of each kind can hold; bigger is not read (`read_run_file`). data.csv
+# and metrics.csv hold what the config allows (10^8 points, 10^9 epochs): readers that know the
+# run's row count pass a tighter bound (`csv_limit`).
+FILE_LIMITS = {
+    SUMMARY: 16 * MiB,
+    CONFIG: 1 * MiB,  # what `fitcli train` reads of a config (config.MAX_FILE_BYTES)
+    SNAPSHOT_PARAMS: 64 * MiB,
+    PLOTLY_JS: 64 * MiB,
+    STATE_JSON: 4096 * MiB,
+    DATA: 16384 * MiB,
+    METRICS: 4096 * MiB,
+}
+SNAPSHOT_LIMIT = 4 * MiB  # snapshots/epoch-N.csv (FIT_GRID rows) and .html
+OTHER_LIMIT = 64 * MiB
 
 
 def slug(name: str) -> str:
     """A file-system-safe version of a run name (letters, digits, '.', '_' and '-')."""
     s = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
     return (s or "run")[:60]
+
+
+def command_comment(command: list[str]) -> str:
+    """The `# command: ...` line of config.yaml and sweep.yaml: the command line on one line,
+    every line break or control character in it escaped (`\\r`, NEL and U+2028 end a YAML line:
+    written raw, the rest of the command would become YAML keys)."""
+    from fitcli.console import printable
+
+    return "# command: " + printable(" ".join(command)) + "\n"
 
 
 def _raise_os(exc: OSError, path: Path, what: str) -> None:
@@ -66,34 +105,163 @@ def create_run_dir(out: Path, name: str, *, now: float | None = None) -> Path:
     raise RunDirError(f"cannot find a free run directory name in {out}")  # pragma: no cover
 
 
+def is_run_summary(doc: Any) -> bool:
+    """Whether a parsed summary.json is fitcli's: it carries RUN_MARKER (a schema version), or,
+    written before the marker existed, fitcli's three version fields and a run's status."""
+    if not isinstance(doc, dict):
+        return False
+    if RUN_MARKER in doc:
+        mark = doc[RUN_MARKER]
+        return type(mark) is int and mark >= 1
+    return all(isinstance(doc.get(k), str) for k in LEGACY_FIELDS) and all(
+        k in doc for k in ("status", "epochs_run", "params")
+    )
+
+
+def read_summary(run_dir: Path) -> dict:
+    """The summary.json of a fitcli run directory: the one test of "is this a run directory".
+
+    RunFileError (exit 2) names what is wrong: no summary.json, one that cannot be read (not a
+    regular file, too big, not JSON) or one that is not fitcli's.
+    """
+    path = Path(run_dir) / SUMMARY
+    if not os.path.lexists(path):
+        raise RunFileError(f"{path}: missing, so {run_dir} is not a fitcli run directory")
+    doc = read_run_json(Path(run_dir), SUMMARY)
+    if not is_run_summary(doc):
+        raise RunFileError(
+            f"{run_dir}: not a fitcli run directory ({SUMMARY} is not a fitcli run summary: no "
+            f"{RUN_MARKER!r} marker)"
+        )
+    return doc
+
+
 def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and any((path / m).is_file() for m in MARKERS)
+    """Whether `path` is a fitcli run directory (`read_summary` accepts it)."""
+    try:
+        read_summary(path)
+    except RunFileError:
+        return False
+    return True
 
 
-def claim_run_dir(path: Path, *, overwrite: bool) -> Path:
+def _fitcli_name(name: str, snapshots: bool = False) -> bool:
+    temp = _TEMP_FILE.match(name)
+    if temp:
+        name = temp.group(1)
+    return bool(SNAPSHOT_FILE.match(name)) if snapshots else name in RUN_FILES
+
+
+def foreign_entries(path: Path) -> list[str]:
+    """What in the folder `path` fitcli did not write, by relative name (a folder ends in "/"):
+    anything but RUN_FILES, snapshots/ with its pages, curves and params.json, and the temporary
+    names of these; a link, FIFO or device of any name is foreign (fitcli writes regular files)."""
+    out: list[str] = []
+
+    def scan(folder: str, prefix: str, snapshots: bool) -> None:
+        with os.scandir(folder) as entries:
+            for e in sorted(entries, key=lambda e: e.name):
+                if e.is_file(follow_symlinks=False) and _fitcli_name(e.name, snapshots):
+                    continue
+                if not snapshots and e.name == SNAPSHOTS and e.is_dir(follow_symlinks=False):
+                    scan(e.path, f"{SNAPSHOTS}/", True)
+                    continue
+                out.append(prefix + e.name + ("/" if e.is_dir(follow_symlinks=False) else ""))
+
+    scan(str(path), "", False)
+    return out
+
+
+def _refuse(head: str, entries: list[str]) -> NotRunDirError:
+    shown = ", ".join(entries[:10]) + (
+        f" and {len(entries) - 10} more" if len(entries) > 10 else ""
+    )
+    return NotRunDirError(
+        f"{head}: --overwrite would have deleted {shown}. It replaces only a fitcli run "
+        "directory holding nothing but what fitcli writes: move those away or choose another "
+        "--run-dir"
+    )
+
+
+def replaceable(path: Path, *, own: bool = False) -> Path:
+    """The folder that replacing `path` would delete (the one a link points to), once it is
+    known to be safe: a fitcli run directory (`read_summary`) holding nothing fitcli did not
+    write (`foreign_entries`), or an empty folder; never the working folder, one above it or
+    the home folder. Anything else is a NotRunDirError (exit 2) listing what would be lost.
+
+    `own`: the caller named the folder inside a directory of its own (a sweep's run directory),
+    so one holding only what fitcli writes is replaced even when its summary is unreadable.
+    """
+    real = Path(os.path.realpath(path))
+    if not real.exists():
+        raise NotRunDirError(
+            f"{path} is a link to {real}, which does not exist; refusing to replace it"
+        )
+    if not real.is_dir():
+        raise NotRunDirError(
+            f"{path} is a file, not a fitcli run directory; --overwrite never replaces it: "
+            "choose another --run-dir"
+        )
+    try:
+        here = Path.cwd().resolve()
+    except OSError:  # the working folder was deleted: nothing can be it or hold it
+        here = Path("/nonexistent-working-folder")
+    if real == here or real in here.parents:
+        raise NotRunDirError(
+            f"{path} is the working folder or holds it; --overwrite never replaces it: choose "
+            "another --run-dir"
+        )
+    if real == Path.home().resolve():
+        raise NotRunDirError(f"{path} is the home folder; --overwrite never replaces it")
+    try:
+        foreign = foreign_entries(real)
+        everything = sorted(e.name for e in os.scandir(real))
+    except OSError as exc:
+        _raise_os(exc, real, "read")
+    try:
+        read_summary(real)
+    except RunFileError as exc:
+        if not [n for n in everything if not _TEMP_FILE.match(n)]:
+            return real  # empty (or a killed write's temporary files): nothing to lose
+        if own and not foreign:
+            return real
+        why = str(exc).removeprefix(f"{real}: ").removeprefix("not a fitcli run directory ")
+        if why.startswith("(") and why.endswith(")"):
+            why = why[1:-1]
+        if not os.path.lexists(real / SUMMARY):
+            why = f"no {SUMMARY}"
+        raise _refuse(f"{path} is not a fitcli run directory ({why})", everything) from None
+    if foreign:
+        raise _refuse(f"{path} holds what fitcli did not write", foreign)
+    return real
+
+
+def _trash(real: Path) -> Path:
+    return real.with_name(f".{real.name}.old-{secrets.token_hex(4)}")
+
+
+def claim_run_dir(path: Path, *, overwrite: bool, own: bool = False) -> Path:
     """Create exactly `path`; an existing one is replaced only with overwrite and only if it is a
-    fitcli run directory (never a folder a user made for something else)."""
+    fitcli run directory (never a folder a user made for something else; `replaceable`)."""
+    target = path
     if path.exists() or path.is_symlink():
         if not overwrite:
-            raise RunDirError(
+            raise RunDirExistsError(
                 f"run directory {path} already exists; pass --overwrite to replace it, or choose "
                 "another --run-dir"
             )
-        if not is_run_dir(path):
-            raise RunDirError(
-                f"{path} exists and is not a fitcli run directory; refusing to replace it even "
-                "with --overwrite"
-            )
+        # Through a link, what it points to is replaced and the link kept.
+        target = replaceable(path, own=own)
         # Move it aside first so a failure below never leaves a half-deleted directory.
-        trash = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
+        trash = _trash(target)
         try:
-            path.rename(trash)
+            target.rename(trash)
             shutil.rmtree(trash)
         except OSError as exc:
             _raise_os(exc, path, "replace")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.mkdir()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.mkdir()
     except FileExistsError:
         raise RunDirError(f"run directory {path} was created by someone else meanwhile") from None
     except OSError as exc:
@@ -102,14 +270,20 @@ def claim_run_dir(path: Path, *, overwrite: bool) -> Path:
 
 
 def install_run_dir(
-    path: Path, files: dict[str, bytes | None], links: dict[str, Path] | None = None
+    path: Path,
+    files: dict[str, bytes | None],
+    links: dict[str, Path] | None = None,
+    *,
+    own: bool = False,
 ) -> Path:
     """Write a whole run directory at once: `files` (relative POSIX path -> bytes; a path ending
     in "/" with None is a directory) and `links` (relative path -> a file hard-linked, else
     copied) go into a hidden folder beside `path`, which is then renamed to `path`. A reader, a
     crash or Ctrl-C sees the complete directory or none of it; an existing fitcli run directory
-    at `path` is replaced, anything else is refused (as by `claim_run_dir`)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
+    at `path` is replaced, anything else is refused (`replaceable`, with `own`)."""
+    existed = path.exists() or path.is_symlink()
+    target = replaceable(path, own=own) if existed else path
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
     try:
         tmp.mkdir()
         for rel, data in files.items():
@@ -121,14 +295,11 @@ def install_run_dir(
                 fh.write(data)
         for rel, src in (links or {}).items():
             link_or_copy(src, tmp.joinpath(*rel.split("/")))
-        if path.exists() or path.is_symlink():
-            if not is_run_dir(path):
-                raise RunDirError(
-                    f"{path} exists and is not a fitcli run directory; refusing to replace it"
-                )
-            trash = path.with_name(f".{path.name}.old-{secrets.token_hex(4)}")
-            path.rename(trash)
-            tmp.rename(path)
+        if existed or path.exists():
+            target = replaceable(path, own=own)  # again: it may have changed meanwhile
+            trash = _trash(target)
+            target.rename(trash)
+            tmp.rename(target)
             shutil.rmtree(trash, ignore_errors=True)
         else:
             tmp.rename(path)
@@ -155,6 +326,17 @@ def plotly_js_source() -> Path:
     spec = importlib.util.find_spec("plotly")
     assert spec is not None and spec.submodule_search_locations
     return Path(spec.submodule_search_locations[0]) / "package_data" / PLOTLY_JS
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """A file the user named for output (`option` PATH) can be written: it is not a folder and
+    its folder exists (an InputError, exit 2, otherwise)."""
+    from fitcli.errors import InputError
+
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a directory; give the HTML file to write")
+    if not path.parent.is_dir():
+        raise InputError(f"{option} {path}: its folder {path.parent} does not exist")
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
@@ -244,6 +426,117 @@ def copy_plotly_js(run_dir: Path) -> None:
         _raise_os(exc, src, "read")
 
 
+# --------------------------------------------------------------------------------------------
+# Reading run files: the one checked way to open a file of a run directory
+# --------------------------------------------------------------------------------------------
+
+
+def file_limit(rel: str) -> int:
+    """The most bytes the run file `rel` (relative POSIX path) is read up to."""
+    if rel in FILE_LIMITS:
+        return FILE_LIMITS[rel]
+    if rel.startswith(f"{SNAPSHOTS}/"):
+        return SNAPSHOT_LIMIT
+    return OTHER_LIMIT
+
+
+def csv_limit(rows: int, cols: int) -> int:
+    """The most bytes a CSV that fitcli wrote with `rows` rows of `cols` floats can hold (a repr
+    of a float64 is at most 24 characters), header included."""
+    return 4096 + 256 * cols + (rows + 1) * cols * 26
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_regular(path: Path, st: os.stat_result) -> None:
+    if stat.S_ISREG(st.st_mode):
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise RunFileError(f"{path}: is a directory, expected a file")
+    kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a plain file")
+    raise RunFileError(f"{path}: not a regular file ({kind}); refusing to read it")
+
+
+def read_run_file(run_dir: Path, rel: str, *, limit: int | None = None) -> bytes:
+    """The bytes of the file `rel` of a run directory, read only when it is a regular file
+    inside the run directory (a link is followed only to a file inside it) of at most
+    `file_limit(rel)` bytes, or `limit` when that is tighter. A FIFO, device or socket is never
+    read (its type is checked before opening, it is opened without blocking and the type checked
+    again on what was opened), so nothing a shared run directory holds can block a reader or
+    feed it without end.
+    RunFileError (exit 2) names the file and the reason.
+    """
+    path = Path(run_dir) / rel
+    limit = file_limit(rel) if limit is None else min(limit, file_limit(rel))
+    root = os.path.realpath(run_dir)
+    real = os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root:
+        raise RunFileError(
+            f"{path}: a link to {real}, outside the run directory; refusing to read it"
+        )
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    flags |= getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        _check_regular(path, os.stat(real))
+        fd = os.open(real, flags)
+    except FileNotFoundError:
+        raise RunFileError(f"{path}: missing from the run directory") from None
+    except OSError as exc:
+        raise RunFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        _check_regular(path, st)  # what was opened, should it have been swapped meanwhile
+        too_big = RunFileError(
+            f"{path}: larger than the {limit} bytes its kind of file can hold in a fitcli run "
+            f"directory ({st.st_size} bytes); refusing to read it"
+        )
+        if st.st_size > limit:
+            raise too_big
+        try:
+            data = fh.read(limit + 1)
+        except OSError as exc:
+            raise RunFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if len(data) > limit:  # it grew meanwhile
+        raise too_big
+    return data
+
+
+def read_run_text(run_dir: Path, rel: str, *, limit: int | None = None) -> str:
+    """A run file as UTF-8 text (`read_run_file`); RunFileError when it is not UTF-8."""
+    raw = read_run_file(run_dir, rel, limit=limit)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RunFileError(
+            f"{Path(run_dir) / rel}: garbled (not UTF-8 text at byte {exc.start}); it cannot be "
+            "read"
+        ) from None
+
+
+def read_run_json(run_dir: Path, rel: str, *, limit: int | None = None) -> Any:
+    """A run file parsed as JSON (`read_run_file`); RunFileError when it is empty or not JSON."""
+    text = read_run_text(run_dir, rel, limit=limit)
+    path = Path(run_dir) / rel
+    if not text.strip():
+        raise RunFileError(f"{path}: empty (truncated?)")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RunFileError(
+            f"{path}: not valid JSON (truncated or garbled?): {exc.msg} at line {exc.lineno}, "
+            f"column {exc.colno}"
+        ) from None
+    except RecursionError:
+        raise RunFileError(f"{path}: not valid JSON (nested too deeply)") from None
+
+
 def read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    """A JSON file of a run directory, `path.parent` (`read_run_json`)."""
+    path = Path(path)
+    return read_run_json(path.parent, path.name)

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -32,7 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from fitcli import store
-from fitcli.errors import ConfigError, ExitCode, FitcliError, InputError, exit_code_for
+from fitcli.errors import (
+    ConfigError,
+    ExitCode,
+    FitcliError,
+    InputError,
+    RunFileError,
+    exit_code_for,
+    strict_exit_code,
+)
 
 SWEEP_FILE = "sweep.yaml"
 RUNS_FILE = "runs.csv"
@@ -62,7 +71,8 @@ _OPEN, _CLOSE = "([{", ")]}"
 def split_values(text: str) -> list[str]:
     """Split on top-level commas: a comma inside quotes, (), [] or {} belongs to its value.
 
-    So `1,2,3` is three values, while `[x, sin(x)]`, `"atan2(a, b)"` and `atan2(x, 1)` are one.
+    So `1,2,3` is three values, while `[x, sin(x)]`, `"sine, v2"` and `{std: 0.1, seed: 1}` are
+    one.
     """
     parts, depth, quote, start = [], 0, None, 0
     for i, ch in enumerate(text):
@@ -92,10 +102,12 @@ def _range_values(text: str, where: str) -> list[str] | None:
         raise SweepError(f"{where}: range() takes integers, e.g. range(0, 10, 2)") from None
     if len(args) == 3 and args[2] == 0:
         raise SweepError(f"{where}: range() step must not be 0")
-    values = [str(v) for v in range(*args)]
-    if not values:
+    steps = range(*args)
+    if not steps:
         raise SweepError(f"{where}: {text.strip()} is empty")
-    return values
+    if len(steps) > MAX_RUNS:  # checked before a value is made: range(0, 10**9) costs nothing
+        raise SweepError(f"{where}: {len(steps):,} values; a sweep has at most {MAX_RUNS:,} runs")
+    return [str(v) for v in steps]
 
 
 @dataclass(frozen=True)
@@ -152,8 +164,24 @@ class RunSpec:
         return [*fixed, *(f"{k}={v}" for k, v in self.values.items())]
 
 
+MAX_RUNS = 100_000  # the most runs one sweep may have (README: Sweeps)
+
+
+def check_grid_size(axes: Sequence[Axis]) -> int:
+    """The number of runs the axes make; a SweepError above MAX_RUNS, before any is built."""
+    total = math.prod(len(a.values) for a in axes)
+    if total > MAX_RUNS:
+        sizes = " x ".join(f"{a.key} ({len(a.values):,} values)" for a in axes)
+        raise SweepError(
+            f"the grid {sizes} has {total:,} runs; a sweep has at most {MAX_RUNS:,} runs "
+            "(split it into several sweeps)"
+        )
+    return total
+
+
 def expand(axes: Sequence[Axis]) -> list[RunSpec]:
-    """The Cartesian product of the axes (the last axis varies fastest)."""
+    """The Cartesian product of the axes (the last axis varies fastest), at most MAX_RUNS."""
+    check_grid_size(axes)
     combos = itertools.product(*(a.values for a in axes)) if axes else [()]
     return [
         RunSpec(i, {a.key: v for a, v in zip(axes, combo, strict=True)})
@@ -341,6 +369,8 @@ class Trace:
     Step k (0-based) started from the parameters after k steps, whose loss is `losses[k]`, and
     left `params[k]`; `lrs[k]` is the learning rate before step k (one more at the end);
     `states[k]` is the stepper's state_dict after k steps, kept at snapshot epochs and the end.
+    `failure` and `summary_fields` are what the stepper reports once it has stopped (LM's
+    `failure` and `summary_fields()`, which `experiment.execute` reads after training).
     """
 
     index: int
@@ -349,6 +379,8 @@ class Trace:
     lrs: list[float] = field(default_factory=list)
     states: dict[int, Any] = field(default_factory=dict)
     converged: dict[int, str] = field(default_factory=dict)
+    failure: str | None = None
+    summary_fields: dict = field(default_factory=dict)
     stop_epoch: int | None = None
     stop_signal: str | None = None  # what stopped it at stop_epoch (set by the sweep's process)
     elapsed: list[float] = field(default_factory=list)
@@ -374,6 +406,7 @@ class ReplayStepper:
     def __init__(self, trace: Trace, model: Any) -> None:
         self.trace, self.model, self.k = trace, model, 0
         self.converged: str | None = None
+        self.failure: str | None = None
         self.rows = trace.params.unbind(0) if trace.params is not None else ()
 
     def step(self) -> Any:
@@ -381,7 +414,13 @@ class ReplayStepper:
         self.model.raw.data.copy_(self.rows[k])  # `.data`: outside autograd, as under no_grad
         self.k = k + 1
         self.converged = self.trace.converged.get(k + 1)
+        if self.k == len(self.trace.losses):
+            # A stepper's failure stops the run in the step that finds it: the last one.
+            self.failure = self.trace.failure
         return _Loss(self.trace.losses[k])
+
+    def summary_fields(self) -> dict:
+        return copy.deepcopy(self.trace.summary_fields)
 
     def lr(self) -> float:
         return self.trace.lrs[min(self.k, len(self.trace.lrs) - 1)]
@@ -428,6 +467,9 @@ class RecordingStepper:
 
         self.trace.lrs.append(self._lr())
         self.trace.states[self.k] = self._state()
+        self.trace.failure = getattr(self.inner, "failure", None)
+        fields = getattr(self.inner, "summary_fields", None)
+        self.trace.summary_fields = fields() if fields is not None else {}
         p = self.model.raw.numel()
         self.trace.params = (
             torch.stack(self.rows) if self.rows else torch.empty(0, p, dtype=self.model.raw.dtype)
@@ -764,7 +806,8 @@ def claim_and_write(
     plan: Plan, run: RunSpec, trace: Trace, target: Path, plotlyjs: str, prep: Any = None
 ) -> dict:
     """Create (or replace) the run directory `target` and write the run into it."""
-    return write_run(plan, run, trace, store.claim_run_dir(target, overwrite=True), plotlyjs, prep)
+    run_dir = store.claim_run_dir(target, overwrite=True, own=True)
+    return write_run(plan, run, trace, run_dir, plotlyjs, prep)
 
 
 def write_run(
@@ -937,7 +980,7 @@ def install_rendered(rendered: Rendered, target: Path, plotlyjs: str) -> dict:
     links = {}
     if plotlyjs == "directory":
         links[store.PLOTLY_JS] = shared_plotly_js(target.parent)
-    store.install_run_dir(target, files, links)
+    store.install_run_dir(target, files, links, own=True)
     return summary
 
 
@@ -953,6 +996,7 @@ class Row:
     run: RunSpec
     status: str = "pending"
     exit_code: int | None = None
+    converged: bool | None = None
     epochs: int | None = None
     final_loss: float | None = None
     params: dict[str, float] = field(default_factory=dict)
@@ -978,6 +1022,7 @@ def write_table(sweep_dir: Path, plan: Plan, rows: Sequence[Row]) -> None:
         *(a.key for a in plan.axes),
         "status",
         "exit_code",
+        "converged",
         "epochs",
         "final_loss",
         *names,
@@ -996,6 +1041,7 @@ def write_table(sweep_dir: Path, plan: Plan, rows: Sequence[Row]) -> None:
             *(r.run.values[a.key] for a in plan.axes),
             r.status,
             cell(r.exit_code),
+            "" if r.converged is None else str(r.converged).lower(),
             cell(r.epochs),
             cell(r.final_loss),
             *(cell(r.params.get(n)) for n in names),
@@ -1011,6 +1057,7 @@ def row_from_summary(row: Row, summary: dict, sweep_dir: Path, run_dir: Path) ->
     row.summary = summary
     row.status = summary.get("status", "failed")
     row.exit_code = summary.get("exit_code")
+    row.converged = summary.get("converged")
     row.epochs = summary.get("epochs_run")
     row.final_loss = summary.get("final_loss")
     row.params = dict(summary.get("params") or {})
@@ -1033,6 +1080,7 @@ class Options:
     fail_fast: bool = False
     plotlyjs: str = "directory"
     client: Any = None  # a Dask client connected before the sweep directory was made
+    strict: bool = False  # exit 4 when every run completed but some did not converge
 
 
 @dataclass
@@ -1044,6 +1092,7 @@ class Outcome:
     rows: list[Row]
     interrupted: bool = False
     signal: str | None = None  # the signal that interrupted it (None: Ctrl-C as far as known)
+    strict: bool = False
 
     @property
     def completed(self) -> int:
@@ -1057,16 +1106,22 @@ class Outcome:
     def exit_code(self) -> int:
         if self.interrupted:
             return int(exit_code_for("interrupted", self.signal))
-        return 0 if all(r.status == "completed" for r in self.rows) else int(ExitCode.FAILED)
+        if not all(r.status == "completed" for r in self.rows):
+            return int(ExitCode.FAILED)
+        converged = all(r.converged is not False for r in self.rows)
+        return strict_exit_code(int(ExitCode.COMPLETED), converged, self.strict)
 
     def to_json(self) -> dict:
+        from fitcli.config import load_yaml
+
         runs = []
         for r in self.rows:
             entry = dict(r.summary) if r.summary else {"status": r.status, "run_dir": None}
             if r.summary is None and r.reason:
                 entry["reason"] = r.reason
             entry["index"] = r.run.index
-            entry["values"] = dict(r.run.values)
+            # The values as the run's config reads them (`0.001` a number), not their texts.
+            entry["values"] = {k: load_yaml(v, f"{k}={v}") for k, v in r.run.values.items()}
             runs.append(entry)
         return {
             "sweep_dir": str(self.sweep_dir),
@@ -1085,7 +1140,7 @@ def create_sweep(plan: Plan, out: Path, command: list[str]) -> Path:
     doc = plan.to_doc()
     head = (
         "# A fitcli sweep: `fitcli sweep --resume DIR` runs what is missing or unfinished.\n"
-        "# command: " + " ".join(command).replace("\n", " ") + "\n"
+        + store.command_comment(command)
     )
     store.atomic_write(sweep_dir / SWEEP_FILE, head + dump_yaml(doc))
     write_table(sweep_dir, plan, [Row(r) for r in plan.runs])
@@ -1093,21 +1148,29 @@ def create_sweep(plan: Plan, out: Path, command: list[str]) -> Path:
 
 
 def load_sweep(sweep_dir: Path) -> tuple[Plan, list[Row]]:
-    """Plan and rows of an existing sweep directory (rows filled from the run directories)."""
+    """Plan and rows of an existing sweep directory (rows filled from the run directories; a run
+    whose summary is unreadable or garbled is failed, so that it runs again)."""
     from fitcli.config import load_yaml
+    from fitcli.runs import summary_problem
 
     path = sweep_dir / SWEEP_FILE
     if not path.is_file():
         raise SweepError(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE})")
-    plan = Plan.from_doc(load_yaml(path.read_text(encoding="utf-8"), str(path)), str(path))
+    text = store.read_run_text(sweep_dir, SWEEP_FILE)
+    plan = Plan.from_doc(load_yaml(text, str(path)), str(path))
     rows = [Row(r) for r in plan.runs]
     for row in rows:
         d = sweep_dir / run_dir_name(plan, row.run)
-        if (d / store.SUMMARY).is_file():
+        if os.path.lexists(d / store.SUMMARY):
             try:
-                row_from_summary(row, store.read_json(d / store.SUMMARY), sweep_dir, d)
-            except (OSError, ValueError):
-                row.status = "failed"
+                summary = store.read_summary(d)
+                problem = summary_problem(summary)
+            except RunFileError as exc:
+                problem = str(exc).removeprefix(f"{d}: ")
+            if problem is None:
+                row_from_summary(row, summary, sweep_dir, d)
+            else:
+                row.status, row.reason = "failed", problem
     return plan, rows
 
 
@@ -1145,7 +1208,7 @@ def run_sweep(
     todo = [r for r in rows if r.status not in FINISHED]
     cfgs = {r.run.index: plan.cfg(r.run) for r in todo}
     stop = _Stop(stop_flag, options.fail_fast)
-    outcome = Outcome(sweep_dir, plan, rows)
+    outcome = Outcome(sweep_dir, plan, rows, strict=options.strict)
     by_index = {r.run.index: r for r in rows}
     done = [sum(r.status in FINISHED for r in rows), sum(r.status == "diverged" for r in rows)]
     if progress is not None:
@@ -1480,6 +1543,52 @@ DASK_HINT = (
 )
 
 
+CONNECT_TIMEOUT_S = 10.0  # to reach a scheduler and hear its handshake
+
+
+async def _handshake(address: str) -> None:
+    """Connect to `address` and read its Dask handshake. Dask's `connect` gives up connecting
+    after CONNECT_TIMEOUT_S (OSError); the second more are for the handshake (TimeoutError)."""
+    import asyncio
+
+    from distributed.comm import connect as comm_connect
+
+    comm = await asyncio.wait_for(
+        comm_connect(address, timeout=CONNECT_TIMEOUT_S), CONNECT_TIMEOUT_S + 1
+    )
+    await comm.close()
+
+
+def probe_scheduler(address: str) -> None:
+    """A SweepError (exit 2) unless a Dask scheduler answers at a tcp:// `address` in time.
+
+    Dask's own client waits for the handshake without a time limit and decodes whatever comes
+    as frame lengths: a port that is silent hangs it for ever, one that sends anything else
+    makes it allocate exabytes. So the handshake is heard here first, bounded in time, and any
+    failure is a message. (tls:// and other protocols go to the client directly.)
+    """
+    import asyncio
+
+    from distributed.comm.addressing import parse_address
+
+    if parse_address(address)[0] != "tcp":
+        return
+    try:
+        asyncio.run(_handshake(address))
+    except TimeoutError:  # before OSError, its base class
+        raise SweepError(
+            f"{address} is not a Dask scheduler: it accepted the connection but sent no Dask "
+            f"handshake within {CONNECT_TIMEOUT_S + 1:g} s"
+        ) from None
+    except OSError as exc:
+        raise SweepError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever garbage did to the decoder
+        raise SweepError(
+            f"{address} is not a Dask scheduler: what it sent is not a Dask handshake "
+            f"({type(exc).__name__})"
+        ) from None
+
+
 def connect(address: str) -> Any:
     """A Dask client for `address` (`local` starts a two-worker LocalCluster). The command line
     connects before it creates the sweep directory, so an unreachable scheduler leaves nothing."""
@@ -1495,8 +1604,9 @@ def connect(address: str) -> Any:
         client = Client(cluster)
         client._fitcli_cluster = cluster  # closed with the client below
         return client
+    probe_scheduler(address)
     try:
-        return Client(address, timeout="10s")
+        return Client(address, timeout=f"{CONNECT_TIMEOUT_S}s")
     except OSError as exc:
         raise SweepError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
 
@@ -1598,8 +1708,9 @@ def disconnect(client: Any) -> None:
 
 
 def dry_run_lines(plan: Plan) -> Iterable[str]:
+    """Each run's `fitcli train` command, quoted for the shell: a line runs as it is."""
     for run in plan.runs:
-        yield " ".join(plan.command(run))
+        yield shlex.join(plan.command(run))
 
 
 __all__ = [

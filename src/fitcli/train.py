@@ -31,7 +31,7 @@ class Stepper(Protocol):
 
     def step(self) -> torch.Tensor: ...
 
-    # None while running; a reason string once the optimizer has converged (LM)
+    # None while running; a reason string once the optimizer has stopped by itself (LM)
     converged: str | None
 
 
