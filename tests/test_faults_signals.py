@@ -330,6 +330,7 @@ def test_sigterm_and_sighup_stop_a_run_as_ctrl_c_does(runner, tmp_path, sig, cod
 SECONDS = [(signal.SIGINT, 0.02), (signal.SIGTERM, 0.2), (signal.SIGHUP, 0.4)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("second", "gap"), SECONDS, ids=lambda v: str(v))
 def test_a_second_signal_exits_at_once_and_the_summary_is_not_left_running(tmp_path, second, gap):
     """SIGTERM, then another stop signal `gap` seconds later: while the run finishes, or while
@@ -454,6 +455,7 @@ def wait_for_first_run(out: Path, proc: subprocess.Popen, timeout: float = 120) 
 SWEEP_STOPS = [(0, signal.SIGTERM, 143), (2, signal.SIGTERM, 143), (2, signal.SIGINT, 130)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("workers", "sig", "code"), SWEEP_STOPS, ids=["here", "workers", "ctrl-c"])
 def test_a_stop_signal_ends_a_sweep_keeps_finished_runs_marks_in_flight_interrupted(
     tmp_path, workers, sig, code
@@ -507,6 +509,7 @@ def spawned_workers(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_a_dead_worker_fails_its_runs_and_the_sweep_goes_on(tmp_path):
     """`--workers 2`, two million-epoch runs first: one worker is SIGKILLed, its run fails with
     the reason, a new worker computes the two short runs; SIGTERM then interrupts the other
@@ -543,3 +546,32 @@ def test_a_dead_worker_fails_its_runs_and_the_sweep_goes_on(tmp_path):
     failed = [r for r in json.loads(stdout)["runs"] if r["status"] == "failed"]
     assert failed[0]["reason"] == "its worker process was killed by SIGKILL", failed
     assert "its worker process was killed by SIGKILL" in stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_while_forked_writers_write_a_batch(tmp_path):
+    """systemd and SLURM signal every process of the job: the writers a batched sweep forks
+    leave SIGTERM to the sweep and finish their runs (a writer used to die of it, its run never
+    came back and the sweep waited for it forever). Every run of the batch completed is kept."""
+    seed = ROOT / "configs" / "seed.yaml"
+    out = tmp_path / "sweeps"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fitcli.cli", "sweep", str(seed), "snapshots=2", "epochs=50",
+         "seed=range(0,24)", "-o", str(out), "--progress", "none"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, env={**os.environ, "FITCLI_SWEEP_WRITERS": "2"},
+    )  # fmt: skip
+    try:
+        end = time.monotonic() + 120
+        while len(list(out.glob("*/*/summary.json"))) < 3 and time.monotonic() < end:
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, stderr
+    _, rows = sweep_rows(out)
+    assert [r["status"] for r in rows] == ["completed"] * 24

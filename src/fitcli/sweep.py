@@ -1353,9 +1353,15 @@ def _forking_pays(preps: Sequence[Any]) -> bool:
 
 # What forked writers write: set by `_write_forked` just before it forks, read by the children.
 _FORKED_JOBS: list[tuple] = []
+# Set (shared memory, read without a lock) by the parent just before it ends the writers with
+# Pool.terminate's SIGTERM; a SIGTERM without it came from outside (a scheduler signalling the
+# whole process group) and is the parent's to act on.
+_WRITERS_STOP: Any = None
 
 
 def _stopped_by_parent(signum: int, frame: Any) -> None:
+    if _WRITERS_STOP is not None and not _WRITERS_STOP.value:
+        return  # not from the parent: the writer goes on, its run comes back
     raise KeyboardInterrupt  # the run being written is marked interrupted, then the writer ends
 
 
@@ -1365,6 +1371,8 @@ def _writer_init() -> None:
     import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C does
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # and a closed terminal
     signal.signal(signal.SIGTERM, _stopped_by_parent)  # Pool.terminate: a second Ctrl-C, a fault
     torch.set_num_threads(1)
     # The parent's progress thread may have held stderr's lock when it forked: never touch it.
@@ -1380,7 +1388,7 @@ def _write_job(k: int) -> tuple[int, dict | None, Exception | None]:
 
 def _write_forked(jobs: list[tuple], done: Callable[[int, dict], None]) -> None:
     """`claim_and_write(*job)` for every job in forked processes; `done(k, summary)` here."""
-    global _FORKED_JOBS
+    global _FORKED_JOBS, _WRITERS_STOP
     import multiprocessing
 
     if not jobs:
@@ -1388,6 +1396,7 @@ def _write_forked(jobs: list[tuple], done: Callable[[int, dict], None]) -> None:
     _FORKED_JOBS = jobs
     try:
         ctx = multiprocessing.get_context("fork")
+        _WRITERS_STOP = ctx.RawValue("b", 0)
         n = min(writer_processes(), len(jobs))
         pool = ctx.Pool(n, initializer=_writer_init)
         finished = False
@@ -1406,9 +1415,10 @@ def _write_forked(jobs: list[tuple], done: Callable[[int, dict], None]) -> None:
                 pool.close()
                 pool.join()
             else:
+                _WRITERS_STOP.value = 1
                 pool.terminate()  # a fault or Ctrl-C: stop the writers now
     finally:
-        _FORKED_JOBS = []
+        _FORKED_JOBS, _WRITERS_STOP = [], None
 
 
 # In a worker process of `--workers N`: the parent's stop event and its pid (`_pool_init`).
