@@ -575,3 +575,29 @@ def test_sigterm_to_the_process_group_while_forked_writers_write_a_batch(tmp_pat
     assert proc.returncode == 143, stderr
     _, rows = sweep_rows(out)
     assert [r["status"] for r in rows] == ["completed"] * 24
+
+
+def test_a_stop_signal_while_a_sweep_is_planned_ends_it_at_once_writing_nothing(tmp_path):
+    """Planning a large grid validates every run (seconds); nothing is written yet, so SIGTERM
+    then ends the command at once with 143 (it used to die by the signal, -15)."""
+    out = tmp_path / "sweeps"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fitcli.cli", "sweep", str(ROOT / "configs" / "seed.yaml"),
+         "seed=range(0,100000)", "--out", str(out), "--progress", "none"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(2.5)  # past the imports, inside the plan's validation (tens of seconds)
+        assert proc.poll() is None
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, stderr
+    assert "interrupted by SIGTERM" in stderr and "Traceback" not in stderr
+    assert took < 5, took
+    assert not out.exists()

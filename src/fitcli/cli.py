@@ -96,13 +96,21 @@ class StopFlag:
     closed) asks the loop to stop after this epoch; a second one of any of them stops at once
     (`Interrupted`). `signal` names the first: it decides the exit code (`exit_code_for`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, armed: bool = True) -> None:
         self.requested = False
         self.signal: str | None = None
+        self.armed = armed  # False: nothing to save yet, so the first signal stops at once
         self._raised = False
         self._previous: dict[int, object] = {}
 
+    def arm(self) -> None:
+        """From now on a first signal asks to stop after the epoch (there is work to save)."""
+        self.armed = True
+
     def _handler(self, signum, frame) -> None:
+        if not self.armed and not self._raised:
+            self.requested, self.signal, self._raised = True, signal.Signals(signum).name, True
+            raise Interrupted(self.signal)
         if not self.requested:
             self.requested, self.signal = True, signal.Signals(signum).name
         elif not self._raised:
@@ -484,7 +492,10 @@ def sweep(
     """
     from fitcli import console
 
-    with errors_to_exit(debug):
+    # A stop signal is caught from the start: before the sweep directory is made it ends the
+    # command at once (planning a large grid takes a while, and nothing is written yet); after,
+    # the runs stop at the end of their epoch and the sweep directory records them.
+    with errors_to_exit(debug), StopFlag(armed=False) as stop:
         from fitcli import sweep as sw
 
         if resume is not None:
@@ -492,6 +503,7 @@ def sweep(
                 raise sw.SweepError("--resume takes the sweep directory only, no config or axes")
             plan, rows = sw.load_sweep(resume)
             sweep_dir = resume
+            stop.arm()
         elif config is None:
             raise sw.SweepError("missing the config file: fitcli sweep CONFIG key=a,b ...")
         else:
@@ -511,6 +523,7 @@ def sweep(
             try:
                 if client is not None:
                     sw.check_on_cluster(client, plan)
+                stop.arm()
                 sweep_dir = sw.create_sweep(plan, out, ["fitcli", *sys.argv[1:]])
             except BaseException:
                 if client is not None:
@@ -519,7 +532,7 @@ def sweep(
             rows = [sw.Row(r) for r in plan.runs]
         options = sw.Options(workers, scheduler, fail_fast, plotlyjs.value, client, strict=strict)
         label = plan.base.get("name", "sweep") if isinstance(plan.base, dict) else "sweep"
-        with StopFlag() as stop, console.SweepProgress(progress.value, len(rows), label) as bar:
+        with console.SweepProgress(progress.value, len(rows), label) as bar:
             outcome = sw.run_sweep(plan, sweep_dir, rows, options, stop_flag=stop, progress=bar)
         if json_out:
             console.print_json(outcome.to_json())
