@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fitcli import store
+from fitcli.config.overrides import KEY as _KEY
 from fitcli.errors import (
     ConfigError,
     ExitCode,
@@ -64,7 +65,6 @@ class SweepError(InputError):
 # --------------------------------------------------------------------------------------------
 
 _RANGE = re.compile(r"^\s*range\(\s*([^,()]+?)\s*,\s*([^,()]+?)\s*(?:,\s*([^,()]+?)\s*)?\)\s*$")
-_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _OPEN, _CLOSE = "([{", ")]}"
 
 

@@ -1,0 +1,497 @@
+"""The experiment config's pydantic schema: every section, its keys, defaults and checks."""
+
+from __future__ import annotations
+
+import math
+import os
+import unicodedata
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from fitcli.config.yaml_safe import Loc
+from fitcli.errors import ExpressionError
+from fitcli.expr import CONSTANT_MEANINGS
+
+
+class _Problems(ValueError):
+    """Several problems found by one validator: (key path below the validated model, message)."""
+
+    def __init__(self, problems: list[tuple[Loc, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(m for _, m in problems))
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list, int, float, str)):
+        text = repr(value)
+    else:
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _integral(value: Any) -> Any:
+    # `epochs: 1e4` means 10000; 2.5 stays a float and is refused as not an integer.
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
+def _number_to_text(value: Any) -> Any:
+    # `basis: [1, x]`: a YAML number where an expression or a name is expected is its text.
+    # Not inf or nan, whose text would read as a parameter name: those stay numbers and fail.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            return value
+        return repr(value) if isinstance(value, float) else str(value)
+    return value
+
+
+def _column(value: Any) -> str | int | None:
+    if value is None or (isinstance(value, str) and value):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise ValueError(f"must be a column name (text) or a 0-based column index (got {_show(value)})")
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+Text = Annotated[str, BeforeValidator(_number_to_text)]
+Column = Annotated[
+    str | int | None, PlainValidator(_column, json_schema_input_type=str | int | None)
+]
+
+
+def _problem(message: str) -> PydanticCustomError:
+    return PydanticCustomError("fitcli", "{message}", {"message": message})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @classmethod
+    def _structure(cls, raw: dict) -> list[tuple[Loc, str]]:
+        """Problems visible in the raw mapping (which keys go together, expressions)."""
+        return []
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _collect(cls, data: Any, handler: Any) -> Any:
+        # An after-validator only runs once every field is valid; checking the structure of the
+        # raw mapping here as well reports those problems alongside the field errors.
+        extra = cls._structure(data) if isinstance(data, dict) else []
+        try:
+            result = handler(data)
+        except ValidationError as exc:
+            errors: list[Any] = exc.errors()
+        else:
+            if not extra:
+                return result
+            errors = []
+        for err in errors:  # a nested section's own problems, raised again from here
+            if err["type"] == "fitcli":
+                err["type"] = _problem(err["msg"])
+        for loc, message in extra:
+            errors.append({"type": _problem(message), "loc": loc, "input": data})
+        raise ValidationError.from_exception_data(cls.__name__, errors)
+
+
+class GridSpec(_Section):
+    """Where synthetic data is sampled: `num` evenly spaced points from `start` to `stop`."""
+
+    start: float = Field(description="First x value (finite).")
+    stop: float = Field(description="Last x value (finite, greater than start).")
+    num: Int = Field(ge=2, le=10**8, description="Number of points, 2 to 10**8.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GridSpec:
+        if not self.start < self.stop:
+            raise _Problems(
+                [(("stop",), f"must be greater than start ({self.start}) (got {self.stop})")]
+            )
+        return self
+
+
+class NoiseSpec(_Section):
+    """Gaussian noise added to synthetic data."""
+
+    std: float = Field(0.0, ge=0, description="Standard deviation of the noise (>= 0).")
+
+
+class ColumnsSpec(_Section):
+    """Which columns of the data file hold x, y and (optionally) the uncertainty of y."""
+
+    x: Column = Field(None, description="Column name or 0-based index of x; default: first.")
+    y: Column = Field(None, description="Column name or 0-based index of y; default: second.")
+    sigma: Column = Field(
+        None, description="Column name or 0-based index of the standard error of y; optional."
+    )
+
+
+def _parse(source: str, **kwargs: Any) -> Any:
+    from fitcli.expr import parse_expression
+
+    return parse_expression(source, **kwargs)
+
+
+class DataSpec(_Section):
+    """Synthetic data (`target`, `x`, `noise`) or measured data (`file`, `columns`)."""
+
+    target: Text | None = Field(
+        None, description="Expression of x that generates synthetic data, e.g. 1.5*sin(x)."
+    )
+    x: GridSpec | None = Field(None, description="Grid of x values for synthetic data.")
+    noise: NoiseSpec | None = Field(
+        None, description="Gaussian noise on synthetic data (default std 0)."
+    )
+    file: str | None = Field(
+        None,
+        min_length=1,
+        description="CSV file with a header row, or a whitespace table; relative to the config.",
+    )
+    columns: ColumnsSpec | None = Field(
+        None, description="Columns of the data file; default: x first, y second."
+    )
+
+    @field_validator("file")
+    @classmethod
+    def _resolve(cls, value: str | None, info: ValidationInfo) -> str | None:
+        base = (info.context or {}).get("base_dir")
+        if value is None or base is None:
+            return value
+        return os.path.normpath(os.path.join(os.path.abspath(base), os.path.expanduser(value)))
+
+    @model_validator(mode="after")
+    def _default_noise(self) -> DataSpec:
+        if self.target is not None and self.noise is None:
+            self.noise = NoiseSpec()
+        return self
+
+    @classmethod
+    def _structure(cls, raw: dict) -> list[tuple[Loc, str]]:
+        problems: list[tuple[Loc, str]] = []
+        target, file = raw.get("target"), raw.get("file")
+        if target is None and file is None:
+            problems.append(((), "give either target (synthetic data) or file (measured data)"))
+        elif target is not None and file is not None:
+            problems.append(((), "give either target or file, not both"))
+        elif target is not None:
+            if raw.get("x") is None:
+                problems.append(
+                    (("x",), "required with target, e.g. x: {start: -10, stop: 10, num: 1000}")
+                )
+            if raw.get("columns") is not None:
+                problems.append((("columns",), "only allowed with file, not with target"))
+            problems += _expression_problems(("target",), target, allow_params=False, what="target")
+        else:
+            for key in ("x", "noise"):
+                if raw.get(key) is not None:
+                    problems.append(((key,), "only allowed with target, not with file"))
+        return problems
+
+
+def _expression_problems(loc: Loc, source: Any, **kwargs: Any) -> list[tuple[Loc, str]]:
+    source = _number_to_text(source)
+    if not isinstance(source, str):
+        return []  # the field's own type check reports it
+    try:
+        _parse(source, **kwargs)
+    except ExpressionError as exc:
+        return [(loc, str(exc))]
+    return []
+
+
+class ParamSpec(_Section):
+    """A fit parameter of `model.expr`: start value, optional bounds, fixed or free."""
+
+    value: float = Field(1.0, description="Initial value (strictly inside the bounds).")
+    min: float | None = Field(None, description="Lower bound, or null for none.")
+    max: float | None = Field(None, description="Upper bound, or null for none.")
+    vary: bool = Field(True, description="false keeps the parameter fixed at value.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ParamSpec:
+        lo, hi, v = self.min, self.max, self.value
+        if lo is not None and hi is not None and not lo < hi:
+            raise _Problems([(("max",), f"must be greater than min ({lo}) (got {hi})")])
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise _Problems([(("value",), f"{v} is outside the bounds {_interval(lo, hi)}")])
+        if self.vary and v in (lo, hi):
+            raise _Problems(
+                [
+                    (
+                        ("value",),
+                        f"{v} lies on a bound of {_interval(lo, hi)}; "
+                        "start strictly inside the bounds",
+                    )
+                ]
+            )
+        return self
+
+
+def _interval(lo: float | None, hi: float | None) -> str:
+    return f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+
+
+def _params_before(value: Any) -> Any:
+    # `a: 1.5` is shorthand for `a: {value: 1.5}`.
+    if isinstance(value, dict):
+        return {
+            k: {"value": v} if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+            for k, v in value.items()
+        }
+    return value
+
+
+class ModelSpec(_Section):
+    """A linear basis (`basis`, `init`) or a nonlinear expression (`expr`, `params`)."""
+
+    basis: list[Text] | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description="Basis functions of x; the model is theta0*b0(x) + theta1*b1(x) + ...",
+    )
+    init: list[float] | None = Field(
+        None,
+        description="Initial basis coefficients (one per basis function); default N(0, 1) draws.",
+    )
+    expr: Text | None = Field(
+        None, description="Expression of x whose other free names are fit parameters."
+    )
+    params: Annotated[dict[str, ParamSpec], BeforeValidator(_params_before)] | None = Field(
+        None,
+        description="Parameters of expr: a start value, or {value, min, max, vary}; default 1.0.",
+    )
+
+    @model_validator(mode="after")
+    def _fill_params(self) -> ModelSpec:
+        if self.expr is not None:
+            given = self.params or {}
+            names = _parse(self.expr, allow_params=True).params
+            self.params = {n: given.get(n, ParamSpec()) for n in names}
+        return self
+
+    @classmethod
+    def _structure(cls, raw: dict) -> list[tuple[Loc, str]]:
+        problems: list[tuple[Loc, str]] = []
+        basis, expr = raw.get("basis"), raw.get("expr")
+        init, params = raw.get("init"), raw.get("params")
+        if basis is None and expr is None:
+            problems.append(((), "give either basis (linear model) or expr (expression model)"))
+        elif basis is not None and expr is not None:
+            problems.append(((), "give either basis or expr, not both"))
+        elif basis is not None:
+            if params is not None:
+                problems.append((("params",), "only allowed with expr, not with basis"))
+            if isinstance(basis, list):
+                if isinstance(init, list) and len(init) != len(basis):
+                    problems.append(
+                        (
+                            ("init",),
+                            f"has {len(init)} values but basis has {len(basis)} functions; "
+                            "give one initial coefficient per basis function",
+                        )
+                    )
+                for i, source in enumerate(basis):
+                    problems += _expression_problems(
+                        ("basis", i), source, allow_params=False, what="basis function"
+                    )
+        else:
+            if init is not None:
+                problems.append((("init",), "only allowed with basis; use params with expr"))
+            source = _number_to_text(expr)
+            if not isinstance(source, str):
+                return problems
+            try:
+                names = tuple(_parse(source, allow_params=True).params)
+            except ExpressionError as exc:
+                return [*problems, (("expr",), str(exc))]
+            if not names:
+                problems.append(
+                    (("expr",), "has no parameters to fit; use names other than x, pi and e")
+                )
+            for key in params if isinstance(params, dict) else ():
+                if key in CONSTANT_MEANINGS:  # `e` and `pi` in an expression are the constants
+                    problems.append(
+                        (
+                            ("params", key),
+                            f"{key!r} is {CONSTANT_MEANINGS[key]} in expressions, not a "
+                            f"parameter; name the parameter otherwise (e.g. {key}0) in "
+                            "model.expr and model.params",
+                        )
+                    )
+                elif key not in names:
+                    problems.append(
+                        (
+                            ("params", key),
+                            f"{key!r} does not appear in model.expr; " + _their_params(names),
+                        )
+                    )
+        return problems
+
+
+def _their_params(names: tuple[str, ...]) -> str:
+    return f"its parameters are {', '.join(names)}" if names else "it has no parameters"
+
+
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    if value is None or isinstance(value, (bool, int, str)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list) and depth < 3:
+        return all(_is_plain(v, depth + 1) for v in value)
+    return False
+
+
+_IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class _Named(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _kwargs(self) -> _Named:
+        problems: list[tuple[Loc, str]] = []
+        for key, value in (self.model_extra or {}).items():
+            if not key.isidentifier():
+                problems.append(((key,), "is not a valid keyword argument name"))
+            elif not _is_plain(value):
+                problems.append(
+                    (
+                        (key,),
+                        "must be a finite number, text, true/false, null or a list of those "
+                        f"(got {_show(value)})",
+                    )
+                )
+        if problems:
+            raise _Problems(problems)
+        return self
+
+
+class OptimizerSpec(_Named):
+    """A torch.optim optimizer by name; every other key is one of its keyword arguments."""
+
+    name: str = Field(
+        "SGD", pattern=_IDENT, description="Class name in torch.optim, e.g. SGD, Adam, LBFGS."
+    )
+
+
+class SchedulerSpec(_Named):
+    """A torch.optim.lr_scheduler by name; every other key is one of its keyword arguments."""
+
+    name: str = Field(
+        pattern=_IDENT, description="Class name in torch.optim.lr_scheduler, e.g. StepLR."
+    )
+
+
+_BREAKS = ("Cc", "Zl", "Zp")  # control characters, line and paragraph separators
+
+
+def _single_line(value: Any) -> Any:
+    if isinstance(value, str) and any(unicodedata.category(c) in _BREAKS for c in value):
+        raise ValueError(f"must be a single line of text without control characters ({value!r})")
+    return value
+
+
+class Config(_Section):
+    """A fitcli experiment: data, model, loss, optimizer and how long to train."""
+
+    name: Annotated[Text, BeforeValidator(_single_line)] = Field(
+        "experiment",
+        min_length=1,
+        max_length=200,
+        description="Free text naming the experiment (run directories, plot titles).",
+    )
+    seed: Int = Field(
+        0, ge=0, le=2**63 - 1, description="Seed for every random draw (data noise, init)."
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="auto (CUDA when available), cpu, cuda or cuda:N.",
+    )
+    dtype: Literal["float32", "float64"] = Field("float64", description="Floating point type.")
+    epochs: Int = Field(500, ge=1, le=10**9, description="Number of training epochs.")
+    snapshots: Int = Field(
+        10,
+        ge=1,
+        le=1000,
+        description="HTML snapshots: at epoch 0 and after every 1/snapshots of the run.",
+    )
+    batch_size: Int | None = Field(
+        None, ge=1, le=10**9, description="Mini-batch size, or null for the full batch."
+    )
+    data: DataSpec = Field(description="The data to fit: synthetic (target) or a file.")
+    model: ModelSpec = Field(description="The model: a linear basis or an expression.")
+    loss: Literal["mse", "l1", "huber", "smooth_l1"] = Field("mse", description="Loss function.")
+    optimizer: OptimizerSpec = Field(
+        default_factory=lambda: OptimizerSpec(name="SGD", lr=0.01),
+        description="torch.optim optimizer: name plus keyword arguments (default SGD, lr 0.01).",
+    )
+    scheduler: SchedulerSpec | None = Field(
+        None, description="Optional torch.optim.lr_scheduler: name plus keyword arguments."
+    )
+
+
+# Sections of the schema by key path ("*" matches any key): their model, or None where any key
+# is allowed (optimizer and scheduler keyword arguments, parameter names).
+_SECTIONS: dict[tuple[str, ...], type[BaseModel] | None] = {
+    (): Config,
+    ("data",): DataSpec,
+    ("data", "x"): GridSpec,
+    ("data", "noise"): NoiseSpec,
+    ("data", "columns"): ColumnsSpec,
+    ("model",): ModelSpec,
+    ("model", "params"): None,
+    ("model", "params", "*"): ParamSpec,
+    ("optimizer",): OptimizerSpec,
+    ("scheduler",): SchedulerSpec,
+}
+
+
+def _section(path: Sequence[str | int]) -> tuple[bool, list[str], bool]:
+    """(is a section, its schema keys, whether it also takes any other key)."""
+    for pattern, model in _SECTIONS.items():
+        if len(pattern) == len(path) and all(
+            p in ("*", k) for p, k in zip(pattern, path, strict=True)
+        ):
+            if model is None:
+                return True, [], True
+            return True, list(model.model_fields), model.model_config.get("extra") == "allow"
+    return False, [], False
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain data (JSON- and YAML-able) in schema order; every top-level key is present."""
+    out = cfg.model_dump(mode="json")
+    out["data"] = cfg.data.model_dump(mode="json", exclude_none=True)
+    out["model"] = cfg.model.model_dump(mode="json", exclude_none=True)
+    return out
+
+
+def json_schema() -> dict:
+    """JSON Schema of the config file, for editor completion and validation."""
+    schema = Config.model_json_schema()
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        **schema,
+        "title": "fitcli experiment config",
+    }
