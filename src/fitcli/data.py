@@ -292,8 +292,6 @@ def _read_fast(path: Path, columns: Any) -> list[np.ndarray] | None:
     blank line or empty cell is not finite, a ragged row changes the width or fails to parse,
     and a count of rows that differs from the newline count is caught at the end.
     """
-    import mmap
-
     with open(path, "rb") as fh:
         try:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)

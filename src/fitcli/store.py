@@ -25,7 +25,6 @@ METRICS = "metrics.csv"
 SNAPSHOTS = "snapshots"
 SNAPSHOT_PARAMS = "snapshots/params.json"
 PLOTLY_JS = "plotly.min.js"
-STATE = "state"
 STATE_JSON = "state.json"
 REPORT = "report.html"
 FIT_GRID = 1000  # points of the fitted curve in each snapshot (snapshots/epoch-N.csv)
