@@ -198,7 +198,7 @@ def load_table(path: Path, columns: Any = None) -> Dataset:
 
 
 def file_digest(path: Path) -> str:
-    """`sha256:<hex>` of a file's bytes (hardware-accelerated: 2x faster here than blake2b)."""
+    """`sha256:<hex>` of a file's bytes (hardware-accelerated: faster than blake2b)."""
     import hashlib
 
     try:

@@ -68,8 +68,8 @@ class TrainResult:
 
 # A full batch on the CPU is computed in chunks of rows of about this many bytes per float
 # tensor, when it spans at least two of them: each chunk's forward, loss and backward temporaries
-# stay in the CPU's caches and the chunks' gradients add up in `raw.grad`. At 10^7 points an
-# epoch then costs 20 ns per point instead of 70 (every temporary a trip to main memory), and the
+# stay in the CPU's caches and the chunks' gradients add up in `raw.grad`. At large n the cost
+# per point then stays flat instead of growing (every temporary a trip to main memory), and the
 # autograd graph holds one chunk's tensors instead of the whole data set's.
 FULL_BATCH_CHUNK_BYTES = 2 * 2**20
 
