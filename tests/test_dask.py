@@ -244,6 +244,36 @@ def test_ctrl_c_at_the_terminal_stops_a_local_cluster_sweep(tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_stops_the_client_of_a_dask_sweep_exit_143(cluster, tmp_path):
+    """SIGTERM to the sweep's process (`timeout`, a scheduler): run 0 (40 epochs) is kept, run 1
+    (20,000, on a worker) is cancelled and marked interrupted, exit 143 (it used to die by the
+    signal with runs.csv all pending). Run 1 stays short: a Dask worker finishes a cancelled
+    task, and the tests after this one share the cluster."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fitcli.cli", "sweep", str(SEED), "snapshots=2",
+         "epochs=40,20000", "-o", str(tmp_path), "--progress", "none", "--scheduler", cluster],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(tmp_path.glob("*/0*/summary.json")):
+            assert proc.poll() is None, proc.communicate()[1].decode()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err.decode()
+    assert b"Traceback" not in err
+    rows = table(only_dir(tmp_path))
+    assert [r["status"] for r in rows] == ["completed", "interrupted"]
+    assert rows[1]["exit_code"] == "143" and rows[1]["run_dir"] == ""
+
+
+@pytest.mark.slow
 def test_local_cluster_workers_leave_ctrl_c_to_the_sweep():
     # A terminal's Ctrl-C reaches the workers too; without the preload they die of it
     # (KeyboardInterrupt) while the sweep may still be fetching their results.

@@ -21,6 +21,7 @@ import time
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import ROOT
 
@@ -278,3 +279,299 @@ def test_second_sigint_while_the_summary_is_being_finished(runner, tmp_path, mon
     (run,) = out.iterdir()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["epochs_run"] == 20
+
+
+# -- SIGTERM and SIGHUP: what batch schedulers, `timeout` and a closed terminal send ------------
+
+
+def wait_for_training(out: Path, proc: subprocess.Popen, timeout: float = 60) -> Path:
+    """The run directory once training has begun (its first state.json is written)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        run = wait_for_run_dir(out, proc, timeout)
+        assert run is not None, proc.communicate()[1]
+        if (run / "state.json").exists():
+            return run
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.01)
+    raise AssertionError("training did not start")
+
+
+STOPS = [(signal.SIGTERM, 143), (signal.SIGHUP, 129)]
+
+
+@pytest.mark.parametrize(("sig", "code"), STOPS, ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_a_run_as_ctrl_c_does(runner, tmp_path, sig, code):
+    """A scheduler's SIGTERM (a closed terminal's SIGHUP) ends the run after the current epoch
+    with a final snapshot, its state and an `interrupted` summary naming the signal; exit
+    128 + the signal's number (the run used to die with summary.json saying "running")."""
+    out = tmp_path / "runs"
+    proc = start(write_config(tmp_path, epochs=10**6, snapshots=1000), out)
+    run = wait_for_training(out, proc)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr, stderr
+    name = signal.Signals(sig).name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["exit_code"] == code
+    assert summary["signal"] == name
+    assert summary["reason"] == f"interrupted by {name} after epoch {summary['epochs_run']}"
+    assert summary["epochs_run"] > 0 and "process" not in summary
+    assert json.loads(stdout) == summary
+    snaps = json.loads((run / "snapshots" / "params.json").read_text())["snapshots"]
+    assert snaps[-1]["epoch"] == summary["epochs_run"]  # the final snapshot
+    assert json.loads((run / "state.json").read_text())["epoch"] == summary["epochs_run"]
+    assert_files_parse(run)
+    plot_reads(runner, run)
+
+
+SECONDS = [(signal.SIGINT, 0.02), (signal.SIGTERM, 0.2), (signal.SIGHUP, 0.4)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("second", "gap"), SECONDS, ids=lambda v: str(v))
+def test_a_second_signal_exits_at_once_and_the_summary_is_not_left_running(tmp_path, second, gap):
+    """SIGTERM, then another stop signal `gap` seconds later: while the run finishes, or while
+    the process exits (where it once killed it by the signal, or printed a traceback)."""
+    out = tmp_path / "runs"
+    proc = start(write_config(tmp_path, epochs=10**6, snapshots=1000), out)
+    run = wait_for_training(out, proc)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(gap)  # both pending at once, Python would handle the lower-numbered first
+    if proc.poll() is None:
+        proc.send_signal(second)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr  # the signal that stopped the run decides
+    assert "Traceback" not in stderr, stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["exit_code"] == 143
+    assert summary["signal"] == "SIGTERM"
+
+
+def test_a_second_signal_while_the_run_is_finishing_stops_it_there(runner, tmp_path, monkeypatch):
+    """Deterministically: SIGTERM as the run starts, then SIGINT while the final statistics are
+    computed: the run ends there, at once, exit 143, the summary interrupted by SIGTERM."""
+    from fitcli import experiment, store
+
+    real_create, real_stats = store.create_run_dir, experiment.finish_stats
+    calls = []
+
+    def create_then_sigterm(*args, **kwargs):
+        path = real_create(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return path
+
+    def second_signal(*args, **kwargs):
+        calls.append(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_stats(*args, **kwargs)
+
+    monkeypatch.setattr(store, "create_run_dir", create_then_sigterm)
+    monkeypatch.setattr(experiment, "finish_stats", second_signal)
+    out = tmp_path / "runs"
+    result = runner.invoke(
+        app, ["train", str(write_config(tmp_path)), "--out", str(out), "--progress", "none"]
+    )
+    assert result.exit_code == 143, result.output
+    assert "interrupted by SIGTERM" in result.output
+    (run,) = out.iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert calls and "uncertainty" not in summary  # stopped in finish_stats, at once
+    assert summary["status"] == "interrupted" and summary["exit_code"] == 143
+    assert summary["signal"] == "SIGTERM" and summary["reason"] == "interrupted by SIGTERM at once"
+    assert_files_parse(run)
+
+
+def test_sigkill_leaves_a_stale_run_that_runs_and_plot_show_and_resume_finishes(runner, tmp_path):
+    """A process gone without a word (SIGKILL, power loss) leaves summary.json saying running:
+    `fitcli runs` and `fitcli plot` show it as stale, and --resume takes it over."""
+    out = tmp_path / "runs"
+    proc = start(write_config(tmp_path, epochs=3000), out)
+    run = wait_for_training(out, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "running" and summary["process"]["pid"] == proc.pid
+    listed = runner.invoke(app, ["runs", str(out), "--format", "json"])
+    assert listed.exit_code == 0, listed.output
+    assert [r["status"] for r in json.loads(listed.stdout)] == ["stale"]
+    plot_reads(runner, run)
+    assert 'class="status stale">stale<' in (run / "report.html").read_text()
+    result = runner.invoke(app, ["train", "--resume", str(run), "--progress", "none"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+def test_resume_of_a_run_whose_process_is_alive_is_refused(runner, tmp_path):
+    out = tmp_path / "runs"
+    proc = start(write_config(tmp_path, epochs=10**6, snapshots=1000), out)
+    try:
+        run = wait_for_training(out, proc)
+        listed = runner.invoke(app, ["runs", str(out), "--format", "json"])
+        assert [r["status"] for r in json.loads(listed.stdout)] == ["running"]
+        result = runner.invoke(app, ["train", "--resume", str(run), "--progress", "none"])
+        assert result.exit_code == 2, result.output
+        assert f"process {proc.pid}" in result.stderr and "still running" in result.stderr
+        assert "Traceback" not in result.output
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+
+
+# -- sweeps stopped by SIGTERM ------------------------------------------------------------------
+
+
+def start_sweep(out: Path, *extra: str, group: bool = False) -> subprocess.Popen:
+    seed = ROOT / "configs" / "seed.yaml"
+    return subprocess.Popen(
+        [sys.executable, "-m", "fitcli.cli", "sweep", str(seed), "snapshots=2",
+         "epochs=40,1000000", "-o", str(out), "--progress", "none", *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=group,
+    )  # fmt: skip
+
+
+def sweep_rows(out: Path) -> tuple[Path, list[dict]]:
+    (d,) = [p for p in out.iterdir() if p.is_dir()]
+    with (d / "runs.csv").open() as f:
+        return d, list(csv.DictReader(f))
+
+
+def wait_for_first_run(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if any(out.glob("*/0*/summary.json")):
+            return
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.05)
+    raise AssertionError("the sweep's first run did not finish")
+
+
+SWEEP_STOPS = [(0, signal.SIGTERM, 143), (2, signal.SIGTERM, 143), (2, signal.SIGINT, 130)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("workers", "sig", "code"), SWEEP_STOPS, ids=["here", "workers", "ctrl-c"])
+def test_a_stop_signal_ends_a_sweep_keeps_finished_runs_marks_in_flight_interrupted(
+    tmp_path, workers, sig, code
+):
+    """Run 0 (40 epochs) finishes, run 1 (a million) is in flight when SIGTERM comes: the sweep
+    stops promptly, keeps run 0, writes run 1 as interrupted by SIGTERM and exits 143. With
+    worker processes the signal goes to the whole process group, as systemd and SLURM send it
+    and a terminal sends Ctrl-C (which used to wait for the runs in flight, then discard them)."""
+    out = tmp_path / "sweeps"
+    proc = start_sweep(out, "--workers", str(workers), group=workers > 0)
+    try:
+        wait_for_first_run(out, proc)
+        time.sleep(0.5)
+        sent = time.monotonic()
+        if workers:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr, stderr
+    d, rows = sweep_rows(out)
+    assert [r["status"] for r in rows] == ["completed", "interrupted"]
+    summary = json.loads((d / rows[1]["run_dir"] / "summary.json").read_text())
+    assert summary["signal"] == signal.Signals(sig).name and summary["exit_code"] == code
+    assert summary["epochs_run"] > 0
+    assert took < 30, took
+    name = signal.Signals(sig).name
+    print(f"\n{name} to a sweep ({workers} workers): exit {code} after {took:.1f} s")
+
+
+def spawned_workers(pid: int) -> list[int]:
+    """The multiprocessing workers (spawned) among the children of `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
+        if ppid == pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_a_dead_worker_fails_its_runs_and_the_sweep_goes_on(tmp_path):
+    """`--workers 2`, two million-epoch runs first: one worker is SIGKILLed, its run fails with
+    the reason, a new worker computes the two short runs; SIGTERM then interrupts the other
+    long run (a dead worker used to end the sweep with BrokenProcessPool, every run pending)."""
+    seed = ROOT / "configs" / "seed.yaml"
+    out = tmp_path / "sweeps"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fitcli.cli", "sweep", str(seed), "snapshots=2",
+         "epochs=1000000,300", "seed=0,1", "-o", str(out), "--progress", "none",
+         "--workers", "2", "--json"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        end = time.monotonic() + 120
+        while len(spawned_workers(proc.pid)) < 2 and time.monotonic() < end:
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.05)
+        victim = spawned_workers(proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        while len(list(out.glob("*/*/summary.json"))) < 2 and time.monotonic() < end:
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr, stderr
+    _, rows = sweep_rows(out)
+    statuses = [r["status"] for r in rows]
+    assert sorted(statuses[:2]) == ["failed", "interrupted"] and statuses[2:] == ["completed"] * 2
+    failed = [r for r in json.loads(stdout)["runs"] if r["status"] == "failed"]
+    assert failed[0]["reason"] == "its worker process was killed by SIGKILL", failed
+    assert "its worker process was killed by SIGKILL" in stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_while_forked_writers_write_a_batch(tmp_path):
+    """systemd and SLURM signal every process of the job: the writers a batched sweep forks
+    leave SIGTERM to the sweep and finish their runs (a writer used to die of it, its run never
+    came back and the sweep waited for it forever). Every run of the batch completed is kept."""
+    seed = ROOT / "configs" / "seed.yaml"
+    out = tmp_path / "sweeps"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fitcli.cli", "sweep", str(seed), "snapshots=2", "epochs=50",
+         "seed=range(0,24)", "-o", str(out), "--progress", "none"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, env={**os.environ, "FITCLI_SWEEP_WRITERS": "2"},
+    )  # fmt: skip
+    try:
+        end = time.monotonic() + 120
+        while len(list(out.glob("*/*/summary.json"))) < 3 and time.monotonic() < end:
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, stderr
+    _, rows = sweep_rows(out)
+    assert [r["status"] for r in rows] == ["completed"] * 24

@@ -213,6 +213,17 @@ class Killed(BaseException):
     """Stands in for SIGKILL: once raised, nothing more reaches the disk."""
 
 
+def gone_process() -> dict:
+    """The `process` record of a process that has ended, for runs killed in this one."""
+    import subprocess
+
+    from fitcli import liveness
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return {**liveness.identity(), "pid": proc.pid}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["before-write", "mid-write"])
 def test_killed_at_every_write_then_resumed_equals_uninterrupted(
@@ -225,6 +236,9 @@ def test_killed_at_every_write_then_resumed_equals_uninterrupted(
     train_full(runner, cfg, reference)
     writes = len(list(reference.rglob("*"))) + 8  # more than enough write sites
     resumed, completed = 0, False
+    from fitcli import liveness
+
+    writer = gone_process()  # the killed runs' writer: gone, as after a real SIGKILL
     for n in range(1, writes):
         run = tmp_path / f"kill{n}"
         calls = {"n": 0}
@@ -241,6 +255,7 @@ def test_killed_at_every_write_then_resumed_equals_uninterrupted(
         target = "atomic_write" if where == "before-write" else "replace"
         with monkeypatch.context() as m:
             m.setattr(store if target == "atomic_write" else store.os, target, counted)
+            m.setattr(liveness, "identity", lambda: writer)
             prep = prepare(load_config(cfg))
             run.mkdir()
             try:

@@ -77,3 +77,48 @@ def test_unknown_sort_key_is_an_input_error(tmp_path):
     res = runner.invoke(app, ["runs", str(tmp_path / "runs"), "--sort", "colour"])
     assert res.exit_code == 2
     assert "unknown column 'colour'" in res.stderr
+
+
+def test_a_running_run_whose_process_is_gone_is_stale_and_only_this_host_is_checked(tmp_path):
+    """summary.json says running until the run ends; its `process` record tells whether that
+    is still true: a dead pid, or a live pid that started at another time (reused), is stale;
+    this very process is running; another host cannot be checked: unknown."""
+    import os
+    import subprocess
+
+    from fitcli import liveness
+
+    res = runner.invoke(
+        app, ["train", str(SEED), *SMALL, "--out", str(tmp_path / "runs"), "--progress", "none"]
+    )
+    assert res.exit_code == 0, res.output
+    (run,) = (tmp_path / "runs").iterdir()
+    done = json.loads((run / "summary.json").read_text())
+    assert "process" not in done  # a finished run has no writer
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    me = liveness.identity()
+    assert me["pid"] == os.getpid() and isinstance(me["started"], int)  # Linux: /proc
+    cases = {
+        "dead": ({**me, "pid": dead.pid}, "stale"),
+        "reused": ({**me, "started": me["started"] - 1}, "stale"),
+        "rebooted": ({**me, "boot_id": "not-this-boot"}, "stale"),
+        "alive": (me, "running"),
+        "elsewhere": ({**me, "pid": dead.pid, "host": me["host"] + "-other"}, "unknown"),
+        "unrecorded": (None, "running"),
+    }
+    for name, (record, _) in cases.items():
+        d = tmp_path / "listed" / name
+        d.mkdir(parents=True)
+        for f in ("config.yaml", "data.csv"):
+            (d / f).write_bytes((run / f).read_bytes())
+        summary = {**done, "status": "running", "exit_code": None}
+        if record is not None:
+            summary["process"] = record
+        (d / "summary.json").write_text(json.dumps(summary))
+    res = runner.invoke(app, ["runs", str(tmp_path / "listed"), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    got = {row["path"].rsplit("/", 1)[-1]: row["status"] for row in json.loads(res.stdout)}
+    assert got == {name: want for name, (_, want) in cases.items()}
+    res = runner.invoke(app, ["runs", str(tmp_path / "listed"), "--status", "stale"])
+    assert res.exit_code == 0 and res.stdout.count("stale") == 3, res.output

@@ -7,6 +7,7 @@ and `fitcli --version` answer without paying for them.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 from enum import StrEnum
@@ -16,7 +17,7 @@ from typing import Annotated
 import typer
 
 from fitcli import __version__
-from fitcli.errors import ExitCode, FitcliError
+from fitcli.errors import STOP_SIGNALS, ExitCode, FitcliError, Interrupted, exit_code_for
 
 # Help text is rich markup: a literal "[" before a letter (`[x, sin(x)]`) is written "\\[", or
 # rich takes it for a tag and drops it. The group's help is the docstring of `_root`.
@@ -59,7 +60,8 @@ def _root(
     """Fit curves with PyTorch autograd from a YAML experiment.
 
     Exit codes: 0 completed, 1 failed (I/O or unexpected), 2 invalid input, 3 diverged,
-    4 completed but not converged (only with --strict), 130 interrupted.
+    4 completed but not converged (only with --strict), 130 interrupted (Ctrl-C),
+    143 by SIGTERM, 129 by SIGHUP.
     """
 
 
@@ -77,9 +79,10 @@ def errors_to_exit(debug: bool = False):
             console.stderr.print_exception()
         console.error(str(exc))
         raise typer.Exit(int(exc.exit_code)) from None
-    except KeyboardInterrupt:
-        console.error("interrupted")
-        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+    except KeyboardInterrupt as exc:
+        by = getattr(exc, "signal", None)
+        console.error(f"interrupted by {by}" if by else "interrupted")
+        raise typer.Exit(int(exit_code_for("interrupted", by))) from None
     except Exception as exc:  # a bug or an environment fault: one line unless --debug
         if debug:
             console.stderr.print_exception()
@@ -89,25 +92,59 @@ def errors_to_exit(debug: bool = False):
 
 
 class StopFlag:
-    """First Ctrl-C asks the loop to stop after this epoch; a second one stops at once."""
+    """The first SIGINT (Ctrl-C), SIGTERM (a batch scheduler, `timeout`) or SIGHUP (the terminal
+    closed) asks the loop to stop after this epoch; a second one of any of them stops at once
+    (`Interrupted`). `signal` names the first: it decides the exit code (`exit_code_for`)."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signal: str | None = None
+        self._raised = False
+        self._previous: dict[int, object] = {}
 
     def _handler(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        if not self.requested:
+            self.requested, self.signal = True, signal.Signals(signum).name
+        elif not self._raised:
+            self._raised = True
+            raise Interrupted(self.signal or "SIGINT")
+        # Later ones: the command is already ending; let it write the summary.
 
     def __enter__(self) -> StopFlag:
-        with contextlib.suppress(ValueError):  # not in the main thread
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+        for name in STOP_SIGNALS:
+            signum = getattr(signal, name, None)  # no SIGHUP on Windows
+            if signum is None:
+                continue
+            with contextlib.suppress(ValueError):  # not in the main thread
+                self._previous[signum] = signal.signal(signum, self._handler)
         return self
 
+    def _late(self, signum, frame) -> None:
+        # The command is done but the process still exits (output, torch's teardown): a second
+        # signal now must neither kill it by the signal nor print a traceback; it exits at once.
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(int(exit_code_for("interrupted", self.signal)))
+
+    def _ignore(self) -> None:
+        # Interpreter teardown resets Python-level handlers to the default (death by the
+        # signal); an ignored signal stays ignored.
+        for signum in self._previous:
+            signal.signal(signum, signal.SIG_IGN)
+
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        ending = self.requested and _IN_MAIN  # the fitcli process, stopping: nothing to restore
+        for signum, previous in self._previous.items():
+            signal.signal(signum, self._late if ending else previous)
+        if ending:
+            import atexit
+
+            atexit.register(self._ignore)
+
+    def interrupt(self) -> Interrupted:
+        """What to raise when a stop was asked for before anything ran."""
+        return Interrupted(self.signal or "SIGINT")
 
 
 def _complete_keys(ctx: typer.Context, incomplete: str) -> list[str]:
@@ -202,12 +239,13 @@ def train(
 
     Shows live progress on stderr, then a summary table and the run directory on stdout (or
     only summary.json with --json). Exit 0 completed, 2 invalid input, 3 diverged,
-    130 interrupted, 1 failed; with --strict, 4 completed but not converged.
+    130 interrupted (143 SIGTERM, 129 SIGHUP), 1 failed; with --strict, 4 completed but not
+    converged.
     """
     from fitcli import console
 
     # Ctrl-C is caught from the start: before the run directory exists it ends the command
-    # (exit 130, nothing written); after, the loop stops at the end of the epoch.
+    # (exit 130, 143 or 129, nothing written); after, the loop stops at the end of the epoch.
     with errors_to_exit(debug), StopFlag() as stop:
         from fitcli.config import load_config
         from fitcli.errors import InputError
@@ -223,7 +261,7 @@ def train(
             prep, point = prepare_resume(resume, given)
             cfg, target = prep.cfg, resume
             if stop.requested:
-                raise KeyboardInterrupt
+                raise stop.interrupt()
             for note in point.notes:
                 console.warn(f"resume: {note}")
         elif config is None:
@@ -234,7 +272,7 @@ def train(
 
             prep = prepare(cfg)
             if stop.requested:
-                raise KeyboardInterrupt
+                raise stop.interrupt()
             target = make_run_dir(cfg, out, run_dir, overwrite)
         from fitcli.errors import strict_exit_code
         from fitcli.experiment import execute
@@ -253,6 +291,7 @@ def train(
                 command=command,
                 on_epoch=on_epoch,
                 resume=point,
+                stopped_by=lambda: stop.signal,
             )
         if json_out:
             console.print_json(summary)
@@ -440,8 +479,8 @@ def sweep(
 
     Runs that differ only in learning rate, seed, noise or starting values train together as
     one batched tensor program. Exit 0 when every run completed, 1 when any did not,
-    2 invalid input, 130 interrupted; with --strict, 4 when every run completed but some did
-    not converge.
+    2 invalid input, 130 interrupted (143 SIGTERM, 129 SIGHUP); with --strict, 4 when every
+    run completed but some did not converge.
     """
     from fitcli import console
 
@@ -534,7 +573,12 @@ def runs(
             console.runs_table([{**r, **r["display"]} for r in rows], list(COLUMNS))
 
 
+_IN_MAIN = False  # set by `main`: this is the fitcli process, not a caller of `app`
+
+
 def main() -> None:
+    global _IN_MAIN
+    _IN_MAIN = True
     # One program name however it is started (`fitcli`, `python -m fitcli.cli`): the usage
     # lines, and the variable the shell completion scripts set (_FITCLI_COMPLETE).
     app(prog_name="fitcli")

@@ -13,11 +13,44 @@ class ExitCode(IntEnum):
     INVALID_INPUT = 2
     DIVERGED = 3
     NOT_CONVERGED = 4  # with --strict: completed, but the fit did not converge
-    INTERRUPTED = 130
+    HANGUP = 129  # 128 + SIGHUP: the terminal or session went away
+    INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C
+    TERMINATED = 143  # 128 + SIGTERM: a batch scheduler, `timeout`, `kill`
+
+
+# The signals that stop a run as Ctrl-C does (after the current epoch; a second one at once),
+# each with the exit code that says which one it was, as a shell reports a death by it.
+STOP_SIGNALS: dict[str, ExitCode] = {
+    "SIGINT": ExitCode.INTERRUPTED,
+    "SIGTERM": ExitCode.TERMINATED,
+    "SIGHUP": ExitCode.HANGUP,
+}
+
+_EXIT_FOR_STATUS = {
+    "completed": ExitCode.COMPLETED,
+    "diverged": ExitCode.DIVERGED,
+    "failed": ExitCode.FAILED,
+}
+
+
+def exit_code_for(status: str, signal: str | None = None) -> ExitCode:
+    """The one mapping of a run's (or sweep's) status to its exit code: an interrupted one by
+    the signal that stopped it (none known, e.g. --fail-fast: as Ctrl-C)."""
+    if status == "interrupted":
+        return STOP_SIGNALS.get(signal or "SIGINT", ExitCode.INTERRUPTED)
+    return _EXIT_FOR_STATUS[status]
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second stop signal: the command ends at once (exit by `exit_code_for`)."""
+
+    def __init__(self, signal: str = "SIGINT") -> None:
+        super().__init__(signal)
+        self.signal = signal
 
 
 def strict_exit_code(code: int, converged: bool | None, strict: bool) -> int:
-    """The exit code of a command whose runs ended with `code` (EXIT_FOR_STATUS): with `strict`,
+    """The exit code of a command whose runs ended with `code` (exit_code_for): with `strict`,
     runs that all completed (code 0) but did not all converge (`converged` False) exit
     NOT_CONVERGED (4), so that a script can tell a fit that is not at its minimum."""
     if strict and code == ExitCode.COMPLETED and converged is False:

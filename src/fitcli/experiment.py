@@ -23,9 +23,16 @@ torch = import_torch()
 import contextlib
 import operator
 
-from fitcli import __version__, optim, store
+from fitcli import __version__, liveness, optim, store
 from fitcli.data import Dataset, check_dtype_range, make_dataset, seed_streams
-from fitcli.errors import ConfigError, DeviceError, ExitCode, FitcliError, RunDirError
+from fitcli.errors import (
+    ConfigError,
+    DeviceError,
+    ExitCode,
+    FitcliError,
+    RunDirError,
+    exit_code_for,
+)
 from fitcli.model import FitModel, build_model, check_finite_start
 from fitcli.train import LOSSES, TorchStepper, TrainResult, snapshot_epochs, train
 
@@ -356,15 +363,9 @@ def base_summary(prep: Prepared, run_dir: Path, command: list[str]) -> dict:
         "elapsed_s": 0.0,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": command,
+        # Who writes the run while it runs (`liveness`): a run whose writer is gone is stale.
+        "process": liveness.identity(),
     }
-
-
-EXIT_FOR_STATUS = {
-    "completed": ExitCode.COMPLETED,
-    "diverged": ExitCode.DIVERGED,
-    "interrupted": ExitCode.INTERRUPTED,
-    "failed": ExitCode.FAILED,
-}
 
 
 def execute(
@@ -376,11 +377,14 @@ def execute(
     on_epoch: Callable[[int, float], bool] | None = None,
     resume: Any = None,
     defer_state: bool = False,
+    stopped_by: Callable[[], str | None] | None = None,
 ) -> dict:
     """Train a prepared run into `run_dir` (already created) and return its summary.
 
     With `resume` (a `state.ResumePoint`), continue that run directory from its saved state.
     `defer_state` writes params.json and state.json once at the end (see `RunWriter`).
+    `stopped_by` names the signal that made `on_epoch` stop the run (SIGINT, SIGTERM, SIGHUP;
+    None when none did, e.g. --fail-fast): the summary records it and exits by it.
     """
     from fitcli.stats import verdict
     from fitcli.train import History
@@ -420,7 +424,7 @@ def execute(
         # Still inside: a second Ctrl-C or a fault while finishing must not leave "running".
         summary.update(
             status=result.status,
-            exit_code=int(EXIT_FOR_STATUS[result.status]),
+            exit_code=int(exit_code_for(result.status)),
             epochs_run=result.epochs_run,
             final_loss=result.final_loss,
             params=prep.model.values(),
@@ -428,6 +432,10 @@ def execute(
             elapsed_s=time.perf_counter() - t0,
             finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
+        if result.status == "interrupted":
+            by = stopped_by() if stopped_by is not None else None
+            summary.update(_interruption(by, f"after epoch {result.epochs_run}"))
+        summary.pop("process", None)  # finished: no process writes it any more
         if prep.lm:
             summary.update(prep.stepper.summary_fields())
         summary.update(finish_stats(prep, result))
@@ -445,13 +453,27 @@ def execute(
             reason=str(exc) or type(exc).__name__,
         )
         if isinstance(exc, KeyboardInterrupt):
-            summary.update(status="interrupted", exit_code=int(ExitCode.INTERRUPTED))
+            by = getattr(exc, "signal", None) or (stopped_by() if stopped_by else None)
+            summary.update(_interruption(by, "at once"))
+        summary.pop("process", None)
         with contextlib.suppress(Exception):
             writer.flush()  # the last snapshot's state, as fitcli train would have left it
         with contextlib.suppress(FitcliError):
             store.write_json(run_dir / store.SUMMARY, summary)
         raise
     return summary
+
+
+def _interruption(signal: str | None, when: str) -> dict:
+    """The summary fields of a run stopped by `signal` (None: not by a signal, e.g. --fail-fast)."""
+    fields: dict[str, Any] = {
+        "status": "interrupted",
+        "exit_code": int(exit_code_for("interrupted", signal)),
+        "reason": f"interrupted by {signal} {when}" if signal else f"interrupted {when}",
+    }
+    if signal:
+        fields["signal"] = signal
+    return fields
 
 
 def fill_converged_snapshots(writer: RunWriter, prep: Prepared, result: TrainResult) -> None:

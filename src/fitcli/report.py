@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fitcli import plots, store
+from fitcli import liveness, plots, store
 from fitcli.errors import RunFileError
 
 STATUSES = ("running", "completed", "diverged", "interrupted", "failed")
@@ -68,6 +68,11 @@ class Run:
     @property
     def name(self) -> str:
         return str(self.summary["name"])
+
+    @property
+    def status(self) -> str:
+        """The recorded status, or `stale` for a run whose writer is gone (`liveness`)."""
+        return liveness.status_of(self.summary)
 
     @property
     def label(self) -> str:
@@ -431,7 +436,7 @@ def _summary_rows(run: Run) -> list[tuple[str, str]]:
     if s.get("finished_at"):
         time_text += f", finished {_e(s['finished_at'])}"
     rows = [
-        ("status", f'<span class="status {_e(s["status"])}">{_e(s["status"])}</span>'),
+        ("status", f'<span class="status {_e(run.status)}">{_e(run.status)}</span>'),
         ("epochs", f"{_g(s.get('epochs_run'))} of {_g(s.get('epochs'))}"),
         ("final loss", f"{_g(s.get('final_loss'))} ({_e(s.get('loss', run.cfg.loss))})"),
         ("optimizer", _e(s.get("optimizer", "-"))),
@@ -443,6 +448,14 @@ def _summary_rows(run: Run) -> list[tuple[str, str]]:
     ]
     if s.get("reason"):
         rows.append(("stopped", _e(s["reason"])))
+    elif run.status == liveness.STALE:
+        rows.append(
+            (
+                "stopped",
+                f"{_e(liveness.describe(s.get('process')))} is gone without finishing it; "
+                "<code>fitcli train --resume</code> continues it",
+            )
+        )
     return rows
 
 
@@ -470,7 +483,7 @@ td,th{padding:.2em .8em;border-bottom:1px solid #eee;text-align:left;vertical-al
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#f5f5f5;padding:.8em;overflow:auto;white-space:pre-wrap}
 .status{font-weight:bold}.completed{color:#1a7f37}.diverged,.failed{color:#cf222e}
-.interrupted,.running{color:#9a6700}.note{color:#9a6700}
+.interrupted,.running,.stale{color:#9a6700}.note{color:#9a6700}
 .cols{display:flex;gap:2em;flex-wrap:wrap}
 """
 
@@ -576,7 +589,7 @@ def compare_page(runs: list[Run], plotlyjs_src: str) -> str:
         cells = [
             _e(label),
             _e(r.name),
-            f'<span class="status {_e(s["status"])}">{_e(s["status"])}</span>',
+            f'<span class="status {_e(r.status)}">{_e(r.status)}</span>',
             f"{_g(s.get('epochs_run'))} of {_g(s.get('epochs'))}",
             f"{_g(s.get('final_loss'))} ({_e(s.get('loss', r.cfg.loss))})",
         ]

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fitcli import store
+from fitcli import liveness, store
 from fitcli.errors import InputError, RunFileError
 
 COLUMNS = ("name", "status", "epochs", "final_loss", "params", "time_s", "path")
@@ -85,7 +85,7 @@ def _row(run_dir: Path, summary: dict) -> dict:
     t = summary.get("elapsed_s")
     return {
         "name": str(summary.get("name", "")),
-        "status": str(summary.get("status", "unknown")),
+        "status": liveness.status_of(summary),
         "epochs": summary.get("epochs_run"),
         "final_loss": loss,
         "params": params,

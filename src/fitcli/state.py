@@ -349,6 +349,7 @@ def prepare_resume(run_dir: Path, overrides: list[str]) -> tuple[Any, ResumePoin
     except RunFileError as exc:
         raise ResumeError(f"cannot resume {run_dir}: {exc}") from None
     status = summary.get("status") if isinstance(summary, dict) else None
+    writer_note = _check_writer_gone(run_dir, summary) if status == "running" else None
     if status == "completed":
         raise ResumeError(
             f"{run_dir} has already completed ({summary.get('epochs_run')} epochs); "
@@ -377,7 +378,32 @@ def prepare_resume(run_dir: Path, overrides: list[str]) -> tuple[Any, ResumePoin
         notes = _restore(prep, saved, same_optimizer=_same_optimizer(new, saved.config))
     except ValueError as exc:
         raise ResumeError(f"cannot read the saved state {run_dir / STATE_FILE}: {exc}") from None
+    if writer_note is not None:
+        notes.insert(0, writer_note)
     return prep, ResumePoint(run_dir, saved, summary, list(overrides), notes, snapshots)
+
+
+def _check_writer_gone(run_dir: Path, summary: dict) -> str | None:
+    """A running run is resumed only once the process that writes it is gone (stale): two
+    processes writing one directory would interleave their snapshots and states. One written
+    on another host cannot be checked from here: resumed, with a note saying so (as is one
+    from before fitcli recorded its writer, without a note)."""
+    from fitcli import liveness
+
+    record = summary.get("process")
+    state = liveness.liveness(record)
+    if state == liveness.UNKNOWN and isinstance(record, dict):
+        return (
+            f"{store.SUMMARY} says {liveness.describe(record)} is writing this run, which "
+            "cannot be checked from here; make sure it has stopped"
+        )
+    if state == liveness.ALIVE:
+        raise ResumeError(
+            f"cannot resume {run_dir}: it is still running ({liveness.describe(record)}); "
+            "stop that process first (SIGTERM or Ctrl-C stops it after the current epoch), "
+            "then resume"
+        )
+    return None
 
 
 def _same(new: dict, old: dict, key: str) -> bool:

@@ -39,6 +39,7 @@ from fitcli.errors import (
     FitcliError,
     InputError,
     RunFileError,
+    exit_code_for,
     strict_exit_code,
 )
 
@@ -381,6 +382,7 @@ class Trace:
     failure: str | None = None
     summary_fields: dict = field(default_factory=dict)
     stop_epoch: int | None = None
+    stop_signal: str | None = None  # what stopped it at stop_epoch (set by the sweep's process)
     elapsed: list[float] = field(default_factory=list)
     wall: float = 0.0
     error: str | None = None
@@ -738,6 +740,8 @@ def run_task(
     """
     from fitcli.experiment import prepare
 
+    if stop is not None and stop():
+        return []  # stopped before this task began: its runs stay pending
     plan = Plan.from_doc(task.plan, SWEEP_FILE)
     ready: dict[int, Any] = {}
     out: list[Trace] = []
@@ -835,6 +839,7 @@ def write_run(
             command=plan.command(run),
             on_epoch=on_epoch,
             defer_state=True,
+            stopped_by=lambda: trace.stop_signal,
         )
     if plotlyjs == "directory" and not (run_dir.parent / SHARED_JS).exists():
         store.link_or_copy(run_dir / store.PLOTLY_JS, run_dir.parent / SHARED_JS)
@@ -1080,6 +1085,7 @@ class Outcome:
     plan: Plan
     rows: list[Row]
     interrupted: bool = False
+    signal: str | None = None  # the signal that interrupted it (None: Ctrl-C as far as known)
     strict: bool = False
 
     @property
@@ -1093,7 +1099,7 @@ class Outcome:
     @property
     def exit_code(self) -> int:
         if self.interrupted:
-            return int(ExitCode.INTERRUPTED)
+            return int(exit_code_for("interrupted", self.signal))
         if not all(r.status == "completed" for r in self.rows):
             return int(ExitCode.FAILED)
         converged = all(r.converged is not False for r in self.rows)
@@ -1163,10 +1169,17 @@ def load_sweep(sweep_dir: Path) -> tuple[Plan, list[Row]]:
 
 
 class _Stop:
-    """Stop requests from Ctrl-C (`flag`) and --fail-fast."""
+    """Stop requests from a signal (`flag`: Ctrl-C, SIGTERM, SIGHUP) and --fail-fast."""
 
     def __init__(self, flag: Any, fail_fast: bool) -> None:
         self.flag, self.fail_fast, self.failed = flag, fail_fast, False
+
+    @property
+    def signal(self) -> str | None:
+        """The signal that asked to stop, if one did."""
+        if self.flag is None or not self.flag.requested:
+            return None
+        return getattr(self.flag, "signal", None)
 
     def __call__(self) -> bool:
         return bool(self.flag is not None and self.flag.requested) or (
@@ -1219,8 +1232,14 @@ def run_sweep(
         if progress is not None:
             progress.update(done[0], done[1])
 
+    def stamp(trace: Trace) -> None:
+        """A run stopped mid-way was stopped by this process's stop: by its signal, if any."""
+        if trace.stop_epoch is not None and trace.stop_signal is None:
+            trace.stop_signal = stop.signal
+
     def accept(trace: Trace, prep: Any = None) -> None:
         summary = None
+        stamp(trace)
         if trace.error is None:
             run = by_index[trace.index].run
             summary = claim_and_write(plan, run, trace, target_of(trace), options.plotlyjs, prep)
@@ -1231,6 +1250,7 @@ def run_sweep(
         here (it sets up the sweep's shared plotly.js), the rest by forked writer processes."""
         ready = [(t, p) for t, p in pairs if t.error is None]
         for trace, _ in pairs:
+            stamp(trace)  # before the writers fork: they replay it
             if trace.error is not None:
                 record(trace, None)
         if ready:
@@ -1254,22 +1274,26 @@ def run_sweep(
         if options.scheduler:
             _run_dask(plan, cfgs, indices, options, accept_rendered, stop, unfinished)
         elif options.workers > 1:
-            _run_processes(plan, cfgs, indices, options, accept, stop)
+            _run_processes(plan, cfgs, indices, options, accept, stop, unfinished)
         else:
             _run_here(plan, cfgs, indices, accept, stop, accept_batch)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         outcome.interrupted = True
+        outcome.signal = getattr(exc, "signal", None) or stop.signal
     finally:
         if stop_flag is not None and stop_flag.requested:
             outcome.interrupted = True
+            outcome.signal = outcome.signal or stop.signal
         for r in rows:
             if r.status == "running":
                 r.status = "interrupted"
         if outcome.interrupted:
+            where = "Dask" if options.scheduler else "its worker process"
             for i in unfinished:
                 if by_index[i].status == "pending":
                     by_index[i].status = "interrupted"
-                    by_index[i].reason = "interrupted before its result came back from Dask"
+                    by_index[i].reason = f"interrupted before its result came back from {where}"
+                    by_index[i].exit_code = outcome.exit_code
         write_table(sweep_dir, plan, rows)
     return outcome
 
@@ -1323,9 +1347,15 @@ def _forking_pays(preps: Sequence[Any]) -> bool:
 
 # What forked writers write: set by `_write_forked` just before it forks, read by the children.
 _FORKED_JOBS: list[tuple] = []
+# Set (shared memory, read without a lock) by the parent just before it ends the writers with
+# Pool.terminate's SIGTERM; a SIGTERM without it came from outside (a scheduler signalling the
+# whole process group) and is the parent's to act on.
+_WRITERS_STOP: Any = None
 
 
 def _stopped_by_parent(signum: int, frame: Any) -> None:
+    if _WRITERS_STOP is not None and not _WRITERS_STOP.value:
+        return  # not from the parent: the writer goes on, its run comes back
     raise KeyboardInterrupt  # the run being written is marked interrupted, then the writer ends
 
 
@@ -1335,6 +1365,8 @@ def _writer_init() -> None:
     import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C does
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # and a closed terminal
     signal.signal(signal.SIGTERM, _stopped_by_parent)  # Pool.terminate: a second Ctrl-C, a fault
     torch.set_num_threads(1)
     # The parent's progress thread may have held stderr's lock when it forked: never touch it.
@@ -1350,7 +1382,7 @@ def _write_job(k: int) -> tuple[int, dict | None, Exception | None]:
 
 def _write_forked(jobs: list[tuple], done: Callable[[int, dict], None]) -> None:
     """`claim_and_write(*job)` for every job in forked processes; `done(k, summary)` here."""
-    global _FORKED_JOBS
+    global _FORKED_JOBS, _WRITERS_STOP
     import multiprocessing
 
     if not jobs:
@@ -1358,6 +1390,7 @@ def _write_forked(jobs: list[tuple], done: Callable[[int, dict], None]) -> None:
     _FORKED_JOBS = jobs
     try:
         ctx = multiprocessing.get_context("fork")
+        _WRITERS_STOP = ctx.RawValue("b", 0)
         n = min(writer_processes(), len(jobs))
         pool = ctx.Pool(n, initializer=_writer_init)
         finished = False
@@ -1376,36 +1409,136 @@ def _write_forked(jobs: list[tuple], done: Callable[[int, dict], None]) -> None:
                 pool.close()
                 pool.join()
             else:
+                _WRITERS_STOP.value = 1
                 pool.terminate()  # a fault or Ctrl-C: stop the writers now
     finally:
-        _FORKED_JOBS = []
+        _FORKED_JOBS, _WRITERS_STOP = [], None
 
 
-def _pool_init() -> None:
+# In a worker process of `--workers N`: the parent's stop event and its pid (`_pool_init`).
+_WORKER_STOP: Any = None
+_WORKER_PARENT: int | None = None
+
+
+def _pool_init(halt: Any = None, parent: int | None = None) -> None:
+    global _WORKER_STOP, _WORKER_PARENT
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C does
+    # The parent decides what a stop signal does (a scheduler's SIGTERM reaches the whole
+    # process group): it sets `halt`, and the worker's runs stop at the end of their epoch.
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    _WORKER_STOP, _WORKER_PARENT = halt, parent
 
 
-def _run_processes(plan, cfgs, indices, options, accept, stop) -> None:
+def _worker_stop() -> bool:
+    """Stop when the parent says so, or has died (SIGKILL): an orphan computes for no one."""
+    halted = _WORKER_STOP is not None and _WORKER_STOP.is_set()
+    return halted or (_WORKER_PARENT is not None and os.getppid() != _WORKER_PARENT)
+
+
+def _worker_task(task: Task) -> list[Trace]:
+    """`run_task` in a worker process, stopped by the parent's stop event."""
+    traces = run_task(task, _worker_stop)
+    if _WORKER_PARENT is not None and os.getppid() != _WORKER_PARENT:
+        os._exit(1)  # orphaned: no one reads the result, nor ends this process
+    return traces
+
+
+class _Worker:
+    """One worker process of `--workers N` (an executor of one), one task at a time: when it
+    dies, the task it held is the one lost, and a new one takes its place."""
+
+    def __init__(self, ctx: Any, halt: Any) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.pool = ProcessPoolExecutor(
+            1, mp_context=ctx, initializer=_pool_init, initargs=(halt, os.getpid())
+        )
+        self.process: Any = None
+
+    def submit(self, task: Task) -> Any:
+        fut = self.pool.submit(_worker_task, task)
+        if self.process is None:  # started by the first submit
+            procs = getattr(self.pool, "_processes", None) or {}
+            self.process = next(iter(procs.values()), None)
+        return fut
+
+    def death(self) -> str:
+        code = getattr(self.process, "exitcode", None)
+        if code is None:
+            return "its worker process died"
+        if code < 0:
+            import signal
+
+            with contextlib.suppress(ValueError):
+                return f"its worker process was killed by {signal.Signals(-code).name}"
+        return f"its worker process died (exit code {code})"
+
+    def kill(self) -> None:
+        if self.process is not None:
+            with contextlib.suppress(Exception):
+                self.process.kill()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_processes(plan, cfgs, indices, options, accept, stop, unfinished) -> None:
+    """Tasks computed by worker processes, written here. A stop sets `halt`: tasks not begun
+    stay pending, running ones stop at the end of the epoch and come back to be written as
+    interrupted. A worker that dies fails its task's runs (with the reason) and is replaced;
+    the others go on. A second signal ends the workers at once; `unfinished` receives the
+    runs that did not come back."""
     import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from collections import deque
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
 
-    tasks = make_tasks(plan, cfgs, indices, options.workers)
+    queue = deque(make_tasks(plan, cfgs, indices, options.workers))
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(options.workers, mp_context=ctx, initializer=_pool_init) as pool:
-        pending = {pool.submit(run_task, t) for t in tasks}
-        try:
-            while pending:
-                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    for trace in fut.result():
-                        accept(trace)
-                if stop():
-                    break
-        finally:
-            for fut in pending:
-                fut.cancel()
+    halt = ctx.Event()
+    workers: list[_Worker | None] = [None] * min(options.workers, len(queue))
+    busy: dict[Any, tuple[int, Task]] = {}  # future -> (worker, task)
+    clean = False
+    try:
+        while queue or busy:
+            if stop() and not halt.is_set():
+                halt.set()
+                queue.clear()  # not begun: their runs stay pending
+            held = {k for k, _ in busy.values()}
+            for k in range(len(workers)):
+                if queue and k not in held:
+                    if workers[k] is None:
+                        workers[k] = _Worker(ctx, halt)
+                    task = queue.popleft()
+                    busy[workers[k].submit(task)] = (k, task)
+            if not busy:
+                break
+            finished, _ = wait(list(busy), timeout=0.2, return_when=FIRST_COMPLETED)
+            for fut in sorted(finished, key=lambda f: busy[f][1].indices[0]):
+                k, task = busy.pop(fut)
+                if isinstance(fut.exception(), BrokenProcessPool):
+                    dead, workers[k] = workers[k], None
+                    reason = dead.death()
+                    dead.close()
+                    for i in task.indices:
+                        accept(Trace(i, error=reason, exit_code=int(ExitCode.FAILED)))
+                    continue
+                for trace in fut.result():
+                    accept(trace)
+        clean = True
+    finally:
+        unfinished += [i for _, task in busy.values() for i in task.indices]
+        if not clean:  # a second signal or a fault: end the workers now
+            halt.set()
+            for w in workers:
+                if w is not None:
+                    w.kill()
+        for w in workers:
+            if w is not None:
+                w.close()
 
 
 DASK_HINT = (
