@@ -34,12 +34,14 @@ from scipy.optimize import least_squares
 
 from fitcli.config import config_from_dict
 from fitcli.experiment import finish_stats, prepare
-from fitcli.nist import load_suite, worst_lre
 from fitcli.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 NIST = ROOT / "tests" / "data" / "nist"
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))  # nist_problems: the reader of tests/data/nist
+from nist_problems import load_suite, worst_lre  # noqa: E402
+
 EPOCHS = 5000
 
 # numpy names for scipy's residuals (the expressions are this repository's models.yaml).
@@ -94,7 +96,7 @@ def fit_fitcli(problem, start: int, csv: Path) -> dict:
 
 
 # The scipy baseline's models as plain numpy functions (transcribed from models.yaml; checked
-# against fitcli.nist.MODELS, the torch versions, before each fit), so MINPACK's side pays numpy's
+# against nist_problems.MODELS, the torch versions, before each fit), so MINPACK's side pays numpy's
 # cost, not torch's, and no expression is ever evaluated as Python code.
 NUMPY_MODELS = {
     "Misra1a": lambda b, x: b[0] * (1 - np.exp(-b[1] * x)),
@@ -158,8 +160,7 @@ NUMPY_MODELS = {
 
 def fit_scipy(problem, start: int) -> tuple[list[float], float]:
     import torch
-
-    from fitcli.nist import MODELS
+    from nist_problems import MODELS
 
     fn = NUMPY_MODELS[problem.name]
     x, y = np.asarray(problem.x), np.asarray(problem.y)

@@ -21,11 +21,12 @@ import torch
 from scipy.optimize import least_squares
 
 from fitcli.lm import LevenbergMarquardt
-from fitcli.nist import MODELS, load_suite, worst_lre
 from fitcli.stats import fit_statistics
 
 ROOT = Path(__file__).resolve().parent.parent
 NIST = ROOT / "tests" / "data" / "nist"
+sys.path.insert(0, str(ROOT / "tests"))  # nist_problems: the reader of tests/data/nist
+from nist_problems import MODELS, load_suite, worst_lre  # noqa: E402
 
 
 def fit_fitcli(problem, start: int, max_iter: int) -> tuple[list[float], int, str | None]:

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nist_problems import MODELS, load_suite, lre, parse_dat, worst_lre
 
 from fitcli.lm import LevenbergMarquardt, jtj_jtr, rowwise_ok
-from fitcli.nist import MODELS, load_suite, lre, parse_dat, worst_lre
 from fitcli.stats import fit_statistics
 
 NIST = Path(__file__).parent / "data" / "nist"

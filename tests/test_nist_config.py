@@ -6,8 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from fitcli.nist import load_suite, worst_lre
+from nist_problems import load_suite, worst_lre
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -198,7 +198,7 @@ def load_table(path: Path, columns: Any = None) -> Dataset:
 
 
 def file_digest(path: Path) -> str:
-    """`sha256:<hex>` of a file's bytes (hardware-accelerated: 2x faster here than blake2b)."""
+    """`sha256:<hex>` of a file's bytes (hardware-accelerated: faster than blake2b)."""
     import hashlib
 
     try:
@@ -292,8 +292,6 @@ def _read_fast(path: Path, columns: Any) -> list[np.ndarray] | None:
     blank line or empty cell is not finite, a ragged row changes the width or fails to parse,
     and a count of rows that differs from the newline count is caught at the end.
     """
-    import mmap
-
     with open(path, "rb") as fh:
         try:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)

@@ -54,7 +54,7 @@ _FINAL_STOPS = ("non-finite", "exact fit")
 # Rows per chunk are sized so that one chunk's Jacobian is about this many bytes. On the CPU a
 # small working set matters more than few chunks: at 4 MB every temporary of a chunk stays in
 # cache and the allocator reuses its blocks, where 64 MB chunks page-fault fresh memory for each
-# elementwise op (3-5x slower at 10^6 rows). On CUDA big chunks keep kernel launches few.
+# elementwise op (several times slower at 10^6 rows). On CUDA big chunks keep kernel launches few.
 JACOBIAN_CHUNK_BYTES = 4_000_000
 JACOBIAN_CHUNK_BYTES_CUDA = 64_000_000
 # Moré's initial trust radius: this factor times |D theta0| (MINPACK's default `factor`).
@@ -142,13 +142,13 @@ def _jacobian_columns(model, theta: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
     With ``g(u) = J^T u`` (one backward pass with a graph), ``d g_j / d u = J[:, j]``. Used as
     the reference of `rowwise_ok` because, unlike forward mode, it needs no functorch start-up
-    (about 2 s on the first call in a process, which a short run would feel).
+    (seconds on the first call in a process, which a short run would feel).
     """
     t = theta.detach().clone().requires_grad_()
     with torch.enable_grad():
         m = model(t).reshape(-1)
         u = torch.zeros_like(m, requires_grad=True)
-        # A scalar output, never explicit grad_outputs: torch imports sympy (1 s) for those.
+        # A scalar output, never explicit grad_outputs: torch imports sympy (slow) for those.
         (g,) = torch.autograd.grad((m * u).sum(), t, create_graph=True)
         cols = []
         for j in range(t.numel()):
@@ -306,7 +306,7 @@ def _normal_equations(
     products are taken in numpy straight from the one Jacobian, and J (float64) and the weighted
     model values are returned too, so that the curvature guard needs no reverse pass
     (`_second_derivative_jt_kept`). Above that, numpy's threaded BLAS products on a busy machine
-    cost more than torch's single-threaded ones (26 ms against 7 ms at 10^5 rows, 2 busy cores).
+    cost more than torch's single-threaded ones.
     """
     n = y.shape[0]
     size = chunk_size or default_chunk_size(theta.numel(), theta.device)
@@ -415,7 +415,7 @@ def _second_derivative_jt_kept(
 def _chunk_threads(device: torch.device):
     """One CPU thread for the chunked loops: a cache-sized chunk's elementwise ops gain little
     from a second thread, and on a busy machine each op's thread barrier waits for a descheduled
-    thread (a 10^6-point fit took 20 s on two busy cores instead of 3 s on one)."""
+    thread (a large fit runs several times slower on two busy cores than on one)."""
     return one_thread() if device.type == "cpu" else contextlib.nullcontext()
 
 
@@ -423,7 +423,7 @@ def _chunk_threads(device: torch.device):
 def one_thread():
     """torch on one CPU thread inside the block, the setting restored after it. On busy cores a
     parallel region of a small op waits for a second thread far longer than the op takes (MKL's
-    threaded Cholesky of a tiny matrix: 16 ms instead of 2 us on 2 cores)."""
+    threaded Cholesky of a tiny matrix, by orders of magnitude)."""
     n = torch.get_num_threads()
     if n == 1:
         yield
@@ -613,7 +613,7 @@ class LevenbergMarquardt:
     def step(self) -> LMStep:
         """One LM iteration: build J^T J at theta if stale, solve, try the step, adapt lambda."""
         # On the CPU the whole iteration runs on one thread (see `_chunk_threads`): at NIST's
-        # sizes every op is tiny, and a thread barrier on a busy machine cost up to 10x.
+        # sizes every op is tiny, and a thread barrier on a busy machine costs more than the op.
         # Overflow in a trial's norms or residuals is an outcome the iteration handles (a rejected
         # step, a stop with a reason), not something to warn a user about.
         with _chunk_threads(self.theta.device), np.errstate(all="ignore"):

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 MAX_POINTS = 4000  # per trace: plots stay small and fast at a million points
-PLOTLYJS_MODES = ("directory", "embed", "cdn")
 # A light look without shipping plotly's template (figures are plain dicts, not validated).
 STYLE = {"plot_bgcolor": "white", "paper_bgcolor": "white", "font": {"family": "sans-serif"}}
 AXIS = {
@@ -576,13 +575,6 @@ def fragment(fig: dict, plotlyjs: str | bool, *, div_id: str, height: int = 480)
         default_height=f"{height}px",
         config={"responsive": True, "displaylogo": False},
     )
-
-
-def plotlyjs_include(plotlyjs: str, depth: int = 0) -> str:
-    """What `fragment` takes for the page's first figure: embed, cdn or the directory copy."""
-    if plotlyjs in ("embed", "cdn"):
-        return plotlyjs
-    return "../" * depth + "plotly.min.js"
 
 
 GRAPH_STYLE = {

@@ -105,13 +105,6 @@ def _num(v: Any) -> float:
 # -- reading -------------------------------------------------------------------------------------
 
 
-def _rel(run_dir: Path, path: Path) -> str:
-    try:
-        return str(path.relative_to(run_dir))
-    except ValueError:  # pragma: no cover
-        return str(path)
-
-
 def _read_text(run_dir: Path, rel: str, limit: int | None = None) -> str:
     return store.read_run_text(run_dir, rel, limit=limit)
 

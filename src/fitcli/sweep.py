@@ -476,12 +476,6 @@ class RecordingStepper:
         )
 
 
-def _stopper(stop: Callable[[], bool] | None) -> Callable[[int, float], bool] | None:
-    if stop is None:
-        return None
-    return lambda epoch, loss: stop()
-
-
 def compute_single(prep: Any, index: int, stop: Callable[[], bool] | None = None) -> Trace:
     """One run through the real stepper and training loop, recorded."""
     from fitcli.train import snapshot_epochs, train

@@ -2,7 +2,7 @@
 
 Levenberg-Marquardt needs the model and its Jacobian at every iteration. At NIST's sizes (tens to
 hundreds of points, 2 to 9 parameters) torch's autograd spends most of an iteration in dispatch
-and the reverse pass (about 0.3 ms), where the same arithmetic in numpy takes a tenth of that.
+and the reverse pass, where the same arithmetic in numpy takes a fraction of that.
 `compile_jacobian` walks the checked expression tree of `fitcli.expr` (never Python source, so
 no ``eval`` here either) and builds closures that carry, next to each node's value, its
 derivative with respect to every parameter the node depends on (a sparse dual number):

@@ -2,7 +2,7 @@
 
 Every torch.optim step runs `import torch._dynamo; torch._dynamo.graph_break()`, and its methods are
 wrapped in `torch._disable_dynamo`, which calls `torch._dynamo.disable(fn)` once. Importing
-torch._dynamo costs about a second on a 2-core machine, as much as importing torch itself, and
+torch._dynamo costs about as much as importing torch itself, and
 outside `torch.compile` both calls do nothing. fitcli never compiles, so until something asks
 torch._dynamo for anything else it is a small stand-in module; the first other attribute anyone
 reads loads the real torch._dynamo and is answered from it (torch.func.jacrev does this).

@@ -27,12 +27,24 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 
 class Stepper(Protocol):
-    """One epoch of optimisation. Returns the loss at the parameters before the step."""
+    """What `train` needs of an optimizer: `step()` runs one epoch and returns the loss at the
+    parameters before it; `converged` is None while running and a reason once the optimizer has
+    stopped by itself (LM).
+
+    Members a stepper may have, which its callers look for with `getattr`/`hasattr` (a Protocol
+    cannot declare a member optional):
+    `lr()` the learning rate for metrics.csv (`train`; NaN without it); `state_dict()` and
+    `load_state_dict(state)` what state.json saves and resume restores (`state`, the sweep's
+    recording); `state_dicts_are_copies` True when `state_dict()` hands out objects that nothing
+    changes later, so snapshots need not deep-copy them (`experiment.RunWriter`); `failure` None,
+    or why the optimizer cannot continue, and `summary_fields()` what summary.json records about
+    how it ended (read for LM runs by `experiment` and by the sweep's recording).
+    """
 
     def step(self) -> torch.Tensor: ...
 
-    # None while running; a reason string once the optimizer has stopped by itself (LM)
-    converged: str | None
+    @property
+    def converged(self) -> str | None: ...
 
 
 @dataclass
@@ -56,8 +68,8 @@ class TrainResult:
 
 # A full batch on the CPU is computed in chunks of rows of about this many bytes per float
 # tensor, when it spans at least two of them: each chunk's forward, loss and backward temporaries
-# stay in the CPU's caches and the chunks' gradients add up in `raw.grad`. At 10^7 points an
-# epoch then costs 20 ns per point instead of 70 (every temporary a trip to main memory), and the
+# stay in the CPU's caches and the chunks' gradients add up in `raw.grad`. At large n the cost
+# per point then stays flat instead of growing (every temporary a trip to main memory), and the
 # autograd graph holds one chunk's tensors instead of the whole data set's.
 FULL_BATCH_CHUNK_BYTES = 2 * 2**20
 
@@ -180,7 +192,7 @@ def snapshot_epochs(epochs: int, snapshots: int) -> list[int]:
 
 def train(
     model: torch.nn.Module,
-    stepper: Any,
+    stepper: Stepper,
     *,
     epochs: int,
     evaluate_loss: Callable[[], float],

@@ -5,7 +5,8 @@ a line ``b1 = start1 start2 certified certified_stddev``, a ``Residual Sum of Sq
 and after the line that begins ``Data:   y`` the data rows ``y x``. `models.yaml` beside the
 files names each problem's model and difficulty. `MODELS` gives every model as a plain torch
 function ``f(b, x)`` of a parameter vector ``b`` (b[0] is NIST's b1), a reference to cross-check
-other model builders against.
+other model builders against. The tests and benchmarks use it; it is not part of the installed
+package.
 """
 
 from __future__ import annotations
