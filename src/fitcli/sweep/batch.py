@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fitcli import optim
 from fitcli.errors import (
     ExitCode,
     FitcliError,
@@ -37,8 +38,6 @@ MAX_BATCH = 1024
 
 def batch_key(cfg: Any) -> tuple | None:
     """Runs with equal keys can train as one batch (checked again on the prepared data)."""
-    from fitcli import optim
-
     name, kwargs = optim.split_spec(cfg.optimizer)
     if cfg.model.basis is None or cfg.scheduler is not None or cfg.batch_size is not None:
         return None
@@ -57,7 +56,7 @@ def batch_key(cfg: Any) -> tuple | None:
 
 def _slice_state(sd: dict, row: int) -> dict:
     """Row `row` of a batched optimizer's state_dict: the state_dict its single run would have."""
-    import torch
+    import torch  # lazy: torch-free Dask client, fast CLI start-up
 
     def cut(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
@@ -72,9 +71,9 @@ def _slice_state(sd: dict, row: int) -> dict:
 
 def batchable(preps: Sequence[Any]) -> bool:
     """Whether prepared runs can share one tensor program and stay bit-identical to single runs."""
-    import torch
+    import torch  # lazy: torch-free Dask client, fast CLI start-up
 
-    from fitcli.model import ROW_EXACT_LIMIT, BasisModel
+    from fitcli.model import ROW_EXACT_LIMIT, BasisModel  # lazy: imports torch
 
     p0 = preps[0]
     for p in preps:
@@ -108,7 +107,7 @@ def compute_batch(
     run), each run's loss is the mean over its own row, and one optimizer per distinct
     `optimizer` section updates its runs' rows elementwise.
     """
-    import torch
+    import torch  # lazy: torch-free Dask client, fast CLI start-up
 
     threads = torch.get_num_threads()
     # One thread: the batch's rows are reduced one after another either way (each row exactly as
@@ -123,11 +122,10 @@ def compute_batch(
 def _compute_batch(
     preps: Sequence[Any], indices: Sequence[int], stop: Callable[[], bool] | None
 ) -> list[Trace]:
-    import torch
+    import torch  # lazy: torch-free Dask client, fast CLI start-up
 
-    from fitcli import optim
-    from fitcli.model import rows_dot
-    from fitcli.train import LOSSES, snapshot_epochs
+    from fitcli.model import rows_dot  # lazy: imports torch
+    from fitcli.train import LOSSES, snapshot_epochs  # lazy: imports torch
 
     t0 = time.perf_counter()
     cfg0, p0 = preps[0].cfg, preps[0]
@@ -264,7 +262,7 @@ def run_task(
 
     This is what local worker processes and Dask workers execute; it writes nothing.
     """
-    from fitcli.experiment import prepare
+    from fitcli.experiment import prepare  # lazy: imports torch
 
     if stop is not None and stop():
         return []  # stopped before this task began: its runs stay pending

@@ -5,10 +5,14 @@ that run on a worker."""
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import contextlib
 import os
 import shutil
+import signal
 import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +67,7 @@ def render_task(task: Task, plotlyjs: str) -> list[Rendered]:
     plan = Plan.from_doc(task.plan, SWEEP_FILE)
     preps = {}
     # Imported here: what a worker imports first, paid once per worker process.
-    from fitcli.experiment import prepare
+    from fitcli.experiment import prepare  # lazy: imports torch
 
     for i in task.indices:
         with contextlib.suppress(Exception):  # run_task reports it
@@ -86,8 +90,6 @@ def render_traces(
     in place, and no filesystem is shared. `preps` holds runs' prepared state left untouched
     by a batch computed in this task; other runs are prepared again.
     """
-    import tempfile
-
     plan = Plan.from_doc(plan_doc, SWEEP_FILE)
     wanted = set(indices)
     skip = [store.PLOTLY_JS] if plotlyjs == "directory" else []
@@ -164,9 +166,7 @@ CONNECT_TIMEOUT_S = 10.0  # to reach a scheduler and hear its handshake
 async def _handshake(address: str) -> None:
     """Connect to `address` and read its Dask handshake. Dask's `connect` gives up connecting
     after CONNECT_TIMEOUT_S (OSError); the second more are for the handshake (TimeoutError)."""
-    import asyncio
-
-    from distributed.comm import connect as comm_connect
+    from distributed.comm import connect as comm_connect  # lazy: Dask is an optional extra
 
     comm = await asyncio.wait_for(
         comm_connect(address, timeout=CONNECT_TIMEOUT_S), CONNECT_TIMEOUT_S + 1
@@ -182,9 +182,7 @@ def probe_scheduler(address: str) -> None:
     makes it allocate exabytes. So the handshake is heard here first, bounded in time, and any
     failure is a message. (tls:// and other protocols go to the client directly.)
     """
-    import asyncio
-
-    from distributed.comm.addressing import parse_address
+    from distributed.comm.addressing import parse_address  # lazy: Dask is an optional extra
 
     if parse_address(address)[0] != "tcp":
         return
@@ -208,7 +206,7 @@ def connect(address: str) -> Any:
     """A Dask client for `address` (`local` starts a two-worker LocalCluster). The command line
     connects before it creates the sweep directory, so an unreachable scheduler leaves nothing."""
     try:
-        from dask.distributed import Client, LocalCluster
+        from dask.distributed import Client, LocalCluster  # lazy: Dask is an optional extra
     except ImportError:
         raise SweepError(DASK_HINT) from None
     if address == "local":
@@ -234,9 +232,6 @@ def dask_setup(worker: Any) -> None:
     done: a Python process that has imported torch takes about 0.4 s to tear its modules down,
     which closing the cluster waits for, at the end of every sweep.
     """
-    import atexit
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     atexit.register(_exit_now)
     # torch now, as the cluster starts: both workers import it at once, and the first task on
@@ -291,7 +286,7 @@ def _run_dask(plan, cfgs, indices, options, accept, stop, unfinished) -> None:
     `unfinished` receives the runs that did not come back."""
     client = options.client or connect(options.scheduler)
     try:
-        from dask.distributed import wait
+        from dask.distributed import wait  # lazy: Dask is an optional extra
 
         pending = _submit_dask(client, plan, cfgs, indices, options.plotlyjs)
         try:

@@ -4,9 +4,14 @@ run directories, or with `--workers N` worker processes."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
+import signal
 import sys
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from fitcli.errors import (
@@ -24,7 +29,7 @@ def _run_here(plan, cfgs, indices, accept, stop, accept_batch=None) -> None:
             break
         # Imported after the check: torch takes seconds to import, and a Ctrl-C meanwhile must
         # still find the runs started, so that they are written and marked interrupted.
-        from fitcli.experiment import prepare
+        from fitcli.experiment import prepare  # lazy: imports torch
 
         preps = {}
         for i in task.indices:
@@ -57,7 +62,7 @@ def _forking_pays(preps: Sequence[Any]) -> bool:
     """Fork writers for a batch of at least 2 runs per writer, on Linux (fork is safe there for a
     process that uses torch on one thread), with every run below ROW_EXACT_LIMIT points: a
     writer then never enters a parallel region (OpenMP does not survive fork)."""
-    from fitcli.model import ROW_EXACT_LIMIT
+    from fitcli.model import ROW_EXACT_LIMIT  # lazy: imports torch
 
     n = writer_processes()
     if n < 2 or len(preps) < 2 * n or not sys.platform.startswith("linux"):
@@ -80,9 +85,7 @@ def _stopped_by_parent(signum: int, frame: Any) -> None:
 
 
 def _writer_init() -> None:
-    import signal
-
-    import torch
+    import torch  # lazy: torch-free Dask client, fast CLI start-up
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C does
     if hasattr(signal, "SIGHUP"):
@@ -103,8 +106,6 @@ def _write_job(k: int) -> tuple[int, dict | None, Exception | None]:
 def _write_forked(jobs: list[tuple], done: Callable[[int, dict], None]) -> None:
     """`claim_and_write(*job)` for every job in forked processes; `done(k, summary)` here."""
     global _FORKED_JOBS, _WRITERS_STOP
-    import multiprocessing
-
     if not jobs:
         return
     _FORKED_JOBS = jobs
@@ -142,8 +143,6 @@ _WORKER_PARENT: int | None = None
 
 def _pool_init(halt: Any = None, parent: int | None = None) -> None:
     global _WORKER_STOP, _WORKER_PARENT
-    import signal
-
     # The parent decides what a stop signal does (a scheduler's SIGTERM reaches the whole
     # process group): it sets `halt`, and the worker's runs stop at the end of their epoch.
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):
@@ -171,8 +170,6 @@ class _Worker:
     dies, the task it held is the one lost, and a new one takes its place."""
 
     def __init__(self, ctx: Any, halt: Any) -> None:
-        from concurrent.futures import ProcessPoolExecutor
-
         self.pool = ProcessPoolExecutor(
             1, mp_context=ctx, initializer=_pool_init, initargs=(halt, os.getpid())
         )
@@ -190,8 +187,6 @@ class _Worker:
         if code is None:
             return "its worker process died"
         if code < 0:
-            import signal
-
             with contextlib.suppress(ValueError):
                 return f"its worker process was killed by {signal.Signals(-code).name}"
         return f"its worker process died (exit code {code})"
@@ -211,11 +206,6 @@ def _run_processes(plan, cfgs, indices, options, accept, stop, unfinished) -> No
     interrupted. A worker that dies fails its task's runs (with the reason) and is replaced;
     the others go on. A second signal ends the workers at once; `unfinished` receives the
     runs that did not come back."""
-    import multiprocessing
-    from collections import deque
-    from concurrent.futures import FIRST_COMPLETED, wait
-    from concurrent.futures.process import BrokenProcessPool
-
     queue = deque(make_tasks(plan, cfgs, indices, options.workers))
     ctx = multiprocessing.get_context("spawn")
     halt = ctx.Event()

@@ -15,6 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fitcli import optim
+from fitcli.config import (
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    load_yaml,
+    read_config_text,
+)
 from fitcli.errors import (
     ConfigError,
     InputError,
@@ -185,8 +193,6 @@ class Plan:
 
     def cfg(self, run: RunSpec) -> Any:
         """The run's validated config: what `load_config(config, overrides)` gives."""
-        from fitcli.config import apply_overrides, config_from_dict
-
         own = run.index < len(self.runs) and self.runs[run.index] is run
         if own and run.index in self._cfgs:
             return self._cfgs[run.index]
@@ -231,13 +237,9 @@ class Plan:
 def make_plan(config: Path, assignments: Sequence[str], *, torch_checks: bool = True) -> Plan:
     """Read the base config and expand the axes; every run's config is validated up front
     (without the checks against torch when `torch_checks` is False: see `check_on_cluster`)."""
-    from fitcli.config import load_yaml, read_config_text
-
     fixed, axes = parse_assignments(assignments)
     base = load_yaml(read_config_text(config), str(config))
     if not isinstance(base, dict):
-        from fitcli.config import load_config
-
         load_config(config)  # raises the config file's own top-level problem
     plan = Plan(str(config), base, os.path.dirname(os.path.abspath(config)), fixed, axes)
     validate_plan(plan, torch_checks=torch_checks)
@@ -291,8 +293,6 @@ class _TorchChecks:
         self.checked: dict[str, list[str]] = {}  # optimizer/scheduler/loss choice -> verdict
 
     def __call__(self, run: RunSpec, cfg: Any) -> list[str]:
-        from fitcli import optim
-
         key = json.dumps(
             [
                 cfg.optimizer.model_dump(),

@@ -15,6 +15,7 @@ folder of its own and sends the files back (`sweep.cluster.Rendered`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -131,7 +132,7 @@ class RecordingStepper:
         return loss
 
     def finish(self) -> None:
-        import torch
+        import torch  # lazy: torch-free Dask client, fast CLI start-up
 
         self.trace.lrs.append(self._lr())
         self.trace.states[self.k] = self._state()
@@ -152,7 +153,7 @@ def _stopper(stop: Callable[[], bool] | None) -> Callable[[int, float], bool] | 
 
 def compute_single(prep: Any, index: int, stop: Callable[[], bool] | None = None) -> Trace:
     """One run through the real stepper and training loop, recorded."""
-    from fitcli.train import snapshot_epochs, train
+    from fitcli.train import snapshot_epochs, train  # lazy: imports torch
 
     cfg = prep.cfg
     trace = Trace(index)
@@ -199,9 +200,7 @@ def write_run(
     `prep` is the run's prepared state when the caller still holds it untouched (a batched run
     computed in this process), else it is prepared again from the plan.
     """
-    import dataclasses
-
-    from fitcli.experiment import execute, prepare, small_data_threads
+    from fitcli.experiment import execute, prepare, small_data_threads  # lazy: imports torch
 
     if prep is None:
         prep = prepare(plan.cfg(run))

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from fitcli import store
+from fitcli.config import dump_yaml, load_yaml
 from fitcli.errors import (
     RunFileError,
 )
+from fitcli.runs import summary_problem
 from fitcli.sweep.plan import SWEEP_FILE, Plan, RunSpec, SweepError
 
 RUNS_FILE = "runs.csv"
@@ -103,8 +105,6 @@ def row_from_summary(row: Row, summary: dict, sweep_dir: Path, run_dir: Path) ->
 
 def create_sweep(plan: Plan, out: Path, command: list[str]) -> Path:
     """A new sweep directory with sweep.yaml and a runs.csv of pending runs."""
-    from fitcli.config import dump_yaml
-
     name = plan.base.get("name", "sweep") if isinstance(plan.base, dict) else "sweep"
     sweep_dir = store.create_run_dir(out, f"{name}-sweep")
     doc = plan.to_doc()
@@ -120,9 +120,6 @@ def create_sweep(plan: Plan, out: Path, command: list[str]) -> Path:
 def load_sweep(sweep_dir: Path) -> tuple[Plan, list[Row]]:
     """Plan and rows of an existing sweep directory (rows filled from the run directories; a run
     whose summary is unreadable or garbled is failed, so that it runs again)."""
-    from fitcli.config import load_yaml
-    from fitcli.runs import summary_problem
-
     path = sweep_dir / SWEEP_FILE
     if not path.is_file():
         raise SweepError(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE})")
