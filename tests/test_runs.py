@@ -82,7 +82,7 @@ def test_unknown_sort_key_is_an_input_error(tmp_path):
 def test_a_running_run_whose_process_is_gone_is_stale_and_only_this_host_is_checked(tmp_path):
     """summary.json says running until the run ends; its `process` record tells whether that
     is still true: a dead pid, or a live pid that started at another time (reused), is stale;
-    this very process is running; another host cannot be checked and keeps what it says."""
+    this very process is running; another host cannot be checked: unknown."""
     import os
     import subprocess
 
@@ -104,7 +104,7 @@ def test_a_running_run_whose_process_is_gone_is_stale_and_only_this_host_is_chec
         "reused": ({**me, "started": me["started"] - 1}, "stale"),
         "rebooted": ({**me, "boot_id": "not-this-boot"}, "stale"),
         "alive": (me, "running"),
-        "elsewhere": ({**me, "pid": dead.pid, "host": me["host"] + "-other"}, "running"),
+        "elsewhere": ({**me, "pid": dead.pid, "host": me["host"] + "-other"}, "unknown"),
         "unrecorded": (None, "running"),
     }
     for name, (record, _) in cases.items():

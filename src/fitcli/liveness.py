@@ -23,6 +23,8 @@ from typing import Any
 
 ALIVE, GONE, UNKNOWN = "alive", "gone", "unknown"
 STALE = "stale"  # the status `status_of` shows for a running run whose process is gone
+# ... and for a running run written on another host, whose process cannot be checked from here
+UNVERIFIED = "unknown"
 _PROC = Path("/proc")
 
 
@@ -89,10 +91,18 @@ def liveness(record: Any) -> str:
 
 def status_of(summary: dict) -> str:
     """A run's status as far as is known: the recorded one, except that a `running` run whose
-    writer is gone is `stale` (it will never finish; `fitcli train --resume` continues it)."""
+    writer is gone is `stale` (it will never finish; `fitcli train --resume` continues it), and
+    one whose writer ran on another host is `unknown` (running or stale: only that host can tell).
+    A running run with no `process` record (written before fitcli recorded it) keeps `running`."""
     status = str(summary.get("status", "unknown"))
-    if status == "running" and liveness(summary.get("process")) == GONE:
+    if status != "running":
+        return status
+    record = summary.get("process")
+    state = liveness(record)
+    if state == GONE:
         return STALE
+    if state == UNKNOWN and isinstance(record, dict) and record.get("host") != host():
+        return UNVERIFIED
     return status
 
 
