@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from fitcli import sweep as sw
 from fitcli.cli import app
+from fitcli.sweep import cluster as sweep_cluster
 
 pytest.importorskip("distributed")
 runner = CliRunner()
@@ -106,7 +107,7 @@ def test_sweep_on_a_dask_cluster_matches_a_local_sweep(cluster, tmp_path, monkey
     # SGD runs batch on the workers (two batches of 3, each rendered in parts of 2 by tasks of
     # their own), LBFGS runs one by one; the workers write each run directory and send it back,
     # the client puts it in place.
-    monkeypatch.setattr(sw, "DASK_RENDER_RUNS", 2)
+    monkeypatch.setattr(sweep_cluster, "DASK_RENDER_RUNS", 2)
     args = ["sweep", str(SEED), *SMALL, "optimizer.name=SGD,LBFGS", "seed=range(0,6)"]
     remote = runner.invoke(
         app, [*args, "-o", str(tmp_path / "remote"), "--scheduler", cluster, "--progress", "none"]

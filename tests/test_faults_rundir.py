@@ -340,8 +340,9 @@ GARBAGE = b"HTTP/1.1 400 Bad Request\r\n\r\n" + b"\xff" * 64
 def test_a_port_that_is_not_a_dask_scheduler_times_out_cleanly(greeting, monkeypatch):
     pytest.importorskip("dask.distributed")
     from fitcli import sweep as sw
+    from fitcli.sweep import cluster as sweep_cluster
 
-    monkeypatch.setattr(sw, "CONNECT_TIMEOUT_S", 2.0, raising=False)
+    monkeypatch.setattr(sweep_cluster, "CONNECT_TIMEOUT_S", 2.0, raising=False)
     server = FakeServer(greeting)
     outcome: list = []
 

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from fitcli import sweep as sw
 from fitcli.cli import app
+from fitcli.sweep import replay
 
 runner = CliRunner()
 
@@ -436,14 +437,14 @@ def test_forked_writers_write_what_one_writer_writes(tmp_path, monkeypatch):
 def test_a_fault_in_a_forked_writer_stops_the_sweep_like_one_writer(tmp_path, monkeypatch):
     from fitcli.errors import RunDirError
 
-    write = sw.write_run
+    write = replay.write_run
 
     def faulty(plan, run, trace, run_dir, plotlyjs, prep=None):
         if run.index == 3:
             raise RunDirError(f"cannot write {run_dir}: No space left on device")
         return write(plan, run, trace, run_dir, plotlyjs, prep)
 
-    monkeypatch.setattr(sw, "write_run", faulty)
+    monkeypatch.setattr(replay, "write_run", faulty)
     args = ["sweep", str(SEED), *SMALL, "seed=range(0,8)", "--progress", "none"]
     results = []
     for writers in ("1", "2"):
