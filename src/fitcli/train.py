@@ -21,7 +21,15 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from fitcli.model import FitModel
 
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+class LossFunction(Protocol):
+    """A torch.nn.functional loss: mean by default, per element with reduction="none"."""
+
+    def __call__(
+        self, input: torch.Tensor, target: torch.Tensor, /, *, reduction: str = ...
+    ) -> torch.Tensor: ...
+
+
+LOSSES: dict[str, LossFunction] = {
     "mse": F.mse_loss,
     "l1": F.l1_loss,
     "huber": F.huber_loss,
