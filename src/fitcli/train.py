@@ -21,6 +21,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from fitcli.model import FitModel
 
+
 class LossFunction(Protocol):
     """A torch.nn.functional loss: mean by default, per element with reduction="none"."""
 
