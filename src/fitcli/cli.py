@@ -260,7 +260,7 @@ def train(
 
         point = None
         if resume is not None:
-            from fitcli.state import prepare_resume
+            from fitcli.resume import prepare_resume
 
             if run_dir is not None or overwrite:
                 raise InputError("--resume continues RUN_DIR in place; drop --run-dir/--overwrite")
@@ -276,7 +276,8 @@ def train(
             raise InputError("missing the config file: fitcli train CONFIG [key=value ...]")
         else:
             cfg = load_config(config, overrides or [])  # before torch: bad input fails fast
-            from fitcli.experiment import make_run_dir, prepare
+            from fitcli.experiment import make_run_dir
+            from fitcli.prepare import prepare
 
             prep = prepare(cfg)
             if stop.requested:
@@ -317,7 +318,7 @@ def check(config: ConfigArg, overrides: OverridesArg = None, debug: DebugOpt = F
         from fitcli.config import config_to_dict, dump_yaml, load_config
 
         cfg = load_config(config, overrides or [])  # before torch: bad input fails fast
-        from fitcli.experiment import prepare
+        from fitcli.prepare import prepare
 
         prep = prepare(cfg)
         d = config_to_dict(cfg)
@@ -419,8 +420,8 @@ def graph(
 
     with errors_to_exit(debug):
         from fitcli.config import load_config
-        from fitcli.experiment import prepare
         from fitcli.graph import autograd_graph, write_html
+        from fitcli.prepare import prepare
 
         prep = prepare(load_config(config, overrides or []))
         g = autograd_graph(prep)
