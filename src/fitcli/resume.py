@@ -1,4 +1,8 @@
-"""Resuming a run directory: check it can be resumed, and build its run with the state loaded.
+"""How a run begins (`start`: a new run directory, or resuming one), and resuming a run directory:
+check it can be resumed, and build its run with the state loaded.
+
+`start` lives here, not in `experiment`, because `experiment` imports torch: a bad config or a run
+directory that cannot be resumed is refused before torch is imported, as the command promises.
 
 Above `prepare` and the state codec (`state`): the run's summary says it may be resumed (not
 completed, its writer gone), its config.yaml plus the overrides changes no frozen key, its data
@@ -20,6 +24,79 @@ from fitcli.state import STATE_FILE, SavedState, _at, _bad, _short, load_state
 
 # What a resumed run may not change: the saved parameters and history belong to these.
 FROZEN_KEYS = ("data", "model", "seed", "dtype")
+
+
+@dataclass
+class Start:
+    """A run ready for `experiment.execute`: prepared, its run directory, where it resumes."""
+
+    prep: Any  # prepare.Prepared
+    run_dir: Path
+    point: ResumePoint | None  # None: a new run
+
+    @property
+    def notes(self) -> list[str]:
+        """What resuming changed or could not check, for the user."""
+        return [] if self.point is None else self.point.notes
+
+    def execute(
+        self, *, plotlyjs: str, command: list[str], stop: Any, progress: Any = None
+    ) -> dict:
+        """Train it (`experiment.execute`) until done or `stop` is requested; `progress(epoch,
+        loss)` sees every epoch. Returns the run's summary."""
+        from fitcli.experiment import execute
+
+        def on_epoch(epoch: int, loss: float) -> bool:
+            if progress is not None:
+                progress(epoch, loss)
+            return stop.requested
+
+        return execute(
+            self.prep,
+            self.run_dir,
+            plotlyjs=plotlyjs,
+            command=command,
+            on_epoch=on_epoch,
+            resume=self.point,
+            stopped_by=lambda: stop.signal,
+        )
+
+
+def start(
+    config: Path | None,
+    overrides: list[str],
+    *,
+    resume: Path | None,
+    out: Path,
+    run_dir: Path | None,
+    overwrite: bool,
+    stop: Any,
+) -> Start:
+    """Prepare a new run and make its run directory, or prepare resuming the run directory
+    `resume` (then every argument, `config` included, is an override). `stop` (the command's
+    stop flag) ends the command before anything is written when a signal came meanwhile."""
+    from fitcli.config import load_config
+    from fitcli.errors import InputError
+
+    if resume is not None:
+        if run_dir is not None or overwrite:
+            raise InputError("--resume continues RUN_DIR in place; drop --run-dir/--overwrite")
+        # With --resume every argument is an override (the run has its own config).
+        given = ([str(config)] if config is not None else []) + overrides
+        prep, point = prepare_resume(resume, given)
+        if stop.requested:
+            raise stop.interrupt()
+        return Start(prep, resume, point)
+    if config is None:
+        raise InputError("missing the config file: fitcli train CONFIG [key=value ...]")
+    cfg = load_config(config, overrides)  # before torch: bad input fails fast
+    from fitcli.experiment import make_run_dir  # lazy: imports torch
+    from fitcli.prepare import prepare
+
+    prep = prepare(cfg)
+    if stop.requested:
+        raise stop.interrupt()
+    return Start(prep, make_run_dir(cfg, out, run_dir, overwrite), None)
 
 
 @dataclass
@@ -345,4 +422,4 @@ def snapshot_entries(run_dir: Path, epoch: int) -> list[dict]:
     return [s for s in doc["snapshots"] if s["epoch"] <= epoch]
 
 
-__all__ = ["FROZEN_KEYS", "ResumePoint", "prepare_resume", "snapshot_entries"]
+__all__ = ["FROZEN_KEYS", "ResumePoint", "Start", "prepare_resume", "snapshot_entries", "start"]
