@@ -17,7 +17,7 @@ leading run dimension on the parameters, one optimizer per distinct optimizer se
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -294,7 +294,7 @@ def start(
     command: list[str],
     dry_run: bool = False,
     progress: Any = None,
-) -> Outcome | Iterator[str]:
+) -> Outcome | Iterable[str]:
     """Run a sweep: plan it from `config` and `axes` (or load the sweep directory `resume`),
     connect to the Dask scheduler and check the plan there, make the sweep directory, run it.
     With `dry_run`, the runs as `fitcli train` commands instead (one line each, as they are
