@@ -33,7 +33,8 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from fitcli.config import config_from_dict
-from fitcli.experiment import finish_stats, prepare
+from fitcli.experiment import finish_stats
+from fitcli.prepare import prepare
 from fitcli.train import train
 
 ROOT = Path(__file__).resolve().parent.parent

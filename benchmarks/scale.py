@@ -25,7 +25,7 @@ from fitcli.torchboot import import_torch  # noqa: E402
 
 torch = import_torch()
 
-from fitcli import experiment, lm  # noqa: E402
+from fitcli import experiment, lm, prepare  # noqa: E402
 from fitcli.config import config_from_dict  # noqa: E402
 
 TARGET = "90*exp(-0.01*x) + 100*exp(-(x-110)**2/25**2)"
@@ -66,7 +66,7 @@ def lm_vs_scipy(sizes: list[int]) -> list[str]:
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n in sizes:
-        prep = experiment.prepare(config_from_dict(config(n, {"name": "LM"})))
+        prep = prepare.prepare(config_from_dict(config(n, {"name": "LM"})))
         x, y = prep.dataset.x, prep.dataset.y
         t = time.perf_counter()
         p_scipy, _ = curve_fit(f_np, x, y, p0=START)
@@ -110,7 +110,7 @@ def epoch_times(sizes: list[int], epochs: int = 5) -> list[str]:
     for n in sizes:
         cells = []
         for opt in ({"name": "SGD", "lr": 1e-6}, {"name": "Adam", "lr": 0.01}):
-            prep = experiment.prepare(config_from_dict(config(n, opt)))
+            prep = prepare.prepare(config_from_dict(config(n, opt)))
             prep.stepper.step().item()  # warm up
             t = time.perf_counter()
             for _ in range(epochs):
@@ -175,7 +175,7 @@ def train_memory(n: int, tmp: Path) -> list[str]:
 def snapshot_sizes(tmp: Path) -> list[str]:
     rows = ["| n | largest snapshot page |", "|---:|---:|"]
     for n in (10**3, 10**5, 10**6):
-        prep = experiment.prepare(config_from_dict(config(n, {"name": "LM"}, epochs=3)))
+        prep = prepare.prepare(config_from_dict(config(n, {"name": "LM"}, epochs=3)))
         run = tmp / f"snap-{n}"
         run.mkdir()
         experiment.execute(prep, run, plotlyjs="directory", command=["bench"])

@@ -48,7 +48,7 @@ def loop_timing(epochs: int, reps: int) -> dict:
     import torch.nn.functional as F
 
     from fitcli.config import load_config
-    from fitcli.experiment import prepare
+    from fitcli.prepare import prepare
     from fitcli.train import train
 
     cfg = load_config(SEED, [f"epochs={epochs}"])

@@ -122,7 +122,7 @@ def expressions() -> st.SearchStrategy[str]:
 
 def check_config(tmp_path: Path, cfg: dict) -> None:
     """Load and prepare: only fitcli input errors may come out, and nothing is written."""
-    from fitcli.experiment import prepare
+    from fitcli.prepare import prepare
 
     path = write(tmp_path / "gen.yaml", cfg)
     try:

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from fitcli import console, state, store
 from fitcli.cli import app
 from fitcli.config import load_config
-from fitcli.experiment import execute, prepare
+from fitcli.experiment import execute
+from fitcli.prepare import prepare
 
 runner = CliRunner()
 

@@ -11,7 +11,8 @@ from conftest import SMALL, only_run_dir
 
 from fitcli.cli import app
 from fitcli.config import config_from_dict
-from fitcli.experiment import finish_stats, prepare
+from fitcli.experiment import finish_stats
+from fitcli.prepare import prepare
 from fitcli.stats import expression_truth, linear_optimum, linear_optimum_chunked
 from fitcli.train import train
 

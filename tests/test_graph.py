@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from fitcli.cli import app
 from fitcli.config import load_config
-from fitcli.experiment import prepare
 from fitcli.graph import DATA, OP, PARAM, autograd_graph, build_graph, layers
+from fitcli.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -14,7 +14,8 @@ from scipy.optimize import curve_fit
 from fitcli.cli import app
 from fitcli.config import config_from_dict
 from fitcli.errors import ConfigError
-from fitcli.experiment import finish_stats, prepare
+from fitcli.experiment import finish_stats
+from fitcli.prepare import prepare
 from fitcli.train import train
 
 RNG = np.random.default_rng(3)

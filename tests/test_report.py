@@ -188,7 +188,8 @@ def test_diverged_run(tmp_path: Path) -> None:
 
 def test_interrupted_run(tmp_path: Path) -> None:
     from fitcli.config import load_config
-    from fitcli.experiment import execute, make_run_dir, prepare
+    from fitcli.experiment import execute, make_run_dir
+    from fitcli.prepare import prepare
 
     prep = prepare(load_config(ROOT / "configs/seed.yaml", ["epochs=100"]))
     run = make_run_dir(prep.cfg, tmp_path, tmp_path / "run", False)

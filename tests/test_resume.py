@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 from fitcli import state, store
 from fitcli.cli import app
 from fitcli.config import load_config
-from fitcli.experiment import execute, prepare
+from fitcli.experiment import execute
+from fitcli.prepare import prepare
+from fitcli.resume import prepare_resume
 
 # Configs that exercise every kind of state: plain SGD; mini-batches (the shuffle generator) with
 # Adam and a step scheduler; LBFGS (lists of tensors, Python floats); float32 with bounds, a
@@ -191,7 +193,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(runner, tmp_path, case):
         summary = train_stopped_at(cfg, run, plan[0])
         assert summary["status"] == "interrupted" and summary["epochs_run"] == plan[0]
         for nxt in plan[1:]:
-            prep_point = state.prepare_resume(run, [])
+            prep_point = prepare_resume(run, [])
             stopped = execute(
                 *prep_point[:1],
                 run,

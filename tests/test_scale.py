@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fitcli import data, experiment, lm
+from fitcli import data, experiment, lm, prepare
 from fitcli.config import config_from_dict
 from fitcli.errors import ConfigError
 
@@ -36,7 +36,7 @@ def config(n: int = 2000, **over) -> dict:
 
 
 def train_params(cfg: dict) -> tuple[list[float], list[float]]:
-    prep = experiment.prepare(config_from_dict(cfg))
+    prep = prepare.prepare(config_from_dict(cfg))
     losses = [float(prep.stepper.step()) for _ in range(cfg["epochs"])]
     return list(prep.model.values().values()), losses
 
@@ -58,7 +58,7 @@ def test_minibatch_basis_model_indexes_the_cached_design(monkeypatch):
         optimizer={"name": "SGD", "lr": 1e-9},
         batch_size=100,
     )
-    prep = experiment.prepare(config_from_dict(cfg))
+    prep = prepare.prepare(config_from_dict(cfg))
     phi = prep.model.design(prep.x)
 
     def boom(x):
@@ -72,7 +72,7 @@ def test_minibatch_basis_model_indexes_the_cached_design(monkeypatch):
 
 def test_mean_of_batch_losses_equals_full_loss_at_zero_lr():
     cfg = config(optimizer={"name": "SGD", "lr": 0.0}, batch_size=300, epochs=1)
-    prep = experiment.prepare(config_from_dict(cfg))
+    prep = prepare.prepare(config_from_dict(cfg))
     batched = float(prep.stepper.step())
     assert batched == pytest.approx(prep.evaluate_loss(), rel=1e-12)
 
@@ -80,7 +80,7 @@ def test_mean_of_batch_losses_equals_full_loss_at_zero_lr():
 def test_lm_rejects_batch_size():
     cfg = config(optimizer={"name": "LM"}, batch_size=100)
     with pytest.raises(ConfigError, match="batch_size: LevenbergMarquardt works on the full batch"):
-        experiment.prepare(config_from_dict(cfg))
+        prepare.prepare(config_from_dict(cfg))
 
 
 def test_lm_chunks_bound_the_jacobian_and_match_one_chunk():
@@ -123,7 +123,7 @@ def test_snapshots_do_not_grow_with_n(tmp_path):
     sizes = {}
     for n in (1_000, 100_000):
         cfg = config(n, epochs=2, snapshots=1, name=f"n{n}")
-        prep = experiment.prepare(config_from_dict(cfg))
+        prep = prepare.prepare(config_from_dict(cfg))
         run = tmp_path / f"run{n}"
         run.mkdir()
         experiment.execute(prep, run, plotlyjs="cdn", command=["test"])
@@ -141,7 +141,7 @@ def test_unsorted_data_file_is_sorted_once_for_snapshots(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("x,y\n" + "".join(f"{a!r},{2 * a!r}\n" for a in x.tolist()))
     cfg = config(data={"file": str(path)}, model={"expr": "k*x", "params": {"k": 1}})
-    prep = experiment.prepare(config_from_dict(cfg))
+    prep = prepare.prepare(config_from_dict(cfg))
     writer = experiment.RunWriter(tmp_path, prep, "cdn")
     xs, ys, yt = writer.obs
     assert np.all(np.diff(xs) >= 0) and np.array_equal(ys, 2 * xs) and yt is None
@@ -161,7 +161,7 @@ def test_synthetic_data_is_chunk_invariant(monkeypatch):
 
 
 def test_float64_tensors_share_the_dataset_memory():
-    prep = experiment.prepare(config_from_dict(config(5000)))
+    prep = prepare.prepare(config_from_dict(config(5000)))
     assert prep.x.data_ptr() == prep.dataset.x.ctypes.data  # no copy on the CPU in float64
     assert prep.y.data_ptr() == prep.dataset.y.ctypes.data
 
@@ -172,7 +172,7 @@ def test_cuda_agrees_with_cpu(optimizer, tmp_path: Path):
     results = {}
     for device in ("cpu", "cuda"):
         cfg = config(20_000, device=device, optimizer=optimizer, epochs=20)
-        prep = experiment.prepare(config_from_dict(cfg))
+        prep = prepare.prepare(config_from_dict(cfg))
         assert prep.x.device.type == device and prep.model.raw.device.type == device
         run = tmp_path / device
         run.mkdir()
@@ -191,7 +191,7 @@ def _chunked_and_whole(monkeypatch, cfg: dict):
 
     whole = train_params(cfg)
     monkeypatch.setattr(train_mod, "FULL_BATCH_CHUNK_BYTES", 500 * 8)
-    prep = experiment.prepare(config_from_dict(cfg))
+    prep = prepare.prepare(config_from_dict(cfg))
     assert prep.stepper.chunk_rows == 500
     losses = [float(prep.stepper.step()) for _ in range(cfg["epochs"])]
     return (list(prep.model.values().values()), losses), whole
@@ -251,5 +251,5 @@ def test_chunks_only_for_large_full_batches_on_the_cpu():
     assert full_batch_chunk_rows(10**7, torch.float32, cpu) == 2 * rows64  # same bytes
     assert full_batch_chunk_rows(rows64, torch.float64, cpu) is None  # one chunk's worth
     assert full_batch_chunk_rows(10**7, torch.float64, torch.device("cuda")) is None
-    prep = experiment.prepare(config_from_dict(config(2000, batch_size=100)))
+    prep = prepare.prepare(config_from_dict(config(2000, batch_size=100)))
     assert prep.stepper.chunk_rows is None  # mini-batches are small already

@@ -17,7 +17,7 @@ def test_there_are_shipped_configs():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_config_is_valid(path):
-    from fitcli.experiment import prepare
+    from fitcli.prepare import prepare
 
     cfg = load_config(path)
     prep = prepare(cfg)

@@ -106,7 +106,7 @@ def test_invalid_run_config_is_reported_before_anything_runs(tmp_path):
 
 def single_run(cfg):
     """What `fitcli train` computes: the real stepper and training loop."""
-    from fitcli.experiment import prepare
+    from fitcli.prepare import prepare
     from fitcli.train import train
 
     prep = prepare(cfg)
@@ -132,7 +132,7 @@ def test_batched_runs_are_bit_identical_to_single_runs(axes):
 
     plan = sw.make_plan(SEED, ["epochs=60", *axes])
     cfgs = [plan.cfg(r) for r in plan.runs]
-    from fitcli.experiment import prepare
+    from fitcli.prepare import prepare
 
     groups: dict = {}
     for i, c in enumerate(cfgs):
@@ -167,7 +167,7 @@ def test_batch_key_separates_what_cannot_share_a_program():
 
 def test_diverging_row_stops_alone_and_matches_its_single_run():
     plan = sw.make_plan(SEED, ["epochs=60", "optimizer.lr=0.01,1e6"])
-    from fitcli.experiment import prepare
+    from fitcli.prepare import prepare
 
     preps = [prepare(plan.cfg(r)) for r in plan.runs]
     traces = sw.compute_batch(preps, [0, 1])
@@ -395,7 +395,8 @@ def test_ctrl_c_in_a_real_process_exits_130(tmp_path):
 )
 def test_deferred_state_writes_what_every_snapshot_would(tmp_path, overrides):
     from fitcli.config import load_config
-    from fitcli.experiment import execute, prepare
+    from fitcli.experiment import execute
+    from fitcli.prepare import prepare
 
     for name, defer in (("each", False), ("once", True)):
         prep = prepare(load_config(SEED, overrides))

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow  # each test starts Python processes that import t
 SCRIPT = """
 import json, sys
 from fitcli.config import load_config
-from fitcli.experiment import prepare
+from fitcli.prepare import prepare
 from fitcli.train import train
 out = {}
 for name in ["SGD", "Adam", "LBFGS", "RMSprop"]:

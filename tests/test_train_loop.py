@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fitcli.config import config_from_dict
-from fitcli.experiment import prepare
+from fitcli.prepare import prepare
 from fitcli.train import snapshot_epochs, train
 
 

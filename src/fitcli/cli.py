@@ -255,51 +255,24 @@ def train(
     # Ctrl-C is caught from the start: before the run directory exists it ends the command
     # (exit 130, 143 or 129, nothing written); after, the loop stops at the end of the epoch.
     with errors_to_exit(debug), StopFlag() as stop:
-        from fitcli.config import load_config
-        from fitcli.errors import InputError
-
-        point = None
-        if resume is not None:
-            from fitcli.state import prepare_resume
-
-            if run_dir is not None or overwrite:
-                raise InputError("--resume continues RUN_DIR in place; drop --run-dir/--overwrite")
-            # With --resume every argument is an override (the run has its own config).
-            given = ([str(config)] if config is not None else []) + (overrides or [])
-            prep, point = prepare_resume(resume, given)
-            cfg, target = prep.cfg, resume
-            if stop.requested:
-                raise stop.interrupt()
-            for note in point.notes:
-                console.warn(f"resume: {note}")
-        elif config is None:
-            raise InputError("missing the config file: fitcli train CONFIG [key=value ...]")
-        else:
-            cfg = load_config(config, overrides or [])  # before torch: bad input fails fast
-            from fitcli.experiment import make_run_dir, prepare
-
-            prep = prepare(cfg)
-            if stop.requested:
-                raise stop.interrupt()
-            target = make_run_dir(cfg, out, run_dir, overwrite)
         from fitcli.errors import strict_exit_code
-        from fitcli.experiment import execute
+        from fitcli.resume import start
 
-        command = ["fitcli", *sys.argv[1:]]
+        begun = start(
+            config,
+            overrides or [],
+            resume=resume,
+            out=out,
+            run_dir=run_dir,
+            overwrite=overwrite,
+            stop=stop,
+        )
+        for note in begun.notes:
+            console.warn(f"resume: {note}")
+        cfg, command = begun.prep.cfg, ["fitcli", *sys.argv[1:]]
         with console.Progress(progress.value, cfg.epochs, cfg.name) as bar:
-
-            def on_epoch(epoch: int, loss: float) -> bool:
-                bar.update(epoch, loss)
-                return stop.requested
-
-            summary = execute(
-                prep,
-                target,
-                plotlyjs=plotlyjs.value,
-                command=command,
-                on_epoch=on_epoch,
-                resume=point,
-                stopped_by=lambda: stop.signal,
+            summary = begun.execute(
+                plotlyjs=plotlyjs.value, command=command, stop=stop, progress=bar.update
             )
         if json_out:
             console.print_json(summary)
@@ -317,7 +290,7 @@ def check(config: ConfigArg, overrides: OverridesArg = None, debug: DebugOpt = F
         from fitcli.config import config_to_dict, dump_yaml, load_config
 
         cfg = load_config(config, overrides or [])  # before torch: bad input fails fast
-        from fitcli.experiment import prepare
+        from fitcli.prepare import prepare
 
         prep = prepare(cfg)
         d = config_to_dict(cfg)
@@ -419,8 +392,8 @@ def graph(
 
     with errors_to_exit(debug):
         from fitcli.config import load_config
-        from fitcli.experiment import prepare
         from fitcli.graph import autograd_graph, write_html
+        from fitcli.prepare import prepare
 
         prep = prepare(load_config(config, overrides or []))
         g = autograd_graph(prep)
@@ -498,49 +471,30 @@ def sweep(
     with errors_to_exit(debug), StopFlag(armed=False) as stop:
         from fitcli import sweep as sw
 
-        if resume is not None:
-            if config is not None or axes:
-                raise sw.SweepError("--resume takes the sweep directory only, no config or axes")
-            plan, rows = sw.load_sweep(resume)
-            sweep_dir = resume
-            stop.arm()
-        elif config is None:
-            raise sw.SweepError("missing the config file: fitcli sweep CONFIG key=a,b ...")
-        else:
-            # With a Dask scheduler the checks against torch run on a worker, after connecting.
-            plan = sw.make_plan(config, axes or [], torch_checks=not scheduler)
-            rows = None
-        if dry_run:
-            for line in sw.dry_run_lines(plan):
+        options = sw.Options(workers, scheduler, fail_fast, plotlyjs.value, strict=strict)
+        outcome = sw.start(
+            config,
+            axes or [],
+            resume=resume,
+            out=out,
+            options=options,
+            stop=stop,
+            command=["fitcli", *sys.argv[1:]],
+            dry_run=dry_run,
+            progress=lambda n, label: console.SweepProgress(progress.value, n, label),
+        )
+        if not isinstance(outcome, sw.Outcome):  # --dry-run: the runs as fitcli train commands
+            for line in outcome:
                 console.plain_out(line + "\n")
             return
-        if workers < 0:
-            raise sw.SweepError("--workers must be 0 or more")
-        if scheduler and not sw.dask_available():
-            raise sw.SweepError(sw.DASK_HINT)
-        client = sw.connect(scheduler) if scheduler else None
-        if rows is None:
-            try:
-                if client is not None:
-                    sw.check_on_cluster(client, plan)
-                stop.arm()
-                sweep_dir = sw.create_sweep(plan, out, ["fitcli", *sys.argv[1:]])
-            except BaseException:
-                if client is not None:
-                    sw.disconnect(client)
-                raise
-            rows = [sw.Row(r) for r in plan.runs]
-        options = sw.Options(workers, scheduler, fail_fast, plotlyjs.value, client, strict=strict)
-        label = plan.base.get("name", "sweep") if isinstance(plan.base, dict) else "sweep"
-        with console.SweepProgress(progress.value, len(rows), label) as bar:
-            outcome = sw.run_sweep(plan, sweep_dir, rows, options, stop_flag=stop, progress=bar)
         if json_out:
             console.print_json(outcome.to_json())
         else:
             console.plain_err(
-                f"{outcome.completed} of {len(rows)} runs completed, {outcome.failed} did not"
+                f"{outcome.completed} of {len(outcome.rows)} runs completed, "
+                f"{outcome.failed} did not"
             )
-            console.plain_out(f"{sweep_dir}\n")
+            console.plain_out(f"{outcome.sweep_dir}\n")
         if outcome.exit_code:
             raise typer.Exit(outcome.exit_code)
 

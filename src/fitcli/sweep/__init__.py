@@ -16,7 +16,9 @@ leading run dimension on the parameters, one optimizer per distinct optimizer se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -281,6 +283,65 @@ def run_sweep(
     return outcome
 
 
+def start(
+    config: Path | None,
+    axes: list[str],
+    *,
+    resume: Path | None,
+    out: Path,
+    options: Options,
+    stop: Any,
+    command: list[str],
+    dry_run: bool = False,
+    progress: Any = None,
+) -> Outcome | Iterable[str]:
+    """Run a sweep: plan it from `config` and `axes` (or load the sweep directory `resume`),
+    connect to the Dask scheduler and check the plan there, make the sweep directory, run it.
+    With `dry_run`, the runs as `fitcli train` commands instead (one line each, as they are
+    made), with nothing run or written.
+
+    `stop` (the command's stop flag) is armed once there is a sweep directory to record a stop
+    in; before, a signal ends the command at once. `progress(n_runs, label)` makes the progress
+    bar (a context manager) the runs report to. A client connected here is disconnected if the
+    sweep directory cannot be made, and by `run_sweep` otherwise.
+    """
+    if resume is not None:
+        if config is not None or axes:
+            raise SweepError("--resume takes the sweep directory only, no config or axes")
+        plan, rows = load_sweep(resume)
+        sweep_dir = resume
+        stop.arm()
+    elif config is None:
+        raise SweepError("missing the config file: fitcli sweep CONFIG key=a,b ...")
+    else:
+        # With a Dask scheduler the checks against torch run on a worker, after connecting.
+        plan = make_plan(config, axes, torch_checks=not options.scheduler)
+        rows = None
+    if dry_run:
+        return dry_run_lines(plan)
+    if options.workers < 0:
+        raise SweepError("--workers must be 0 or more")
+    if options.scheduler and not dask_available():
+        raise SweepError(DASK_HINT)
+    client = connect(options.scheduler) if options.scheduler else None
+    if rows is None:
+        try:
+            if client is not None:
+                check_on_cluster(client, plan)
+            stop.arm()
+            sweep_dir = create_sweep(plan, out, command)
+        except BaseException:
+            if client is not None:
+                disconnect(client)
+            raise
+        rows = [Row(r) for r in plan.runs]
+    options = replace(options, client=client)
+    label = plan.base.get("name", "sweep") if isinstance(plan.base, dict) else "sweep"
+    shown = progress(len(rows), label) if progress is not None else contextlib.nullcontext()
+    with shown as bar:
+        return run_sweep(plan, sweep_dir, rows, options, stop_flag=stop, progress=bar)
+
+
 __all__ = [
     "Axis",
     "CONNECT_TIMEOUT_S",
@@ -332,6 +393,7 @@ __all__ = [
     "run_task",
     "shared_plotly_js",
     "split_values",
+    "start",
     "store",
     "torch_problems",
     "validate_plan",

@@ -265,7 +265,7 @@ def run_task(
 
     This is what local worker processes and Dask workers execute; it writes nothing.
     """
-    from fitcli.experiment import prepare  # lazy: imports torch
+    from fitcli.prepare import prepare  # lazy: imports torch
 
     if stop is not None and stop():
         return []  # stopped before this task began: its runs stay pending

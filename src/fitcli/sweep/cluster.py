@@ -67,7 +67,7 @@ def render_task(task: Task, plotlyjs: str) -> list[Rendered]:
     plan = Plan.from_doc(task.plan, SWEEP_FILE)
     preps = {}
     # Imported here: what a worker imports first, paid once per worker process.
-    from fitcli.experiment import prepare  # lazy: imports torch
+    from fitcli.prepare import prepare  # lazy: imports torch
 
     for i in task.indices:
         with contextlib.suppress(Exception):  # run_task reports it

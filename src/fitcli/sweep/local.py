@@ -29,7 +29,7 @@ def _run_here(plan, cfgs, indices, accept, stop, accept_batch=None) -> None:
             break
         # Imported after the check: torch takes seconds to import, and a Ctrl-C meanwhile must
         # still find the runs started, so that they are written and marked interrupted.
-        from fitcli.experiment import prepare  # lazy: imports torch
+        from fitcli.prepare import prepare  # lazy: imports torch
 
         preps = {}
         for i in task.indices:

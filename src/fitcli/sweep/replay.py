@@ -194,7 +194,8 @@ def write_run(
     `prep` is the run's prepared state when the caller still holds it untouched (a batched run
     computed in this process), else it is prepared again from the plan.
     """
-    from fitcli.experiment import execute, prepare, small_data_threads  # lazy: imports torch
+    from fitcli.experiment import execute, small_data_threads  # lazy: imports torch
+    from fitcli.prepare import prepare
 
     if prep is None:
         prep = prepare(plan.cfg(run))

@@ -1,0 +1,123 @@
+"""Config to tensors: validate a config against torch and the data, and build the run.
+
+`prepare` builds data, model, loss and optimizer on their device and writes nothing, so bad
+input never leaves a half-written run directory (`experiment.execute` writes it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fitcli.torchboot import import_torch
+
+torch = import_torch()
+
+from fitcli import optim
+from fitcli.data import Dataset, check_dtype_range, make_dataset, seed_streams
+from fitcli.errors import ConfigError, DeviceError
+from fitcli.model import FitModel, build_model, check_finite_start
+from fitcli.train import LOSSES, TorchStepper
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` takes CUDA when present; `cuda`/`cuda:N` must exist here (else exit 2)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError(
+            f"device: {spec!r} was asked for but CUDA is not available on this machine "
+            "(use device: auto or cpu)"
+        )
+    dev = torch.device(spec)
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(
+            f"device: {spec!r} does not exist; this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)"
+        )
+    return dev
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, validated and on its device; nothing written yet."""
+
+    cfg: Any
+    dataset: Dataset
+    model: FitModel
+    device: torch.device
+    dtype: torch.dtype
+    x: torch.Tensor
+    y: torch.Tensor
+    weights: torch.Tensor | None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    stepper: Any
+    lm: bool
+
+    def evaluate_loss(self) -> float:
+        with torch.no_grad():
+            return float(self.loss_fn(self.model(self.x), self.y))
+
+
+def prepare(cfg: Any) -> Prepared:
+    """Validate the config against torch and the data, and build data, model and optimizer."""
+    problems = optim.validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    device = resolve_device(cfg.device)
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    seeds = seed_streams(cfg.seed)
+    dataset = make_dataset(cfg)
+    check_dtype_range(dataset, cfg.dtype)
+    x = torch.as_tensor(dataset.x, dtype=dtype).to(device)
+    y_obs = torch.as_tensor(dataset.y, dtype=dtype).to(device)
+    weights = None
+    if dataset.sigma is not None:
+        weights = torch.as_tensor(1.0 / dataset.sigma, dtype=dtype).to(device)
+    model = build_model(cfg.model, seeds["init"], dtype).to(device)
+    check_finite_start(model, x, dataset.x)
+    base = LOSSES[cfg.loss]
+    if weights is None:
+        loss_fn, y = base, y_obs
+
+        def rows_loss(yhat, yw, rows):
+            return base(yhat, yw)
+
+    else:
+        # Weighted residuals (y - yhat) / sigma, as curve_fit(sigma=...) does.
+        w = weights
+
+        def loss_fn(yhat, yw):
+            return base(yhat * w, yw)
+
+        def rows_loss(yhat, yw, rows):
+            return base(yhat * w[rows], yw)
+
+        y = y_obs * w
+    name, kwargs = optim.split_spec(cfg.optimizer)
+    lm = optim.is_lm(name)
+    if lm:
+        from fitcli.lm_optim import LMStepper
+
+        stepper = LMStepper(model, x, y_obs, weights, kwargs)
+    else:
+        opt = optim.build_optimizer(cfg.optimizer, [model.raw])
+        sched = optim.build_scheduler(cfg.scheduler, opt)
+        stepper = TorchStepper(
+            model,
+            x,
+            y,
+            loss_fn,
+            opt,
+            sched,
+            batch_size=cfg.batch_size,
+            shuffle_seed=seeds["shuffle"],
+            rows_loss=rows_loss,
+        )
+    return Prepared(cfg, dataset, model, device, dtype, x, y, weights, loss_fn, stepper, lm)
+
+
+__all__ = ["Prepared", "prepare", "resolve_device"]
