@@ -8,11 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fitcli.torchboot import import_torch
 
-torch = import_torch()
+if TYPE_CHECKING:
+    import torch
+
+    from fitcli.config import Config
+else:
+    torch = import_torch()
 
 from fitcli import optim
 from fitcli.data import Dataset, check_dtype_range, make_dataset, seed_streams
@@ -45,7 +50,7 @@ def resolve_device(spec: str) -> torch.device:
 class Prepared:
     """Everything a run needs, validated and on its device; nothing written yet."""
 
-    cfg: Any
+    cfg: Config
     dataset: Dataset
     model: FitModel
     device: torch.device
@@ -54,7 +59,7 @@ class Prepared:
     y: torch.Tensor
     weights: torch.Tensor | None
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    stepper: Any
+    stepper: Any  # a train.Stepper: TorchStepper or lm_optim.LMStepper (probed with getattr)
     lm: bool
 
     def evaluate_loss(self) -> float:
@@ -62,7 +67,7 @@ class Prepared:
             return float(self.loss_fn(self.model(self.x), self.y))
 
 
-def prepare(cfg: Any) -> Prepared:
+def prepare(cfg: Config) -> Prepared:
     """Validate the config against torch and the data, and build data, model and optimizer."""
     problems = optim.validate(cfg)
     if problems:
@@ -80,6 +85,7 @@ def prepare(cfg: Any) -> Prepared:
     model = build_model(cfg.model, seeds["init"], dtype).to(device)
     check_finite_start(model, x, dataset.x)
     base = LOSSES[cfg.loss]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     if weights is None:
         loss_fn, y = base, y_obs
 
@@ -90,8 +96,10 @@ def prepare(cfg: Any) -> Prepared:
         # Weighted residuals (y - yhat) / sigma, as curve_fit(sigma=...) does.
         w = weights
 
-        def loss_fn(yhat, yw):
+        def weighted_loss(yhat, yw):
             return base(yhat * w, yw)
+
+        loss_fn = weighted_loss
 
         def rows_loss(yhat, yw, rows):
             return base(yhat * w[rows], yw)
@@ -99,6 +107,7 @@ def prepare(cfg: Any) -> Prepared:
         y = y_obs * w
     name, kwargs = optim.split_spec(cfg.optimizer)
     lm = optim.is_lm(name)
+    stepper: Any
     if lm:
         from fitcli.lm_optim import LMStepper
 
