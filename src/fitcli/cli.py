@@ -17,7 +17,14 @@ from typing import Annotated
 import typer
 
 from fitcli import __version__
-from fitcli.errors import STOP_SIGNALS, ExitCode, FitcliError, Interrupted, exit_code_for
+from fitcli.errors import (
+    STOP_SIGNALS,
+    ExitCode,
+    FitcliError,
+    Interrupted,
+    RunStatus,
+    exit_code_for,
+)
 
 # Help text is rich markup: a literal "[" before a letter (`[x, sin(x)]`) is written "\\[", or
 # rich takes it for a tag and drops it. The group's help is the docstring of `_root`.
@@ -82,7 +89,7 @@ def errors_to_exit(debug: bool = False):
     except KeyboardInterrupt as exc:
         by = getattr(exc, "signal", None)
         console.error(f"interrupted by {by}" if by else "interrupted")
-        raise typer.Exit(int(exit_code_for("interrupted", by))) from None
+        raise typer.Exit(int(exit_code_for(RunStatus.INTERRUPTED, by))) from None
     except Exception as exc:  # a bug or an environment fault: one line unless --debug
         if debug:
             console.stderr.print_exception()
@@ -133,7 +140,7 @@ class StopFlag:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
-        os._exit(int(exit_code_for("interrupted", self.signal)))
+        os._exit(int(exit_code_for(RunStatus.INTERRUPTED, self.signal)))
 
     def _ignore(self) -> None:
         # Interpreter teardown resets Python-level handlers to the default (death by the

@@ -12,6 +12,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from fitcli.errors import RunStatus
+
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 stdout = Console(highlight=False, soft_wrap=True)
 
@@ -201,7 +203,11 @@ def summary_table(summary: dict) -> None:
     from rich.table import Table
 
     status = summary["status"]
-    colour = {"completed": "green", "diverged": "red", "interrupted": "yellow"}.get(status, "red")
+    colour = {
+        RunStatus.COMPLETED: "green",
+        RunStatus.DIVERGED: "red",
+        RunStatus.INTERRUPTED: "yellow",
+    }.get(status, "red")
     table = Table(
         title=f"{_markup(summary['name'])}: [{colour}]{status}[/]",
         title_justify="left",

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import IntEnum, StrEnum
+
+
+class RunStatus(StrEnum):
+    """A run's status, as summary.json, runs.csv and `fitcli runs` show it (a str: it is
+    written and compared as its value)."""
+
+    RUNNING = "running"  # training; summary.json from the start until the end is written
+    COMPLETED = "completed"  # all epochs, or the optimizer stopped by itself (LM)
+    DIVERGED = "diverged"  # the loss became NaN or infinite; the last finite parameters kept
+    INTERRUPTED = "interrupted"  # stopped by a signal (Ctrl-C, SIGTERM, SIGHUP) or --fail-fast
+    FAILED = "failed"  # an error stopped it (the optimizer, I/O, a bug); the reason says which
+    PENDING = "pending"  # a sweep's run that has not started (runs.csv only)
+    STALE = "stale"  # running, but its process on this host is gone (`liveness`)
+    UNKNOWN = "unknown"  # running, written on another host: its process cannot be checked
 
 
 class ExitCode(IntEnum):
@@ -27,16 +41,16 @@ STOP_SIGNALS: dict[str, ExitCode] = {
 }
 
 _EXIT_FOR_STATUS = {
-    "completed": ExitCode.COMPLETED,
-    "diverged": ExitCode.DIVERGED,
-    "failed": ExitCode.FAILED,
+    RunStatus.COMPLETED: ExitCode.COMPLETED,
+    RunStatus.DIVERGED: ExitCode.DIVERGED,
+    RunStatus.FAILED: ExitCode.FAILED,
 }
 
 
 def exit_code_for(status: str, signal: str | None = None) -> ExitCode:
     """The one mapping of a run's (or sweep's) status to its exit code: an interrupted one by
     the signal that stopped it (none known, e.g. --fail-fast: as Ctrl-C)."""
-    if status == "interrupted":
+    if status == RunStatus.INTERRUPTED:
         return STOP_SIGNALS.get(signal or "SIGINT", ExitCode.INTERRUPTED)
     return _EXIT_FOR_STATUS[status]
 

@@ -21,10 +21,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from fitcli.errors import RunStatus
+
 ALIVE, GONE, UNKNOWN = "alive", "gone", "unknown"
-STALE = "stale"  # the status `status_of` shows for a running run whose process is gone
-# ... and for a running run written on another host, whose process cannot be checked from here
-UNVERIFIED = "unknown"
+STALE = RunStatus.STALE  # what `status_of` shows for a running run whose process is gone
+UNVERIFIED = RunStatus.UNKNOWN  # ... and for one written on another host (cannot be checked)
 _PROC = Path("/proc")
 
 
@@ -95,7 +96,7 @@ def status_of(summary: dict) -> str:
     one whose writer ran on another host is `unknown` (running or stale: only that host can tell).
     A running run with no `process` record (written before fitcli recorded it) keeps `running`."""
     status = str(summary.get("status", "unknown"))
-    if status != "running":
+    if status != RunStatus.RUNNING:
         return status
     record = summary.get("process")
     state = liveness(record)

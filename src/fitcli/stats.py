@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fitcli.errors import RunStatus
 from fitcli.lm import SINGULAR_RCOND, jtj_jtr
 from fitcli.model import BasisModel, FitModel, model_function
 
@@ -242,8 +243,8 @@ def verdict(status: str, reason: str | None, epochs_run: int, uncertainty: dict)
     and why. A run that did not complete did not converge, and keeps its reason.
     """
     kind = uncertainty.get("status")
-    converged = status == "completed" and kind in MINIMUM_STATUSES
-    if status != "completed":
+    converged = status == RunStatus.COMPLETED and kind in MINIMUM_STATUSES
+    if status != RunStatus.COMPLETED:
         return {"converged": False, "reason": reason}
     stop = reason or f"ran all {epochs_run} epochs"
     if kind == "ok":

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import torch
 import torch.nn.functional as F
 
+from fitcli.errors import RunStatus
+
 if TYPE_CHECKING:
     from fitcli.model import FitModel
 
@@ -239,7 +241,7 @@ def train(
     raw = model.raw
     t0 = time.perf_counter() - (hist.elapsed[-1] if hist.elapsed else 0.0)
     lr = getattr(stepper, "lr", lambda: float("nan"))
-    status, reason, epoch = "completed", None, start_epoch
+    status, reason, epoch = RunStatus.COMPLETED, None, start_epoch
 
     def restore_previous_row() -> None:
         # Row `epoch` is non-finite: go back to row epoch-1, the last finite state, and drop it
@@ -286,7 +288,7 @@ def train(
             if not math.isfinite(loss):
                 with torch.no_grad():
                     raw.copy_(torch.tensor(before, dtype=raw.dtype, device=raw.device))
-                status, reason = "diverged", f"loss became {loss} in epoch {epoch + 1}"
+                status, reason = RunStatus.DIVERGED, f"loss became {loss} in epoch {epoch + 1}"
                 restore_previous_row()
                 break
             hist.losses.append(loss)
@@ -296,21 +298,21 @@ def train(
             epoch += 1
             if on_epoch is not None and on_epoch(epoch, loss):
                 stop = True
-        if status == "diverged":
+        if status == RunStatus.DIVERGED:
             break
         if stepper.converged:
-            status, reason = "completed", stepper.converged
+            status, reason = RunStatus.COMPLETED, stepper.converged
             break
         if stop:
-            status, reason = "interrupted", f"interrupted after epoch {epoch}"
+            status, reason = RunStatus.INTERRUPTED, f"interrupted after epoch {epoch}"
             break
         if epoch in snaps and epoch < epochs and on_snapshot is not None:
             on_snapshot(epoch, evaluate_loss())
 
     final = evaluate_loss()
-    if not math.isfinite(final) and status != "diverged":
+    if not math.isfinite(final) and status != RunStatus.DIVERGED:
         # The very last step blew up: fall back to the parameters before it.
-        status, reason = "diverged", f"loss became {final} in epoch {epoch + 1}"
+        status, reason = RunStatus.DIVERGED, f"loss became {final} in epoch {epoch + 1}"
         restore_previous_row()
         final = evaluate_loss()
     hist.losses.append(final)

@@ -24,7 +24,7 @@ from typing import Any
 
 from fitcli import console, store
 from fitcli.config import load_yaml
-from fitcli.errors import ExitCode, exit_code_for, strict_exit_code
+from fitcli.errors import ExitCode, RunStatus, exit_code_for, strict_exit_code
 from fitcli.sweep.batch import (
     Task,
     batch_key,
@@ -89,7 +89,7 @@ from fitcli.sweep.table import (
 )
 
 # Statuses a resumed sweep keeps; anything else (missing, interrupted, failed) runs again.
-FINISHED = ("completed", "diverged")
+FINISHED = (RunStatus.COMPLETED, RunStatus.DIVERGED)
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,17 +122,17 @@ class Outcome:
 
     @property
     def completed(self) -> int:
-        return sum(r.status == "completed" for r in self.rows)
+        return sum(r.status == RunStatus.COMPLETED for r in self.rows)
 
     @property
     def failed(self) -> int:
-        return sum(r.status not in ("completed", "pending") for r in self.rows)
+        return sum(r.status not in (RunStatus.COMPLETED, RunStatus.PENDING) for r in self.rows)
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
-            return int(exit_code_for("interrupted", self.signal))
-        if not all(r.status == "completed" for r in self.rows):
+            return int(exit_code_for(RunStatus.INTERRUPTED, self.signal))
+        if not all(r.status == RunStatus.COMPLETED for r in self.rows):
             return int(ExitCode.FAILED)
         converged = all(r.converged is not False for r in self.rows)
         return strict_exit_code(int(ExitCode.COMPLETED), converged, self.strict)
@@ -189,7 +189,10 @@ def run_sweep(
     stop = _Stop(stop_flag, options.fail_fast)
     outcome = Outcome(sweep_dir, plan, rows, strict=options.strict)
     by_index = {r.run.index: r for r in rows}
-    done = [sum(r.status in FINISHED for r in rows), sum(r.status == "diverged" for r in rows)]
+    done = [
+        sum(r.status in FINISHED for r in rows),
+        sum(r.status == RunStatus.DIVERGED for r in rows),
+    ]
     if progress is not None:
         progress.update(done[0], done[1])
 
@@ -200,7 +203,7 @@ def run_sweep(
         """A run computed (and written, with its summary): its row and the progress bar."""
         row = by_index[trace.index]
         if trace.error is not None:
-            row.status, row.exit_code, row.reason = "failed", trace.exit_code, trace.error
+            row.status, row.exit_code, row.reason = RunStatus.FAILED, trace.exit_code, trace.error
             if trace.exit_code == int(ExitCode.INVALID_INPUT):
                 row.status = "invalid"
             console.warn(f"run {row.run.index} failed: {trace.error}")
@@ -210,9 +213,9 @@ def run_sweep(
             if trace.batched > 1 and row.time_s is not None:
                 row.time_s = trace.wall + row.time_s
         done[0] += 1
-        if row.status != "completed":
+        if row.status != RunStatus.COMPLETED:
             done[1] += 1
-            if row.status != "interrupted":
+            if row.status != RunStatus.INTERRUPTED:
                 stop.failed = True
         if progress is not None:
             progress.update(done[0], done[1])
@@ -270,13 +273,13 @@ def run_sweep(
             outcome.interrupted = True
             outcome.signal = outcome.signal or stop.signal
         for r in rows:
-            if r.status == "running":
-                r.status = "interrupted"
+            if r.status == RunStatus.RUNNING:
+                r.status = RunStatus.INTERRUPTED
         if outcome.interrupted:
             where = "Dask" if options.scheduler else "its worker process"
             for i in unfinished:
-                if by_index[i].status == "pending":
-                    by_index[i].status = "interrupted"
+                if by_index[i].status == RunStatus.PENDING:
+                    by_index[i].status = RunStatus.INTERRUPTED
                     by_index[i].reason = f"interrupted before its result came back from {where}"
                     by_index[i].exit_code = outcome.exit_code
         write_table(sweep_dir, plan, rows)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fitcli import store
+from fitcli.errors import RunStatus
 from fitcli.sweep.plan import Plan, RunSpec
 from fitcli.sweep.table import SHARED_JS
 
@@ -167,7 +168,7 @@ def compute_single(prep: Any, index: int, stop: Callable[[], bool] | None = None
         prep.model, rec, epochs=cfg.epochs, evaluate_loss=prep.evaluate_loss, on_epoch=on_epoch
     )
     rec.finish()
-    if result.status == "interrupted" and stopped:
+    if result.status == RunStatus.INTERRUPTED and stopped:
         trace.stop_epoch = stopped[0]
     trace.wall = time.perf_counter() - t0
     return trace

@@ -13,6 +13,7 @@ from fitcli import store
 from fitcli.config import dump_yaml, load_yaml
 from fitcli.errors import (
     RunFileError,
+    RunStatus,
 )
 from fitcli.runs import summary_problem
 from fitcli.sweep.plan import SWEEP_FILE, Plan, RunSpec, SweepError
@@ -31,7 +32,7 @@ class Row:
     """One line of runs.csv."""
 
     run: RunSpec
-    status: str = "pending"
+    status: str = RunStatus.PENDING
     exit_code: int | None = None
     converged: bool | None = None
     epochs: int | None = None
@@ -92,7 +93,7 @@ def write_table(sweep_dir: Path, plan: Plan, rows: Sequence[Row]) -> None:
 
 def row_from_summary(row: Row, summary: dict, sweep_dir: Path, run_dir: Path) -> None:
     row.summary = summary
-    row.status = summary.get("status", "failed")
+    row.status = summary.get("status", RunStatus.FAILED)
     row.exit_code = summary.get("exit_code")
     row.converged = summary.get("converged")
     row.epochs = summary.get("epochs_run")
@@ -137,5 +138,5 @@ def load_sweep(sweep_dir: Path) -> tuple[Plan, list[Row]]:
             if problem is None:
                 row_from_summary(row, summary, sweep_dir, d)
             else:
-                row.status, row.reason = "failed", problem
+                row.status, row.reason = RunStatus.FAILED, problem
     return plan, rows
