@@ -1,4 +1,5 @@
-"""A sweep with a bad optimizer or scheduler argument is rejected before anything runs."""
+"""The sweep's plan (fitcli.sweep.plan): a sweep with a bad optimizer or scheduler argument is
+rejected before anything runs."""
 
 from __future__ import annotations
 
