@@ -17,10 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from fitcli import console, state, store
+from fitcli import console, state
 from fitcli.cli import app
 from fitcli.config import load_config
 from fitcli.experiment import execute, prepare
+from fitcli.rundir import files as store
 
 runner = CliRunner()
 

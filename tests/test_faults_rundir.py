@@ -25,10 +25,10 @@ import pytest
 import yaml
 from conftest import SMALL
 
-from fitcli import store
 from fitcli.cli import app
 from fitcli.config import load_config
 from fitcli.experiment import execute, prepare
+from fitcli.rundir import files as store
 
 DATA = {**SMALL["data"], "x": {"start": -10, "stop": 10, "num": 60}}
 CONFIG = {**SMALL, "epochs": 12, "snapshots": 3, "data": DATA}

@@ -16,10 +16,11 @@ from conftest import SMALL
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fitcli import state, store
+from fitcli import state
 from fitcli.cli import app
 from fitcli.config import load_config
 from fitcli.experiment import execute, prepare
+from fitcli.rundir import files as store
 
 # Configs that exercise every kind of state: plain SGD; mini-batches (the shuffle generator) with
 # Adam and a step scheduler; LBFGS (lists of tensors, Python floats); float32 with bounds, a

@@ -500,7 +500,7 @@ def test_rendered_runs_installed_here_equal_a_local_sweep(tmp_path):
 
 
 def test_install_run_dir_is_all_or_nothing(tmp_path, monkeypatch):
-    from fitcli import store
+    from fitcli.rundir import files as store
 
     files = {
         "config.yaml": b"a",

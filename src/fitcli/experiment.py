@@ -23,7 +23,7 @@ torch = import_torch()
 import contextlib
 import operator
 
-from fitcli import __version__, liveness, optim, store
+from fitcli import __version__, liveness, optim
 from fitcli.data import Dataset, check_dtype_range, make_dataset, seed_streams
 from fitcli.errors import (
     ConfigError,
@@ -34,9 +34,10 @@ from fitcli.errors import (
     exit_code_for,
 )
 from fitcli.model import FitModel, build_model, check_finite_start
+from fitcli.rundir import files
 from fitcli.train import LOSSES, TorchStepper, TrainResult, snapshot_epochs, train
 
-FIT_GRID = store.FIT_GRID  # points on which the fitted curve is drawn
+FIT_GRID = files.FIT_GRID  # points on which the fitted curve is drawn
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -157,7 +158,7 @@ def resolved_config_text(cfg: Any, device: torch.device, command: list[str]) -> 
         "# Resolved config of this run: `fitcli train config.yaml` reruns it.",
         f"# fitcli {v['fitcli_version']}, torch {v['torch_version']}, Python {v['python_version']}",
     ]
-    return "\n".join(head) + "\n" + store.command_comment(command) + dump_yaml(d)
+    return "\n".join(head) + "\n" + files.command_comment(command) + dump_yaml(d)
 
 
 class RunWriter:
@@ -174,7 +175,7 @@ class RunWriter:
         self.run_dir, self.prep, self.plotlyjs = run_dir, prep, plotlyjs
         self.defer_state = defer_state
         self._pending: dict | None = None  # the deferred save_state arguments
-        self.snap_dir = run_dir / store.SNAPSHOTS
+        self.snap_dir = run_dir / files.SNAPSHOTS
         self.snapshots: list[dict] = []
         epochs = prep.cfg.epochs
         self.width = len(str(epochs))
@@ -201,19 +202,19 @@ class RunWriter:
         tidy_snapshots(self.run_dir, point.epoch)
         self.snapshots = list(point.snapshots)
         if cfg_text is not None:  # resumed with overrides: config.yaml is the config now
-            store.atomic_write(self.run_dir / store.CONFIG, cfg_text)
+            files.atomic_write(self.run_dir / files.CONFIG, cfg_text)
         if self.plotlyjs == "directory":
-            store.copy_plotly_js(self.run_dir)
-        store.write_json(self.run_dir / store.SUMMARY, summary)
+            files.copy_plotly_js(self.run_dir)
+        files.write_json(self.run_dir / files.SUMMARY, summary)
 
     def begin(self, cfg_text: str, summary: dict) -> None:
         self.snap_dir.mkdir(exist_ok=True)
         ds = self.prep.dataset
-        store.atomic_write(self.run_dir / store.CONFIG, cfg_text)
-        store.write_data_csv(self.run_dir / store.DATA, ds.x, ds.y, ds.y_true, ds.sigma)
+        files.atomic_write(self.run_dir / files.CONFIG, cfg_text)
+        files.write_data_csv(self.run_dir / files.DATA, ds.x, ds.y, ds.y_true, ds.sigma)
         if self.plotlyjs == "directory":
-            store.copy_plotly_js(self.run_dir)
-        store.write_json(self.run_dir / store.SUMMARY, summary)
+            files.copy_plotly_js(self.run_dir)
+        files.write_json(self.run_dir / files.SUMMARY, summary)
 
     def snapshot_name(self, epoch: int) -> str:
         return f"epoch-{epoch:0{self.width}d}.html"
@@ -240,11 +241,11 @@ class RunWriter:
             plotlyjs=self.plotlyjs,
         )
         fname = self.snapshot_name(epoch)
-        store.atomic_write(self.snap_dir / fname, page)
+        files.atomic_write(self.snap_dir / fname, page)
         # The fitted curve itself, exactly: `fitcli plot` rebuilds this page from it (the model
         # cannot be re-evaluated bit for bit on another device, dtype or through bounds).
         fit_name = fname.removesuffix(".html") + ".csv"
-        store.atomic_write(self.snap_dir / fit_name, self.fit_csv(y_fit))
+        files.atomic_write(self.snap_dir / fit_name, self.fit_csv(y_fit))
         self.snapshots = [s for s in self.snapshots if s["epoch"] != epoch]
         entry = {"epoch": epoch, "loss": loss, "params": params, "file": fname, "fit": fit_name}
         self.snapshots.append(entry if note is None else {**entry, "note": note})
@@ -260,7 +261,7 @@ class RunWriter:
             self._save_state(epoch=epoch, model=prep.model, stepper=prep.stepper)
 
     def fit_csv(self, y_fit: np.ndarray) -> str:
-        """snapshots/epoch-N.csv: `x,y_fit` rows by repr, what csv.writer with `store.fmt`
+        """snapshots/epoch-N.csv: `x,y_fit` rows by repr, what csv.writer with `files.fmt`
         wrote (no float repr needs quoting); the x column is formatted once per run."""
         if self._fit_rows is None:
             self._fit_rows = [f"{v!r}," for v in self.grid.tolist()]
@@ -270,8 +271,8 @@ class RunWriter:
         return "x,y_fit\n" + "\n".join(map(operator.add, self._fit_rows, map(repr, ys))) + "\n"
 
     def write_params(self) -> None:
-        store.write_json(
-            self.run_dir / store.SNAPSHOT_PARAMS,
+        files.write_json(
+            self.run_dir / files.SNAPSHOT_PARAMS,
             {"names": list(self.prep.model.names), "snapshots": self.snapshots},
         )
 
@@ -328,21 +329,21 @@ class RunWriter:
             rows.append(
                 [
                     start_epoch + k,
-                    store.fmt(loss),
-                    store.fmt(lr),
+                    files.fmt(loss),
+                    files.fmt(lr),
                     f"{t:.6f}",
-                    *map(repr, vals),  # floats from tolist(): store.fmt without the calls
+                    *map(repr, vals),  # floats from tolist(): files.fmt without the calls
                 ]
             )
-        store.write_csv(
-            self.run_dir / store.METRICS, ["epoch", "loss", "lr", "elapsed_s", *names], rows
+        files.write_csv(
+            self.run_dir / files.METRICS, ["epoch", "loss", "lr", "elapsed_s", *names], rows
         )
 
 
 def base_summary(prep: Prepared, run_dir: Path, command: list[str]) -> dict:
     cfg = prep.cfg
     return {
-        store.RUN_MARKER: store.RUN_SCHEMA,  # what marks a fitcli run directory (store.py)
+        files.RUN_MARKER: files.RUN_SCHEMA,  # what marks a fitcli run directory (rundir/files.py)
         **versions(),
         "run_dir": str(run_dir),
         "name": cfg.name,
@@ -442,7 +443,7 @@ def execute(
         summary.update(
             verdict(summary["status"], summary["reason"], result.epochs_run, summary["uncertainty"])
         )
-        store.write_json(run_dir / store.SUMMARY, summary)
+        files.write_json(run_dir / files.SUMMARY, summary)
     except BaseException as exc:
         summary.update(
             status="failed",
@@ -459,7 +460,7 @@ def execute(
         with contextlib.suppress(Exception):
             writer.flush()  # the last snapshot's state, as fitcli train would have left it
         with contextlib.suppress(FitcliError):
-            store.write_json(run_dir / store.SUMMARY, summary)
+            files.write_json(run_dir / files.SUMMARY, summary)
         raise
     return summary
 
@@ -565,8 +566,8 @@ def _finish_stats(prep: Prepared, result: TrainResult) -> dict:
 
 def make_run_dir(cfg: Any, out: Path, run_dir: Path | None, overwrite: bool) -> Path:
     if run_dir is not None:
-        return store.claim_run_dir(run_dir, overwrite=overwrite)
-    return store.create_run_dir(out, cfg.name)
+        return files.claim_run_dir(run_dir, overwrite=overwrite)
+    return files.create_run_dir(out, cfg.name)
 
 
 __all__ = ["Prepared", "RunDirError", "execute", "make_run_dir", "prepare", "resolve_device"]

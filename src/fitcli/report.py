@@ -25,11 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from fitcli import liveness, plots, store
+from fitcli import liveness, plots
 from fitcli.errors import RunFileError
+from fitcli.rundir import files
 
 STATUSES = ("running", "completed", "diverged", "interrupted", "failed")
-REPORT = store.REPORT
+REPORT = files.REPORT
 _PAGE = re.compile(r"^epoch-([0-9]+)\.html$")
 _FIT = re.compile(r"^epoch-([0-9]+)\.csv$")
 # Snapshots a report draws at most: a run's schedule has at most 1001 (snapshots <= 1000), each
@@ -106,11 +107,11 @@ def _num(v: Any) -> float:
 
 
 def _read_text(run_dir: Path, rel: str, limit: int | None = None) -> str:
-    return store.read_run_text(run_dir, rel, limit=limit)
+    return files.read_run_text(run_dir, rel, limit=limit)
 
 
 def _read_json(run_dir: Path, rel: str) -> Any:
-    return store.read_run_json(run_dir, rel)
+    return files.read_run_json(run_dir, rel)
 
 
 def _read_csv(
@@ -149,7 +150,7 @@ def _short(s: str, limit: int = 60) -> str:
 
 
 def _check_summary(run_dir: Path, s: Any) -> dict:
-    path = run_dir / store.SUMMARY
+    path = run_dir / files.SUMMARY
     if not isinstance(s, dict):
         raise RunFileError(f"{path}: garbled (expected a JSON object)")
     problems = []
@@ -182,8 +183,8 @@ def _check_config(run_dir: Path, summary: dict) -> tuple[str, Any]:
     from fitcli.config import load_config
     from fitcli.errors import ConfigError
 
-    path = run_dir / store.CONFIG
-    text = _read_text(run_dir, store.CONFIG)  # missing / unreadable / not UTF-8
+    path = run_dir / files.CONFIG
+    text = _read_text(run_dir, files.CONFIG)  # missing / unreadable / not UTF-8
     try:
         cfg = load_config(path)
     except ConfigError as exc:
@@ -195,7 +196,7 @@ def _check_config(run_dir: Path, summary: dict) -> tuple[str, Any]:
     for key in ("name", "epochs", "seed", "loss", "dtype"):
         if key in summary and getattr(cfg, key) != summary[key]:
             raise RunFileError(
-                f"{path}: {key} is {getattr(cfg, key)!r} but {store.SUMMARY} says "
+                f"{path}: {key} is {getattr(cfg, key)!r} but {files.SUMMARY} says "
                 f"{summary[key]!r} (truncated, garbled or from another run?)"
             )
     return text, cfg
@@ -207,7 +208,7 @@ def _check_snapshots(
     """The snapshot list, each entry naming its own epoch's page and curve (epoch-N, N its
     epoch, at most the run's `run_epochs`), at most MAX_SNAPSHOTS of them: what it makes the report
     draw is bounded by what the run could have written."""
-    path = run_dir / store.SNAPSHOT_PARAMS
+    path = run_dir / files.SNAPSHOT_PARAMS
     bad = f"{path}: garbled"
     if not isinstance(raw, dict) or not isinstance(raw.get("names"), list):
         raise RunFileError(f"{bad} (expected an object with 'names' and 'snapshots')")
@@ -221,7 +222,7 @@ def _check_snapshots(
     got = raw["names"]
     if got != names:
         raise RunFileError(
-            f"{bad}: parameter names {got!r} do not match {store.SUMMARY}'s {names!r}"
+            f"{bad}: parameter names {got!r} do not match {files.SUMMARY}'s {names!r}"
         )
     entries = []
     for k, e in enumerate(raw["snapshots"]):
@@ -267,7 +268,7 @@ def read_run(run_dir: Path) -> Run:
     if not run_dir.is_dir():
         what = "does not exist" if not run_dir.exists() else "is not a directory"
         raise RunFileError(f"{run_dir}: {what}; expected a fitcli run directory")
-    summary = _check_summary(run_dir, store.read_summary(run_dir))
+    summary = _check_summary(run_dir, files.read_summary(run_dir))
     status = summary["status"]
     names = list(summary["params"])
     config_text, cfg = _check_config(run_dir, summary)
@@ -275,33 +276,33 @@ def read_run(run_dir: Path) -> Run:
 
     n = summary.get("n_points")
     rows = n if isinstance(n, int) and 0 <= n <= 10**8 else 10**8
-    data = _read_csv(run_dir, store.DATA, limit=store.csv_limit(rows, 4))
-    data_path = run_dir / store.DATA
+    data = _read_csv(run_dir, files.DATA, limit=files.csv_limit(rows, 4))
+    data_path = run_dir / files.DATA
     cols = list(data)
     if cols[:2] != ["x", "y"] or any(c not in ("y_true", "sigma") for c in cols[2:]):
         raise RunFileError(f"{data_path}: garbled header {','.join(cols)!r}; expected x,y,...")
     if isinstance(n, int) and len(data["x"]) != n:
         raise RunFileError(
-            f"{data_path}: has {len(data['x'])} rows but {store.SUMMARY} says {n} points "
+            f"{data_path}: has {len(data['x'])} rows but {files.SUMMARY} says {n} points "
             "(truncated?)"
         )
 
     snapshots: list[Snapshot] = []
     # A run stopped (or failed) before its first snapshot has none, like one still starting.
-    if (run_dir / store.SNAPSHOT_PARAMS).exists() or status in ("completed", "diverged"):
-        raw = _read_json(run_dir, store.SNAPSHOT_PARAMS)
+    if (run_dir / files.SNAPSHOT_PARAMS).exists() or status in ("completed", "diverged"):
+        raw = _read_json(run_dir, files.SNAPSHOT_PARAMS)
         _, entries = _check_snapshots(run_dir, raw, names, summary["epochs"])
         for e in entries:
-            rel = f"{store.SNAPSHOTS}/{e['fit']}"
+            rel = f"{files.SNAPSHOTS}/{e['fit']}"
             if not (run_dir / rel).exists():
                 raise RunFileError(
                     f"{run_dir / rel}: missing (the fitted curve of snapshot epoch {e['epoch']}; "
                     "runs trained before fitcli stored fitted curves cannot be rebuilt)"
                 )
             fit = _read_csv(run_dir, rel, header=["x", "y_fit"])
-            if len(fit["x"]) > store.FIT_GRID:
+            if len(fit["x"]) > files.FIT_GRID:
                 raise RunFileError(
-                    f"{run_dir / rel}: {len(fit['x'])} points, more than the {store.FIT_GRID} of "
+                    f"{run_dir / rel}: {len(fit['x'])} points, more than the {files.FIT_GRID} of "
                     "a fitted curve fitcli draws"
                 )
             snapshots.append(
@@ -324,11 +325,11 @@ def read_run(run_dir: Path) -> Run:
         )
 
     metrics = None
-    if (run_dir / store.METRICS).exists() or status in ("completed", "diverged"):
+    if (run_dir / files.METRICS).exists() or status in ("completed", "diverged"):
         header = ["epoch", "loss", "lr", "elapsed_s", *names]
-        limit = store.csv_limit(max(summary["epochs"], summary["epochs_run"]), len(header))
-        metrics = _read_csv(run_dir, store.METRICS, header=header, limit=limit)
-        m_path = run_dir / store.METRICS
+        limit = files.csv_limit(max(summary["epochs"], summary["epochs_run"]), len(header))
+        metrics = _read_csv(run_dir, files.METRICS, header=header, limit=limit)
+        m_path = run_dir / files.METRICS
         ep = metrics["epoch"]
         if np.any(np.diff(ep) <= 0) or np.any(ep != np.round(ep)):
             raise RunFileError(f"{m_path}: garbled (epochs are not increasing whole numbers)")
@@ -338,12 +339,12 @@ def read_run(run_dir: Path) -> Run:
             last != runs_to
         ):
             raise RunFileError(
-                f"{m_path}: ends at epoch {last} but {store.SUMMARY} says {runs_to} epochs ran "
+                f"{m_path}: ends at epoch {last} but {files.SUMMARY} says {runs_to} epochs ran "
                 "(truncated?)"
             )
     else:
         notes.append(
-            f"{store.METRICS} is not written yet (status {status}): no loss curve or parameter "
+            f"{files.METRICS} is not written yet (status {status}): no loss curve or parameter "
             "trajectories"
         )
     return Run(run_dir, summary, config_text, cfg, data, names, snapshots, metrics, notes)
@@ -351,8 +352,8 @@ def read_run(run_dir: Path) -> Run:
 
 def check_plotly_js(path: Path) -> None:
     """An existing plotly.min.js must be a whole plotly.js (a damaged one breaks every page)."""
-    src = store.plotly_js_source()
-    got = store.read_run_file(path.parent, path.name)
+    src = files.plotly_js_source()
+    got = files.read_run_file(path.parent, path.name)
     want = src.read_bytes()
     if got == want:
         return
@@ -405,8 +406,8 @@ def residuals(run: Run) -> tuple[int, np.ndarray] | None:
     model = build_model(run.cfg.model, 0, torch.float64)
     if list(model.names) != run.names:
         raise RunFileError(
-            f"{run.path / store.CONFIG}: its model has parameters {list(model.names)} but "
-            f"{store.SUMMARY} has {run.names} (from another run?)"
+            f"{run.path / files.CONFIG}: its model has parameters {list(model.names)} but "
+            f"{files.SUMMARY} has {run.names} (from another run?)"
         )
     full = torch.tensor([params[n] for n in run.names], dtype=torch.float64)
     x = torch.as_tensor(run.data["x"], dtype=torch.float64)
@@ -648,11 +649,11 @@ def _plotlyjs_for(page: Path, js_dir: Path, plotlyjs: str) -> str:
     plotly.min.js (copied when missing, checked when present) and link to it."""
     if plotlyjs in ("embed", "cdn"):
         return plotlyjs
-    js = js_dir / store.PLOTLY_JS
+    js = js_dir / files.PLOTLY_JS
     if js.exists():
         check_plotly_js(js)
     else:
-        store.copy_plotly_js(js_dir)
+        files.copy_plotly_js(js_dir)
     return _href(js, page.parent)
 
 
@@ -672,19 +673,19 @@ def write_report(run_dir: Path, *, out: Path | None = None, plotlyjs: str = "dir
     run = read_run(Path(run_dir))
     page_path = Path(out) if out is not None else run.path / REPORT
     if plotlyjs == "directory":
-        js = run.path / store.PLOTLY_JS
+        js = run.path / files.PLOTLY_JS
         if js.exists():
             check_plotly_js(js)
     pages = snapshot_pages(run, plotlyjs)
-    store.check_output_file(page_path, "--out")
+    files.check_output_file(page_path, "--out")
     src = _plotlyjs_for(page_path, run.path, plotlyjs)
-    href = _href(run.path / store.SNAPSHOTS, page_path.parent) + "/"
+    href = _href(run.path / files.SNAPSHOTS, page_path.parent) + "/"
     page = report_page(run, src, snapshot_href=href)
     written = []
     for fname, text in pages.items():
-        store.atomic_write(run.path / store.SNAPSHOTS / fname, text)
-        written.append(run.path / store.SNAPSHOTS / fname)
-    store.atomic_write(page_path, page)
+        files.atomic_write(run.path / files.SNAPSHOTS / fname, text)
+        written.append(run.path / files.SNAPSHOTS / fname)
+    files.atomic_write(page_path, page)
     return Written(page_path, written)
 
 
@@ -692,7 +693,7 @@ def write_compare(run_dirs: list[Path], out: Path, *, plotlyjs: str = "directory
     """One comparison page of several runs at `out` (plotly.min.js beside it in directory mode)."""
     runs = [read_run(Path(d)) for d in run_dirs]
     out = Path(out)
-    store.check_output_file(out, "--out")
+    files.check_output_file(out, "--out")
     src = _plotlyjs_for(out, out.parent, plotlyjs)
-    store.atomic_write(out, compare_page(runs, src))
+    files.atomic_write(out, compare_page(runs, src))
     return Written(out, [])

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fitcli import console, store
+from fitcli import console
 from fitcli.config import load_yaml
 from fitcli.errors import ExitCode, exit_code_for, strict_exit_code
+from fitcli.rundir import files
 from fitcli.sweep.batch import (
     Task,
     batch_key,
@@ -332,7 +333,7 @@ __all__ = [
     "run_task",
     "shared_plotly_js",
     "split_values",
-    "store",
+    "files",
     "torch_problems",
     "validate_plan",
     "write_run",
