@@ -2,4 +2,11 @@
 
 - `files`: file names, atomic writes, the checked opener (`read_run_file`), and claiming,
   creating and installing run directories (torch-free).
+- `summary`: `Summary`, summary.json typed, every field with its meaning (torch-free).
+- `writer`: `RunWriter`, which writes a run directory as it trains, and the summary builders
+  (`base_summary`); imports torch, so it is not imported here.
 """
+
+from fitcli.rundir.summary import Summary
+
+__all__ = ["Summary"]
