@@ -3,6 +3,8 @@
 - `files`: file names, atomic writes, the checked opener (`read_run_file`), and claiming,
   creating and installing run directories (torch-free).
 - `summary`: `Summary`, summary.json typed, every field with its meaning (torch-free).
+- `state`: the state.json codec: tensors and Python values as plain JSON, saved and loaded
+  checked (torch-free at import). Resuming from it is `fitcli.state`'s.
 - `writer`: `RunWriter`, which writes a run directory as it trains, and the summary builders
   (`base_summary`); imports torch, so it is not imported here.
 """

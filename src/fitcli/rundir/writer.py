@@ -155,7 +155,7 @@ class RunWriter:
 
     def _save_state(self, **kw: Any) -> None:
         from fitcli.config import config_to_dict
-        from fitcli.state import save_state
+        from fitcli.rundir.state import save_state
 
         history = kw.pop("history", self.history)
         save_state(self.run_dir, history=history, config=config_to_dict(self.prep.cfg), **kw)
