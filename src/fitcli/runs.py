@@ -14,6 +14,7 @@ from typing import Any
 from fitcli import liveness
 from fitcli.errors import InputError, RunFileError
 from fitcli.rundir import files
+from fitcli.rundir.reader import summary_problem
 
 COLUMNS = ("name", "status", "epochs", "final_loss", "params", "time_s", "path")
 SORT_KEYS = ("name", "status", "epochs", "final_loss", "time_s", "path")
@@ -44,40 +45,6 @@ def find_run_dirs(paths: Iterable[Path]) -> tuple[list[Path], list[tuple[Path, s
         if len(found) == before:
             skipped.append((root, "no run directories below it"))
     return sorted(dict.fromkeys(found)), skipped
-
-
-def summary_problem(summary: Any) -> str | None:
-    """Why a summary.json cannot be listed (or trusted as a finished sweep run), or None: the
-    fields a listing shows must have the types fitcli writes (numbers finite or null)."""
-    if not isinstance(summary, dict):
-        return f"{files.SUMMARY} is not a JSON object"
-
-    def number(v: Any) -> bool:
-        return type(v) in (int, float) and math.isfinite(v)
-
-    checks = {
-        "name": lambda v: isinstance(v, str),
-        "status": lambda v: isinstance(v, str),
-        "reason": lambda v: isinstance(v, str),
-        "epochs_run": lambda v: type(v) is int and v >= 0,
-        "exit_code": lambda v: type(v) is int,
-        "final_loss": number,
-        "elapsed_s": lambda v: number(v) and v >= 0,
-        "params": lambda v: isinstance(v, dict),
-    }
-    for key, ok in checks.items():
-        value = summary.get(key)
-        if value is not None and not ok(value):
-            return f"{files.SUMMARY}: {key} is {_short(value)}, not what fitcli writes"
-    for name, value in (summary.get("params") or {}).items():
-        if value is not None and not number(value):
-            return f"{files.SUMMARY}: params.{name} is {_short(value)}, not a finite number"
-    return None
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, float) else repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _row(run_dir: Path, summary: dict) -> dict:

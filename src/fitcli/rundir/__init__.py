@@ -2,6 +2,9 @@
 
 - `files`: file names, atomic writes, the checked opener (`read_run_file`), and claiming,
   creating and installing run directories (torch-free).
+- `reader`: `read_run`, which reads and validates every file of a run directory into a `Run`
+  (with its `Snapshot`s), and `summary_problem`, the check a listed summary.json must pass
+  (torch-free).
 - `summary`: `Summary`, summary.json typed, every field with its meaning (torch-free).
 - `state`: the state.json codec: tensors and Python values as plain JSON, saved and loaded
   checked (torch-free at import). Resuming from it is `fitcli.state`'s.

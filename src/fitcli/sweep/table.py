@@ -14,7 +14,7 @@ from fitcli.errors import (
     RunFileError,
 )
 from fitcli.rundir import files
-from fitcli.runs import summary_problem
+from fitcli.rundir.reader import summary_problem
 from fitcli.sweep.plan import SWEEP_FILE, Plan, RunSpec, SweepError
 
 RUNS_FILE = "runs.csv"
