@@ -10,8 +10,12 @@
   checked (torch-free at import). Resuming from it is `fitcli.state`'s.
 - `writer`: `RunWriter`, which writes a run directory as it trains, and the summary builders
   (`base_summary`); imports torch, so it is not imported here.
+
+Callers import the modules (`from fitcli.rundir import files`, then `files.atomic_write`), so a
+test that patches `files.X` reaches every caller; the package re-exports the reader's names.
 """
 
+from fitcli.rundir.reader import Run, Snapshot, read_run, summary_problem
 from fitcli.rundir.summary import Summary
 
-__all__ = ["Summary"]
+__all__ = ["Run", "Snapshot", "Summary", "read_run", "summary_problem"]
