@@ -15,7 +15,7 @@ Printed per fit: the worst-parameter LRE (capped at 11) of both solvers, the wor
 standard errors against NIST's certified standard deviations, the epochs fitcli ran and the wall
 time of each; then the totals. The fitcli time covers config validation, data loading, model
 building and training; the error bars (one more Jacobian) are timed separately. The table goes
-into BENCHMARKS.md (section "issue 4") unless --no-record.
+into BENCHMARKS.md (section "nist") unless --no-record.
 """
 
 from __future__ import annotations
@@ -189,14 +189,14 @@ NLSQ_SECONDS = 25.5
 
 
 def targets(ours: list[float], se: list[float], t_ours: float, t_scipy: float) -> list[str]:
-    """The issue's targets, each with its measured value and whether it is met."""
+    """The targets, each with its measured value and whether it is met."""
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "**not met**"
 
     n = len(ours)
     return [
-        "Targets (issue 4, default LM settings): "
+        "Targets (default LM settings): "
         f"LRE >= 6 on every fit: {sum(s >= 6 for s in ours)}/{n}, "
         f"{verdict(min(ours) >= 6)}; median >= 9: {statistics.median(ours):.1f}, "
         f"{verdict(statistics.median(ours) >= 9)}; standard errors LRE >= 3 on every problem: "
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
         text = "\n".join(
             [
-                "## NIST StRD through fitcli's config and training path (issue 4)",
+                "## NIST StRD through fitcli's config and training path",
                 "",
                 "`.venv/bin/python benchmarks/nist.py` — 26 problems x 2 starts, each a config "
                 "(CSV data file, models.yaml expression, start values, `optimizer: {name: "
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 *targets(ours, se_scores, t_ours, t_scipy),
             ]
         )
-        record("issue 4", text)
+        record("nist", text)
     return 0
 
 

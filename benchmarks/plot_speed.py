@@ -1,6 +1,6 @@
 """`fitcli plot` on the seed run directory, whole process, and the size of what it writes,
 side by side with the tutorial's way (benchmarks/tutorial_baseline.py: 11 pages with plotly.js
-embedded in each). Writes its figures into BENCHMARKS.md (issue 3's section only).
+embedded in each). Writes its figures into BENCHMARKS.md (its `plot` section only).
 
     .venv/bin/python benchmarks/plot_speed.py [--repeat 5] [--no-write]
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FITCLI = [sys.executable, "-m", "fitcli.cli"]
-BEGIN, END = "<!-- issue 3 begin -->", "<!-- issue 3 end -->"
+BEGIN, END = "<!-- plot begin -->", "<!-- plot end -->"
 
 
 def timed(cmd: list[str]) -> float:
@@ -75,7 +75,7 @@ def main() -> None:
 
     d, e = rows["directory"], rows["embed"]
     lines = [
-        "## fitcli plot: speed and size (issue 3)",
+        "## fitcli plot: speed and size",
         "",
         "Command: `.venv/bin/python benchmarks/plot_speed.py` (whole-process `fitcli plot` on a "
         f"fresh `configs/seed.yaml` run, {args.repeat} repeats; the tutorial baseline "

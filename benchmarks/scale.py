@@ -1,6 +1,6 @@
 """Scale: fitcli's Levenberg-Marquardt against scipy's curve_fit from 10^3 to 10^7 points, peak
 memory of a whole `fitcli train` at 10^7, time per epoch against n for SGD and Adam, and reading a
-10^7-row data file against numpy.loadtxt. Writes the `issue 7` section of BENCHMARKS.md.
+10^7-row data file against numpy.loadtxt. Writes the `scale` section of BENCHMARKS.md.
 
     .venv/bin/python benchmarks/scale.py            # the full table (about 10 minutes)
     .venv/bin/python benchmarks/scale.py --quick    # up to 10^6 points, no 10^7 runs
@@ -248,7 +248,7 @@ def main() -> None:
     load = Path("/proc/loadavg").read_text().split()[:3]
     text = "\n".join(
         [
-            "## Scale (issue 7)",
+            "## Scale",
             "",
             f"`.venv/bin/python benchmarks/scale.py{' --quick' if args.quick else ''}` on "
             f"{machine()}, torch {torch.__version__}, CPU only; load average at the end "
@@ -290,7 +290,7 @@ def main() -> None:
     )
     print(text)
     if not args.no_record:
-        record("issue 7", text)
+        record("scale", text)
 
 
 if __name__ == "__main__":

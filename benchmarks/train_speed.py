@@ -167,7 +167,7 @@ def main() -> None:
         ),
     ]
     lines = [
-        "## fitcli train (issue 2)",
+        "## fitcli train",
         "",
         f"Command: `.venv/bin/python benchmarks/train_speed.py --reps {args.reps} --write` "
         f"(medians of {args.reps} interleaved repetitions; {machine()}).",
@@ -204,7 +204,7 @@ def main() -> None:
         },
     )
     if args.write:
-        record("issue 2", text)
+        record("train", text)
 
 
 if __name__ == "__main__":

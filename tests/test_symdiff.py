@@ -14,7 +14,8 @@ from fitcli.config import config_from_dict
 from fitcli.experiment import prepare
 from fitcli.expr import FUNCTION_NAMES, parse_expression
 from fitcli.lm import _jacobian_columns, host_ok
-from fitcli.lm_optim import NumpyModel, model_function
+from fitcli.lm_optim import NumpyModel
+from fitcli.model import model_function
 from fitcli.symdiff import compile_jacobian, compile_value
 from fitcli.train import train
 

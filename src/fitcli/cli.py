@@ -101,7 +101,7 @@ class StopFlag:
         self.signal: str | None = None
         self.armed = armed  # False: nothing to save yet, so the first signal stops at once
         self._raised = False
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, signal._HANDLER] = {}  # typeshed's alias; not evaluated
 
     def arm(self) -> None:
         """From now on a first signal asks to stop after the epoch (there is work to save)."""

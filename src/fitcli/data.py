@@ -15,7 +15,8 @@ import numpy as np
 from fitcli.errors import DataError
 
 if TYPE_CHECKING:
-    from fitcli.config import Config
+    from fitcli.config import ColumnsSpec, Config
+    from fitcli.expr import Expression
 
 MAX_FILE_BYTES = 4 * 1024**3
 EVAL_CHUNK = 1 << 20  # points per chunk when evaluating a target expression
@@ -56,7 +57,7 @@ def first_bad_x(values: np.ndarray, x: np.ndarray) -> float | None:
     return float(x[int(np.argmax(bad))])
 
 
-def evaluate_on(expression: Any, x: np.ndarray, key: str) -> np.ndarray:
+def evaluate_on(expression: Expression, x: np.ndarray, key: str) -> np.ndarray:
     """Evaluate a parameter-free expression on x in float64; a non-finite value is a DataError.
 
     Evaluated in chunks of EVAL_CHUNK points into one output array, so the expression's
@@ -85,14 +86,17 @@ def make_dataset(cfg: Config) -> Dataset:
         return load_table(Path(data.file), data.columns)
     from fitcli.expr import parse_expression
 
+    grid, noise = data.x, data.noise
+    # The schema gives synthetic data (no file) a target, an x grid and its noise (default 0).
+    assert data.target is not None and grid is not None and noise is not None
     target = parse_expression(data.target, allow_params=False, what="target")
-    x = np.linspace(data.x.start, data.x.stop, data.x.num, dtype=np.float64)
+    x = np.linspace(grid.start, grid.stop, grid.num, dtype=np.float64)
     y_true = evaluate_on(target, x, "data.target")
     y = y_true
-    if data.noise.std > 0:
+    if noise.std > 0:
         rng = np.random.default_rng(seed_streams(cfg.seed)["noise"])
         # The noise array becomes y (added to in place): x, y_true and y are the only n-arrays.
-        y = rng.normal(0.0, data.noise.std, size=x.shape[0])
+        y = rng.normal(0.0, noise.std, size=len(x))
         y += y_true
     return Dataset(x=x, y=y, y_true=y_true, source="synthetic")
 
@@ -103,16 +107,17 @@ def check_dtype_range(ds: Dataset, dtype: str) -> None:
     if dtype != "float32":
         return
     limit = float(np.finfo(np.float32).max)
-    columns = [("x", ds.x), ("y", ds.y)]
+    # (role, what the fit uses, what the file holds)
+    columns = [("x", ds.x, ds.x), ("y", ds.y, ds.y)]
     if ds.sigma is not None:
         # The weights are 1/sigma: a sigma below 1/limit makes an infinite weight.
-        columns.append(("sigma", np.where(ds.sigma < 1.0 / limit, np.inf, ds.sigma)))
-    for role, values in columns:
+        columns.append(("sigma", np.where(ds.sigma < 1.0 / limit, np.inf, ds.sigma), ds.sigma))
+    for role, values, given in columns:
         over = np.flatnonzero(np.abs(values) > limit)
         if not over.size:
             continue
         row = int(over[0])
-        shown = ds.sigma[row] if role == "sigma" else values[row]
+        shown = given[row]
         where = (
             f"data.file: {ds.source} data row {row + 1}"
             if ds.source != "synthetic"
@@ -173,7 +178,7 @@ def _column_index(
     return header.index(spec)
 
 
-def load_table(path: Path, columns: Any = None) -> Dataset:
+def load_table(path: Path, columns: ColumnsSpec | None = None) -> Dataset:
     """Read x, y (and sigma) from a CSV or whitespace table; every cell must be a finite number.
 
     Two readers, one result. The fast one (`_read_fast`) maps the file and hands blocks of
@@ -252,7 +257,7 @@ def _is_skipped(line: str) -> bool:
 
 
 def _layout(
-    head_line: str, lineno: int, path: Path, columns: Any
+    head_line: str, lineno: int, path: Path, columns: ColumnsSpec | None
 ) -> tuple[list[str] | None, str | None, int, list[int]]:
     """(header or None, delimiter, number of columns, wanted column indexes) from the first
     non-blank, non-comment line (1-based `lineno`); column problems are DataErrors."""
@@ -283,7 +288,7 @@ def _layout(
     return header, delimiter, ncols, wanted
 
 
-def _read_fast(path: Path, columns: Any) -> list[np.ndarray] | None:
+def _read_fast(path: Path, columns: ColumnsSpec | None) -> list[np.ndarray] | None:
     """The wanted columns as contiguous float64 arrays, or None to leave it to `_read_precise`.
 
     The body's newlines are counted once for its number of rows, then blocks of whole lines
@@ -410,7 +415,7 @@ def _count_newlines(mm: Any, start: int, end: int) -> int:
     return total
 
 
-def _read_precise(path: Path, columns: Any) -> Dataset:
+def _read_precise(path: Path, columns: ColumnsSpec | None) -> Dataset:
     """The line-by-line reader: slower and memory-hungry, but it names the first fault."""
     try:
         raw = path.read_bytes()

@@ -170,10 +170,11 @@ class Expression:
             compiled.append(_compile(self._tree))
         fn = compiled[0]
         tensor_type = _torch.Tensor
+        values: Mapping[str, torch.Tensor | float]
         if self.params:
             if params is None:
                 params = {}
-            values = params
+            converted: dict[str, torch.Tensor | float] | None = None  # a copy, once needed
             for name in self.params:
                 try:
                     value = params[name]
@@ -183,9 +184,10 @@ class Expression:
                         self.source,
                     ) from None
                 if not isinstance(value, tensor_type):
-                    if values is params:
-                        values = dict(params)
-                    values[name] = _torch.as_tensor(value, dtype=x.dtype, device=x.device)
+                    if converted is None:
+                        converted = dict(params)
+                    converted[name] = _torch.as_tensor(value, dtype=x.dtype, device=x.device)
+            values = params if converted is None else converted
         else:
             values = _NO_PARAMS
         result = fn(x, values)
@@ -269,7 +271,7 @@ class _Checker:
         self.uses_x = False
         self.line_starts = [0]
 
-    def error(self, message: str, node: ast.AST | None = None) -> ExpressionError:
+    def error(self, message: str, node: ast.expr | ast.keyword | None = None) -> ExpressionError:
         col = None if node is None else self.column(node.lineno, node.col_offset)
         return ExpressionError(message, self.source, col)
 
@@ -321,7 +323,7 @@ class _Checker:
                 )
                 stack.append((child, depth if same_chain else depth + 1))
 
-    def visit(self, node: ast.AST) -> _Node:
+    def visit(self, node: ast.expr) -> _Node:
         method = getattr(self, "visit_" + type(node).__name__, None)
         if method is None:
             what = _FORBIDDEN.get(type(node), type(node).__name__)
@@ -386,14 +388,15 @@ class _Checker:
             return ("pow", self.visit(node.left), self.visit(node.right))
         # Walk the left spine of a same-kind chain iteratively: a - b + c -> (a, (-b, +c)).
         rights: list[tuple[type, ast.expr]] = []
-        while isinstance(node, ast.BinOp) and _chain_kind(node.op) == kind:
-            rights.append((type(node.op), node.right))
-            node = node.left
-        first = self.visit(node)
+        left: ast.expr = node
+        while isinstance(left, ast.BinOp) and _chain_kind(left.op) == kind:
+            rights.append((type(left.op), left.right))
+            left = left.left
+        first = self.visit(left)
         rest = tuple((_OPS[op], self.visit(right)) for op, right in reversed(rights))
         return ("chain", first, rest)
 
-    def operator_error(self, op: ast.AST, node: ast.AST) -> ExpressionError:
+    def operator_error(self, op: ast.AST, node: ast.expr) -> ExpressionError:
         symbol = _OPERATOR_SYMBOLS.get(type(op), type(op).__name__)
         return self.error(
             f"operator '{symbol}' is not allowed; allowed: {_ALLOWED_OPERATORS}", node

@@ -210,13 +210,13 @@ def host_ok(fn: Model, host: HostModel, theta: torch.Tensor, x: torch.Tensor) ->
     k = min(x.shape[0], 64)
     theta64 = theta.detach().cpu().numpy().astype(np.float64).reshape(-1)
     try:
-        ref, m_ref = _jacobian_columns(_weighted_model(fn, x[:k], None), theta.detach())
+        ref_t, m_ref_t = _jacobian_columns(_weighted_model(fn, x[:k], None), theta.detach())
         with np.errstate(all="ignore"):
             m, jac = host.jacobian(theta64)
             m2 = host.value(theta64)
     except Exception:  # a model the numpy path cannot evaluate: stay with torch
         return False
-    ref, m_ref = ref.numpy(), m_ref.numpy()
+    ref, m_ref = ref_t.numpy(), m_ref_t.numpy()
     m, m2, jac = m[:k], m2[:k], jac[:k]
     if jac.shape != ref.shape or m.shape != m_ref.shape:
         return False
@@ -298,7 +298,7 @@ def _normal_equations(
     y: torch.Tensor,
     weights: torch.Tensor | None,
     chunk_size: int | None,
-    rowwise: bool,
+    rowwise: bool | None,
 ) -> tuple[np.ndarray, np.ndarray, float, tuple[np.ndarray, torch.Tensor] | None]:
     """`jtj_jtr` as numpy float64 arrays, for the iteration, and (J, w * fn) when kept.
 
@@ -314,13 +314,13 @@ def _normal_equations(
         model = _weighted_model(fn, x, weights)
         with one_thread():
             if rowwise:
-                jac, m = _jacobian_rowwise(model, theta.detach(), n)
+                jac_t, m = _jacobian_rowwise(model, theta.detach(), n)
             else:
-                jac, m = _jacobian_forward(model, theta.detach())
+                jac_t, m = _jacobian_forward(model, theta.detach())
             wy = (y * weights if weights is not None else y).reshape(-1)
-            r = wy - m
-        jac = jac.detach().to(torch.float64).numpy()
-        r = r.detach().to(torch.float64).numpy()
+            r_t = wy - m
+        jac = jac_t.detach().to(torch.float64).numpy()
+        r = r_t.detach().to(torch.float64).numpy()
         with np.errstate(all="ignore"):  # non-finite values are the caller's to report
             return jac.T @ jac, jac.T @ r, float(r @ r), (jac, m.detach())
     jtj, jtr, rss = jtj_jtr(fn, theta, x, y, weights, chunk_size, rowwise)
@@ -646,18 +646,23 @@ class LevenbergMarquardt:
         # costs tens, which is most of an iteration on NIST-sized problems.
         jtj, jtr, scale2 = self._jtj, self._jtr, self.scale2
         cost = self.cost
+        # `_linearize` has set them all.
+        assert jtj is not None and jtr is not None and scale2 is not None and cost is not None
         d = np.sqrt(scale2)
         theta64 = self.theta.detach().cpu().numpy().astype(np.float64).reshape(-1)
         theta_norm = float(np.linalg.norm(d * theta64))
+        radius = self.radius
         if self.trust_region:
-            self.radius_fresh = self.radius is None
-            if self.radius is None:
-                self.radius = TRUST_FACTOR * theta_norm if theta_norm > 0 else TRUST_FACTOR
-            self.damping = _trust_region_damping(jtj, jtr, scale2, self.radius)
+            self.radius_fresh = radius is None
+            if radius is None:
+                radius = TRUST_FACTOR * theta_norm if theta_norm > 0 else TRUST_FACTOR
+                self.radius = radius
+            self.damping = _trust_region_damping(jtj, jtr, scale2, radius)
         delta = _solve_damped_np(jtj, jtr, self.damping, scale2)
         step_norm = float(np.linalg.norm(d * delta))
         if self.trust_region and self.radius_fresh:
-            self.radius = min(self.radius, step_norm)
+            assert radius is not None  # the trust region has its radius from above
+            self.radius = min(radius, step_norm)
             self.radius_fresh = False
         # Predicted reduction of the quadratic model: g.d - 0.5 d.A.d.
         predicted = float(jtr @ delta - 0.5 * (delta @ (jtj @ delta)))
@@ -693,10 +698,10 @@ class LevenbergMarquardt:
                 stride = -(-n // GUARD_ROWS)
                 rows = slice(None, None, stride)
                 w = self.weights[rows] if self.weights is not None else None
-                jt_vv = second_derivative_jt(
+                sampled = second_derivative_jt(
                     self.fn, self.theta, v, self.x[rows], w, self.chunk_size
                 )
-                jt_vv = (jt_vv * (n / self.x[rows].shape[0])).cpu().numpy()
+                jt_vv = (sampled * (n / self.x[rows].shape[0])).cpu().numpy()
                 self.n_fev += 3
             accel = _solve_damped_np(jtj, jt_vv, self.damping, scale2)
             ratio = float(np.linalg.norm(d * accel)) / step_norm if step_norm else 0.0
@@ -755,6 +760,7 @@ class LevenbergMarquardt:
         finding its way out of a flat region (MGH17 from start 1: ratio 1.6-2.5)."""
         if self.n_iter % STALL_WINDOW:
             return False
+        assert self.cost is not None  # linearized before any iteration
         self.cost_marks = [*self.cost_marks, self.cost][-3:]
         if len(self.cost_marks) < 3:
             return False
@@ -772,7 +778,8 @@ class LevenbergMarquardt:
         self, rho: float, actual: float, cost: float, delta: np.ndarray, step_norm: float
     ) -> None:
         """MINPACK lmder's radius update from the ratio of actual to predicted reduction."""
-        jtj = self._jtj
+        jtj, radius = self._jtj, self.radius
+        assert jtj is not None and radius is not None  # a trust-region step at a linearization
         if rho <= 0.25:
             if actual >= 0 or not math.isfinite(actual):
                 temp = 0.5
@@ -783,7 +790,7 @@ class LevenbergMarquardt:
                 temp = 0.5 * dirder / (dirder + 0.5 * act) if dirder + 0.5 * act != 0 else 0.1
             if not math.isfinite(actual) or actual < -99 * cost or temp < 0.1:
                 temp = 0.1
-            self.radius = temp * min(self.radius, step_norm / 0.1)
+            self.radius = temp * min(radius, step_norm / 0.1)
         elif self.damping == 0 or rho >= 0.75:
             self.radius = step_norm / 0.5
 
@@ -798,12 +805,14 @@ class LevenbergMarquardt:
         """A rejected trial: raise lambda (doubling its growth factor) or shrink the trust
         radius, and test for a stall."""
         if self.trust_region:
+            radius = self.radius
+            assert radius is not None  # set by the first trust-region step
             if not radius_done:
-                self.radius = 0.5 * min(self.radius, step_norm)
+                radius = self.radius = 0.5 * min(radius, step_norm)
             self.nu *= 2.0
             if step_norm <= self.xtol * (self.xtol + theta_norm):
                 return self._stop(f"xtol: relative step < {self.xtol:g}", False)
-            if self.radius <= 1e-300:
+            if radius <= 1e-300:
                 return self._stop("trust region vanished: no decrease possible", False)
             return self._result(False)
         self.damping *= self.nu
@@ -834,9 +843,11 @@ class LevenbergMarquardt:
         return self._host_data
 
     def _host_equations(self, theta: np.ndarray) -> tuple:
+        host = self.host
+        assert host is not None  # the `_host_*` methods run only with a numpy model
         wy, w = self._host_arrays()
         with np.errstate(all="ignore"):  # non-finite values are the caller's to report
-            m, jac = self.host.jacobian(theta)
+            m, jac = host.jacobian(theta)
             if w is not None:
                 m = m * w
                 jac = jac * w[:, None]
@@ -844,9 +855,11 @@ class LevenbergMarquardt:
             return jac.T @ jac, jac.T @ r, float(r @ r), (jac, m)
 
     def _host_rss(self, theta: np.ndarray) -> float:
+        host = self.host
+        assert host is not None  # the `_host_*` methods run only with a numpy model
         wy, w = self._host_arrays()
         with np.errstate(all="ignore"):
-            m = self.host.value(theta)
+            m = host.value(theta)
             r = wy - (m * w if w is not None else m)
             return float(r @ r)
 
@@ -854,11 +867,13 @@ class LevenbergMarquardt:
         self, theta: np.ndarray, v: np.ndarray, h: float = 0.1
     ) -> np.ndarray:
         """`_second_derivative_jt_kept` by the numpy model."""
-        jac, m0 = self._kept
+        host, kept = self.host, self._kept
+        assert host is not None and kept is not None  # called only with both (`_step`)
+        jac, m0 = kept
         _, w = self._host_arrays()
         with np.errstate(all="ignore"):
-            m_plus = self.host.value(theta + h * v)
-            m_minus = self.host.value(theta - h * v)
+            m_plus = host.value(theta + h * v)
+            m_minus = host.value(theta - h * v)
             if w is not None:
                 m_plus, m_minus = m_plus * w, m_minus * w
             return jac.T @ ((m_plus - 2 * m0 + m_minus) / (h * h))
@@ -867,7 +882,7 @@ class LevenbergMarquardt:
         """J^T J, J^T r and the cost at theta; False (and converged) at a stopping point."""
         if not self._host_checked:
             self._host_checked = True
-            if not host_ok(self.fn, self.host, self.theta, self.x):
+            if self.host is not None and not host_ok(self.fn, self.host, self.theta, self.x):
                 self.host = None
         if self.rowwise is None and self.host is None:
             self.rowwise = rowwise_ok(self.fn, self.theta, self.x, self.weights)

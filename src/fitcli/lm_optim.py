@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fitcli.errors import ConfigError, ExitCode
 from fitcli.lm import HostModel, LevenbergMarquardt, host_eligible
+from fitcli.model import BasisModel, ExprModel, FitModel, model_function
+
+if TYPE_CHECKING:
+    from fitcli.config import Config
 
 NAME = "LevenbergMarquardt"
 # Keyword arguments of `optimizer: {name: LevenbergMarquardt, ...}` and their defaults.
@@ -33,8 +37,8 @@ DEFAULTS: dict[str, Any] = {
 _FAILURES = ("non-finite",)
 
 
-def validate(cfg: Any, kwargs: dict) -> list[str]:
-    """Every problem with an LM optimizer section and the settings it cannot work with."""
+def validate_kwargs(kwargs: dict[str, Any]) -> list[str]:
+    """The problems with the keyword arguments of an LM optimizer section."""
     problems: list[str] = []
     valid = list(DEFAULTS)
     for key, value in kwargs.items():
@@ -64,6 +68,12 @@ def validate(cfg: Any, kwargs: dict) -> list[str]:
         ):
             what = "> 0" if key == "damping" else ">= 0"
             problems.append(f"optimizer.{key}: must be a finite number {what} (got {value!r})")
+    return problems
+
+
+def validate(cfg: Config, kwargs: dict[str, Any]) -> list[str]:
+    """Every problem with an LM optimizer section and the settings it cannot work with."""
+    problems = validate_kwargs(kwargs)
     if cfg.loss != "mse":
         problems.append(
             f"loss: {NAME} minimises the sum of squared residuals, so the loss must be mse "
@@ -86,7 +96,7 @@ class LMStepper:
 
     def __init__(
         self,
-        model: Any,
+        model: FitModel,
         x: torch.Tensor,
         y: torch.Tensor,
         weights: torch.Tensor | None,
@@ -127,6 +137,7 @@ class LMStepper:
             raw.copy_(theta)
         self._written = theta.clone()
         if result.converged:
+            assert result.reason is not None  # a stop always says why (LevenbergMarquardt._stop)
             self.stop_reason = result.reason
             if any(result.reason.startswith(f) for f in _FAILURES):
                 self.failure = f"{NAME} cannot continue: {result.reason}"
@@ -174,75 +185,12 @@ class LMStepper:
         self.stop_reason = state.get("stop_reason")
 
 
-def validate_kwargs(kwargs: dict) -> list[str]:
-    """The keyword-argument problems alone (no config needed)."""
-
-    class _Plain:
-        loss, batch_size, scheduler = "mse", None, None
-
-    return validate(_Plain, kwargs)
-
-
-def model_function(model: Any, *, external: bool = False):
-    """``fn(theta, x)`` of a `fitcli.model.FitModel` in the form the LM core and the error bars
-    differentiate: ``model.predict`` (internal raw vector) or, with `external`,
-    ``model.predict_external`` (free parameters' values) for a 1-D theta; for a list of p
-    tensors (the core's one-pass row-wise Jacobian: one leaf per free parameter, expanded over
-    the rows) the same model with each parameter read from its own leaf, so that no parameter is
-    selected out of a vector. The core checks the row-wise form against an exact Jacobian before
-    it uses it."""
-    one = model.predict_external if external else model.predict
-    free = [info for info in model.infos if info.vary]
-    # Per free parameter, the bound transform of `FitModel.external` (None: unbounded).
-    transforms: list = [None] * len(free)
-    if not external and getattr(model, "_bounded", False):
-        import torch.nn.functional as F
-
-        for k, info in enumerate(free):
-            lo, hi = model.lo[k], model.hi[k]
-            if info.min is not None and info.max is not None:
-                transforms[k] = lambda u, lo=lo, hi=hi: lo + (hi - lo) * torch.sigmoid(u)
-            elif info.min is not None:
-                transforms[k] = lambda u, lo=lo: lo + F.softplus(u)
-            elif info.max is not None:
-                transforms[k] = lambda u, hi=hi: hi - F.softplus(u)
-    fixed_pos = {pos: k for k, pos in enumerate(model._fixed_pos)}
-    free_pos = {pos: k for k, pos in enumerate(model._free_pos)}
-
-    def columns(theta: list, x: torch.Tensor) -> list:
-        # All parameters in declaration order: free ones from their leaves, fixed ones as
-        # 0-dim tensors that broadcast.
-        out = []
-        for pos in range(len(model.names)):
-            if pos in free_pos:
-                k = free_pos[pos]
-                u = theta[k]
-                out.append(u if transforms[k] is None else transforms[k](u))
-            else:
-                out.append(model.fixed[fixed_pos[pos]])
-        return out
-
-    def fn(theta, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(theta, torch.Tensor):
-            return one(theta, x)
-        values = columns(theta, x)
-        if model.kind == "basis":
-            phi_t = model.design(x).T
-            total = phi_t[0] * values[0]
-            for k in range(1, len(values)):
-                total = total + phi_t[k] * values[k]
-            return total
-        return model.expression(x, dict(zip(model.names, values, strict=True)))
-
-    return fn
-
-
 class NumpyModel(HostModel):
     """A `FitModel` in numpy float64 at fixed x, as a function of its internal vector: the
     expression's value and exact Jacobian from `fitcli.symdiff` (a basis model's Jacobian is its
     design matrix), chained through the bound transforms of `FitModel.external`."""
 
-    def __init__(self, model: Any, x: torch.Tensor) -> None:
+    def __init__(self, model: FitModel, x: torch.Tensor) -> None:
         from fitcli.symdiff import compile_jacobian, compile_value
 
         self.x = x.detach().reshape(-1).to(torch.float64).numpy()
@@ -255,12 +203,13 @@ class NumpyModel(HostModel):
         self.bounds = [(info.min, info.max) for info in free]
         self.bounded = any(lo is not None or hi is not None for lo, hi in self.bounds)
         self.kind = model.kind
-        if model.kind == "basis":
+        if isinstance(model, BasisModel):
             phi = model.design(x).detach().to(torch.float64).numpy()
             self.phi = np.ascontiguousarray(phi)
             self.phi_free = np.ascontiguousarray(phi[:, model._free_pos])
             self.names = list(model.names)
         else:
+            assert isinstance(model, ExprModel)  # `host_model` builds one for these two kinds
             self._jacobian = compile_jacobian(model.expression, self.free_names)
             self._value = compile_value(model.expression)
 
@@ -307,7 +256,7 @@ class NumpyModel(HostModel):
         return m, jac
 
 
-def host_model(model: Any, x: torch.Tensor) -> HostModel | None:
+def host_model(model: FitModel, x: torch.Tensor) -> HostModel | None:
     """The numpy form of a basis or expression model (None for anything else)."""
     if getattr(model, "kind", None) not in ("basis", "expr"):
         return None

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 
 from fitcli.errors import DataError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from fitcli.config import ModelSpec
+    from fitcli.expr import Expression
 
 # Below this many data points torch reduces each row serially, so a batch of runs reduces every
 # run exactly as a single run would; above it a single run's sums are split across threads.
@@ -67,6 +74,13 @@ class FitModel(torch.nn.Module):
     """A model whose free parameters live in one flat vector `raw` (internal, unconstrained)."""
 
     kind = "model"
+    # Buffers (registered in __init__; `lo` and after it only when some parameter is bounded).
+    fixed: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    both: torch.Tensor
+    lower: torch.Tensor
+    upper: torch.Tensor
 
     def __init__(self, infos: list[ParamInfo], dtype: torch.dtype) -> None:
         super().__init__()
@@ -114,12 +128,13 @@ class FitModel(torch.nn.Module):
         """All parameter values in declaration order, fixed ones included."""
         if self._all_free_unbounded or not self._fixed_pos:
             return free_ext
-        parts = [None] * len(self.names)
+        parts: list[torch.Tensor | None] = [None] * len(self.names)
         for k, pos in enumerate(self._free_pos):
             parts[pos] = free_ext[..., k]
         for k, pos in enumerate(self._fixed_pos):
             parts[pos] = self.fixed[k].expand(free_ext.shape[:-1])
-        return torch.stack(parts, dim=-1)
+        # The free and fixed positions partition all positions: every part is filled.
+        return torch.stack(cast(list[torch.Tensor], parts), dim=-1)
 
     def values(self) -> dict[str, float]:
         """Current parameter values by name, as Python floats."""
@@ -233,7 +248,7 @@ class ExprModel(FitModel):
 
     kind = "expr"
 
-    def __init__(self, expression, infos: list[ParamInfo], dtype: torch.dtype) -> None:
+    def __init__(self, expression: Expression, infos: list[ParamInfo], dtype: torch.dtype) -> None:
         super().__init__(infos, dtype)
         self.expression = expression
 
@@ -248,7 +263,70 @@ class ExprModel(FitModel):
         return self.expression(x, params)
 
 
-def build_model(model_cfg, init_seed: int, dtype: torch.dtype) -> FitModel:
+def _bound_transform(
+    info: ParamInfo, lo: torch.Tensor, hi: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The transform of `FitModel.external` for one free parameter (None: unbounded)."""
+    if info.min is not None and info.max is not None:
+        return lambda u: lo + (hi - lo) * torch.sigmoid(u)
+    if info.min is not None:
+        return lambda u: lo + F.softplus(u)
+    if info.max is not None:
+        return lambda u: hi - F.softplus(u)
+    return None
+
+
+def model_function(
+    model: FitModel, *, external: bool = False
+) -> Callable[[torch.Tensor | Sequence[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """``fn(theta, x)`` of a `FitModel` in the form the LM core and the error bars
+    differentiate: ``model.predict`` (internal raw vector) or, with `external`,
+    ``model.predict_external`` (free parameters' values) for a 1-D theta; for a list of p
+    tensors (the core's one-pass row-wise Jacobian: one leaf per free parameter, expanded over
+    the rows) the same model with each parameter read from its own leaf, so that no parameter is
+    selected out of a vector. The core checks the row-wise form against an exact Jacobian before
+    it uses it."""
+    one = model.predict_external if external else model.predict
+    free = [info for info in model.infos if info.vary]
+    # Per free parameter, the bound transform of `FitModel.external` (None: unbounded).
+    transforms: list[Callable[[torch.Tensor], torch.Tensor] | None] = [None] * len(free)
+    if not external and model._bounded:
+        for k, info in enumerate(free):
+            transforms[k] = _bound_transform(info, model.lo[k], model.hi[k])
+    fixed_pos = {pos: k for k, pos in enumerate(model._fixed_pos)}
+    free_pos = {pos: k for k, pos in enumerate(model._free_pos)}
+
+    def columns(theta: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        # All parameters in declaration order: free ones from their leaves, fixed ones as
+        # 0-dim tensors that broadcast.
+        out = []
+        for pos in range(len(model.names)):
+            if pos in free_pos:
+                k = free_pos[pos]
+                u = theta[k]
+                transform = transforms[k]
+                out.append(u if transform is None else transform(u))
+            else:
+                out.append(model.fixed[fixed_pos[pos]])
+        return out
+
+    def fn(theta: torch.Tensor | Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        if isinstance(theta, torch.Tensor):
+            return one(theta, x)
+        values = columns(theta)
+        if isinstance(model, BasisModel):
+            phi_t = model.design(x).T
+            total = phi_t[0] * values[0]
+            for k in range(1, len(values)):
+                total = total + phi_t[k] * values[k]
+            return total
+        assert isinstance(model, ExprModel)  # the two kinds of FitModel
+        return model.expression(x, dict(zip(model.names, values, strict=True)))
+
+    return fn
+
+
+def build_model(model_cfg: ModelSpec, init_seed: int, dtype: torch.dtype) -> FitModel:
     """Model from the config's `model` section; basis coefficients default to N(0, 1) draws."""
     from fitcli.expr import parse_expression
 
@@ -262,6 +340,7 @@ def build_model(model_cfg, init_seed: int, dtype: torch.dtype) -> FitModel:
             gen = torch.Generator().manual_seed(init_seed)
             init = torch.randn(len(basis), generator=gen, dtype=torch.float64).tolist()
         return BasisModel(basis, init, dtype)
+    assert model_cfg.expr is not None  # the schema requires basis or expr
     expression = parse_expression(model_cfg.expr, allow_params=True)
     specs = model_cfg.params or {}
     infos = []
@@ -276,7 +355,7 @@ def build_model(model_cfg, init_seed: int, dtype: torch.dtype) -> FitModel:
     return ExprModel(expression, infos, dtype)
 
 
-def check_finite_start(model: FitModel, x: torch.Tensor, xs_cpu) -> None:
+def check_finite_start(model: FitModel, x: torch.Tensor, xs_cpu: np.ndarray) -> None:
     """A model that is NaN or infinite at its starting point on the data is a config error."""
     with torch.no_grad():
         yhat = model(x)

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import re
 import warnings
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from fitcli.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from fitcli.config import Config, OptimizerSpec, SchedulerSpec
 
 LM_NAMES = ("LevenbergMarquardt", "LM")
 # Scheduler arguments fitcli supplies itself; a config must not set them.
@@ -69,7 +76,7 @@ def _lookup(
     raise ConfigError(f"{key}.name: unknown {key} {name!r}{hint} (valid: {', '.join(valid)})")
 
 
-def _check_kwargs(cls: type, kwargs: dict, key: str, supplied: set[str]) -> list[str]:
+def _check_kwargs(cls: type[Any], kwargs: dict, key: str, supplied: set[str]) -> list[str]:
     sig = inspect.signature(cls.__init__)
     accepted = [
         p
@@ -150,7 +157,7 @@ def _fits(part: str, value: Any) -> bool | None:
     return None  # not understood: torch decides
 
 
-def trial_step(cfg) -> list[str]:
+def trial_step(cfg: Config) -> list[str]:
     """Build the optimizer and scheduler on a throwaway parameter and take one step of each, so
     that arguments torch checks only when stepping (LBFGS's line_search_fn, lr 0 in its line
     search, a scheduler's step_size) are invalid input now instead of a crash mid-run."""
@@ -172,12 +179,12 @@ def trial_step(cfg) -> list[str]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for key, obj, step in (
-            ("optimizer", opt, lambda: opt.step(closure)),
-            ("scheduler", sched, lambda: sched.step(1.0) if _plateau(sched) else sched.step()),
-        ):
-            if obj is None:
-                continue
+        steps: list[tuple[str, object, Callable[[], object]]] = [
+            ("optimizer", opt, lambda: opt.step(closure))
+        ]
+        if sched is not None:
+            steps.append(("scheduler", sched, functools.partial(_first_step, sched)))
+        for key, obj, step in steps:
             try:
                 step()
             except Exception as exc:  # whatever it is, these arguments cause it
@@ -188,13 +195,17 @@ def trial_step(cfg) -> list[str]:
     return []
 
 
-def _plateau(sched: Any) -> bool:
+def _first_step(sched: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """One step of `sched`; ReduceLROnPlateau steps on a metric."""
     import torch
 
-    return isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        sched.step(1.0)
+    else:
+        sched.step()
 
 
-def split_spec(spec: Any) -> tuple[str, dict]:
+def split_spec(spec: OptimizerSpec | SchedulerSpec | Mapping[str, Any]) -> tuple[str, dict]:
     """(name, kwargs) from an optimizer/scheduler config section."""
     data = spec.model_dump() if hasattr(spec, "model_dump") else dict(spec)
     name = data.pop("name")
@@ -205,7 +216,7 @@ def is_lm(name: str) -> bool:
     return isinstance(name, str) and name.lower() in {n.lower() for n in LM_NAMES}
 
 
-def validate(cfg) -> list[str]:
+def validate(cfg: Config) -> list[str]:
     """Problems with the optimizer, scheduler and loss choice (imports torch)."""
     problems: list[str] = []
     name, kwargs = split_spec(cfg.optimizer)
@@ -234,7 +245,7 @@ def validate(cfg) -> list[str]:
     return problems
 
 
-def build_optimizer(spec, params) -> Any:
+def build_optimizer(spec: OptimizerSpec, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     """A torch optimizer over `params` from an `optimizer` config section."""
     name, kwargs = split_spec(spec)
     _, cls = _lookup(name, optimizer_classes(), "optimizer")
@@ -247,7 +258,9 @@ def build_optimizer(spec, params) -> Any:
         raise ConfigError(f"optimizer: {cls.__name__} rejected its arguments: {exc}") from None
 
 
-def build_scheduler(spec, optimizer) -> Any:
+def build_scheduler(
+    spec: SchedulerSpec | None, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LRScheduler | None:
     """A torch lr scheduler from a `scheduler` config section, or None."""
     if spec is None:
         return None

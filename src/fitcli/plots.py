@@ -563,7 +563,8 @@ def fragment(fig: dict, plotlyjs: str | bool, *, div_id: str, height: int = 480)
     """
     import plotly.io as pio
 
-    include: Any = {"embed": True, "cdn": "cdn"}.get(plotlyjs, plotlyjs) if plotlyjs else False
+    modes: dict[str | bool, str | bool] = {"embed": True, "cdn": "cdn"}
+    include = modes.get(plotlyjs, plotlyjs) if plotlyjs else False
     height = int(fig.get("layout", {}).get("height") or height)
     return pio.to_html(
         fig,
@@ -587,7 +588,7 @@ GRAPH_STYLE = {
 def graph_figure(graph: Any, pos: dict[int, tuple[int, int]], *, title: str) -> dict:
     """An autograd DAG drawn in layers from the loss (top) to the leaves: edges as lines,
     nodes as markers by kind, each with its label and details on hover."""
-    width = {}
+    width: dict[int, int] = {}
     for layer, k in pos.values():
         width[layer] = max(width.get(layer, 0), k + 1)
     widest = max(width.values(), default=1)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from fitcli.lm import SINGULAR_RCOND, jtj_jtr
+from fitcli.model import BasisModel, FitModel, model_function
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -132,7 +133,9 @@ def fit_statistics(
     if free:
         evals, evecs = torch.linalg.eigh(scaled)
         top = float(evals.max())
-        small = evals <= SINGULAR_RCOND * top if top > 0 else torch.ones_like(evals, dtype=bool)
+        small = (
+            evals <= SINGULAR_RCOND * top if top > 0 else torch.ones_like(evals, dtype=torch.bool)
+        )
         lo = float(evals.min())
         condition = _finite(top / lo) if lo > 0 else None
         if bool(small.any()):
@@ -425,7 +428,7 @@ def expression_truth(model_expr: str, target: str, params: Sequence[str]) -> dic
 
 
 def run_report(
-    model,
+    model: FitModel,
     x: torch.Tensor,
     y: torch.Tensor,
     *,
@@ -449,8 +452,6 @@ def run_report(
     free = list(model.free_names)
     with torch.no_grad():
         theta = model.external(model.raw.detach()).to(torch.float64)
-    from fitcli.lm_optim import model_function
-
     stats = fit_statistics(
         model_function(model, external=True),
         theta,
@@ -482,7 +483,7 @@ def run_report(
     }
     truth: dict[str, float] = {}
     n = int(y.shape[0])
-    if model.kind == "basis":
+    if isinstance(model, BasisModel):
         p = len(model.names)
 
         def rows(sl: slice) -> torch.Tensor:

@@ -33,7 +33,8 @@ from fitcli.expr import Expression
 # A node's derivatives: parameter index -> d node / d parameter (an array, a numpy scalar or the
 # float 1.0 / -1.0); parameters the node does not depend on are absent.
 Tangents = dict[int, Any]
-Node = Callable[[np.ndarray, Sequence[Any]], tuple[Any, Tangents]]
+# A compiled node: (x, parameter values by name) -> (value, tangents).
+Node = Callable[[np.ndarray, Mapping[str, Any]], tuple[Any, Tangents]]
 
 _EMPTY: Tangents = {}  # shared by every constant node; never mutated
 

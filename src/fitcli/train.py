@@ -11,14 +11,25 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+if TYPE_CHECKING:
+    from fitcli.model import FitModel
+
+class LossFunction(Protocol):
+    """A torch.nn.functional loss: mean by default, per element with reduction="none"."""
+
+    def __call__(
+        self, input: torch.Tensor, target: torch.Tensor, /, *, reduction: str = ...
+    ) -> torch.Tensor: ...
+
+
+LOSSES: dict[str, LossFunction] = {
     "mse": F.mse_loss,
     "l1": F.l1_loss,
     "huber": F.huber_loss,
@@ -94,14 +105,14 @@ class TorchStepper:
 
     def __init__(
         self,
-        model,
-        x,
-        y,
-        loss_fn,
-        optimizer,
-        scheduler=None,
+        model: FitModel,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         *,
-        batch_size=None,
+        batch_size: int | None = None,
         shuffle_seed: int = 0,
         rows_loss: Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor] | None = None,
     ) -> None:
@@ -111,23 +122,24 @@ class TorchStepper:
         self.batch_size = batch_size if batch_size and batch_size < self.n else None
         self.generator = torch.Generator(device=x.device).manual_seed(shuffle_seed)
         self.needs_closure = isinstance(optimizer, torch.optim.LBFGS)
-        self.plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         self.forward = model.bind(x)
         self.rows_loss = rows_loss
-        self.chunk_rows = None  # set only for a full batch: `_one` then ignores its arguments
+        self.chunk_rows: int | None = None  # only for a full batch: `_one` ignores its arguments
         if rows_loss is not None and self.batch_size is None:
             self.chunk_rows = full_batch_chunk_rows(self.n, x.dtype, x.device)
 
     def _chunked_loss_backward(self) -> torch.Tensor:
         """The full-batch loss, with its gradient accumulated chunk by chunk into `.grad`."""
-        n, size, model = self.n, self.chunk_rows, self.model
-        total = None
+        n, size, rows_loss, model = self.n, self.chunk_rows, self.rows_loss, self.model
+        assert size is not None and rows_loss is not None  # chunking is set up with both
+        total: torch.Tensor | None = None
         for start in range(0, n, size):
             rows = slice(start, min(start + size, n))
-            part = self.rows_loss(model.predict_rows(self.x, rows), self.y[rows], rows)
+            part = rows_loss(model.predict_rows(self.x, rows), self.y[rows], rows)
             part = part * ((rows.stop - rows.start) / n)
             part.backward()
             total = part.detach() if total is None else total + part.detach()
+        assert total is not None  # chunking is for at least two chunks
         return total
 
     def _one(self, forward, yb) -> torch.Tensor:
@@ -142,7 +154,8 @@ class TorchStepper:
             return loss
 
         if self.needs_closure:
-            return opt.step(closure)
+            # LBFGS returns the closure's first loss, a tensor (torch annotates `float | None`).
+            return cast(torch.Tensor, opt.step(closure))
         loss = closure()
         opt.step()
         return loss
@@ -158,11 +171,12 @@ class TorchStepper:
                 forward = functools.partial(self.model.predict_rows, self.x, idx)
                 total += self._one(forward, self.y[idx]).detach() * idx.numel()
             loss = total / self.n
-        if self.scheduler is not None:
-            if self.plateau:
-                self.scheduler.step(loss.item())
+        sched = self.scheduler
+        if sched is not None:
+            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                sched.step(loss.item())
             else:
-                self.scheduler.step()
+                sched.step()
         return loss
 
     def lr(self) -> float:
@@ -191,12 +205,12 @@ def snapshot_epochs(epochs: int, snapshots: int) -> list[int]:
 
 
 def train(
-    model: torch.nn.Module,
+    model: FitModel,
     stepper: Stepper,
     *,
     epochs: int,
     evaluate_loss: Callable[[], float],
-    snapshots_at: list[int] = (),
+    snapshots_at: Iterable[int] = (),
     on_epoch: Callable[[int, float], bool] | None = None,
     on_snapshot: Callable[[int, float], None] | None = None,
     start_epoch: int = 0,

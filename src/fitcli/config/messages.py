@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from fitcli.config.schema import Config, _Problems, _section, _show
 from fitcli.config.yaml_safe import Loc, _dotted
@@ -22,8 +23,8 @@ def _suggest(word: str, choices: Sequence[str]) -> str:
     return "valid keys are " + ", ".join(choices) if choices else "no keys are valid here"
 
 
-def _describe(err: dict[str, Any]) -> str:
-    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+def _describe(err: ErrorDetails) -> str:
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err["input"]
     got = f" (got {_show(value)})"
     loc = err["loc"]
     if kind == "missing":

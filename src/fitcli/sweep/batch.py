@@ -137,7 +137,10 @@ def _compute_batch(
         spec = json.dumps(p.cfg.optimizer.model_dump(mode="json"), sort_keys=True)
         groups.setdefault(spec, []).append(i)
     order = [i for rows in groups.values() for i in rows]
-    leaves, opts, lrs, row_of = [], [], [], {}
+    leaves: list[torch.Tensor] = []
+    opts: list[Any] = []
+    lrs: list[Any] = []
+    row_of: dict[int, tuple[int, int]] = {}
     for rows in groups.values():
         leaf = torch.nn.Parameter(torch.stack([preps[i].model.raw.detach() for i in rows]))
         opt = optim.build_optimizer(preps[rows[0]].cfg.optimizer, [leaf])

@@ -215,7 +215,7 @@ def connect(address: str) -> Any:
             n_workers=2, threads_per_worker=1, processes=True, preload=["fitcli.sweep"]
         )
         client = Client(cluster)
-        client._fitcli_cluster = cluster  # closed with the client below
+        setattr(client, "_fitcli_cluster", cluster)  # noqa: B010 (closed with the client below)
         return client
     probe_scheduler(address)
     try:

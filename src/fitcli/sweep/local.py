@@ -119,6 +119,7 @@ def _write_forked(jobs: list[tuple], done: Callable[[int, dict], None]) -> None:
             for k, summary, exc in pool.imap_unordered(_write_job, range(len(jobs))):
                 if exc is not None:
                     raise exc
+                assert summary is not None  # a job returns its summary or its exception
                 done(k, summary)
             finished = True
         finally:
@@ -220,10 +221,11 @@ def _run_processes(plan, cfgs, indices, options, accept, stop, unfinished) -> No
             held = {k for k, _ in busy.values()}
             for k in range(len(workers)):
                 if queue and k not in held:
-                    if workers[k] is None:
-                        workers[k] = _Worker(ctx, halt)
+                    worker = workers[k]
+                    if worker is None:
+                        worker = workers[k] = _Worker(ctx, halt)
                     task = queue.popleft()
-                    busy[workers[k].submit(task)] = (k, task)
+                    busy[worker.submit(task)] = (k, task)
             if not busy:
                 break
             finished, _ = wait(list(busy), timeout=0.2, return_when=FIRST_COMPLETED)
@@ -231,6 +233,7 @@ def _run_processes(plan, cfgs, indices, options, accept, stop, unfinished) -> No
                 k, task = busy.pop(fut)
                 if isinstance(fut.exception(), BrokenProcessPool):
                     dead, workers[k] = workers[k], None
+                    assert dead is not None  # it ran this task
                     reason = dead.death()
                     dead.close()
                     for i in task.indices:
