@@ -31,7 +31,6 @@ from fitcli.errors import (
 )
 from fitcli.model import FitModel, build_model, check_finite_start
 from fitcli.rundir import files
-from fitcli.rundir.summary import Summary
 from fitcli.rundir.writer import RunWriter, base_summary, interruption_fields, versions
 from fitcli.train import LOSSES, TorchStepper, TrainResult, snapshot_epochs, train
 
@@ -159,7 +158,7 @@ def execute(
     resume: Any = None,
     defer_state: bool = False,
     stopped_by: Callable[[], str | None] | None = None,
-) -> Summary:
+) -> dict:
     """Train a prepared run into `run_dir` (already created) and return its summary.
 
     With `resume` (a `state.ResumePoint`), continue that run directory from its saved state.
@@ -174,7 +173,8 @@ def execute(
     cfg = prep.cfg
     t0 = time.perf_counter()
     writer = RunWriter(run_dir, prep, plotlyjs, defer_state=defer_state)
-    summary = base_summary(prep, run_dir, command)
+    # A plain dict while it is filled in: stats and the optimizer adapters return plain dicts.
+    summary: dict[str, Any] = dict(base_summary(prep, run_dir, command))
     history, start_epoch = History(), 0
     if resume is not None:
         history, start_epoch = resume.history, resume.epoch
@@ -204,16 +204,14 @@ def execute(
         writer.flush()
         # Still inside: a second Ctrl-C or a fault while finishing must not leave "running".
         summary.update(
-            {
-                "status": result.status,
-                "exit_code": int(exit_code_for(result.status)),
-                "epochs_run": result.epochs_run,
-                "final_loss": result.final_loss,
-                "params": prep.model.values(),
-                "reason": result.reason,
-                "elapsed_s": time.perf_counter() - t0,
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
+            status=result.status,
+            exit_code=int(exit_code_for(result.status)),
+            epochs_run=result.epochs_run,
+            final_loss=result.final_loss,
+            params=prep.model.values(),
+            reason=result.reason,
+            elapsed_s=time.perf_counter() - t0,
+            finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
         if result.status == "interrupted":
             by = stopped_by() if stopped_by is not None else None
@@ -228,14 +226,12 @@ def execute(
         files.write_json(run_dir / files.SUMMARY, summary)
     except BaseException as exc:
         summary.update(
-            {
-                "status": "failed",
-                "exit_code": int(ExitCode.FAILED),
-                "converged": False,
-                "params": prep.model.values(),
-                "elapsed_s": time.perf_counter() - t0,
-                "reason": str(exc) or type(exc).__name__,
-            }
+            status="failed",
+            exit_code=int(ExitCode.FAILED),
+            converged=False,
+            params=prep.model.values(),
+            elapsed_s=time.perf_counter() - t0,
+            reason=str(exc) or type(exc).__name__,
         )
         if isinstance(exc, KeyboardInterrupt):
             by = getattr(exc, "signal", None) or (stopped_by() if stopped_by else None)

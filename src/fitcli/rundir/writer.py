@@ -70,7 +70,7 @@ class RunWriter:
             self.obs = tuple(None if a is None else a[order] for a in self.obs)
         self.history = None  # set by execute; saved in state.json with every snapshot
 
-    def resume(self, cfg_text: str | None, summary: Summary, point: Any) -> None:
+    def resume(self, cfg_text: str | None, summary: dict, point: Any) -> None:
         """Continue this run directory from `point` (a `state.ResumePoint`): snapshots past its
         epoch go, the summary says so."""
         from fitcli.state import tidy_snapshots
@@ -84,7 +84,7 @@ class RunWriter:
             files.copy_plotly_js(self.run_dir)
         files.write_json(self.run_dir / files.SUMMARY, summary)
 
-    def begin(self, cfg_text: str, summary: Summary) -> None:
+    def begin(self, cfg_text: str, summary: dict) -> None:
         self.snap_dir.mkdir(exist_ok=True)
         ds = self.prep.dataset
         files.atomic_write(self.run_dir / files.CONFIG, cfg_text)
