@@ -196,7 +196,8 @@ READ_LOADTXT = (
 
 
 def file_reading(n: int, tmp: Path) -> list[str]:
-    from fitcli import data, store
+    from fitcli import data
+    from fitcli.rundir import files as store
 
     x = np.linspace(0, 250, n)
     rng = np.random.default_rng(0)

@@ -8,8 +8,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fitcli import data, store
+from fitcli import data
 from fitcli.errors import DataError
+from fitcli.rundir import files as store
 
 
 def cols(x=None, y=None, sigma=None):

@@ -20,7 +20,7 @@ import yaml
 from conftest import ROOT
 from test_faults_signals import assert_files_parse
 
-from fitcli import store
+from fitcli.rundir import files as store
 
 # benchmarks/faults.py sets this above 1: 64 processes, plotly.min.js copied into each directory.
 SCALE = int(os.environ.get("FITCLI_FAULTS_SCALE", "1"))

@@ -22,8 +22,8 @@ import pytest
 import yaml
 from conftest import SMALL
 
-from fitcli import store
 from fitcli.cli import app
+from fitcli.rundir import files as store
 
 CONFIG = {**SMALL, "epochs": 12, "snapshots": 3, "batch_size": 64}
 

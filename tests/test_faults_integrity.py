@@ -17,11 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from fitcli import console, state, store
+from fitcli import console
 from fitcli.cli import app
 from fitcli.config import load_config
 from fitcli.experiment import execute
 from fitcli.prepare import prepare
+from fitcli.rundir import files as store
+from fitcli.rundir import state
 
 runner = CliRunner()
 

@@ -25,11 +25,11 @@ import pytest
 import yaml
 from conftest import SMALL
 
-from fitcli import store
 from fitcli.cli import app
 from fitcli.config import load_config
 from fitcli.experiment import execute
 from fitcli.prepare import prepare
+from fitcli.rundir import files as store
 
 DATA = {**SMALL["data"], "x": {"start": -10, "stop": 10, "num": 60}}
 CONFIG = {**SMALL, "epochs": 12, "snapshots": 3, "data": DATA}

@@ -217,7 +217,7 @@ def test_sigint_right_after_the_run_directory_is_made_still_leaves_a_run(
     full, readable directory (it used to leave an empty one: the handler came after mkdir)."""
     import os
 
-    from fitcli import store
+    from fitcli.rundir import files as store
 
     real = store.create_run_dir
 
@@ -241,7 +241,7 @@ def test_second_sigint_while_the_run_directory_is_being_filled(runner, tmp_path,
     """A second Ctrl-C raises at once, here while plotly.min.js is copied: the summary still
     says interrupted and the directory reads (the start of a run used to be outside the
     handler that marks it, leaving config.yaml and data.csv without a summary)."""
-    from fitcli import store
+    from fitcli.rundir import files as store
 
     def interrupted(run_dir):
         raise KeyboardInterrupt
@@ -261,7 +261,7 @@ def test_second_sigint_while_the_run_directory_is_being_filled(runner, tmp_path,
 def test_second_sigint_while_the_summary_is_being_finished(runner, tmp_path, monkeypatch):
     """Found by the random SIGINT test: a second Ctrl-C during the final summary write left
     summary.json saying "running" (finishing was outside the handler that marks the run)."""
-    from fitcli import store
+    from fitcli.rundir import files as store
 
     real = store.write_json
 
@@ -353,7 +353,8 @@ def test_a_second_signal_exits_at_once_and_the_summary_is_not_left_running(tmp_p
 def test_a_second_signal_while_the_run_is_finishing_stops_it_there(runner, tmp_path, monkeypatch):
     """Deterministically: SIGTERM as the run starts, then SIGINT while the final statistics are
     computed: the run ends there, at once, exit 143, the summary interrupted by SIGTERM."""
-    from fitcli import experiment, store
+    from fitcli import experiment
+    from fitcli.rundir import files as store
 
     real_create, real_stats = store.create_run_dir, experiment.finish_stats
     calls = []

@@ -1,7 +1,7 @@
 """The import rules, checked so that breaking one fails the build:
 
 - rich is imported only by `fitcli.console`, plotly only by `fitcli.plots` (anywhere in the
-  module, function-level imports included). `fitcli.store` finds plotly.min.js in plotly's
+  module, function-level imports included). `fitcli.rundir.files` finds plotly.min.js in plotly's
   package with `importlib.util.find_spec`, which does not import plotly.
 - At import: `fitcli.cli` loads none of torch, rich or plotly (`fitcli --help` answers
   instantly); `fitcli.sweep` (and its plan and table, once they are modules of their own) loads

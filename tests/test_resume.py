@@ -16,12 +16,14 @@ from conftest import SMALL
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fitcli import state, store
 from fitcli.cli import app
 from fitcli.config import load_config
 from fitcli.experiment import execute
 from fitcli.prepare import prepare
 from fitcli.resume import prepare_resume
+from fitcli.rundir import files as store
+from fitcli.rundir import state
+from fitcli.rundir import state as codec
 
 # Configs that exercise every kind of state: plain SGD; mini-batches (the shuffle generator) with
 # Adam and a step scheduler; LBFGS (lists of tensors, Python floats); float32 with bounds, a
@@ -162,7 +164,7 @@ def test_decode_rejects_anything_but_data(doc):
 
 def test_state_module_never_unpickles():
     """Loading is json.loads plus tensors built from lists: no unpickler is reachable."""
-    tree = ast.parse(Path(state.__file__).read_text())
+    tree = ast.parse(Path(codec.__file__).read_text())
     unsafe = {"pickle", "marshal", "shelve", "dill", "cloudpickle", "joblib"}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

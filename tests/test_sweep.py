@@ -501,7 +501,7 @@ def test_rendered_runs_installed_here_equal_a_local_sweep(tmp_path):
 
 
 def test_install_run_dir_is_all_or_nothing(tmp_path, monkeypatch):
-    from fitcli import store
+    from fitcli.rundir import files as store
 
     files = {
         "config.yaml": b"a",
@@ -536,7 +536,7 @@ def test_install_run_dir_is_all_or_nothing(tmp_path, monkeypatch):
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("keep")
-    with pytest.raises(sw.store.NotRunDirError, match="not a fitcli run directory"):
+    with pytest.raises(store.NotRunDirError, match="not a fitcli run directory"):
         store.install_run_dir(other, files)
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run"]

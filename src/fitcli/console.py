@@ -273,7 +273,7 @@ def summary_table(summary: dict) -> None:
 
 def print_json(obj: Any) -> None:
     """The only stdout output with --json."""
-    from fitcli.store import dumps_json
+    from fitcli.rundir.files import dumps_json
 
     sys.stdout.write(dumps_json(obj))
     sys.stdout.flush()

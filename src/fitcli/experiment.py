@@ -6,36 +6,23 @@ never leaves a half-written run directory; `execute` creates the directory and t
 
 from __future__ import annotations
 
-import platform
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fitcli.torchboot import import_torch
 
 torch = import_torch()
 
 import contextlib
-import operator
 
-from fitcli import __version__, liveness, optim, store
 from fitcli.errors import ExitCode, FitcliError, RunDirError, exit_code_for
 from fitcli.prepare import Prepared
+from fitcli.rundir import files
+from fitcli.rundir.writer import RunWriter, base_summary, interruption_fields, versions
 from fitcli.train import TrainResult, snapshot_epochs, train
-
-FIT_GRID = store.FIT_GRID  # points on which the fitted curve is drawn
-
-
-def versions() -> dict[str, str]:
-    return {
-        "fitcli_version": __version__,
-        "torch_version": str(torch.__version__),  # a plain str: TorchVersion pickles as torch
-        "python_version": platform.python_version(),
-    }
 
 
 def resolved_config_text(cfg: Any, device: torch.device, command: list[str]) -> str:
@@ -49,215 +36,7 @@ def resolved_config_text(cfg: Any, device: torch.device, command: list[str]) -> 
         "# Resolved config of this run: `fitcli train config.yaml` reruns it.",
         f"# fitcli {v['fitcli_version']}, torch {v['torch_version']}, Python {v['python_version']}",
     ]
-    return "\n".join(head) + "\n" + store.command_comment(command) + dump_yaml(d)
-
-
-class RunWriter:
-    """Writes a run directory's files; the only place experiment code touches the disk.
-
-    With `defer_state`, params.json and state.json are written once, by `flush`, instead of at
-    every snapshot: their last versions are the same, and a run replayed from a finished
-    computation (`fitcli sweep`) has nothing to resume from in between.
-    """
-
-    def __init__(
-        self, run_dir: Path, prep: Prepared, plotlyjs: str, *, defer_state: bool = False
-    ) -> None:
-        self.run_dir, self.prep, self.plotlyjs = run_dir, prep, plotlyjs
-        self.defer_state = defer_state
-        self._pending: dict | None = None  # the deferred save_state arguments
-        self.snap_dir = run_dir / store.SNAPSHOTS
-        self.snapshots: list[dict] = []
-        epochs = prep.cfg.epochs
-        self.width = len(str(epochs))
-        ds = prep.dataset
-        lo, hi = float(np.min(ds.x)), float(np.max(ds.x))
-        grid = np.linspace(lo, hi, FIT_GRID) if hi > lo else np.array([lo])
-        self.grid = grid
-        self._fit_rows: list[str] | None = None  # "x," of each grid point, for the fit CSVs
-        self.grid_t = torch.as_tensor(grid, dtype=prep.dtype).to(prep.device)
-        # Snapshots draw the observations sorted by x: sort once here, not O(n log n) per snapshot
-        # (a copy only when the data are unsorted; sorted data are passed as they are).
-        self.obs = (ds.x, ds.y, ds.y_true)
-        if not np.all(ds.x[1:] >= ds.x[:-1]):
-            order = np.argsort(ds.x, kind="stable")
-            self.obs = tuple(None if a is None else a[order] for a in self.obs)
-        self.history = None  # set by execute; saved in state.json with every snapshot
-
-    def resume(self, cfg_text: str | None, summary: dict, point: Any) -> None:
-        """Continue this run directory from `point` (a `resume.ResumePoint`): snapshots past its
-        epoch go, the summary says so."""
-        from fitcli.state import tidy_snapshots
-
-        self.snap_dir.mkdir(exist_ok=True)
-        tidy_snapshots(self.run_dir, point.epoch)
-        self.snapshots = list(point.snapshots)
-        if cfg_text is not None:  # resumed with overrides: config.yaml is the config now
-            store.atomic_write(self.run_dir / store.CONFIG, cfg_text)
-        if self.plotlyjs == "directory":
-            store.copy_plotly_js(self.run_dir)
-        store.write_json(self.run_dir / store.SUMMARY, summary)
-
-    def begin(self, cfg_text: str, summary: dict) -> None:
-        self.snap_dir.mkdir(exist_ok=True)
-        ds = self.prep.dataset
-        store.atomic_write(self.run_dir / store.CONFIG, cfg_text)
-        store.write_data_csv(self.run_dir / store.DATA, ds.x, ds.y, ds.y_true, ds.sigma)
-        if self.plotlyjs == "directory":
-            store.copy_plotly_js(self.run_dir)
-        store.write_json(self.run_dir / store.SUMMARY, summary)
-
-    def snapshot_name(self, epoch: int) -> str:
-        return f"epoch-{epoch:0{self.width}d}.html"
-
-    def snapshot(self, epoch: int, loss: float, note: str | None = None) -> None:
-        from fitcli import plots
-
-        prep = self.prep
-        params = prep.model.values()
-        with torch.no_grad():
-            y_fit = prep.model(self.grid_t).double().cpu().numpy()
-        page = plots.snapshot_page(
-            name=prep.cfg.name if note is None else f"{prep.cfg.name} ({note})",
-            epoch=epoch,
-            epochs=prep.cfg.epochs,
-            loss=loss,
-            params=params,
-            x=self.obs[0],
-            y=self.obs[1],
-            y_true=self.obs[2],
-            x_fit=self.grid,
-            y_fit=y_fit,
-            loss_name=prep.cfg.loss,
-            plotlyjs=self.plotlyjs,
-        )
-        fname = self.snapshot_name(epoch)
-        store.atomic_write(self.snap_dir / fname, page)
-        # The fitted curve itself, exactly: `fitcli plot` rebuilds this page from it (the model
-        # cannot be re-evaluated bit for bit on another device, dtype or through bounds).
-        fit_name = fname.removesuffix(".html") + ".csv"
-        store.atomic_write(self.snap_dir / fit_name, self.fit_csv(y_fit))
-        self.snapshots = [s for s in self.snapshots if s["epoch"] != epoch]
-        entry = {"epoch": epoch, "loss": loss, "params": params, "file": fname, "fit": fit_name}
-        self.snapshots.append(entry if note is None else {**entry, "note": note})
-        if self.defer_state:
-            if self.history is not None:
-                self._pending = self._frozen_state(epoch)
-            elif self._pending is None:
-                self._pending = {}  # params.json still to write
-            return
-        self.write_params()
-        if self.history is not None:
-            # Last, so that a saved state always has its snapshot beside it (resume).
-            self._save_state(epoch=epoch, model=prep.model, stepper=prep.stepper)
-
-    def fit_csv(self, y_fit: np.ndarray) -> str:
-        """snapshots/epoch-N.csv: `x,y_fit` rows by repr, what csv.writer with `store.fmt`
-        wrote (no float repr needs quoting); the x column is formatted once per run."""
-        if self._fit_rows is None:
-            self._fit_rows = [f"{v!r}," for v in self.grid.tolist()]
-        ys = y_fit.tolist()
-        if len(ys) != len(self._fit_rows):
-            raise ValueError(f"fitted curve has {len(ys)} points, the grid {len(self.grid)}")
-        return "x,y_fit\n" + "\n".join(map(operator.add, self._fit_rows, map(repr, ys))) + "\n"
-
-    def write_params(self) -> None:
-        store.write_json(
-            self.run_dir / store.SNAPSHOT_PARAMS,
-            {"names": list(self.prep.model.names), "snapshots": self.snapshots},
-        )
-
-    def _save_state(self, **kw: Any) -> None:
-        from fitcli.config import config_to_dict
-        from fitcli.state import save_state
-
-        history = kw.pop("history", self.history)
-        save_state(self.run_dir, history=history, config=config_to_dict(self.prep.cfg), **kw)
-
-    def _frozen_state(self, epoch: int) -> dict:
-        """save_state's arguments at this snapshot, copied: the run moves on before `flush`."""
-        import copy
-        from types import SimpleNamespace
-
-        from fitcli.train import History
-
-        h, stepper = self.history, self.prep.stepper
-        frozen = SimpleNamespace(raw=self.prep.model.raw.detach().clone())
-        if hasattr(stepper, "state_dict"):
-            state = stepper.state_dict()
-            if not getattr(stepper, "state_dicts_are_copies", False):
-                state = copy.deepcopy(state)
-            stepper = SimpleNamespace(state_dict=lambda: state)
-        else:
-            stepper = SimpleNamespace()
-        history = History(h.losses[:epoch], h.lrs[:epoch], h.elapsed[:epoch], h.params[:epoch])
-        return {"epoch": epoch, "model": frozen, "stepper": stepper, "history": history}
-
-    def flush(self) -> None:
-        """Write what `defer_state` held back: params.json, then state.json."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        self.write_params()
-        if pending:
-            self._save_state(**pending)
-
-    def metrics(self, result: TrainResult, start_epoch: int = 0) -> None:
-        hist = result.history
-        model = self.prep.model
-        names = list(model.names)
-        raw = torch.tensor(hist.params, dtype=model.raw.dtype, device=model.raw.device)
-        with torch.no_grad():
-            values = (
-                model.full_vector(model.external(raw)).double().cpu().tolist()
-                if len(hist.params)
-                else []
-            )
-        rows = []
-        for k, (loss, lr, t, vals) in enumerate(
-            zip(hist.losses, hist.lrs, hist.elapsed, values, strict=True)
-        ):
-            rows.append(
-                [
-                    start_epoch + k,
-                    store.fmt(loss),
-                    store.fmt(lr),
-                    f"{t:.6f}",
-                    *map(repr, vals),  # floats from tolist(): store.fmt without the calls
-                ]
-            )
-        store.write_csv(
-            self.run_dir / store.METRICS, ["epoch", "loss", "lr", "elapsed_s", *names], rows
-        )
-
-
-def base_summary(prep: Prepared, run_dir: Path, command: list[str]) -> dict:
-    cfg = prep.cfg
-    return {
-        store.RUN_MARKER: store.RUN_SCHEMA,  # what marks a fitcli run directory (store.py)
-        **versions(),
-        "run_dir": str(run_dir),
-        "name": cfg.name,
-        "status": "running",
-        "exit_code": None,
-        "epochs": cfg.epochs,
-        "epochs_run": 0,
-        "final_loss": None,
-        "loss": cfg.loss,
-        "optimizer": optim.split_spec(cfg.optimizer)[0],
-        "params": prep.model.values(),
-        "device": str(prep.device),
-        "dtype": cfg.dtype,
-        "seed": cfg.seed,
-        "n_points": prep.dataset.n,
-        # What resume compares a data file with (a file edited since cannot be resumed).
-        **({"data_digest": prep.dataset.digest} if prep.dataset.digest else {}),
-        "elapsed_s": 0.0,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": command,
-        # Who writes the run while it runs (`liveness`): a run whose writer is gone is stale.
-        "process": liveness.identity(),
-    }
+    return "\n".join(head) + "\n" + files.command_comment(command) + dump_yaml(d)
 
 
 def execute(
@@ -285,7 +64,8 @@ def execute(
     cfg = prep.cfg
     t0 = time.perf_counter()
     writer = RunWriter(run_dir, prep, plotlyjs, defer_state=defer_state)
-    summary = base_summary(prep, run_dir, command)
+    # A plain dict while it is filled in: stats and the optimizer adapters return plain dicts.
+    summary: dict[str, Any] = dict(base_summary(prep, run_dir, command))
     history, start_epoch = History(), 0
     if resume is not None:
         history, start_epoch = resume.history, resume.epoch
@@ -326,7 +106,7 @@ def execute(
         )
         if result.status == "interrupted":
             by = stopped_by() if stopped_by is not None else None
-            summary.update(_interruption(by, f"after epoch {result.epochs_run}"))
+            summary.update(interruption_fields(by, f"after epoch {result.epochs_run}"))
         summary.pop("process", None)  # finished: no process writes it any more
         if prep.lm:
             summary.update(prep.stepper.summary_fields())
@@ -334,7 +114,7 @@ def execute(
         summary.update(
             verdict(summary["status"], summary["reason"], result.epochs_run, summary["uncertainty"])
         )
-        store.write_json(run_dir / store.SUMMARY, summary)
+        files.write_json(run_dir / files.SUMMARY, summary)
     except BaseException as exc:
         summary.update(
             status="failed",
@@ -346,26 +126,14 @@ def execute(
         )
         if isinstance(exc, KeyboardInterrupt):
             by = getattr(exc, "signal", None) or (stopped_by() if stopped_by else None)
-            summary.update(_interruption(by, "at once"))
+            summary.update(interruption_fields(by, "at once"))
         summary.pop("process", None)
         with contextlib.suppress(Exception):
             writer.flush()  # the last snapshot's state, as fitcli train would have left it
         with contextlib.suppress(FitcliError):
-            store.write_json(run_dir / store.SUMMARY, summary)
+            files.write_json(run_dir / files.SUMMARY, summary)
         raise
     return summary
-
-
-def _interruption(signal: str | None, when: str) -> dict:
-    """The summary fields of a run stopped by `signal` (None: not by a signal, e.g. --fail-fast)."""
-    fields: dict[str, Any] = {
-        "status": "interrupted",
-        "exit_code": int(exit_code_for("interrupted", signal)),
-        "reason": f"interrupted by {signal} {when}" if signal else f"interrupted {when}",
-    }
-    if signal:
-        fields["signal"] = signal
-    return fields
 
 
 def fill_converged_snapshots(writer: RunWriter, prep: Prepared, result: TrainResult) -> None:
@@ -457,8 +225,8 @@ def _finish_stats(prep: Prepared, result: TrainResult) -> dict:
 
 def make_run_dir(cfg: Any, out: Path, run_dir: Path | None, overwrite: bool) -> Path:
     if run_dir is not None:
-        return store.claim_run_dir(run_dir, overwrite=overwrite)
-    return store.create_run_dir(out, cfg.name)
+        return files.claim_run_dir(run_dir, overwrite=overwrite)
+    return files.create_run_dir(out, cfg.name)
 
 
 __all__ = ["RunDirError", "execute", "make_run_dir"]

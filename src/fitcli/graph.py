@@ -218,12 +218,13 @@ def _topological(graph: Graph) -> list[int]:
 
 def write_html(graph: Graph, path: Path, *, plotlyjs: str = "embed", title: str = "") -> None:
     """The graph as an interactive plotly page at `path`."""
-    from fitcli import plots, store
+    from fitcli import plots
+    from fitcli.rundir import files
 
     path = Path(path)
-    store.check_output_file(path, "--html")
+    files.check_output_file(path, "--html")
     fig = plots.graph_figure(graph, layers(graph), title=title or "autograd graph of the loss")
     if plotlyjs == "directory":
-        store.copy_plotly_js(path.parent)
+        files.copy_plotly_js(path.parent)
     page = plots.to_html(fig, plotlyjs, title=title or "fitcli graph", div_id="fitcli-graph")
-    store.atomic_write(path, page)
+    files.atomic_write(path, page)

@@ -1,9 +1,10 @@
 """`fitcli plot`: rebuild a run's snapshot pages and write its report, or compare several runs.
 
-Three layers: `read_run` reads and validates every file of a run directory (any fault becomes a
-`RunFileError` naming the file, exit 2); `snapshot_pages`, `report_page` and `compare_page` are
-pure functions of what was read; `write_report` and `write_compare` write at the edge, only
-report.html / the comparison page and snapshots/*.html (plus plotly.min.js when it is missing).
+Three layers: `rundir.reader.read_run` reads and validates every file of a run directory (any
+fault becomes a `RunFileError` naming the file, exit 2); `snapshot_pages`, `report_page` and
+`compare_page` are pure functions of what was read; `write_report` and `write_compare` write at
+the edge, only report.html / the comparison page and snapshots/*.html (plus plotly.min.js when
+it is missing).
 
 Snapshot pages are rebuilt from data.csv, snapshots/params.json and the fitted curve stored next
 to each page (snapshots/epoch-N.csv): re-evaluating the model could not reproduce the curve bit
@@ -13,357 +14,21 @@ for bit on another device, in float32 or through the bounds' transforms, so the 
 from __future__ import annotations
 
 import html
-import io
 import math
 import os
-import re
 import urllib.parse
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fitcli import liveness, plots, store
+from fitcli import liveness, plots
 from fitcli.errors import RunFileError
+from fitcli.rundir import files
+from fitcli.rundir.reader import Run, check_plotly_js, read_run
 
-STATUSES = ("running", "completed", "diverged", "interrupted", "failed")
-REPORT = store.REPORT
-_PAGE = re.compile(r"^epoch-([0-9]+)\.html$")
-_FIT = re.compile(r"^epoch-([0-9]+)\.csv$")
-# Snapshots a report draws at most: a run's schedule has at most 1001 (snapshots <= 1000), each
-# resume with more epochs adds its own; more than this is not a list fitcli wrote.
-MAX_SNAPSHOTS = 10_000
-
-
-@dataclass
-class Snapshot:
-    """One stored snapshot: its epoch, loss and parameters, and the fitted curve on the grid."""
-
-    epoch: int
-    loss: float
-    params: dict[str, float]
-    file: str
-    fit_file: str
-    x_fit: np.ndarray
-    y_fit: np.ndarray
-    note: str | None = None  # e.g. "stopped at epoch 37" on snapshots LM filled in
-
-
-@dataclass
-class Run:
-    """Everything `fitcli plot` reads from one run directory, validated."""
-
-    path: Path
-    summary: dict
-    config_text: str
-    cfg: Any
-    data: dict[str, np.ndarray]
-    names: list[str]
-    snapshots: list[Snapshot]
-    metrics: dict[str, np.ndarray] | None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return str(self.summary["name"])
-
-    @property
-    def status(self) -> str:
-        """The recorded status, or `stale` for a run whose writer is gone (`liveness`)."""
-        return liveness.status_of(self.summary)
-
-    @property
-    def label(self) -> str:
-        return self.path.name or str(self.path)
-
-    @property
-    def final_params(self) -> tuple[int, dict[str, float]]:
-        """Epoch and parameters of the final fit: the summary's once the run has ended and its
-        values are finite, else the last snapshot's (a run still going)."""
-        s = self.summary
-        params = s.get("params") or {}
-        finished = s["status"] != "running"
-        if finished and all(_finite(params.get(n)) for n in self.names):
-            return int(s.get("epochs_run") or 0), {n: float(params[n]) for n in self.names}
-        if self.snapshots:
-            last = self.snapshots[-1]
-            return last.epoch, last.params
-        return 0, {n: _num(params.get(n)) for n in self.names}
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _num(v: Any) -> float:
-    """A stored number; JSON null (how NaN and infinity are stored) reads as NaN."""
-    return float("nan") if v is None else float(v)
-
-
-# -- reading -------------------------------------------------------------------------------------
-
-
-def _read_text(run_dir: Path, rel: str, limit: int | None = None) -> str:
-    return store.read_run_text(run_dir, rel, limit=limit)
-
-
-def _read_json(run_dir: Path, rel: str) -> Any:
-    return store.read_run_json(run_dir, rel)
-
-
-def _read_csv(
-    run_dir: Path, rel: str, *, header: list[str] | None = None, limit: int | None = None
-) -> dict[str, np.ndarray]:
-    """A numeric CSV with a header row, as columns. Every row must be complete and the file
-    must end with a newline (the writers always end one), which catches truncation."""
-    path = run_dir / rel
-    text = _read_text(run_dir, rel, limit)
-    if not text:
-        raise RunFileError(f"{path}: empty (truncated?)")
-    if not text.endswith("\n"):
-        raise RunFileError(f"{path}: truncated (its last line is incomplete)")
-    head, _, body = text.partition("\n")
-    columns = head.split(",")
-    if header is not None and columns != header:
-        raise RunFileError(f"{path}: garbled header {_short(head)}; expected {','.join(header)}")
-    if not body:
-        raise RunFileError(f"{path}: has a header but no rows (truncated?)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            table = np.loadtxt(io.StringIO(body), delimiter=",", dtype=np.float64, ndmin=2)
-    except (ValueError, UserWarning) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RunFileError(f"{path}: garbled or truncated rows ({reason})") from None
-    if table.shape[1] != len(columns):
-        raise RunFileError(
-            f"{path}: rows have {table.shape[1]} values but the header names {len(columns)}"
-        )
-    return {c: table[:, k] for k, c in enumerate(columns)}
-
-
-def _short(s: str, limit: int = 60) -> str:
-    return repr(s if len(s) <= limit else s[:limit] + "...")
-
-
-def _check_summary(run_dir: Path, s: Any) -> dict:
-    path = run_dir / store.SUMMARY
-    if not isinstance(s, dict):
-        raise RunFileError(f"{path}: garbled (expected a JSON object)")
-    problems = []
-    for key, kind in (
-        ("name", str),
-        ("status", str),
-        ("epochs", int),
-        ("epochs_run", int),
-        ("params", dict),
-    ):
-        if key not in s:
-            problems.append(f"no {key!r}")
-        elif not isinstance(s[key], kind) or isinstance(s[key], bool):
-            problems.append(f"{key!r} is {_short(str(s[key]))}, not {kind.__name__}")
-    if not problems and s["status"] not in STATUSES:
-        problems.append(f"status {_short(s['status'])} is not one of {', '.join(STATUSES)}")
-    if not problems:
-        for k, v in s["params"].items():
-            if v is not None and not _finite(v) and not isinstance(v, float):
-                problems.append(f"parameter {k!r} is {_short(str(v))}, not a number")
-        err = s.get("stderr")
-        if err is not None and not isinstance(err, dict):
-            problems.append("'stderr' is not an object")
-    if problems:
-        raise RunFileError(f"{path}: garbled ({'; '.join(problems)})")
-    return s
-
-
-def _check_config(run_dir: Path, summary: dict) -> tuple[str, Any]:
-    from fitcli.config import load_config
-    from fitcli.errors import ConfigError
-
-    path = run_dir / store.CONFIG
-    text = _read_text(run_dir, store.CONFIG)  # missing / unreadable / not UTF-8
-    try:
-        cfg = load_config(path)
-    except ConfigError as exc:
-        first = exc.problems[0] if exc.problems else str(exc)
-        more = f" (and {len(exc.problems) - 1} more problems)" if len(exc.problems) > 1 else ""
-        raise RunFileError(
-            f"{path}: not a valid fitcli config (truncated or garbled?): {first}{more}"
-        ) from None
-    for key in ("name", "epochs", "seed", "loss", "dtype"):
-        if key in summary and getattr(cfg, key) != summary[key]:
-            raise RunFileError(
-                f"{path}: {key} is {getattr(cfg, key)!r} but {store.SUMMARY} says "
-                f"{summary[key]!r} (truncated, garbled or from another run?)"
-            )
-    return text, cfg
-
-
-def _check_snapshots(
-    run_dir: Path, raw: Any, names: list[str], run_epochs: int
-) -> tuple[list[str], list[dict]]:
-    """The snapshot list, each entry naming its own epoch's page and curve (epoch-N, N its
-    epoch, at most the run's `run_epochs`), at most MAX_SNAPSHOTS of them: what it makes the report
-    draw is bounded by what the run could have written."""
-    path = run_dir / store.SNAPSHOT_PARAMS
-    bad = f"{path}: garbled"
-    if not isinstance(raw, dict) or not isinstance(raw.get("names"), list):
-        raise RunFileError(f"{bad} (expected an object with 'names' and 'snapshots')")
-    if not isinstance(raw.get("snapshots"), list):
-        raise RunFileError(f"{bad} (no 'snapshots' list)")
-    if len(raw["snapshots"]) > MAX_SNAPSHOTS:
-        raise RunFileError(
-            f"{bad} ({len(raw['snapshots'])} snapshots, more than the {MAX_SNAPSHOTS} a fitcli "
-            "run writes)"
-        )
-    got = raw["names"]
-    if got != names:
-        raise RunFileError(
-            f"{bad}: parameter names {got!r} do not match {store.SUMMARY}'s {names!r}"
-        )
-    entries = []
-    for k, e in enumerate(raw["snapshots"]):
-        where = f"{bad} (snapshot #{k}"
-        if not isinstance(e, dict):
-            raise RunFileError(f"{where} is not an object)")
-        epoch, loss, params, file = e.get("epoch"), e.get("loss"), e.get("params"), e.get("file")
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            raise RunFileError(f"{where}: epoch {epoch!r} is not a whole number)")
-        if epoch > run_epochs:
-            raise RunFileError(f"{where}: epoch {epoch} is past the run's {run_epochs} epochs)")
-        if loss is not None and not isinstance(loss, int | float):
-            raise RunFileError(f"{where}: loss {_short(str(loss))} is not a number)")
-        if not isinstance(params, dict) or list(params) != names:
-            raise RunFileError(f"{where}: params do not name {', '.join(names)})")
-        if any(v is not None and not isinstance(v, int | float) for v in params.values()):
-            raise RunFileError(f"{where}: a parameter value is not a number)")
-        # File names go into paths we write: only epoch-N.html / epoch-N.csv, never a path.
-        page = _PAGE.match(file) if isinstance(file, str) else None
-        if page is None:
-            raise RunFileError(f"{where}: file {_short(str(file))} is not epoch-N.html)")
-        if int(page.group(1)) != epoch:
-            raise RunFileError(f"{where}: file {_short(file)} is not the page of epoch {epoch})")
-        fit = e.get("fit", file.removesuffix(".html") + ".csv")
-        curve = _FIT.match(fit) if isinstance(fit, str) else None
-        if curve is None:
-            raise RunFileError(f"{where}: fit {_short(str(fit))} is not epoch-N.csv)")
-        if int(curve.group(1)) != epoch:
-            raise RunFileError(f"{where}: fit {_short(fit)} is not the curve of epoch {epoch})")
-        entries.append({**e, "fit": fit})
-    epochs = [e["epoch"] for e in entries]
-    if epochs != sorted(set(epochs)):
-        raise RunFileError(f"{bad} (snapshot epochs {epochs} are not increasing)")
-    return got, entries
-
-
-def read_run(run_dir: Path) -> Run:
-    """Read and validate a run directory; a fault names its file (RunFileError, exit 2).
-
-    What a run still going has not written yet (metrics.csv, snapshots) is allowed to be absent.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        what = "does not exist" if not run_dir.exists() else "is not a directory"
-        raise RunFileError(f"{run_dir}: {what}; expected a fitcli run directory")
-    summary = _check_summary(run_dir, store.read_summary(run_dir))
-    status = summary["status"]
-    names = list(summary["params"])
-    config_text, cfg = _check_config(run_dir, summary)
-    notes: list[str] = []
-
-    n = summary.get("n_points")
-    rows = n if isinstance(n, int) and 0 <= n <= 10**8 else 10**8
-    data = _read_csv(run_dir, store.DATA, limit=store.csv_limit(rows, 4))
-    data_path = run_dir / store.DATA
-    cols = list(data)
-    if cols[:2] != ["x", "y"] or any(c not in ("y_true", "sigma") for c in cols[2:]):
-        raise RunFileError(f"{data_path}: garbled header {','.join(cols)!r}; expected x,y,...")
-    if isinstance(n, int) and len(data["x"]) != n:
-        raise RunFileError(
-            f"{data_path}: has {len(data['x'])} rows but {store.SUMMARY} says {n} points "
-            "(truncated?)"
-        )
-
-    snapshots: list[Snapshot] = []
-    # A run stopped (or failed) before its first snapshot has none, like one still starting.
-    if (run_dir / store.SNAPSHOT_PARAMS).exists() or status in ("completed", "diverged"):
-        raw = _read_json(run_dir, store.SNAPSHOT_PARAMS)
-        _, entries = _check_snapshots(run_dir, raw, names, summary["epochs"])
-        for e in entries:
-            rel = f"{store.SNAPSHOTS}/{e['fit']}"
-            if not (run_dir / rel).exists():
-                raise RunFileError(
-                    f"{run_dir / rel}: missing (the fitted curve of snapshot epoch {e['epoch']}; "
-                    "runs trained before fitcli stored fitted curves cannot be rebuilt)"
-                )
-            fit = _read_csv(run_dir, rel, header=["x", "y_fit"])
-            if len(fit["x"]) > store.FIT_GRID:
-                raise RunFileError(
-                    f"{run_dir / rel}: {len(fit['x'])} points, more than the {store.FIT_GRID} of "
-                    "a fitted curve fitcli draws"
-                )
-            snapshots.append(
-                Snapshot(
-                    epoch=e["epoch"],
-                    loss=_num(e["loss"]),
-                    params={k: _num(v) for k, v in e["params"].items()},
-                    file=e["file"],
-                    fit_file=e["fit"],
-                    x_fit=fit["x"],
-                    y_fit=fit["y_fit"],
-                    note=e["note"] if isinstance(e.get("note"), str) else None,
-                )
-            )
-    else:
-        notes.append(
-            "no snapshot yet: the run is still starting"
-            if status == "running"
-            else f"no snapshot was written (status {status})"
-        )
-
-    metrics = None
-    if (run_dir / store.METRICS).exists() or status in ("completed", "diverged"):
-        header = ["epoch", "loss", "lr", "elapsed_s", *names]
-        limit = store.csv_limit(max(summary["epochs"], summary["epochs_run"]), len(header))
-        metrics = _read_csv(run_dir, store.METRICS, header=header, limit=limit)
-        m_path = run_dir / store.METRICS
-        ep = metrics["epoch"]
-        if np.any(np.diff(ep) <= 0) or np.any(ep != np.round(ep)):
-            raise RunFileError(f"{m_path}: garbled (epochs are not increasing whole numbers)")
-        last = int(ep[-1])
-        runs_to = summary["epochs_run"]
-        if (status in ("completed", "diverged") or (status == "interrupted" and runs_to)) and (
-            last != runs_to
-        ):
-            raise RunFileError(
-                f"{m_path}: ends at epoch {last} but {store.SUMMARY} says {runs_to} epochs ran "
-                "(truncated?)"
-            )
-    else:
-        notes.append(
-            f"{store.METRICS} is not written yet (status {status}): no loss curve or parameter "
-            "trajectories"
-        )
-    return Run(run_dir, summary, config_text, cfg, data, names, snapshots, metrics, notes)
-
-
-def check_plotly_js(path: Path) -> None:
-    """An existing plotly.min.js must be a whole plotly.js (a damaged one breaks every page)."""
-    src = store.plotly_js_source()
-    got = store.read_run_file(path.parent, path.name)
-    want = src.read_bytes()
-    if got == want:
-        return
-    version = re.match(rb"/\*\*?\s*\n?\*?\s*plotly\.js v([0-9][0-9.]*)", got[:200])
-    mine = re.match(rb"/\*\*?\s*\n?\*?\s*plotly\.js v([0-9][0-9.]*)", want[:200])
-    if version is None or (mine is not None and version.group(1) == mine.group(1)):
-        raise RunFileError(
-            f"{path}: truncated or garbled (it is not the plotly.js it claims to be); delete it "
-            "and run fitcli plot again to restore it"
-        )
-    # Another plotly.js version, whole: keep it (written by another fitcli install).
+REPORT = files.REPORT
 
 
 # -- pure page builders ------------------------------------------------------------------------
@@ -405,8 +70,8 @@ def residuals(run: Run) -> tuple[int, np.ndarray] | None:
     model = build_model(run.cfg.model, 0, torch.float64)
     if list(model.names) != run.names:
         raise RunFileError(
-            f"{run.path / store.CONFIG}: its model has parameters {list(model.names)} but "
-            f"{store.SUMMARY} has {run.names} (from another run?)"
+            f"{run.path / files.CONFIG}: its model has parameters {list(model.names)} but "
+            f"{files.SUMMARY} has {run.names} (from another run?)"
         )
     full = torch.tensor([params[n] for n in run.names], dtype=torch.float64)
     x = torch.as_tensor(run.data["x"], dtype=torch.float64)
@@ -648,11 +313,11 @@ def _plotlyjs_for(page: Path, js_dir: Path, plotlyjs: str) -> str:
     plotly.min.js (copied when missing, checked when present) and link to it."""
     if plotlyjs in ("embed", "cdn"):
         return plotlyjs
-    js = js_dir / store.PLOTLY_JS
+    js = js_dir / files.PLOTLY_JS
     if js.exists():
         check_plotly_js(js)
     else:
-        store.copy_plotly_js(js_dir)
+        files.copy_plotly_js(js_dir)
     return _href(js, page.parent)
 
 
@@ -672,19 +337,19 @@ def write_report(run_dir: Path, *, out: Path | None = None, plotlyjs: str = "dir
     run = read_run(Path(run_dir))
     page_path = Path(out) if out is not None else run.path / REPORT
     if plotlyjs == "directory":
-        js = run.path / store.PLOTLY_JS
+        js = run.path / files.PLOTLY_JS
         if js.exists():
             check_plotly_js(js)
     pages = snapshot_pages(run, plotlyjs)
-    store.check_output_file(page_path, "--out")
+    files.check_output_file(page_path, "--out")
     src = _plotlyjs_for(page_path, run.path, plotlyjs)
-    href = _href(run.path / store.SNAPSHOTS, page_path.parent) + "/"
+    href = _href(run.path / files.SNAPSHOTS, page_path.parent) + "/"
     page = report_page(run, src, snapshot_href=href)
     written = []
     for fname, text in pages.items():
-        store.atomic_write(run.path / store.SNAPSHOTS / fname, text)
-        written.append(run.path / store.SNAPSHOTS / fname)
-    store.atomic_write(page_path, page)
+        files.atomic_write(run.path / files.SNAPSHOTS / fname, text)
+        written.append(run.path / files.SNAPSHOTS / fname)
+    files.atomic_write(page_path, page)
     return Written(page_path, written)
 
 
@@ -692,7 +357,7 @@ def write_compare(run_dirs: list[Path], out: Path, *, plotlyjs: str = "directory
     """One comparison page of several runs at `out` (plotly.min.js beside it in directory mode)."""
     runs = [read_run(Path(d)) for d in run_dirs]
     out = Path(out)
-    store.check_output_file(out, "--out")
+    files.check_output_file(out, "--out")
     src = _plotlyjs_for(out, out.parent, plotlyjs)
-    store.atomic_write(out, compare_page(runs, src))
+    files.atomic_write(out, compare_page(runs, src))
     return Written(out, [])

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fitcli import store
 from fitcli.errors import ResumeError, RunFileError
-from fitcli.state import STATE_FILE, SavedState, _at, _bad, _short, load_state
+from fitcli.rundir import files
+from fitcli.rundir.state import STATE_FILE, SavedState, _at, _bad, _short, load_state
 
 # What a resumed run may not change: the saved parameters and history belong to these.
 FROZEN_KEYS = ("data", "model", "seed", "dtype")
@@ -151,7 +151,7 @@ def prepare_resume(run_dir: Path, overrides: list[str]) -> tuple[Any, ResumePoin
         what = "does not exist" if not run_dir.exists() else "is not a fitcli run directory"
         raise ResumeError(f"cannot resume {run_dir}: it {what}")
     try:
-        summary = store.read_summary(run_dir)
+        summary = files.read_summary(run_dir)
     except RunFileError as exc:
         raise ResumeError(f"cannot resume {run_dir}: {exc}") from None
     status = summary.get("status") if isinstance(summary, dict) else None
@@ -160,11 +160,11 @@ def prepare_resume(run_dir: Path, overrides: list[str]) -> tuple[Any, ResumePoin
         raise ResumeError(
             f"{run_dir} has already completed ({summary.get('epochs_run')} epochs); "
             "nothing to resume. Start a new run, e.g. fitcli train "
-            f"{run_dir / store.CONFIG} epochs=N"
+            f"{run_dir / files.CONFIG} epochs=N"
         )
     saved = load_state(run_dir)
-    store.read_run_file(run_dir, store.CONFIG)  # a regular file of the run (load_config reads it)
-    cfg = load_config(run_dir / store.CONFIG, overrides)
+    files.read_run_file(run_dir, files.CONFIG)  # a regular file of the run (load_config reads it)
+    cfg = load_config(run_dir / files.CONFIG, overrides)
     new = config_to_dict(cfg)
     changed = [k for k in FROZEN_KEYS if not _same(new, saved.config, k)]
     if changed:
@@ -200,7 +200,7 @@ def _check_writer_gone(run_dir: Path, summary: dict) -> str | None:
     state = liveness.liveness(record)
     if state == liveness.UNKNOWN and isinstance(record, dict):
         return (
-            f"{store.SUMMARY} says {liveness.describe(record)} is writing this run, which "
+            f"{files.SUMMARY} says {liveness.describe(record)} is writing this run, which "
             "cannot be checked from here; make sure it has stopped"
         )
     if state == liveness.ALIVE:
@@ -233,10 +233,10 @@ def _check_data(run_dir: Path, prep: Any, summary: dict) -> None:
     if recorded is not None and ds.digest is not None and recorded != ds.digest:
         raise ResumeError(
             f"cannot resume {run_dir}: the data file {ds.source} changed since the run started "
-            f"(its digest is not the {recorded} recorded in {store.SUMMARY}); start a new run"
+            f"(its digest is not the {recorded} recorded in {files.SUMMARY}); start a new run"
         )
-    path = run_dir / store.DATA
-    raw = store.read_run_file(run_dir, store.DATA, limit=store.csv_limit(prep.dataset.n, 4))
+    path = run_dir / files.DATA
+    raw = files.read_run_file(run_dir, files.DATA, limit=files.csv_limit(prep.dataset.n, 4))
     try:
         head, _, body = raw.decode("ascii").partition("\n")
         header = head.strip().split(",")
@@ -400,9 +400,9 @@ def snapshot_entries(run_dir: Path, epoch: int) -> list[dict]:
     """params.json's snapshot entries up to `epoch`. The pages and fitted curves it lists are
     the only copies of the snapshots, so a missing, truncated or garbled list is a ResumeError
     (nothing is deleted), never an empty list."""
-    path = run_dir / store.SNAPSHOT_PARAMS
+    path = run_dir / files.SNAPSHOT_PARAMS
     try:
-        doc = store.read_run_json(run_dir, store.SNAPSHOT_PARAMS)
+        doc = files.read_run_json(run_dir, files.SNAPSHOT_PARAMS)
         if not isinstance(doc, dict) or not isinstance(doc.get("snapshots"), list):
             raise ValueError("it holds no list of snapshots")
         for i, s in enumerate(doc["snapshots"]):

@@ -11,8 +11,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fitcli import liveness, store
+from fitcli import liveness
 from fitcli.errors import InputError, RunFileError
+from fitcli.rundir import files
+from fitcli.rundir.reader import summary_problem
 
 COLUMNS = ("name", "status", "epochs", "final_loss", "params", "time_s", "path")
 SORT_KEYS = ("name", "status", "epochs", "final_loss", "time_s", "path")
@@ -31,11 +33,11 @@ def find_run_dirs(paths: Iterable[Path]) -> tuple[list[Path], list[tuple[Path, s
             skipped.append((root, "not a directory"))
             continue
         before = len(found)
-        for here, dirs, files in os.walk(root):
+        for here, dirs, names in os.walk(root):
             d = Path(here)
-            # A folder with a summary.json is a candidate; `collect` reads it (store.read_summary)
+            # A folder with a summary.json is a candidate; `collect` reads it (files.read_summary)
             # and skips it with the reason when it is not a fitcli run directory after all.
-            if store.SUMMARY in files:
+            if files.SUMMARY in names:
                 found.append(d)
                 dirs.clear()
             else:
@@ -43,40 +45,6 @@ def find_run_dirs(paths: Iterable[Path]) -> tuple[list[Path], list[tuple[Path, s
         if len(found) == before:
             skipped.append((root, "no run directories below it"))
     return sorted(dict.fromkeys(found)), skipped
-
-
-def summary_problem(summary: Any) -> str | None:
-    """Why a summary.json cannot be listed (or trusted as a finished sweep run), or None: the
-    fields a listing shows must have the types fitcli writes (numbers finite or null)."""
-    if not isinstance(summary, dict):
-        return f"{store.SUMMARY} is not a JSON object"
-
-    def number(v: Any) -> bool:
-        return type(v) in (int, float) and math.isfinite(v)
-
-    checks = {
-        "name": lambda v: isinstance(v, str),
-        "status": lambda v: isinstance(v, str),
-        "reason": lambda v: isinstance(v, str),
-        "epochs_run": lambda v: type(v) is int and v >= 0,
-        "exit_code": lambda v: type(v) is int,
-        "final_loss": number,
-        "elapsed_s": lambda v: number(v) and v >= 0,
-        "params": lambda v: isinstance(v, dict),
-    }
-    for key, ok in checks.items():
-        value = summary.get(key)
-        if value is not None and not ok(value):
-            return f"{store.SUMMARY}: {key} is {_short(value)}, not what fitcli writes"
-    for name, value in (summary.get("params") or {}).items():
-        if value is not None and not number(value):
-            return f"{store.SUMMARY}: params.{name} is {_short(value)}, not a finite number"
-    return None
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, float) else repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _row(run_dir: Path, summary: dict) -> dict:
@@ -108,10 +76,10 @@ def collect(paths: Iterable[Path]) -> tuple[list[dict], list[tuple[Path, str]]]:
     rows = []
     for d in dirs:
         try:
-            summary = store.read_summary(d)
+            summary = files.read_summary(d)
         except RunFileError as exc:
-            why, file = str(exc), f"{d / store.SUMMARY}: "
-            why = f"unreadable {store.SUMMARY}: {why[len(file) :]}" if why.startswith(file) else why
+            why, file = str(exc), f"{d / files.SUMMARY}: "
+            why = f"unreadable {files.SUMMARY}: {why[len(file) :]}" if why.startswith(file) else why
             skipped.append((d, why.removeprefix(f"{d}: ")))
             continue
         problem = summary_problem(summary)
@@ -150,8 +118,8 @@ def render_csv(rows: list[dict]) -> str:
                 r["name"],
                 r["status"],
                 "" if r["epochs"] is None else r["epochs"],
-                "" if r["final_loss"] is None else store.fmt(r["final_loss"]),
-                *("" if p.get(n) is None else store.fmt(p[n]) for n in names),
+                "" if r["final_loss"] is None else files.fmt(r["final_loss"]),
+                *("" if p.get(n) is None else files.fmt(p[n]) for n in names),
                 "" if r["time_s"] is None else f"{r['time_s']:.6f}",
                 r["path"],
             ]

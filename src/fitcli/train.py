@@ -50,7 +50,7 @@ class Stepper(Protocol):
     `lr()` the learning rate for metrics.csv (`train`; NaN without it); `state_dict()` and
     `load_state_dict(state)` what state.json saves and resume restores (`state`, the sweep's
     recording); `state_dicts_are_copies` True when `state_dict()` hands out objects that nothing
-    changes later, so snapshots need not deep-copy them (`experiment.RunWriter`); `failure` None,
+    changes later, so snapshots need not deep-copy them (`rundir.writer.RunWriter`); `failure` None,
     or why the optimizer cannot continue, and `summary_fields()` what summary.json records about
     how it ended (read for LM runs by `experiment` and by the sweep's recording).
     """

@@ -22,9 +22,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fitcli import console, store
+from fitcli import console
 from fitcli.config import load_yaml
 from fitcli.errors import ExitCode, RunStatus, exit_code_for, strict_exit_code
+from fitcli.rundir import files
 from fitcli.sweep.batch import (
     Task,
     batch_key,
@@ -396,8 +397,8 @@ __all__ = [
     "run_task",
     "shared_plotly_js",
     "split_values",
+    "files",
     "start",
-    "store",
     "torch_problems",
     "validate_plan",
     "write_run",

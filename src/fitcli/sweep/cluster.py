@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fitcli import store
+from fitcli.rundir import files
 from fitcli.sweep.batch import Task, make_tasks, run_task
 from fitcli.sweep.plan import SWEEP_FILE, Plan, SweepError
 from fitcli.sweep.replay import Trace, write_run
@@ -92,7 +92,7 @@ def render_traces(
     """
     plan = Plan.from_doc(plan_doc, SWEEP_FILE)
     wanted = set(indices)
-    skip = [store.PLOTLY_JS] if plotlyjs == "directory" else []
+    skip = [files.PLOTLY_JS] if plotlyjs == "directory" else []
     out = []
     with tempfile.TemporaryDirectory(prefix="fitcli-render-", dir=_scratch_root()) as scratch:
         for trace in traces:
@@ -137,7 +137,7 @@ def shared_plotly_js(sweep_dir: Path) -> Path:
     """The sweep's one copy of plotly.js that its run directories link to (made if missing)."""
     shared = sweep_dir / SHARED_JS
     if not shared.exists():
-        store.atomic_write(shared, store.plotly_js_source().read_bytes())
+        files.atomic_write(shared, files.plotly_js_source().read_bytes())
     return shared
 
 
@@ -146,11 +146,11 @@ def install_rendered(rendered: Rendered, target: Path, plotlyjs: str) -> dict:
     assert rendered.summary is not None
     # The summary as `fitcli train` writes it into `target`: the worker wrote its scratch path.
     summary = {**rendered.summary, "run_dir": str(target)}
-    files = {**rendered.files, store.SUMMARY: store.dumps_json(summary).encode("utf-8")}
+    contents = {**rendered.files, files.SUMMARY: files.dumps_json(summary).encode("utf-8")}
     links = {}
     if plotlyjs == "directory":
-        links[store.PLOTLY_JS] = shared_plotly_js(target.parent)
-    store.install_run_dir(target, files, links, own=True)
+        links[files.PLOTLY_JS] = shared_plotly_js(target.parent)
+    files.install_run_dir(target, contents, links, own=True)
     return summary
 
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fitcli import store
 from fitcli.errors import RunStatus
+from fitcli.rundir import files
 from fitcli.sweep.plan import Plan, RunSpec
 from fitcli.sweep.table import SHARED_JS
 
@@ -183,7 +183,7 @@ def claim_and_write(
     plan: Plan, run: RunSpec, trace: Trace, target: Path, plotlyjs: str, prep: Any = None
 ) -> dict:
     """Create (or replace) the run directory `target` and write the run into it."""
-    run_dir = store.claim_run_dir(target, overwrite=True, own=True)
+    run_dir = files.claim_run_dir(target, overwrite=True, own=True)
     return write_run(plan, run, trace, run_dir, plotlyjs, prep)
 
 
@@ -203,7 +203,7 @@ def write_run(
     if plotlyjs == "directory":
         shared = run_dir.parent / SHARED_JS
         if shared.exists():
-            store.link_or_copy(shared, run_dir / store.PLOTLY_JS)
+            files.link_or_copy(shared, run_dir / files.PLOTLY_JS)
     replay = dataclasses.replace(prep, stepper=ReplayStepper(trace, prep.model))
     stop_at = trace.stop_epoch
 
@@ -224,5 +224,5 @@ def write_run(
             stopped_by=lambda: trace.stop_signal,
         )
     if plotlyjs == "directory" and not (run_dir.parent / SHARED_JS).exists():
-        store.link_or_copy(run_dir / store.PLOTLY_JS, run_dir.parent / SHARED_JS)
+        files.link_or_copy(run_dir / files.PLOTLY_JS, run_dir.parent / SHARED_JS)
     return summary

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fitcli import store
 from fitcli.config import dump_yaml, load_yaml
 from fitcli.errors import (
     RunFileError,
     RunStatus,
 )
-from fitcli.runs import summary_problem
+from fitcli.rundir import files
+from fitcli.rundir.reader import summary_problem
 from fitcli.sweep.plan import SWEEP_FILE, Plan, RunSpec, SweepError
 
 RUNS_FILE = "runs.csv"
@@ -47,7 +47,7 @@ class Row:
 def run_dir_name(plan: Plan, run: RunSpec) -> str:
     width = len(str(max(len(plan.runs) - 1, 0)))
     parts = [f"{k.rsplit('.', 1)[-1]}-{v}" for k, v in run.values.items()]
-    tail = store.slug("-".join(parts)) if parts else "run"
+    tail = files.slug("-".join(parts)) if parts else "run"
     return f"{run.index:0{width}d}-{tail}"[:80]
 
 
@@ -71,7 +71,7 @@ def write_table(sweep_dir: Path, plan: Plan, rows: Sequence[Row]) -> None:
     def cell(v: Any) -> str:
         if v is None:
             return ""
-        return store.fmt(v) if isinstance(v, float) else str(v)
+        return files.fmt(v) if isinstance(v, float) else str(v)
 
     lines = [
         [
@@ -88,7 +88,7 @@ def write_table(sweep_dir: Path, plan: Plan, rows: Sequence[Row]) -> None:
         ]
         for r in rows
     ]
-    store.write_csv(sweep_dir / RUNS_FILE, header, lines)
+    files.write_csv(sweep_dir / RUNS_FILE, header, lines)
 
 
 def row_from_summary(row: Row, summary: dict, sweep_dir: Path, run_dir: Path) -> None:
@@ -107,13 +107,13 @@ def row_from_summary(row: Row, summary: dict, sweep_dir: Path, run_dir: Path) ->
 def create_sweep(plan: Plan, out: Path, command: list[str]) -> Path:
     """A new sweep directory with sweep.yaml and a runs.csv of pending runs."""
     name = plan.base.get("name", "sweep") if isinstance(plan.base, dict) else "sweep"
-    sweep_dir = store.create_run_dir(out, f"{name}-sweep")
+    sweep_dir = files.create_run_dir(out, f"{name}-sweep")
     doc = plan.to_doc()
     head = (
         "# A fitcli sweep: `fitcli sweep --resume DIR` runs what is missing or unfinished.\n"
-        + store.command_comment(command)
+        + files.command_comment(command)
     )
-    store.atomic_write(sweep_dir / SWEEP_FILE, head + dump_yaml(doc))
+    files.atomic_write(sweep_dir / SWEEP_FILE, head + dump_yaml(doc))
     write_table(sweep_dir, plan, [Row(r) for r in plan.runs])
     return sweep_dir
 
@@ -124,14 +124,14 @@ def load_sweep(sweep_dir: Path) -> tuple[Plan, list[Row]]:
     path = sweep_dir / SWEEP_FILE
     if not path.is_file():
         raise SweepError(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE})")
-    text = store.read_run_text(sweep_dir, SWEEP_FILE)
+    text = files.read_run_text(sweep_dir, SWEEP_FILE)
     plan = Plan.from_doc(load_yaml(text, str(path)), str(path))
     rows = [Row(r) for r in plan.runs]
     for row in rows:
         d = sweep_dir / run_dir_name(plan, row.run)
-        if os.path.lexists(d / store.SUMMARY):
+        if os.path.lexists(d / files.SUMMARY):
             try:
-                summary = store.read_summary(d)
+                summary = files.read_summary(d)
                 problem = summary_problem(summary)
             except RunFileError as exc:
                 problem = str(exc).removeprefix(f"{d}: ")

@@ -14,7 +14,7 @@ import shutil
 import stat
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from fitcli.errors import NotRunDirError, RunDirError, RunDirExistsError, RunFileError
 
@@ -31,9 +31,9 @@ FIT_GRID = 1000  # points of the fitted curve in each snapshot (snapshots/epoch-
 DATA_CSV_ROWS = 1 << 14  # rows of data.csv formatted at a time
 
 # What makes a directory a fitcli run directory: a summary.json that says so. Every summary
-# fitcli writes (experiment.base_summary) carries RUN_MARKER with the run directory's schema
+# fitcli writes (rundir.writer.base_summary) carries RUN_MARKER with the run directory's schema
 # version; summaries written before the marker are recognised by fitcli's three version fields.
-RUN_MARKER = "fitcli_run"
+RUN_MARKER: Final = "fitcli_run"  # Final: a literal key of the typed Summary
 RUN_SCHEMA = 1
 LEGACY_FIELDS = ("fitcli_version", "torch_version", "python_version")
 # Everything fitcli writes in a run directory; --overwrite deletes nothing else.

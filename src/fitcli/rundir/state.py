@@ -1,4 +1,4 @@
-"""Training state saved with every snapshot, as JSON that cannot run code (`resume` resumes).
+"""state.json: the training state saved with every snapshot, as JSON that cannot run code.
 
 `state.json` holds what a run needs to continue bit for bit: the epoch, the model's internal
 parameter vector, the stepper's `state_dict()` (optimizer, scheduler, mini-batch shuffle generator,
@@ -9,11 +9,12 @@ produced it. Run directories get shared, so loading must never run code: no pick
     {"__tensor__": "float64", "shape": [3], "data": [0.1, "nan", ...]}   floats by repr (exact)
     {"__tensor__": "uint8", "shape": [5056], "hex": "..."}               bytes (generator state)
     {"__float__": "inf"} {"__tuple__": [...]} {"__dict__": [[key, value], ...]} (non-text keys)
+
+Resuming from it (`fitcli.resume.prepare_resume`) is the recipe's, not this codec's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -21,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fitcli import store
-from fitcli.errors import ResumeError, RunDirError
+from fitcli.errors import ResumeError
+from fitcli.rundir import files
 
 STATE_FILE = "state.json"
 FORMAT = "fitcli-state"
@@ -221,7 +222,7 @@ def save_state(
         },
         "config": encode(config),
     }
-    store.atomic_write(run_dir / STATE_FILE, json.dumps(doc, allow_nan=False) + "\n")
+    files.atomic_write(run_dir / STATE_FILE, json.dumps(doc, allow_nan=False) + "\n")
 
 
 def load_state(run_dir: Path) -> SavedState:
@@ -238,7 +239,7 @@ def load_state(run_dir: Path) -> SavedState:
             f"{run_dir} has no saved state ({STATE_FILE}); it stopped before its first snapshot "
             "or was made by an older fitcli, so it cannot be resumed"
         )
-    raw_doc = store.read_run_file(run_dir, STATE_FILE)
+    raw_doc = files.read_run_file(run_dir, STATE_FILE)
     try:
         doc = json.loads(raw_doc)
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
@@ -285,26 +286,6 @@ def load_state(run_dir: Path) -> SavedState:
     return SavedState(epoch, raw, stepper, history, config)
 
 
-def tidy_snapshots(run_dir: Path, epoch: int) -> None:
-    """Remove snapshot pages and fitted curves past `epoch`, and temporary files.
-
-    A run killed between a snapshot page and its state leaves pages past the saved epoch: they are
-    written again, identically, when the resumed run reaches them. Nothing at or before the
-    saved epoch is removed: it cannot be rebuilt.
-    """
-    snap_dir = run_dir / store.SNAPSHOTS
-    for path in [*run_dir.glob(".*.tmp-*"), *snap_dir.glob(".*.tmp-*")]:
-        with contextlib.suppress(OSError):
-            path.unlink()
-    for page in [*snap_dir.glob("epoch-*.html"), *snap_dir.glob("epoch-*.csv")]:
-        number = page.stem.removeprefix("epoch-")
-        if number.isdigit() and int(number) > epoch:
-            try:
-                page.unlink()
-            except OSError as exc:
-                raise RunDirError(f"cannot remove the stale snapshot {page}: {exc}") from None
-
-
 __all__ = [
     "STATE_FILE",
     "SavedState",
@@ -312,5 +293,4 @@ __all__ = [
     "encode",
     "load_state",
     "save_state",
-    "tidy_snapshots",
 ]

@@ -1,0 +1,392 @@
+"""Reading a run directory back: `read_run` reads and validates every file of it into a `Run`
+(its summary, config, data, `Snapshot`s and metrics); any fault becomes a `RunFileError` naming
+the file (exit 2). `summary_problem` says why a summary.json cannot be listed (`fitcli runs`,
+a sweep's finished runs); `check_plotly_js` checks an existing plotly.min.js. Torch-free.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fitcli import liveness
+from fitcli.errors import RunFileError
+from fitcli.rundir import files
+
+STATUSES = ("running", "completed", "diverged", "interrupted", "failed")
+_PAGE = re.compile(r"^epoch-([0-9]+)\.html$")
+_FIT = re.compile(r"^epoch-([0-9]+)\.csv$")
+# Snapshots a report draws at most: a run's schedule has at most 1001 (snapshots <= 1000), each
+# resume with more epochs adds its own; more than this is not a list fitcli wrote.
+MAX_SNAPSHOTS = 10_000
+
+
+@dataclass
+class Snapshot:
+    """One stored snapshot: its epoch, loss and parameters, and the fitted curve on the grid."""
+
+    epoch: int
+    loss: float
+    params: dict[str, float]
+    file: str
+    fit_file: str
+    x_fit: np.ndarray
+    y_fit: np.ndarray
+    note: str | None = None  # e.g. "stopped at epoch 37" on snapshots LM filled in
+
+
+@dataclass
+class Run:
+    """Everything `fitcli plot` reads from one run directory, validated."""
+
+    path: Path
+    summary: dict
+    config_text: str
+    cfg: Any
+    data: dict[str, np.ndarray]
+    names: list[str]
+    snapshots: list[Snapshot]
+    metrics: dict[str, np.ndarray] | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return str(self.summary["name"])
+
+    @property
+    def status(self) -> str:
+        """The recorded status, or `stale` for a run whose writer is gone (`liveness`)."""
+        return liveness.status_of(self.summary)
+
+    @property
+    def label(self) -> str:
+        return self.path.name or str(self.path)
+
+    @property
+    def final_params(self) -> tuple[int, dict[str, float]]:
+        """Epoch and parameters of the final fit: the summary's once the run has ended and its
+        values are finite, else the last snapshot's (a run still going)."""
+        s = self.summary
+        params = s.get("params") or {}
+        finished = s["status"] != "running"
+        if finished and all(_finite(params.get(n)) for n in self.names):
+            return int(s.get("epochs_run") or 0), {n: float(params[n]) for n in self.names}
+        if self.snapshots:
+            last = self.snapshots[-1]
+            return last.epoch, last.params
+        return 0, {n: _num(params.get(n)) for n in self.names}
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _num(v: Any) -> float:
+    """A stored number; JSON null (how NaN and infinity are stored) reads as NaN."""
+    return float("nan") if v is None else float(v)
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def _read_text(run_dir: Path, rel: str, limit: int | None = None) -> str:
+    return files.read_run_text(run_dir, rel, limit=limit)
+
+
+def _read_json(run_dir: Path, rel: str) -> Any:
+    return files.read_run_json(run_dir, rel)
+
+
+def _read_csv(
+    run_dir: Path, rel: str, *, header: list[str] | None = None, limit: int | None = None
+) -> dict[str, np.ndarray]:
+    """A numeric CSV with a header row, as columns. Every row must be complete and the file
+    must end with a newline (the writers always end one), which catches truncation."""
+    path = run_dir / rel
+    text = _read_text(run_dir, rel, limit)
+    if not text:
+        raise RunFileError(f"{path}: empty (truncated?)")
+    if not text.endswith("\n"):
+        raise RunFileError(f"{path}: truncated (its last line is incomplete)")
+    head, _, body = text.partition("\n")
+    columns = head.split(",")
+    if header is not None and columns != header:
+        raise RunFileError(f"{path}: garbled header {_short(head)}; expected {','.join(header)}")
+    if not body:
+        raise RunFileError(f"{path}: has a header but no rows (truncated?)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            table = np.loadtxt(io.StringIO(body), delimiter=",", dtype=np.float64, ndmin=2)
+    except (ValueError, UserWarning) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunFileError(f"{path}: garbled or truncated rows ({reason})") from None
+    if table.shape[1] != len(columns):
+        raise RunFileError(
+            f"{path}: rows have {table.shape[1]} values but the header names {len(columns)}"
+        )
+    return {c: table[:, k] for k, c in enumerate(columns)}
+
+
+def _short(s: str, limit: int = 60) -> str:
+    return repr(s if len(s) <= limit else s[:limit] + "...")
+
+
+def _check_summary(run_dir: Path, s: Any) -> dict:
+    path = run_dir / files.SUMMARY
+    if not isinstance(s, dict):
+        raise RunFileError(f"{path}: garbled (expected a JSON object)")
+    problems = []
+    for key, kind in (
+        ("name", str),
+        ("status", str),
+        ("epochs", int),
+        ("epochs_run", int),
+        ("params", dict),
+    ):
+        if key not in s:
+            problems.append(f"no {key!r}")
+        elif not isinstance(s[key], kind) or isinstance(s[key], bool):
+            problems.append(f"{key!r} is {_short(str(s[key]))}, not {kind.__name__}")
+    if not problems and s["status"] not in STATUSES:
+        problems.append(f"status {_short(s['status'])} is not one of {', '.join(STATUSES)}")
+    if not problems:
+        for k, v in s["params"].items():
+            if v is not None and not _finite(v) and not isinstance(v, float):
+                problems.append(f"parameter {k!r} is {_short(str(v))}, not a number")
+        err = s.get("stderr")
+        if err is not None and not isinstance(err, dict):
+            problems.append("'stderr' is not an object")
+    if problems:
+        raise RunFileError(f"{path}: garbled ({'; '.join(problems)})")
+    return s
+
+
+def _check_config(run_dir: Path, summary: dict) -> tuple[str, Any]:
+    from fitcli.config import load_config
+    from fitcli.errors import ConfigError
+
+    path = run_dir / files.CONFIG
+    text = _read_text(run_dir, files.CONFIG)  # missing / unreadable / not UTF-8
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        first = exc.problems[0] if exc.problems else str(exc)
+        more = f" (and {len(exc.problems) - 1} more problems)" if len(exc.problems) > 1 else ""
+        raise RunFileError(
+            f"{path}: not a valid fitcli config (truncated or garbled?): {first}{more}"
+        ) from None
+    for key in ("name", "epochs", "seed", "loss", "dtype"):
+        if key in summary and getattr(cfg, key) != summary[key]:
+            raise RunFileError(
+                f"{path}: {key} is {getattr(cfg, key)!r} but {files.SUMMARY} says "
+                f"{summary[key]!r} (truncated, garbled or from another run?)"
+            )
+    return text, cfg
+
+
+def _check_snapshots(
+    run_dir: Path, raw: Any, names: list[str], run_epochs: int
+) -> tuple[list[str], list[dict]]:
+    """The snapshot list, each entry naming its own epoch's page and curve (epoch-N, N its
+    epoch, at most the run's `run_epochs`), at most MAX_SNAPSHOTS of them: what it makes the report
+    draw is bounded by what the run could have written."""
+    path = run_dir / files.SNAPSHOT_PARAMS
+    bad = f"{path}: garbled"
+    if not isinstance(raw, dict) or not isinstance(raw.get("names"), list):
+        raise RunFileError(f"{bad} (expected an object with 'names' and 'snapshots')")
+    if not isinstance(raw.get("snapshots"), list):
+        raise RunFileError(f"{bad} (no 'snapshots' list)")
+    if len(raw["snapshots"]) > MAX_SNAPSHOTS:
+        raise RunFileError(
+            f"{bad} ({len(raw['snapshots'])} snapshots, more than the {MAX_SNAPSHOTS} a fitcli "
+            "run writes)"
+        )
+    got = raw["names"]
+    if got != names:
+        raise RunFileError(
+            f"{bad}: parameter names {got!r} do not match {files.SUMMARY}'s {names!r}"
+        )
+    entries = []
+    for k, e in enumerate(raw["snapshots"]):
+        where = f"{bad} (snapshot #{k}"
+        if not isinstance(e, dict):
+            raise RunFileError(f"{where} is not an object)")
+        epoch, loss, params, file = e.get("epoch"), e.get("loss"), e.get("params"), e.get("file")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise RunFileError(f"{where}: epoch {epoch!r} is not a whole number)")
+        if epoch > run_epochs:
+            raise RunFileError(f"{where}: epoch {epoch} is past the run's {run_epochs} epochs)")
+        if loss is not None and not isinstance(loss, int | float):
+            raise RunFileError(f"{where}: loss {_short(str(loss))} is not a number)")
+        if not isinstance(params, dict) or list(params) != names:
+            raise RunFileError(f"{where}: params do not name {', '.join(names)})")
+        if any(v is not None and not isinstance(v, int | float) for v in params.values()):
+            raise RunFileError(f"{where}: a parameter value is not a number)")
+        # File names go into paths we write: only epoch-N.html / epoch-N.csv, never a path.
+        page = _PAGE.match(file) if isinstance(file, str) else None
+        if page is None:
+            raise RunFileError(f"{where}: file {_short(str(file))} is not epoch-N.html)")
+        if int(page.group(1)) != epoch:
+            raise RunFileError(f"{where}: file {_short(file)} is not the page of epoch {epoch})")
+        fit = e.get("fit", file.removesuffix(".html") + ".csv")
+        curve = _FIT.match(fit) if isinstance(fit, str) else None
+        if curve is None:
+            raise RunFileError(f"{where}: fit {_short(str(fit))} is not epoch-N.csv)")
+        if int(curve.group(1)) != epoch:
+            raise RunFileError(f"{where}: fit {_short(fit)} is not the curve of epoch {epoch})")
+        entries.append({**e, "fit": fit})
+    epochs = [e["epoch"] for e in entries]
+    if epochs != sorted(set(epochs)):
+        raise RunFileError(f"{bad} (snapshot epochs {epochs} are not increasing)")
+    return got, entries
+
+
+def read_run(run_dir: Path) -> Run:
+    """Read and validate a run directory; a fault names its file (RunFileError, exit 2).
+
+    What a run still going has not written yet (metrics.csv, snapshots) is allowed to be absent.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        what = "does not exist" if not run_dir.exists() else "is not a directory"
+        raise RunFileError(f"{run_dir}: {what}; expected a fitcli run directory")
+    summary = _check_summary(run_dir, files.read_summary(run_dir))
+    status = summary["status"]
+    names = list(summary["params"])
+    config_text, cfg = _check_config(run_dir, summary)
+    notes: list[str] = []
+
+    n = summary.get("n_points")
+    rows = n if isinstance(n, int) and 0 <= n <= 10**8 else 10**8
+    data = _read_csv(run_dir, files.DATA, limit=files.csv_limit(rows, 4))
+    data_path = run_dir / files.DATA
+    cols = list(data)
+    if cols[:2] != ["x", "y"] or any(c not in ("y_true", "sigma") for c in cols[2:]):
+        raise RunFileError(f"{data_path}: garbled header {','.join(cols)!r}; expected x,y,...")
+    if isinstance(n, int) and len(data["x"]) != n:
+        raise RunFileError(
+            f"{data_path}: has {len(data['x'])} rows but {files.SUMMARY} says {n} points "
+            "(truncated?)"
+        )
+
+    snapshots: list[Snapshot] = []
+    # A run stopped (or failed) before its first snapshot has none, like one still starting.
+    if (run_dir / files.SNAPSHOT_PARAMS).exists() or status in ("completed", "diverged"):
+        raw = _read_json(run_dir, files.SNAPSHOT_PARAMS)
+        _, entries = _check_snapshots(run_dir, raw, names, summary["epochs"])
+        for e in entries:
+            rel = f"{files.SNAPSHOTS}/{e['fit']}"
+            if not (run_dir / rel).exists():
+                raise RunFileError(
+                    f"{run_dir / rel}: missing (the fitted curve of snapshot epoch {e['epoch']}; "
+                    "runs trained before fitcli stored fitted curves cannot be rebuilt)"
+                )
+            fit = _read_csv(run_dir, rel, header=["x", "y_fit"])
+            if len(fit["x"]) > files.FIT_GRID:
+                raise RunFileError(
+                    f"{run_dir / rel}: {len(fit['x'])} points, more than the {files.FIT_GRID} of "
+                    "a fitted curve fitcli draws"
+                )
+            snapshots.append(
+                Snapshot(
+                    epoch=e["epoch"],
+                    loss=_num(e["loss"]),
+                    params={k: _num(v) for k, v in e["params"].items()},
+                    file=e["file"],
+                    fit_file=e["fit"],
+                    x_fit=fit["x"],
+                    y_fit=fit["y_fit"],
+                    note=e["note"] if isinstance(e.get("note"), str) else None,
+                )
+            )
+    else:
+        notes.append(
+            "no snapshot yet: the run is still starting"
+            if status == "running"
+            else f"no snapshot was written (status {status})"
+        )
+
+    metrics = None
+    if (run_dir / files.METRICS).exists() or status in ("completed", "diverged"):
+        header = ["epoch", "loss", "lr", "elapsed_s", *names]
+        limit = files.csv_limit(max(summary["epochs"], summary["epochs_run"]), len(header))
+        metrics = _read_csv(run_dir, files.METRICS, header=header, limit=limit)
+        m_path = run_dir / files.METRICS
+        ep = metrics["epoch"]
+        if np.any(np.diff(ep) <= 0) or np.any(ep != np.round(ep)):
+            raise RunFileError(f"{m_path}: garbled (epochs are not increasing whole numbers)")
+        last = int(ep[-1])
+        runs_to = summary["epochs_run"]
+        if (status in ("completed", "diverged") or (status == "interrupted" and runs_to)) and (
+            last != runs_to
+        ):
+            raise RunFileError(
+                f"{m_path}: ends at epoch {last} but {files.SUMMARY} says {runs_to} epochs ran "
+                "(truncated?)"
+            )
+    else:
+        notes.append(
+            f"{files.METRICS} is not written yet (status {status}): no loss curve or parameter "
+            "trajectories"
+        )
+    return Run(run_dir, summary, config_text, cfg, data, names, snapshots, metrics, notes)
+
+
+def check_plotly_js(path: Path) -> None:
+    """An existing plotly.min.js must be a whole plotly.js (a damaged one breaks every page)."""
+    src = files.plotly_js_source()
+    got = files.read_run_file(path.parent, path.name)
+    want = src.read_bytes()
+    if got == want:
+        return
+    version = re.match(rb"/\*\*?\s*\n?\*?\s*plotly\.js v([0-9][0-9.]*)", got[:200])
+    mine = re.match(rb"/\*\*?\s*\n?\*?\s*plotly\.js v([0-9][0-9.]*)", want[:200])
+    if version is None or (mine is not None and version.group(1) == mine.group(1)):
+        raise RunFileError(
+            f"{path}: truncated or garbled (it is not the plotly.js it claims to be); delete it "
+            "and run fitcli plot again to restore it"
+        )
+    # Another plotly.js version, whole: keep it (written by another fitcli install).
+
+
+def summary_problem(summary: Any) -> str | None:
+    """Why a summary.json cannot be listed (or trusted as a finished sweep run), or None: the
+    fields a listing shows must have the types fitcli writes (numbers finite or null)."""
+    if not isinstance(summary, dict):
+        return f"{files.SUMMARY} is not a JSON object"
+
+    def number(v: Any) -> bool:
+        return type(v) in (int, float) and math.isfinite(v)
+
+    checks = {
+        "name": lambda v: isinstance(v, str),
+        "status": lambda v: isinstance(v, str),
+        "reason": lambda v: isinstance(v, str),
+        "epochs_run": lambda v: type(v) is int and v >= 0,
+        "exit_code": lambda v: type(v) is int,
+        "final_loss": number,
+        "elapsed_s": lambda v: number(v) and v >= 0,
+        "params": lambda v: isinstance(v, dict),
+    }
+    for key, ok in checks.items():
+        value = summary.get(key)
+        if value is not None and not ok(value):
+            return f"{files.SUMMARY}: {key} is {_short_json(value)}, not what fitcli writes"
+    for name, value in (summary.get("params") or {}).items():
+        if value is not None and not number(value):
+            return f"{files.SUMMARY}: params.{name} is {_short_json(value)}, not a finite number"
+    return None
+
+
+def _short_json(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

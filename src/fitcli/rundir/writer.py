@@ -1,0 +1,277 @@
+"""Writing a run directory: `RunWriter` (config, data, snapshots, metrics, params and state) and
+the summary builders (`base_summary` and the fields of an interrupted run).
+
+Imports torch (the snapshots evaluate the model on the grid).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+import platform
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fitcli.torchboot import import_torch
+
+torch = import_torch()
+
+from fitcli import __version__, liveness, optim
+from fitcli.errors import RunDirError, exit_code_for
+from fitcli.rundir import files
+from fitcli.rundir.summary import Summary
+from fitcli.train import TrainResult
+
+if TYPE_CHECKING:
+    from fitcli.prepare import Prepared
+
+FIT_GRID = files.FIT_GRID  # points on which the fitted curve is drawn
+
+
+def versions() -> Summary:
+    return {
+        "fitcli_version": __version__,
+        "torch_version": str(torch.__version__),  # a plain str: TorchVersion pickles as torch
+        "python_version": platform.python_version(),
+    }
+
+
+class RunWriter:
+    """Writes a run directory's files; the only place experiment code touches the disk.
+
+    With `defer_state`, params.json and state.json are written once, by `flush`, instead of at
+    every snapshot: their last versions are the same, and a run replayed from a finished
+    computation (`fitcli sweep`) has nothing to resume from in between.
+    """
+
+    def __init__(
+        self, run_dir: Path, prep: Prepared, plotlyjs: str, *, defer_state: bool = False
+    ) -> None:
+        self.run_dir, self.prep, self.plotlyjs = run_dir, prep, plotlyjs
+        self.defer_state = defer_state
+        self._pending: dict | None = None  # the deferred save_state arguments
+        self.snap_dir = run_dir / files.SNAPSHOTS
+        self.snapshots: list[dict] = []
+        epochs = prep.cfg.epochs
+        self.width = len(str(epochs))
+        ds = prep.dataset
+        lo, hi = float(np.min(ds.x)), float(np.max(ds.x))
+        grid = np.linspace(lo, hi, FIT_GRID) if hi > lo else np.array([lo])
+        self.grid = grid
+        self._fit_rows: list[str] | None = None  # "x," of each grid point, for the fit CSVs
+        self.grid_t = torch.as_tensor(grid, dtype=prep.dtype).to(prep.device)
+        # Snapshots draw the observations sorted by x: sort once here, not O(n log n) per snapshot
+        # (a copy only when the data are unsorted; sorted data are passed as they are).
+        self.obs = (ds.x, ds.y, ds.y_true)
+        if not np.all(ds.x[1:] >= ds.x[:-1]):
+            order = np.argsort(ds.x, kind="stable")
+            self.obs = tuple(None if a is None else a[order] for a in self.obs)
+        self.history = None  # set by execute; saved in state.json with every snapshot
+
+    def resume(self, cfg_text: str | None, summary: dict, point: Any) -> None:
+        """Continue this run directory from `point` (a `resume.ResumePoint`): snapshots past its
+        epoch go, the summary says so."""
+        self.snap_dir.mkdir(exist_ok=True)
+        tidy_snapshots(self.run_dir, point.epoch)
+        self.snapshots = list(point.snapshots)
+        if cfg_text is not None:  # resumed with overrides: config.yaml is the config now
+            files.atomic_write(self.run_dir / files.CONFIG, cfg_text)
+        if self.plotlyjs == "directory":
+            files.copy_plotly_js(self.run_dir)
+        files.write_json(self.run_dir / files.SUMMARY, summary)
+
+    def begin(self, cfg_text: str, summary: dict) -> None:
+        self.snap_dir.mkdir(exist_ok=True)
+        ds = self.prep.dataset
+        files.atomic_write(self.run_dir / files.CONFIG, cfg_text)
+        files.write_data_csv(self.run_dir / files.DATA, ds.x, ds.y, ds.y_true, ds.sigma)
+        if self.plotlyjs == "directory":
+            files.copy_plotly_js(self.run_dir)
+        files.write_json(self.run_dir / files.SUMMARY, summary)
+
+    def snapshot_name(self, epoch: int) -> str:
+        return f"epoch-{epoch:0{self.width}d}.html"
+
+    def snapshot(self, epoch: int, loss: float, note: str | None = None) -> None:
+        from fitcli import plots
+
+        prep = self.prep
+        params = prep.model.values()
+        with torch.no_grad():
+            y_fit = prep.model(self.grid_t).double().cpu().numpy()
+        page = plots.snapshot_page(
+            name=prep.cfg.name if note is None else f"{prep.cfg.name} ({note})",
+            epoch=epoch,
+            epochs=prep.cfg.epochs,
+            loss=loss,
+            params=params,
+            x=self.obs[0],
+            y=self.obs[1],
+            y_true=self.obs[2],
+            x_fit=self.grid,
+            y_fit=y_fit,
+            loss_name=prep.cfg.loss,
+            plotlyjs=self.plotlyjs,
+        )
+        fname = self.snapshot_name(epoch)
+        files.atomic_write(self.snap_dir / fname, page)
+        # The fitted curve itself, exactly: `fitcli plot` rebuilds this page from it (the model
+        # cannot be re-evaluated bit for bit on another device, dtype or through bounds).
+        fit_name = fname.removesuffix(".html") + ".csv"
+        files.atomic_write(self.snap_dir / fit_name, self.fit_csv(y_fit))
+        self.snapshots = [s for s in self.snapshots if s["epoch"] != epoch]
+        entry = {"epoch": epoch, "loss": loss, "params": params, "file": fname, "fit": fit_name}
+        self.snapshots.append(entry if note is None else {**entry, "note": note})
+        if self.defer_state:
+            if self.history is not None:
+                self._pending = self._frozen_state(epoch)
+            elif self._pending is None:
+                self._pending = {}  # params.json still to write
+            return
+        self.write_params()
+        if self.history is not None:
+            # Last, so that a saved state always has its snapshot beside it (resume).
+            self._save_state(epoch=epoch, model=prep.model, stepper=prep.stepper)
+
+    def fit_csv(self, y_fit: np.ndarray) -> str:
+        """snapshots/epoch-N.csv: `x,y_fit` rows by repr, what csv.writer with `files.fmt`
+        wrote (no float repr needs quoting); the x column is formatted once per run."""
+        if self._fit_rows is None:
+            self._fit_rows = [f"{v!r}," for v in self.grid.tolist()]
+        ys = y_fit.tolist()
+        if len(ys) != len(self._fit_rows):
+            raise ValueError(f"fitted curve has {len(ys)} points, the grid {len(self.grid)}")
+        return "x,y_fit\n" + "\n".join(map(operator.add, self._fit_rows, map(repr, ys))) + "\n"
+
+    def write_params(self) -> None:
+        files.write_json(
+            self.run_dir / files.SNAPSHOT_PARAMS,
+            {"names": list(self.prep.model.names), "snapshots": self.snapshots},
+        )
+
+    def _save_state(self, **kw: Any) -> None:
+        from fitcli.config import config_to_dict
+        from fitcli.rundir.state import save_state
+
+        history = kw.pop("history", self.history)
+        save_state(self.run_dir, history=history, config=config_to_dict(self.prep.cfg), **kw)
+
+    def _frozen_state(self, epoch: int) -> dict:
+        """save_state's arguments at this snapshot, copied: the run moves on before `flush`."""
+        import copy
+        from types import SimpleNamespace
+
+        from fitcli.train import History
+
+        h, stepper = self.history, self.prep.stepper
+        frozen = SimpleNamespace(raw=self.prep.model.raw.detach().clone())
+        if hasattr(stepper, "state_dict"):
+            state = stepper.state_dict()
+            if not getattr(stepper, "state_dicts_are_copies", False):
+                state = copy.deepcopy(state)
+            stepper = SimpleNamespace(state_dict=lambda: state)
+        else:
+            stepper = SimpleNamespace()
+        history = History(h.losses[:epoch], h.lrs[:epoch], h.elapsed[:epoch], h.params[:epoch])
+        return {"epoch": epoch, "model": frozen, "stepper": stepper, "history": history}
+
+    def flush(self) -> None:
+        """Write what `defer_state` held back: params.json, then state.json."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        self.write_params()
+        if pending:
+            self._save_state(**pending)
+
+    def metrics(self, result: TrainResult, start_epoch: int = 0) -> None:
+        hist = result.history
+        model = self.prep.model
+        names = list(model.names)
+        raw = torch.tensor(hist.params, dtype=model.raw.dtype, device=model.raw.device)
+        with torch.no_grad():
+            values = (
+                model.full_vector(model.external(raw)).double().cpu().tolist()
+                if len(hist.params)
+                else []
+            )
+        rows = []
+        for k, (loss, lr, t, vals) in enumerate(
+            zip(hist.losses, hist.lrs, hist.elapsed, values, strict=True)
+        ):
+            rows.append(
+                [
+                    start_epoch + k,
+                    files.fmt(loss),
+                    files.fmt(lr),
+                    f"{t:.6f}",
+                    *map(repr, vals),  # floats from tolist(): files.fmt without the calls
+                ]
+            )
+        files.write_csv(
+            self.run_dir / files.METRICS, ["epoch", "loss", "lr", "elapsed_s", *names], rows
+        )
+
+
+def base_summary(prep: Prepared, run_dir: Path, command: list[str]) -> Summary:
+    cfg = prep.cfg
+    return {
+        files.RUN_MARKER: files.RUN_SCHEMA,  # what marks a fitcli run directory (rundir/files.py)
+        **versions(),
+        "run_dir": str(run_dir),
+        "name": cfg.name,
+        "status": "running",
+        "exit_code": None,
+        "epochs": cfg.epochs,
+        "epochs_run": 0,
+        "final_loss": None,
+        "loss": cfg.loss,
+        "optimizer": optim.split_spec(cfg.optimizer)[0],
+        "params": prep.model.values(),
+        "device": str(prep.device),
+        "dtype": cfg.dtype,
+        "seed": cfg.seed,
+        "n_points": prep.dataset.n,
+        # What resume compares a data file with (a file edited since cannot be resumed).
+        **({"data_digest": prep.dataset.digest} if prep.dataset.digest else {}),
+        "elapsed_s": 0.0,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command,
+        # Who writes the run while it runs (`liveness`): a run whose writer is gone is stale.
+        "process": liveness.identity(),
+    }
+
+
+def interruption_fields(signal: str | None, when: str) -> Summary:
+    """The summary fields of a run stopped by `signal` (None: not by a signal, e.g. --fail-fast)."""
+    fields: Summary = {
+        "status": "interrupted",
+        "exit_code": int(exit_code_for("interrupted", signal)),
+        "reason": f"interrupted by {signal} {when}" if signal else f"interrupted {when}",
+    }
+    if signal:
+        fields["signal"] = signal
+    return fields
+
+
+def tidy_snapshots(run_dir: Path, epoch: int) -> None:
+    """Remove snapshot pages and fitted curves past `epoch`, and temporary files.
+
+    A run killed between a snapshot page and its state leaves pages past the saved epoch: they are
+    written again, identically, when the resumed run reaches them. Nothing at or before the
+    saved epoch is removed: it cannot be rebuilt.
+    """
+    snap_dir = run_dir / files.SNAPSHOTS
+    for path in [*run_dir.glob(".*.tmp-*"), *snap_dir.glob(".*.tmp-*")]:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    for page in [*snap_dir.glob("epoch-*.html"), *snap_dir.glob("epoch-*.csv")]:
+        number = page.stem.removeprefix("epoch-")
+        if number.isdigit() and int(number) > epoch:
+            try:
+                page.unlink()
+            except OSError as exc:
+                raise RunDirError(f"cannot remove the stale snapshot {page}: {exc}") from None
