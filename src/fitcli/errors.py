@@ -52,7 +52,7 @@ def exit_code_for(status: str, signal: str | None = None) -> ExitCode:
     the signal that stopped it (none known, e.g. --fail-fast: as Ctrl-C)."""
     if status == RunStatus.INTERRUPTED:
         return STOP_SIGNALS.get(signal or "SIGINT", ExitCode.INTERRUPTED)
-    return _EXIT_FOR_STATUS[status]
+    return _EXIT_FOR_STATUS[RunStatus(status)]
 
 
 class Interrupted(KeyboardInterrupt):

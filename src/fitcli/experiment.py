@@ -1,7 +1,8 @@
-"""One run, start to finish: config -> data -> model -> train -> run directory.
+"""One run, start to finish: a prepared run (`fitcli.prepare`) -> train -> run directory.
 
 `prepare` validates everything and builds the tensors without touching the disk, so bad input
-never leaves a half-written run directory; `execute` creates the directory and trains.
+never leaves a half-written run directory; `execute` trains into the directory and writes it
+through `rundir.writer`, deciding the run's status (one place) and its error bars.
 """
 
 from __future__ import annotations
@@ -10,15 +11,18 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fitcli.torchboot import import_torch
 
-torch = import_torch()
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = import_torch()  # before the modules that use it (torchboot defers torch._dynamo)
 
 import contextlib
 
-from fitcli.errors import ExitCode, FitcliError, RunDirError, exit_code_for
+from fitcli.errors import FitcliError, RunDirError, RunStatus, exit_code_for
 from fitcli.prepare import Prepared
 from fitcli.rundir import files
 from fitcli.rundir.writer import RunWriter, base_summary, interruption_fields, versions
@@ -94,17 +98,23 @@ def execute(
             fill_converged_snapshots(writer, prep, result)
         writer.flush()
         # Still inside: a second Ctrl-C or a fault while finishing must not leave "running".
+        # The run's status is decided here: the loop's, unless the optimizer reports that it
+        # cannot continue (LM at a point where the model is not finite), which fails the run.
+        status, reason = result.status, result.reason
+        failure = getattr(prep.stepper, "failure", None)
+        if failure is not None:
+            status, reason = RunStatus.FAILED, failure
         summary.update(
-            status=result.status,
-            exit_code=int(exit_code_for(result.status)),
+            status=status,
+            exit_code=int(exit_code_for(status)),
             epochs_run=result.epochs_run,
             final_loss=result.final_loss,
             params=prep.model.values(),
-            reason=result.reason,
+            reason=reason,
             elapsed_s=time.perf_counter() - t0,
             finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         )
-        if result.status == "interrupted":
+        if status == RunStatus.INTERRUPTED:
             by = stopped_by() if stopped_by is not None else None
             summary.update(interruption_fields(by, f"after epoch {result.epochs_run}"))
         summary.pop("process", None)  # finished: no process writes it any more
@@ -117,8 +127,8 @@ def execute(
         files.write_json(run_dir / files.SUMMARY, summary)
     except BaseException as exc:
         summary.update(
-            status="failed",
-            exit_code=int(ExitCode.FAILED),
+            status=RunStatus.FAILED,
+            exit_code=int(exit_code_for(RunStatus.FAILED)),
             converged=False,
             params=prep.model.values(),
             elapsed_s=time.perf_counter() - t0,
@@ -143,7 +153,7 @@ def fill_converged_snapshots(writer: RunWriter, prep: Prepared, result: TrainRes
     whether the fit converged is decided afterwards, with the error bars (`stats.verdict`)."""
     stepper, cfg = prep.stepper, prep.cfg
     done = result.epochs_run
-    if result.status != "completed" or stepper.failure or not stepper.converged:
+    if result.status != RunStatus.COMPLETED or stepper.failure or not stepper.converged:
         return
     scheduled = snapshot_epochs(cfg.epochs, cfg.snapshots)
     later = [e for e in scheduled if e > done]
@@ -216,7 +226,7 @@ def _finish_stats(prep: Prepared, result: TrainResult) -> dict:
         return {
             "stderr": dict.fromkeys(prep.model.names),
             "uncertainty": {
-                "status": "failed",
+                "status": RunStatus.FAILED,
                 "reason": f"error bars could not be computed: {type(exc).__name__}: {exc}",
                 "condition_number": None,
             },

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fitcli.errors import ConfigError, ExitCode
+from fitcli.errors import ConfigError
 from fitcli.lm import HostModel, LevenbergMarquardt, host_eligible
 from fitcli.model import BasisModel, ExprModel, FitModel, model_function
 
@@ -153,16 +153,14 @@ class LMStepper:
         return float("nan")
 
     def summary_fields(self) -> dict[str, Any]:
-        """What summary.json records about how LM ended; a failure makes the run `failed`.
-        (Whether it converged is decided with the error bars, by `stats.verdict`.)"""
+        """What summary.json records about how LM ended. (A `failure` fails the run, and whether
+        it converged is decided with the error bars: both by the recipe, `experiment.execute`.)"""
         lm = self.lm
         out: dict[str, Any] = {
             "stop_reason": self.stop_reason,
             "lm_iterations": lm.n_iter,
             "lm_evaluations": {"model": lm.n_fev, "jacobian": lm.n_jev},
         }
-        if self.failure is not None:
-            out.update(status="failed", exit_code=int(ExitCode.FAILED), reason=self.failure)
         return out
 
     def state_dict(self) -> dict[str, Any]:

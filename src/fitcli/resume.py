@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fitcli.errors import ResumeError, RunFileError
+from fitcli.errors import ResumeError, RunFileError, RunStatus
 from fitcli.rundir import files
 from fitcli.rundir.state import STATE_FILE, SavedState, _at, _bad, _short, load_state
 
@@ -155,8 +155,8 @@ def prepare_resume(run_dir: Path, overrides: list[str]) -> tuple[Any, ResumePoin
     except RunFileError as exc:
         raise ResumeError(f"cannot resume {run_dir}: {exc}") from None
     status = summary.get("status") if isinstance(summary, dict) else None
-    writer_note = _check_writer_gone(run_dir, summary) if status == "running" else None
-    if status == "completed":
+    writer_note = _check_writer_gone(run_dir, summary) if status == RunStatus.RUNNING else None
+    if status == RunStatus.COMPLETED:
         raise ResumeError(
             f"{run_dir} has already completed ({summary.get('epochs_run')} epochs); "
             "nothing to resume. Start a new run, e.g. fitcli train "

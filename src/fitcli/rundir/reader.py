@@ -18,10 +18,19 @@ from typing import Any
 import numpy as np
 
 from fitcli import liveness
-from fitcli.errors import RunFileError
+from fitcli.errors import RunFileError, RunStatus
 from fitcli.rundir import files
 
-STATUSES = ("running", "completed", "diverged", "interrupted", "failed")
+STATUSES = tuple(
+    str(s)
+    for s in (
+        RunStatus.RUNNING,
+        RunStatus.COMPLETED,
+        RunStatus.DIVERGED,
+        RunStatus.INTERRUPTED,
+        RunStatus.FAILED,
+    )
+)  # what a summary.json may say
 _PAGE = re.compile(r"^epoch-([0-9]+)\.html$")
 _FIT = re.compile(r"^epoch-([0-9]+)\.csv$")
 # Snapshots a report draws at most: a run's schedule has at most 1001 (snapshots <= 1000), each
@@ -76,7 +85,7 @@ class Run:
         values are finite, else the last snapshot's (a run still going)."""
         s = self.summary
         params = s.get("params") or {}
-        finished = s["status"] != "running"
+        finished = s["status"] != RunStatus.RUNNING
         if finished and all(_finite(params.get(n)) for n in self.names):
             return int(s.get("epochs_run") or 0), {n: float(params[n]) for n in self.names}
         if self.snapshots:
@@ -233,7 +242,7 @@ def _check_snapshots(
             raise RunFileError(f"{where}: a parameter value is not a number)")
         # File names go into paths we write: only epoch-N.html / epoch-N.csv, never a path.
         page = _PAGE.match(file) if isinstance(file, str) else None
-        if page is None:
+        if page is None or not isinstance(file, str):
             raise RunFileError(f"{where}: file {_short(str(file))} is not epoch-N.html)")
         if int(page.group(1)) != epoch:
             raise RunFileError(f"{where}: file {_short(file)} is not the page of epoch {epoch})")
@@ -280,7 +289,10 @@ def read_run(run_dir: Path) -> Run:
 
     snapshots: list[Snapshot] = []
     # A run stopped (or failed) before its first snapshot has none, like one still starting.
-    if (run_dir / files.SNAPSHOT_PARAMS).exists() or status in ("completed", "diverged"):
+    if (run_dir / files.SNAPSHOT_PARAMS).exists() or status in (
+        RunStatus.COMPLETED,
+        RunStatus.DIVERGED,
+    ):
         raw = _read_json(run_dir, files.SNAPSHOT_PARAMS)
         _, entries = _check_snapshots(run_dir, raw, names, summary["epochs"])
         for e in entries:
@@ -311,12 +323,12 @@ def read_run(run_dir: Path) -> Run:
     else:
         notes.append(
             "no snapshot yet: the run is still starting"
-            if status == "running"
+            if status == RunStatus.RUNNING
             else f"no snapshot was written (status {status})"
         )
 
     metrics = None
-    if (run_dir / files.METRICS).exists() or status in ("completed", "diverged"):
+    if (run_dir / files.METRICS).exists() or status in (RunStatus.COMPLETED, RunStatus.DIVERGED):
         header = ["epoch", "loss", "lr", "elapsed_s", *names]
         limit = files.csv_limit(max(summary["epochs"], summary["epochs_run"]), len(header))
         metrics = _read_csv(run_dir, files.METRICS, header=header, limit=limit)
@@ -326,9 +338,10 @@ def read_run(run_dir: Path) -> Run:
             raise RunFileError(f"{m_path}: garbled (epochs are not increasing whole numbers)")
         last = int(ep[-1])
         runs_to = summary["epochs_run"]
-        if (status in ("completed", "diverged") or (status == "interrupted" and runs_to)) and (
-            last != runs_to
-        ):
+        if (
+            status in (RunStatus.COMPLETED, RunStatus.DIVERGED)
+            or (status == RunStatus.INTERRUPTED and runs_to)
+        ) and (last != runs_to):
             raise RunFileError(
                 f"{m_path}: ends at epoch {last} but {files.SUMMARY} says {runs_to} epochs ran "
                 "(truncated?)"

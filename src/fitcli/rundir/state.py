@@ -258,7 +258,7 @@ def load_state(run_dir: Path) -> SavedState:
         h = doc["history"]
         if not isinstance(h, dict):
             raise ValueError(_bad("history", "is not a mapping"))
-        columns = {}
+        columns: dict[str, Any] = {}  # the History's lists: floats, and rows of floats (params)
         for key in ("losses", "lrs", "elapsed", "params"):
             where = f"history.{key}"
             rows = decode(_list(h.get(key), where), where)

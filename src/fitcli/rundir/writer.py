@@ -20,10 +20,10 @@ from fitcli.torchboot import import_torch
 torch = import_torch()
 
 from fitcli import __version__, liveness, optim
-from fitcli.errors import RunDirError, exit_code_for
+from fitcli.errors import RunDirError, RunStatus, exit_code_for
 from fitcli.rundir import files
 from fitcli.rundir.summary import Summary
-from fitcli.train import TrainResult
+from fitcli.train import History, TrainResult
 
 if TYPE_CHECKING:
     from fitcli.prepare import Prepared
@@ -65,11 +65,15 @@ class RunWriter:
         self.grid_t = torch.as_tensor(grid, dtype=prep.dtype).to(prep.device)
         # Snapshots draw the observations sorted by x: sort once here, not O(n log n) per snapshot
         # (a copy only when the data are unsorted; sorted data are passed as they are).
-        self.obs = (ds.x, ds.y, ds.y_true)
-        if not np.all(ds.x[1:] >= ds.x[:-1]):
-            order = np.argsort(ds.x, kind="stable")
-            self.obs = tuple(None if a is None else a[order] for a in self.obs)
-        self.history = None  # set by execute; saved in state.json with every snapshot
+        x, y, y_true = ds.x, ds.y, ds.y_true
+        if not np.all(x[1:] >= x[:-1]):
+            order = np.argsort(x, kind="stable")
+            x, y = x[order], y[order]
+            y_true = None if y_true is None else y_true[order]
+        self.obs = (x, y, y_true)
+        # Set by execute and saved in state.json with every snapshot; None while LM's converged
+        # snapshots are filled in, so that state.json stays at the real last epoch.
+        self.history: History | None = None
 
     def resume(self, cfg_text: str | None, summary: dict, point: Any) -> None:
         """Continue this run directory from `point` (a `resume.ResumePoint`): snapshots past its
@@ -167,6 +171,7 @@ class RunWriter:
         from fitcli.train import History
 
         h, stepper = self.history, self.prep.stepper
+        assert h is not None  # only snapshots with a history save state (see `snapshot`)
         frozen = SimpleNamespace(raw=self.prep.model.raw.detach().clone())
         if hasattr(stepper, "state_dict"):
             state = stepper.state_dict()
@@ -223,7 +228,7 @@ def base_summary(prep: Prepared, run_dir: Path, command: list[str]) -> Summary:
         **versions(),
         "run_dir": str(run_dir),
         "name": cfg.name,
-        "status": "running",
+        "status": RunStatus.RUNNING,
         "exit_code": None,
         "epochs": cfg.epochs,
         "epochs_run": 0,
@@ -248,8 +253,8 @@ def base_summary(prep: Prepared, run_dir: Path, command: list[str]) -> Summary:
 def interruption_fields(signal: str | None, when: str) -> Summary:
     """The summary fields of a run stopped by `signal` (None: not by a signal, e.g. --fail-fast)."""
     fields: Summary = {
-        "status": "interrupted",
-        "exit_code": int(exit_code_for("interrupted", signal)),
+        "status": RunStatus.INTERRUPTED,
+        "exit_code": int(exit_code_for(RunStatus.INTERRUPTED, signal)),
         "reason": f"interrupted by {signal} {when}" if signal else f"interrupted {when}",
     }
     if signal:
