@@ -28,9 +28,13 @@ test: setup
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow"
 
+# ruff, the type check of src/ (mypy, configured in pyproject.toml) and the import rules
+# (rich only in console, plotly only in plots, no torch in the CLI or the sweep's plan).
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks tools
+	$(VENV)/bin/ruff format --check src tests benchmarks tools
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -q tests/test_import_rules.py
 
 format: setup
 	$(VENV)/bin/ruff format src tests benchmarks
