@@ -13,6 +13,7 @@ import secrets
 import shutil
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -338,18 +339,26 @@ def check_output_file(path: Path, option: str) -> None:
         raise InputError(f"{option} {path}: its folder {path.parent} does not exist")
 
 
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers see old or new, never half."""
-    payload = data.encode("utf-8") if isinstance(data, str) else data
+@contextlib.contextmanager
+def _replacing(path: Path, mode: str, **kw: Any) -> Iterator[Any]:
+    """A file object on a temporary name beside `path`, renamed to `path` once it is written
+    whole: readers see old or new, never half; a failure removes it (RunDirError)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
+        with open(tmp, mode, **kw) as fh:
+            yield fh
         os.replace(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         _raise_os(exc, path, "write")
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: readers see old or new, never half."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    with _replacing(path, "wb") as fh:
+        fh.write(payload)
 
 
 def _clean(value: Any) -> Any:
@@ -399,18 +408,11 @@ def write_data_csv(path: Path, x, y, y_true=None, sigma=None) -> None:
     # formatted by one `%` over the block, so memory stays flat however many rows (10^8 rows
     # are about 6 GB of text) and the file is written faster than by np.savetxt.
     row_fmt = ",".join(["%.17g"] * len(arrays)) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
-    try:
-        with open(tmp, "w", encoding="ascii", newline="\n") as fh:
-            fh.write(header)
-            for start in range(0, arrays[0].shape[0], DATA_CSV_ROWS):
-                block = np.column_stack([a[start : start + DATA_CSV_ROWS] for a in arrays])
-                fh.write((row_fmt * block.shape[0]) % tuple(block.ravel().tolist()))
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        _raise_os(exc, path, "write")
+    with _replacing(path, "w", encoding="ascii", newline="\n") as fh:
+        fh.write(header)
+        for start in range(0, arrays[0].shape[0], DATA_CSV_ROWS):
+            block = np.column_stack([a[start : start + DATA_CSV_ROWS] for a in arrays])
+            fh.write((row_fmt * block.shape[0]) % tuple(block.ravel().tolist()))
 
 
 def copy_plotly_js(run_dir: Path) -> None:
