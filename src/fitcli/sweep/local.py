@@ -184,6 +184,11 @@ class _Worker:
         return fut
 
     def death(self) -> str:
+        """Why the process died. The pool reports a broken worker as soon as it sees it gone,
+        which can be before the process is reaped and its exit code known: wait for that."""
+        if self.process is not None:
+            with contextlib.suppress(Exception):
+                self.process.join(5)
         code = getattr(self.process, "exitcode", None)
         if code is None:
             return "its worker process died"
