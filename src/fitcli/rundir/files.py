@@ -69,7 +69,7 @@ def command_comment(command: list[str]) -> str:
     """The `# command: ...` line of config.yaml and sweep.yaml: the command line on one line,
     every line break or control character in it escaped (`\\r`, NEL and U+2028 end a YAML line:
     written raw, the rest of the command would become YAML keys)."""
-    from fitcli.console import printable
+    from fitcli.text import printable
 
     return "# command: " + printable(" ".join(command)) + "\n"
 

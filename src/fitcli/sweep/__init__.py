@@ -134,9 +134,9 @@ class Outcome:
         if self.interrupted:
             return int(exit_code_for(RunStatus.INTERRUPTED, self.signal))
         if not all(r.status == RunStatus.COMPLETED for r in self.rows):
-            return int(ExitCode.FAILED)
+            return int(exit_code_for(RunStatus.FAILED))
         converged = all(r.converged is not False for r in self.rows)
-        return strict_exit_code(int(ExitCode.COMPLETED), converged, self.strict)
+        return strict_exit_code(int(exit_code_for(RunStatus.COMPLETED)), converged, self.strict)
 
     def to_json(self) -> dict:
         runs = []

@@ -20,8 +20,9 @@ from typing import Any
 
 from fitcli import optim
 from fitcli.errors import (
-    ExitCode,
     FitcliError,
+    RunStatus,
+    exit_code_for,
 )
 from fitcli.sweep.plan import SWEEP_FILE, Plan
 from fitcli.sweep.replay import Trace, compute_single
@@ -253,7 +254,9 @@ class Task:
 
 
 def _failed(index: int, exc: BaseException) -> Trace:
-    code = int(exc.exit_code) if isinstance(exc, FitcliError) else int(ExitCode.FAILED)
+    code = (
+        int(exc.exit_code) if isinstance(exc, FitcliError) else int(exit_code_for(RunStatus.FAILED))
+    )
     msg = str(exc) if isinstance(exc, FitcliError) else f"{type(exc).__name__}: {exc}"
     return Trace(index, error=msg or type(exc).__name__, exit_code=code)
 

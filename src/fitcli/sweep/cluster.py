@@ -124,7 +124,8 @@ SCRATCH_SHM_FREE = 1 << 28  # bytes free in /dev/shm for a worker to write run d
 def _scratch_root() -> str | None:
     """Where a worker writes run directories for a moment before sending them: memory
     (/dev/shm) where it has room to spare (a run directory is a few MB, 50 with --plotlyjs
-    embed; one at a time), else the temporary folder. It makes a Dask sweep about 3% faster."""
+    embed; one at a time), else the temporary folder: faster than a disk folder (BENCHMARKS.md,
+    Sweeps)."""
     try:
         st = os.statvfs("/dev/shm")
     except (AttributeError, OSError):  # not Linux, or no /dev/shm

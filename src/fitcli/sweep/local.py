@@ -15,7 +15,8 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from fitcli.errors import (
-    ExitCode,
+    RunStatus,
+    exit_code_for,
 )
 from fitcli.sweep.batch import Task, make_tasks, run_task
 from fitcli.sweep.replay import Trace, claim_and_write
@@ -242,7 +243,9 @@ def _run_processes(plan, cfgs, indices, options, accept, stop, unfinished) -> No
                     reason = dead.death()
                     dead.close()
                     for i in task.indices:
-                        accept(Trace(i, error=reason, exit_code=int(ExitCode.FAILED)))
+                        accept(
+                            Trace(i, error=reason, exit_code=int(exit_code_for(RunStatus.FAILED)))
+                        )
                     continue
                 for trace in fut.result():
                     accept(trace)
