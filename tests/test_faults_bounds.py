@@ -7,12 +7,12 @@ import time
 import tracemalloc
 
 import pytest
+from conftest import CONFIGS, only_run_dir
 
 from fitcli import sweep
 from fitcli.cli import app
 from fitcli.data import load_table
 from fitcli.errors import DataError
-from tests.conftest import CONFIGS, only_run_dir
 
 SEED = CONFIGS / "seed.yaml"
 
