@@ -66,9 +66,9 @@ def _root(
 ) -> None:
     """Fit curves with PyTorch autograd from a YAML experiment.
 
-    Exit codes: 0 completed, 1 failed (I/O or unexpected), 2 invalid input, 3 diverged,
-    4 completed but not converged (only with --strict), 130 interrupted (Ctrl-C),
-    143 by SIGTERM, 129 by SIGHUP.
+    Exit codes: 0 completed, 1 failed (I/O or unexpected), 2 invalid input, 3
+    diverged, 4 completed but not converged (only with --strict), 130
+    interrupted (Ctrl-C), 143 by SIGTERM, 129 by SIGHUP.
     """
 
 
@@ -252,10 +252,10 @@ def train(
 ) -> None:
     """Train a model on the experiment's data and write a run directory.
 
-    Shows live progress on stderr, then a summary table and the run directory on stdout (or
-    only summary.json with --json). Exit 0 completed, 2 invalid input, 3 diverged,
-    130 interrupted (143 SIGTERM, 129 SIGHUP), 1 failed; with --strict, 4 completed but not
-    converged.
+    Shows live progress on stderr, then a summary table and the run directory on
+    stdout (or only summary.json with --json). Exit 0 completed, 2 invalid
+    input, 3 diverged, 130 interrupted (143 SIGTERM, 129 SIGHUP), 1 failed; with
+    --strict, 4 completed but not converged.
     """
     from fitcli import console
 
@@ -352,8 +352,9 @@ def plot(
 ) -> None:
     """Rebuild a run's snapshots and write its report.html (several runs: one comparison page).
 
-    Works on finished, diverged, interrupted and still-running runs. Prints the page written.
-    Exit 0 written, 2 a run directory's file is missing, truncated or garbled (named).
+    Works on finished, diverged, interrupted and still-running runs. Prints the
+    page written. Exit 0 written, 2 a run directory's file is missing, truncated
+    or garbled (named).
     """
     from fitcli import console
 
@@ -465,10 +466,11 @@ def sweep(
 ) -> None:
     """Train every combination of the axes; one run directory each, under one sweep directory.
 
-    Runs that differ only in learning rate, seed, noise or starting values train together as
-    one batched tensor program. Exit 0 when every run completed, 1 when any did not,
-    2 invalid input, 130 interrupted (143 SIGTERM, 129 SIGHUP); with --strict, 4 when every
-    run completed but some did not converge.
+    Runs that differ only in learning rate, seed, noise or starting values train
+    together as one batched tensor program. Exit 0 when every run completed, 1
+    when any did not, 2 invalid input, 130 interrupted (143 SIGTERM, 129
+    SIGHUP); with --strict, 4 when every run completed but some did not
+    converge.
     """
     from fitcli import console
 
