@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -187,10 +188,17 @@ class _Worker:
     def death(self) -> str:
         """Why the process died. The pool reports a broken worker as soon as it sees it gone,
         which can be before the process is reaped and its exit code known: wait for that."""
-        if self.process is not None:
+        code = None
+        deadline = time.monotonic() + 5
+        while self.process is not None:
+            # The pool's own thread may reap it at the same moment: then this join returns at
+            # once (ECHILD) before that thread has recorded the exit code; look again shortly.
             with contextlib.suppress(Exception):
-                self.process.join(5)
-        code = getattr(self.process, "exitcode", None)
+                self.process.join(0.1)
+            code = self.process.exitcode
+            if code is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         if code is None:
             return "its worker process died"
         if code < 0:
