@@ -21,16 +21,13 @@ from fitcli import liveness
 from fitcli.errors import RunFileError, RunStatus
 from fitcli.rundir import files
 
-STATUSES = tuple(
-    str(s)
-    for s in (
-        RunStatus.RUNNING,
-        RunStatus.COMPLETED,
-        RunStatus.DIVERGED,
-        RunStatus.INTERRUPTED,
-        RunStatus.FAILED,
-    )
-)  # what a summary.json may say
+STATUSES = (  # what a summary.json may say (the others are shown, never written)
+    RunStatus.RUNNING,
+    RunStatus.COMPLETED,
+    RunStatus.DIVERGED,
+    RunStatus.INTERRUPTED,
+    RunStatus.FAILED,
+)
 _PAGE = re.compile(r"^epoch-([0-9]+)\.html$")
 _FIT = re.compile(r"^epoch-([0-9]+)\.csv$")
 # Snapshots a report draws at most: a run's schedule has at most 1001 (snapshots <= 1000), each
