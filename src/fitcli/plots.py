@@ -116,6 +116,13 @@ def snapshot_figure(
     }
 
 
+def figure_object(fig: dict) -> Any:
+    """A figure dict as a `plotly.graph_objects.Figure` (what `FitResult.figure()` returns)."""
+    import plotly.graph_objects as go
+
+    return go.Figure(fig)
+
+
 def to_html(
     fig: dict,
     plotlyjs: str,
