@@ -247,6 +247,29 @@ def summary_table(summary: dict, *, out: Console | None = None) -> None:
         out.print(printable(line), markup=False, highlight=False, emoji=False)
 
 
+def columns_table(columns: dict[str, Any]) -> None:
+    """`fitcli predict`: numeric columns side by side on stdout, 10 significant digits."""
+    from rich.table import Table
+
+    table = Table(show_edge=False, pad_edge=False)
+    for name in columns:
+        table.add_column(name, justify="right")
+    for row in zip(*(v.tolist() for v in columns.values()), strict=True):
+        table.add_row(*(f"{v:.10g}" for v in row))
+    _print_whole(table)
+
+
+def _print_whole(table: Any) -> None:
+    """A table on stdout; without a terminal (a pipe, a file) at its full width, never cut."""
+    out = stdout
+    if not stdout.is_terminal:
+        from rich.measure import Measurement
+
+        wide = Measurement.get(stdout, stdout.options.update(max_width=10**6), table).maximum
+        out = Console(width=wide, highlight=False, soft_wrap=True)
+    out.print(table, markup=False, highlight=False, emoji=False)
+
+
 def print_json(obj: Any) -> None:
     """The only stdout output with --json."""
     from fitcli.rundir.files import dumps_json
@@ -310,13 +333,7 @@ def runs_table(rows: list[dict], columns: list[str]) -> None:
         table.add_column(col, justify="right" if col in right else "left")
     for row in rows:
         table.add_row(*(_literal(row.get(c, "")) for c in columns))
-    out = stdout
-    if not stdout.is_terminal:  # a pipe or a file: whole values, however long the lines get
-        from rich.measure import Measurement
-
-        wide = Measurement.get(stdout, stdout.options.update(max_width=10**6), table).maximum
-        out = Console(width=wide, highlight=False, soft_wrap=True)
-    out.print(table, markup=False, highlight=False, emoji=False)
+    _print_whole(table)  # a pipe or a file: whole values, however long the lines get
 
 
 def graph_tree(graph: Any) -> None:
