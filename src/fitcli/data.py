@@ -126,11 +126,14 @@ def as_column(values: Any, role: str) -> np.ndarray:
         except (TypeError, ValueError):
             bad = next((v for v in arr.tolist() if not _is_real(v)), arr[0] if arr.size else None)
             raise DataError(f"{role}: {bad!r} is not a number") from None
-    arr = np.ascontiguousarray(arr, dtype=np.float64)
+    # A copy of its own: the caller's array may change later, or be read-only (pandas).
+    arr = np.array(arr, dtype=np.float64, order="C", copy=True)
     bad_at = np.flatnonzero(~np.isfinite(arr))
     if bad_at.size:
         k = int(bad_at[0])
-        raise DataError(f"{role}[{k}] is {arr[k]!r}, not a finite number; remove or fix that row")
+        raise DataError(
+            f"{role}[{k}] is {float(arr[k])!r}, not a finite number; remove or fix that row"
+        )
     return arr
 
 
