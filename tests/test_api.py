@@ -103,13 +103,14 @@ def test_numpy_torch_pandas_and_dataframe_give_the_same_fit(decay_fit):
     assert decay_fit.status == "completed" and decay_fit.converged
 
 
-def test_the_api_and_fitcli_train_give_identical_parameters_and_summary(cli_run):
+def test_the_api_and_fitcli_train_give_identical_parameters_and_summary(cli_run, decay_fit):
     """The same config through `fitcli train` (a subprocess) and `fitcli.fit`: one code path,
     so the same bits; the summary is summary.json's but for where and when it ran."""
     written = json.loads((cli_run / "summary.json").read_text())
     cfg = cli_run.parent / "decay.yaml"
     result = fitcli.fit(cfg)
     assert result.params == written["params"]  # exactly, not approximately
+    assert decay_fit.params == written["params"]  # the same data given as arrays
     mine = result.to_dict()
     assert set(written) - set(mine) == {"command"}
     assert mine["run_dir"] is None

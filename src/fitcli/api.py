@@ -97,8 +97,7 @@ def _resolve(
     """The validated config (and data given in memory) of `fit`'s arguments: the config file or
     mapping, then the keyword sections, then the dotted overrides, all as `key=value` overrides
     so that every problem is reported as `fitcli train CONFIG key=value` reports it."""
-    from fitcli.config import config_from_dict, load_config
-    from fitcli.config.overrides import _apply
+    from fitcli.config import apply_values, config_from_dict, load_config
     from fitcli.data import dataset_from_arrays
 
     dataset = None
@@ -125,14 +124,17 @@ def _resolve(
         cols = {"x": "x", "y": "y", **({"sigma": "sigma"} if dataset.sigma is not None else {})}
         sections = {"data": {"file": ARRAYS_FILE, "columns": cols}, **sections}
 
-    texts = [f"{k}={_yaml_text(v)}" for k, v in {**sections, **overrides}.items()]
+    values = {**sections, **overrides}
     if config is None or isinstance(config, Mapping):
+        # The values as they are: the override grammar's keys and checks without a YAML parse
+        # of each value (the largest cost of a small fit's set-up).
         source = "<dict>" if config is not None else "<fit>"
         raw: Any = dict(config) if config is not None else {}
-        if texts:
-            raw, _ = _apply(raw, texts, source)
+        if values:
+            raw = apply_values(raw, values, source)
         cfg = config_from_dict(raw, source)
-    else:
+    else:  # as `fitcli train CONFIG key=value`: its messages name the file's lines
+        texts = [f"{k}={_yaml_text(v)}" for k, v in values.items()]
         cfg = load_config(Path(os.fspath(config)), texts)
     if dataset is not None:
         cfg.data.file = ARRAYS_FILE  # relative: beside a saved run's config.yaml
@@ -224,6 +226,25 @@ def fit_config(
 ) -> FitResult:
     """Fit a validated `Config` (and data given in memory): the part of `fit` after the
     arguments are read. In memory unless `run_dir` or `out` is given."""
+    from fitcli.experiment import small_data_threads
+
+    n = None if dataset is None else dataset.n
+    if run_dir is not None or out is not None or n is None:
+        return _fit_config(cfg, dataset, run_dir, out, overwrite)
+    # One torch thread for a small problem, as `experiment.finish_stats` takes for the
+    # statistics: torch's kernels are serial there anyway, and on busy cores each parallel
+    # region of a tiny op waits for a second thread far longer than the op takes.
+    with small_data_threads(n):
+        return _fit_config(cfg, dataset, run_dir, out, overwrite)
+
+
+def _fit_config(
+    cfg: Config,
+    dataset: Dataset | None,
+    run_dir: str | os.PathLike[str] | None,
+    out: str | os.PathLike[str] | None,
+    overwrite: bool,
+) -> FitResult:
     from fitcli.prepare import prepare
 
     prep = prepare(cfg, dataset)
