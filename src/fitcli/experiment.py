@@ -61,7 +61,7 @@ def execute(
     `stopped_by` names the signal that made `on_epoch` stop the run (SIGINT, SIGTERM, SIGHUP;
     None when none did, e.g. --fail-fast): the summary records it and exits by it.
     """
-    from fitcli.stats import verdict
+    from fitcli.stats import minimum_of, verdict
     from fitcli.train import History
 
     command = command if command is not None else sys.argv
@@ -122,7 +122,13 @@ def execute(
             summary.update(prep.stepper.summary_fields())
         summary.update(finish_stats(prep, result))
         summary.update(
-            verdict(summary["status"], summary["reason"], result.epochs_run, summary["uncertainty"])
+            verdict(
+                summary["status"],
+                summary["reason"],
+                result.epochs_run,
+                summary["uncertainty"],
+                minimum_of(cfg.loss),
+            )
         )
         files.write_json(run_dir / files.SUMMARY, summary)
     except BaseException as exc:
