@@ -3,9 +3,11 @@
 `LMStepper` drives `fitcli.lm.LevenbergMarquardt` over the model's internal parameter vector
 `model.raw` (bounds are reparametrised and fixed parameters are not in it, so both come for free),
 with the residuals ``w * (y - model.predict(raw, x))``, ``w = 1/sigma`` when the data carry
-sigmas. Each `step()` returns the loss at the parameters before the step in the config's terms
-(mse: the mean of the squared weighted residuals, the same number a torch optimizer reports) and
-writes the new parameters back into `model.raw`.
+sigmas, and for a loss other than mse its Gauss-Newton form (`fitcli.losses`: iteratively
+reweighted for the robust losses, Fisher scoring for poisson and bce). Each `step()` returns the
+loss at the parameters before the step in the config's terms (mse: the mean of the squared
+weighted residuals, the same number a torch optimizer reports) and writes the new parameters
+back into `model.raw`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from fitcli.errors import ConfigError
 from fitcli.lm import HostModel, LevenbergMarquardt, host_eligible
+from fitcli.losses import ROBUST, Loss, resolve
 from fitcli.model import BasisModel, ExprModel, FitModel, model_function
 
 if TYPE_CHECKING:
@@ -74,10 +77,12 @@ def validate_kwargs(kwargs: dict[str, Any]) -> list[str]:
 def validate(cfg: Config, kwargs: dict[str, Any]) -> list[str]:
     """Every problem with an LM optimizer section and the settings it cannot work with."""
     problems = validate_kwargs(kwargs)
-    if cfg.loss != "mse":
+    if not resolve(cfg.loss).lm_ready:
+        takes = ", ".join(("mse", "poisson", "bce", "student_t", *ROBUST))
         problems.append(
-            f"loss: {NAME} minimises the sum of squared residuals, so the loss must be mse "
-            f"(got {cfg.loss!r}); use loss: mse or a torch optimizer such as Adam"
+            f"loss: {NAME} minimises the sum of squared residuals or a likelihood, so the loss "
+            f"must be one of {takes} (got {resolve(cfg.loss).name!r}); use one of those or a "
+            "torch optimizer such as Adam"
         )
     if cfg.batch_size is not None:
         problems.append(
@@ -101,6 +106,7 @@ class LMStepper:
         y: torch.Tensor,
         weights: torch.Tensor | None,
         kwargs: dict,
+        loss: Loss | None = None,
     ) -> None:
         problems = validate_kwargs(kwargs)
         if problems:
@@ -111,6 +117,9 @@ class LMStepper:
         self.converged: str | None = None
         self.failure: str | None = None  # set when no solution could be reached
         self.stop_reason: str | None = None  # the core's own words
+        # The core's own least squares for mse; any other loss by its Gauss-Newton form.
+        self.loss = loss if loss is not None and loss.name != "mse" else None
+        self.half = 0.5 if self.loss is None else self.loss.half
         self.lm = LevenbergMarquardt(
             model_function(model),
             x,
@@ -123,6 +132,7 @@ class LMStepper:
             damping=float(opts["damping"]),
             chunk_size=opts["chunk_size"],
             host=host_model(model, x) if host_eligible(x, model.raw) else None,
+            loss=self.loss,
         )
         self._written = self.lm.theta.clone()
 
@@ -146,8 +156,8 @@ class LMStepper:
                 # Whether this is a minimum is the error bars' to say (`stats.verdict`).
                 n = self.lm.n_iter
                 self.converged = f"{NAME} stopped after {n} iterations ({result.reason})"
-        # mse-equivalent: mean of the squared (weighted) residuals, cost = 0.5 * sum(r**2).
-        return torch.tensor(2.0 * result.cost_before / self.n, dtype=torch.float64)
+        # The mean of the points' loss: cost = half * sum(point) (mse: 0.5 * sum(r**2)).
+        return torch.tensor(result.cost_before / (self.half * self.n), dtype=torch.float64)
 
     def lr(self) -> float:
         return float("nan")

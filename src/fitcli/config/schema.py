@@ -13,6 +13,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     PlainValidator,
     ValidationError,
     ValidationInfo,
@@ -24,6 +25,8 @@ from pydantic_core import PydanticCustomError
 from fitcli.config.yaml_safe import Loc
 from fitcli.errors import ExpressionError
 from fitcli.expr import CONSTANT_MEANINGS
+from fitcli.losses import NAMES as _LOSS_NAMES
+from fitcli.losses import problems as _loss_problems
 
 
 class _Problems(ValueError):
@@ -402,6 +405,38 @@ class SchedulerSpec(_Named):
     )
 
 
+class LossSpec(BaseModel):
+    """`loss` in its mapping form: a loss name and its options (`fitcli.losses.OPTIONS`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="The loss: " + ", ".join(_LOSS_NAMES) + ".")
+    f_scale: float | None = Field(
+        None, description="cauchy, soft_l1, arctan, student_t: the residual scale C (> 0)."
+    )
+    nu: float | None = Field(None, description="student_t: degrees of freedom (> 0).")
+
+
+def _loss_value(value: Any) -> str | LossSpec:
+    found = _loss_problems(value)
+    if found:
+        raise _Problems(list(found))
+    if isinstance(value, str):
+        return value
+    return LossSpec(**{k: float(v) if k != "name" else v for k, v in value.items()})
+
+
+def _loss_dump(value: str | LossSpec) -> Any:
+    return value if isinstance(value, str) else value.model_dump(exclude_none=True)
+
+
+LossField = Annotated[
+    str | LossSpec,
+    PlainValidator(_loss_value, json_schema_input_type=Literal[_LOSS_NAMES] | LossSpec),
+    PlainSerializer(_loss_dump),
+]
+
+
 _BREAKS = ("Cc", "Zl", "Zp")  # control characters, line and paragraph separators
 
 
@@ -441,7 +476,11 @@ class Config(_Section):
     )
     data: DataSpec = Field(description="The data to fit: synthetic (target) or a file.")
     model: ModelSpec = Field(description="The model: a linear basis or an expression.")
-    loss: Literal["mse", "l1", "huber", "smooth_l1"] = Field("mse", description="Loss function.")
+    loss: LossField = Field(
+        "mse",
+        description="Loss function: a name, or a mapping of name and options "
+        "(e.g. {name: soft_l1, f_scale: 0.5}).",
+    )
     optimizer: OptimizerSpec = Field(
         default_factory=lambda: OptimizerSpec(name="SGD", lr=0.01),
         description="torch.optim optimizer: name plus keyword arguments (default SGD, lr 0.01).",
@@ -464,6 +503,7 @@ _SECTIONS: dict[tuple[str, ...], type[BaseModel] | None] = {
     ("model", "params", "*"): ParamSpec,
     ("optimizer",): OptimizerSpec,
     ("scheduler",): SchedulerSpec,
+    ("loss",): LossSpec,
 }
 
 

@@ -43,6 +43,7 @@ class Summary(TypedDict, total=False):
     epochs_run: int  # epochs trained
     final_loss: float | None  # the loss at the last epoch trained
     loss: str  # the loss function's name (mse, ...)
+    loss_options: dict[str, float]  # its options, defaults filled in (f_scale, nu; {}: none)
     optimizer: str  # the optimizer's name, without its options
     params: dict[str, float]  # parameter values, the final ones once finished
     device: str  # the torch device it trained on

@@ -21,6 +21,7 @@ torch = import_torch()
 
 from fitcli import __version__, liveness, optim
 from fitcli.errors import RunDirError, RunStatus, exit_code_for
+from fitcli.losses import name_of, resolve
 from fitcli.rundir import files
 from fitcli.rundir.summary import Summary
 from fitcli.train import History, TrainResult
@@ -117,7 +118,7 @@ class RunWriter:
             y_true=self.obs[2],
             x_fit=self.grid,
             y_fit=y_fit,
-            loss_name=prep.cfg.loss,
+            loss_name=name_of(prep.cfg.loss),
             plotlyjs=self.plotlyjs,
         )
         fname = self.snapshot_name(epoch)
@@ -234,7 +235,8 @@ def base_summary(prep: Prepared, run_dir: Path | None, command: list[str]) -> Su
         "epochs": cfg.epochs,
         "epochs_run": 0,
         "final_loss": None,
-        "loss": cfg.loss,
+        "loss": name_of(cfg.loss),
+        "loss_options": resolve(cfg.loss).options,
         "optimizer": optim.split_spec(cfg.optimizer)[0],
         "params": prep.model.values(),
         "device": str(prep.device),
