@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -66,16 +67,16 @@ def _elementwise(
     def forward(u: Tensor) -> Tensor:
         return value(u)
 
-    def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+    def setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         (u,) = inputs
         ctx.save_for_backward(u, output)
         ctx.save_for_forward(u, output)
 
-    def backward(ctx, g):  # type: ignore[no-untyped-def]
+    def backward(ctx: Any, g: Tensor) -> Tensor:
         u, v = ctx.saved_tensors
         return g * derivative(u, v)
 
-    def jvp(ctx, t):  # type: ignore[no-untyped-def]
+    def jvp(ctx: Any, t: Tensor) -> Tensor:
         u, v = ctx.saved_tensors
         return t * derivative(u, v)
 
@@ -90,7 +91,7 @@ def _elementwise(
             "jvp": staticmethod(jvp),
         },
     )
-    apply = cls.apply
+    apply = cls.apply  # type: ignore[attr-defined]
 
     def fn(u: Tensor) -> Tensor:
         return apply(u)
@@ -192,15 +193,21 @@ def _y1(u: Tensor) -> Tensor:
     return _bessel_jy(u)[3]
 
 
-j0 = _elementwise("j0", _j0, lambda u, v: -j1(u))
-j1 = _elementwise("j1", _j1, lambda u, v: j0(u) - _ratio_near_zero(u, j1, -1 / 16, 1 / 384))
-y0 = _elementwise("y0", _y0, lambda u, v: -y1(u))
-y1 = _elementwise("y1", _y1, lambda u, v: y0(u) - v / u)
+j0: Callable[[Tensor], Tensor] = _elementwise("j0", _j0, lambda u, v: -j1(u))
+j1: Callable[[Tensor], Tensor] = _elementwise(
+    "j1", _j1, lambda u, v: j0(u) - _ratio_near_zero(u, j1, -1 / 16, 1 / 384)
+)
+y0: Callable[[Tensor], Tensor] = _elementwise("y0", _y0, lambda u, v: -y1(u))
+y1: Callable[[Tensor], Tensor] = _elementwise("y1", _y1, lambda u, v: y0(u) - v / u)
 
 # --- modified Bessel functions of the second kind (torch's values are exact, no backward) -----
 
-k0 = _elementwise("k0", torch.special.modified_bessel_k0, lambda u, v: -k1(u))
-k1 = _elementwise("k1", torch.special.modified_bessel_k1, lambda u, v: -k0(u) - v / u)
+k0: Callable[[Tensor], Tensor] = _elementwise(
+    "k0", torch.special.modified_bessel_k0, lambda u, v: -k1(u)
+)
+k1: Callable[[Tensor], Tensor] = _elementwise(
+    "k1", torch.special.modified_bessel_k1, lambda u, v: -k0(u) - v / u
+)
 
 # --- gamma family ---------------------------------------------------------------------------
 
@@ -226,7 +233,9 @@ def trigamma(u: Tensor) -> Tensor:
     return torch.where(reflect, math.pi**2 / (s * s) - total, total)
 
 
-digamma = _elementwise("digamma", torch.special.digamma, lambda u, v: trigamma(u))
+digamma: Callable[[Tensor], Tensor] = _elementwise(
+    "digamma", torch.special.digamma, lambda u, v: trigamma(u)
+)
 
 
 def _gamma_sign(u: Tensor) -> Tensor:
@@ -267,17 +276,24 @@ def _erfcx_derivative(u: Tensor, v: Tensor) -> Tensor:
     return torch.where(large, asymptotic, 2.0 * u * v - _TWO_OVER_SQRT_PI)
 
 
-erfcx = _elementwise("erfcx", torch.special.erfcx, _erfcx_derivative)
+erfcx: Callable[[Tensor], Tensor] = _elementwise("erfcx", torch.special.erfcx, _erfcx_derivative)
 
 # --- logistic, exponential and friends -----------------------------------------------------
 
-sigmoid = _elementwise("sigmoid", torch.sigmoid, lambda u, v: v * torch.sigmoid(-u))
-expm1 = _elementwise("expm1", torch.expm1, lambda u, v: torch.exp(u))
+sigmoid: Callable[[Tensor], Tensor] = _elementwise(
+    "sigmoid", torch.sigmoid, lambda u, v: v * torch.sigmoid(-u)
+)
+expm1: Callable[[Tensor], Tensor] = _elementwise("expm1", torch.expm1, lambda u, v: torch.exp(u))
 
 
-def softplus(u: Tensor) -> Tensor:
-    """log(1 + exp(u)) = max(u, 0) + log1p(exp(-|u|)); derivative sigmoid(u)."""
+def _softplus(u: Tensor) -> Tensor:
+    # log(1 + exp(u)) = max(u, 0) + log1p(exp(-|u|)), accurate in both tails
     return torch.clamp(u, min=0) + torch.log1p(torch.exp(-u.abs()))
+
+
+softplus: Callable[[Tensor], Tensor] = _elementwise(
+    "softplus", _softplus, lambda u, v: torch.sigmoid(u)
+)
 
 
 def _sin_pi(u: Tensor) -> Tensor:
@@ -291,7 +307,7 @@ def _sin_pi(u: Tensor) -> Tensor:
 def _cos_pi(u: Tensor) -> Tensor:
     n = torch.round(u)
     odd = torch.remainder(n, 2.0) == 1.0
-    c = torch.cos(math.pi * (u - n))
+    c = torch.sin(math.pi * (0.5 - (u - n).abs()))  # cos(pi r) = sin(pi (1/2 - |r|)): 0 at 1/2
     return torch.where(odd, -c, c)
 
 
@@ -318,19 +334,23 @@ def _sinc_derivative(u: Tensor, v: Tensor) -> Tensor:
     return torch.where(small, math.pi * z * series, formula)
 
 
-sinc = _elementwise("sinc", _sinc, _sinc_derivative)
+sinc: Callable[[Tensor], Tensor] = _elementwise("sinc", _sinc, _sinc_derivative)
 
 
 def _cbrt(u: Tensor) -> Tensor:
-    return torch.sign(u) * u.abs().pow(1.0 / 3.0)
+    y = torch.sign(u) * u.abs().pow(1.0 / 3.0)
+    # one Newton step: pow's rounded exponent 1/3 costs up to 1e-14 at extreme |u|
+    finite = torch.isfinite(y) & (y != 0)
+    safe = torch.where(finite, y, torch.ones_like(y))
+    return torch.where(finite, safe - (safe - u / (safe * safe)) / 3.0, y)
 
 
-cbrt = _elementwise("cbrt", _cbrt, lambda u, v: 1.0 / (3.0 * v * v))
+cbrt: Callable[[Tensor], Tensor] = _elementwise("cbrt", _cbrt, lambda u, v: 1.0 / (3.0 * v * v))
 
 
 def heaviside(u: Tensor) -> Tensor:
     """0 below 0, 1 above, 1/2 at 0 (NaN stays NaN); derivative 0."""
-    return 0.5 * (torch.sign(u) + 1.0)
+    return torch.where(torch.isnan(u), u, 0.5 * (torch.sign(u) + 1.0))
 
 
 # --- selections: the selected argument's derivative -----------------------------------------

@@ -181,7 +181,7 @@ def _sin_pi(u: Any) -> Any:
 
 def _cos_pi(u: Any) -> Any:
     n = np.round(u)
-    c = np.cos(math.pi * (u - n))
+    c = np.sin(math.pi * (0.5 - np.abs(u - n)))  # cos(pi r), exactly 0 at r = 1/2
     return np.where(np.remainder(n, 2.0) == 1.0, -c, c)
 
 
