@@ -106,7 +106,7 @@ def test_every_function_has_a_derivative():
         # and forward mode, as the LM core's jacfwd computes it
         xt = torch.tensor(X)
         theta = torch.tensor([VALUES["a"], VALUES["c"]], dtype=torch.float64)
-        fwd = torch.func.jacfwd(lambda t, e=e: e(xt, {"a": t[0], "c": t[1]}))(theta)
+        fwd = torch.func.jacfwd(lambda t, e=e, xt=xt: e(xt, {"a": t[0], "c": t[1]}))(theta)
         np.testing.assert_allclose(jac, fwd.numpy(), rtol=1e-12, atol=1e-14, err_msg=name)
 
 
