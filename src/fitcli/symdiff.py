@@ -158,19 +158,24 @@ def _load_special() -> None:
             "log1p": _one(np.log1p, lambda u, v: 1.0 / (1.0 + u)),
             "expm1": _one(np.expm1, lambda u, v: np.exp(u)),
             "sinc": _one(_sinc, _sinc_derivative),
-            "atan2": NumpyFunction(
-                np.arctan2,
-                (
-                    lambda y, x, v: x / (x * x + y * y),
-                    lambda y, x, v: -y / (x * x + y * y),
-                ),
-            ),
+            "atan2": NumpyFunction(np.arctan2, (_atan2_dy, _atan2_dx)),
             "hypot": NumpyFunction(np.hypot, (lambda a, b, v: a / v, lambda a, b, v: b / v)),
             "heaviside": _one(lambda u: 0.5 * (np.sign(u) + 1.0), lambda u, v: np.zeros_like(u)),
         }
     )
     FUNCTIONS["expit"] = FUNCTIONS["sigmoid"]
     _loaded = True
+
+
+def _atan2_dy(y: Any, x: Any, v: Any) -> Any:
+    # x / (x^2 + y^2), and 0 at the origin, as torch's autograd
+    r2 = x * x + y * y
+    return np.where(r2 == 0, 0.0, x / np.where(r2 == 0, 1.0, r2))
+
+
+def _atan2_dx(y: Any, x: Any, v: Any) -> Any:
+    r2 = x * x + y * y
+    return np.where(r2 == 0, 0.0, -y / np.where(r2 == 0, 1.0, r2))
 
 
 def _sin_pi(u: Any) -> Any:
