@@ -24,7 +24,7 @@ from pydantic_core import PydanticCustomError
 
 from fitcli.config.yaml_safe import Loc
 from fitcli.errors import ExpressionError
-from fitcli.expr import CONSTANT_MEANINGS
+from fitcli.expr import name_taken, rename_hint
 from fitcli.losses import NAMES as _LOSS_NAMES
 from fitcli.losses import problems as _loss_problems
 
@@ -331,13 +331,13 @@ class ModelSpec(_Section):
                     (("expr",), "has no parameters to fit; use names other than x, pi and e")
                 )
             for key in params if isinstance(params, dict) else ():
-                if key in CONSTANT_MEANINGS:  # `e` and `pi` in an expression are the constants
+                taken = name_taken(key)  # `e`, `pi`, `erf` ... in an expression are not names
+                if taken is not None:
                     problems.append(
                         (
                             ("params", key),
-                            f"{key!r} is {CONSTANT_MEANINGS[key]} in expressions, not a "
-                            f"parameter; name the parameter otherwise (e.g. {key}0) in "
-                            "model.expr and model.params",
+                            f"{taken}, not a parameter; {rename_hint(key)}, in model.expr "
+                            "and model.params",
                         )
                     )
                 elif key not in names:
