@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fitcli import shapes as _shapes
 from fitcli.errors import ExpressionError
 
 if TYPE_CHECKING:
@@ -48,6 +49,10 @@ MAX_INT_DIGITS = 30
 """Longest accepted integer literal, in decimal digits."""
 MAX_LITERAL = 1e300
 """Largest accepted absolute value of a numeric literal."""
+MAX_EXPANDED = 50_000
+"""Most nodes of the checked tree once lineshape calls are expanded into their formulas."""
+MAX_EXPANDED_DEPTH = 400
+"""Deepest nesting of the checked tree once lineshape calls are expanded."""
 
 # Function name in expressions -> attribute of the torch module.
 _TORCH_NAMES: dict[str, str] = {
@@ -262,8 +267,17 @@ def parse_expression(
 class _Checker:
     """One validation pass: bounds first (iteratively), then the allowlist (recursively)."""
 
-    def __init__(self, source: str, base: int, allow_params: bool, what: str) -> None:
+    def __init__(
+        self,
+        source: str,
+        base: int,
+        allow_params: bool,
+        what: str,
+        local: tuple[str, ...] = (),
+    ) -> None:
         self.source = source
+        self.local = frozenset(local)  # a lineshape formula's argument names (x among them)
+        self.sizes: dict[int, tuple[_Node, int, int]] = {}  # id -> (node, size, depth) memo
         self.base = base  # leading whitespace stripped before parsing
         self.allow_params = allow_params
         self.what = what
@@ -296,7 +310,13 @@ class _Checker:
             raise ExpressionError(f"{self.what} is too complex to parse", self.source) from None
         body = tree.body
         self.check_bounds(body)
-        return self.visit(body)
+        root = self.visit(body)
+        if self.sizes and self.measure(root)[0] > MAX_EXPANDED:  # lineshapes were expanded
+            raise self.error(
+                f"{self.what} is too large once its lineshapes are expanded (more than "
+                f"{MAX_EXPANDED} nodes)"
+            )
+        return root
 
     def check_bounds(self, root: ast.expr) -> None:
         """Count nodes and measure depth without recursion (the tree may be arbitrarily deep)."""
@@ -354,6 +374,9 @@ class _Checker:
 
     def visit_Name(self, node: ast.Name) -> _Node:
         name = node.id
+        if name in self.local:
+            self.params.setdefault(name, None)
+            return ("param", name)
         if name == "x":
             self.uses_x = True
             return ("x",)
@@ -361,6 +384,13 @@ class _Checker:
             return ("num", CONSTANTS[name])
         if name in FUNCTION_NAMES:
             raise self.error(f"function '{name}' must be called, e.g. {name}(x)", node)
+        if name in _shapes.SHAPES:
+            raise self.error(
+                f"'{name}' is the name of a lineshape, "
+                f"{_shapes.signature(_shapes.SHAPES[name])}; call it, or rename the parameter "
+                f"(e.g. '{name}_1')",
+                node,
+            )
         if name.startswith("_"):
             raise self.error(f"name '{name}' is not allowed (names may not start with '_')", node)
         if not self.allow_params:
@@ -411,6 +441,8 @@ class _Checker:
                 f"only named functions can be called; allowed: {_ALLOWED_FUNCTIONS}", func
             )
         name = func.id
+        if name in _shapes.SHAPES:
+            return self.visit_shape(_shapes.SHAPES[name], node)
         if name not in FUNCTION_NAMES:
             raise self.error(f"unknown function '{name}'; allowed: {_ALLOWED_FUNCTIONS}", func)
         for keyword in node.keywords:
@@ -421,6 +453,110 @@ class _Checker:
         if len(node.args) != 1:
             raise self.error(f"{name}() takes exactly one argument ({len(node.args)} given)", node)
         return ("call", _TORCH_NAMES[name], self.visit(node.args[0]))
+
+    def visit_shape(self, shape: _shapes.Shape, node: ast.Call) -> _Node:
+        """A lineshape call: its formula's tree with the argument trees in place of its names."""
+        for keyword in node.keywords:
+            raise self.error(f"keyword arguments are not allowed in {shape.name}()", keyword)
+        for arg in node.args:
+            if isinstance(arg, ast.Starred):
+                raise self.error("starred arguments are not allowed", arg)
+        given, total = len(node.args), len(shape.args)
+        if not shape.required <= given <= total:
+            count = f"{total}" if shape.required == total else f"{shape.required} to {total}"
+            raise self.error(
+                f"{_shapes.signature(shape)} takes {count} arguments ({given} given)", node
+            )
+        tree, defaults = _shape_trees(shape.name)
+        bound: dict[str, _Node] = {}
+        for name, arg in zip(shape.args, node.args, strict=False):
+            bound[name] = self.visit(arg)
+        for name in shape.args[given:]:
+            bound[name] = _substitute(defaults[name], bound)
+        expanded = _substitute(tree, bound)
+        size, depth = self.measure(expanded)
+        if size > MAX_EXPANDED:
+            raise self.error(
+                f"{self.what} is too large once its lineshapes are expanded (more than "
+                f"{MAX_EXPANDED} nodes); nest fewer shapes inside shapes' arguments",
+                node,
+            )
+        if depth > MAX_EXPANDED_DEPTH:
+            raise self.error(
+                f"{self.what} is nested too deeply once its lineshapes are expanded (more than "
+                f"{MAX_EXPANDED_DEPTH} levels); nest fewer shapes inside shapes' arguments",
+                node,
+            )
+        return expanded
+
+    def measure(self, root: _Node) -> tuple[int, int]:
+        """Nodes and depth of a checked tree, counting a shared subtree at every use (as the
+        compilers evaluate it); memoised, so measuring a tree made of measured ones is cheap."""
+        memo = self.sizes
+        hit = memo.get(id(root))
+        if hit is not None and hit[0] is root:
+            return hit[1], hit[2]
+        size, depth = 1, 0
+        for child in _children(root):
+            s, d = self.measure(child)
+            size += s
+            depth = max(depth, d)
+        memo[id(root)] = (root, size, depth + 1)
+        return size, depth + 1
+
+
+def _children(node: _Node) -> list[_Node]:
+    """The subtrees of a checked-tree node (any tuple inside it that starts with a tag)."""
+    found: list[_Node] = []
+    stack = list(node[1:])
+    while stack:
+        item = stack.pop()
+        if isinstance(item, tuple) and item:
+            if isinstance(item[0], str):
+                found.append(item)
+            else:
+                stack.extend(item)  # an argument list, a chain's (op, node) pairs
+    return found
+
+
+def _substitute(node: _Node, bound: Mapping[str, _Node]) -> _Node:
+    """`node` with each ``("param", name)`` of `bound` replaced by its tree (shared, not copied)."""
+    if node[0] == "param":
+        return bound.get(node[1], node)
+    return tuple(_substitute_item(item, bound) for item in node)
+
+
+def _substitute_item(item: Any, bound: Mapping[str, _Node]) -> Any:
+    if isinstance(item, tuple) and item:
+        if isinstance(item[0], str):
+            return _substitute(item, bound)
+        return tuple(_substitute_item(i, bound) for i in item)
+    return item
+
+
+_SHAPE_TREES: dict[str, tuple[_Node, dict[str, _Node]]] = {}
+
+
+def _shape_trees(name: str) -> tuple[_Node, dict[str, _Node]]:
+    """Lineshape `name`'s formula and defaults as checked trees over its argument names, parsed
+    once. A formula may call other lineshapes (pvoigt calls gaussian and lorentzian)."""
+    cached = _SHAPE_TREES.get(name)
+    if cached is not None:
+        return cached
+    shape = _shapes.SHAPES[name]
+    what = f"lineshape {name}"
+    tree = _Checker(shape.formula, 0, True, what, shape.args).parse(shape.formula)
+    defaults: dict[str, _Node] = {}
+    for k, arg in enumerate(shape.args):
+        if arg in shape.defaults:
+            default = shape.defaults[arg]
+            if isinstance(default, str):
+                checker = _Checker(default, 0, True, what, shape.args[:k])
+                defaults[arg] = checker.parse(default)
+            else:
+                defaults[arg] = ("num", float(default))
+    _SHAPE_TREES[name] = (tree, defaults)
+    return tree, defaults
 
 
 def _article(noun: str) -> str:
