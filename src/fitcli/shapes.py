@@ -28,10 +28,24 @@ Pure Python, no torch or numpy: `fitcli.expr` parses each formula once and expan
 
 from __future__ import annotations
 
+import difflib
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-__all__ = ["ROLE_KINDS", "SHAPES", "TINY", "UNAVAILABLE", "Role", "Shape", "signature"]
+from fitcli.errors import InputError
+
+__all__ = [
+    "ROLE_KINDS",
+    "SHAPES",
+    "TINY",
+    "UNAVAILABLE",
+    "Role",
+    "Shape",
+    "describe",
+    "lookup",
+    "signature",
+]
 
 TINY = 1e-15
 """lmfit's ``tiny``: the floor of widths and divisors, written into formulas as a literal."""
@@ -822,3 +836,34 @@ UNAVAILABLE: dict[str, str] = {
     "gaussian2d": "needs a second independent variable (y), which expressions do not have yet",
 }
 """lmfit lineshapes fitcli does not provide yet, with why."""
+
+
+def lookup(name: str) -> Shape:
+    """The lineshape called `name`; an unknown name is an `InputError` with close matches."""
+    shape = SHAPES.get(name)
+    if shape is not None:
+        return shape
+    if name in UNAVAILABLE:
+        raise InputError(f"lineshape {name!r} is not available yet: it {UNAVAILABLE[name]}")
+    close = difflib.get_close_matches(name, list(SHAPES), n=3, cutoff=0.6)
+    hint = (
+        f"did you mean {' or '.join(repr(c) for c in close)}?"
+        if close
+        else "`fitcli shapes` lists them"
+    )
+    raise InputError(f"unknown lineshape {name!r}; {hint}")
+
+
+def describe(shape: Shape) -> dict[str, Any]:
+    """A lineshape as plain data (what `fitcli shapes --json` prints)."""
+    return {
+        "name": shape.name,
+        "signature": signature(shape),
+        "summary": shape.summary,
+        "doc": shape.doc,
+        "args": list(shape.args),
+        "defaults": dict(shape.defaults),
+        "formula": shape.formula,
+        "roles": {arg: asdict(role) for arg, role in shape.roles.items()},
+        "source": shape.source,
+    }
