@@ -127,6 +127,15 @@ To add one: an entry here, its torch code where ``torch`` points, and its numpy 
 partial derivatives in `fitcli.symdiff`'s table under the same name.
 """
 
+# Pearson IV's normalisation (the lineshape pearson4) needs log|Gamma| of a complex argument.
+FUNCTION_TABLE["loggamma_re"] = Function(
+    "loggamma_re",
+    ("a", "b"),
+    "fitcli.loggamma.loggamma_re",
+    "log|Gamma(a + i b)|, the real part of the complex log-gamma function",
+    "gamma",
+)
+
 FUNCTION_NAMES: frozenset[str] = frozenset(FUNCTION_TABLE)
 """Names callable in an expression; known without importing torch."""
 

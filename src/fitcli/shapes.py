@@ -269,7 +269,7 @@ def _build() -> tuple[Shape, ...]:
             (*x3, "expon", "skew"),
             {**_D, "expon": 1.0, "skew": 0.0},
             f"amplitude / max({_T}, sigma) * exp("
-            f"2*(lgamma_re(max({_T}, expon), skew/2) - lgamma(max({_T}, expon)))"
+            f"2*(loggamma_re(max({_T}, expon), skew/2) - lgamma(max({_T}, expon)))"
             f" - (lgamma(max({_T}, expon) - 0.5) + lgamma(0.5) - lgamma(max({_T}, expon)))"
             f" - max({_T}, expon)*log1p(((x - center) / max({_T}, sigma))**2)"
             f" - skew*atan((x - center) / max({_T}, sigma)))",
