@@ -263,8 +263,8 @@ def test_voigt_gamma_defaults_to_sigma():
         ("gaussian()", "gaussian(x, amplitude=1, center=0, sigma=1) takes 1 to 4 arguments (0"),
         ("linear(x, 1, 2, 3)", "linear(x, slope=1, intercept=0) takes 1 to 3 arguments (4 given)"),
         ("gaussian(x, sigma=s)", "keyword arguments are not allowed in gaussian()"),
-        ("gaussian * x", "'gaussian' is the name of a lineshape"),
-        ("a * voigt + 1", "rename the parameter"),
+        ("gaussian * x", "lineshape 'gaussian' must be called, as gaussian(x, amplitude=1,"),
+        ("a * voigt + 1", "'voigt' is taken: name the parameter otherwise, e.g. voigt_"),
     ],
 )
 def test_bad_shape_calls_are_refused(source, message):
