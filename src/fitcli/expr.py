@@ -739,6 +739,26 @@ class _Checker:
         memo[id(root)] = (root, size, depth + 1)
         return size, depth + 1
 
+    def visit_Compare(self, node: ast.Compare) -> _Node:
+        raise self.error(
+            "a comparison is allowed only as the first argument of where(cond, a, b)", node
+        )
+
+    def condition(self, node: ast.Compare) -> _Node:
+        """``lo < x <= hi`` -> ("cmp", first, ((op, node), ...)): every link must hold."""
+        for op in node.ops:
+            if type(op) not in _COMPARISONS:
+                symbol = _COMPARISON_SYMBOLS.get(type(op), type(op).__name__)
+                raise self.error(
+                    f"operator '{symbol}' is not allowed in a condition; use < <= > >=", node
+                )
+        first = self.visit(node.left)
+        links = tuple(
+            (_COMPARISONS[type(op)], self.visit(right))
+            for op, right in zip(node.ops, node.comparators, strict=True)
+        )
+        return ("cmp", first, links)
+
 
 def _children(node: _Node) -> list[_Node]:
     """The subtrees of a checked-tree node (any tuple inside it that starts with a tag)."""
@@ -792,26 +812,6 @@ def _shape_trees(name: str) -> tuple[_Node, dict[str, _Node]]:
                 defaults[arg] = ("num", float(default))
     _SHAPE_TREES[name] = (tree, defaults)
     return tree, defaults
-
-    def visit_Compare(self, node: ast.Compare) -> _Node:
-        raise self.error(
-            "a comparison is allowed only as the first argument of where(cond, a, b)", node
-        )
-
-    def condition(self, node: ast.Compare) -> _Node:
-        """``lo < x <= hi`` -> ("cmp", first, ((op, node), ...)): every link must hold."""
-        for op in node.ops:
-            if type(op) not in _COMPARISONS:
-                symbol = _COMPARISON_SYMBOLS.get(type(op), type(op).__name__)
-                raise self.error(
-                    f"operator '{symbol}' is not allowed in a condition; use < <= > >=", node
-                )
-        first = self.visit(node.left)
-        links = tuple(
-            (_COMPARISONS[type(op)], self.visit(right))
-            for op, right in zip(node.ops, node.comparators, strict=True)
-        )
-        return ("cmp", first, links)
 
 
 def _article(noun: str) -> str:
