@@ -14,6 +14,7 @@ training loop costs about what the hand-written torch code costs.
 from __future__ import annotations
 
 import ast
+import importlib
 import math
 import operator
 import warnings
@@ -31,10 +32,12 @@ __all__ = [
     "CONSTANT_MEANINGS",
     "FUNCTIONS",
     "FUNCTION_NAMES",
+    "FUNCTION_TABLE",
     "MAX_DEPTH",
     "MAX_LENGTH",
     "MAX_NODES",
     "Expression",
+    "Function",
     "parse_expression",
 ]
 
@@ -49,29 +52,77 @@ MAX_INT_DIGITS = 30
 MAX_LITERAL = 1e300
 """Largest accepted absolute value of a numeric literal."""
 
-# Function name in expressions -> attribute of the torch module.
-_TORCH_NAMES: dict[str, str] = {
-    "sin": "sin",
-    "cos": "cos",
-    "tan": "tan",
-    "arcsin": "asin",
-    "arccos": "acos",
-    "arctan": "atan",
-    "asin": "asin",
-    "acos": "acos",
-    "atan": "atan",
-    "sinh": "sinh",
-    "cosh": "cosh",
-    "tanh": "tanh",
-    "exp": "exp",
-    "log": "log",
-    "log10": "log10",
-    "log2": "log2",
-    "sqrt": "sqrt",
-    "abs": "abs",
-}
 
-FUNCTION_NAMES: frozenset[str] = frozenset(_TORCH_NAMES)
+@dataclass(frozen=True)
+class Function:
+    """One function callable in expressions: its name, arguments, meaning and torch code.
+
+    ``torch`` is where its torch implementation lives, as ``"module.attribute"`` (``"torch.sin"``,
+    ``"fitcli.special.erfcx"``); it is imported on first evaluation, so parsing never imports
+    torch. The implementation takes tensors, one per argument (a variadic function any number
+    of them, at least ``len(args)``), and returns a tensor of their broadcast shape; it must be
+    differentiable by autograd (a custom ``torch.autograd.Function`` where torch has no exact
+    backward). `fitcli.symdiff` holds the numpy value and the partial derivatives under the
+    same name.
+    """
+
+    name: str
+    args: tuple[str, ...]
+    torch: str
+    meaning: str
+    group: str
+    variadic: bool = False
+    """The last argument may repeat: ``max(a, b, ...)``."""
+    notes: str = ""
+
+    @property
+    def min_args(self) -> int:
+        return len(self.args)
+
+    @property
+    def max_args(self) -> int | None:
+        return None if self.variadic else len(self.args)
+
+    @property
+    def signature(self) -> str:
+        return f"{self.name}({', '.join(self.args)}{', ...' if self.variadic else ''})"
+
+
+def _functions(*entries: Function) -> dict[str, Function]:
+    return {f.name: f for f in entries}
+
+
+def _unary(names: str, torch: str, meaning: str, group: str, notes: str = "") -> list[Function]:
+    """One entry per name in ``names`` (aliases separated by spaces), all with one argument u."""
+    return [Function(n, ("u",), torch, meaning, group, notes=notes) for n in names.split()]
+
+
+_ELEMENTARY = "elementary"
+
+FUNCTION_TABLE: dict[str, Function] = _functions(
+    *_unary("sin", "torch.sin", "sine", _ELEMENTARY),
+    *_unary("cos", "torch.cos", "cosine", _ELEMENTARY),
+    *_unary("tan", "torch.tan", "tangent", _ELEMENTARY),
+    *_unary("asin arcsin", "torch.asin", "inverse sine", _ELEMENTARY),
+    *_unary("acos arccos", "torch.acos", "inverse cosine", _ELEMENTARY),
+    *_unary("atan arctan", "torch.atan", "inverse tangent", _ELEMENTARY),
+    *_unary("sinh", "torch.sinh", "hyperbolic sine", _ELEMENTARY),
+    *_unary("cosh", "torch.cosh", "hyperbolic cosine", _ELEMENTARY),
+    *_unary("tanh", "torch.tanh", "hyperbolic tangent", _ELEMENTARY),
+    *_unary("exp", "torch.exp", "exponential", _ELEMENTARY),
+    *_unary("log", "torch.log", "natural logarithm", _ELEMENTARY),
+    *_unary("log10", "torch.log10", "base-10 logarithm", _ELEMENTARY),
+    *_unary("log2", "torch.log2", "base-2 logarithm", _ELEMENTARY),
+    *_unary("sqrt", "torch.sqrt", "square root", _ELEMENTARY),
+    *_unary("abs", "torch.abs", "absolute value", _ELEMENTARY, "derivative sign(u), 0 at 0"),
+)
+"""Every function callable in an expression, by name (aliases are entries of their own).
+
+To add one: an entry here, its torch code where ``torch`` points, and its numpy value and
+partial derivatives in `fitcli.symdiff`'s table under the same name.
+"""
+
+FUNCTION_NAMES: frozenset[str] = frozenset(FUNCTION_TABLE)
 """Names callable in an expression; known without importing torch."""
 
 CONSTANTS: dict[str, float] = {"pi": math.pi, "e": math.e}
@@ -139,7 +190,8 @@ _OPS: dict[type, Callable[[Any, Any], Any]] = {
 
 # The checked tree ("IR") is made of plain tuples, flattened so that + - and * / chains are one
 # level each (a long sum must not become a deep recursion):
-#   ("num", value) | ("x",) | ("param", name) | ("neg", node) | ("call", torch_name, node)
+#   ("num", value) | ("x",) | ("param", name) | ("neg", node)
+#   ("call", name, (node, ...))   name: a key of FUNCTION_TABLE, one node per argument
 #   ("pow", base, exponent) | ("chain", first, ((op, node), ...))   with op in _OPS values
 _Node = tuple
 
@@ -411,16 +463,22 @@ class _Checker:
                 f"only named functions can be called; allowed: {_ALLOWED_FUNCTIONS}", func
             )
         name = func.id
-        if name not in FUNCTION_NAMES:
+        function = FUNCTION_TABLE.get(name)
+        if function is None:
             raise self.error(f"unknown function '{name}'; allowed: {_ALLOWED_FUNCTIONS}", func)
         for keyword in node.keywords:
             raise self.error(f"keyword arguments are not allowed in {name}()", keyword)
         for arg in node.args:
             if isinstance(arg, ast.Starred):
                 raise self.error("starred arguments are not allowed", arg)
-        if len(node.args) != 1:
-            raise self.error(f"{name}() takes exactly one argument ({len(node.args)} given)", node)
-        return ("call", _TORCH_NAMES[name], self.visit(node.args[0]))
+        given, least, most = len(node.args), function.min_args, function.max_args
+        if given < least or (most is not None and given > most):
+            if most is None:
+                count = f"at least {least} arguments"
+            else:
+                count = f"{least} argument{'s' if least != 1 else ''}"
+            raise self.error(f"{function.signature} takes {count} ({given} given)", node)
+        return ("call", name, tuple(self.visit(arg) for arg in node.args))
 
 
 def _article(noun: str) -> str:
@@ -456,8 +514,7 @@ def _load_torch() -> Any:
 def __getattr__(name: str) -> Any:
     # FUNCTIONS maps names to torch functions; building it imports torch, so do it on first use.
     if name == "FUNCTIONS":
-        torch = _load_torch()
-        functions = {key: getattr(torch, attr) for key, attr in _TORCH_NAMES.items()}
+        functions = {name: _torch_function(name) for name in FUNCTION_TABLE}
         globals()["FUNCTIONS"] = functions
         return functions
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -465,6 +522,19 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     FUNCTIONS: dict[str, Callable[..., Any]]
+
+_RESOLVED: dict[str, Callable[..., Any]] = {}
+
+
+def _torch_function(name: str) -> Callable[..., Any]:
+    """The torch implementation of function `name`, imported where its table entry says."""
+    fn = _RESOLVED.get(name)
+    if fn is None:
+        _load_torch()
+        module, _, attr = FUNCTION_TABLE[name].torch.rpartition(".")
+        fn = getattr(importlib.import_module(module), attr)
+        _RESOLVED[name] = fn
+    return fn
 
 
 def _compile(tree: _Node) -> Callable[[Any, Mapping[str, Any]], Any]:
@@ -496,8 +566,18 @@ def _compile_node(node: _Node) -> tuple[str, Any]:
         f = _as_fn(*_compile_node(node[1]))
         return ("fn", lambda x, p: -f(x, p))
     if tag == "call":
-        fn = getattr(_torch, node[1])
-        kind, value = _compile_node(node[2])
+        fn = _torch_function(node[1])
+        args = node[2]
+        if len(args) != 1:
+            fns = tuple(_as_fn(*_compile_node(arg)) for arg in args)
+            if len(fns) == 2:
+                f0, f1 = fns
+                return ("fn", lambda x, p: fn(f0(x, p), f1(x, p)))
+            if len(fns) == 3:
+                f0, f1, f2 = fns
+                return ("fn", lambda x, p: fn(f0(x, p), f1(x, p), f2(x, p)))
+            return ("fn", lambda x, p: fn(*[f(x, p) for f in fns]))
+        kind, value = _compile_node(args[0])
         if kind == "x":
             return ("fn", lambda x, p: fn(x))
         if kind == "param":
