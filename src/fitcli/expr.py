@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fitcli import shapes as _shapes
 from fitcli.errors import ExpressionError
 
 if TYPE_CHECKING:
@@ -54,6 +55,10 @@ MAX_INT_DIGITS = 30
 """Longest accepted integer literal, in decimal digits."""
 MAX_LITERAL = 1e300
 """Largest accepted absolute value of a numeric literal."""
+MAX_EXPANDED = 50_000
+"""Most nodes of the checked tree once lineshape calls are expanded into their formulas."""
+MAX_EXPANDED_DEPTH = 400
+"""Deepest nesting of the checked tree once lineshape calls are expanded."""
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,15 @@ FUNCTION_TABLE: dict[str, Function] = _functions(
 To add one: an entry here, its torch code where ``torch`` points, and its numpy value and
 partial derivatives in `fitcli.symdiff`'s table under the same name.
 """
+
+# Pearson IV's normalisation (the lineshape pearson4) needs log|Gamma| of a complex argument.
+FUNCTION_TABLE["loggamma_re"] = Function(
+    "loggamma_re",
+    ("a", "b"),
+    "fitcli.loggamma.loggamma_re",
+    "log|Gamma(a + i b)|, the real part of the complex log-gamma function",
+    "gamma",
+)
 
 FUNCTION_NAMES: frozenset[str] = frozenset(FUNCTION_TABLE)
 """Names callable in an expression; known without importing torch."""
@@ -465,8 +479,17 @@ def parse_expression(
 class _Checker:
     """One validation pass: bounds first (iteratively), then the allowlist (recursively)."""
 
-    def __init__(self, source: str, base: int, allow_params: bool, what: str) -> None:
+    def __init__(
+        self,
+        source: str,
+        base: int,
+        allow_params: bool,
+        what: str,
+        local: tuple[str, ...] = (),
+    ) -> None:
         self.source = source
+        self.local = frozenset(local)  # a lineshape formula's argument names (x among them)
+        self.sizes: dict[int, tuple[_Node, int, int]] = {}  # id -> (node, size, depth) memo
         self.base = base  # leading whitespace stripped before parsing
         self.allow_params = allow_params
         self.what = what
@@ -499,7 +522,13 @@ class _Checker:
             raise ExpressionError(f"{self.what} is too complex to parse", self.source) from None
         body = tree.body
         self.check_bounds(body)
-        return self.visit(body)
+        root = self.visit(body)
+        if self.sizes and self.measure(root)[0] > MAX_EXPANDED:  # lineshapes were expanded
+            raise self.error(
+                f"{self.what} is too large once its lineshapes are expanded (more than "
+                f"{MAX_EXPANDED} nodes)"
+            )
+        return root
 
     def check_bounds(self, root: ast.expr) -> None:
         """Count nodes and measure depth without recursion (the tree may be arbitrarily deep)."""
@@ -557,6 +586,9 @@ class _Checker:
 
     def visit_Name(self, node: ast.Name) -> _Node:
         name = node.id
+        if name in self.local:
+            self.params.setdefault(name, None)
+            return ("param", name)
         if name == "x":
             self.uses_x = True
             return ("x",)
@@ -566,6 +598,13 @@ class _Checker:
             signature = FUNCTION_TABLE[name].signature
             raise self.error(
                 f"function '{name}' must be called, as {signature}; for a parameter, "
+                f"'{name}' is taken: {rename_hint(name)}",
+                node,
+            )
+        if name in _shapes.SHAPES:
+            signature = _shapes.signature(_shapes.SHAPES[name])
+            raise self.error(
+                f"lineshape '{name}' must be called, as {signature}; for a parameter, "
                 f"'{name}' is taken: {rename_hint(name)}",
                 node,
             )
@@ -619,6 +658,8 @@ class _Checker:
                 f"only named functions can be called; allowed: {_ALLOWED_FUNCTIONS}", func
             )
         name = func.id
+        if name in _shapes.SHAPES:
+            return self.visit_shape(_shapes.SHAPES[name], node)
         function = FUNCTION_TABLE.get(name)
         if function is None:
             close = difflib.get_close_matches(name, FUNCTION_NAMES, n=1)
@@ -648,6 +689,56 @@ class _Checker:
             return ("call", name, (self.condition(cond), *rest))
         return ("call", name, tuple(self.visit(arg) for arg in node.args))
 
+    def visit_shape(self, shape: _shapes.Shape, node: ast.Call) -> _Node:
+        """A lineshape call: its formula's tree with the argument trees in place of its names."""
+        for keyword in node.keywords:
+            raise self.error(f"keyword arguments are not allowed in {shape.name}()", keyword)
+        for arg in node.args:
+            if isinstance(arg, ast.Starred):
+                raise self.error("starred arguments are not allowed", arg)
+        given, total = len(node.args), len(shape.args)
+        if not shape.required <= given <= total:
+            count = f"{total}" if shape.required == total else f"{shape.required} to {total}"
+            raise self.error(
+                f"{_shapes.signature(shape)} takes {count} arguments ({given} given)", node
+            )
+        tree, defaults = _shape_trees(shape.name)
+        bound: dict[str, _Node] = {}
+        for name, arg in zip(shape.args, node.args, strict=False):
+            bound[name] = self.visit(arg)
+        for name in shape.args[given:]:
+            bound[name] = _substitute(defaults[name], bound)
+        expanded = _substitute(tree, bound)
+        size, depth = self.measure(expanded)
+        if size > MAX_EXPANDED:
+            raise self.error(
+                f"{self.what} is too large once its lineshapes are expanded (more than "
+                f"{MAX_EXPANDED} nodes); nest fewer shapes inside shapes' arguments",
+                node,
+            )
+        if depth > MAX_EXPANDED_DEPTH:
+            raise self.error(
+                f"{self.what} is nested too deeply once its lineshapes are expanded (more than "
+                f"{MAX_EXPANDED_DEPTH} levels); nest fewer shapes inside shapes' arguments",
+                node,
+            )
+        return expanded
+
+    def measure(self, root: _Node) -> tuple[int, int]:
+        """Nodes and depth of a checked tree, counting a shared subtree at every use (as the
+        compilers evaluate it); memoised, so measuring a tree made of measured ones is cheap."""
+        memo = self.sizes
+        hit = memo.get(id(root))
+        if hit is not None and hit[0] is root:
+            return hit[1], hit[2]
+        size, depth = 1, 0
+        for child in _children(root):
+            s, d = self.measure(child)
+            size += s
+            depth = max(depth, d)
+        memo[id(root)] = (root, size, depth + 1)
+        return size, depth + 1
+
     def visit_Compare(self, node: ast.Compare) -> _Node:
         raise self.error(
             "a comparison is allowed only as the first argument of where(cond, a, b)", node
@@ -667,6 +758,60 @@ class _Checker:
             for op, right in zip(node.ops, node.comparators, strict=True)
         )
         return ("cmp", first, links)
+
+
+def _children(node: _Node) -> list[_Node]:
+    """The subtrees of a checked-tree node (any tuple inside it that starts with a tag)."""
+    found: list[_Node] = []
+    stack = list(node[1:])
+    while stack:
+        item = stack.pop()
+        if isinstance(item, tuple) and item:
+            if isinstance(item[0], str):
+                found.append(item)
+            else:
+                stack.extend(item)  # an argument list, a chain's (op, node) pairs
+    return found
+
+
+def _substitute(node: _Node, bound: Mapping[str, _Node]) -> _Node:
+    """`node` with each ``("param", name)`` of `bound` replaced by its tree (shared, not copied)."""
+    if node[0] == "param":
+        return bound.get(node[1], node)
+    return tuple(_substitute_item(item, bound) for item in node)
+
+
+def _substitute_item(item: Any, bound: Mapping[str, _Node]) -> Any:
+    if isinstance(item, tuple) and item:
+        if isinstance(item[0], str):
+            return _substitute(item, bound)
+        return tuple(_substitute_item(i, bound) for i in item)
+    return item
+
+
+_SHAPE_TREES: dict[str, tuple[_Node, dict[str, _Node]]] = {}
+
+
+def _shape_trees(name: str) -> tuple[_Node, dict[str, _Node]]:
+    """Lineshape `name`'s formula and defaults as checked trees over its argument names, parsed
+    once. A formula may call other lineshapes (pvoigt calls gaussian and lorentzian)."""
+    cached = _SHAPE_TREES.get(name)
+    if cached is not None:
+        return cached
+    shape = _shapes.SHAPES[name]
+    what = f"lineshape {name}"
+    tree = _Checker(shape.formula, 0, True, what, shape.args).parse(shape.formula)
+    defaults: dict[str, _Node] = {}
+    for k, arg in enumerate(shape.args):
+        if arg in shape.defaults:
+            default = shape.defaults[arg]
+            if isinstance(default, str):
+                checker = _Checker(default, 0, True, what, shape.args[:k])
+                defaults[arg] = checker.parse(default)
+            else:
+                defaults[arg] = ("num", float(default))
+    _SHAPE_TREES[name] = (tree, defaults)
+    return tree, defaults
 
 
 def _article(noun: str) -> str:

@@ -77,6 +77,28 @@ FUNCTIONS: dict[str, NumpyFunction] = {
     "abs": _one(np.abs, lambda u, v: np.sign(u)),
 }
 """The numpy side of every function in `fitcli.expr.FUNCTION_TABLE`, by the same name."""
+
+
+def _loggamma_re(a: Any, b: Any) -> Any:
+    from scipy import special
+
+    return special.loggamma(a + 1j * b).real
+
+
+def _digamma_complex(a: Any, b: Any) -> Any:
+    from scipy import special
+
+    return special.psi(a + 1j * b)
+
+
+# log|Gamma(a + ib)| = Re log Gamma(z): d/da = Re psi(z), d/db = Re(i psi(z)) = -Im psi(z)
+FUNCTIONS["loggamma_re"] = NumpyFunction(
+    _loggamma_re,
+    (
+        lambda a, b, v: _digamma_complex(a, b).real,
+        lambda a, b, v: -_digamma_complex(a, b).imag,
+    ),
+)
 FUNCTIONS["arcsin"] = FUNCTIONS["asin"]
 FUNCTIONS["arccos"] = FUNCTIONS["acos"]
 FUNCTIONS["arctan"] = FUNCTIONS["atan"]
