@@ -96,9 +96,7 @@ def train(runner, raw: dict, tmp_path: Path, name: str = "run"):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     run = tmp_path / name
-    result = runner.invoke(
-        app, ["train", str(path), "--run-dir", str(run), "--progress", "none"]
-    )
+    result = runner.invoke(app, ["train", str(path), "--run-dir", str(run), "--progress", "none"])
     assert result.exit_code == 0, result.output
     return path, run
 

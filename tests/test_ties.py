@@ -50,7 +50,9 @@ def peaks_config(expr: str, params: dict, num: int = 120, **changes) -> dict:
 def fit(raw: dict):
     """Train a config in this process: (prepared run, summary fields of the error bars)."""
     prep = prepare(config_from_dict(raw))
-    result = train(prep.model, prep.stepper, epochs=prep.cfg.epochs, evaluate_loss=prep.evaluate_loss)
+    result = train(
+        prep.model, prep.stepper, epochs=prep.cfg.epochs, evaluate_loss=prep.evaluate_loss
+    )
     return prep, finish_stats(prep, result)
 
 

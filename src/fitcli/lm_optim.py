@@ -198,7 +198,9 @@ class NumpyModel(HostModel):
         free = [info for info in model.infos if info.free]
         self.free_names = [info.name for info in free]
         fixed = model.fixed.detach().to(torch.float64).tolist()
-        self.fixed = {info.name: fixed[k] for k, info in enumerate(i for i in model.infos if i.fixed)}
+        self.fixed = {
+            info.name: fixed[k] for k, info in enumerate(i for i in model.infos if i.fixed)
+        }
         # Ties in dependency order: (name, value and gradient over the names the tie mentions).
         self._ties = [
             (model.names[pos], tie.params, compile_jacobian(tie, tie.params))

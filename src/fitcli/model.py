@@ -104,7 +104,9 @@ class FitModel(torch.nn.Module):
         self.raw = torch.nn.Parameter(
             torch.tensor([to_internal(i, i.value) for i in free], dtype=dtype)
         )
-        self.register_buffer("fixed", torch.tensor([i.value for i in infos if i.fixed], dtype=dtype))
+        self.register_buffer(
+            "fixed", torch.tensor([i.value for i in infos if i.fixed], dtype=dtype)
+        )
         self._free_pos = [k for k, i in enumerate(infos) if i.free]
         self._fixed_pos = [k for k, i in enumerate(infos) if i.fixed]
         self.tied = {i.name: i.expr for i in infos if i.expr is not None}

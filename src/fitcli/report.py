@@ -131,7 +131,8 @@ def _params_table(run: Run) -> str:
     has_err = any(v is not None for v in err.values())
     head = "<tr><th>parameter</th><th>value</th>" + ("<th>± stderr</th>" if has_err else "")
     body = []
-    tied = s.get("tied") if isinstance(s.get("tied"), dict) else {}
+    tied = s.get("tied")
+    tied = tied if isinstance(tied, dict) else {}
     for n in run.names:
         label = f"{n} = {tied[n]}" if n in tied else n  # a tied parameter shows its tie
         cells = f"<td>{_e(label)}</td><td class=num>{_g(s['params'].get(n))}</td>"

@@ -376,7 +376,8 @@ class ModelSpec(_Section):
                 problems += tie_problems(names, params)
                 referenced = _tie_names(params)
             for key in params if isinstance(params, dict) else ():
-                tied = isinstance(params[key], dict) and params[key].get("expr") is not None
+                entry = params.get(key) if isinstance(params, dict) else None
+                tied = isinstance(entry, dict) and entry.get("expr") is not None
                 if key in CONSTANT_MEANINGS:  # `e` and `pi` in an expression are the constants
                     problems.append(
                         (
@@ -406,7 +407,7 @@ def _tie_names(params: dict) -> set[str]:
             try:
                 out.update(_parse(source, allow_params=True).params)
             except ExpressionError:
-                pass
+                continue  # reported at the entry itself
     return out
 
 

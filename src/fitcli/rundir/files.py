@@ -34,6 +34,8 @@ FIT_GRID = 1000  # points of the fitted curve in each snapshot (snapshots/epoch-
 def component_column(k: int) -> str:
     """The column of component k (0-based) in snapshots/epoch-N.csv: component_1, ..."""
     return f"component_{k + 1}"
+
+
 DATA_CSV_ROWS = 1 << 14  # rows of data.csv formatted at a time
 
 # What makes a directory a fitcli run directory: a summary.json that says so. Every summary

@@ -10,6 +10,7 @@ import contextlib
 import operator
 import platform
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -151,7 +152,7 @@ class RunWriter:
         ys = y_fit.tolist()
         if len(ys) != len(self._fit_rows):
             raise ValueError(f"fitted curve has {len(ys)} points, the grid {len(self.grid)}")
-        cells = map(repr, ys)
+        cells: Iterable[str] = map(repr, ys)
         head = "x,y_fit"
         if components:
             head += "".join(f",{files.component_column(k)}" for k in range(len(components)))
