@@ -391,7 +391,8 @@ class ModelSpec(_Section):
                     problems.append(
                         (
                             ("params", key),
-                            f"{key!r} does not appear in model.expr nor in any tie; "
+                            f"{key!r} does not appear in model.expr"
+                            + (" nor in any tie; " if referenced else "; ")
                             + _their_params(names),
                         )
                     )
