@@ -194,3 +194,24 @@ def test_a_sweep_of_a_tied_composed_model_is_what_train_writes(runner, tmp_path)
         summary = json.loads((ref / "summary.json").read_text())
         assert summary["tied"] == {"s2": "s1", "c2": "c1 + d"}
         assert summary["components"] == TEXTS
+
+
+def test_a_model_of_the_most_terms_is_stored_and_rebuilt(runner, tmp_path):
+    # 250 terms is what MAX_NODES allows: its fitted curves pass the snapshots' usual 4 MiB.
+    terms = 250
+    raw = {
+        **RAW,
+        "epochs": 2,
+        "snapshots": 1,
+        "model": {
+            "expr": " + ".join(f"p{k}" for k in range(terms)),
+            "params": {f"p{k}": 0.1234567890123 + k / 7 for k in range(terms)},
+        },
+        "optimizer": {"name": "Adam", "lr": 0.001},
+    }
+    _, run = train(runner, raw, tmp_path)
+    fit = run / "snapshots" / "epoch-2.csv"
+    assert fit.stat().st_size > 4 * 2**20
+    result = runner.invoke(app, ["plot", str(run)])
+    assert result.exit_code == 0, result.output
+    assert len(read_fit(fit)) == 2 + terms
