@@ -318,3 +318,18 @@ def test_resume_of_a_tied_run_ends_where_the_uninterrupted_run_ends(runner, tmp_
     assert a["params"] == b["params"] and a["stderr"] == b["stderr"]
     assert a["tied"] == b["tied"]
     assert (run / "metrics.csv").read_text().splitlines()[1:] != []
+
+
+def test_ties_evaluate_with_a_leading_run_dimension():
+    # What the batched sweep programs do: one row of free parameters per run.
+    params = {**START, **TIES, "total": {"expr": "a1*a2 + c2"}}
+    prep = prepare(config_from_dict(peaks_config(PEAKS, params)))
+    model, x = prep.model, prep.x
+    ext = torch.tensor([[2.0, 1.0, 0.5, 1.5, 0.3, 2.0], [1.0, -1.0, 0.7, 0.5, 0.0, 0.5]])
+    batched = model.full_vector(ext)
+    single = torch.stack([model.full_vector(row) for row in ext])
+    assert torch.equal(batched, single)
+    names = list(model.names)
+    assert batched[1, names.index("total")] == 1.0 * 0.5 + (-1.0 + 0.5)
+    yhat = model.predict_external(ext, x)
+    assert torch.equal(yhat, torch.stack([model.predict_external(row, x) for row in ext]))
