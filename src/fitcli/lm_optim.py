@@ -255,7 +255,8 @@ class NumpyModel(HostModel):
     def _tie_gradients(self, values: dict[str, Any]) -> dict[str, np.ndarray]:
         """d value / d free (external) of every free and tied parameter, by the chain rule."""
         p = len(self.free_names)
-        grads = {name: np.eye(p)[k] for k, name in enumerate(self.free_names)}
+        grads = {name: np.zeros(p) for name in self.fixed}
+        grads.update({name: np.eye(p)[k] for k, name in enumerate(self.free_names)})
         for name, mentions, tie in self._ties:
             _, jac = tie(_ONE, values)
             grads[name] = jac[0] @ np.array([grads[m] for m in mentions])
