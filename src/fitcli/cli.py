@@ -375,6 +375,56 @@ def plot(
 
 
 @app.command()
+def predict(
+    run_dir: Annotated[
+        Path, typer.Argument(help="The run directory whose fit to evaluate.", show_default=False)
+    ],
+    x: Annotated[
+        str | None,
+        typer.Option("--x", help="New points START:STOP:NUM, as numpy's linspace (0:10:101)."),
+    ] = None,
+    x_file: Annotated[
+        Path | None,
+        typer.Option("--x-file", help="New points from a table, its x column as in the config."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Write the columns as CSV here (never replaced)."),
+    ] = None,
+    band: Annotated[
+        float,
+        typer.Option("--band", help="Level of the confidence and prediction bands; 0: none."),
+    ] = 0.95,
+    json_out: Annotated[
+        bool, typer.Option("--json", help='Print {"x": [...], "fit": [...], bands} only.')
+    ] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Evaluate a run's fitted model at new points, with confidence and prediction bands.
+
+    Prints a table (or JSON with --json), or writes CSV with --out; the columns
+    are x, fit and, where the fit has error bars, conf_lower_95, conf_upper_95,
+    pred_lower_95 and pred_upper_95. Exit 0 done, 2 invalid input or not a run
+    directory.
+    """
+    from fitcli import console
+
+    with errors_to_exit(debug):
+        from fitcli.api import predict_run, write_prediction
+
+        columns, note = predict_run(run_dir, x=x, x_file=x_file, band=band or None)
+        if note is not None:
+            console.warn(f"no bands: {note}")
+        if out is not None:
+            write_prediction(out, columns)
+            console.plain_err(f"wrote {len(columns['x'])} points to {out}")
+        elif json_out:
+            console.print_json({k: v.tolist() for k, v in columns.items()})
+        else:
+            console.columns_table(columns)
+
+
+@app.command()
 def graph(
     config: ConfigArg,
     overrides: OverridesArg = None,

@@ -158,9 +158,24 @@ class Progress:
             self._plain_line(time.perf_counter())
 
 
-def summary_table(summary: dict) -> None:
-    """The end-of-run table on stdout: parameters (± standard error when known), loss, time."""
+def summary_text(summary: dict, *, width: int = 100) -> str:
+    """The end-of-run table (`summary_table`) as plain text, for `FitResult.report()`."""
+    import io
+
+    buffer = io.StringIO()
+    out = Console(
+        file=buffer, width=width, highlight=False, soft_wrap=True, color_system=None, emoji=False
+    )
+    summary_table(summary, out=out)
+    return buffer.getvalue()
+
+
+def summary_table(summary: dict, *, out: Console | None = None) -> None:
+    """The end-of-run table on stdout (or `out`): parameters (± standard error when known),
+    loss, time."""
     from rich.table import Table
+
+    out = stdout if out is None else out
 
     status = summary["status"]
     colour = {
@@ -202,7 +217,7 @@ def summary_table(summary: dict) -> None:
             row.append(f"{t:.8g}" if t is not None else "-")
             row.append(f"{d:+.2f}" if d is not None else "-")
         table.add_row(*map(_literal, row))
-    stdout.print(table, markup=True)
+    out.print(table, markup=True)
     loss = summary.get("final_loss")
     lines = [
         f"final loss  {loss:.8g}" if loss is not None else "final loss  -",
@@ -227,9 +242,33 @@ def summary_table(summary: dict) -> None:
         lines.append(f"error bars  {unc['status']}" + ("" if told else f": {why}"))
     if summary.get("reason"):
         lines.append(f"stopped     {summary['reason']}")
-    lines.append(f"run dir     {summary['run_dir']}")
+    if summary.get("run_dir") is not None:  # None: a fit in memory (the Python API)
+        lines.append(f"run dir     {summary['run_dir']}")
     for line in lines:
-        stdout.print(printable(line), markup=False, highlight=False, emoji=False)
+        out.print(printable(line), markup=False, highlight=False, emoji=False)
+
+
+def columns_table(columns: dict[str, Any]) -> None:
+    """`fitcli predict`: numeric columns side by side on stdout, 10 significant digits."""
+    from rich.table import Table
+
+    table = Table(show_edge=False, pad_edge=False)
+    for name in columns:
+        table.add_column(name, justify="right")
+    for row in zip(*(v.tolist() for v in columns.values()), strict=True):
+        table.add_row(*(f"{v:.10g}" for v in row))
+    _print_whole(table)
+
+
+def _print_whole(table: Any) -> None:
+    """A table on stdout; without a terminal (a pipe, a file) at its full width, never cut."""
+    out = stdout
+    if not stdout.is_terminal:
+        from rich.measure import Measurement
+
+        wide = Measurement.get(stdout, stdout.options.update(max_width=10**6), table).maximum
+        out = Console(width=wide, highlight=False, soft_wrap=True)
+    out.print(table, markup=False, highlight=False, emoji=False)
 
 
 def print_json(obj: Any) -> None:
@@ -295,13 +334,7 @@ def runs_table(rows: list[dict], columns: list[str]) -> None:
         table.add_column(col, justify="right" if col in right else "left")
     for row in rows:
         table.add_row(*(_literal(row.get(c, "")) for c in columns))
-    out = stdout
-    if not stdout.is_terminal:  # a pipe or a file: whole values, however long the lines get
-        from rich.measure import Measurement
-
-        wide = Measurement.get(stdout, stdout.options.update(max_width=10**6), table).maximum
-        out = Console(width=wide, highlight=False, soft_wrap=True)
-    out.print(table, markup=False, highlight=False, emoji=False)
+    _print_whole(table)  # a pipe or a file: whole values, however long the lines get
 
 
 def graph_tree(graph: Any) -> None:

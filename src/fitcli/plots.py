@@ -132,6 +132,22 @@ def component_trace(k: int, label: str, x: Any, y: Any) -> dict:
     }
 
 
+def figure_object(fig: dict) -> Any:
+    """A figure dict as a `plotly.graph_objects.Figure` (what `FitResult.figure()` returns),
+    its typed arrays (`typed`) back as numpy arrays, so that `fig.data[0].x` reads as data."""
+    import base64
+
+    import plotly.graph_objects as go
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict) and set(value) == {"dtype", "bdata"}:
+            return np.frombuffer(base64.b64decode(value["bdata"]), dtype="<" + value["dtype"])
+        return value
+
+    traces = [{k: plain(v) for k, v in trace.items()} for trace in fig["data"]]
+    return go.Figure({**fig, "data": traces})
+
+
 def to_html(
     fig: dict,
     plotlyjs: str,

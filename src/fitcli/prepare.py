@@ -67,15 +67,19 @@ class Prepared:
             return float(self.loss_fn(self.model(self.x), self.y))
 
 
-def prepare(cfg: Config) -> Prepared:
-    """Validate the config against torch and the data, and build data, model and optimizer."""
+def prepare(cfg: Config, dataset: Dataset | None = None) -> Prepared:
+    """Validate the config against torch and the data, and build data, model and optimizer.
+
+    `dataset`: observations given in memory (`data.dataset_from_arrays`, the Python API) in
+    place of those the config's data section describes."""
     problems = optim.validate(cfg)
     if problems:
         raise ConfigError(problems)
     device = resolve_device(cfg.device)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     seeds = seed_streams(cfg.seed)
-    dataset = make_dataset(cfg)
+    if dataset is None:
+        dataset = make_dataset(cfg)
     check_dtype_range(dataset, cfg.dtype)
     x = torch.as_tensor(dataset.x, dtype=dtype).to(device)
     y_obs = torch.as_tensor(dataset.y, dtype=dtype).to(device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fitcli.config.schema import _parse, _section, _show
@@ -79,6 +79,25 @@ def _set(root: dict, path: tuple[str, ...], value: Any) -> str | None:
             )
         node = child
     return None
+
+
+def apply_values(raw: dict, values: Mapping[str, Any], source: str | None = None) -> dict:
+    """A copy of `raw` with each dotted key of `values` set to its (Python) value: the override
+    grammar's keys and checks (`apply_overrides`) without reading values as YAML, for the
+    Python API's keyword overrides (`fitcli.fit(cfg, **{"optimizer.lr": 0.05})`)."""
+    result = copy.deepcopy(raw)
+    problems: list[str] = []
+    for key, value in values.items():
+        shown = f"{key}={_show(value)}"
+        if not KEY.match(key):
+            problems.append(f"override {shown!r}: {key!r} is not a dotted key (e.g. optimizer.lr)")
+            continue
+        problem = _set(result, tuple(key.split(".")), copy.deepcopy(value))
+        if problem:
+            problems.append(f"override {shown!r}: {problem}")
+    if problems:
+        raise ConfigError(problems, source=source)
+    return result
 
 
 def apply_overrides(raw: dict, overrides: Sequence[str], source: str | None = None) -> dict:

@@ -35,7 +35,7 @@ class Summary(TypedDict, total=False):
     fitcli_version: str  # the fitcli that wrote the run
     torch_version: str  # the torch it ran on
     python_version: str  # the Python it ran on
-    run_dir: str  # the run directory's path
+    run_dir: str | None  # the run directory's path (None: a fit in memory, the Python API)
     name: str  # the config's name
     status: str  # running, completed, diverged, interrupted or failed
     exit_code: int | None  # what `fitcli train` exits with for this run (None while running)

@@ -231,12 +231,13 @@ class RunWriter:
         )
 
 
-def base_summary(prep: Prepared, run_dir: Path, command: list[str]) -> Summary:
+def base_summary(prep: Prepared, run_dir: Path | None, command: list[str]) -> Summary:
+    """The summary a run starts with; `run_dir` None for a fit in memory (the Python API)."""
     cfg = prep.cfg
     return {
         files.RUN_MARKER: files.RUN_SCHEMA,  # what marks a fitcli run directory (rundir/files.py)
         **versions(),
-        "run_dir": str(run_dir),
+        "run_dir": None if run_dir is None else str(run_dir),
         "name": cfg.name,
         "status": RunStatus.RUNNING,
         "exit_code": None,
