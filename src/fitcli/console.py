@@ -201,10 +201,11 @@ def summary_table(summary: dict, *, out: Console | None = None) -> None:
     if truth:
         table.add_column("truth", justify="right", no_wrap=True)
         table.add_column("(fit-truth)/σ", justify="right", no_wrap=True)
+    tied = summary.get("tied") or {}
     for name, value in summary["params"].items():
         err = stderrs.get(name)
         text = f"{value:.8g}" if value is not None else "-"
-        row = [name]
+        row = [f"{name} = {tied[name]}" if name in tied else name]
         if has_err:
             row.append(f"{text} ± {err:.3g}" if err is not None else f"{text} ± -")
             rel = abs(err / value) if err is not None and value else None

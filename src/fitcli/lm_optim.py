@@ -196,18 +196,26 @@ class LMStepper:
 class NumpyModel(HostModel):
     """A `FitModel` in numpy float64 at fixed x, as a function of its internal vector: the
     expression's value and exact Jacobian from `fitcli.symdiff` (a basis model's Jacobian is its
-    design matrix), chained through the bound transforms of `FitModel.external`."""
+    design matrix), chained through the ties and the bound transforms of `FitModel.external`:
+    with the expression's Jacobian J_direct over the free and tied parameters it mentions,
+    ``J_free = J_direct[:, free] + J_direct[:, tied] @ d tied / d free``, the ties' gradients
+    from `fitcli.symdiff` too, chained in dependency order."""
 
     def __init__(self, model: FitModel, x: torch.Tensor) -> None:
         from fitcli.symdiff import compile_jacobian, compile_value
 
         self.x = x.detach().reshape(-1).to(torch.float64).numpy()
-        free = [info for info in model.infos if info.vary]
+        free = [info for info in model.infos if info.free]
         self.free_names = [info.name for info in free]
         fixed = model.fixed.detach().to(torch.float64).tolist()
         self.fixed = {
-            info.name: fixed[k] for k, info in enumerate(i for i in model.infos if not i.vary)
+            info.name: fixed[k] for k, info in enumerate(i for i in model.infos if i.fixed)
         }
+        # Ties in dependency order: (name, value and gradient over the names the tie mentions).
+        self._ties = [
+            (model.names[pos], tie.params, compile_jacobian(tie, tie.params))
+            for pos, tie in model._ties
+        ]
         self.bounds = [(info.min, info.max) for info in free]
         self.bounded = any(lo is not None or hi is not None for lo, hi in self.bounds)
         self.kind = model.kind
@@ -218,7 +226,15 @@ class NumpyModel(HostModel):
             self.names = list(model.names)
         else:
             assert isinstance(model, ExprModel)  # `host_model` builds one for these two kinds
-            self._jacobian = compile_jacobian(model.expression, self.free_names)
+            # Without ties the columns are the free parameters; with them, the free and tied
+            # parameters the expression mentions, chained to the free ones in `jacobian`.
+            moved = set(self.free_names) | {name for name, _, _ in self._ties}
+            self._direct = (
+                [n for n in model.expression.params if n in moved]
+                if self._ties
+                else self.free_names
+            )
+            self._jacobian = compile_jacobian(model.expression, self._direct)
             self._value = compile_value(model.expression)
 
     def external(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -241,7 +257,20 @@ class NumpyModel(HostModel):
         return ext, slope
 
     def _values(self, ext: np.ndarray) -> dict[str, Any]:
-        return {**self.fixed, **dict(zip(self.free_names, ext.tolist(), strict=True))}
+        values = {**self.fixed, **dict(zip(self.free_names, ext.tolist(), strict=True))}
+        for name, _, tie in self._ties:
+            values[name] = float(tie(_ONE, values)[0][0])
+        return values
+
+    def _tie_gradients(self, values: dict[str, Any]) -> dict[str, np.ndarray]:
+        """d value / d free (external) of every free and tied parameter, by the chain rule."""
+        p = len(self.free_names)
+        grads = {name: np.zeros(p) for name in self.fixed}
+        grads.update({name: np.eye(p)[k] for k, name in enumerate(self.free_names)})
+        for name, mentions, tie in self._ties:
+            _, jac = tie(_ONE, values)
+            grads[name] = jac[0] @ np.array([grads[m] for m in mentions])
+        return grads
 
     def _full(self, ext: np.ndarray) -> np.ndarray:
         values = self._values(ext)
@@ -258,10 +287,19 @@ class NumpyModel(HostModel):
         if self.kind == "basis":
             m, jac = self.phi @ self._full(ext), self.phi_free
         else:
-            m, jac = self._jacobian(self.x, self._values(ext))
+            values = self._values(ext)
+            m, direct = self._jacobian(self.x, values)
+            if self._ties:
+                grads = self._tie_gradients(values)
+                jac = direct @ np.array([grads[n] for n in self._direct]).reshape(-1, len(ext))
+            else:
+                jac = direct
         if slope is not None:
             jac = jac * slope
         return m, jac
+
+
+_ONE = np.zeros(1)  # the x at which a tie (which never uses x) is evaluated
 
 
 def host_model(model: FitModel, x: torch.Tensor) -> HostModel | None:

@@ -52,6 +52,7 @@ def snapshot_pages(run: Run, plotlyjs: str) -> dict[str, str]:
             y_fit=s.y_fit,
             loss_name=loss_name,
             plotlyjs=plotlyjs,
+            components=list(zip(run.components, s.components, strict=True)) or None,
         )
         for s in run.snapshots
     }
@@ -131,8 +132,11 @@ def _params_table(run: Run) -> str:
     has_err = any(v is not None for v in err.values())
     head = "<tr><th>parameter</th><th>value</th>" + ("<th>± stderr</th>" if has_err else "")
     body = []
+    tied = s.get("tied")
+    tied = tied if isinstance(tied, dict) else {}
     for n in run.names:
-        cells = f"<td>{_e(n)}</td><td class=num>{_g(s['params'].get(n))}</td>"
+        label = f"{n} = {tied[n]}" if n in tied else n  # a tied parameter shows its tie
+        cells = f"<td>{_e(label)}</td><td class=num>{_g(s['params'].get(n))}</td>"
         if has_err:
             cells += f"<td class=num>{_g(err.get(n), 3)}</td>"
         body.append(f"<tr>{cells}</tr>")
@@ -195,9 +199,16 @@ def report_page(run: Run, plotlyjs_src: str, snapshot_href: str = "snapshots/") 
             y=d["y"],
             y_true=d.get("y_true"),
             snapshots=[
-                {"epoch": p.epoch, "loss": p.loss, "x_fit": p.x_fit, "y_fit": p.y_fit}
+                {
+                    "epoch": p.epoch,
+                    "loss": p.loss,
+                    "x_fit": p.x_fit,
+                    "y_fit": p.y_fit,
+                    "components": p.components,
+                }
                 for p in run.snapshots
             ],
+            components=run.components,
         )
         links = " ".join(
             f'<a href="{_e(snapshot_href + p.file)}">{p.epoch}</a>' for p in run.snapshots

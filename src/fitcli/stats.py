@@ -312,6 +312,40 @@ def fit_statistics(
     )
 
 
+def tied_stderr(
+    model: FitModel,
+    free_ext: torch.Tensor,
+    covariance: list[list[float | None]] | None,
+    at_bound: Sequence[str] = (),
+) -> dict[str, float | None]:
+    """Standard errors of the tied parameters by the delta method: ``var(t) = g^T C g`` with
+    ``g = d t / d free`` (exact, by autograd through the ties, chained ones included) at the free
+    parameters' values `free_ext`, and C their covariance (`fit_statistics`, in
+    `model.free_names` order). A free parameter at a bound counts as fixed, as it does in C
+    (variance 0); a tie that depends on one without a covariance entry (not determined by the
+    data) or only on parameters at a bound has no standard error (None), nor has any tie when
+    there is no covariance."""
+    out: dict[str, float | None] = dict.fromkeys(model.tied)
+    if covariance is None:
+        return out
+    theta = free_ext.detach().to(torch.float64).reshape(-1)
+    jac = torch.autograd.functional.jacobian(model.full_vector, theta).tolist()
+    bound = set(at_bound)
+    free = model.free_names
+    for name in model.tied:
+        g = jac[model.names.index(name)]
+        moving = [k for k, v in enumerate(g) if v != 0.0]
+        used = [k for k in moving if free[k] not in bound]
+        if moving and not used:  # it moves only with parameters treated as fixed: as they are
+            continue
+        entries = [covariance[i][j] for i in used for j in used]
+        if any(c is None for c in entries):
+            continue
+        var = math.fsum(g[i] * g[j] * float(covariance[i][j] or 0.0) for i in used for j in used)
+        out[name] = math.sqrt(var) if math.isfinite(var) and var >= 0 else None
+    return out
+
+
 # Uncertainty statuses at which the parameters are a least-squares minimum: a fit ending with
 # any other (not_converged, singular, failed) did not converge, whatever stopped it.
 MINIMUM_STATUSES = ("ok", "at_bound")
@@ -569,6 +603,8 @@ def run_report(
         loss=spec if spec.own_information else None,
     )
     stderr = {name: stats.stderr.get(name) for name in model.names}
+    if model.tied:
+        stderr.update(tied_stderr(model, theta, stats.covariance, model.at_bound()))
     out: dict = {
         "stderr": stderr,
         "covariance_params": free,

@@ -50,6 +50,8 @@ class Summary(TypedDict, total=False):
     dtype: str  # float32 or float64
     seed: int  # the config's seed
     n_points: int  # observations fitted
+    components: list[str]  # each component's text (models of 2+ additive terms only)
+    tied: dict[str, str]  # each tied parameter's expression (models with ties only)
     data_digest: str  # digest of a data file (only for file data): what resume compares
     elapsed_s: float  # wall-clock seconds of training (of the last resume, when resumed)
     started_at: str  # when the run started (its first start, when resumed)
