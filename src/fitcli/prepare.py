@@ -61,6 +61,10 @@ class Prepared:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     stepper: Any  # a train.Stepper: TorchStepper or lm_optim.LMStepper (probed with getattr)
     lm: bool
+    # A fresh stepper for the model's current parameters (what a multi-start search trains each
+    # start with), and the search's record once one has chosen the start (`fitcli.starts`).
+    new_stepper: Callable[[], Any] | None = None
+    starts: dict | None = None
 
     def evaluate_loss(self) -> float:
         with torch.no_grad():
@@ -107,15 +111,15 @@ def prepare(cfg: Config) -> Prepared:
         y = y_obs * w
     name, kwargs = optim.split_spec(cfg.optimizer)
     lm = optim.is_lm(name)
-    stepper: Any
-    if lm:
-        from fitcli.lm_optim import LMStepper
 
-        stepper = LMStepper(model, x, y_obs, weights, kwargs)
-    else:
+    def new_stepper() -> Any:
+        if lm:
+            from fitcli.lm_optim import LMStepper
+
+            return LMStepper(model, x, y_obs, weights, kwargs)
         opt = optim.build_optimizer(cfg.optimizer, [model.raw])
         sched = optim.build_scheduler(cfg.scheduler, opt)
-        stepper = TorchStepper(
+        return TorchStepper(
             model,
             x,
             y,
@@ -126,7 +130,11 @@ def prepare(cfg: Config) -> Prepared:
             shuffle_seed=seeds["shuffle"],
             rows_loss=rows_loss,
         )
-    return Prepared(cfg, dataset, model, device, dtype, x, y, weights, loss_fn, stepper, lm)
+
+    stepper = new_stepper()
+    return Prepared(
+        cfg, dataset, model, device, dtype, x, y, weights, loss_fn, stepper, lm, new_stepper
+    )
 
 
 __all__ = ["Prepared", "prepare", "resolve_device"]

@@ -411,6 +411,10 @@ def _single_line(value: Any) -> Any:
     return value
 
 
+# Upper bound of `starts`: each start is a whole fit.
+MAX_STARTS = 1024
+
+
 class Config(_Section):
     """A fitcli experiment: data, model, loss, optimizer and how long to train."""
 
@@ -422,6 +426,13 @@ class Config(_Section):
     )
     seed: Int = Field(
         0, ge=0, le=2**63 - 1, description="Seed for every random draw (data noise, init)."
+    )
+    starts: Int = Field(
+        1,
+        ge=1,
+        le=MAX_STARTS,
+        description="Starts of the fit: the given one first, the rest drawn inside the bounds "
+        f"(Sobol, from seed); the best is kept. 1 to {MAX_STARTS}.",
     )
     device: str = Field(
         "auto",

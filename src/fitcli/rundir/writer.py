@@ -239,6 +239,8 @@ def base_summary(prep: Prepared, run_dir: Path, command: list[str]) -> Summary:
         "device": str(prep.device),
         "dtype": cfg.dtype,
         "seed": cfg.seed,
+        # The multi-start search that chose this run's start (`fitcli.starts`).
+        **({"starts": prep.starts} if prep.starts is not None else {}),
         "n_points": prep.dataset.n,
         # What resume compares a data file with (a file edited since cannot be resumed).
         **({"data_digest": prep.dataset.digest} if prep.dataset.digest else {}),
