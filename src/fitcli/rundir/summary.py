@@ -48,6 +48,7 @@ class Summary(TypedDict, total=False):
     device: str  # the torch device it trained on
     dtype: str  # float32 or float64
     seed: int  # the config's seed
+    starts: dict[str, Any]  # the multi-start search: count, losses, best, reached_best, start
     n_points: int  # observations fitted
     data_digest: str  # digest of a data file (only for file data): what resume compares
     elapsed_s: float  # wall-clock seconds of training (of the last resume, when resumed)
