@@ -14,6 +14,7 @@ training loop costs about what the hand-written torch code costs.
 from __future__ import annotations
 
 import ast
+import importlib
 import math
 import operator
 import warnings
@@ -21,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fitcli import shapes as _shapes
 from fitcli.errors import ExpressionError
 
 if TYPE_CHECKING:
@@ -31,10 +33,12 @@ __all__ = [
     "CONSTANT_MEANINGS",
     "FUNCTIONS",
     "FUNCTION_NAMES",
+    "FUNCTION_TABLE",
     "MAX_DEPTH",
     "MAX_LENGTH",
     "MAX_NODES",
     "Expression",
+    "Function",
     "parse_expression",
 ]
 
@@ -48,30 +52,82 @@ MAX_INT_DIGITS = 30
 """Longest accepted integer literal, in decimal digits."""
 MAX_LITERAL = 1e300
 """Largest accepted absolute value of a numeric literal."""
+MAX_EXPANDED = 50_000
+"""Most nodes of the checked tree once lineshape calls are expanded into their formulas."""
+MAX_EXPANDED_DEPTH = 400
+"""Deepest nesting of the checked tree once lineshape calls are expanded."""
 
-# Function name in expressions -> attribute of the torch module.
-_TORCH_NAMES: dict[str, str] = {
-    "sin": "sin",
-    "cos": "cos",
-    "tan": "tan",
-    "arcsin": "asin",
-    "arccos": "acos",
-    "arctan": "atan",
-    "asin": "asin",
-    "acos": "acos",
-    "atan": "atan",
-    "sinh": "sinh",
-    "cosh": "cosh",
-    "tanh": "tanh",
-    "exp": "exp",
-    "log": "log",
-    "log10": "log10",
-    "log2": "log2",
-    "sqrt": "sqrt",
-    "abs": "abs",
-}
 
-FUNCTION_NAMES: frozenset[str] = frozenset(_TORCH_NAMES)
+@dataclass(frozen=True)
+class Function:
+    """One function callable in expressions: its name, arguments, meaning and torch code.
+
+    ``torch`` is where its torch implementation lives, as ``"module.attribute"`` (``"torch.sin"``,
+    ``"fitcli.special.erfcx"``); it is imported on first evaluation, so parsing never imports
+    torch. The implementation takes tensors, one per argument (a variadic function any number
+    of them, at least ``len(args)``), and returns a tensor of their broadcast shape; it must be
+    differentiable by autograd (a custom ``torch.autograd.Function`` where torch has no exact
+    backward). `fitcli.symdiff` holds the numpy value and the partial derivatives under the
+    same name.
+    """
+
+    name: str
+    args: tuple[str, ...]
+    torch: str
+    meaning: str
+    group: str
+    variadic: bool = False
+    """The last argument may repeat: ``max(a, b, ...)``."""
+    notes: str = ""
+
+    @property
+    def min_args(self) -> int:
+        return len(self.args)
+
+    @property
+    def max_args(self) -> int | None:
+        return None if self.variadic else len(self.args)
+
+    @property
+    def signature(self) -> str:
+        return f"{self.name}({', '.join(self.args)}{', ...' if self.variadic else ''})"
+
+
+def _functions(*entries: Function) -> dict[str, Function]:
+    return {f.name: f for f in entries}
+
+
+def _unary(names: str, torch: str, meaning: str, group: str, notes: str = "") -> list[Function]:
+    """One entry per name in ``names`` (aliases separated by spaces), all with one argument u."""
+    return [Function(n, ("u",), torch, meaning, group, notes=notes) for n in names.split()]
+
+
+_ELEMENTARY = "elementary"
+
+FUNCTION_TABLE: dict[str, Function] = _functions(
+    *_unary("sin", "torch.sin", "sine", _ELEMENTARY),
+    *_unary("cos", "torch.cos", "cosine", _ELEMENTARY),
+    *_unary("tan", "torch.tan", "tangent", _ELEMENTARY),
+    *_unary("asin arcsin", "torch.asin", "inverse sine", _ELEMENTARY),
+    *_unary("acos arccos", "torch.acos", "inverse cosine", _ELEMENTARY),
+    *_unary("atan arctan", "torch.atan", "inverse tangent", _ELEMENTARY),
+    *_unary("sinh", "torch.sinh", "hyperbolic sine", _ELEMENTARY),
+    *_unary("cosh", "torch.cosh", "hyperbolic cosine", _ELEMENTARY),
+    *_unary("tanh", "torch.tanh", "hyperbolic tangent", _ELEMENTARY),
+    *_unary("exp", "torch.exp", "exponential", _ELEMENTARY),
+    *_unary("log", "torch.log", "natural logarithm", _ELEMENTARY),
+    *_unary("log10", "torch.log10", "base-10 logarithm", _ELEMENTARY),
+    *_unary("log2", "torch.log2", "base-2 logarithm", _ELEMENTARY),
+    *_unary("sqrt", "torch.sqrt", "square root", _ELEMENTARY),
+    *_unary("abs", "torch.abs", "absolute value", _ELEMENTARY, "derivative sign(u), 0 at 0"),
+)
+"""Every function callable in an expression, by name (aliases are entries of their own).
+
+To add one: an entry here, its torch code where ``torch`` points, and its numpy value and
+partial derivatives in `fitcli.symdiff`'s table under the same name.
+"""
+
+FUNCTION_NAMES: frozenset[str] = frozenset(FUNCTION_TABLE)
 """Names callable in an expression; known without importing torch."""
 
 CONSTANTS: dict[str, float] = {"pi": math.pi, "e": math.e}
@@ -139,7 +195,8 @@ _OPS: dict[type, Callable[[Any, Any], Any]] = {
 
 # The checked tree ("IR") is made of plain tuples, flattened so that + - and * / chains are one
 # level each (a long sum must not become a deep recursion):
-#   ("num", value) | ("x",) | ("param", name) | ("neg", node) | ("call", torch_name, node)
+#   ("num", value) | ("x",) | ("param", name) | ("neg", node)
+#   ("call", name, (node, ...))   name: a key of FUNCTION_TABLE, one node per argument
 #   ("pow", base, exponent) | ("chain", first, ((op, node), ...))   with op in _OPS values
 _Node = tuple
 
@@ -262,8 +319,17 @@ def parse_expression(
 class _Checker:
     """One validation pass: bounds first (iteratively), then the allowlist (recursively)."""
 
-    def __init__(self, source: str, base: int, allow_params: bool, what: str) -> None:
+    def __init__(
+        self,
+        source: str,
+        base: int,
+        allow_params: bool,
+        what: str,
+        local: tuple[str, ...] = (),
+    ) -> None:
         self.source = source
+        self.local = frozenset(local)  # a lineshape formula's argument names (x among them)
+        self.sizes: dict[int, tuple[_Node, int, int]] = {}  # id -> (node, size, depth) memo
         self.base = base  # leading whitespace stripped before parsing
         self.allow_params = allow_params
         self.what = what
@@ -296,7 +362,13 @@ class _Checker:
             raise ExpressionError(f"{self.what} is too complex to parse", self.source) from None
         body = tree.body
         self.check_bounds(body)
-        return self.visit(body)
+        root = self.visit(body)
+        if self.sizes and self.measure(root)[0] > MAX_EXPANDED:  # lineshapes were expanded
+            raise self.error(
+                f"{self.what} is too large once its lineshapes are expanded (more than "
+                f"{MAX_EXPANDED} nodes)"
+            )
+        return root
 
     def check_bounds(self, root: ast.expr) -> None:
         """Count nodes and measure depth without recursion (the tree may be arbitrarily deep)."""
@@ -354,6 +426,9 @@ class _Checker:
 
     def visit_Name(self, node: ast.Name) -> _Node:
         name = node.id
+        if name in self.local:
+            self.params.setdefault(name, None)
+            return ("param", name)
         if name == "x":
             self.uses_x = True
             return ("x",)
@@ -361,6 +436,13 @@ class _Checker:
             return ("num", CONSTANTS[name])
         if name in FUNCTION_NAMES:
             raise self.error(f"function '{name}' must be called, e.g. {name}(x)", node)
+        if name in _shapes.SHAPES:
+            raise self.error(
+                f"'{name}' is the name of a lineshape, "
+                f"{_shapes.signature(_shapes.SHAPES[name])}; call it, or rename the parameter "
+                f"(e.g. '{name}_1')",
+                node,
+            )
         if name.startswith("_"):
             raise self.error(f"name '{name}' is not allowed (names may not start with '_')", node)
         if not self.allow_params:
@@ -411,16 +493,128 @@ class _Checker:
                 f"only named functions can be called; allowed: {_ALLOWED_FUNCTIONS}", func
             )
         name = func.id
-        if name not in FUNCTION_NAMES:
+        if name in _shapes.SHAPES:
+            return self.visit_shape(_shapes.SHAPES[name], node)
+        function = FUNCTION_TABLE.get(name)
+        if function is None:
             raise self.error(f"unknown function '{name}'; allowed: {_ALLOWED_FUNCTIONS}", func)
         for keyword in node.keywords:
             raise self.error(f"keyword arguments are not allowed in {name}()", keyword)
         for arg in node.args:
             if isinstance(arg, ast.Starred):
                 raise self.error("starred arguments are not allowed", arg)
-        if len(node.args) != 1:
-            raise self.error(f"{name}() takes exactly one argument ({len(node.args)} given)", node)
-        return ("call", _TORCH_NAMES[name], self.visit(node.args[0]))
+        given, least, most = len(node.args), function.min_args, function.max_args
+        if given < least or (most is not None and given > most):
+            if most is None:
+                count = f"at least {least} arguments"
+            else:
+                count = f"{least} argument{'s' if least != 1 else ''}"
+            raise self.error(f"{function.signature} takes {count} ({given} given)", node)
+        return ("call", name, tuple(self.visit(arg) for arg in node.args))
+
+    def visit_shape(self, shape: _shapes.Shape, node: ast.Call) -> _Node:
+        """A lineshape call: its formula's tree with the argument trees in place of its names."""
+        for keyword in node.keywords:
+            raise self.error(f"keyword arguments are not allowed in {shape.name}()", keyword)
+        for arg in node.args:
+            if isinstance(arg, ast.Starred):
+                raise self.error("starred arguments are not allowed", arg)
+        given, total = len(node.args), len(shape.args)
+        if not shape.required <= given <= total:
+            count = f"{total}" if shape.required == total else f"{shape.required} to {total}"
+            raise self.error(
+                f"{_shapes.signature(shape)} takes {count} arguments ({given} given)", node
+            )
+        tree, defaults = _shape_trees(shape.name)
+        bound: dict[str, _Node] = {}
+        for name, arg in zip(shape.args, node.args, strict=False):
+            bound[name] = self.visit(arg)
+        for name in shape.args[given:]:
+            bound[name] = _substitute(defaults[name], bound)
+        expanded = _substitute(tree, bound)
+        size, depth = self.measure(expanded)
+        if size > MAX_EXPANDED:
+            raise self.error(
+                f"{self.what} is too large once its lineshapes are expanded (more than "
+                f"{MAX_EXPANDED} nodes); nest fewer shapes inside shapes' arguments",
+                node,
+            )
+        if depth > MAX_EXPANDED_DEPTH:
+            raise self.error(
+                f"{self.what} is nested too deeply once its lineshapes are expanded (more than "
+                f"{MAX_EXPANDED_DEPTH} levels); nest fewer shapes inside shapes' arguments",
+                node,
+            )
+        return expanded
+
+    def measure(self, root: _Node) -> tuple[int, int]:
+        """Nodes and depth of a checked tree, counting a shared subtree at every use (as the
+        compilers evaluate it); memoised, so measuring a tree made of measured ones is cheap."""
+        memo = self.sizes
+        hit = memo.get(id(root))
+        if hit is not None and hit[0] is root:
+            return hit[1], hit[2]
+        size, depth = 1, 0
+        for child in _children(root):
+            s, d = self.measure(child)
+            size += s
+            depth = max(depth, d)
+        memo[id(root)] = (root, size, depth + 1)
+        return size, depth + 1
+
+
+def _children(node: _Node) -> list[_Node]:
+    """The subtrees of a checked-tree node (any tuple inside it that starts with a tag)."""
+    found: list[_Node] = []
+    stack = list(node[1:])
+    while stack:
+        item = stack.pop()
+        if isinstance(item, tuple) and item:
+            if isinstance(item[0], str):
+                found.append(item)
+            else:
+                stack.extend(item)  # an argument list, a chain's (op, node) pairs
+    return found
+
+
+def _substitute(node: _Node, bound: Mapping[str, _Node]) -> _Node:
+    """`node` with each ``("param", name)`` of `bound` replaced by its tree (shared, not copied)."""
+    if node[0] == "param":
+        return bound.get(node[1], node)
+    return tuple(_substitute_item(item, bound) for item in node)
+
+
+def _substitute_item(item: Any, bound: Mapping[str, _Node]) -> Any:
+    if isinstance(item, tuple) and item:
+        if isinstance(item[0], str):
+            return _substitute(item, bound)
+        return tuple(_substitute_item(i, bound) for i in item)
+    return item
+
+
+_SHAPE_TREES: dict[str, tuple[_Node, dict[str, _Node]]] = {}
+
+
+def _shape_trees(name: str) -> tuple[_Node, dict[str, _Node]]:
+    """Lineshape `name`'s formula and defaults as checked trees over its argument names, parsed
+    once. A formula may call other lineshapes (pvoigt calls gaussian and lorentzian)."""
+    cached = _SHAPE_TREES.get(name)
+    if cached is not None:
+        return cached
+    shape = _shapes.SHAPES[name]
+    what = f"lineshape {name}"
+    tree = _Checker(shape.formula, 0, True, what, shape.args).parse(shape.formula)
+    defaults: dict[str, _Node] = {}
+    for k, arg in enumerate(shape.args):
+        if arg in shape.defaults:
+            default = shape.defaults[arg]
+            if isinstance(default, str):
+                checker = _Checker(default, 0, True, what, shape.args[:k])
+                defaults[arg] = checker.parse(default)
+            else:
+                defaults[arg] = ("num", float(default))
+    _SHAPE_TREES[name] = (tree, defaults)
+    return tree, defaults
 
 
 def _article(noun: str) -> str:
@@ -456,8 +650,7 @@ def _load_torch() -> Any:
 def __getattr__(name: str) -> Any:
     # FUNCTIONS maps names to torch functions; building it imports torch, so do it on first use.
     if name == "FUNCTIONS":
-        torch = _load_torch()
-        functions = {key: getattr(torch, attr) for key, attr in _TORCH_NAMES.items()}
+        functions = {name: _torch_function(name) for name in FUNCTION_TABLE}
         globals()["FUNCTIONS"] = functions
         return functions
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -465,6 +658,19 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     FUNCTIONS: dict[str, Callable[..., Any]]
+
+_RESOLVED: dict[str, Callable[..., Any]] = {}
+
+
+def _torch_function(name: str) -> Callable[..., Any]:
+    """The torch implementation of function `name`, imported where its table entry says."""
+    fn = _RESOLVED.get(name)
+    if fn is None:
+        _load_torch()
+        module, _, attr = FUNCTION_TABLE[name].torch.rpartition(".")
+        fn = getattr(importlib.import_module(module), attr)
+        _RESOLVED[name] = fn
+    return fn
 
 
 def _compile(tree: _Node) -> Callable[[Any, Mapping[str, Any]], Any]:
@@ -496,8 +702,18 @@ def _compile_node(node: _Node) -> tuple[str, Any]:
         f = _as_fn(*_compile_node(node[1]))
         return ("fn", lambda x, p: -f(x, p))
     if tag == "call":
-        fn = getattr(_torch, node[1])
-        kind, value = _compile_node(node[2])
+        fn = _torch_function(node[1])
+        args = node[2]
+        if len(args) != 1:
+            fns = tuple(_as_fn(*_compile_node(arg)) for arg in args)
+            if len(fns) == 2:
+                f0, f1 = fns
+                return ("fn", lambda x, p: fn(f0(x, p), f1(x, p)))
+            if len(fns) == 3:
+                f0, f1, f2 = fns
+                return ("fn", lambda x, p: fn(f0(x, p), f1(x, p), f2(x, p)))
+            return ("fn", lambda x, p: fn(*[f(x, p) for f in fns]))
+        kind, value = _compile_node(args[0])
         if kind == "x":
             return ("fn", lambda x, p: fn(x))
         if kind == "param":

@@ -9,7 +9,7 @@ derivative with respect to every parameter the node depends on (a sparse dual nu
 
     (u v)'  = u' v + u v'          (u / v)' = (u' - (u / v) v') / v
     (u ** c)' = c u ** (c - 1) u'  (u ** v)' = v u ** (v - 1) u' + u ** v log(u) v'
-    f(u)'   = f'(u) u'             for every function in `fitcli.expr.FUNCTION_NAMES`
+    f(u, w)' = f_u u' + f_w w'     for every function in `fitcli.expr.FUNCTION_TABLE`
 
 The formulas are the ones torch's autograd uses (for ``u ** v`` with ``u == 0`` and ``v >= 0``
 the exponent's derivative is 0, as in torch), so the two agree to rounding; the LM core still
@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -38,45 +38,48 @@ Node = Callable[[np.ndarray, Mapping[str, Any]], tuple[Any, Tangents]]
 
 _EMPTY: Tangents = {}  # shared by every constant node; never mutated
 
-# torch names (what the checked tree stores) -> numpy functions
-_NUMPY: dict[str, Callable[[Any], Any]] = {
-    "sin": np.sin,
-    "cos": np.cos,
-    "tan": np.tan,
-    "asin": np.arcsin,
-    "acos": np.arccos,
-    "atan": np.arctan,
-    "sinh": np.sinh,
-    "cosh": np.cosh,
-    "tanh": np.tanh,
-    "exp": np.exp,
-    "log": np.log,
-    "log10": np.log10,
-    "log2": np.log2,
-    "sqrt": np.sqrt,
-    "abs": np.abs,
-}
+
+class NumpyFunction(NamedTuple):
+    """A function's numpy float64 value and its partial derivative in each argument.
+
+    ``partials[i](*args, value)`` is d f / d args[i] from the arguments and the value (torch's
+    formula, so that the two paths agree to rounding). A variadic function (``max(a, b, ...)``)
+    is folded pairwise left to right, so it lists the partials of its two-argument form.
+    """
+
+    value: Callable[..., Any]
+    partials: tuple[Callable[..., Any], ...]
+
+
+def _one(value: Callable[[Any], Any], partial: Callable[[Any, Any], Any]) -> NumpyFunction:
+    return NumpyFunction(value, (partial,))
+
+
 _LN10 = math.log(10.0)
 _LN2 = math.log(2.0)
 
-# f'(u) from u and v = f(u), as torch's autograd computes it.
-_DERIVATIVES: dict[str, Callable[[Any, Any], Any]] = {
-    "sin": lambda u, v: np.cos(u),
-    "cos": lambda u, v: -np.sin(u),
-    "tan": lambda u, v: 1.0 + v * v,
-    "asin": lambda u, v: 1.0 / np.sqrt(1.0 - u * u),
-    "acos": lambda u, v: -1.0 / np.sqrt(1.0 - u * u),
-    "atan": lambda u, v: 1.0 / (u * u + 1.0),
-    "sinh": lambda u, v: np.cosh(u),
-    "cosh": lambda u, v: np.sinh(u),
-    "tanh": lambda u, v: 1.0 - v * v,
-    "exp": lambda u, v: v,
-    "log": lambda u, v: 1.0 / u,
-    "log10": lambda u, v: 1.0 / (u * _LN10),
-    "log2": lambda u, v: 1.0 / (u * _LN2),
-    "sqrt": lambda u, v: 0.5 / v,
-    "abs": lambda u, v: np.sign(u),
+# Keyed by `fitcli.expr.FUNCTION_TABLE`'s names; f'(u) from u and v = f(u), as torch computes it.
+FUNCTIONS: dict[str, NumpyFunction] = {
+    "sin": _one(np.sin, lambda u, v: np.cos(u)),
+    "cos": _one(np.cos, lambda u, v: -np.sin(u)),
+    "tan": _one(np.tan, lambda u, v: 1.0 + v * v),
+    "asin": _one(np.arcsin, lambda u, v: 1.0 / np.sqrt(1.0 - u * u)),
+    "acos": _one(np.arccos, lambda u, v: -1.0 / np.sqrt(1.0 - u * u)),
+    "atan": _one(np.arctan, lambda u, v: 1.0 / (u * u + 1.0)),
+    "sinh": _one(np.sinh, lambda u, v: np.cosh(u)),
+    "cosh": _one(np.cosh, lambda u, v: np.sinh(u)),
+    "tanh": _one(np.tanh, lambda u, v: 1.0 - v * v),
+    "exp": _one(np.exp, lambda u, v: v),
+    "log": _one(np.log, lambda u, v: 1.0 / u),
+    "log10": _one(np.log10, lambda u, v: 1.0 / (u * _LN10)),
+    "log2": _one(np.log2, lambda u, v: 1.0 / (u * _LN2)),
+    "sqrt": _one(np.sqrt, lambda u, v: 0.5 / v),
+    "abs": _one(np.abs, lambda u, v: np.sign(u)),
 }
+"""The numpy side of every function in `fitcli.expr.FUNCTION_TABLE`, by the same name."""
+FUNCTIONS["arcsin"] = FUNCTIONS["asin"]
+FUNCTIONS["arccos"] = FUNCTIONS["acos"]
+FUNCTIONS["arctan"] = FUNCTIONS["atan"]
 
 
 def compile_jacobian(
@@ -150,7 +153,10 @@ def _compile(node: tuple, index: Mapping[str, int]) -> Node:
 
         return neg
     if tag == "call":
-        return _call(node[1], _compile(node[2], index))
+        args = tuple(_compile(arg, index) for arg in node[2])
+        if len(args) == 1:
+            return _call(FUNCTIONS[node[1]], args[0])
+        return _call_n(FUNCTIONS[node[1]], args)
     if tag == "pow":
         base = _compile(node[1], index)
         if node[2][0] == "num":
@@ -163,9 +169,9 @@ def _compile(node: tuple, index: Mapping[str, int]) -> Node:
     raise AssertionError(f"unknown node {tag!r}")  # pragma: no cover
 
 
-def _call(name: str, inner: Node) -> Node:
-    fn = _NUMPY[name]
-    derivative = _DERIVATIVES[name]
+def _call(function: NumpyFunction, inner: Node) -> Node:
+    fn = function.value
+    (derivative,) = function.partials
 
     def call(x, vals):
         u, tu = inner(x, vals)
@@ -174,6 +180,31 @@ def _call(name: str, inner: Node) -> Node:
             return v, _EMPTY
         g = derivative(u, v)
         return v, {k: _times(d, g) for k, d in tu.items()}
+
+    return call
+
+
+def _call_n(function: NumpyFunction, args: tuple[Node, ...]) -> Node:
+    """A function of several arguments: f' = sum_i df/du_i u_i' (a variadic one pairwise)."""
+    fn, partials = function.value, function.partials
+    if len(partials) != len(args):  # variadic: f(a, b, c) = f(f(a, b), c)
+        node = _call_n(function, args[:2])
+        for arg in args[2:]:
+            node = _call_n(function, (node, arg))
+        return node
+
+    def call(x, vals):
+        us, ts = zip(*(arg(x, vals) for arg in args), strict=True)
+        v = fn(*us)
+        t: Tangents = {}
+        for partial, tu in zip(partials, ts, strict=True):
+            if not tu:
+                continue
+            g = partial(*us, v)
+            for k, d in tu.items():
+                e = _times(d, g)
+                t[k] = t[k] + e if k in t else e
+        return v, t or _EMPTY
 
     return call
 
