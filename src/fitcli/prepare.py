@@ -81,6 +81,11 @@ def prepare(cfg: Config) -> Prepared:
     seeds = seed_streams(cfg.seed)
     dataset = make_dataset(cfg)
     check_dtype_range(dataset, cfg.dtype)
+    if cfg.model.expr is not None:
+        from fitcli.guess import resolve
+
+        # `guess` values become numbers: the run (and its config.yaml) starts from them.
+        cfg = resolve(cfg, dataset.x, dataset.y)
     x = torch.as_tensor(dataset.x, dtype=dtype).to(device)
     y_obs = torch.as_tensor(dataset.y, dtype=dtype).to(device)
     weights = None
