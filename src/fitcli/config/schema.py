@@ -217,10 +217,26 @@ def _expression_problems(loc: Loc, source: Any, **kwargs: Any) -> list[tuple[Loc
     return []
 
 
+def _start_value(value: Any) -> float | str:
+    # A number, or `guess` (the start comes from the data: `fitcli.guess`).
+    if value == "guess":
+        return "guess"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise _Problems([((), f"must be a finite number (got {_show(value)})")])
+        return float(value)
+    raise _Problems([((), f"must be a number or guess (got {_show(value)})")])
+
+
+StartValue = Annotated[
+    float | Literal["guess"], PlainValidator(_start_value, json_schema_input_type=float | str)
+]
+
+
 class ParamSpec(_Section):
     """A fit parameter of `model.expr`: start value, optional bounds, fixed or free."""
 
-    value: float | Literal["guess"] = Field(
+    value: StartValue = Field(
         1.0,
         description="Initial value (strictly inside the bounds), or guess: from the data, by "
         "the parameter's role in a lineshape call.",
