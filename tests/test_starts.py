@@ -209,3 +209,20 @@ def test_resume_continues_the_best_start_without_searching_again(tmp_path):
     _run(prepare(cfg), tmp_path / "part2", on_epoch=lambda epoch, loss: epoch >= 5)
     with pytest.raises(ResumeError, match="different starts"):
         prepare_resume(tmp_path / "part2", ["starts=8"])
+
+
+def test_a_sweep_run_with_starts_is_the_run_train_writes(runner, tmp_path):
+    path = tmp_path / "freq.yaml"
+    path.write_text(json.dumps({**FREQ, "starts": 4, "epochs": 40}))
+    train = runner.invoke(app, ["train", str(path), "--out", str(tmp_path / "t"), "--json"])
+    assert train.exit_code == 0, train.output
+    args = ["sweep", str(path), "seed=3", "--out", str(tmp_path / "s"), "--json"]
+    sweep = runner.invoke(app, [*args, "--progress", "none"])
+    assert sweep.exit_code == 0, sweep.output
+    run = json.loads(sweep.stdout)["runs"][0]
+    one = json.loads(train.stdout)
+    swept = json.loads(
+        (tmp_path / "s" / run["run_dir"].split("/s/")[-1] / "summary.json").read_text()
+    )
+    assert swept["starts"] == one["starts"]
+    assert swept["params"] == one["params"]
