@@ -66,6 +66,11 @@ def execute(
     command = command if command is not None else sys.argv
     cfg = prep.cfg
     t0 = time.perf_counter()
+    if resume is None and cfg.starts > 1 and prep.starts is None:
+        # Not searched yet (`resume.start` searches before the run directory exists).
+        from fitcli.starts import search
+
+        search(prep)
     writer = RunWriter(run_dir, prep, plotlyjs, defer_state=defer_state)
     # A plain dict while it is filled in: stats and the optimizer adapters return plain dicts.
     summary: dict[str, Any] = dict(base_summary(prep, run_dir, command))
