@@ -33,6 +33,7 @@ class Dataset:
     sigma: np.ndarray | None = None
     source: str = "synthetic"
     digest: str | None = None  # of a data file's bytes: resume refuses a file edited since
+    names: dict[str, str] | None = None  # a data file's header names of x, y (and sigma)
 
     @property
     def n(self) -> int:
@@ -311,7 +312,22 @@ def load_table(path: Path, columns: ColumnsSpec | None = None) -> Dataset:
     table = _read_fast(path, columns) if size else None
     ds = _read_precise(path, columns) if table is None else _dataset(path, table)
     ds.digest = file_digest(path)
+    ds.names = column_names(path, columns)
     return ds
+
+
+def column_names(path: Path, columns: ColumnsSpec | None = None) -> dict[str, str] | None:
+    """The header names of the x, y (and sigma) columns of a data file already read, by role;
+    None when the file has no header row. The plots' axis titles come from them."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not _is_skipped(line):
+                header, _, _, wanted = _layout(line.rstrip("\r\n"), lineno, path, columns)
+                if header is None:
+                    return None
+                roles = ("x", "y", "sigma")
+                return {role: header[i] for role, i in zip(roles, wanted, strict=False)}
+    return None
 
 
 def file_digest(path: Path) -> str:

@@ -381,6 +381,29 @@ def verdict(
     return {"converged": converged, "reason": f"{stop}; {why}"}
 
 
+# Each uncertainty status but ok in words: what it is, and what it means for the error bars
+# (its reason, from `fit_statistics`, says why and for which parameters).
+STATUS_WORDS = {
+    "not_converged": ("not converged", "the error bars are not reliable"),
+    "singular": ("singular", "the parameters it names have no error bars"),
+    "at_bound": ("at a bound", "those parameters have no error bars; the others' hold them fixed"),
+    RunStatus.FAILED: ("no error bars", ""),
+}
+
+
+def uncertainty_words(uncertainty: Any) -> str | None:
+    """A summary's `uncertainty` block in words where its status is not ok, e.g. "not
+    converged: gradient still large: ...; the error bars are not reliable"; None for ok or no
+    block (a run that did not complete)."""
+    if not isinstance(uncertainty, dict) or uncertainty.get("status") in (None, "ok"):
+        return None
+    status = str(uncertainty["status"])
+    label, meaning = STATUS_WORDS.get(status, (status.replace("_", " "), ""))
+    reason = uncertainty.get("reason")
+    words = f"{label}: {reason}" if isinstance(reason, str) and reason else label
+    return f"{words}; {meaning}" if meaning else words
+
+
 def minimum_of(loss: Any) -> str:
     """What a fit with the config's `loss` minimises, in the words of `verdict`."""
     from fitcli.losses import resolve

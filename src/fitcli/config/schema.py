@@ -545,6 +545,24 @@ def _single_line(value: Any) -> Any:
 # Upper bound of `starts`: each start is a whole fit.
 MAX_STARTS = 1024
 
+Label = Annotated[Text, BeforeValidator(_single_line)]
+
+
+class ReportSpec(_Section):
+    """How the report and snapshots draw the fit: axis titles, figure title, log axes."""
+
+    x_label: Label | None = Field(
+        None, min_length=1, max_length=200, description="x axis title; default: x's column name."
+    )
+    y_label: Label | None = Field(
+        None, min_length=1, max_length=200, description="y axis title; default: y's column name."
+    )
+    title: Label | None = Field(
+        None, min_length=1, max_length=200, description="Fit figure title; default: the name."
+    )
+    log_x: bool = Field(False, description="true draws x on a log scale.")
+    log_y: bool = Field(False, description="true draws y on a log scale.")
+
 
 class Config(_Section):
     """A fitcli experiment: data, model, loss, optimizer and how long to train."""
@@ -595,6 +613,9 @@ class Config(_Section):
     scheduler: SchedulerSpec | None = Field(
         None, description="Optional torch.optim.lr_scheduler: name plus keyword arguments."
     )
+    report: ReportSpec = Field(
+        default_factory=ReportSpec, description="Axis titles, title and log axes of the plots."
+    )
 
 
 # Sections of the schema by key path ("*" matches any key): their model, or None where any key
@@ -611,6 +632,7 @@ _SECTIONS: dict[tuple[str, ...], type[BaseModel] | None] = {
     ("optimizer",): OptimizerSpec,
     ("scheduler",): SchedulerSpec,
     ("loss",): LossSpec,
+    ("report",): ReportSpec,
 }
 
 
@@ -631,6 +653,7 @@ def config_to_dict(cfg: Config) -> dict:
     out = cfg.model_dump(mode="json")
     out["data"] = cfg.data.model_dump(mode="json", exclude_none=True)
     out["model"] = cfg.model.model_dump(mode="json", exclude_none=True)
+    out["report"] = cfg.report.model_dump(mode="json", exclude_none=True)
     return out
 
 

@@ -79,6 +79,11 @@ class Run:
         return list(self.summary.get("components") or [])
 
     @property
+    def columns(self) -> dict[str, str]:
+        """The data file's column names by role (summary.json's `columns`; {} for none)."""
+        return dict(self.summary.get("columns") or {})
+
+    @property
     def label(self) -> str:
         return self.path.name or str(self.path)
 
@@ -182,6 +187,11 @@ def _check_summary(run_dir: Path, s: Any) -> dict:
             not isinstance(parts, list) or not all(isinstance(c, str) for c in parts)
         ):
             problems.append("'components' is not a list of texts")
+        cols = s.get("columns")
+        if cols is not None and (
+            not isinstance(cols, dict) or not all(isinstance(c, str) for c in cols.values())
+        ):
+            problems.append("'columns' is not an object of texts")
     if problems:
         raise RunFileError(f"{path}: garbled ({'; '.join(problems)})")
     return s

@@ -67,12 +67,17 @@ class RunWriter:
         self.grid_t = torch.as_tensor(grid, dtype=prep.dtype).to(prep.device)
         # Snapshots draw the observations sorted by x: sort once here, not O(n log n) per snapshot
         # (a copy only when the data are unsorted; sorted data are passed as they are).
-        x, y, y_true = ds.x, ds.y, ds.y_true
+        x, y, y_true, sigma = ds.x, ds.y, ds.y_true, ds.sigma
         if not np.all(x[1:] >= x[:-1]):
             order = np.argsort(x, kind="stable")
             x, y = x[order], y[order]
             y_true = None if y_true is None else y_true[order]
+            sigma = None if sigma is None else sigma[order]
         self.obs = (x, y, y_true)
+        self.sigma = sigma
+        from fitcli import plots
+
+        self.labels = plots.axis_labels(prep.cfg.report, ds.names)
         # Set by execute and saved in state.json with every snapshot; None while LM's converged
         # snapshots are filled in, so that state.json stays at the real last epoch.
         self.history: History | None = None
@@ -110,7 +115,10 @@ class RunWriter:
             y_fit = prep.model(self.grid_t).double().cpu().numpy()
         parts = [c.double().cpu().numpy() for c in prep.model.component_values(self.grid_t)]
         page = plots.snapshot_page(
-            name=prep.cfg.name if note is None else f"{prep.cfg.name} ({note})",
+            name=prep.cfg.name,
+            note=note,
+            sigma=self.sigma,
+            labels=self.labels,
             epoch=epoch,
             epochs=prep.cfg.epochs,
             loss=loss,
@@ -255,6 +263,8 @@ def base_summary(prep: Prepared, run_dir: Path | None, command: list[str]) -> Su
         # The multi-start search that chose this run's start (`fitcli.starts`).
         **({"starts": prep.starts} if prep.starts is not None else {}),
         "n_points": prep.dataset.n,
+        # A data file's column names by role: the plots' axis titles (`plots.axis_labels`).
+        **({"columns": dict(prep.dataset.names)} if prep.dataset.names else {}),
         # How the model is composed (`fitcli.composition`): its components and its ties.
         **({"components": list(prep.model.components)} if prep.model.components else {}),
         **({"tied": dict(prep.model.tied)} if prep.model.tied else {}),
