@@ -128,7 +128,13 @@ def test_directory_mode_copies_missing_plotly_js(run: Path) -> None:
 def test_report_holds_every_part_once_with_one_plotly(run: Path) -> None:
     assert plot(run).exit_code == 0
     page = (run / "report.html").read_text()
-    for div in ("fitcli-fit", "fitcli-loss", "fitcli-params", "fitcli-residuals", "fitcli-correlation"):
+    for div in (
+        "fitcli-fit",
+        "fitcli-loss",
+        "fitcli-params",
+        "fitcli-residuals",
+        "fitcli-correlation",
+    ):
         assert f'id="{div}"' in page
     assert page.count("Plotly.newPlot") == 5
     assert "Plotly.addFrames" in page  # slider frames

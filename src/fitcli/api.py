@@ -576,6 +576,8 @@ class FitResult:
             x_fit=grid,
             y_fit=curve,
             loss_name=str(s.get("loss", "mse")),
+            sigma=None if self.sigma is None else self.sigma[order],
+            labels=plots.axis_labels(self.config.report, s.get("columns")),
         )
 
     def figure(self) -> Any:

@@ -318,6 +318,7 @@ def snapshot_page(
 
 # -- the report and comparison pages ---------------------------------------------------------
 
+
 def _layout(title: str, **extra: Any) -> dict:
     return {
         "title": {"text": title},
@@ -395,21 +396,17 @@ def fit_animation_figure(
             "line": {"color": FIT, "width": 3},
         }
     )
-    labels = list(components or [])
-    for k, label in enumerate(labels):
+    parts = list(components or [])
+    for k, label in enumerate(parts):
         values = last["components"][k] if last else []
         data.append(component_trace(k, label, last["x_fit"] if last else [], values))
-    moving = list(range(fit_index, fit_index + 1 + len(labels)))
+    moving = list(range(fit_index, fit_index + 1 + len(parts)))
 
     def title_of(s: dict) -> str:
-        return _fit_title(
-            name, s["epoch"], epochs, loss_name, s["loss"], s.get("note"), axes.title
-        )
+        return _fit_title(name, s["epoch"], epochs, loss_name, s["loss"], s.get("note"), axes.title)
 
     title = title_of(last) if last else f"{text(axes.title or name)}: no snapshot yet"
-    layout = _layout(
-        title, xaxis=_axis(axes.x, axes.log_x), yaxis=_axis(axes.y, axes.log_y)
-    )
+    layout = _layout(title, xaxis=_axis(axes.x, axes.log_x), yaxis=_axis(axes.y, axes.log_y))
     frames = []
     steps = []
     for s in snapshots:
@@ -419,7 +416,7 @@ def fit_animation_figure(
                 "name": key,
                 "data": [
                     {"x": s["x_fit"], "y": s["y_fit"]},
-                    *({"x": s["x_fit"], "y": v} for v in (s["components"] if labels else [])),
+                    *({"x": s["x_fit"], "y": v} for v in (s["components"] if parts else [])),
                 ],
                 "traces": moving,
                 "layout": {"title": {"text": title_of(s)}},

@@ -177,8 +177,9 @@ STATISTICS = (
 def statistics(run: Run) -> dict[str, Any]:
     """The statistics block's values by summary.json key, those the run has (not null)."""
     s = run.summary
-    unc = s.get("uncertainty") if isinstance(s.get("uncertainty"), dict) else {}
-    values = {**s, "condition_number": unc.get("condition_number")}
+    unc = s.get("uncertainty")
+    cond = unc.get("condition_number") if isinstance(unc, dict) else None
+    values = {**s, "condition_number": cond}
     return {k: values[k] for k, _ in STATISTICS if _number(values.get(k))}
 
 
@@ -254,7 +255,7 @@ def _frames(run: Run) -> list[dict]:
     """The fit animation's frames: every snapshot up to where the run stopped, then the final
     fit once, as what it is (its note, e.g. "converged at epoch 16"), not as a later epoch:
     the snapshots filled in after an early stop all hold that same fit."""
-    frames = []
+    frames: list[dict] = []
     for p in run.snapshots:
         frame = {
             "epoch": p.epoch,
@@ -265,7 +266,11 @@ def _frames(run: Run) -> list[dict]:
         }
         if p.note is not None:
             done = run.summary.get("epochs_run")
-            frames.append({**frame, "note": p.note, "label": f"{done} (final fit)"})
+            final = {"note": p.note, "label": f"{done} (final fit)"}
+            if frames and frames[-1]["epoch"] == done:  # the stop's own snapshot: that one
+                frames[-1].update(final)
+            else:
+                frames.append({**frame, **final})
             break
         frames.append(frame)
     return frames
