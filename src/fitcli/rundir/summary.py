@@ -50,6 +50,7 @@ class Summary(TypedDict, total=False):
     seed: int  # the config's seed
     n_points: int  # observations fitted
     data_digest: str  # digest of a data file (only for file data): what resume compares
+    data_file: dict[str, Any]  # a large data file not copied: its path and size in bytes
     elapsed_s: float  # wall-clock seconds of training (of the last resume, when resumed)
     started_at: str  # when the run started (its first start, when resumed)
     finished_at: str  # when it finished
