@@ -507,7 +507,7 @@ def run_report(
         # the last bit over several).
         both = y_true is not None and weights is None
         chunk = max(p + 1, DESIGN_CHUNK_ENTRIES // (p + 1))
-        ys = [y, y_true] if both else [y]
+        ys = [y] if y_true is None or not both else [y, y_true]
         r, zs, perps = reduce_least_squares(rows, ys, n, p, weights, chunk_rows=chunk)
         _, rss_opt, _ = _optimum(r, zs[0], perps[0], n, p)
         if loss == "mse":
