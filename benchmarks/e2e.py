@@ -127,9 +127,13 @@ def side_by_side(n: int, tmp: Path, reps: int) -> tuple[list[str], dict]:
         f"({min(ratios):.2f}-{max(ratios):.2f}) | {diff:.1e} | {', '.join(stored) or 'none'} |"
     )
     print(row, flush=True)
-    res = subprocess.run([py, "-c", BREAKDOWN, *fitcli_cmd(cfg, run)[2:]], capture_output=True,
+    res = subprocess.run([py, "-c", BREAKDOWN, *fitcli_cmd(cfg, run)[1:]], capture_output=True,
                          text=True, check=True)  # fmt: skip
     spent = json.loads(res.stderr.strip().splitlines()[-1])
+    if "train" not in spent:
+        raise RuntimeError(
+            f"the timed run did not train:\n{res.stdout[-3000:]}{res.stderr[-3000:]}"
+        )
     path.unlink()
     return [row], spent
 
