@@ -252,3 +252,18 @@ def test_resume_compares_data_npz_column_by_column(tmp_path, threshold):
     src.write_text(saved)
     result = cli("train", "--resume", run, "--progress", "none")
     assert result.exit_code == 0, result.output
+
+
+def test_api_arrays_above_the_threshold_stay_data_csv(tmp_path, threshold):
+    """A saved API fit of arrays keeps data.csv: its config.yaml reads them from there."""
+    import fitcli
+
+    x = np.linspace(0, 5, N)
+    y = 3.0 * np.exp(-x / 2.0) + 0.5 + 0.01 * np.sin(7 * x)
+    run = tmp_path / "run"
+    fitcli.fit(x=x, y=y, expr="A*exp(-x/tau) + B", params={"A": 2, "tau": 1, "B": 0}, run_dir=run)
+    assert stored(run) == ["data.csv"]
+    got = np.loadtxt(run / "data.csv", delimiter=",", skiprows=1)
+    assert np.array_equal(got[:, 0], x) and np.array_equal(got[:, 1], y)
+    again = fitcli.load(run)
+    assert again.params == pytest.approx(json.loads((run / "summary.json").read_text())["params"])
