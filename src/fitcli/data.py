@@ -42,7 +42,8 @@ class Dataset:
 
 def seed_streams(seed: int) -> dict[str, int]:
     """Independent 63-bit seeds for each random consumer, all derived from the config's seed."""
-    names = ("noise", "init", "shuffle")
+    # Appending a name keeps the others' seeds: child k of a SeedSequence depends only on k.
+    names = ("noise", "init", "shuffle", "starts")
     children = np.random.SeedSequence(seed).spawn(len(names))
     return {
         name: int(child.generate_state(1, np.uint64)[0] >> np.uint64(1))

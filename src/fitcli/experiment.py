@@ -69,6 +69,11 @@ def execute(
     command = command if command is not None else sys.argv
     cfg = prep.cfg
     t0 = time.perf_counter()
+    if resume is None and cfg.starts > 1 and prep.starts is None:
+        # Not searched yet (`resume.start` searches before the run directory exists).
+        from fitcli.starts import search
+
+        search(prep)
     if resume is not None:
         copy_data = "data_file" not in resume.summary
     writer = RunWriter(run_dir, prep, plotlyjs, defer_state=defer_state, copy_data=copy_data)

@@ -49,6 +49,7 @@ class Summary(TypedDict, total=False):
     device: str  # the torch device it trained on
     dtype: str  # float32 or float64
     seed: int  # the config's seed
+    starts: dict[str, Any]  # the multi-start search: count, losses, best, reached_best, start
     n_points: int  # observations fitted
     components: list[str]  # each component's text (models of 2+ additive terms only)
     tied: dict[str, str]  # each tied parameter's expression (models with ties only)

@@ -281,6 +281,8 @@ def base_summary(
         "device": str(prep.device),
         "dtype": cfg.dtype,
         "seed": cfg.seed,
+        # The multi-start search that chose this run's start (`fitcli.starts`).
+        **({"starts": prep.starts} if prep.starts is not None else {}),
         "n_points": prep.dataset.n,
         # How the model is composed (`fitcli.composition`): its components and its ties.
         **({"components": list(prep.model.components)} if prep.model.components else {}),
