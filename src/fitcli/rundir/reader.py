@@ -390,8 +390,9 @@ def read_run(run_dir: Path) -> Run:
                     f"{run_dir / rel}: missing (the fitted curve of snapshot epoch {e['epoch']}; "
                     "runs trained before fitcli stored fitted curves cannot be rebuilt)"
                 )
-            # A model of many terms has as many columns: the bound grows with them.
-            limit = files.csv_limit(files.FIT_GRID, len(fit_header))
+            # A model of many terms has as many columns: the bound grows with them (never below
+            # other snapshot files', so that a curve of too many points is named as such).
+            limit = max(files.SNAPSHOT_LIMIT, files.csv_limit(files.FIT_GRID, len(fit_header)))
             fit = _read_csv(run_dir, rel, header=fit_header, limit=limit)
             if len(fit["x"]) > files.FIT_GRID:
                 raise RunFileError(
