@@ -2,10 +2,11 @@
 
 Injection strings go into every config text that reaches a page: the run name, the data file's
 name and its column names (the axis titles, and in the report's config), the `report:` section's
-x_label and title, and the command line recorded in config.yaml (an override). Then the snapshot pages (`fitcli train`), the report and the
-comparison page (`fitcli plot`) are parsed: the injected markup must not appear raw, the pages
-hold exactly the tags and scripts that a page for a harmless run holds, and no attribute is an
-event handler or a javascript: URL. (The browser test, elsewhere, executes pages for real.)
+x_label and title, and the command line recorded in config.yaml (an override). Then the
+snapshot pages (`fitcli train`), the report and the comparison page (`fitcli plot`) are parsed:
+the injected markup must not appear raw (nor in any text of a figure), the pages hold exactly
+the tags and scripts that a page for a harmless run holds, and no attribute is an event handler
+or a javascript: URL. (The browser test, elsewhere, executes pages for real.)
 """
 
 from __future__ import annotations

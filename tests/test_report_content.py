@@ -76,7 +76,7 @@ def sigma_run(tmp_path_factory) -> Path:
     y = 1.5 + 0.7 * x + rng.normal(0, sigma)
     (tmp / "line.csv").write_text(
         "time_s,signal,dsignal\n"
-        + "".join(f"{a!r},{b!r},{c!r}\n" for a, b, c in zip(x.tolist(), y.tolist(), sigma.tolist()))
+        + "".join(f"{a!r},{b!r},{c!r}\n" for a, b, c in np.stack([x, y, sigma], 1).tolist())
     )
     config = tmp / "line.yaml"
     config.write_text(
