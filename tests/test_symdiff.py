@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fitcli.config import config_from_dict
-from fitcli.expr import FUNCTION_NAMES, parse_expression
+from fitcli.expr import FUNCTION_NAMES, FUNCTION_TABLE, parse_expression
 from fitcli.lm import _jacobian_columns, host_ok
 from fitcli.lm_optim import NumpyModel
 from fitcli.model import model_function
@@ -86,6 +86,8 @@ def test_value_and_jacobian_match_torch_autograd(source):
 
 def test_every_function_has_a_derivative():
     for name in FUNCTION_NAMES:
+        if len(FUNCTION_TABLE[name].args) != 1:  # voigt_profile: tests/test_faddeeva.py
+            continue
         source = f"{name}(0.3 * a * x + 0.5 * c)"  # inside every domain on X
         e = parse_expression(source)
         _, jac = compile_jacobian(e, ["a", "c"])(X, VALUES)
