@@ -375,6 +375,56 @@ def plot(
 
 
 @app.command()
+def predict(
+    run_dir: Annotated[
+        Path, typer.Argument(help="The run directory whose fit to evaluate.", show_default=False)
+    ],
+    x: Annotated[
+        str | None,
+        typer.Option("--x", help="New points START:STOP:NUM, as numpy's linspace (0:10:101)."),
+    ] = None,
+    x_file: Annotated[
+        Path | None,
+        typer.Option("--x-file", help="New points from a table, its x column as in the config."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Write the columns as CSV here (never replaced)."),
+    ] = None,
+    band: Annotated[
+        float,
+        typer.Option("--band", help="Level of the confidence and prediction bands; 0: none."),
+    ] = 0.95,
+    json_out: Annotated[
+        bool, typer.Option("--json", help='Print {"x": [...], "fit": [...], bands} only.')
+    ] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Evaluate a run's fitted model at new points, with confidence and prediction bands.
+
+    Prints a table (or JSON with --json), or writes CSV with --out; the columns
+    are x, fit and, where the fit has error bars, conf_lower_95, conf_upper_95,
+    pred_lower_95 and pred_upper_95. Exit 0 done, 2 invalid input or not a run
+    directory.
+    """
+    from fitcli import console
+
+    with errors_to_exit(debug):
+        from fitcli.api import predict_run, write_prediction
+
+        columns, note = predict_run(run_dir, x=x, x_file=x_file, band=band or None)
+        if note is not None:
+            console.warn(f"no bands: {note}")
+        if out is not None:
+            write_prediction(out, columns)
+            console.plain_err(f"wrote {len(columns['x'])} points to {out}")
+        elif json_out:
+            console.print_json({k: v.tolist() for k, v in columns.items()})
+        else:
+            console.columns_table(columns)
+
+
+@app.command()
 def graph(
     config: ConfigArg,
     overrides: OverridesArg = None,
@@ -547,6 +597,45 @@ def runs(
             sys.stdout.write(render_json(rows))
         else:
             console.runs_table([{**r, **r["display"]} for r in rows], list(COLUMNS))
+
+
+@app.command()
+def shapes(
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help="One lineshape to show in full (default: list them all).", show_default=False
+        ),
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON and nothing else.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List the lineshapes callable in expressions, or show one: its formula,
+    parameters, defaults and what the start-value guess takes each parameter for.
+
+    Exit 0 shown, 2 no lineshape of that name.
+    """
+    from fitcli import console
+
+    with errors_to_exit(debug):
+        from fitcli import shapes as registry
+
+        if name is None:
+            if json_out:
+                console.print_json(
+                    {
+                        "shapes": [registry.describe(s) for s in registry.SHAPES.values()],
+                        "unavailable": registry.UNAVAILABLE,
+                    }
+                )
+            else:
+                console.shapes_table(list(registry.SHAPES.values()), registry.UNAVAILABLE)
+            return
+        shape = registry.lookup(name)
+        if json_out:
+            console.print_json(registry.describe(shape))
+        else:
+            console.shape_detail(shape)
 
 
 _IN_MAIN = False  # set by `main`: this is the fitcli process, not a caller of `app`

@@ -158,9 +158,24 @@ class Progress:
             self._plain_line(time.perf_counter())
 
 
-def summary_table(summary: dict) -> None:
-    """The end-of-run table on stdout: parameters (± standard error when known), loss, time."""
+def summary_text(summary: dict, *, width: int = 100) -> str:
+    """The end-of-run table (`summary_table`) as plain text, for `FitResult.report()`."""
+    import io
+
+    buffer = io.StringIO()
+    out = Console(
+        file=buffer, width=width, highlight=False, soft_wrap=True, color_system=None, emoji=False
+    )
+    summary_table(summary, out=out)
+    return buffer.getvalue()
+
+
+def summary_table(summary: dict, *, out: Console | None = None) -> None:
+    """The end-of-run table on stdout (or `out`): parameters (± standard error when known),
+    loss, time."""
     from rich.table import Table
+
+    out = stdout if out is None else out
 
     status = summary["status"]
     colour = {
@@ -186,10 +201,11 @@ def summary_table(summary: dict) -> None:
     if truth:
         table.add_column("truth", justify="right", no_wrap=True)
         table.add_column("(fit-truth)/σ", justify="right", no_wrap=True)
+    tied = summary.get("tied") or {}
     for name, value in summary["params"].items():
         err = stderrs.get(name)
         text = f"{value:.8g}" if value is not None else "-"
-        row = [name]
+        row = [f"{name} = {tied[name]}" if name in tied else name]
         if has_err:
             row.append(f"{text} ± {err:.3g}" if err is not None else f"{text} ± -")
             rel = abs(err / value) if err is not None and value else None
@@ -201,7 +217,7 @@ def summary_table(summary: dict) -> None:
             row.append(f"{t:.8g}" if t is not None else "-")
             row.append(f"{d:+.2f}" if d is not None else "-")
         table.add_row(*map(_literal, row))
-    stdout.print(table, markup=True)
+    out.print(table, markup=True)
     loss = summary.get("final_loss")
     lines = [
         f"final loss  {loss:.8g}" if loss is not None else "final loss  -",
@@ -226,9 +242,33 @@ def summary_table(summary: dict) -> None:
         lines.append(f"error bars  {unc['status']}" + ("" if told else f": {why}"))
     if summary.get("reason"):
         lines.append(f"stopped     {summary['reason']}")
-    lines.append(f"run dir     {summary['run_dir']}")
+    if summary.get("run_dir") is not None:  # None: a fit in memory (the Python API)
+        lines.append(f"run dir     {summary['run_dir']}")
     for line in lines:
-        stdout.print(printable(line), markup=False, highlight=False, emoji=False)
+        out.print(printable(line), markup=False, highlight=False, emoji=False)
+
+
+def columns_table(columns: dict[str, Any]) -> None:
+    """`fitcli predict`: numeric columns side by side on stdout, 10 significant digits."""
+    from rich.table import Table
+
+    table = Table(show_edge=False, pad_edge=False)
+    for name in columns:
+        table.add_column(name, justify="right")
+    for row in zip(*(v.tolist() for v in columns.values()), strict=True):
+        table.add_row(*(f"{v:.10g}" for v in row))
+    _print_whole(table)
+
+
+def _print_whole(table: Any) -> None:
+    """A table on stdout; without a terminal (a pipe, a file) at its full width, never cut."""
+    out = stdout
+    if not stdout.is_terminal:
+        from rich.measure import Measurement
+
+        wide = Measurement.get(stdout, stdout.options.update(max_width=10**6), table).maximum
+        out = Console(width=wide, highlight=False, soft_wrap=True)
+    out.print(table, markup=False, highlight=False, emoji=False)
 
 
 def print_json(obj: Any) -> None:
@@ -294,13 +334,7 @@ def runs_table(rows: list[dict], columns: list[str]) -> None:
         table.add_column(col, justify="right" if col in right else "left")
     for row in rows:
         table.add_row(*(_literal(row.get(c, "")) for c in columns))
-    out = stdout
-    if not stdout.is_terminal:  # a pipe or a file: whole values, however long the lines get
-        from rich.measure import Measurement
-
-        wide = Measurement.get(stdout, stdout.options.update(max_width=10**6), table).maximum
-        out = Console(width=wide, highlight=False, soft_wrap=True)
-    out.print(table, markup=False, highlight=False, emoji=False)
+    _print_whole(table)  # a pipe or a file: whole values, however long the lines get
 
 
 def graph_tree(graph: Any) -> None:
@@ -337,3 +371,60 @@ def graph_tree(graph: Any) -> None:
         branch = parent.add(label(nid))
         stack.extend((branch, c) for c in reversed(graph.children[nid]))
     stdout.print(root, markup=False, highlight=False, emoji=False)
+
+
+def _wide(renderable: Any) -> Console:
+    """stdout, or for a pipe or a file a console as wide as `renderable` (no wrapped cells)."""
+    if stdout.is_terminal:
+        return stdout
+    from rich.measure import Measurement
+
+    wide = Measurement.get(stdout, stdout.options.update(max_width=10**6), renderable).maximum
+    return Console(width=wide, highlight=False, soft_wrap=True)
+
+
+def shapes_table(shapes: list[Any], unavailable: dict[str, str]) -> None:
+    """`fitcli shapes`: one line per lineshape on stdout: its signature and what it is."""
+    from rich.table import Table
+
+    from fitcli.shapes import signature
+
+    table = Table(show_edge=False, pad_edge=False)
+    table.add_column("lineshape", no_wrap=True)
+    table.add_column("meaning")
+    for shape in shapes:
+        table.add_row(_literal(signature(shape)), _literal(shape.summary))
+    _wide(table).print(table, markup=False, highlight=False, emoji=False)
+    lines = [f"{len(shapes)} lineshapes; `fitcli shapes NAME` shows one in full."]
+    lines += [f"not yet available: {name} ({why})" for name, why in unavailable.items()]
+    for line in lines:
+        stdout.print(printable(line), markup=False, highlight=False, emoji=False)
+
+
+def shape_detail(shape: Any) -> None:
+    """`fitcli shapes NAME`: the signature, meaning, formula and each parameter's guess role."""
+    from rich.table import Table
+
+    from fitcli.shapes import signature
+
+    head, _, math_text = shape.doc.partition("\n")
+    lines = [signature(shape), "", head, "", f"  {math_text}", "", "formula (fitcli):"]
+    lines += [f"  {shape.formula}", ""]
+    for line in lines:
+        stdout.print(printable(line), markup=False, highlight=False, emoji=False)
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("parameter", "default", "guess role"):
+        table.add_column(col)
+    for arg in shape.args[1:]:
+        role = shape.roles[arg]
+        default = shape.defaults.get(arg)
+        text = "-" if default is None else f"{default:g}" if isinstance(default, float) else default
+        what = role.kind
+        if role.kind in ("width", "area", "height") and role.factor != 1.0:
+            what += f" (factor {role.factor:.6g})"
+        if role.start is not None:
+            what += f", start {role.start:g}"
+        if role.note:
+            what += f": {role.note}"
+        table.add_row(_literal(arg), _literal(text), _literal(what))
+    _wide(table).print(table, markup=False, highlight=False, emoji=False)

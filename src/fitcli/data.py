@@ -41,7 +41,8 @@ class Dataset:
 
 def seed_streams(seed: int) -> dict[str, int]:
     """Independent 63-bit seeds for each random consumer, all derived from the config's seed."""
-    names = ("noise", "init", "shuffle")
+    # Appending a name keeps the others' seeds: child k of a SeedSequence depends only on k.
+    names = ("noise", "init", "shuffle", "starts")
     children = np.random.SeedSequence(seed).spawn(len(names))
     return {
         name: int(child.generate_state(1, np.uint64)[0] >> np.uint64(1))
@@ -101,6 +102,116 @@ def make_dataset(cfg: Config) -> Dataset:
     return Dataset(x=x, y=y, y_true=y_true, source="synthetic")
 
 
+ARRAYS = "arrays"  # Dataset.source of data given as arrays (the Python API), not read from a file
+
+
+def as_column(values: Any, role: str) -> np.ndarray:
+    """One data column given in memory (numpy, torch, pandas, a list) as a contiguous float64
+    array, checked as a data file's cells are: real numbers, every one finite; a fault is a
+    DataError naming the argument and the 0-based index."""
+    if hasattr(values, "detach") and hasattr(values, "cpu"):  # a torch tensor
+        values = values.detach().cpu().numpy()
+    elif hasattr(values, "to_numpy"):  # a pandas Series (or one-column frame)
+        values = values.to_numpy()
+    try:
+        arr = np.asarray(values)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{role}: cannot be read as numbers: {exc}") from None
+    if arr.ndim != 1:
+        raise DataError(f"{role}: must be one-dimensional (got shape {arr.shape})")
+    if arr.dtype.kind not in "iuf":
+        if arr.dtype.kind == "c":
+            raise DataError(f"{role}: holds complex numbers; give the real values")
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError):
+            bad = next((v for v in arr.tolist() if not _is_real(v)), arr[0] if arr.size else None)
+            raise DataError(f"{role}: {bad!r} is not a number") from None
+    # A copy of its own: the caller's array may change later, or be read-only (pandas).
+    arr = np.array(arr, dtype=np.float64, order="C", copy=True)
+    bad_at = np.flatnonzero(~np.isfinite(arr))
+    if bad_at.size:
+        k = int(bad_at[0])
+        raise DataError(
+            f"{role}[{k}] is {float(arr[k])!r}, not a finite number; remove or fix that row"
+        )
+    return arr
+
+
+def _is_real(v: Any) -> bool:
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(v, bool | complex)
+
+
+def dataset_from_arrays(x: Any, y: Any, sigma: Any = None) -> Dataset:
+    """Observations given in memory: the checks of a data file (finite numbers, at least 2
+    points, sigma > 0) with messages naming the argument (`x`, `y`, `sigma`) and the index."""
+    xs, ys = as_column(x, "x"), as_column(y, "y")
+    sig = None if sigma is None else as_column(sigma, "sigma")
+    for role, arr in (("y", ys), ("sigma", sig)):
+        if arr is not None and arr.shape[0] != xs.shape[0]:
+            raise DataError(f"{role} has {arr.shape[0]} values but x has {xs.shape[0]}")
+    if xs.shape[0] < 2:
+        raise DataError(f"x has {xs.shape[0]} values; need at least 2 points")
+    if sig is not None:
+        nonpos = np.flatnonzero(sig <= 0)
+        if nonpos.size:
+            k = int(nonpos[0])
+            raise DataError(f"sigma[{k}] is {sig[k]:g}; sigma must be > 0")
+    return Dataset(x=xs, y=ys, sigma=sig, source=ARRAYS)
+
+
+def load_x_column(path: Path, column: str | int | None) -> np.ndarray:
+    """The x column of a table of new points (CSV or whitespace, header row optional): the
+    config's `data.columns.x` (a name or 0-based index), else a column named x, else the first.
+    Every cell must be a finite number; a fault names the line."""
+    if not path.is_file():
+        what = "does not exist" if not path.exists() else "is not a regular file"
+        raise DataError(f"--x-file: {path} {what}")
+    _check_text(path)
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"--x-file: cannot read {path}: {exc}") from None
+    body = [(k + 1, ln) for k, ln in enumerate(lines) if not _is_skipped(ln)]
+    if not body:
+        raise DataError(f"--x-file: {path} holds no data")
+    head_line = body[0][1]
+    delimiter = "," if "," in head_line else ("\t" if "\t" in head_line else None)
+    cells = _split(head_line, delimiter)
+    header = None if all(_is_number(c) for c in cells) else cells
+    if header is not None:
+        body = body[1:]
+    if isinstance(column, int):
+        index = column
+    elif column is not None:
+        if header is None or column not in header:
+            have = ", ".join(map(repr, header)) if header else "no header row"
+            raise DataError(f"--x-file: no column {column!r} in {path} ({have})")
+        index = header.index(column)
+    else:
+        index = header.index("x") if header is not None and "x" in header else 0
+    out = np.empty(len(body), dtype=np.float64)
+    for row, (lineno, line) in enumerate(body):
+        row_cells = _split(line, delimiter)
+        if index >= len(row_cells):
+            raise DataError(f"--x-file: {path} line {lineno}: no column {index + 1}")
+        cell = row_cells[index]
+        try:
+            value = float(cell)
+        except ValueError:
+            raise DataError(f"--x-file: {path} line {lineno}: {cell!r} is not a number") from None
+        if not math.isfinite(value):
+            raise DataError(f"--x-file: {path} line {lineno}: {cell!r} is not a finite number")
+        out[row] = value
+    if not out.size:
+        raise DataError(f"--x-file: {path} holds no data rows")
+    return out
+
+
 def check_dtype_range(ds: Dataset, dtype: str) -> None:
     """In float32, every value the fit uses (x, y, and the weights 1/sigma) must be a finite
     float32; a value beyond its range is a DataError naming the row, not a diverged fit."""
@@ -118,11 +229,12 @@ def check_dtype_range(ds: Dataset, dtype: str) -> None:
             continue
         row = int(over[0])
         shown = given[row]
-        where = (
-            f"data.file: {ds.source} data row {row + 1}"
-            if ds.source != "synthetic"
-            else f"data.target: at x = {ds.x[row]:g}"
-        )
+        if ds.source == ARRAYS:
+            where = f"{role}[{row}]"
+        elif ds.source != "synthetic":
+            where = f"data.file: {ds.source} data row {row + 1}"
+        else:
+            where = f"data.target: at x = {ds.x[row]:g}"
         bound = "its weight 1/sigma is" if role == "sigma" else "is"
         raise DataError(
             f"{where}: {role} = {shown:g} {bound} beyond float32's range (about 3.4e38); "

@@ -61,12 +61,16 @@ def execute(
     `stopped_by` names the signal that made `on_epoch` stop the run (SIGINT, SIGTERM, SIGHUP;
     None when none did, e.g. --fail-fast): the summary records it and exits by it.
     """
-    from fitcli.stats import verdict
     from fitcli.train import History
 
     command = command if command is not None else sys.argv
     cfg = prep.cfg
     t0 = time.perf_counter()
+    if resume is None and cfg.starts > 1 and prep.starts is None:
+        # Not searched yet (`resume.start` searches before the run directory exists).
+        from fitcli.starts import search
+
+        search(prep)
     writer = RunWriter(run_dir, prep, plotlyjs, defer_state=defer_state)
     # A plain dict while it is filled in: stats and the optimizer adapters return plain dicts.
     summary: dict[str, Any] = dict(base_summary(prep, run_dir, command))
@@ -98,32 +102,7 @@ def execute(
             fill_converged_snapshots(writer, prep, result)
         writer.flush()
         # Still inside: a second Ctrl-C or a fault while finishing must not leave "running".
-        # The run's status is decided here: the loop's, unless the optimizer reports that it
-        # cannot continue (LM at a point where the model is not finite), which fails the run.
-        status, reason = result.status, result.reason
-        failure = getattr(prep.stepper, "failure", None)
-        if failure is not None:
-            status, reason = RunStatus.FAILED, failure
-        summary.update(
-            status=status,
-            exit_code=int(exit_code_for(status)),
-            epochs_run=result.epochs_run,
-            final_loss=result.final_loss,
-            params=prep.model.values(),
-            reason=reason,
-            elapsed_s=time.perf_counter() - t0,
-            finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        )
-        if status == RunStatus.INTERRUPTED:
-            by = stopped_by() if stopped_by is not None else None
-            summary.update(interruption_fields(by, f"after epoch {result.epochs_run}"))
-        summary.pop("process", None)  # finished: no process writes it any more
-        if prep.lm:
-            summary.update(prep.stepper.summary_fields())
-        summary.update(finish_stats(prep, result))
-        summary.update(
-            verdict(summary["status"], summary["reason"], result.epochs_run, summary["uncertainty"])
-        )
+        conclude(prep, result, summary, t0=t0, stopped_by=stopped_by)
         files.write_json(run_dir / files.SUMMARY, summary)
     except BaseException as exc:
         summary.update(
@@ -143,6 +122,56 @@ def execute(
         with contextlib.suppress(FitcliError):
             files.write_json(run_dir / files.SUMMARY, summary)
         raise
+    return summary
+
+
+def conclude(
+    prep: Prepared,
+    result: TrainResult,
+    summary: dict[str, Any],
+    *,
+    t0: float,
+    stopped_by: Callable[[], str | None] | None = None,
+) -> dict[str, Any]:
+    """Fill in the end of a run's summary (in place, and returned): its status, parameters,
+    error bars and verdict. The one place a trained run's outcome is decided, for a run
+    directory (`execute`) and for a fit in memory (`fitcli.api.fit`) alike; no I/O.
+
+    The run's status is the loop's, unless the optimizer reports that it cannot continue (LM at
+    a point where the model is not finite), which fails the run.
+    """
+    from fitcli.stats import minimum_of, verdict
+
+    status, reason = result.status, result.reason
+    failure = getattr(prep.stepper, "failure", None)
+    if failure is not None:
+        status, reason = RunStatus.FAILED, failure
+    summary.update(
+        status=status,
+        exit_code=int(exit_code_for(status)),
+        epochs_run=result.epochs_run,
+        final_loss=result.final_loss,
+        params=prep.model.values(),
+        reason=reason,
+        elapsed_s=time.perf_counter() - t0,
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    if status == RunStatus.INTERRUPTED:
+        by = stopped_by() if stopped_by is not None else None
+        summary.update(interruption_fields(by, f"after epoch {result.epochs_run}"))
+    summary.pop("process", None)  # finished: no process writes it any more
+    if prep.lm:
+        summary.update(prep.stepper.summary_fields())
+    summary.update(finish_stats(prep, result))
+    summary.update(
+        verdict(
+            summary["status"],
+            summary["reason"],
+            result.epochs_run,
+            summary["uncertainty"],
+            minimum_of(prep.cfg.loss),
+        )
+    )
     return summary
 
 
@@ -239,4 +268,4 @@ def make_run_dir(cfg: Any, out: Path, run_dir: Path | None, overwrite: bool) -> 
     return files.create_run_dir(out, cfg.name)
 
 
-__all__ = ["RunDirError", "execute", "make_run_dir"]
+__all__ = ["RunDirError", "conclude", "execute", "make_run_dir"]

@@ -23,7 +23,9 @@ from fitcli.rundir import files
 from fitcli.rundir.state import STATE_FILE, SavedState, _at, _bad, _short, load_state
 
 # What a resumed run may not change: the saved parameters and history belong to these.
-FROZEN_KEYS = ("data", "model", "seed", "dtype")
+FROZEN_KEYS = ("data", "model", "seed", "dtype", "starts")
+# Frozen keys that runs saved before they existed had at these values.
+_FROZEN_DEFAULTS = {"starts": 1}
 
 
 @dataclass
@@ -94,6 +96,10 @@ def start(
     from fitcli.prepare import prepare
 
     prep = prepare(cfg)
+    if cfg.starts > 1:  # before the run directory exists: a stop meanwhile leaves nothing
+        from fitcli.starts import search
+
+        search(prep, stop=lambda: stop.interrupt() if stop.requested else None)
     if stop.requested:
         raise stop.interrupt()
     return Start(prep, make_run_dir(cfg, out, run_dir, overwrite), None)
@@ -133,7 +139,9 @@ class ResumePoint:
                 "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
         )
-        return {**summary, "started_at": prev.get("started_at"), "resumes": resumes}
+        # The start was chosen once, by the search the run began with: it is not searched again.
+        starts = {"starts": prev["starts"]} if isinstance(prev.get("starts"), dict) else {}
+        return {**summary, **starts, "started_at": prev.get("started_at"), "resumes": resumes}
 
 
 def prepare_resume(run_dir: Path, overrides: list[str]) -> tuple[Any, ResumePoint]:
@@ -166,7 +174,8 @@ def prepare_resume(run_dir: Path, overrides: list[str]) -> tuple[Any, ResumePoin
     files.read_run_file(run_dir, files.CONFIG)  # a regular file of the run (load_config reads it)
     cfg = load_config(run_dir / files.CONFIG, overrides)
     new = config_to_dict(cfg)
-    changed = [k for k in FROZEN_KEYS if not _same(new, saved.config, k)]
+    old = {**_FROZEN_DEFAULTS, **saved.config}
+    changed = [k for k in FROZEN_KEYS if not _same(new, old, k)]
     if changed:
         raise ResumeError(
             f"cannot resume {run_dir} with a different {', '.join(changed)}: the saved "

@@ -77,9 +77,164 @@ FUNCTIONS: dict[str, NumpyFunction] = {
     "abs": _one(np.abs, lambda u, v: np.sign(u)),
 }
 """The numpy side of every function in `fitcli.expr.FUNCTION_TABLE`, by the same name."""
+
+
+def _loggamma_re(a: Any, b: Any) -> Any:
+    from scipy import special
+
+    return special.loggamma(a + 1j * b).real
+
+
+def _digamma_complex(a: Any, b: Any) -> Any:
+    from scipy import special
+
+    return special.psi(a + 1j * b)
+
+
+# log|Gamma(a + ib)| = Re log Gamma(z): d/da = Re psi(z), d/db = Re(i psi(z)) = -Im psi(z)
+FUNCTIONS["loggamma_re"] = NumpyFunction(
+    _loggamma_re,
+    (
+        lambda a, b, v: _digamma_complex(a, b).real,
+        lambda a, b, v: -_digamma_complex(a, b).imag,
+    ),
+)
 FUNCTIONS["arcsin"] = FUNCTIONS["asin"]
 FUNCTIONS["arccos"] = FUNCTIONS["acos"]
 FUNCTIONS["arctan"] = FUNCTIONS["atan"]
+
+_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+_loaded = False
+
+
+def _load_special() -> None:
+    """Add the functions that need scipy.special, imported here on first use (never at start-up)."""
+    global _loaded
+    if _loaded:
+        return
+    import scipy.special as sc
+
+    def ratio_near_zero(u: Any, f: Callable[[Any], Any], c2: float, c4: float) -> Any:
+        # f(u) / u, with its series 1/2 + c2 u^2 + c4 u^4 near 0 (j1, i1: the limit 1/2 at 0)
+        tiny = np.abs(u) < 1e-4
+        safe = np.where(tiny, 1.0, u)
+        return np.where(tiny, 0.5 + u * u * (c2 + c4 * u * u), f(safe) / safe)
+
+    def erfcx_derivative(u: Any, v: Any) -> Any:
+        # 2u erfcx(u) - 2/sqrt(pi) cancels for large u: there its asymptotic series
+        large = u > 50.0
+        w = np.where(large, u, 50.0)
+        q = 1.0 / (2.0 * w * w)
+        series = term = np.ones_like(w)
+        for n in range(1, 9):
+            term = term * (-(2 * n + 1)) * q
+            series = series + term
+        return np.where(
+            large, -series / (math.sqrt(math.pi) * w * w), 2.0 * u * v - _TWO_OVER_SQRT_PI
+        )
+
+    def gamma_derivative(u: Any, v: Any) -> Any:
+        return v * sc.psi(u)
+
+    FUNCTIONS.update(
+        {
+            "cbrt": _one(np.cbrt, lambda u, v: 1.0 / (3.0 * v * v)),
+            "sign": _one(np.sign, lambda u, v: np.zeros_like(u)),
+            "erf": _one(sc.erf, lambda u, v: _TWO_OVER_SQRT_PI * np.exp(-u * u)),
+            "erfc": _one(sc.erfc, lambda u, v: -_TWO_OVER_SQRT_PI * np.exp(-u * u)),
+            "erfcx": _one(sc.erfcx, erfcx_derivative),
+            "erfinv": _one(sc.erfinv, lambda u, v: (0.5 * math.sqrt(math.pi)) * np.exp(v * v)),
+            "gamma": _one(sc.gamma, gamma_derivative),
+            "lgamma": _one(sc.gammaln, lambda u, v: sc.psi(u)),
+            "digamma": _one(sc.psi, lambda u, v: sc.polygamma(1, u)),
+            "beta": NumpyFunction(
+                sc.beta,
+                (
+                    lambda a, b, v: v * (sc.psi(a) - sc.psi(a + b)),
+                    lambda a, b, v: v * (sc.psi(b) - sc.psi(a + b)),
+                ),
+            ),
+            "j0": _one(sc.j0, lambda u, v: -sc.j1(u)),
+            "j1": _one(sc.j1, lambda u, v: sc.j0(u) - ratio_near_zero(u, sc.j1, -1 / 16, 1 / 384)),
+            "y0": _one(sc.y0, lambda u, v: -sc.y1(u)),
+            "y1": _one(sc.y1, lambda u, v: sc.y0(u) - v / u),
+            "i0": _one(sc.i0, lambda u, v: sc.i1(u)),
+            "i1": _one(sc.i1, lambda u, v: sc.i0(u) - ratio_near_zero(u, sc.i1, 1 / 16, 1 / 384)),
+            "i0e": _one(sc.i0e, lambda u, v: sc.i1e(u) - np.sign(u) * v),
+            "i1e": _one(
+                sc.i1e,
+                lambda u, v: (
+                    sc.i0e(u)
+                    - np.sign(u) * v
+                    - np.exp(-np.abs(u)) * ratio_near_zero(u, sc.i1, 1 / 16, 1 / 384)
+                ),
+            ),
+            "k0": _one(sc.k0, lambda u, v: -sc.k1(u)),
+            "k1": _one(sc.k1, lambda u, v: -sc.k0(u) - v / u),
+            "sigmoid": _one(sc.expit, lambda u, v: v * sc.expit(-u)),
+            "logit": _one(sc.logit, lambda u, v: 1.0 / (u * (1.0 - u))),
+            "softplus": _one(
+                lambda u: np.maximum(u, 0.0) + np.log1p(np.exp(-np.abs(u))),
+                lambda u, v: sc.expit(u),
+            ),
+            "log1p": _one(np.log1p, lambda u, v: 1.0 / (1.0 + u)),
+            "expm1": _one(np.expm1, lambda u, v: np.exp(u)),
+            "sinc": _one(_sinc, _sinc_derivative),
+            "atan2": NumpyFunction(np.arctan2, (_atan2_dy, _atan2_dx)),
+            "hypot": NumpyFunction(np.hypot, (lambda a, b, v: a / v, lambda a, b, v: b / v)),
+            "heaviside": _one(lambda u: 0.5 * (np.sign(u) + 1.0), lambda u, v: np.zeros_like(u)),
+        }
+    )
+    FUNCTIONS["expit"] = FUNCTIONS["sigmoid"]
+    _loaded = True
+
+
+def _atan2_dy(y: Any, x: Any, v: Any) -> Any:
+    # x / (x^2 + y^2), and 0 at the origin, as torch's autograd
+    r2 = x * x + y * y
+    return np.where(r2 == 0, 0.0, x / np.where(r2 == 0, 1.0, r2))
+
+
+def _atan2_dx(y: Any, x: Any, v: Any) -> Any:
+    r2 = x * x + y * y
+    return np.where(r2 == 0, 0.0, -y / np.where(r2 == 0, 1.0, r2))
+
+
+def _sin_pi(u: Any) -> Any:
+    n = np.round(u)
+    s = np.sin(math.pi * (u - n))
+    return np.where(np.remainder(n, 2.0) == 1.0, -s, s)
+
+
+def _cos_pi(u: Any) -> Any:
+    n = np.round(u)
+    c = np.sin(math.pi * (0.5 - np.abs(u - n)))  # cos(pi r), exactly 0 at r = 1/2
+    return np.where(np.remainder(n, 2.0) == 1.0, -c, c)
+
+
+def _sinc(u: Any) -> Any:
+    """sin(pi u) / (pi u), reduced exactly (as `fitcli.special.sinc`)."""
+    zero = u == 0
+    safe = np.where(zero, 1.0, u)
+    return np.where(zero, 1.0, _sin_pi(safe) / (math.pi * safe))
+
+
+def _sinc_derivative(u: Any, v: Any) -> Any:
+    small = np.abs(u) < 0.25
+    safe = np.where(small, 1.0, u)
+    formula = (_cos_pi(safe) - _sinc(safe)) / safe
+    z = math.pi * np.where(small, u, 0.0)
+    z2 = z * z
+    series = np.zeros_like(z)
+    for k in range(10, 0, -1):
+        series = series * z2 + (-1) ** k * 2 * k / math.factorial(2 * k + 1)
+    return np.where(small, math.pi * z * series, formula)
+
+
+# Selections (min, max, clip): the value of the selected argument, and its tangent times 1 (the
+# others' times 0, as torch's autograd does: a non-finite derivative of an unselected argument
+# still makes the result NaN there). where() selects tangents outright (see _where).
+_SELECTIONS = ("min", "max", "clip")
 
 
 def _voigt_value(x: Any, sigma: Any, gamma: Any) -> Any:
@@ -173,7 +328,15 @@ def _compile(node: tuple, index: Mapping[str, int]) -> Node:
 
         return neg
     if tag == "call":
+        name = node[1]
+        if name == "where":
+            cond, a, b = node[2]
+            return _where(_condition(cond, index), _compile(a, index), _compile(b, index))
         args = tuple(_compile(arg, index) for arg in node[2])
+        if name in _SELECTIONS:
+            return _selection(name, args)
+        if name not in FUNCTIONS:
+            _load_special()
         if len(args) == 1:
             return _call(FUNCTIONS[node[1]], args[0])
         return _call_n(FUNCTIONS[node[1]], args)
@@ -227,6 +390,73 @@ def _call_n(function: NumpyFunction, args: tuple[Node, ...]) -> Node:
         return v, t or _EMPTY
 
     return call
+
+
+def _condition(node: tuple, index: Mapping[str, int]) -> Callable[..., Any]:
+    _, first, links = node
+    left = _compile(first, index)
+    steps = tuple((op, _compile(right, index)) for op, right in links)
+
+    def condition(x, vals):
+        a = left(x, vals)[0]
+        result = None
+        for op, f in steps:
+            b = f(x, vals)[0]
+            holds = op(a, b)
+            result = holds if result is None else result & holds
+            a = b
+        return result
+
+    return condition
+
+
+def _where(test: Callable[..., Any], a: Node, b: Node) -> Node:
+    """The chosen branch's value and tangents: the other branch's never reach the result."""
+
+    def where(x, vals):
+        keep = test(x, vals)
+        u, tu = a(x, vals)
+        w, tw = b(x, vals)
+        v = np.where(keep, u, w)
+        t: Tangents = {}
+        for k in tu.keys() | tw.keys():
+            t[k] = np.where(keep, tu.get(k, 0.0), tw.get(k, 0.0))
+        return v, t or _EMPTY
+
+    return where
+
+
+def _select_pair(pick_first: Callable[[Any, Any], Any], left, right):
+    (u, tu), (w, tw) = left, right
+    first = pick_first(u, w) | np.isnan(u)
+    v = np.where(first, u, w)
+    if not tu and not tw:
+        return v, _EMPTY
+    one = first.astype(np.float64)
+    t: Tangents = {}
+    for k in tu.keys() | tw.keys():
+        t[k] = (tu[k] * one if k in tu else 0.0) + (tw[k] * (1.0 - one) if k in tw else 0.0)
+    return v, t
+
+
+def _selection(name: str, args: tuple[Node, ...]) -> Node:
+    if name == "clip":
+        v, lo, hi = args
+
+        def clip(x, vals):
+            low = _select_pair(operator.ge, v(x, vals), lo(x, vals))
+            return _select_pair(operator.le, low, hi(x, vals))
+
+        return clip
+    pick = operator.ge if name == "max" else operator.le
+
+    def select(x, vals):
+        result = args[0](x, vals)
+        for arg in args[1:]:
+            result = _select_pair(pick, result, arg(x, vals))
+        return result
+
+    return select
 
 
 def _power_const(base: Node, c: float) -> Node:

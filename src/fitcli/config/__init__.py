@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fitcli.config.messages import _validate, _Where
-from fitcli.config.overrides import _apply, apply_overrides, override_keys
+from fitcli.config.overrides import _apply, apply_overrides, apply_values, override_keys
 from fitcli.config.schema import (
     ColumnsSpec,
     Config,
@@ -54,6 +54,7 @@ __all__ = [
     "ParamSpec",
     "SchedulerSpec",
     "apply_overrides",
+    "apply_values",
     "config_from_dict",
     "config_to_dict",
     "dump_yaml",

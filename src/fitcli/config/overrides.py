@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fitcli.config.schema import _parse, _section, _show
@@ -72,6 +72,8 @@ def _set(root: dict, path: tuple[str, ...], value: Any) -> str | None:
             and not isinstance(child, bool)
         ):
             child = node[part] = {"value": child}
+        elif path[: i + 1] == ("loss",) and isinstance(child, str):
+            child = node[part] = {"name": child}  # `loss: cauchy` with `loss.f_scale=0.5`
         elif not isinstance(child, dict):
             return (
                 f"{_dotted(path[: i + 1])!r} is {_show(child)} in the config, "
@@ -79,6 +81,25 @@ def _set(root: dict, path: tuple[str, ...], value: Any) -> str | None:
             )
         node = child
     return None
+
+
+def apply_values(raw: dict, values: Mapping[str, Any], source: str | None = None) -> dict:
+    """A copy of `raw` with each dotted key of `values` set to its (Python) value: the override
+    grammar's keys and checks (`apply_overrides`) without reading values as YAML, for the
+    Python API's keyword overrides (`fitcli.fit(cfg, **{"optimizer.lr": 0.05})`)."""
+    result = copy.deepcopy(raw)
+    problems: list[str] = []
+    for key, value in values.items():
+        shown = f"{key}={_show(value)}"
+        if not KEY.match(key):
+            problems.append(f"override {shown!r}: {key!r} is not a dotted key (e.g. optimizer.lr)")
+            continue
+        problem = _set(result, tuple(key.split(".")), copy.deepcopy(value))
+        if problem:
+            problems.append(f"override {shown!r}: {problem}")
+    if problems:
+        raise ConfigError(problems, source=source)
+    return result
 
 
 def apply_overrides(raw: dict, overrides: Sequence[str], source: str | None = None) -> dict:
@@ -111,7 +132,8 @@ def override_keys(raw: Any = None) -> list[str]:
             own += expr_params
         for key in dict.fromkeys([*fields, *own]):
             child = (*path, key)
-            if not _section(child)[0] or path == ("model", "params"):  # `model.params.a=2` too
+            # `model.params.a=2` and `loss=cauchy` too, sections that take a single value
+            if not _section(child)[0] or path == ("model", "params") or child == ("loss",):
                 keys[_dotted(child)] = None
             if _section(child)[0]:
                 walk(child, node.get(key) if isinstance(node, dict) else None)

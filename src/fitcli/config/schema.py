@@ -13,17 +13,21 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     PlainValidator,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from fitcli.config.yaml_safe import Loc
 from fitcli.errors import ExpressionError
-from fitcli.expr import CONSTANT_MEANINGS
+from fitcli.expr import name_taken, rename_hint
+from fitcli.losses import NAMES as _LOSS_NAMES
+from fitcli.losses import problems as _loss_problems
 
 
 class _Problems(ValueError):
@@ -217,19 +221,79 @@ def _expression_problems(loc: Loc, source: Any, **kwargs: Any) -> list[tuple[Loc
     return []
 
 
-class ParamSpec(_Section):
-    """A fit parameter of `model.expr`: start value, optional bounds, fixed or free."""
+def _start_value(value: Any) -> float | str:
+    # A number, or `guess` (the start comes from the data: `fitcli.guess`).
+    if value == "guess":
+        return "guess"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise _Problems([((), f"must be a finite number (got {_show(value)})")])
+        return float(value)
+    raise _Problems([((), f"must be a number or guess (got {_show(value)})")])
 
-    value: float = Field(1.0, description="Initial value (strictly inside the bounds).")
+
+StartValue = Annotated[
+    float | Literal["guess"], PlainValidator(_start_value, json_schema_input_type=float | str)
+]
+
+
+class ParamSpec(_Section):
+    """A fit parameter of `model.expr`: start value, optional bounds, fixed or free; or tied."""
+
+    value: StartValue = Field(
+        1.0,
+        description="Initial value (strictly inside the bounds), or guess: from the data, by "
+        "the parameter's role in a lineshape call.",
+    )
     min: float | None = Field(None, description="Lower bound, or null for none.")
     max: float | None = Field(None, description="Upper bound, or null for none.")
     vary: bool = Field(True, description="false keeps the parameter fixed at value.")
+    expr: Text | None = Field(
+        None,
+        description="A tie: the parameter is this expression of other parameters (not of x), "
+        "e.g. c1 + 3.5; it then takes no value, min, max or vary.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _tied_alone(self, handler: Any) -> Any:
+        # A tied parameter is its expression alone: the resolved config must load again.
+        data = handler(self)
+        return {"expr": self.expr} if self.expr is not None else data
+
+    @classmethod
+    def _structure(cls, raw: dict) -> list[tuple[Loc, str]]:
+        from fitcli.composition import TIE_EXCLUSIVE, parse_tie
+
+        source = _number_to_text(raw.get("expr"))
+        if not isinstance(source, str):
+            return []  # absent, or the field's own type check reports it
+        given = [k for k in TIE_EXCLUSIVE if k in raw]
+        problems: list[tuple[Loc, str]] = []
+        if given:
+            problems.append(
+                (
+                    ("expr",),
+                    f"a tied parameter takes its value from expr, so it cannot also have "
+                    f"{', '.join(given)}; remove {'it' if len(given) == 1 else 'them'} (to keep "
+                    "a tie within bounds, tie it to a bounded parameter: c2: {expr: c1 + d} "
+                    "with d: {min: 0})",
+                )
+            )
+        try:
+            parse_tie(source)
+        except ExpressionError as exc:
+            problems.append((("expr",), str(exc)))
+        return problems
 
     @model_validator(mode="after")
     def _bounds(self) -> ParamSpec:
+        if self.expr is not None:
+            return self
         lo, hi, v = self.min, self.max, self.value
         if lo is not None and hi is not None and not lo < hi:
             raise _Problems([(("max",), f"must be greater than min ({lo}) (got {hi})")])
+        if isinstance(v, str):  # guessed from the data, then put inside the bounds
+            return self
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise _Problems([(("value",), f"{v} is outside the bounds {_interval(lo, hi)}")])
         if self.vary and v in (lo, hi):
@@ -250,10 +314,12 @@ def _interval(lo: float | None, hi: float | None) -> str:
 
 
 def _params_before(value: Any) -> Any:
-    # `a: 1.5` is shorthand for `a: {value: 1.5}`.
+    # `a: 1.5` is shorthand for `a: {value: 1.5}`, `a: guess` for `a: {value: guess}`.
     if isinstance(value, dict):
         return {
-            k: {"value": v} if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+            k: {"value": v}
+            if (isinstance(v, (int, float)) and not isinstance(v, bool)) or v == "guess"
+            else v
             for k, v in value.items()
         }
     return value
@@ -279,13 +345,21 @@ class ModelSpec(_Section):
         None,
         description="Parameters of expr: a start value, or {value, min, max, vary}; default 1.0.",
     )
+    guess: bool | None = Field(
+        None,
+        description="true: every lineshape argument of expr without a value in params starts "
+        "at a guess from the data.",
+    )
 
     @model_validator(mode="after")
     def _fill_params(self) -> ModelSpec:
         if self.expr is not None:
             given = self.params or {}
             names = _parse(self.expr, allow_params=True).params
-            self.params = {n: given.get(n, ParamSpec()) for n in names}
+            # The parameters of expr in its order, then those only in ties and the derived ones
+            # (ties of names not in expr), as given: the order is the same when reloaded.
+            filled = {n: given.get(n, ParamSpec()) for n in names}
+            self.params = {**filled, **{k: v for k, v in given.items() if k not in filled}}
         return self
 
     @classmethod
@@ -300,6 +374,8 @@ class ModelSpec(_Section):
         elif basis is not None:
             if params is not None:
                 problems.append((("params",), "only allowed with expr, not with basis"))
+            if raw.get("guess") is not None:
+                problems.append((("guess",), "only allowed with expr, not with basis"))
             if isinstance(basis, list):
                 if isinstance(init, list) and len(init) != len(basis):
                     problems.append(
@@ -327,24 +403,47 @@ class ModelSpec(_Section):
                 problems.append(
                     (("expr",), "has no parameters to fit; use names other than x, pi and e")
                 )
+            referenced: set[str] = set()  # names the ties mention
+            if isinstance(params, dict):
+                from fitcli.composition import tie_problems
+
+                problems += tie_problems(names, params)
+                referenced = _tie_names(params)
             for key in params if isinstance(params, dict) else ():
-                if key in CONSTANT_MEANINGS:  # `e` and `pi` in an expression are the constants
+                entry = params.get(key) if isinstance(params, dict) else None
+                tied = isinstance(entry, dict) and entry.get("expr") is not None
+                taken = name_taken(key)  # `e`, `pi`, `erf` ... in an expression are not names
+                if taken is not None:
                     problems.append(
                         (
                             ("params", key),
-                            f"{key!r} is {CONSTANT_MEANINGS[key]} in expressions, not a "
-                            f"parameter; name the parameter otherwise (e.g. {key}0) in "
-                            "model.expr and model.params",
+                            f"{taken}, not a parameter; {rename_hint(key)}, in model.expr "
+                            "and model.params",
                         )
                     )
-                elif key not in names:
+                elif key not in names and not tied and key not in referenced:
                     problems.append(
                         (
                             ("params", key),
-                            f"{key!r} does not appear in model.expr; " + _their_params(names),
+                            f"{key!r} does not appear in model.expr"
+                            + (" nor in any tie; " if referenced else "; ")
+                            + _their_params(names),
                         )
                     )
         return problems
+
+
+def _tie_names(params: dict) -> set[str]:
+    """The names that the (parseable) ties of a raw model.params mapping mention."""
+    out: set[str] = set()
+    for spec in params.values():
+        source = spec.get("expr") if isinstance(spec, dict) else None
+        if isinstance(source, str):
+            try:
+                out.update(_parse(source, allow_params=True).params)
+            except ExpressionError:
+                continue  # reported at the entry itself
+    return out
 
 
 def _their_params(names: tuple[str, ...]) -> str:
@@ -402,6 +501,38 @@ class SchedulerSpec(_Named):
     )
 
 
+class LossSpec(BaseModel):
+    """`loss` in its mapping form: a loss name and its options (`fitcli.losses.OPTIONS`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="The loss: " + ", ".join(_LOSS_NAMES) + ".")
+    f_scale: float | None = Field(
+        None, description="cauchy, soft_l1, arctan, student_t: the residual scale C (> 0)."
+    )
+    nu: float | None = Field(None, description="student_t: degrees of freedom (> 0).")
+
+
+def _loss_value(value: Any) -> str | LossSpec:
+    found = _loss_problems(value)
+    if found:
+        raise _Problems(list(found))
+    if isinstance(value, str):
+        return value
+    return LossSpec(**{k: float(v) if k != "name" else v for k, v in value.items()})
+
+
+def _loss_dump(value: str | LossSpec) -> Any:
+    return value if isinstance(value, str) else value.model_dump(exclude_none=True)
+
+
+LossField = Annotated[
+    str | LossSpec,
+    PlainValidator(_loss_value, json_schema_input_type=Literal[_LOSS_NAMES] | LossSpec),
+    PlainSerializer(_loss_dump),
+]
+
+
 _BREAKS = ("Cc", "Zl", "Zp")  # control characters, line and paragraph separators
 
 
@@ -409,6 +540,10 @@ def _single_line(value: Any) -> Any:
     if isinstance(value, str) and any(unicodedata.category(c) in _BREAKS for c in value):
         raise ValueError(f"must be a single line of text without control characters ({value!r})")
     return value
+
+
+# Upper bound of `starts`: each start is a whole fit.
+MAX_STARTS = 1024
 
 
 class Config(_Section):
@@ -422,6 +557,13 @@ class Config(_Section):
     )
     seed: Int = Field(
         0, ge=0, le=2**63 - 1, description="Seed for every random draw (data noise, init)."
+    )
+    starts: Int = Field(
+        1,
+        ge=1,
+        le=MAX_STARTS,
+        description="Starts of the fit: the given one first, the rest drawn inside the bounds "
+        f"(Sobol, from seed); the best is kept. 1 to {MAX_STARTS}.",
     )
     device: str = Field(
         "auto",
@@ -441,7 +583,11 @@ class Config(_Section):
     )
     data: DataSpec = Field(description="The data to fit: synthetic (target) or a file.")
     model: ModelSpec = Field(description="The model: a linear basis or an expression.")
-    loss: Literal["mse", "l1", "huber", "smooth_l1"] = Field("mse", description="Loss function.")
+    loss: LossField = Field(
+        "mse",
+        description="Loss function: a name, or a mapping of name and options "
+        "(e.g. {name: soft_l1, f_scale: 0.5}).",
+    )
     optimizer: OptimizerSpec = Field(
         default_factory=lambda: OptimizerSpec(name="SGD", lr=0.01),
         description="torch.optim optimizer: name plus keyword arguments (default SGD, lr 0.01).",
@@ -464,6 +610,7 @@ _SECTIONS: dict[tuple[str, ...], type[BaseModel] | None] = {
     ("model", "params", "*"): ParamSpec,
     ("optimizer",): OptimizerSpec,
     ("scheduler",): SchedulerSpec,
+    ("loss",): LossSpec,
 }
 
 

@@ -17,6 +17,8 @@ leading run dimension on the parameters, one optimizer per distinct optimizer se
 from __future__ import annotations
 
 import contextlib
+import sys
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -405,3 +407,17 @@ __all__ = [
     "write_table",
     "writer_processes",
 ]
+
+
+class _CallableSweep(types.ModuleType):
+    """`fitcli.sweep` is this package, and called it is the Python API's `fitcli.api.sweep`:
+    importing the package binds the name `fitcli.sweep` to it, so a function of that name in
+    `fitcli` would be replaced by the package as soon as anything imported it."""
+
+    def __call__(self, config: Any, axes: Any, **options: Any) -> Any:
+        from fitcli.api import sweep as run
+
+        return run(config, axes, **options)
+
+
+sys.modules[__name__].__class__ = _CallableSweep

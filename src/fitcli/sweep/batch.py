@@ -42,6 +42,8 @@ def batch_key(cfg: Any) -> tuple | None:
     name, kwargs = optim.split_spec(cfg.optimizer)
     if cfg.model.basis is None or cfg.scheduler is not None or cfg.batch_size is not None:
         return None
+    if cfg.starts > 1:  # each run searches its own starts (`fitcli.starts`)
+        return None
     if name not in BATCHABLE_OPTIMIZERS or kwargs.get("foreach") or kwargs.get("fused"):
         return None
     data = cfg.data.model_dump(mode="json", exclude={"noise", "target"})
@@ -125,8 +127,9 @@ def _compute_batch(
 ) -> list[Trace]:
     import torch  # lazy: torch-free Dask client, fast CLI start-up
 
+    from fitcli.losses import resolve
     from fitcli.model import rows_dot  # lazy: imports torch
-    from fitcli.train import LOSSES, snapshot_epochs  # lazy: imports torch
+    from fitcli.train import snapshot_epochs  # lazy: imports torch
 
     t0 = time.perf_counter()
     cfg0, p0 = preps[0].cfg, preps[0]
@@ -153,7 +156,7 @@ def _compute_batch(
     phi_t = p0.model.design_t(p0.x)
     y = torch.stack([preps[i].y for i in order])
     w = p0.weights
-    base = LOSSES[cfg0.loss]
+    base = resolve(cfg0.loss).torch_function()
     n_runs = len(preps)
     gen_states = [p.stepper.generator.get_state() for p in preps]
 
