@@ -542,14 +542,12 @@ def _single_line(value: Any) -> Any:
     return value
 
 
-# Upper bound of `starts`: each start is a whole fit.
-MAX_STARTS = 1024
-
 Label = Annotated[Text, BeforeValidator(_single_line)]
 
 
 class ReportSpec(_Section):
-    """How the report and snapshots draw the fit: axis titles, figure title, log axes."""
+    """What a run reports beyond its run directory's own files, and how the report and
+    snapshots draw the fit: axis titles, figure title, log axes."""
 
     x_label: Label | None = Field(
         None, min_length=1, max_length=200, description="x axis title; default: x's column name."
@@ -562,6 +560,24 @@ class ReportSpec(_Section):
     )
     log_x: bool = Field(False, description="true draws x on a log scale.")
     log_y: bool = Field(False, description="true draws y on a log scale.")
+    formats: list[Literal["png", "svg", "pdf"]] = Field(
+        default_factory=list,
+        description="Static figures `fitcli train` writes at the end of a completed run, "
+        "figures/fit.<format> and figures/loss.<format>: any of png, svg, pdf (they need "
+        "Chrome or Chromium).",
+    )
+
+    @field_validator("formats")
+    @classmethod
+    def _once(cls, value: list[str]) -> list[str]:
+        twice = sorted({f for f in value if value.count(f) > 1})
+        if twice:
+            raise ValueError(f"lists {', '.join(twice)} more than once")
+        return value
+
+
+# Upper bound of `starts`: each start is a whole fit.
+MAX_STARTS = 1024
 
 
 class Config(_Section):
@@ -614,7 +630,8 @@ class Config(_Section):
         None, description="Optional torch.optim.lr_scheduler: name plus keyword arguments."
     )
     report: ReportSpec = Field(
-        default_factory=ReportSpec, description="Axis titles, title and log axes of the plots."
+        default_factory=ReportSpec,
+        description="What the run reports: axis titles, title, log axes, static figures.",
     )
 
 
