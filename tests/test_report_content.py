@@ -247,3 +247,17 @@ def test_lm_converged_early_is_titled_by_it_and_its_loss_axis_ends_there(lm_run)
         text = (lm_run / "snapshots" / e["file"]).read_text()
         assert f"converged at epoch {done} (the final fit)" in text
         assert f"epoch {e['epoch']}/300" not in text
+
+
+def test_static_figures_take_the_same_axis_titles_and_log_axes(sigma_run, tmp_path) -> None:
+    from fitcli.figures import figures_of
+    from fitcli.rundir.reader import read_run
+
+    layout = figures_of(read_run(sigma_run))["fit"]["layout"]
+    assert layout["xaxis2"]["title"]["text"] == "time_s"  # the residual panel holds the x title
+    assert layout["yaxis"]["title"]["text"] == "signal"
+    run = tmp_path / "run"
+    train(run, "configs/measured-decay.yaml", "epochs=2", "snapshots=1", "report.log_x=true")
+    layout = figures_of(read_run(run))["fit"]["layout"]
+    assert layout["xaxis"]["type"] == layout["xaxis2"]["type"] == "log"
+    assert layout["yaxis"].get("type") is None
