@@ -186,9 +186,11 @@ class LMStepper:
 class NumpyModel(HostModel):
     """A `FitModel` in numpy float64 at fixed x, as a function of its internal vector: the
     expression's value and exact Jacobian from `fitcli.symdiff` (a basis model's Jacobian is its
-    design matrix), chained through the bound transforms of `FitModel.external`."""
+    design matrix), chained through the bound transforms of `FitModel.external`; with
+    `external`, of the free parameters' own values (`FitModel.predict_external`, what the error
+    bars are taken against), without the transforms."""
 
-    def __init__(self, model: FitModel, x: torch.Tensor) -> None:
+    def __init__(self, model: FitModel, x: torch.Tensor, *, external: bool = False) -> None:
         from fitcli.symdiff import compile_jacobian, compile_value
 
         self.x = x.detach().reshape(-1).to(torch.float64).numpy()
@@ -199,7 +201,9 @@ class NumpyModel(HostModel):
             info.name: fixed[k] for k, info in enumerate(i for i in model.infos if not i.vary)
         }
         self.bounds = [(info.min, info.max) for info in free]
-        self.bounded = any(lo is not None or hi is not None for lo, hi in self.bounds)
+        self.bounded = not external and any(
+            lo is not None or hi is not None for lo, hi in self.bounds
+        )
         self.kind = model.kind
         if isinstance(model, BasisModel):
             phi = model.design(x).detach().to(torch.float64).numpy()
@@ -254,8 +258,8 @@ class NumpyModel(HostModel):
         return m, jac
 
 
-def host_model(model: FitModel, x: torch.Tensor) -> HostModel | None:
+def host_model(model: FitModel, x: torch.Tensor, *, external: bool = False) -> HostModel | None:
     """The numpy form of a basis or expression model (None for anything else)."""
     if getattr(model, "kind", None) not in ("basis", "expr"):
         return None
-    return NumpyModel(model, x)
+    return NumpyModel(model, x, external=external)

@@ -18,10 +18,11 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fitcli.errors import RunStatus
-from fitcli.lm import SINGULAR_RCOND, jtj_jtr
+from fitcli.lm import SINGULAR_RCOND, HostModel, host_eligible, host_ok, jtj_jtr
 from fitcli.model import BasisModel, FitModel, model_function
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -74,6 +75,7 @@ def fit_statistics(
     at_bound: Sequence[str] = (),
     grad_tol: float = 0.1,
     chunk_size: int | None = None,
+    host: HostModel | None = None,
 ) -> FitStats:
     """Covariance, standard errors and goodness of fit of ``fn`` at ``theta`` (see module doc).
 
@@ -91,6 +93,9 @@ def fit_statistics(
 
     ``condition_number`` is that of the column-scaled ``D^-1 J^T J D^-1`` with ``D^2 = diag(J^T J)``
     (the square of the scaled J's singular-value ratio); it does not depend on parameter units.
+
+    ``host``: the same model in numpy at x (`fitcli.lm.HostModel`, checked against autograd by
+    `fitcli.lm.host_ok`); J^T J then comes from its exact Jacobian instead of autograd's.
     """
     names = list(names)
     p = theta.numel()
@@ -104,7 +109,10 @@ def fit_statistics(
     w = weights.to(f64).reshape(-1) if weights is not None else None
     n = y.numel()
 
-    jtj, jtr, rss = jtj_jtr(fn, theta, x, y, w, chunk_size)
+    if host is not None:
+        jtj, jtr, rss = _host_jtj_jtr(host, theta, y, w)
+    else:
+        jtj, jtr, rss = jtj_jtr(fn, theta, x, y, w, chunk_size)
     w2 = w * w if w is not None else torch.ones_like(y)
     ybar = (w2 * y).sum() / w2.sum()
     tss = float((w2 * (y - ybar) ** 2).sum())
@@ -226,6 +234,22 @@ def fit_statistics(
         reason=reason,
         condition_number=condition,
     )
+
+
+def _host_jtj_jtr(
+    host: HostModel, theta: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """`fitcli.lm.jtj_jtr` from a numpy model's value and exact Jacobian: J of ``w * fn`` and
+    ``r = w * y - w * fn``, the products in numpy float64 (as the LM core's numpy path)."""
+    wy = y.detach().cpu().numpy()
+    with np.errstate(all="ignore"):  # non-finite entries are reported by the caller
+        m, jac = host.jacobian(theta.detach().cpu().numpy())
+        if w is not None:
+            wn = w.detach().cpu().numpy()
+            m, jac, wy = m * wn, jac * wn[:, None], wy * wn
+        r = wy - m
+        jtj, jtr, rss = jac.T @ jac, jac.T @ r, float(r @ r)
+    return torch.from_numpy(jtj).to(theta.device), torch.from_numpy(jtr).to(theta.device), rss
 
 
 # Uncertainty statuses at which the parameters are a least-squares minimum: a fit ending with
@@ -453,8 +477,18 @@ def run_report(
     free = list(model.free_names)
     with torch.no_grad():
         theta = model.external(model.raw.detach()).to(torch.float64)
+    fn = model_function(model, external=True)
+    host = None
+    if host_eligible(x, theta):
+        # A small fit on the CPU: J^T J from the numpy model's exact Jacobian (a fraction of
+        # autograd's cost at these sizes), once it agrees with autograd at theta.
+        from fitcli.lm_optim import host_model
+
+        host = host_model(model, x, external=True)
+        if host is not None and not host_ok(fn, host, theta, x):
+            host = None
     stats = fit_statistics(
-        model_function(model, external=True),
+        fn,
         theta,
         x,
         y,
@@ -462,6 +496,7 @@ def run_report(
         weights=weights,
         absolute_sigma=weights is not None,
         at_bound=model.at_bound(),
+        host=host,
     )
     stderr = {name: stats.stderr.get(name) for name in model.names}
     out: dict = {
