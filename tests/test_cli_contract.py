@@ -225,8 +225,21 @@ def test_a_parameter_named_like_a_constant_is_explained(write_config, name, what
     text = " ".join(res.stderr.split())
     assert f"model.params.{name}: {name!r} is {what}" in text
     assert "in expressions, not a parameter" in text
-    assert f"{name}0" in text  # a name to use instead
+    assert f"e.g. {name}_ or {name}1" in text  # names to use instead
     assert "Traceback" not in res.output
+
+
+def test_a_parameter_named_like_a_function_is_explained(write_config):
+    cfg = write_config({"model": {"expr": "a*erf(x) + c", "params": {"a": 1.0, "erf": 0.5}}})
+    res = runner.invoke(app, ["check", str(cfg)])
+    assert res.exit_code == 2
+    text = " ".join(res.stderr.split())
+    assert "model.params.erf: 'erf' is a function in expressions (erf(u): error function)" in text
+    assert "not a parameter; name the parameter otherwise, e.g. erf_ or erf1" in text
+    cfg = write_config({"model": {"expr": "a*x + erf"}})  # used as a name in the expression
+    res = runner.invoke(app, ["check", str(cfg)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "'erf' is taken: name the parameter otherwise, e.g. erf_ or erf1" in res.stderr
 
 
 def test_unknown_optimizer_suggests_levenberg_marquardt(write_config):

@@ -24,6 +24,7 @@ from fitcli.config import (
     read_config_text,
 )
 from fitcli.errors import ConfigError, ExitCode
+from fitcli.losses import LIKELIHOODS, ROBUST
 
 GOOD = """\
 name: seed-sine
@@ -309,7 +310,8 @@ dtype: float16
     assert probs[4:] == [
         "model.init: has 1 values but basis has 2 functions; give one initial coefficient per"
         " basis function (line 9)",
-        "loss: must be one of mse, l1, huber, smooth_l1 (got 'mae'); did you mean 'mse'? (line 10)",
+        "loss: must be one of mse, l1, huber, smooth_l1, poisson, bce, student_t, cauchy,"
+        " soft_l1, arctan (got 'mae'); did you mean 'mse'? (line 10)",
         "device: must be auto, cpu, cuda or cuda:N (N a GPU index) (got 'gpu') (line 11)",
         "dtype: must be one of float32, float64 (got 'float16'); did you mean 'float64'? (line 12)",
     ]
@@ -623,7 +625,10 @@ def test_json_schema_describes_every_field():
     for section in sections:
         for name, prop in section.get("properties", {}).items():
             assert prop.get("description"), name
-    assert schema["properties"]["loss"]["enum"] == ["mse", "l1", "huber", "smooth_l1"]
+    name, mapping = schema["properties"]["loss"]["anyOf"]
+    assert name["enum"] == ["mse", "l1", "huber", "smooth_l1", *LIKELIHOODS, *ROBUST]
+    assert mapping == {"$ref": "#/$defs/LossSpec"}
+    assert list(schema["$defs"]["LossSpec"]["properties"]) == ["name", "f_scale", "nu"]
 
 
 def test_config_module_does_not_import_torch():
@@ -721,7 +726,14 @@ configs = st.fixed_dictionaries(
         "epochs": st.integers(1, 10**9),
         "snapshots": st.integers(1, 1000),
         "batch_size": st.one_of(st.none(), st.integers(1, 10**9)),
-        "loss": st.sampled_from(["mse", "l1", "huber", "smooth_l1"]),
+        "loss": st.one_of(
+            st.sampled_from(["mse", "l1", "huber", "smooth_l1", "poisson", "bce", *ROBUST]),
+            st.builds(
+                lambda name, c: {"name": name, "f_scale": c},
+                st.sampled_from([*ROBUST, "student_t"]),
+                st.floats(1e-6, 1e6),
+            ).map(lambda d: {**d, "nu": 4.0} if d["name"] == "student_t" else d),
+        ),
         "optimizer": st.builds(
             lambda name, kw: {"name": name, **kw},
             st.sampled_from(["SGD", "Adam", "LBFGS"]),

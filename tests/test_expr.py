@@ -181,16 +181,25 @@ def test_params_are_frozen_and_equal_by_source():
 def test_functions_registry_and_aliases():
     functions = expr.FUNCTIONS
     assert isinstance(functions, dict)
-    assert set(functions) == set(FUNCTION_NAMES) == {
+    assert set(functions) == set(FUNCTION_NAMES) == set(expr.FUNCTION_TABLE)
+    assert {
         "sin", "cos", "tan", "arcsin", "arccos", "arctan", "asin", "acos", "atan",
         "sinh", "cosh", "tanh", "exp", "log", "log10", "log2", "sqrt", "abs",
-    }  # fmt: skip
+        "erf", "erfc", "erfcx", "erfinv", "lgamma", "gamma", "digamma", "beta",
+        "j0", "j1", "y0", "y1", "i0", "i1", "i0e", "i1e", "k0", "k1",
+        "sigmoid", "expit", "logit", "softplus", "log1p", "expm1", "sinc", "cbrt", "sign",
+        "atan2", "hypot", "min", "max", "clip", "where", "heaviside",
+    } <= set(FUNCTION_NAMES)  # fmt: skip
     assert functions["asin"] is functions["arcsin"] is torch.asin
     assert functions["acos"] is functions["arccos"] is torch.acos
     assert functions["atan"] is functions["arctan"] is torch.atan
+    assert functions["sigmoid"] is functions["expit"]
     assert functions["abs"] is torch.abs
     x = torch.linspace(-0.9, 0.9, 7)
     for name, fn in functions.items():
+        f = expr.FUNCTION_TABLE[name]
+        if f.min_args != 1 or name == "where":
+            continue
         torch.testing.assert_close(parse_expression(f"{name}(x)")(x), fn(x), equal_nan=True)
 
 
@@ -217,14 +226,29 @@ REJECTED = [
     ("x.__class__", "attribute access is not allowed", 0),
     ("1 + x.real", "attribute access is not allowed", 4),
     ("a + x[0]", "indexing is not allowed", 4),
-    ("sin(x) + eval('1')", "unknown function 'eval'; allowed: abs, acos, arccos", 9),
+    ("sin(x) + eval('1')", "unknown function 'eval'; functions: elementary: sin, cos", 9),
+    ("sigmiod(x)", "unknown function 'sigmiod' (did you mean 'sigmoid'?); functions:", 0),
+    ("zeta(x)", "Bessel: j0, j1, y0, y1, i0, i1, i0e, i1e, k0, k1;", 0),
+    ("clip(x, 1)", "clip(v, lo, hi) takes 3 arguments (2 given)", 0),
+    ("max(x)", "max(a, b, ...) takes at least 2 arguments (1 given)", 0),
+    ("x + beta(x)", "beta(a, b) takes 2 arguments (1 given)", 4),
+    ("where(x, 1, 2)", "where's first argument must be a comparison", 6),
+    ("where(x == 1, 1, 2)", "operator '==' is not allowed in a condition; use < <= > >=", 6),
+    ("where(x > 1, x < 2, 2)", "a comparison is allowed only as the first argument of where", 13),
+    (
+        "erf * x",
+        "function 'erf' must be called, as erf(u); for a parameter, 'erf' is taken: "
+        "name the parameter otherwise, e.g. erf_ or erf1",
+        0,
+    ),
     ("a(x)", "unknown function 'a'", 0),
     ("x + x(1)", "unknown function 'x'", 4),
     ("1 + pi(2)", "unknown function 'pi'", 4),
     ("sin + 1", "function 'sin' must be called", 0),
+    ("2 * where", "function 'where' must be called, as where(cond, a, b)", 4),
     ("2 * (exp)", "function 'exp' must be called", 5),
-    ("sin(x, 1)", "sin() takes exactly one argument (2 given)", 0),
-    ("x + cos()", "cos() takes exactly one argument (0 given)", 4),
+    ("sin(x, 1)", "sin(u) takes 1 argument (2 given)", 0),
+    ("x + cos()", "cos(u) takes 1 argument (0 given)", 4),
     ("sin(input=x)", "keyword arguments are not allowed in sin()", 4),
     ("sin(*x)", "starred arguments are not allowed", 4),
     ("(lambda: 0)()", "lambda is not allowed", 1),
@@ -234,7 +258,8 @@ REJECTED = [
     ("'abc'", "a string literal is not allowed", 0),
     ("x + b'a'", "a bytes literal is not allowed", 4),
     ("f'{x}'", "an f-string is not allowed", 0),
-    ("x < 1", "a comparison is not allowed", 0),
+    ("x < 1", "a comparison is allowed only as the first argument of where(cond, a, b)", 0),
+    ("1 + (x >= 1)", "a comparison is allowed only as the first argument of where", 5),
     ("x and 1", "a boolean operator (and, or) is not allowed", 0),
     ("x + (y := 2)", "an assignment expression (:=) is not allowed", 5),
     ("1 if x else 2", "a conditional expression (if/else) is not allowed", 0),

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fitcli.config import config_from_dict
-from fitcli.expr import FUNCTION_NAMES, parse_expression
+from fitcli.expr import FUNCTION_NAMES, FUNCTION_TABLE, parse_expression
 from fitcli.lm import _jacobian_columns, host_ok
 from fitcli.lm_optim import NumpyModel
 from fitcli.model import model_function
@@ -84,13 +84,30 @@ def test_value_and_jacobian_match_torch_autograd(source):
     np.testing.assert_allclose(compile_value(e)(X, VALUES), y_ref, rtol=1e-13, atol=0)
 
 
+def _call_source(name: str) -> str:
+    """A call of function `name` inside every domain on X, with both a and c in it."""
+    f = FUNCTION_TABLE[name]
+    if name == "where":
+        return "where(x > c, sqrt(x - c) * a, a * c)"
+    if name == "clip":
+        return "clip(a * x, c, 0.9)"
+    if f.min_args == 1:
+        return f"{name}(0.3 * a * x + 0.5 * c)"
+    return f"{name}(a * x + 0.5, c * x + 0.2" + (", 0.3 * a)" if f.variadic else ")")
+
+
 def test_every_function_has_a_derivative():
     for name in FUNCTION_NAMES:
-        source = f"{name}(0.3 * a * x + 0.5 * c)"  # inside every domain on X
+        source = _call_source(name)
         e = parse_expression(source)
         _, jac = compile_jacobian(e, ["a", "c"])(X, VALUES)
         _, ref = autograd_jacobian(source, X, VALUES, ["a", "c"])
         np.testing.assert_allclose(jac, ref, rtol=1e-12, atol=1e-14, err_msg=name)
+        # and forward mode, as the LM core's jacfwd computes it
+        xt = torch.tensor(X)
+        theta = torch.tensor([VALUES["a"], VALUES["c"]], dtype=torch.float64)
+        fwd = torch.func.jacfwd(lambda t, e=e, xt=xt: e(xt, {"a": t[0], "c": t[1]}))(theta)
+        np.testing.assert_allclose(jac, fwd.numpy(), rtol=1e-12, atol=1e-14, err_msg=name)
 
 
 def test_parameters_not_differentiated_are_constants_and_unused_ones_get_zero_columns():
@@ -122,6 +139,22 @@ def test_negative_base_to_a_fractional_power_is_nan_not_complex():
 
 LEAVES = st.sampled_from(["x", "a", "b", "c", "0.5", "2", "1.7"])
 SAFE = ["sin", "cos", "atan", "tanh", "exp"]
+# New functions, each wrapped so that its argument stays inside its domain (and away from the
+# points where a derivative is infinite).
+WRAPPED = [
+    "erf({})", "erfc({})", "erfcx({})", "erfinv(0.9 * tanh({}))", "lgamma(2 + sin({}))",
+    "gamma(2 + sin({}))", "digamma(2 + sin({}))", "j0({})", "j1({})", "y0(2.5 + sin({}))",
+    "y1(2.5 + sin({}))", "i0({})", "i1({})", "i0e({})", "i1e({})", "k0(2.5 + sin({}))",
+    "k1(2.5 + sin({}))", "sigmoid({})", "expit({})", "logit(0.5 + 0.4 * tanh({}))",
+    "softplus({})", "log1p(1.5 + sin({}))", "expm1(tanh({}))", "sinc({})", "cbrt(2 + sin({}))",
+]  # fmt: skip
+PAIRS = [
+    "atan2({}, {})",
+    "hypot({}, {})",
+    "min({}, {})",
+    "max({}, {})",
+    "beta(2 + sin({}), 2 + cos({}))",
+]
 
 
 def _combine(children):
@@ -129,10 +162,18 @@ def _combine(children):
         lambda t: f"({t[0]} {t[1]} {t[2]})"
     )
     call = st.tuples(st.sampled_from(SAFE), children).map(lambda t: f"{t[0]}({t[1]})")
+    wrapped = st.tuples(st.sampled_from(WRAPPED), children).map(lambda t: t[0].format(t[1]))
+    pair = st.tuples(st.sampled_from(PAIRS), children, children).map(
+        lambda t: t[0].format(t[1], t[2])
+    )
+    piecewise = st.tuples(children, children, children).map(
+        lambda t: f"where({t[0]} > 0.3, {t[1]}, {t[2]})"
+    )
+    clip = st.tuples(children).map(lambda t: f"clip({t[0]}, -0.5, 0.8)")
     power = st.tuples(children, st.sampled_from(["2", "3", "0.5", "a"])).map(
         lambda t: f"(1.5 + tanh({t[0]})) ** {t[1]}"
     )
-    return binary | call | power
+    return binary | call | power | wrapped | pair | piecewise | clip
 
 
 EXPRESSIONS = st.recursive(LEAVES, _combine, max_leaves=12)

@@ -599,6 +599,45 @@ def runs(
             console.runs_table([{**r, **r["display"]} for r in rows], list(COLUMNS))
 
 
+@app.command()
+def shapes(
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help="One lineshape to show in full (default: list them all).", show_default=False
+        ),
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON and nothing else.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List the lineshapes callable in expressions, or show one: its formula,
+    parameters, defaults and what the start-value guess takes each parameter for.
+
+    Exit 0 shown, 2 no lineshape of that name.
+    """
+    from fitcli import console
+
+    with errors_to_exit(debug):
+        from fitcli import shapes as registry
+
+        if name is None:
+            if json_out:
+                console.print_json(
+                    {
+                        "shapes": [registry.describe(s) for s in registry.SHAPES.values()],
+                        "unavailable": registry.UNAVAILABLE,
+                    }
+                )
+            else:
+                console.shapes_table(list(registry.SHAPES.values()), registry.UNAVAILABLE)
+            return
+        shape = registry.lookup(name)
+        if json_out:
+            console.print_json(registry.describe(shape))
+        else:
+            console.shape_detail(shape)
+
+
 _IN_MAIN = False  # set by `main`: this is the fitcli process, not a caller of `app`
 
 

@@ -201,10 +201,11 @@ def summary_table(summary: dict, *, out: Console | None = None) -> None:
     if truth:
         table.add_column("truth", justify="right", no_wrap=True)
         table.add_column("(fit-truth)/σ", justify="right", no_wrap=True)
+    tied = summary.get("tied") or {}
     for name, value in summary["params"].items():
         err = stderrs.get(name)
         text = f"{value:.8g}" if value is not None else "-"
-        row = [name]
+        row = [f"{name} = {tied[name]}" if name in tied else name]
         if has_err:
             row.append(f"{text} ± {err:.3g}" if err is not None else f"{text} ± -")
             rel = abs(err / value) if err is not None and value else None
@@ -370,3 +371,60 @@ def graph_tree(graph: Any) -> None:
         branch = parent.add(label(nid))
         stack.extend((branch, c) for c in reversed(graph.children[nid]))
     stdout.print(root, markup=False, highlight=False, emoji=False)
+
+
+def _wide(renderable: Any) -> Console:
+    """stdout, or for a pipe or a file a console as wide as `renderable` (no wrapped cells)."""
+    if stdout.is_terminal:
+        return stdout
+    from rich.measure import Measurement
+
+    wide = Measurement.get(stdout, stdout.options.update(max_width=10**6), renderable).maximum
+    return Console(width=wide, highlight=False, soft_wrap=True)
+
+
+def shapes_table(shapes: list[Any], unavailable: dict[str, str]) -> None:
+    """`fitcli shapes`: one line per lineshape on stdout: its signature and what it is."""
+    from rich.table import Table
+
+    from fitcli.shapes import signature
+
+    table = Table(show_edge=False, pad_edge=False)
+    table.add_column("lineshape", no_wrap=True)
+    table.add_column("meaning")
+    for shape in shapes:
+        table.add_row(_literal(signature(shape)), _literal(shape.summary))
+    _wide(table).print(table, markup=False, highlight=False, emoji=False)
+    lines = [f"{len(shapes)} lineshapes; `fitcli shapes NAME` shows one in full."]
+    lines += [f"not yet available: {name} ({why})" for name, why in unavailable.items()]
+    for line in lines:
+        stdout.print(printable(line), markup=False, highlight=False, emoji=False)
+
+
+def shape_detail(shape: Any) -> None:
+    """`fitcli shapes NAME`: the signature, meaning, formula and each parameter's guess role."""
+    from rich.table import Table
+
+    from fitcli.shapes import signature
+
+    head, _, math_text = shape.doc.partition("\n")
+    lines = [signature(shape), "", head, "", f"  {math_text}", "", "formula (fitcli):"]
+    lines += [f"  {shape.formula}", ""]
+    for line in lines:
+        stdout.print(printable(line), markup=False, highlight=False, emoji=False)
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("parameter", "default", "guess role"):
+        table.add_column(col)
+    for arg in shape.args[1:]:
+        role = shape.roles[arg]
+        default = shape.defaults.get(arg)
+        text = "-" if default is None else f"{default:g}" if isinstance(default, float) else default
+        what = role.kind
+        if role.kind in ("width", "area", "height") and role.factor != 1.0:
+            what += f" (factor {role.factor:.6g})"
+        if role.start is not None:
+            what += f", start {role.start:g}"
+        if role.note:
+            what += f": {role.note}"
+        table.add_row(_literal(arg), _literal(text), _literal(what))
+    _wide(table).print(table, markup=False, highlight=False, emoji=False)

@@ -135,7 +135,7 @@ def conclude(
     The run's status is the loop's, unless the optimizer reports that it cannot continue (LM at
     a point where the model is not finite), which fails the run.
     """
-    from fitcli.stats import verdict
+    from fitcli.stats import minimum_of, verdict
 
     status, reason = result.status, result.reason
     failure = getattr(prep.stepper, "failure", None)
@@ -159,7 +159,13 @@ def conclude(
         summary.update(prep.stepper.summary_fields())
     summary.update(finish_stats(prep, result))
     summary.update(
-        verdict(summary["status"], summary["reason"], result.epochs_run, summary["uncertainty"])
+        verdict(
+            summary["status"],
+            summary["reason"],
+            result.epochs_run,
+            summary["uncertainty"],
+            minimum_of(prep.cfg.loss),
+        )
     )
     return summary
 

@@ -14,7 +14,9 @@ training loop costs about what the hand-written torch code costs.
 from __future__ import annotations
 
 import ast
+import difflib
 import functools
+import importlib
 import math
 import operator
 import warnings
@@ -22,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fitcli import shapes as _shapes
 from fitcli.errors import ExpressionError
 
 if TYPE_CHECKING:
@@ -32,11 +35,15 @@ __all__ = [
     "CONSTANT_MEANINGS",
     "FUNCTIONS",
     "FUNCTION_NAMES",
+    "FUNCTION_TABLE",
     "MAX_DEPTH",
     "MAX_LENGTH",
     "MAX_NODES",
     "Expression",
+    "Function",
+    "name_taken",
     "parse_expression",
+    "rename_hint",
 ]
 
 MAX_LENGTH = 2000
@@ -49,30 +56,194 @@ MAX_INT_DIGITS = 30
 """Longest accepted integer literal, in decimal digits."""
 MAX_LITERAL = 1e300
 """Largest accepted absolute value of a numeric literal."""
+MAX_EXPANDED = 50_000
+"""Most nodes of the checked tree once lineshape calls are expanded into their formulas."""
+MAX_EXPANDED_DEPTH = 400
+"""Deepest nesting of the checked tree once lineshape calls are expanded."""
 
-# Function name in expressions -> attribute of the torch module.
-_TORCH_NAMES: dict[str, str] = {
-    "sin": "sin",
-    "cos": "cos",
-    "tan": "tan",
-    "arcsin": "asin",
-    "arccos": "acos",
-    "arctan": "atan",
-    "asin": "asin",
-    "acos": "acos",
-    "atan": "atan",
-    "sinh": "sinh",
-    "cosh": "cosh",
-    "tanh": "tanh",
-    "exp": "exp",
-    "log": "log",
-    "log10": "log10",
-    "log2": "log2",
-    "sqrt": "sqrt",
-    "abs": "abs",
-}
 
-FUNCTION_NAMES: frozenset[str] = frozenset(_TORCH_NAMES)
+@dataclass(frozen=True)
+class Function:
+    """One function callable in expressions: its name, arguments, meaning and torch code.
+
+    ``torch`` is where its torch implementation lives, as ``"module.attribute"`` (``"torch.sin"``,
+    ``"fitcli.special.erfcx"``); it is imported on first evaluation, so parsing never imports
+    torch. The implementation takes tensors, one per argument (a variadic function any number
+    of them, at least ``len(args)``), and returns a tensor of their broadcast shape; it must be
+    differentiable by autograd (a custom ``torch.autograd.Function`` where torch has no exact
+    backward). `fitcli.symdiff` holds the numpy value and the partial derivatives under the
+    same name.
+    """
+
+    name: str
+    args: tuple[str, ...]
+    torch: str
+    meaning: str
+    group: str
+    variadic: bool = False
+    """The last argument may repeat: ``max(a, b, ...)``."""
+    notes: str = ""
+
+    @property
+    def min_args(self) -> int:
+        return len(self.args)
+
+    @property
+    def max_args(self) -> int | None:
+        return None if self.variadic else len(self.args)
+
+    @property
+    def signature(self) -> str:
+        return f"{self.name}({', '.join(self.args)}{', ...' if self.variadic else ''})"
+
+
+def _functions(*entries: Function) -> dict[str, Function]:
+    return {f.name: f for f in entries}
+
+
+def _unary(names: str, torch: str, meaning: str, group: str, notes: str = "") -> list[Function]:
+    """One entry per name in ``names`` (aliases separated by spaces), all with one argument u."""
+    return [Function(n, ("u",), torch, meaning, group, notes=notes) for n in names.split()]
+
+
+_ELEMENTARY = "elementary"
+_SPECIAL = "error and gamma"
+_BESSEL = "Bessel"
+_LOGISTIC = "logistic and exponential"
+_SEVERAL = "several arguments"
+_PIECEWISE = "piecewise"
+_S = "fitcli.special."
+
+FUNCTION_TABLE: dict[str, Function] = _functions(
+    *_unary("sin", "torch.sin", "sine", _ELEMENTARY),
+    *_unary("cos", "torch.cos", "cosine", _ELEMENTARY),
+    *_unary("tan", "torch.tan", "tangent", _ELEMENTARY),
+    *_unary("asin arcsin", "torch.asin", "inverse sine", _ELEMENTARY),
+    *_unary("acos arccos", "torch.acos", "inverse cosine", _ELEMENTARY),
+    *_unary("atan arctan", "torch.atan", "inverse tangent", _ELEMENTARY),
+    *_unary("sinh", "torch.sinh", "hyperbolic sine", _ELEMENTARY),
+    *_unary("cosh", "torch.cosh", "hyperbolic cosine", _ELEMENTARY),
+    *_unary("tanh", "torch.tanh", "hyperbolic tangent", _ELEMENTARY),
+    *_unary("exp", "torch.exp", "exponential", _ELEMENTARY),
+    *_unary("log", "torch.log", "natural logarithm", _ELEMENTARY),
+    *_unary("log10", "torch.log10", "base-10 logarithm", _ELEMENTARY),
+    *_unary("log2", "torch.log2", "base-2 logarithm", _ELEMENTARY),
+    *_unary("sqrt", "torch.sqrt", "square root", _ELEMENTARY),
+    *_unary("cbrt", _S + "cbrt", "cube root (real, negative below 0)", _ELEMENTARY),
+    *_unary("abs", "torch.abs", "absolute value", _ELEMENTARY, "derivative sign(u), 0 at 0"),
+    *_unary("sign", "torch.sign", "-1, 0 or 1", _ELEMENTARY, "derivative 0"),
+    *_unary("erf", "torch.special.erf", "error function", _SPECIAL),
+    *_unary("erfc", "torch.special.erfc", "complementary error function 1 - erf(u)", _SPECIAL),
+    *_unary(
+        "erfcx", _S + "erfcx", "scaled complementary error function exp(u^2) erfc(u)", _SPECIAL
+    ),
+    *_unary("erfinv", "torch.special.erfinv", "inverse error function", _SPECIAL),
+    *_unary("gamma", _S + "gamma", "gamma function", _SPECIAL, "inf at 0, -1, -2, ..."),
+    *_unary("lgamma", "torch.lgamma", "log |gamma(u)|", _SPECIAL),
+    *_unary("digamma", _S + "digamma", "psi(u) = gamma'(u) / gamma(u)", _SPECIAL),
+    Function(
+        "beta", ("a", "b"), _S + "beta", "beta function gamma(a) gamma(b) / gamma(a+b)", _SPECIAL
+    ),
+    *_unary("j0", _S + "j0", "Bessel function of the first kind, order 0", _BESSEL),
+    *_unary("j1", _S + "j1", "Bessel function of the first kind, order 1", _BESSEL),
+    *_unary("y0", _S + "y0", "Bessel function of the second kind, order 0", _BESSEL, "NaN below 0"),
+    *_unary("y1", _S + "y1", "Bessel function of the second kind, order 1", _BESSEL, "NaN below 0"),
+    *_unary(
+        "i0", "torch.special.i0", "modified Bessel function of the first kind, order 0", _BESSEL
+    ),
+    *_unary(
+        "i1", "torch.special.i1", "modified Bessel function of the first kind, order 1", _BESSEL
+    ),
+    *_unary("i0e", "torch.special.i0e", "exp(-|u|) i0(u)", _BESSEL),
+    *_unary("i1e", "torch.special.i1e", "exp(-|u|) i1(u)", _BESSEL),
+    *_unary(
+        "k0",
+        _S + "k0",
+        "modified Bessel function of the second kind, order 0",
+        _BESSEL,
+        "NaN below 0",
+    ),
+    *_unary(
+        "k1",
+        _S + "k1",
+        "modified Bessel function of the second kind, order 1",
+        _BESSEL,
+        "NaN below 0",
+    ),
+    *_unary("sigmoid expit", _S + "sigmoid", "logistic function 1 / (1 + exp(-u))", _LOGISTIC),
+    *_unary("logit", "torch.logit", "log(u / (1 - u)), the inverse of sigmoid", _LOGISTIC),
+    *_unary("softplus", _S + "softplus", "log(1 + exp(u))", _LOGISTIC),
+    *_unary("log1p", "torch.log1p", "log(1 + u), accurate for small u", _LOGISTIC),
+    *_unary("expm1", _S + "expm1", "exp(u) - 1, accurate for small u", _LOGISTIC),
+    *_unary("sinc", _S + "sinc", "sin(pi u) / (pi u), 1 at 0 (normalised, as numpy's)", _LOGISTIC),
+    Function(
+        "atan2",
+        ("y", "x"),
+        "torch.atan2",
+        "angle of the point (x, y), in (-pi, pi]",
+        _SEVERAL,
+        notes="atan2(y, x): y first",
+    ),
+    Function("hypot", ("a", "b"), "torch.hypot", "sqrt(a^2 + b^2) without overflow", _SEVERAL),
+    Function(
+        "min",
+        ("a", "b"),
+        _S + "minimum",
+        "smallest argument",
+        _SEVERAL,
+        variadic=True,
+        notes="derivative: the selected argument's (the first of equals)",
+    ),
+    Function(
+        "max",
+        ("a", "b"),
+        _S + "maximum",
+        "largest argument",
+        _SEVERAL,
+        variadic=True,
+        notes="derivative: the selected argument's (the first of equals)",
+    ),
+    Function(
+        "clip",
+        ("v", "lo", "hi"),
+        _S + "clip",
+        "v limited to [lo, hi]",
+        _SEVERAL,
+        notes="derivative: v's inside, the bound's outside",
+    ),
+    Function(
+        "where",
+        ("cond", "a", "b"),
+        "torch.where",
+        "a where cond holds, else b",
+        _PIECEWISE,
+        notes="cond: a comparison (< <= > >=, chains allowed: lo < x < hi); "
+        "derivative: the chosen branch's; NaN or inf in the other branch never reaches it",
+    ),
+    *_unary(
+        "heaviside",
+        _S + "heaviside",
+        "step: 0 below 0, 1 above, 1/2 at 0",
+        _PIECEWISE,
+        "derivative 0",
+    ),
+)
+"""Every function callable in an expression, by name (aliases are entries of their own).
+
+To add one: an entry here, its torch code where ``torch`` points, and its numpy value and
+partial derivatives in `fitcli.symdiff`'s table under the same name.
+"""
+
+# Pearson IV's normalisation (the lineshape pearson4) needs log|Gamma| of a complex argument.
+FUNCTION_TABLE["loggamma_re"] = Function(
+    "loggamma_re",
+    ("a", "b"),
+    "fitcli.loggamma.loggamma_re",
+    "log|Gamma(a + i b)|, the real part of the complex log-gamma function",
+    "gamma",
+)
+
+FUNCTION_NAMES: frozenset[str] = frozenset(FUNCTION_TABLE)
 """Names callable in an expression; known without importing torch."""
 
 CONSTANTS: dict[str, float] = {"pi": math.pi, "e": math.e}
@@ -81,8 +252,53 @@ CONSTANT_MEANINGS: dict[str, str] = {
     "e": "Euler's number (2.71828...)",
 }
 
-_ALLOWED_FUNCTIONS = ", ".join(sorted(FUNCTION_NAMES))
+
+def _function_list() -> str:
+    """Every function by group, aliases in brackets: for "unknown function" messages."""
+    groups: dict[str, list[str]] = {}
+    seen: dict[str, str] = {}  # torch target -> first name (aliases share one)
+    for f in FUNCTION_TABLE.values():
+        first = seen.get(f.torch)
+        if first is not None and FUNCTION_TABLE[first].args == f.args:
+            names = groups[FUNCTION_TABLE[first].group]
+            names[names.index(first)] += (
+                f" ({f.name})" if "(" not in names[names.index(first)] else ""
+            )
+            continue
+        seen[f.torch] = f.name
+        groups.setdefault(f.group, []).append(f.name)
+    return "; ".join(f"{group}: {', '.join(names)}" for group, names in groups.items())
+
+
+_ALLOWED_FUNCTIONS = _function_list()
 _ALLOWED_OPERATORS = "+ - * / **"
+
+_COMPARISONS: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+}
+_COMPARISON_SYMBOLS: dict[type, str] = {
+    ast.Eq: "==", ast.NotEq: "!=", ast.Is: "is", ast.IsNot: "is not", ast.In: "in",
+    ast.NotIn: "not in",
+}  # fmt: skip
+
+
+def name_taken(name: str) -> str | None:
+    """Why `name` cannot be a parameter ("'e' is Euler's number ..."), or None if it can."""
+    if name in CONSTANT_MEANINGS:
+        return f"'{name}' is {CONSTANT_MEANINGS[name]} in expressions"
+    function = FUNCTION_TABLE.get(name)
+    if function is not None:
+        return f"'{name}' is a function in expressions ({function.signature}: {function.meaning})"
+    return None
+
+
+def rename_hint(name: str) -> str:
+    """A suggestion for a parameter whose name is taken."""
+    return f"name the parameter otherwise, e.g. {name}_ or {name}1"
+
 
 # AST node classes that are never allowed, with how a message names them.
 _FORBIDDEN: dict[type, str] = {
@@ -96,7 +312,6 @@ _FORBIDDEN: dict[type, str] = {
     ast.GeneratorExp: "a generator expression",
     ast.JoinedStr: "an f-string",
     ast.FormattedValue: "an f-string",
-    ast.Compare: "a comparison",
     ast.BoolOp: "a boolean operator (and, or)",
     ast.NamedExpr: "an assignment expression (:=)",
     ast.IfExp: "a conditional expression (if/else)",
@@ -140,7 +355,9 @@ _OPS: dict[type, Callable[[Any, Any], Any]] = {
 
 # The checked tree ("IR") is made of plain tuples, flattened so that + - and * / chains are one
 # level each (a long sum must not become a deep recursion):
-#   ("num", value) | ("x",) | ("param", name) | ("neg", node) | ("call", torch_name, node)
+#   ("num", value) | ("x",) | ("param", name) | ("neg", node)
+#   ("call", name, (node, ...))   name: a key of FUNCTION_TABLE, one node per argument
+#   ("cmp", first, ((op, node), ...))   only as where's first argument; op in _COMPARISONS values
 #   ("pow", base, exponent) | ("chain", first, ((op, node), ...))   with op in _OPS values
 _Node = tuple
 
@@ -272,8 +489,17 @@ def _parse_checked(source: str, allow_params: bool, what: str) -> Expression:
 class _Checker:
     """One validation pass: bounds first (iteratively), then the allowlist (recursively)."""
 
-    def __init__(self, source: str, base: int, allow_params: bool, what: str) -> None:
+    def __init__(
+        self,
+        source: str,
+        base: int,
+        allow_params: bool,
+        what: str,
+        local: tuple[str, ...] = (),
+    ) -> None:
         self.source = source
+        self.local = frozenset(local)  # a lineshape formula's argument names (x among them)
+        self.sizes: dict[int, tuple[_Node, int, int]] = {}  # id -> (node, size, depth) memo
         self.base = base  # leading whitespace stripped before parsing
         self.allow_params = allow_params
         self.what = what
@@ -306,7 +532,13 @@ class _Checker:
             raise ExpressionError(f"{self.what} is too complex to parse", self.source) from None
         body = tree.body
         self.check_bounds(body)
-        return self.visit(body)
+        root = self.visit(body)
+        if self.sizes and self.measure(root)[0] > MAX_EXPANDED:  # lineshapes were expanded
+            raise self.error(
+                f"{self.what} is too large once its lineshapes are expanded (more than "
+                f"{MAX_EXPANDED} nodes)"
+            )
+        return root
 
     def check_bounds(self, root: ast.expr) -> None:
         """Count nodes and measure depth without recursion (the tree may be arbitrarily deep)."""
@@ -364,13 +596,28 @@ class _Checker:
 
     def visit_Name(self, node: ast.Name) -> _Node:
         name = node.id
+        if name in self.local:
+            self.params.setdefault(name, None)
+            return ("param", name)
         if name == "x":
             self.uses_x = True
             return ("x",)
         if name in CONSTANTS:
             return ("num", CONSTANTS[name])
         if name in FUNCTION_NAMES:
-            raise self.error(f"function '{name}' must be called, e.g. {name}(x)", node)
+            signature = FUNCTION_TABLE[name].signature
+            raise self.error(
+                f"function '{name}' must be called, as {signature}; for a parameter, "
+                f"'{name}' is taken: {rename_hint(name)}",
+                node,
+            )
+        if name in _shapes.SHAPES:
+            signature = _shapes.signature(_shapes.SHAPES[name])
+            raise self.error(
+                f"lineshape '{name}' must be called, as {signature}; for a parameter, "
+                f"'{name}' is taken: {rename_hint(name)}",
+                node,
+            )
         if name.startswith("_"):
             raise self.error(f"name '{name}' is not allowed (names may not start with '_')", node)
         if not self.allow_params:
@@ -421,16 +668,160 @@ class _Checker:
                 f"only named functions can be called; allowed: {_ALLOWED_FUNCTIONS}", func
             )
         name = func.id
-        if name not in FUNCTION_NAMES:
-            raise self.error(f"unknown function '{name}'; allowed: {_ALLOWED_FUNCTIONS}", func)
+        if name in _shapes.SHAPES:
+            return self.visit_shape(_shapes.SHAPES[name], node)
+        function = FUNCTION_TABLE.get(name)
+        if function is None:
+            close = difflib.get_close_matches(name, FUNCTION_NAMES, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise self.error(
+                f"unknown function '{name}'{hint}; functions: {_ALLOWED_FUNCTIONS}", func
+            )
         for keyword in node.keywords:
             raise self.error(f"keyword arguments are not allowed in {name}()", keyword)
         for arg in node.args:
             if isinstance(arg, ast.Starred):
                 raise self.error("starred arguments are not allowed", arg)
-        if len(node.args) != 1:
-            raise self.error(f"{name}() takes exactly one argument ({len(node.args)} given)", node)
-        return ("call", _TORCH_NAMES[name], self.visit(node.args[0]))
+        given, least, most = len(node.args), function.min_args, function.max_args
+        if given < least or (most is not None and given > most):
+            if most is None:
+                count = f"at least {least} arguments"
+            else:
+                count = f"{least} argument{'s' if least != 1 else ''}"
+            raise self.error(f"{function.signature} takes {count} ({given} given)", node)
+        if name == "where":
+            cond = node.args[0]
+            if not isinstance(cond, ast.Compare):
+                raise self.error(
+                    "where's first argument must be a comparison, e.g. where(x > c, a, b)", cond
+                )
+            rest = tuple(self.visit(arg) for arg in node.args[1:])
+            return ("call", name, (self.condition(cond), *rest))
+        return ("call", name, tuple(self.visit(arg) for arg in node.args))
+
+    def visit_shape(self, shape: _shapes.Shape, node: ast.Call) -> _Node:
+        """A lineshape call: its formula's tree with the argument trees in place of its names."""
+        for keyword in node.keywords:
+            raise self.error(f"keyword arguments are not allowed in {shape.name}()", keyword)
+        for arg in node.args:
+            if isinstance(arg, ast.Starred):
+                raise self.error("starred arguments are not allowed", arg)
+        given, total = len(node.args), len(shape.args)
+        if not shape.required <= given <= total:
+            count = f"{total}" if shape.required == total else f"{shape.required} to {total}"
+            raise self.error(
+                f"{_shapes.signature(shape)} takes {count} arguments ({given} given)", node
+            )
+        tree, defaults = _shape_trees(shape.name)
+        bound: dict[str, _Node] = {}
+        for name, arg in zip(shape.args, node.args, strict=False):
+            bound[name] = self.visit(arg)
+        for name in shape.args[given:]:
+            bound[name] = _substitute(defaults[name], bound)
+        expanded = _substitute(tree, bound)
+        size, depth = self.measure(expanded)
+        if size > MAX_EXPANDED:
+            raise self.error(
+                f"{self.what} is too large once its lineshapes are expanded (more than "
+                f"{MAX_EXPANDED} nodes); nest fewer shapes inside shapes' arguments",
+                node,
+            )
+        if depth > MAX_EXPANDED_DEPTH:
+            raise self.error(
+                f"{self.what} is nested too deeply once its lineshapes are expanded (more than "
+                f"{MAX_EXPANDED_DEPTH} levels); nest fewer shapes inside shapes' arguments",
+                node,
+            )
+        return expanded
+
+    def measure(self, root: _Node) -> tuple[int, int]:
+        """Nodes and depth of a checked tree, counting a shared subtree at every use (as the
+        compilers evaluate it); memoised, so measuring a tree made of measured ones is cheap."""
+        memo = self.sizes
+        hit = memo.get(id(root))
+        if hit is not None and hit[0] is root:
+            return hit[1], hit[2]
+        size, depth = 1, 0
+        for child in _children(root):
+            s, d = self.measure(child)
+            size += s
+            depth = max(depth, d)
+        memo[id(root)] = (root, size, depth + 1)
+        return size, depth + 1
+
+    def visit_Compare(self, node: ast.Compare) -> _Node:
+        raise self.error(
+            "a comparison is allowed only as the first argument of where(cond, a, b)", node
+        )
+
+    def condition(self, node: ast.Compare) -> _Node:
+        """``lo < x <= hi`` -> ("cmp", first, ((op, node), ...)): every link must hold."""
+        for op in node.ops:
+            if type(op) not in _COMPARISONS:
+                symbol = _COMPARISON_SYMBOLS.get(type(op), type(op).__name__)
+                raise self.error(
+                    f"operator '{symbol}' is not allowed in a condition; use < <= > >=", node
+                )
+        first = self.visit(node.left)
+        links = tuple(
+            (_COMPARISONS[type(op)], self.visit(right))
+            for op, right in zip(node.ops, node.comparators, strict=True)
+        )
+        return ("cmp", first, links)
+
+
+def _children(node: _Node) -> list[_Node]:
+    """The subtrees of a checked-tree node (any tuple inside it that starts with a tag)."""
+    found: list[_Node] = []
+    stack = list(node[1:])
+    while stack:
+        item = stack.pop()
+        if isinstance(item, tuple) and item:
+            if isinstance(item[0], str):
+                found.append(item)
+            else:
+                stack.extend(item)  # an argument list, a chain's (op, node) pairs
+    return found
+
+
+def _substitute(node: _Node, bound: Mapping[str, _Node]) -> _Node:
+    """`node` with each ``("param", name)`` of `bound` replaced by its tree (shared, not copied)."""
+    if node[0] == "param":
+        return bound.get(node[1], node)
+    return tuple(_substitute_item(item, bound) for item in node)
+
+
+def _substitute_item(item: Any, bound: Mapping[str, _Node]) -> Any:
+    if isinstance(item, tuple) and item:
+        if isinstance(item[0], str):
+            return _substitute(item, bound)
+        return tuple(_substitute_item(i, bound) for i in item)
+    return item
+
+
+_SHAPE_TREES: dict[str, tuple[_Node, dict[str, _Node]]] = {}
+
+
+def _shape_trees(name: str) -> tuple[_Node, dict[str, _Node]]:
+    """Lineshape `name`'s formula and defaults as checked trees over its argument names, parsed
+    once. A formula may call other lineshapes (pvoigt calls gaussian and lorentzian)."""
+    cached = _SHAPE_TREES.get(name)
+    if cached is not None:
+        return cached
+    shape = _shapes.SHAPES[name]
+    what = f"lineshape {name}"
+    tree = _Checker(shape.formula, 0, True, what, shape.args).parse(shape.formula)
+    defaults: dict[str, _Node] = {}
+    for k, arg in enumerate(shape.args):
+        if arg in shape.defaults:
+            default = shape.defaults[arg]
+            if isinstance(default, str):
+                checker = _Checker(default, 0, True, what, shape.args[:k])
+                defaults[arg] = checker.parse(default)
+            else:
+                defaults[arg] = ("num", float(default))
+    _SHAPE_TREES[name] = (tree, defaults)
+    return tree, defaults
 
 
 def _article(noun: str) -> str:
@@ -466,8 +857,7 @@ def _load_torch() -> Any:
 def __getattr__(name: str) -> Any:
     # FUNCTIONS maps names to torch functions; building it imports torch, so do it on first use.
     if name == "FUNCTIONS":
-        torch = _load_torch()
-        functions = {key: getattr(torch, attr) for key, attr in _TORCH_NAMES.items()}
+        functions = {name: _torch_function(name) for name in FUNCTION_TABLE}
         globals()["FUNCTIONS"] = functions
         return functions
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -475,6 +865,19 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     FUNCTIONS: dict[str, Callable[..., Any]]
+
+_RESOLVED: dict[str, Callable[..., Any]] = {}
+
+
+def _torch_function(name: str) -> Callable[..., Any]:
+    """The torch implementation of function `name`, imported where its table entry says."""
+    fn = _RESOLVED.get(name)
+    if fn is None:
+        _load_torch()
+        module, _, attr = FUNCTION_TABLE[name].torch.rpartition(".")
+        fn = getattr(importlib.import_module(module), attr)
+        _RESOLVED[name] = fn
+    return fn
 
 
 def _compile(tree: _Node) -> Callable[[Any, Mapping[str, Any]], Any]:
@@ -506,8 +909,20 @@ def _compile_node(node: _Node) -> tuple[str, Any]:
         f = _as_fn(*_compile_node(node[1]))
         return ("fn", lambda x, p: -f(x, p))
     if tag == "call":
-        fn = getattr(_torch, node[1])
-        kind, value = _compile_node(node[2])
+        if node[1] == "where":
+            return ("fn", _where(*node[2]))
+        fn = _torch_function(node[1])
+        args = node[2]
+        if len(args) != 1:
+            fns = tuple(_as_fn(*_compile_node(arg)) for arg in args)
+            if len(fns) == 2:
+                f0, f1 = fns
+                return ("fn", lambda x, p: fn(f0(x, p), f1(x, p)))
+            if len(fns) == 3:
+                f0, f1, f2 = fns
+                return ("fn", lambda x, p: fn(f0(x, p), f1(x, p), f2(x, p)))
+            return ("fn", lambda x, p: fn(*[f(x, p) for f in fns]))
+        kind, value = _compile_node(args[0])
         if kind == "x":
             return ("fn", lambda x, p: fn(x))
         if kind == "param":
@@ -525,6 +940,61 @@ def _compile_node(node: _Node) -> tuple[str, Any]:
             left = _binary(op, left, right)
         return left
     raise AssertionError(f"unknown node {tag!r}")  # pragma: no cover
+
+
+def _condition(node: _Node) -> Callable[[Any, Mapping[str, Any]], Any]:
+    """A ("cmp", ...) node as a closure returning a bool tensor."""
+    _, first, links = node
+    left = _as_fn(*_compile_node(first))
+    steps = tuple((op, _as_fn(*_compile_node(right))) for op, right in links)
+
+    def condition(x: Any, p: Mapping[str, Any]) -> Any:
+        a = left(x, p)
+        result = None
+        for op, f in steps:
+            b = f(x, p)
+            holds = op(a, b)
+            result = holds if result is None else result & holds
+            a = b
+        return result
+
+    return condition
+
+
+def _where(cond: _Node, a: _Node, b: _Node) -> Callable[[Any, Mapping[str, Any]], Any]:
+    """where(cond, a, b) whose derivative is the chosen branch's, even where the other one's is
+    NaN or inf (``where(x > c, sqrt(x - c), 0)`` in c).
+
+    Plain ``torch.where`` passes a zero gradient into the unchosen branch, whose own backward
+    then multiplies it by its local derivative: 0 * inf = NaN, summed into the parameter. So
+    each branch is evaluated on guarded inputs, ``where(chosen, p, p.detach())`` for every
+    parameter and for x: the same values, but the gradient reaches p only from the positions
+    where the branch is chosen. Every node is elementwise, so nothing else can leak.
+    """
+    test = _condition(cond)
+    fa = _as_fn(*_compile_node(a))
+    fb = _as_fn(*_compile_node(b))
+    where = _torch.where
+
+    def guard(x: Any, p: Mapping[str, Any], keep: Any) -> tuple[Any, Mapping[str, Any]]:
+        if x.requires_grad:
+            x = where(keep, x, x.detach())
+        if any(getattr(v, "requires_grad", False) for v in p.values()):
+            p = {
+                k: where(keep, v, v.detach()) if getattr(v, "requires_grad", False) else v
+                for k, v in p.items()
+            }
+        return x, p
+
+    def select(x: Any, p: Mapping[str, Any]) -> Any:
+        keep = test(x, p)
+        if keep.shape != x.shape:
+            keep = keep.expand(x.shape)
+        xa, pa = guard(x, p, keep)
+        xb, pb = guard(x, p, ~keep)
+        return where(keep, fa(xa, pa), fb(xb, pb))
+
+    return select
 
 
 def _loop_chain(

@@ -21,6 +21,12 @@ model and its exact Jacobian in numpy (`fitcli.symdiff` differentiates the expre
 costs a fifth of torch's dispatch and reverse pass at those sizes. The core checks it against an
 exact autograd Jacobian at the start (`host_ok`) and keeps torch if they disagree.
 
+A loss other than least squares (`fitcli.losses.Loss`, the `loss` argument) enters through its
+Gauss-Newton form: at each linearization the residuals become the loss's effective residuals and
+each row of J is scaled (``J_eff = s J``), so that ``J_eff^T r_eff`` is minus the gradient of its
+cost and ``J_eff^T J_eff`` its Gauss-Newton (robust losses, as scipy's ``least_squares``) or
+Fisher-scoring (poisson, bce) curvature; "rss" then stands for twice the loss's cost throughout.
+
 Two additions make it reach NIST's certified values from both StRD starting points: a curvature
 guard that rejects large steps whose geodesic acceleration (Transtrum & Sethna 2012) is comparable
 to the step itself, and a final polishing phase that follows J^T r past the point where cost
@@ -272,6 +278,28 @@ def _jacobian_and_residual(
     return jac, wy - m
 
 
+def _gauss_newton_rows(
+    fn: Model,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    w: torch.Tensor | None,
+    rowwise: bool,
+    loss: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_jacobian_and_residual` in a loss's Gauss-Newton form (float64): ``s J``, ``r_eff`` and
+    each point's cost (see `fitcli.losses.Loss.gauss_newton`)."""
+    model = _weighted_model(fn, x, w)
+    if rowwise:
+        jac, m = _jacobian_rowwise(model, theta, y.shape[0])
+    else:
+        jac, m = _jacobian_forward(model, theta)
+    wy = (y * w if w is not None else y).reshape(-1)
+    f64 = torch.float64
+    r, s, cost = loss.gauss_newton(m.to(f64), wy.to(f64), torch)
+    return jac.to(f64) * s[:, None], r, cost
+
+
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -285,12 +313,14 @@ def jtj_jtr(
     weights: torch.Tensor | None = None,
     chunk_size: int | None = None,
     rowwise: bool | None = None,
+    loss: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(J^T J, J^T r, sum(r**2))`` at theta, in float64, accumulated over chunks of rows.
 
     J is the Jacobian of the weighted model ``w * fn`` (the negative of d r / d theta), so that
     ``solve(J^T J, J^T r)`` is the Gauss-Newton step. Only one chunk's Jacobian is alive at a time.
     ``rowwise`` picks the one-pass Jacobian (see `rowwise_ok`); None decides by `rowwise_ok`.
+    With a `loss`, J and r are its Gauss-Newton form and the third value is twice its cost.
     """
     theta = theta.detach()
     p = theta.numel()
@@ -304,12 +334,16 @@ def jtj_jtr(
     with _chunk_threads(theta.device):
         for sl in _chunks(n, size):
             w = weights[sl] if weights is not None else None
-            jac, r = _jacobian_and_residual(fn, theta, x[sl], y[sl], w, rowwise)
-            jac = jac.to(torch.float64)
-            r = r.to(torch.float64)
+            if loss is None:
+                jac, r = _jacobian_and_residual(fn, theta, x[sl], y[sl], w, rowwise)
+                jac = jac.to(torch.float64)
+                r = r.to(torch.float64)
+                rss += r @ r
+            else:
+                jac, r, cost = _gauss_newton_rows(fn, theta, x[sl], y[sl], w, rowwise, loss)
+                rss += 2 * cost.sum()
             jtj += jac.T @ jac
             jtr += jac.T @ r
-            rss += r @ r
     return jtj, jtr, float(rss)
 
 
@@ -321,6 +355,7 @@ def _normal_equations(
     weights: torch.Tensor | None,
     chunk_size: int | None,
     rowwise: bool | None,
+    loss: Any = None,
 ) -> tuple[np.ndarray, np.ndarray, float, tuple[np.ndarray, torch.Tensor] | None]:
     """`jtj_jtr` as numpy float64 arrays, for the iteration, and (J, w * fn) when kept.
 
@@ -344,8 +379,14 @@ def _normal_equations(
         jac = jac_t.detach().to(torch.float64).numpy()
         r = r_t.detach().to(torch.float64).numpy()
         with np.errstate(all="ignore"):  # non-finite values are the caller's to report
+            if loss is not None:
+                wy_np = wy.detach().to(torch.float64).numpy()
+                m_np = m.detach().to(torch.float64).numpy()
+                r, s, cost = loss.gauss_newton(m_np, wy_np, np)
+                jac = jac * s[:, None]
+                return jac.T @ jac, jac.T @ r, float(2 * cost.sum()), (jac, m.detach())
             return jac.T @ jac, jac.T @ r, float(r @ r), (jac, m.detach())
-    jtj, jtr, rss = jtj_jtr(fn, theta, x, y, weights, chunk_size, rowwise)
+    jtj, jtr, rss = jtj_jtr(fn, theta, x, y, weights, chunk_size, rowwise, loss)
     return jtj.cpu().numpy(), jtr.cpu().numpy(), rss, None
 
 
@@ -356,12 +397,24 @@ def residual_sum_of_squares(
     y: torch.Tensor,
     weights: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    loss: Any = None,
 ) -> float:
-    """``sum(r**2)`` at theta, accumulated in float64 over chunks (no Jacobian)."""
+    """``sum(r**2)`` at theta, accumulated in float64 over chunks (no Jacobian); with a `loss`,
+    twice its cost."""
     n = y.shape[0]
     # No Jacobian here: an explicit chunk_size stretches p-fold; the default stays cache-sized.
     p = theta.numel()
     size = chunk_size * max(p, 1) if chunk_size else default_chunk_size(p, theta.device)
+    if loss is not None:
+        total = torch.zeros((), dtype=torch.float64, device=theta.device)
+        with torch.no_grad(), _chunk_threads(theta.device):
+            for sl in _chunks(n, size):
+                m, wy = fn(theta, x[sl]), y[sl]
+                if weights is not None:
+                    m, wy = m * weights[sl], wy * weights[sl]
+                m, wy = m.to(torch.float64).reshape(-1), wy.to(torch.float64).reshape(-1)
+                total += 2 * loss.cost_terms(m, wy, torch).sum()
+        return float(total)
     if n <= size and theta.device.type == "cpu":  # one chunk: no accumulator
         with torch.no_grad(), one_thread():
             r = y - fn(theta, x)
@@ -563,6 +616,9 @@ class LevenbergMarquardt:
     column-scaled J^T J is singular restarts once, with the trust region, from a point moved
     along its null space, and keeps the lower of the two ends (`_leave_singular_point`).
 
+    ``loss`` (a `fitcli.losses.Loss`, None: least squares) replaces the cost by that loss's, see
+    the module doc; the curvature guard is then off.
+
     ``max_accel_ratio`` (None to disable) bounds the geodesic-acceleration ratio of steps that
     change some parameter by more than 10%, see `step`. ``theta0`` may be float32 or float64 on
     any device; the model runs in its dtype, the normal equations in float64.
@@ -585,8 +641,14 @@ class LevenbergMarquardt:
         trust_region: bool = False,
         restart_after: int | None = 1000,
         host: HostModel | None = None,
+        loss: Any = None,
     ) -> None:
         self.fn = fn
+        # A `fitcli.losses.Loss` other than least squares, minimised in its Gauss-Newton form.
+        # The curvature guard's geodesic acceleration is that of the plain residuals: off for it.
+        self.loss = loss
+        if loss is not None:
+            max_accel_ratio = None
         # The numpy model (`HostModel`), used once `host_ok` has checked it at the start; None
         # when there is none or the check failed.
         self.host = host
@@ -745,7 +807,7 @@ class LevenbergMarquardt:
             self.n_fev += 1
         else:
             new_cost = 0.5 * residual_sum_of_squares(
-                self.fn, trial, self.x, self.y, self.weights, self.chunk_size
+                self.fn, trial, self.x, self.y, self.weights, self.chunk_size, self.loss
             )
             self.n_fev += 1
         actual = cost - new_cost if math.isfinite(new_cost) else -math.inf
@@ -850,7 +912,7 @@ class LevenbergMarquardt:
         if self.host is not None:
             return self._host_equations(theta.numpy().reshape(-1))
         return _normal_equations(
-            self.fn, theta, self.x, self.y, self.weights, self.chunk_size, self.rowwise
+            self.fn, theta, self.x, self.y, self.weights, self.chunk_size, self.rowwise, self.loss
         )
 
     def _host_arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
@@ -873,6 +935,10 @@ class LevenbergMarquardt:
             if w is not None:
                 m = m * w
                 jac = jac * w[:, None]
+            if self.loss is not None:
+                r, s, cost = self.loss.gauss_newton(m, wy, np)
+                jac = jac * s[:, None]
+                return jac.T @ jac, jac.T @ r, float(2 * cost.sum()), (jac, m)
             r = wy - m
             return jac.T @ jac, jac.T @ r, float(r @ r), (jac, m)
 
@@ -882,6 +948,9 @@ class LevenbergMarquardt:
         wy, w = self._host_arrays()
         with np.errstate(all="ignore"):
             m = host.value(theta)
+            if self.loss is not None:
+                m = m * w if w is not None else m
+                return float(2 * self.loss.cost_terms(m, wy, np).sum())
             r = wy - (m * w if w is not None else m)
             return float(r @ r)
 
@@ -1015,7 +1084,7 @@ class LevenbergMarquardt:
                 rss = self._host_rss(moved)
             else:
                 rss = residual_sum_of_squares(
-                    self.fn, trial, self.x, self.y, self.weights, self.chunk_size
+                    self.fn, trial, self.x, self.y, self.weights, self.chunk_size, self.loss
                 )
             self.n_fev += 1
             if math.isfinite(rss):

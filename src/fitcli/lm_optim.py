@@ -3,9 +3,11 @@
 `LMStepper` drives `fitcli.lm.LevenbergMarquardt` over the model's internal parameter vector
 `model.raw` (bounds are reparametrised and fixed parameters are not in it, so both come for free),
 with the residuals ``w * (y - model.predict(raw, x))``, ``w = 1/sigma`` when the data carry
-sigmas. Each `step()` returns the loss at the parameters before the step in the config's terms
-(mse: the mean of the squared weighted residuals, the same number a torch optimizer reports) and
-writes the new parameters back into `model.raw`.
+sigmas, and for a loss other than mse its Gauss-Newton form (`fitcli.losses`: iteratively
+reweighted for the robust losses, Fisher scoring for poisson and bce). Each `step()` returns the
+loss at the parameters before the step in the config's terms (mse: the mean of the squared
+weighted residuals, the same number a torch optimizer reports) and writes the new parameters
+back into `model.raw`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from fitcli.errors import ConfigError
 from fitcli.lm import HostModel, LevenbergMarquardt, host_eligible
+from fitcli.losses import ROBUST, Loss, resolve
 from fitcli.model import BasisModel, ExprModel, FitModel, model_function
 
 if TYPE_CHECKING:
@@ -74,10 +77,12 @@ def validate_kwargs(kwargs: dict[str, Any]) -> list[str]:
 def validate(cfg: Config, kwargs: dict[str, Any]) -> list[str]:
     """Every problem with an LM optimizer section and the settings it cannot work with."""
     problems = validate_kwargs(kwargs)
-    if cfg.loss != "mse":
+    if not resolve(cfg.loss).lm_ready:
+        takes = ", ".join(("mse", "poisson", "bce", "student_t", *ROBUST))
         problems.append(
-            f"loss: {NAME} minimises the sum of squared residuals, so the loss must be mse "
-            f"(got {cfg.loss!r}); use loss: mse or a torch optimizer such as Adam"
+            f"loss: {NAME} minimises the sum of squared residuals or a likelihood, so the loss "
+            f"must be one of {takes} (got {resolve(cfg.loss).name!r}); use one of those or a "
+            "torch optimizer such as Adam"
         )
     if cfg.batch_size is not None:
         problems.append(
@@ -101,6 +106,7 @@ class LMStepper:
         y: torch.Tensor,
         weights: torch.Tensor | None,
         kwargs: dict,
+        loss: Loss | None = None,
     ) -> None:
         problems = validate_kwargs(kwargs)
         if problems:
@@ -111,6 +117,9 @@ class LMStepper:
         self.converged: str | None = None
         self.failure: str | None = None  # set when no solution could be reached
         self.stop_reason: str | None = None  # the core's own words
+        # The core's own least squares for mse; any other loss by its Gauss-Newton form.
+        self.loss = loss if loss is not None and loss.name != "mse" else None
+        self.half = 0.5 if self.loss is None else self.loss.half
         self.lm = LevenbergMarquardt(
             model_function(model),
             x,
@@ -123,6 +132,7 @@ class LMStepper:
             damping=float(opts["damping"]),
             chunk_size=opts["chunk_size"],
             host=host_model(model, x) if host_eligible(x, model.raw) else None,
+            loss=self.loss,
         )
         self._written = self.lm.theta.clone()
 
@@ -146,8 +156,8 @@ class LMStepper:
                 # Whether this is a minimum is the error bars' to say (`stats.verdict`).
                 n = self.lm.n_iter
                 self.converged = f"{NAME} stopped after {n} iterations ({result.reason})"
-        # mse-equivalent: mean of the squared (weighted) residuals, cost = 0.5 * sum(r**2).
-        return torch.tensor(2.0 * result.cost_before / self.n, dtype=torch.float64)
+        # The mean of the points' loss: cost = half * sum(point) (mse: 0.5 * sum(r**2)).
+        return torch.tensor(result.cost_before / (self.half * self.n), dtype=torch.float64)
 
     def lr(self) -> float:
         return float("nan")
@@ -186,20 +196,28 @@ class LMStepper:
 class NumpyModel(HostModel):
     """A `FitModel` in numpy float64 at fixed x, as a function of its internal vector: the
     expression's value and exact Jacobian from `fitcli.symdiff` (a basis model's Jacobian is its
-    design matrix), chained through the bound transforms of `FitModel.external`; with
-    `external`, of the free parameters' own values (`FitModel.predict_external`, what the error
-    bars are taken against), without the transforms."""
+    design matrix), chained through the ties and the bound transforms of `FitModel.external`:
+    with the expression's Jacobian J_direct over the free and tied parameters it mentions,
+    ``J_free = J_direct[:, free] + J_direct[:, tied] @ d tied / d free``, the ties' gradients
+    from `fitcli.symdiff` too, chained in dependency order. With `external`, a function of the
+    free parameters' own values (`FitModel.predict_external`, what the error bars are taken
+    against): the same without the bound transforms."""
 
     def __init__(self, model: FitModel, x: torch.Tensor, *, external: bool = False) -> None:
         from fitcli.symdiff import compile_jacobian, compile_value
 
         self.x = x.detach().reshape(-1).to(torch.float64).numpy()
-        free = [info for info in model.infos if info.vary]
+        free = [info for info in model.infos if info.free]
         self.free_names = [info.name for info in free]
         fixed = model.fixed.detach().to(torch.float64).tolist()
         self.fixed = {
-            info.name: fixed[k] for k, info in enumerate(i for i in model.infos if not i.vary)
+            info.name: fixed[k] for k, info in enumerate(i for i in model.infos if i.fixed)
         }
+        # Ties in dependency order: (name, value and gradient over the names the tie mentions).
+        self._ties = [
+            (model.names[pos], tie.params, compile_jacobian(tie, tie.params))
+            for pos, tie in model._ties
+        ]
         self.bounds = [(info.min, info.max) for info in free]
         self.bounded = not external and any(
             lo is not None or hi is not None for lo, hi in self.bounds
@@ -212,7 +230,15 @@ class NumpyModel(HostModel):
             self.names = list(model.names)
         else:
             assert isinstance(model, ExprModel)  # `host_model` builds one for these two kinds
-            self._jacobian = compile_jacobian(model.expression, self.free_names)
+            # Without ties the columns are the free parameters; with them, the free and tied
+            # parameters the expression mentions, chained to the free ones in `jacobian`.
+            moved = set(self.free_names) | {name for name, _, _ in self._ties}
+            self._direct = (
+                [n for n in model.expression.params if n in moved]
+                if self._ties
+                else self.free_names
+            )
+            self._jacobian = compile_jacobian(model.expression, self._direct)
             self._value = compile_value(model.expression)
 
     def external(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -235,7 +261,20 @@ class NumpyModel(HostModel):
         return ext, slope
 
     def _values(self, ext: np.ndarray) -> dict[str, Any]:
-        return {**self.fixed, **dict(zip(self.free_names, ext.tolist(), strict=True))}
+        values = {**self.fixed, **dict(zip(self.free_names, ext.tolist(), strict=True))}
+        for name, _, tie in self._ties:
+            values[name] = float(tie(_ONE, values)[0][0])
+        return values
+
+    def _tie_gradients(self, values: dict[str, Any]) -> dict[str, np.ndarray]:
+        """d value / d free (external) of every free and tied parameter, by the chain rule."""
+        p = len(self.free_names)
+        grads = {name: np.zeros(p) for name in self.fixed}
+        grads.update({name: np.eye(p)[k] for k, name in enumerate(self.free_names)})
+        for name, mentions, tie in self._ties:
+            _, jac = tie(_ONE, values)
+            grads[name] = jac[0] @ np.array([grads[m] for m in mentions])
+        return grads
 
     def _full(self, ext: np.ndarray) -> np.ndarray:
         values = self._values(ext)
@@ -252,10 +291,19 @@ class NumpyModel(HostModel):
         if self.kind == "basis":
             m, jac = self.phi @ self._full(ext), self.phi_free
         else:
-            m, jac = self._jacobian(self.x, self._values(ext))
+            values = self._values(ext)
+            m, direct = self._jacobian(self.x, values)
+            if self._ties:
+                grads = self._tie_gradients(values)
+                jac = direct @ np.array([grads[n] for n in self._direct]).reshape(-1, len(ext))
+            else:
+                jac = direct
         if slope is not None:
             jac = jac * slope
         return m, jac
+
+
+_ONE = np.zeros(1)  # the x at which a tie (which never uses x) is evaluated
 
 
 def host_model(model: FitModel, x: torch.Tensor, *, external: bool = False) -> HostModel | None:

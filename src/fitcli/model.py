@@ -3,7 +3,9 @@
 Bounds are kept by reparametrisation, never by clipping: a parameter with both bounds is
 `lo + (hi - lo) * sigmoid(u)`, one with a lower bound `lo + softplus(u)`, one with an upper bound
 `hi - softplus(u)`, where `u` is the unconstrained value the optimizer moves. Fixed parameters
-(`vary: false`) are buffers the optimizer never sees.
+(`vary: false`) are buffers the optimizer never sees. Tied parameters (`expr: ...`, see
+`fitcli.composition`) are computed from the others in every evaluation, so every gradient and
+Jacobian chains through their ties.
 """
 
 from __future__ import annotations
@@ -43,13 +45,24 @@ def rows_dot(phi_t: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ParamInfo:
-    """One named parameter: initial value, bounds and whether it varies."""
+    """One named parameter: initial value, bounds and whether it varies; or its tie."""
 
     name: str
     value: float
     min: float | None = None
     max: float | None = None
     vary: bool = True
+    expr: str | None = None  # a tie: the parameter is this expression of other parameters
+
+    @property
+    def free(self) -> bool:
+        """Whether the optimizer moves it (neither fixed nor tied)."""
+        return self.vary and self.expr is None
+
+    @property
+    def fixed(self) -> bool:
+        """Whether it is held at its value (`vary: false`)."""
+        return not self.vary and self.expr is None
 
 
 def _softplus_inv(v: float) -> float:
@@ -86,18 +99,21 @@ class FitModel(torch.nn.Module):
         super().__init__()
         self.infos = tuple(infos)
         self.names = tuple(i.name for i in infos)
-        self.free_names = tuple(i.name for i in infos if i.vary)
-        free = [i for i in infos if i.vary]
+        self.free_names = tuple(i.name for i in infos if i.free)
+        free = [i for i in infos if i.free]
         self.raw = torch.nn.Parameter(
             torch.tensor([to_internal(i, i.value) for i in free], dtype=dtype)
         )
         self.register_buffer(
-            "fixed", torch.tensor([i.value for i in infos if not i.vary], dtype=dtype)
+            "fixed", torch.tensor([i.value for i in infos if i.fixed], dtype=dtype)
         )
-        self._free_pos = [k for k, i in enumerate(infos) if i.vary]
-        self._fixed_pos = [k for k, i in enumerate(infos) if not i.vary]
+        self._free_pos = [k for k, i in enumerate(infos) if i.free]
+        self._fixed_pos = [k for k, i in enumerate(infos) if i.fixed]
+        self.tied = {i.name: i.expr for i in infos if i.expr is not None}
+        # (position, tie) of each tied parameter, in dependency order.
+        self._ties = _ordered_ties(infos)
         self._bounded = any(i.min is not None or i.max is not None for i in free)
-        self._all_free_unbounded = not self._bounded and not self._fixed_pos
+        self._all_free_unbounded = not self._bounded and not self._fixed_pos and not self._ties
         if self._bounded:
             lo = [i.min if i.min is not None else 0.0 for i in free]
             hi = [i.max if i.max is not None else 0.0 for i in free]
@@ -125,16 +141,29 @@ class FitModel(torch.nn.Module):
         return torch.where(self.upper, self.hi - sp, out)
 
     def full_vector(self, free_ext: torch.Tensor) -> torch.Tensor:
-        """All parameter values in declaration order, fixed ones included."""
-        if self._all_free_unbounded or not self._fixed_pos:
+        """All parameter values in declaration order, fixed and tied ones included."""
+        if not self._fixed_pos and not self._ties:
             return free_ext
         parts: list[torch.Tensor | None] = [None] * len(self.names)
         for k, pos in enumerate(self._free_pos):
             parts[pos] = free_ext[..., k]
         for k, pos in enumerate(self._fixed_pos):
             parts[pos] = self.fixed[k].expand(free_ext.shape[:-1])
-        # The free and fixed positions partition all positions: every part is filled.
+        self.fill_ties(parts)
+        # The free, fixed and tied positions partition all positions: every part is filled.
         return torch.stack(cast(list[torch.Tensor], parts), dim=-1)
+
+    def fill_ties(self, parts: list[torch.Tensor | None]) -> None:
+        """Fill the tied positions of `parts` (all parameters in declaration order, the free and
+        fixed ones set) from their ties, in dependency order."""
+        if not self._ties:
+            return
+        values = {n: v for n, v in zip(self.names, parts, strict=True) if v is not None}
+        for pos, tie in self._ties:
+            # A tie never uses x: its first parameter's value gives the shape, dtype and device.
+            value = tie(values[tie.params[0]], values)
+            parts[pos] = value
+            values[self.names[pos]] = value
 
     def values(self) -> dict[str, float]:
         """Current parameter values by name, as Python floats."""
@@ -154,7 +183,7 @@ class FitModel(torch.nn.Module):
         out = []
         vals = self.values()
         for info in self.infos:
-            if not info.vary:
+            if not info.free:
                 continue
             v = vals[info.name]
             for b in (info.min, info.max):
@@ -189,6 +218,13 @@ class FitModel(torch.nn.Module):
         """Prediction on the rows `x[idx]` (a mini-batch, a chunk) from the current parameters."""
         return self.predict(self.raw, x[idx])
 
+    # -- components (`fitcli.composition`) -------------------------------------------------------
+    components: tuple[str, ...] = ()  # each component's text; () for a model of one term
+
+    def component_values(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each component at x from the current parameters, with x's shape (none: [])."""
+        return []
+
 
 class BasisModel(FitModel):
     """yhat = theta0*b0(x) + theta1*b1(x) + ...; the design matrix is cached for the data's x."""
@@ -196,9 +232,12 @@ class BasisModel(FitModel):
     kind = "basis"
 
     def __init__(self, basis: list, init: list[float], dtype: torch.dtype) -> None:
+        from fitcli.composition import basis_components
+
         infos = [ParamInfo(f"theta{k}", float(v)) for k, v in enumerate(init)]
         super().__init__(infos, dtype)
         self.basis = list(basis)
+        self.components = tuple(basis_components([b.source for b in basis]))
         # x tensor -> [phi, phi transposed or None], for the last two x seen (the data and the
         # snapshot grid): a snapshot must not evict the training data's design matrix.
         self._designs: list[tuple[torch.Tensor, list]] = []
@@ -242,6 +281,14 @@ class BasisModel(FitModel):
         # Rows of the cached design matrix: the basis functions are not re-evaluated per batch.
         return self.design(x)[idx] @ self.full_vector(self.external(self.raw))
 
+    def component_values(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not self.components:
+            return []
+        with torch.no_grad():
+            full = self.full_vector(self.external(self.raw))
+            phi = self.design(x)
+            return [phi[:, k] * full[k] for k in range(phi.shape[1])]
+
 
 class ExprModel(FitModel):
     """yhat = expr(x; a, b, ...): an expression whose free names are the parameters."""
@@ -249,8 +296,20 @@ class ExprModel(FitModel):
     kind = "expr"
 
     def __init__(self, expression: Expression, infos: list[ParamInfo], dtype: torch.dtype) -> None:
+        from fitcli.composition import expression_components, parse_components
+
         super().__init__(infos, dtype)
         self.expression = expression
+        self.components = tuple(expression_components(expression.source))
+        self._components = parse_components(self.components)
+
+    def component_values(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not self.components:
+            return []
+        with torch.no_grad():
+            full = self.full_vector(self.external(self.raw))
+            params = {name: full[k] for k, name in enumerate(self.names)}
+            return [c(x, params) for c in self._components]
 
     def predict_full(self, full: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if full.dim() > 1:
@@ -287,7 +346,7 @@ def model_function(
     selected out of a vector. The core checks the row-wise form against an exact Jacobian before
     it uses it."""
     one = model.predict_external if external else model.predict
-    free = [info for info in model.infos if info.vary]
+    free = [info for info in model.infos if info.free]
     # Per free parameter, the bound transform of `FitModel.external` (None: unbounded).
     transforms: list[Callable[[torch.Tensor], torch.Tensor] | None] = [None] * len(free)
     if not external and model._bounded:
@@ -298,17 +357,20 @@ def model_function(
 
     def columns(theta: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         # All parameters in declaration order: free ones from their leaves, fixed ones as
-        # 0-dim tensors that broadcast.
-        out = []
+        # 0-dim tensors that broadcast, tied ones computed from those.
+        out: list[torch.Tensor | None] = []
         for pos in range(len(model.names)):
             if pos in free_pos:
                 k = free_pos[pos]
                 u = theta[k]
                 transform = transforms[k]
                 out.append(u if transform is None else transform(u))
-            else:
+            elif pos in fixed_pos:
                 out.append(model.fixed[fixed_pos[pos]])
-        return out
+            else:
+                out.append(None)
+        model.fill_ties(out)
+        return cast(list[torch.Tensor], out)
 
     def fn(theta: torch.Tensor | Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if isinstance(theta, torch.Tensor):
@@ -344,15 +406,32 @@ def build_model(model_cfg: ModelSpec, init_seed: int, dtype: torch.dtype) -> Fit
     expression = parse_expression(model_cfg.expr, allow_params=True)
     specs = model_cfg.params or {}
     infos = []
-    for name in expression.params:
+    # The parameters of expr, then those only in ties and the derived ones (`ModelSpec`).
+    for name in [*expression.params, *(k for k in specs if k not in expression.params)]:
         spec = specs.get(name)
         if spec is None:
             infos.append(ParamInfo(name, 1.0))
         elif isinstance(spec, int | float):
             infos.append(ParamInfo(name, float(spec)))
+        elif spec.expr is not None:
+            infos.append(ParamInfo(name, math.nan, expr=spec.expr))
         else:
             infos.append(ParamInfo(name, float(spec.value), spec.min, spec.max, spec.vary))
     return ExprModel(expression, infos, dtype)
+
+
+def _ordered_ties(infos: Sequence[ParamInfo]) -> list[tuple[int, Expression]]:
+    """(position, parsed tie) of each tied parameter, each after the ties it mentions."""
+    from fitcli.composition import parse_tie, tie_order
+
+    pos = {info.name: k for k, info in enumerate(infos)}
+    ties = {info.name: parse_tie(info.expr) for info in infos if info.expr is not None}
+    for name, tie in ties.items():
+        unknown = [p for p in tie.params if p not in pos]
+        if unknown:  # the schema refuses these; a model built by hand gets the same words
+            raise ValueError(f"the tie of {name} mentions unknown parameters: {unknown}")
+    order = tie_order({name: tie.params for name, tie in ties.items()})
+    return [(pos[name], ties[name]) for name in order]
 
 
 def check_finite_start(model: FitModel, x: torch.Tensor, xs_cpu: np.ndarray) -> None:

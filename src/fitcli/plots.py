@@ -65,8 +65,10 @@ def snapshot_figure(
     x_fit: np.ndarray,
     y_fit: np.ndarray,
     loss_name: str,
+    components: list[tuple[str, np.ndarray]] | None = None,
 ) -> dict:
-    """The fit at one epoch: observations, the true curve when known, and the current model."""
+    """The fit at one epoch: observations, the true curve when known, the current model and,
+    beside it, its components (label, values on x_fit) when it has them."""
     sl, note = downsample(len(x))
     data = [
         {
@@ -99,6 +101,8 @@ def snapshot_figure(
             "line": {"color": "#d62728", "width": 3},
         }
     )
+    for k, (label, values) in enumerate(components or []):
+        data.append(component_trace(k, label, typed(x_fit), typed(values)))
     title = (
         f"{text(name)}: epoch {epoch}/{epochs}, {loss_name} {loss:.6g}"
         f"<br><sub>{_fmt_params(params)}</sub>"
@@ -113,6 +117,18 @@ def snapshot_figure(
             "margin": {"t": 80},
             **STYLE,
         },
+    }
+
+
+def component_trace(k: int, label: str, x: Any, y: Any) -> dict:
+    """The line of component k (0-based) of a fit, named `component_{k+1}: its text`."""
+    return {
+        "type": "scatter",
+        "mode": "lines",
+        "name": f"component_{k + 1}: {text(label)}",
+        "x": x,
+        "y": y,
+        "line": {"color": COLORS[k % len(COLORS)], "width": 1.5, "dash": "dot"},
     }
 
 
@@ -176,6 +192,7 @@ def snapshot_page(
     y_fit: np.ndarray,
     loss_name: str,
     plotlyjs: str,
+    components: list[tuple[str, np.ndarray]] | None = None,
 ) -> str:
     """One snapshot page, `snapshots/epoch-N.html`: a pure function of stored values.
 
@@ -200,6 +217,7 @@ def snapshot_page(
         x_fit=x_fit,
         y_fit=y_fit,
         loss_name=loss_name,
+        components=components,
     )
     return to_html(
         fig, plotlyjs, depth=1, title=f"{name} epoch {epoch}", div_id=f"fitcli-epoch-{epoch}"
@@ -248,9 +266,11 @@ def fit_animation_figure(
     y: np.ndarray,
     y_true: np.ndarray | None,
     snapshots: list[dict],
+    components: list[str] | None = None,
 ) -> dict:
     """Observations, true curve and the fitted curve, with a slider and a play button across
-    `snapshots` (each: epoch, loss, x_fit, y_fit). Frames replace only the fit trace."""
+    `snapshots` (each: epoch, loss, x_fit, y_fit and, with `components` (their labels), the
+    list `components` of their values). Frames replace only the fit and component traces."""
     if not np.all(np.diff(x) >= 0):
         order = np.argsort(x, kind="stable")
         x, y = x[order], y[order]
@@ -289,6 +309,11 @@ def fit_animation_figure(
             "line": {"color": "#d62728", "width": 3},
         }
     )
+    labels = list(components or [])
+    for k, label in enumerate(labels):
+        values = last["components"][k] if last else []
+        data.append(component_trace(k, label, last["x_fit"] if last else [], values))
+    moving = list(range(fit_index, fit_index + 1 + len(labels)))
     title = (
         _fit_title(name, last["epoch"], epochs, loss_name, last["loss"])
         if last
@@ -302,8 +327,11 @@ def fit_animation_figure(
         frames.append(
             {
                 "name": key,
-                "data": [{"x": s["x_fit"], "y": s["y_fit"]}],
-                "traces": [fit_index],
+                "data": [
+                    {"x": s["x_fit"], "y": s["y_fit"]},
+                    *({"x": s["x_fit"], "y": v} for v in (s["components"] if labels else [])),
+                ],
+                "traces": moving,
                 "layout": {
                     "title": {"text": _fit_title(name, s["epoch"], epochs, loss_name, s["loss"])}
                 },

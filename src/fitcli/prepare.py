@@ -21,9 +21,10 @@ else:
 
 from fitcli import optim
 from fitcli.data import Dataset, check_dtype_range, make_dataset, seed_streams
-from fitcli.errors import ConfigError, DeviceError
+from fitcli.errors import ConfigError, DataError, DeviceError
+from fitcli.losses import Loss, resolve
 from fitcli.model import FitModel, build_model, check_finite_start
-from fitcli.train import LOSSES, TorchStepper
+from fitcli.train import TorchStepper
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -88,7 +89,9 @@ def prepare(cfg: Config, dataset: Dataset | None = None) -> Prepared:
         weights = torch.as_tensor(1.0 / dataset.sigma, dtype=dtype).to(device)
     model = build_model(cfg.model, seeds["init"], dtype).to(device)
     check_finite_start(model, x, dataset.x)
-    base = LOSSES[cfg.loss]
+    loss = resolve(cfg.loss)
+    check_loss_data(loss, cfg, dataset, model, x)
+    base = loss.torch_function()
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     if weights is None:
         loss_fn, y = base, y_obs
@@ -115,7 +118,7 @@ def prepare(cfg: Config, dataset: Dataset | None = None) -> Prepared:
     if lm:
         from fitcli.lm_optim import LMStepper
 
-        stepper = LMStepper(model, x, y_obs, weights, kwargs)
+        stepper = LMStepper(model, x, y_obs, weights, kwargs, loss=loss)
     else:
         opt = optim.build_optimizer(cfg.optimizer, [model.raw])
         sched = optim.build_scheduler(cfg.scheduler, opt)
@@ -133,4 +136,60 @@ def prepare(cfg: Config, dataset: Dataset | None = None) -> Prepared:
     return Prepared(cfg, dataset, model, device, dtype, x, y, weights, loss_fn, stepper, lm)
 
 
-__all__ = ["Prepared", "prepare", "resolve_device"]
+def _y_column(cfg: Config, dataset: Dataset) -> str:
+    """Where y comes from, for a message: the data file and its column, or synthetic data."""
+    if cfg.data.file is None:
+        return f"data.target ({cfg.data.target})"
+    col = cfg.data.columns.y if cfg.data.columns is not None else None
+    which = "the second column" if col is None else f"column {col!r}"
+    return f"{cfg.data.file}, {which} (y)"
+
+
+def check_loss_data(
+    loss: Loss, cfg: Config, dataset: Dataset, model: FitModel, x: torch.Tensor
+) -> None:
+    """The data and the starting model a likelihood loss can work with (exit 2 otherwise):
+    poisson needs counts y >= 0 and a model > 0 at the start, bce y in [0, 1]; neither takes
+    sigmas, since the likelihood sets each point's variance."""
+    import numpy as np
+
+    name = loss.name
+    if name not in ("poisson", "bce"):
+        return
+    if dataset.sigma is not None:
+        raise ConfigError(
+            f"loss: {name} is a likelihood whose variance follows from the model; it takes no "
+            "sigma column: remove data.columns.sigma, or use a least-squares or robust loss"
+        )
+    y = dataset.y
+    if name == "poisson":
+        bad = np.flatnonzero(y < 0)
+        if bad.size:
+            k = int(bad[0])
+            raise DataError(
+                f"loss: poisson fits counts, but {_y_column(cfg, dataset)} has y = {y[k]:g} < 0 "
+                f"at x = {dataset.x[k]:g} ({bad.size} negative value(s)); use a least-squares loss"
+            )
+        with torch.no_grad():
+            mu = model(x).detach().to(torch.float64).cpu().numpy()
+        low = np.flatnonzero(~(mu > 0))
+        if low.size:
+            k = int(low[0])
+            what = "model.basis" if model.kind == "basis" else "model.expr"
+            raise DataError(
+                f"{what}: loss poisson needs a positive model (the expected count), but it is "
+                f"{mu[k]:g} at x = {dataset.x[k]:g} with the starting parameters "
+                f"{model.values()}; change the starting values, or write the model as exp(...)"
+            )
+    else:
+        bad = np.flatnonzero((y < 0) | (y > 1))
+        if bad.size:
+            k = int(bad[0])
+            raise DataError(
+                f"loss: bce needs y in [0, 1] (a label or a probability), but "
+                f"{_y_column(cfg, dataset)} has y = {y[k]:g} at x = {dataset.x[k]:g} "
+                f"({bad.size} value(s) outside [0, 1])"
+            )
+
+
+__all__ = ["Prepared", "check_loss_data", "prepare", "resolve_device"]

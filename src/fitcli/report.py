@@ -25,6 +25,7 @@ import numpy as np
 
 from fitcli import liveness, plots
 from fitcli.errors import RunFileError
+from fitcli.losses import name_of
 from fitcli.rundir import files
 from fitcli.rundir.reader import Run, check_plotly_js, read_run
 
@@ -36,7 +37,7 @@ REPORT = files.REPORT
 
 def snapshot_pages(run: Run, plotlyjs: str) -> dict[str, str]:
     """Every snapshot page by file name, exactly as training wrote them."""
-    d, epochs, loss_name = run.data, int(run.summary["epochs"]), run.cfg.loss
+    d, epochs, loss_name = run.data, int(run.summary["epochs"]), name_of(run.cfg.loss)
     return {
         s.file: plots.snapshot_page(
             name=run.name if s.note is None else f"{run.name} ({s.note})",
@@ -51,6 +52,7 @@ def snapshot_pages(run: Run, plotlyjs: str) -> dict[str, str]:
             y_fit=s.y_fit,
             loss_name=loss_name,
             plotlyjs=plotlyjs,
+            components=list(zip(run.components, s.components, strict=True)) or None,
         )
         for s in run.snapshots
     }
@@ -103,7 +105,7 @@ def _summary_rows(run: Run) -> list[tuple[str, str]]:
     rows = [
         ("status", f'<span class="status {_e(run.status)}">{_e(run.status)}</span>'),
         ("epochs", f"{_g(s.get('epochs_run'))} of {_g(s.get('epochs'))}"),
-        ("final loss", f"{_g(s.get('final_loss'))} ({_e(s.get('loss', run.cfg.loss))})"),
+        ("final loss", f"{_g(s.get('final_loss'))} ({_e(s.get('loss', name_of(run.cfg.loss)))})"),
         ("optimizer", _e(s.get("optimizer", "-"))),
         ("device", _e(s.get("device", "-"))),
         ("dtype", _e(s.get("dtype", "-"))),
@@ -130,8 +132,11 @@ def _params_table(run: Run) -> str:
     has_err = any(v is not None for v in err.values())
     head = "<tr><th>parameter</th><th>value</th>" + ("<th>± stderr</th>" if has_err else "")
     body = []
+    tied = s.get("tied")
+    tied = tied if isinstance(tied, dict) else {}
     for n in run.names:
-        cells = f"<td>{_e(n)}</td><td class=num>{_g(s['params'].get(n))}</td>"
+        label = f"{n} = {tied[n]}" if n in tied else n  # a tied parameter shows its tie
+        cells = f"<td>{_e(label)}</td><td class=num>{_g(s['params'].get(n))}</td>"
         if has_err:
             cells += f"<td class=num>{_g(err.get(n), 3)}</td>"
         body.append(f"<tr>{cells}</tr>")
@@ -189,14 +194,21 @@ def report_page(run: Run, plotlyjs_src: str, snapshot_href: str = "snapshots/") 
         anim = plots.fit_animation_figure(
             name=run.name,
             epochs=int(s["epochs"]),
-            loss_name=run.cfg.loss,
+            loss_name=name_of(run.cfg.loss),
             x=d["x"],
             y=d["y"],
             y_true=d.get("y_true"),
             snapshots=[
-                {"epoch": p.epoch, "loss": p.loss, "x_fit": p.x_fit, "y_fit": p.y_fit}
+                {
+                    "epoch": p.epoch,
+                    "loss": p.loss,
+                    "x_fit": p.x_fit,
+                    "y_fit": p.y_fit,
+                    "components": p.components,
+                }
                 for p in run.snapshots
             ],
+            components=run.components,
         )
         links = " ".join(
             f'<a href="{_e(snapshot_href + p.file)}">{p.epoch}</a>' for p in run.snapshots
@@ -211,7 +223,7 @@ def report_page(run: Run, plotlyjs_src: str, snapshot_href: str = "snapshots/") 
         lf = plots.loss_figure(
             epoch=m["epoch"],
             loss=m["loss"],
-            loss_name=run.cfg.loss,
+            loss_name=name_of(run.cfg.loss),
             snap_epochs=[p.epoch for p in run.snapshots],
             snap_losses=[p.loss for p in run.snapshots],
         )
@@ -256,7 +268,7 @@ def compare_page(runs: list[Run], plotlyjs_src: str) -> str:
             _e(r.name),
             f'<span class="status {_e(r.status)}">{_e(r.status)}</span>',
             f"{_g(s.get('epochs_run'))} of {_g(s.get('epochs'))}",
-            f"{_g(s.get('final_loss'))} ({_e(s.get('loss', r.cfg.loss))})",
+            f"{_g(s.get('final_loss'))} ({_e(s.get('loss', name_of(r.cfg.loss)))})",
         ]
         for n in names:
             v = s["params"].get(n) if n in r.names else None

@@ -10,6 +10,17 @@ All in float64, from the same chunked ``J^T J`` and ``J^T r`` as the Levenberg-M
     AIC        = n log(RSS / n) + 2 p,   BIC = n log(RSS / n) + log(n) p     (lmfit's conventions)
 
 These match scipy's ``curve_fit`` ``pcov`` (with ``sigma = 1/w`` and ``absolute_sigma``).
+
+With a loss of its own (`fitcli.losses`: poisson, bce, student_t, cauchy, soft_l1, arctan) the
+matrix is the observed information instead, ``H`` = the Hessian of the loss's cost at theta
+(by autograd, the model's curvature included), and the step to the minimum ``H^-1 (-grad)``:
+
+    covariance = scale H^-1                  (likelihoods: the inverse observed Fisher
+                                              information; scale = f_scale^2 for student_t, else 1)
+    covariance = n/(n-p) H^-1 B H^-1,  B = sum_i g_i g_i^T   (robust losses: the sandwich, g_i
+                                              the gradient of point i's cost)
+
+and chi2_red, AIC and BIC, which assume Gaussian errors, are not given (None).
 """
 
 from __future__ import annotations
@@ -17,12 +28,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from fitcli.errors import RunStatus
-from fitcli.lm import SINGULAR_RCOND, HostModel, host_eligible, host_ok, jtj_jtr
+from fitcli.lm import (
+    SINGULAR_RCOND,
+    HostModel,
+    _jacobian_forward,
+    host_eligible,
+    host_ok,
+    jtj_jtr,
+    residual_sum_of_squares,
+)
 from fitcli.model import BasisModel, FitModel, model_function
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -63,6 +83,58 @@ def _names(names: Sequence[str], idx) -> str:
     return ", ".join(names[i] for i in idx)
 
 
+def loss_information(
+    fn: Model,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: Any,
+    weights: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(H, -grad, B)`` of a `fitcli.losses.Loss`'s cost at theta, in float64 over chunks of
+    rows: its Hessian by double backward, minus its gradient, and for the robust losses the sum
+    of the points' gradient outer products (else None)."""
+    from fitcli.lm import _chunks, default_chunk_size
+
+    theta = theta.detach().to(torch.float64)
+    p, n = theta.numel(), y.shape[0]
+    size = chunk_size or default_chunk_size(p, theta.device)
+    hess = torch.zeros(p, p, dtype=torch.float64, device=theta.device)
+    grad = torch.zeros(p, dtype=torch.float64, device=theta.device)
+    meat = torch.zeros(p, p, dtype=torch.float64, device=theta.device) if loss.sandwich else None
+    for sl in _chunks(n, size):
+        w = weights[sl] if weights is not None else None
+
+        def model(t: torch.Tensor, sl: slice = sl, w: torch.Tensor | None = w) -> torch.Tensor:
+            m = fn(t, x[sl]).reshape(-1)
+            return m * w if w is not None else m
+
+        wy = (y[sl] * w if w is not None else y[sl]).reshape(-1)
+        t = theta.clone().requires_grad_()
+        with torch.enable_grad():
+            m = model(t)
+            total = loss.cost_terms(m, wy, torch).sum()
+            (g,) = torch.autograd.grad(total, t, create_graph=True)
+            rows = []
+            for j in range(p):
+                if not g[j].requires_grad:  # the cost does not depend on theta[j] here
+                    rows.append(torch.zeros_like(theta))
+                    continue
+                (row,) = torch.autograd.grad(g[j], t, retain_graph=True, allow_unused=True)
+                rows.append(torch.zeros_like(theta) if row is None else row)
+            if meat is not None:
+                m2 = model(t)
+                (dcdm,) = torch.autograd.grad(loss.cost_terms(m2, wy, torch).sum(), m2)
+        hess += torch.stack(rows).detach()
+        grad -= g.detach()
+        if meat is not None:
+            jac, _ = _jacobian_forward(model, theta)
+            gi = jac.to(torch.float64) * dcdm.detach()[:, None]
+            meat += gi.T @ gi
+    return 0.5 * (hess + hess.T), grad, meat
+
+
 def fit_statistics(
     fn: Model,
     theta: torch.Tensor,
@@ -75,6 +147,7 @@ def fit_statistics(
     at_bound: Sequence[str] = (),
     grad_tol: float = 0.1,
     chunk_size: int | None = None,
+    loss: Any = None,
     host: HostModel | None = None,
 ) -> FitStats:
     """Covariance, standard errors and goodness of fit of ``fn`` at ``theta`` (see module doc).
@@ -94,8 +167,12 @@ def fit_statistics(
     ``condition_number`` is that of the column-scaled ``D^-1 J^T J D^-1`` with ``D^2 = diag(J^T J)``
     (the square of the scaled J's singular-value ratio); it does not depend on parameter units.
 
+    With a `loss` (a `fitcli.losses.Loss` with information of its own) J^T J is its observed
+    information and the covariance as in the module doc; `absolute_sigma` does not apply.
+
     ``host``: the same model in numpy at x (`fitcli.lm.HostModel`, checked against autograd by
-    `fitcli.lm.host_ok`); J^T J then comes from its exact Jacobian instead of autograd's.
+    `fitcli.lm.host_ok`); J^T J (of the least-squares losses) then comes from its exact Jacobian
+    instead of autograd's.
     """
     names = list(names)
     p = theta.numel()
@@ -109,10 +186,19 @@ def fit_statistics(
     w = weights.to(f64).reshape(-1) if weights is not None else None
     n = y.numel()
 
-    if host is not None:
-        jtj, jtr, rss = _host_jtj_jtr(host, theta, y, w)
+    info = loss is not None and loss.own_information
+    sandwich = info and loss.sandwich
+    meat = None
+    if info:
+        jtj, jtr, meat = loss_information(fn, theta, x, y, loss, w, chunk_size)
+        rss = residual_sum_of_squares(fn, theta, x, y, w, chunk_size)
+        matrix, minimum = "the observed information", "the minimum of the loss"
     else:
-        jtj, jtr, rss = jtj_jtr(fn, theta, x, y, w, chunk_size)
+        if host is not None:
+            jtj, jtr, rss = _host_jtj_jtr(host, theta, y, w)
+        else:
+            jtj, jtr, rss = jtj_jtr(fn, theta, x, y, w, chunk_size)
+        matrix, minimum = "J^T J", "the least-squares minimum"
     w2 = w * w if w is not None else torch.ones_like(y)
     ybar = (w2 * y).sum() / w2.sum()
     tss = float((w2 * (y - ybar) ** 2).sum())
@@ -158,13 +244,20 @@ def fit_statistics(
         pinv = (evecs * inv[None, :]) @ evecs.T
     degenerate.sort()
 
-    if absolute_sigma:
+    if info:
+        s2 = loss.information_scale if not sandwich or dof > 0 else math.nan
+        chi2_reduced, aic, bic = None, math.nan, math.nan  # they assume Gaussian errors
+    elif absolute_sigma:
         s2 = 1.0
     elif dof > 0:
         s2 = rss / dof
     else:
         s2 = math.nan
     cov_free = pinv * s[:, None] * s[None, :] * s2
+    if sandwich and meat is not None:
+        fidx = torch.tensor(free, dtype=torch.long, device=device)
+        hc1 = n / dof if dof > 0 else math.nan
+        cov_free = cov_free @ meat[fidx[:, None], fidx[None, :]] @ cov_free * hc1
     cov = torch.full((p, p), math.nan, dtype=f64, device=device)
     idx = torch.tensor(free, dtype=torch.long, device=device)
     if free:
@@ -178,7 +271,7 @@ def fit_statistics(
     sd = torch.tensor([v if v is not None else math.nan for v in stderr_list], dtype=f64)
     corr = cov.cpu() / (sd[:, None] * sd[None, :])
 
-    if dof <= 0 and not absolute_sigma:
+    if dof <= 0 and (sandwich or not (absolute_sigma or info)):
         problems.append(
             ("singular", f"no degrees of freedom: {n} points for {p} parameters, s^2 undefined")
         )
@@ -186,7 +279,7 @@ def fit_statistics(
         problems.append(
             (
                 "singular",
-                f"J^T J is rank deficient: {_names(names, degenerate)} are not determined "
+                f"{matrix} is rank deficient: {_names(names, degenerate)} are not determined "
                 "separately by the data (linear combinations of each other or without effect): "
                 "they cannot be told apart here, likely a saddle, not a minimum, unless the "
                 "model never tells them apart; try other starts",
@@ -210,12 +303,12 @@ def fit_statistics(
             problems.append(
                 (
                     "not_converged",
-                    f"gradient still large: the parameters are {worst:.3g} stderr from the "
-                    f"least-squares minimum along {_names(names, sorted(i for _, i in ratios))}",
+                    f"gradient still large: the parameters are {worst:.3g} stderr from "
+                    f"{minimum} along {_names(names, sorted(i for _, i in ratios))}",
                 )
             )
 
-    status, reason = problems[0] if problems else ("ok", "converged: at the least-squares minimum")
+    status, reason = problems[0] if problems else ("ok", f"converged: at {minimum}")
     if len(problems) > 1:
         reason = "; ".join(r for _, r in problems)
     have_cov = any(keep) and math.isfinite(s2)
@@ -252,19 +345,60 @@ def _host_jtj_jtr(
     return torch.from_numpy(jtj).to(theta.device), torch.from_numpy(jtr).to(theta.device), rss
 
 
+def tied_stderr(
+    model: FitModel,
+    free_ext: torch.Tensor,
+    covariance: list[list[float | None]] | None,
+    at_bound: Sequence[str] = (),
+) -> dict[str, float | None]:
+    """Standard errors of the tied parameters by the delta method: ``var(t) = g^T C g`` with
+    ``g = d t / d free`` (exact, by autograd through the ties, chained ones included) at the free
+    parameters' values `free_ext`, and C their covariance (`fit_statistics`, in
+    `model.free_names` order). A free parameter at a bound counts as fixed, as it does in C
+    (variance 0); a tie that depends on one without a covariance entry (not determined by the
+    data) or only on parameters at a bound has no standard error (None), nor has any tie when
+    there is no covariance."""
+    out: dict[str, float | None] = dict.fromkeys(model.tied)
+    if covariance is None:
+        return out
+    theta = free_ext.detach().to(torch.float64).reshape(-1)
+    jac = torch.autograd.functional.jacobian(model.full_vector, theta).tolist()
+    bound = set(at_bound)
+    free = model.free_names
+    for name in model.tied:
+        g = jac[model.names.index(name)]
+        moving = [k for k, v in enumerate(g) if v != 0.0]
+        used = [k for k in moving if free[k] not in bound]
+        if moving and not used:  # it moves only with parameters treated as fixed: as they are
+            continue
+        entries = [covariance[i][j] for i in used for j in used]
+        if any(c is None for c in entries):
+            continue
+        var = math.fsum(g[i] * g[j] * float(covariance[i][j] or 0.0) for i in used for j in used)
+        out[name] = math.sqrt(var) if math.isfinite(var) and var >= 0 else None
+    return out
+
+
 # Uncertainty statuses at which the parameters are a least-squares minimum: a fit ending with
 # any other (not_converged, singular, failed) did not converge, whatever stopped it.
 MINIMUM_STATUSES = ("ok", "at_bound")
 
 
-def verdict(status: str, reason: str | None, epochs_run: int, uncertainty: dict) -> dict:
+def verdict(
+    status: str,
+    reason: str | None,
+    epochs_run: int,
+    uncertainty: dict,
+    minimum: str = "the least-squares minimum",
+) -> dict:
     """``converged`` and ``reason`` of a finished run's summary, from its status, what stopped
     it (`reason`, None: it ran all its epochs) and its error bars' `uncertainty` block: the one
     place that decides whether a fit converged, so that the two never disagree.
 
     A completed run converged only if its error bars say it is at the least-squares minimum
     (`MINIMUM_STATUSES`); its reason then ends in "converged: ...", else in "did not converge:"
-    and why. A run that did not complete did not converge, and keeps its reason.
+    and why. A run that did not complete did not converge, and keeps its reason. `minimum` names
+    what the fit minimises (`minimum_of`).
     """
     kind = uncertainty.get("status")
     converged = status == RunStatus.COMPLETED and kind in MINIMUM_STATUSES
@@ -272,12 +406,20 @@ def verdict(status: str, reason: str | None, epochs_run: int, uncertainty: dict)
         return {"converged": False, "reason": reason}
     stop = reason or f"ran all {epochs_run} epochs"
     if kind == "ok":
-        why = "converged: at the least-squares minimum"
+        why = f"converged: at {minimum}"
     elif converged:
-        why = f"converged: at the least-squares minimum within the bounds ({uncertainty['reason']})"
+        why = f"converged: at {minimum} within the bounds ({uncertainty['reason']})"
     else:
         why = f"did not converge: {uncertainty.get('reason') or kind}"
     return {"converged": converged, "reason": f"{stop}; {why}"}
+
+
+def minimum_of(loss: Any) -> str:
+    """What a fit with the config's `loss` minimises, in the words of `verdict`."""
+    from fitcli.losses import resolve
+
+    spec = resolve(loss)
+    return "the minimum of the loss" if spec.own_information else "the least-squares minimum"
 
 
 def linear_optimum(
@@ -459,7 +601,7 @@ def run_report(
     *,
     weights: torch.Tensor | None = None,
     y_true: torch.Tensor | None = None,
-    loss: str = "mse",
+    loss: Any = "mse",
     final_loss: float | None = None,
     model_expr: str | None = None,
     target: str | None = None,
@@ -470,16 +612,21 @@ def run_report(
     ``model.predict_external``, so the bounds' transforms do not distort them; fixed parameters
     get stderr None. With `weights` (1/sigma from the data) sigma is absolute, as in
     ``curve_fit(sigma=..., absolute_sigma=True)``. For a basis model the closed-form least-squares
-    optimum gives ``optimum_loss`` (mse: RSS/n) and ``gap``; when the noiseless `y_true` is
+    optimum gives ``optimum_loss`` (mse: RSS/n) and ``gap``; `loss` is the config's (a name or a
+    mapping), whose own information gives the error bars where it has one (see the module
+    doc); when the noiseless `y_true` is
     itself a combination of the basis (or, for an expression model, `target` is `model_expr`
     with numbers for the parameters), ``truth`` and ``truth_distance`` in standard errors.
     """
+    from fitcli.losses import resolve
+
+    spec = resolve(loss)
     free = list(model.free_names)
     with torch.no_grad():
         theta = model.external(model.raw.detach()).to(torch.float64)
     fn = model_function(model, external=True)
     host = None
-    if host_eligible(x, theta):
+    if not spec.own_information and host_eligible(x, theta):
         # A small fit on the CPU: J^T J from the numpy model's exact Jacobian (a fraction of
         # autograd's cost at these sizes), once it agrees with autograd at theta.
         from fitcli.lm_optim import host_model
@@ -496,9 +643,12 @@ def run_report(
         weights=weights,
         absolute_sigma=weights is not None,
         at_bound=model.at_bound(),
+        loss=spec if spec.own_information else None,
         host=host,
     )
     stderr = {name: stats.stderr.get(name) for name in model.names}
+    if model.tied:
+        stderr.update(tied_stderr(model, theta, stats.covariance, model.at_bound()))
     out: dict = {
         "stderr": stderr,
         "covariance_params": free,
@@ -526,7 +676,7 @@ def run_report(
             return torch.stack([b(x[sl]) for b in model.basis], dim=-1)
 
         _, rss_opt, _ = linear_optimum_chunked(rows, y, n, p, weights)
-        if loss == "mse":
+        if spec.name == "mse":
             optimum = rss_opt / n
             out["optimum_loss"] = optimum
             if final_loss is not None and optimum > 0:

@@ -9,7 +9,7 @@ derivative with respect to every parameter the node depends on (a sparse dual nu
 
     (u v)'  = u' v + u v'          (u / v)' = (u' - (u / v) v') / v
     (u ** c)' = c u ** (c - 1) u'  (u ** v)' = v u ** (v - 1) u' + u ** v log(u) v'
-    f(u)'   = f'(u) u'             for every function in `fitcli.expr.FUNCTION_NAMES`
+    f(u, w)' = f_u u' + f_w w'     for every function in `fitcli.expr.FUNCTION_TABLE`
 
 The formulas are the ones torch's autograd uses (for ``u ** v`` with ``u == 0`` and ``v >= 0``
 the exponent's derivative is 0, as in torch), so the two agree to rounding; the LM core still
@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -38,45 +38,203 @@ Node = Callable[[np.ndarray, Mapping[str, Any]], tuple[Any, Tangents]]
 
 _EMPTY: Tangents = {}  # shared by every constant node; never mutated
 
-# torch names (what the checked tree stores) -> numpy functions
-_NUMPY: dict[str, Callable[[Any], Any]] = {
-    "sin": np.sin,
-    "cos": np.cos,
-    "tan": np.tan,
-    "asin": np.arcsin,
-    "acos": np.arccos,
-    "atan": np.arctan,
-    "sinh": np.sinh,
-    "cosh": np.cosh,
-    "tanh": np.tanh,
-    "exp": np.exp,
-    "log": np.log,
-    "log10": np.log10,
-    "log2": np.log2,
-    "sqrt": np.sqrt,
-    "abs": np.abs,
-}
+
+class NumpyFunction(NamedTuple):
+    """A function's numpy float64 value and its partial derivative in each argument.
+
+    ``partials[i](*args, value)`` is d f / d args[i] from the arguments and the value (torch's
+    formula, so that the two paths agree to rounding). A variadic function (``max(a, b, ...)``)
+    is folded pairwise left to right, so it lists the partials of its two-argument form.
+    """
+
+    value: Callable[..., Any]
+    partials: tuple[Callable[..., Any], ...]
+
+
+def _one(value: Callable[[Any], Any], partial: Callable[[Any, Any], Any]) -> NumpyFunction:
+    return NumpyFunction(value, (partial,))
+
+
 _LN10 = math.log(10.0)
 _LN2 = math.log(2.0)
 
-# f'(u) from u and v = f(u), as torch's autograd computes it.
-_DERIVATIVES: dict[str, Callable[[Any, Any], Any]] = {
-    "sin": lambda u, v: np.cos(u),
-    "cos": lambda u, v: -np.sin(u),
-    "tan": lambda u, v: 1.0 + v * v,
-    "asin": lambda u, v: 1.0 / np.sqrt(1.0 - u * u),
-    "acos": lambda u, v: -1.0 / np.sqrt(1.0 - u * u),
-    "atan": lambda u, v: 1.0 / (u * u + 1.0),
-    "sinh": lambda u, v: np.cosh(u),
-    "cosh": lambda u, v: np.sinh(u),
-    "tanh": lambda u, v: 1.0 - v * v,
-    "exp": lambda u, v: v,
-    "log": lambda u, v: 1.0 / u,
-    "log10": lambda u, v: 1.0 / (u * _LN10),
-    "log2": lambda u, v: 1.0 / (u * _LN2),
-    "sqrt": lambda u, v: 0.5 / v,
-    "abs": lambda u, v: np.sign(u),
+# Keyed by `fitcli.expr.FUNCTION_TABLE`'s names; f'(u) from u and v = f(u), as torch computes it.
+FUNCTIONS: dict[str, NumpyFunction] = {
+    "sin": _one(np.sin, lambda u, v: np.cos(u)),
+    "cos": _one(np.cos, lambda u, v: -np.sin(u)),
+    "tan": _one(np.tan, lambda u, v: 1.0 + v * v),
+    "asin": _one(np.arcsin, lambda u, v: 1.0 / np.sqrt(1.0 - u * u)),
+    "acos": _one(np.arccos, lambda u, v: -1.0 / np.sqrt(1.0 - u * u)),
+    "atan": _one(np.arctan, lambda u, v: 1.0 / (u * u + 1.0)),
+    "sinh": _one(np.sinh, lambda u, v: np.cosh(u)),
+    "cosh": _one(np.cosh, lambda u, v: np.sinh(u)),
+    "tanh": _one(np.tanh, lambda u, v: 1.0 - v * v),
+    "exp": _one(np.exp, lambda u, v: v),
+    "log": _one(np.log, lambda u, v: 1.0 / u),
+    "log10": _one(np.log10, lambda u, v: 1.0 / (u * _LN10)),
+    "log2": _one(np.log2, lambda u, v: 1.0 / (u * _LN2)),
+    "sqrt": _one(np.sqrt, lambda u, v: 0.5 / v),
+    "abs": _one(np.abs, lambda u, v: np.sign(u)),
 }
+"""The numpy side of every function in `fitcli.expr.FUNCTION_TABLE`, by the same name."""
+
+
+def _loggamma_re(a: Any, b: Any) -> Any:
+    from scipy import special
+
+    return special.loggamma(a + 1j * b).real
+
+
+def _digamma_complex(a: Any, b: Any) -> Any:
+    from scipy import special
+
+    return special.psi(a + 1j * b)
+
+
+# log|Gamma(a + ib)| = Re log Gamma(z): d/da = Re psi(z), d/db = Re(i psi(z)) = -Im psi(z)
+FUNCTIONS["loggamma_re"] = NumpyFunction(
+    _loggamma_re,
+    (
+        lambda a, b, v: _digamma_complex(a, b).real,
+        lambda a, b, v: -_digamma_complex(a, b).imag,
+    ),
+)
+FUNCTIONS["arcsin"] = FUNCTIONS["asin"]
+FUNCTIONS["arccos"] = FUNCTIONS["acos"]
+FUNCTIONS["arctan"] = FUNCTIONS["atan"]
+
+_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+_loaded = False
+
+
+def _load_special() -> None:
+    """Add the functions that need scipy.special, imported here on first use (never at start-up)."""
+    global _loaded
+    if _loaded:
+        return
+    import scipy.special as sc
+
+    def ratio_near_zero(u: Any, f: Callable[[Any], Any], c2: float, c4: float) -> Any:
+        # f(u) / u, with its series 1/2 + c2 u^2 + c4 u^4 near 0 (j1, i1: the limit 1/2 at 0)
+        tiny = np.abs(u) < 1e-4
+        safe = np.where(tiny, 1.0, u)
+        return np.where(tiny, 0.5 + u * u * (c2 + c4 * u * u), f(safe) / safe)
+
+    def erfcx_derivative(u: Any, v: Any) -> Any:
+        # 2u erfcx(u) - 2/sqrt(pi) cancels for large u: there its asymptotic series
+        large = u > 50.0
+        w = np.where(large, u, 50.0)
+        q = 1.0 / (2.0 * w * w)
+        series = term = np.ones_like(w)
+        for n in range(1, 9):
+            term = term * (-(2 * n + 1)) * q
+            series = series + term
+        return np.where(
+            large, -series / (math.sqrt(math.pi) * w * w), 2.0 * u * v - _TWO_OVER_SQRT_PI
+        )
+
+    def gamma_derivative(u: Any, v: Any) -> Any:
+        return v * sc.psi(u)
+
+    FUNCTIONS.update(
+        {
+            "cbrt": _one(np.cbrt, lambda u, v: 1.0 / (3.0 * v * v)),
+            "sign": _one(np.sign, lambda u, v: np.zeros_like(u)),
+            "erf": _one(sc.erf, lambda u, v: _TWO_OVER_SQRT_PI * np.exp(-u * u)),
+            "erfc": _one(sc.erfc, lambda u, v: -_TWO_OVER_SQRT_PI * np.exp(-u * u)),
+            "erfcx": _one(sc.erfcx, erfcx_derivative),
+            "erfinv": _one(sc.erfinv, lambda u, v: (0.5 * math.sqrt(math.pi)) * np.exp(v * v)),
+            "gamma": _one(sc.gamma, gamma_derivative),
+            "lgamma": _one(sc.gammaln, lambda u, v: sc.psi(u)),
+            "digamma": _one(sc.psi, lambda u, v: sc.polygamma(1, u)),
+            "beta": NumpyFunction(
+                sc.beta,
+                (
+                    lambda a, b, v: v * (sc.psi(a) - sc.psi(a + b)),
+                    lambda a, b, v: v * (sc.psi(b) - sc.psi(a + b)),
+                ),
+            ),
+            "j0": _one(sc.j0, lambda u, v: -sc.j1(u)),
+            "j1": _one(sc.j1, lambda u, v: sc.j0(u) - ratio_near_zero(u, sc.j1, -1 / 16, 1 / 384)),
+            "y0": _one(sc.y0, lambda u, v: -sc.y1(u)),
+            "y1": _one(sc.y1, lambda u, v: sc.y0(u) - v / u),
+            "i0": _one(sc.i0, lambda u, v: sc.i1(u)),
+            "i1": _one(sc.i1, lambda u, v: sc.i0(u) - ratio_near_zero(u, sc.i1, 1 / 16, 1 / 384)),
+            "i0e": _one(sc.i0e, lambda u, v: sc.i1e(u) - np.sign(u) * v),
+            "i1e": _one(
+                sc.i1e,
+                lambda u, v: (
+                    sc.i0e(u)
+                    - np.sign(u) * v
+                    - np.exp(-np.abs(u)) * ratio_near_zero(u, sc.i1, 1 / 16, 1 / 384)
+                ),
+            ),
+            "k0": _one(sc.k0, lambda u, v: -sc.k1(u)),
+            "k1": _one(sc.k1, lambda u, v: -sc.k0(u) - v / u),
+            "sigmoid": _one(sc.expit, lambda u, v: v * sc.expit(-u)),
+            "logit": _one(sc.logit, lambda u, v: 1.0 / (u * (1.0 - u))),
+            "softplus": _one(
+                lambda u: np.maximum(u, 0.0) + np.log1p(np.exp(-np.abs(u))),
+                lambda u, v: sc.expit(u),
+            ),
+            "log1p": _one(np.log1p, lambda u, v: 1.0 / (1.0 + u)),
+            "expm1": _one(np.expm1, lambda u, v: np.exp(u)),
+            "sinc": _one(_sinc, _sinc_derivative),
+            "atan2": NumpyFunction(np.arctan2, (_atan2_dy, _atan2_dx)),
+            "hypot": NumpyFunction(np.hypot, (lambda a, b, v: a / v, lambda a, b, v: b / v)),
+            "heaviside": _one(lambda u: 0.5 * (np.sign(u) + 1.0), lambda u, v: np.zeros_like(u)),
+        }
+    )
+    FUNCTIONS["expit"] = FUNCTIONS["sigmoid"]
+    _loaded = True
+
+
+def _atan2_dy(y: Any, x: Any, v: Any) -> Any:
+    # x / (x^2 + y^2), and 0 at the origin, as torch's autograd
+    r2 = x * x + y * y
+    return np.where(r2 == 0, 0.0, x / np.where(r2 == 0, 1.0, r2))
+
+
+def _atan2_dx(y: Any, x: Any, v: Any) -> Any:
+    r2 = x * x + y * y
+    return np.where(r2 == 0, 0.0, -y / np.where(r2 == 0, 1.0, r2))
+
+
+def _sin_pi(u: Any) -> Any:
+    n = np.round(u)
+    s = np.sin(math.pi * (u - n))
+    return np.where(np.remainder(n, 2.0) == 1.0, -s, s)
+
+
+def _cos_pi(u: Any) -> Any:
+    n = np.round(u)
+    c = np.sin(math.pi * (0.5 - np.abs(u - n)))  # cos(pi r), exactly 0 at r = 1/2
+    return np.where(np.remainder(n, 2.0) == 1.0, -c, c)
+
+
+def _sinc(u: Any) -> Any:
+    """sin(pi u) / (pi u), reduced exactly (as `fitcli.special.sinc`)."""
+    zero = u == 0
+    safe = np.where(zero, 1.0, u)
+    return np.where(zero, 1.0, _sin_pi(safe) / (math.pi * safe))
+
+
+def _sinc_derivative(u: Any, v: Any) -> Any:
+    small = np.abs(u) < 0.25
+    safe = np.where(small, 1.0, u)
+    formula = (_cos_pi(safe) - _sinc(safe)) / safe
+    z = math.pi * np.where(small, u, 0.0)
+    z2 = z * z
+    series = np.zeros_like(z)
+    for k in range(10, 0, -1):
+        series = series * z2 + (-1) ** k * 2 * k / math.factorial(2 * k + 1)
+    return np.where(small, math.pi * z * series, formula)
+
+
+# Selections (min, max, clip): the value of the selected argument, and its tangent times 1 (the
+# others' times 0, as torch's autograd does: a non-finite derivative of an unselected argument
+# still makes the result NaN there). where() selects tangents outright (see _where).
+_SELECTIONS = ("min", "max", "clip")
 
 
 def compile_jacobian(
@@ -150,7 +308,18 @@ def _compile(node: tuple, index: Mapping[str, int]) -> Node:
 
         return neg
     if tag == "call":
-        return _call(node[1], _compile(node[2], index))
+        name = node[1]
+        if name == "where":
+            cond, a, b = node[2]
+            return _where(_condition(cond, index), _compile(a, index), _compile(b, index))
+        args = tuple(_compile(arg, index) for arg in node[2])
+        if name in _SELECTIONS:
+            return _selection(name, args)
+        if name not in FUNCTIONS:
+            _load_special()
+        if len(args) == 1:
+            return _call(FUNCTIONS[node[1]], args[0])
+        return _call_n(FUNCTIONS[node[1]], args)
     if tag == "pow":
         base = _compile(node[1], index)
         if node[2][0] == "num":
@@ -163,9 +332,9 @@ def _compile(node: tuple, index: Mapping[str, int]) -> Node:
     raise AssertionError(f"unknown node {tag!r}")  # pragma: no cover
 
 
-def _call(name: str, inner: Node) -> Node:
-    fn = _NUMPY[name]
-    derivative = _DERIVATIVES[name]
+def _call(function: NumpyFunction, inner: Node) -> Node:
+    fn = function.value
+    (derivative,) = function.partials
 
     def call(x, vals):
         u, tu = inner(x, vals)
@@ -176,6 +345,98 @@ def _call(name: str, inner: Node) -> Node:
         return v, {k: _times(d, g) for k, d in tu.items()}
 
     return call
+
+
+def _call_n(function: NumpyFunction, args: tuple[Node, ...]) -> Node:
+    """A function of several arguments: f' = sum_i df/du_i u_i' (a variadic one pairwise)."""
+    fn, partials = function.value, function.partials
+    if len(partials) != len(args):  # variadic: f(a, b, c) = f(f(a, b), c)
+        node = _call_n(function, args[:2])
+        for arg in args[2:]:
+            node = _call_n(function, (node, arg))
+        return node
+
+    def call(x, vals):
+        us, ts = zip(*(arg(x, vals) for arg in args), strict=True)
+        v = fn(*us)
+        t: Tangents = {}
+        for partial, tu in zip(partials, ts, strict=True):
+            if not tu:
+                continue
+            g = partial(*us, v)
+            for k, d in tu.items():
+                e = _times(d, g)
+                t[k] = t[k] + e if k in t else e
+        return v, t or _EMPTY
+
+    return call
+
+
+def _condition(node: tuple, index: Mapping[str, int]) -> Callable[..., Any]:
+    _, first, links = node
+    left = _compile(first, index)
+    steps = tuple((op, _compile(right, index)) for op, right in links)
+
+    def condition(x, vals):
+        a = left(x, vals)[0]
+        result = None
+        for op, f in steps:
+            b = f(x, vals)[0]
+            holds = op(a, b)
+            result = holds if result is None else result & holds
+            a = b
+        return result
+
+    return condition
+
+
+def _where(test: Callable[..., Any], a: Node, b: Node) -> Node:
+    """The chosen branch's value and tangents: the other branch's never reach the result."""
+
+    def where(x, vals):
+        keep = test(x, vals)
+        u, tu = a(x, vals)
+        w, tw = b(x, vals)
+        v = np.where(keep, u, w)
+        t: Tangents = {}
+        for k in tu.keys() | tw.keys():
+            t[k] = np.where(keep, tu.get(k, 0.0), tw.get(k, 0.0))
+        return v, t or _EMPTY
+
+    return where
+
+
+def _select_pair(pick_first: Callable[[Any, Any], Any], left, right):
+    (u, tu), (w, tw) = left, right
+    first = pick_first(u, w) | np.isnan(u)
+    v = np.where(first, u, w)
+    if not tu and not tw:
+        return v, _EMPTY
+    one = first.astype(np.float64)
+    t: Tangents = {}
+    for k in tu.keys() | tw.keys():
+        t[k] = (tu[k] * one if k in tu else 0.0) + (tw[k] * (1.0 - one) if k in tw else 0.0)
+    return v, t
+
+
+def _selection(name: str, args: tuple[Node, ...]) -> Node:
+    if name == "clip":
+        v, lo, hi = args
+
+        def clip(x, vals):
+            low = _select_pair(operator.ge, v(x, vals), lo(x, vals))
+            return _select_pair(operator.le, low, hi(x, vals))
+
+        return clip
+    pick = operator.ge if name == "max" else operator.le
+
+    def select(x, vals):
+        result = args[0](x, vals)
+        for arg in args[1:]:
+            result = _select_pair(pick, result, arg(x, vals))
+        return result
+
+    return select
 
 
 def _power_const(base: Node, c: float) -> Node:

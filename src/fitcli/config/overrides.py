@@ -72,6 +72,8 @@ def _set(root: dict, path: tuple[str, ...], value: Any) -> str | None:
             and not isinstance(child, bool)
         ):
             child = node[part] = {"value": child}
+        elif path[: i + 1] == ("loss",) and isinstance(child, str):
+            child = node[part] = {"name": child}  # `loss: cauchy` with `loss.f_scale=0.5`
         elif not isinstance(child, dict):
             return (
                 f"{_dotted(path[: i + 1])!r} is {_show(child)} in the config, "
@@ -130,7 +132,8 @@ def override_keys(raw: Any = None) -> list[str]:
             own += expr_params
         for key in dict.fromkeys([*fields, *own]):
             child = (*path, key)
-            if not _section(child)[0] or path == ("model", "params"):  # `model.params.a=2` too
+            # `model.params.a=2` and `loss=cauchy` too, sections that take a single value
+            if not _section(child)[0] or path == ("model", "params") or child == ("loss",):
                 keys[_dotted(child)] = None
             if _section(child)[0]:
                 walk(child, node.get(key) if isinstance(node, dict) else None)

@@ -13,17 +13,21 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     PlainValidator,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from fitcli.config.yaml_safe import Loc
 from fitcli.errors import ExpressionError
-from fitcli.expr import CONSTANT_MEANINGS
+from fitcli.expr import name_taken, rename_hint
+from fitcli.losses import NAMES as _LOSS_NAMES
+from fitcli.losses import problems as _loss_problems
 
 
 class _Problems(ValueError):
@@ -218,15 +222,53 @@ def _expression_problems(loc: Loc, source: Any, **kwargs: Any) -> list[tuple[Loc
 
 
 class ParamSpec(_Section):
-    """A fit parameter of `model.expr`: start value, optional bounds, fixed or free."""
+    """A fit parameter of `model.expr`: start value, optional bounds, fixed or free; or tied."""
 
     value: float = Field(1.0, description="Initial value (strictly inside the bounds).")
     min: float | None = Field(None, description="Lower bound, or null for none.")
     max: float | None = Field(None, description="Upper bound, or null for none.")
     vary: bool = Field(True, description="false keeps the parameter fixed at value.")
+    expr: Text | None = Field(
+        None,
+        description="A tie: the parameter is this expression of other parameters (not of x), "
+        "e.g. c1 + 3.5; it then takes no value, min, max or vary.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _tied_alone(self, handler: Any) -> Any:
+        # A tied parameter is its expression alone: the resolved config must load again.
+        data = handler(self)
+        return {"expr": self.expr} if self.expr is not None else data
+
+    @classmethod
+    def _structure(cls, raw: dict) -> list[tuple[Loc, str]]:
+        from fitcli.composition import TIE_EXCLUSIVE, parse_tie
+
+        source = _number_to_text(raw.get("expr"))
+        if not isinstance(source, str):
+            return []  # absent, or the field's own type check reports it
+        given = [k for k in TIE_EXCLUSIVE if k in raw]
+        problems: list[tuple[Loc, str]] = []
+        if given:
+            problems.append(
+                (
+                    ("expr",),
+                    f"a tied parameter takes its value from expr, so it cannot also have "
+                    f"{', '.join(given)}; remove {'it' if len(given) == 1 else 'them'} (to keep "
+                    "a tie within bounds, tie it to a bounded parameter: c2: {expr: c1 + d} "
+                    "with d: {min: 0})",
+                )
+            )
+        try:
+            parse_tie(source)
+        except ExpressionError as exc:
+            problems.append((("expr",), str(exc)))
+        return problems
 
     @model_validator(mode="after")
     def _bounds(self) -> ParamSpec:
+        if self.expr is not None:
+            return self
         lo, hi, v = self.min, self.max, self.value
         if lo is not None and hi is not None and not lo < hi:
             raise _Problems([(("max",), f"must be greater than min ({lo}) (got {hi})")])
@@ -285,7 +327,10 @@ class ModelSpec(_Section):
         if self.expr is not None:
             given = self.params or {}
             names = _parse(self.expr, allow_params=True).params
-            self.params = {n: given.get(n, ParamSpec()) for n in names}
+            # The parameters of expr in its order, then those only in ties and the derived ones
+            # (ties of names not in expr), as given: the order is the same when reloaded.
+            filled = {n: given.get(n, ParamSpec()) for n in names}
+            self.params = {**filled, **{k: v for k, v in given.items() if k not in filled}}
         return self
 
     @classmethod
@@ -327,24 +372,47 @@ class ModelSpec(_Section):
                 problems.append(
                     (("expr",), "has no parameters to fit; use names other than x, pi and e")
                 )
+            referenced: set[str] = set()  # names the ties mention
+            if isinstance(params, dict):
+                from fitcli.composition import tie_problems
+
+                problems += tie_problems(names, params)
+                referenced = _tie_names(params)
             for key in params if isinstance(params, dict) else ():
-                if key in CONSTANT_MEANINGS:  # `e` and `pi` in an expression are the constants
+                entry = params.get(key) if isinstance(params, dict) else None
+                tied = isinstance(entry, dict) and entry.get("expr") is not None
+                taken = name_taken(key)  # `e`, `pi`, `erf` ... in an expression are not names
+                if taken is not None:
                     problems.append(
                         (
                             ("params", key),
-                            f"{key!r} is {CONSTANT_MEANINGS[key]} in expressions, not a "
-                            f"parameter; name the parameter otherwise (e.g. {key}0) in "
-                            "model.expr and model.params",
+                            f"{taken}, not a parameter; {rename_hint(key)}, in model.expr "
+                            "and model.params",
                         )
                     )
-                elif key not in names:
+                elif key not in names and not tied and key not in referenced:
                     problems.append(
                         (
                             ("params", key),
-                            f"{key!r} does not appear in model.expr; " + _their_params(names),
+                            f"{key!r} does not appear in model.expr"
+                            + (" nor in any tie; " if referenced else "; ")
+                            + _their_params(names),
                         )
                     )
         return problems
+
+
+def _tie_names(params: dict) -> set[str]:
+    """The names that the (parseable) ties of a raw model.params mapping mention."""
+    out: set[str] = set()
+    for spec in params.values():
+        source = spec.get("expr") if isinstance(spec, dict) else None
+        if isinstance(source, str):
+            try:
+                out.update(_parse(source, allow_params=True).params)
+            except ExpressionError:
+                continue  # reported at the entry itself
+    return out
 
 
 def _their_params(names: tuple[str, ...]) -> str:
@@ -402,6 +470,38 @@ class SchedulerSpec(_Named):
     )
 
 
+class LossSpec(BaseModel):
+    """`loss` in its mapping form: a loss name and its options (`fitcli.losses.OPTIONS`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="The loss: " + ", ".join(_LOSS_NAMES) + ".")
+    f_scale: float | None = Field(
+        None, description="cauchy, soft_l1, arctan, student_t: the residual scale C (> 0)."
+    )
+    nu: float | None = Field(None, description="student_t: degrees of freedom (> 0).")
+
+
+def _loss_value(value: Any) -> str | LossSpec:
+    found = _loss_problems(value)
+    if found:
+        raise _Problems(list(found))
+    if isinstance(value, str):
+        return value
+    return LossSpec(**{k: float(v) if k != "name" else v for k, v in value.items()})
+
+
+def _loss_dump(value: str | LossSpec) -> Any:
+    return value if isinstance(value, str) else value.model_dump(exclude_none=True)
+
+
+LossField = Annotated[
+    str | LossSpec,
+    PlainValidator(_loss_value, json_schema_input_type=Literal[_LOSS_NAMES] | LossSpec),
+    PlainSerializer(_loss_dump),
+]
+
+
 _BREAKS = ("Cc", "Zl", "Zp")  # control characters, line and paragraph separators
 
 
@@ -441,7 +541,11 @@ class Config(_Section):
     )
     data: DataSpec = Field(description="The data to fit: synthetic (target) or a file.")
     model: ModelSpec = Field(description="The model: a linear basis or an expression.")
-    loss: Literal["mse", "l1", "huber", "smooth_l1"] = Field("mse", description="Loss function.")
+    loss: LossField = Field(
+        "mse",
+        description="Loss function: a name, or a mapping of name and options "
+        "(e.g. {name: soft_l1, f_scale: 0.5}).",
+    )
     optimizer: OptimizerSpec = Field(
         default_factory=lambda: OptimizerSpec(name="SGD", lr=0.01),
         description="torch.optim optimizer: name plus keyword arguments (default SGD, lr 0.01).",
@@ -464,6 +568,7 @@ _SECTIONS: dict[tuple[str, ...], type[BaseModel] | None] = {
     ("model", "params", "*"): ParamSpec,
     ("optimizer",): OptimizerSpec,
     ("scheduler",): SchedulerSpec,
+    ("loss",): LossSpec,
 }
 
 

@@ -29,6 +29,16 @@ PLOTLY_JS = "plotly.min.js"
 STATE_JSON = "state.json"
 REPORT = "report.html"
 FIT_GRID = 1000  # points of the fitted curve in each snapshot (snapshots/epoch-N.csv)
+
+
+MAX_COMPONENTS = 500  # an expression has at most fitcli.expr.MAX_NODES nodes, so fewer terms
+
+
+def component_column(k: int) -> str:
+    """The column of component k (0-based) in snapshots/epoch-N.csv: component_1, ..."""
+    return f"component_{k + 1}"
+
+
 DATA_CSV_ROWS = 1 << 14  # rows of data.csv formatted at a time
 
 # What makes a directory a fitcli run directory: a summary.json that says so. Every summary
@@ -437,6 +447,8 @@ def file_limit(rel: str) -> int:
     if rel in FILE_LIMITS:
         return FILE_LIMITS[rel]
     if rel.startswith(f"{SNAPSHOTS}/"):
+        if rel.endswith(".csv"):  # x, y_fit and a column per component (at most one per node)
+            return max(SNAPSHOT_LIMIT, csv_limit(FIT_GRID, 2 + MAX_COMPONENTS))
         return SNAPSHOT_LIMIT
     return OTHER_LIMIT
 

@@ -47,6 +47,7 @@ class Snapshot:
     x_fit: np.ndarray
     y_fit: np.ndarray
     note: str | None = None  # e.g. "stopped at epoch 37" on snapshots LM filled in
+    components: list[np.ndarray] = field(default_factory=list)  # each component on x_fit
 
 
 @dataclass
@@ -71,6 +72,11 @@ class Run:
     def status(self) -> str:
         """The recorded status, or `stale` for a run whose writer is gone (`liveness`)."""
         return liveness.status_of(self.summary)
+
+    @property
+    def components(self) -> list[str]:
+        """The model's components' texts (summary.json's `components`; [] for none)."""
+        return list(self.summary.get("components") or [])
 
     @property
     def label(self) -> str:
@@ -171,6 +177,11 @@ def _check_summary(run_dir: Path, s: Any) -> dict:
         err = s.get("stderr")
         if err is not None and not isinstance(err, dict):
             problems.append("'stderr' is not an object")
+        parts = s.get("components")
+        if parts is not None and (
+            not isinstance(parts, list) or not all(isinstance(c, str) for c in parts)
+        ):
+            problems.append("'components' is not a list of texts")
     if problems:
         raise RunFileError(f"{path}: garbled ({'; '.join(problems)})")
     return s
@@ -292,6 +303,8 @@ def read_run(run_dir: Path) -> Run:
     ):
         raw = _read_json(run_dir, files.SNAPSHOT_PARAMS)
         _, entries = _check_snapshots(run_dir, raw, names, summary["epochs"])
+        parts = summary.get("components") or []
+        fit_header = ["x", "y_fit", *(files.component_column(k) for k in range(len(parts)))]
         for e in entries:
             rel = f"{files.SNAPSHOTS}/{e['fit']}"
             if not (run_dir / rel).exists():
@@ -299,7 +312,9 @@ def read_run(run_dir: Path) -> Run:
                     f"{run_dir / rel}: missing (the fitted curve of snapshot epoch {e['epoch']}; "
                     "runs trained before fitcli stored fitted curves cannot be rebuilt)"
                 )
-            fit = _read_csv(run_dir, rel, header=["x", "y_fit"])
+            # A model of many terms has as many columns: the bound grows with them.
+            limit = files.csv_limit(files.FIT_GRID, len(fit_header))
+            fit = _read_csv(run_dir, rel, header=fit_header, limit=limit)
             if len(fit["x"]) > files.FIT_GRID:
                 raise RunFileError(
                     f"{run_dir / rel}: {len(fit['x'])} points, more than the {files.FIT_GRID} of "
@@ -315,6 +330,7 @@ def read_run(run_dir: Path) -> Run:
                     x_fit=fit["x"],
                     y_fit=fit["y_fit"],
                     note=e["note"] if isinstance(e.get("note"), str) else None,
+                    components=[fit[c] for c in fit_header[2:]],
                 )
             )
     else:

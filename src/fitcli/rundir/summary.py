@@ -43,12 +43,15 @@ class Summary(TypedDict, total=False):
     epochs_run: int  # epochs trained
     final_loss: float | None  # the loss at the last epoch trained
     loss: str  # the loss function's name (mse, ...)
+    loss_options: dict[str, float]  # its options, defaults filled in (f_scale, nu; {}: none)
     optimizer: str  # the optimizer's name, without its options
     params: dict[str, float]  # parameter values, the final ones once finished
     device: str  # the torch device it trained on
     dtype: str  # float32 or float64
     seed: int  # the config's seed
     n_points: int  # observations fitted
+    components: list[str]  # each component's text (models of 2+ additive terms only)
+    tied: dict[str, str]  # each tied parameter's expression (models with ties only)
     data_digest: str  # digest of a data file (only for file data): what resume compares
     elapsed_s: float  # wall-clock seconds of training (of the last resume, when resumed)
     started_at: str  # when the run started (its first start, when resumed)

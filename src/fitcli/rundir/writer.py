@@ -10,6 +10,7 @@ import contextlib
 import operator
 import platform
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ torch = import_torch()
 
 from fitcli import __version__, liveness, optim
 from fitcli.errors import RunDirError, RunStatus, exit_code_for
+from fitcli.losses import name_of, resolve
 from fitcli.rundir import files
 from fitcli.rundir.summary import Summary
 from fitcli.train import History, TrainResult
@@ -106,6 +108,7 @@ class RunWriter:
         params = prep.model.values()
         with torch.no_grad():
             y_fit = prep.model(self.grid_t).double().cpu().numpy()
+        parts = [c.double().cpu().numpy() for c in prep.model.component_values(self.grid_t)]
         page = plots.snapshot_page(
             name=prep.cfg.name if note is None else f"{prep.cfg.name} ({note})",
             epoch=epoch,
@@ -117,15 +120,16 @@ class RunWriter:
             y_true=self.obs[2],
             x_fit=self.grid,
             y_fit=y_fit,
-            loss_name=prep.cfg.loss,
+            loss_name=name_of(prep.cfg.loss),
             plotlyjs=self.plotlyjs,
+            components=list(zip(prep.model.components, parts, strict=True)) or None,
         )
         fname = self.snapshot_name(epoch)
         files.atomic_write(self.snap_dir / fname, page)
         # The fitted curve itself, exactly: `fitcli plot` rebuilds this page from it (the model
         # cannot be re-evaluated bit for bit on another device, dtype or through bounds).
         fit_name = fname.removesuffix(".html") + ".csv"
-        files.atomic_write(self.snap_dir / fit_name, self.fit_csv(y_fit))
+        files.atomic_write(self.snap_dir / fit_name, self.fit_csv(y_fit, parts))
         self.snapshots = [s for s in self.snapshots if s["epoch"] != epoch]
         entry = {"epoch": epoch, "loss": loss, "params": params, "file": fname, "fit": fit_name}
         self.snapshots.append(entry if note is None else {**entry, "note": note})
@@ -140,15 +144,22 @@ class RunWriter:
             # Last, so that a saved state always has its snapshot beside it (resume).
             self._save_state(epoch=epoch, model=prep.model, stepper=prep.stepper)
 
-    def fit_csv(self, y_fit: np.ndarray) -> str:
+    def fit_csv(self, y_fit: np.ndarray, components: list[np.ndarray] | None = None) -> str:
         """snapshots/epoch-N.csv: `x,y_fit` rows by repr, what csv.writer with `files.fmt`
-        wrote (no float repr needs quoting); the x column is formatted once per run."""
+        wrote (no float repr needs quoting), then `component_1, ...` when the model has
+        components; the x column is formatted once per run."""
         if self._fit_rows is None:
             self._fit_rows = [f"{v!r}," for v in self.grid.tolist()]
         ys = y_fit.tolist()
         if len(ys) != len(self._fit_rows):
             raise ValueError(f"fitted curve has {len(ys)} points, the grid {len(self.grid)}")
-        return "x,y_fit\n" + "\n".join(map(operator.add, self._fit_rows, map(repr, ys))) + "\n"
+        cells: Iterable[str] = map(repr, ys)
+        head = "x,y_fit"
+        if components:
+            head += "".join(f",{files.component_column(k)}" for k in range(len(components)))
+            columns = [y_fit, *components]
+            cells = (",".join(map(repr, row)) for row in np.stack(columns, axis=1).tolist())
+        return head + "\n" + "\n".join(map(operator.add, self._fit_rows, cells)) + "\n"
 
     def write_params(self) -> None:
         files.write_json(
@@ -234,13 +245,17 @@ def base_summary(prep: Prepared, run_dir: Path | None, command: list[str]) -> Su
         "epochs": cfg.epochs,
         "epochs_run": 0,
         "final_loss": None,
-        "loss": cfg.loss,
+        "loss": name_of(cfg.loss),
+        "loss_options": resolve(cfg.loss).options,
         "optimizer": optim.split_spec(cfg.optimizer)[0],
         "params": prep.model.values(),
         "device": str(prep.device),
         "dtype": cfg.dtype,
         "seed": cfg.seed,
         "n_points": prep.dataset.n,
+        # How the model is composed (`fitcli.composition`): its components and its ties.
+        **({"components": list(prep.model.components)} if prep.model.components else {}),
+        **({"tied": dict(prep.model.tied)} if prep.model.tied else {}),
         # What resume compares a data file with (a file edited since cannot be resumed).
         **({"data_digest": prep.dataset.digest} if prep.dataset.digest else {}),
         "elapsed_s": 0.0,

@@ -125,8 +125,9 @@ def _compute_batch(
 ) -> list[Trace]:
     import torch  # lazy: torch-free Dask client, fast CLI start-up
 
+    from fitcli.losses import resolve
     from fitcli.model import rows_dot  # lazy: imports torch
-    from fitcli.train import LOSSES, snapshot_epochs  # lazy: imports torch
+    from fitcli.train import snapshot_epochs  # lazy: imports torch
 
     t0 = time.perf_counter()
     cfg0, p0 = preps[0].cfg, preps[0]
@@ -153,7 +154,7 @@ def _compute_batch(
     phi_t = p0.model.design_t(p0.x)
     y = torch.stack([preps[i].y for i in order])
     w = p0.weights
-    base = LOSSES[cfg0.loss]
+    base = resolve(cfg0.loss).torch_function()
     n_runs = len(preps)
     gen_states = [p.stepper.generator.get_state() for p in preps]
 
