@@ -327,7 +327,6 @@ def test_error_bars_from_the_numpy_jacobian_equal_autograd_ones(monkeypatch, par
     # Small CPU float64 fits take J^T J from the numpy model's exact Jacobian (`run_report`):
     # every number of the report must agree with autograd's J^T J to rounding.
     from fitcli import stats
-
     from fitcli.data import dataset_from_arrays
 
     raw = {
