@@ -365,7 +365,7 @@ def test_expression_without_parameters():
             {"value": 0.5, "min": 1, "max": 0},
             "model.params.a.max: must be greater than min (1.0) (got 0.0)",
         ),
-        ({"value": "big"}, "model.params.a.value: must be a number (got 'big')"),
+        ({"value": "big"}, "model.params.a.value: must be a number or guess (got 'big')"),
         ({"valu": 1}, "model.params.a: unknown key 'valu'; did you mean 'value'?"),
     ],
 )

@@ -34,6 +34,7 @@ class Dataset:
     sigma: np.ndarray | None = None
     source: str = "synthetic"
     digest: str | None = None  # of a data file's bytes: resume refuses a file edited since
+    size: int | None = None  # of a data file, in bytes
 
     @property
     def n(self) -> int:
@@ -47,7 +48,8 @@ def seed_streams(seed: int) -> dict[str, int]:
 
 @functools.lru_cache(maxsize=64)  # a pure function; a SeedSequence spawn costs a small fit 3%
 def _seed_streams(seed: int) -> dict[str, int]:
-    names = ("noise", "init", "shuffle")
+    # Appending a name keeps the others' seeds: child k of a SeedSequence depends only on k.
+    names = ("noise", "init", "shuffle", "starts")
     children = np.random.SeedSequence(seed).spawn(len(names))
     return {
         name: int(child.generate_state(1, np.uint64)[0] >> np.uint64(1))
@@ -315,7 +317,7 @@ def load_table(path: Path, columns: ColumnsSpec | None = None) -> Dataset:
     _check_text(path)
     table = _read_fast(path, columns) if size else None
     ds = _read_precise(path, columns) if table is None else _dataset(path, table)
-    ds.digest = file_digest(path)
+    ds.digest, ds.size = file_digest(path), size
     return ds
 
 

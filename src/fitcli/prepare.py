@@ -62,6 +62,10 @@ class Prepared:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     stepper: Any  # a train.Stepper: TorchStepper or lm_optim.LMStepper (probed with getattr)
     lm: bool
+    # A fresh stepper for the model's current parameters (what a multi-start search trains each
+    # start with), and the search's record once one has chosen the start (`fitcli.starts`).
+    new_stepper: Callable[[], Any] | None = None
+    starts: dict | None = None
 
     def evaluate_loss(self) -> float:
         with torch.no_grad():
@@ -82,6 +86,11 @@ def prepare(cfg: Config, dataset: Dataset | None = None) -> Prepared:
     if dataset is None:
         dataset = make_dataset(cfg)
     check_dtype_range(dataset, cfg.dtype)
+    if cfg.model.expr is not None:
+        from fitcli.guess import resolve as resolve_guesses
+
+        # `guess` values become numbers: the run (and its config.yaml) starts from them.
+        cfg = resolve_guesses(cfg, dataset.x, dataset.y)
     x = torch.as_tensor(dataset.x, dtype=dtype).to(device)
     y_obs = torch.as_tensor(dataset.y, dtype=dtype).to(device)
     weights = None
@@ -114,15 +123,15 @@ def prepare(cfg: Config, dataset: Dataset | None = None) -> Prepared:
         y = y_obs * w
     name, kwargs = optim.split_spec(cfg.optimizer)
     lm = optim.is_lm(name)
-    stepper: Any
-    if lm:
-        from fitcli.lm_optim import LMStepper
 
-        stepper = LMStepper(model, x, y_obs, weights, kwargs, loss=loss)
-    else:
+    def new_stepper() -> Any:
+        if lm:
+            from fitcli.lm_optim import LMStepper
+
+            return LMStepper(model, x, y_obs, weights, kwargs, loss=loss)
         opt = optim.build_optimizer(cfg.optimizer, [model.raw])
         sched = optim.build_scheduler(cfg.scheduler, opt)
-        stepper = TorchStepper(
+        return TorchStepper(
             model,
             x,
             y,
@@ -133,7 +142,11 @@ def prepare(cfg: Config, dataset: Dataset | None = None) -> Prepared:
             shuffle_seed=seeds["shuffle"],
             rows_loss=rows_loss,
         )
-    return Prepared(cfg, dataset, model, device, dtype, x, y, weights, loss_fn, stepper, lm)
+
+    stepper = new_stepper()
+    return Prepared(
+        cfg, dataset, model, device, dtype, x, y, weights, loss_fn, stepper, lm, new_stepper
+    )
 
 
 def _y_column(cfg: Config, dataset: Dataset) -> str:

@@ -221,10 +221,30 @@ def _expression_problems(loc: Loc, source: Any, **kwargs: Any) -> list[tuple[Loc
     return []
 
 
+def _start_value(value: Any) -> float | str:
+    # A number, or `guess` (the start comes from the data: `fitcli.guess`).
+    if value == "guess":
+        return "guess"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise _Problems([((), f"must be a finite number (got {_show(value)})")])
+        return float(value)
+    raise _Problems([((), f"must be a number or guess (got {_show(value)})")])
+
+
+StartValue = Annotated[
+    float | Literal["guess"], PlainValidator(_start_value, json_schema_input_type=float | str)
+]
+
+
 class ParamSpec(_Section):
     """A fit parameter of `model.expr`: start value, optional bounds, fixed or free; or tied."""
 
-    value: float = Field(1.0, description="Initial value (strictly inside the bounds).")
+    value: StartValue = Field(
+        1.0,
+        description="Initial value (strictly inside the bounds), or guess: from the data, by "
+        "the parameter's role in a lineshape call.",
+    )
     min: float | None = Field(None, description="Lower bound, or null for none.")
     max: float | None = Field(None, description="Upper bound, or null for none.")
     vary: bool = Field(True, description="false keeps the parameter fixed at value.")
@@ -272,6 +292,8 @@ class ParamSpec(_Section):
         lo, hi, v = self.min, self.max, self.value
         if lo is not None and hi is not None and not lo < hi:
             raise _Problems([(("max",), f"must be greater than min ({lo}) (got {hi})")])
+        if isinstance(v, str):  # guessed from the data, then put inside the bounds
+            return self
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise _Problems([(("value",), f"{v} is outside the bounds {_interval(lo, hi)}")])
         if self.vary and v in (lo, hi):
@@ -292,10 +314,12 @@ def _interval(lo: float | None, hi: float | None) -> str:
 
 
 def _params_before(value: Any) -> Any:
-    # `a: 1.5` is shorthand for `a: {value: 1.5}`.
+    # `a: 1.5` is shorthand for `a: {value: 1.5}`, `a: guess` for `a: {value: guess}`.
     if isinstance(value, dict):
         return {
-            k: {"value": v} if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+            k: {"value": v}
+            if (isinstance(v, (int, float)) and not isinstance(v, bool)) or v == "guess"
+            else v
             for k, v in value.items()
         }
     return value
@@ -321,6 +345,11 @@ class ModelSpec(_Section):
         None,
         description="Parameters of expr: a start value, or {value, min, max, vary}; default 1.0.",
     )
+    guess: bool | None = Field(
+        None,
+        description="true: every lineshape argument of expr without a value in params starts "
+        "at a guess from the data.",
+    )
 
     @model_validator(mode="after")
     def _fill_params(self) -> ModelSpec:
@@ -345,6 +374,8 @@ class ModelSpec(_Section):
         elif basis is not None:
             if params is not None:
                 problems.append((("params",), "only allowed with expr, not with basis"))
+            if raw.get("guess") is not None:
+                problems.append((("guess",), "only allowed with expr, not with basis"))
             if isinstance(basis, list):
                 if isinstance(init, list) and len(init) != len(basis):
                     problems.append(
@@ -511,6 +542,10 @@ def _single_line(value: Any) -> Any:
     return value
 
 
+# Upper bound of `starts`: each start is a whole fit.
+MAX_STARTS = 1024
+
+
 class Config(_Section):
     """A fitcli experiment: data, model, loss, optimizer and how long to train."""
 
@@ -522,6 +557,13 @@ class Config(_Section):
     )
     seed: Int = Field(
         0, ge=0, le=2**63 - 1, description="Seed for every random draw (data noise, init)."
+    )
+    starts: Int = Field(
+        1,
+        ge=1,
+        le=MAX_STARTS,
+        description="Starts of the fit: the given one first, the rest drawn inside the bounds "
+        f"(Sobol, from seed); the best is kept. 1 to {MAX_STARTS}.",
     )
     device: str = Field(
         "auto",

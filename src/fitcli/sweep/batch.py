@@ -42,6 +42,8 @@ def batch_key(cfg: Any) -> tuple | None:
     name, kwargs = optim.split_spec(cfg.optimizer)
     if cfg.model.basis is None or cfg.scheduler is not None or cfg.batch_size is not None:
         return None
+    if cfg.starts > 1:  # each run searches its own starts (`fitcli.starts`)
+        return None
     if name not in BATCHABLE_OPTIMIZERS or kwargs.get("foreach") or kwargs.get("fused"):
         return None
     data = cfg.data.model_dump(mode="json", exclude={"noise", "target"})

@@ -58,6 +58,7 @@ class Trace:
     error: str | None = None
     exit_code: int | None = None
     batched: int = 1  # how many runs shared the tensor program
+    starts: dict | None = None  # the multi-start search that chose the start (`fitcli.starts`)
 
 
 class _Loss(float):
@@ -151,7 +152,11 @@ def compute_single(prep: Any, index: int, stop: Callable[[], bool] | None = None
     from fitcli.train import snapshot_epochs, train  # lazy: imports torch
 
     cfg = prep.cfg
-    trace = Trace(index)
+    if cfg.starts > 1 and prep.starts is None:
+        from fitcli.starts import search
+
+        search(prep)
+    trace = Trace(index, starts=prep.starts)
     keep = set(snapshot_epochs(cfg.epochs, cfg.snapshots))
     t0 = time.perf_counter()
     rec = RecordingStepper(prep.stepper, prep.model, trace, keep)
@@ -200,6 +205,10 @@ def write_run(
 
     if prep is None:
         prep = prepare(plan.cfg(run))
+    if trace.starts is not None and prep.starts is None:
+        # The start the computation chose: the replay begins there, without searching again.
+        prep.model.set_values({**prep.model.values(), **trace.starts["start"]})
+        prep.starts = trace.starts
     if plotlyjs == "directory":
         shared = run_dir.parent / SHARED_JS
         if shared.exists():
