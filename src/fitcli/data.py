@@ -122,16 +122,13 @@ def make_dataset(cfg: Config) -> Dataset:
     # The schema gives synthetic data (no file) a target, an x grid and its noise (default 0).
     assert data.target is not None and grid is not None and noise is not None
     variables = data.variables
-    target = parse_expression(
-        data.target, allow_params=False, what="target", variables=variables
-    )
+    target = parse_expression(data.target, allow_params=False, what="target", variables=variables)
     if isinstance(grid, dict):
         # Several variables: the full grid, the first variable varying slowest.
         size = math.prod(g.num for g in grid.values())
         if size > 10**8:
             raise DataError(
-                f"data.x: the full grid has {size:,} points, more than 10^8; use fewer per "
-                "variable"
+                f"data.x: the full grid has {size:,} points, more than 10^8; use fewer per variable"
             )
         axes = [np.linspace(g.start, g.stop, g.num, dtype=np.float64) for g in grid.values()]
         mesh = np.meshgrid(*axes, indexing="ij")

@@ -301,7 +301,7 @@ class ExprModel(FitModel):
         super().__init__(infos, dtype)
         self.expression = expression
         self.components = tuple(expression_components(expression.source))
-        self._components = parse_components(self.components)
+        self._components = parse_components(self.components, expression.variables)
 
     def component_values(self, x: torch.Tensor) -> list[torch.Tensor]:
         if not self.components:

@@ -745,7 +745,6 @@ class Config(_Section):
         None, description="Optional torch.optim.lr_scheduler: name plus keyword arguments."
     )
 
-
     @model_validator(mode="wrap")
     @classmethod
     def _variables(cls, data: Any, handler: Any) -> Any:

@@ -41,6 +41,17 @@ def versions() -> Summary:
     }
 
 
+def plot_extras(ds: Any) -> dict[str, Any]:
+    """What a snapshot page draws beyond one x: the variables' names (several), and the rows
+    left out (`data.nan_policy: omit`, `data.range`); nothing for plain data."""
+    extras: dict[str, Any] = {}
+    if ds.x.ndim == 2:
+        extras["variables"] = ds.variables
+    if ds.left_out is not None and len(ds.left_out.y):
+        extras["left_out"] = (ds.left_out.x, ds.left_out.y, ds.left_out.reason)
+    return extras
+
+
 class RunWriter:
     """Writes a run directory's files; the only place experiment code touches the disk.
 
@@ -60,15 +71,20 @@ class RunWriter:
         epochs = prep.cfg.epochs
         self.width = len(str(epochs))
         ds = prep.dataset
-        lo, hi = float(np.min(ds.x)), float(np.max(ds.x))
-        grid = np.linspace(lo, hi, FIT_GRID) if hi > lo else np.array([lo])
-        self.grid = grid
         self._fit_rows: list[str] | None = None  # "x," of each grid point, for the fit CSVs
-        self.grid_t = torch.as_tensor(grid, dtype=prep.dtype).to(prep.device)
+        x, y, y_true = ds.x, ds.y, ds.y_true
+        if ds.x.ndim == 2:
+            # Several variables: a curve on a grid means nothing; the fit is kept at the data.
+            self.grid = ds.x
+            self.grid_t = prep.x
+        else:
+            lo, hi = float(np.min(ds.x)), float(np.max(ds.x))
+            grid = np.linspace(lo, hi, FIT_GRID) if hi > lo else np.array([lo])
+            self.grid = grid
+            self.grid_t = torch.as_tensor(grid, dtype=prep.dtype).to(prep.device)
         # Snapshots draw the observations sorted by x: sort once here, not O(n log n) per snapshot
         # (a copy only when the data are unsorted; sorted data are passed as they are).
-        x, y, y_true = ds.x, ds.y, ds.y_true
-        if not np.all(x[1:] >= x[:-1]):
+        if ds.x.ndim == 1 and not np.all(x[1:] >= x[:-1]):
             order = np.argsort(x, kind="stable")
             x, y = x[order], y[order]
             y_true = None if y_true is None else y_true[order]
@@ -93,7 +109,11 @@ class RunWriter:
         self.snap_dir.mkdir(exist_ok=True)
         ds = self.prep.dataset
         files.atomic_write(self.run_dir / files.CONFIG, cfg_text)
-        files.write_data_csv(self.run_dir / files.DATA, ds.x, ds.y, ds.y_true, ds.sigma)
+        files.write_data_csv(
+            self.run_dir / files.DATA, ds.x, ds.y, ds.y_true, ds.sigma, ds.variables
+        )
+        if ds.left_out is not None and len(ds.left_out.y):
+            files.write_left_out_csv(self.run_dir / files.LEFT_OUT, ds.left_out, ds.variables)
         if self.plotlyjs == "directory":
             files.copy_plotly_js(self.run_dir)
         files.write_json(self.run_dir / files.SUMMARY, summary)
@@ -123,6 +143,7 @@ class RunWriter:
             loss_name=name_of(prep.cfg.loss),
             plotlyjs=self.plotlyjs,
             components=list(zip(prep.model.components, parts, strict=True)) or None,
+            **plot_extras(prep.dataset),
         )
         fname = self.snapshot_name(epoch)
         files.atomic_write(self.snap_dir / fname, page)
@@ -149,12 +170,16 @@ class RunWriter:
         wrote (no float repr needs quoting), then `component_1, ...` when the model has
         components; the x column is formatted once per run."""
         if self._fit_rows is None:
-            self._fit_rows = [f"{v!r}," for v in self.grid.tolist()]
+            if self.grid.ndim == 2:
+                self._fit_rows = [",".join(map(repr, row)) + "," for row in self.grid.tolist()]
+            else:
+                self._fit_rows = [f"{v!r}," for v in self.grid.tolist()]
         ys = y_fit.tolist()
         if len(ys) != len(self._fit_rows):
             raise ValueError(f"fitted curve has {len(ys)} points, the grid {len(self.grid)}")
         cells: Iterable[str] = map(repr, ys)
-        head = "x,y_fit"
+        variables = self.prep.dataset.variables
+        head = ",".join(variables) + ",y_fit" if self.grid.ndim == 2 else "x,y_fit"
         if components:
             head += "".join(f",{files.component_column(k)}" for k in range(len(components)))
             columns = [y_fit, *components]
@@ -255,6 +280,14 @@ def base_summary(prep: Prepared, run_dir: Path | None, command: list[str]) -> Su
         # The multi-start search that chose this run's start (`fitcli.starts`).
         **({"starts": prep.starts} if prep.starts is not None else {}),
         "n_points": prep.dataset.n,
+        # Rows left out (`data.nan_policy: omit`, `data.range`), only when they may be.
+        **({"rows": prep.dataset.rows} if prep.dataset.rows is not None else {}),
+        **(
+            {"omitted_lines": prep.dataset.omitted_lines}
+            if prep.dataset.omitted_lines is not None
+            else {}
+        ),
+        **({"variables": list(prep.dataset.variables)} if prep.dataset.x.ndim == 2 else {}),
         # How the model is composed (`fitcli.composition`): its components and its ties.
         **({"components": list(prep.model.components)} if prep.model.components else {}),
         **({"tied": dict(prep.model.tied)} if prep.model.tied else {}),
