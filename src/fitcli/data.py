@@ -49,6 +49,7 @@ class Dataset:
     sigma: np.ndarray | None = None
     source: str = "synthetic"
     digest: str | None = None  # of a data file's bytes: resume refuses a file edited since
+    size: int | None = None  # of a data file, in bytes
     variables: tuple[str, ...] = ("x",)
     rows: dict[str, int] | None = None
     omitted_lines: list[int] | None = None
@@ -400,7 +401,7 @@ def load_table(
         if omit_nan:
             ds.rows = {"read": ds.n, "used": ds.n, "omitted_nan": 0, "outside_range": 0}
             ds.omitted_lines = []
-    ds.digest = file_digest(path)
+    ds.digest, ds.size = file_digest(path), size
     return ds
 
 
