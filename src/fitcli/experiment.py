@@ -127,6 +127,7 @@ def execute(
         with contextlib.suppress(FitcliError):
             files.write_json(run_dir / files.SUMMARY, summary)
         raise
+    writer.figures(summary)  # after the run is written whole: a failure here leaves it so
     return summary
 
 

@@ -691,6 +691,25 @@ def _single_line(value: Any) -> Any:
     return value
 
 
+class ReportSpec(_Section):
+    """What a run reports beyond its run directory's own files."""
+
+    formats: list[Literal["png", "svg", "pdf"]] = Field(
+        default_factory=list,
+        description="Static figures `fitcli train` writes at the end of a completed run, "
+        "figures/fit.<format> and figures/loss.<format>: any of png, svg, pdf (they need "
+        "Chrome or Chromium).",
+    )
+
+    @field_validator("formats")
+    @classmethod
+    def _once(cls, value: list[str]) -> list[str]:
+        twice = sorted({f for f in value if value.count(f) > 1})
+        if twice:
+            raise ValueError(f"lists {', '.join(twice)} more than once")
+        return value
+
+
 # Upper bound of `starts`: each start is a whole fit.
 MAX_STARTS = 1024
 
@@ -744,6 +763,9 @@ class Config(_Section):
     scheduler: SchedulerSpec | None = Field(
         None, description="Optional torch.optim.lr_scheduler: name plus keyword arguments."
     )
+    report: ReportSpec = Field(
+        default_factory=ReportSpec, description="What the run reports: static figures."
+    )
 
     @model_validator(mode="wrap")
     @classmethod
@@ -790,6 +812,7 @@ _SECTIONS: dict[tuple[str, ...], type[BaseModel] | None] = {
     ("optimizer",): OptimizerSpec,
     ("scheduler",): SchedulerSpec,
     ("loss",): LossSpec,
+    ("report",): ReportSpec,
 }
 
 

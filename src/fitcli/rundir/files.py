@@ -30,6 +30,7 @@ PLOTLY_JS = "plotly.min.js"
 STATE_JSON = "state.json"
 REPORT = "report.html"
 LEFT_OUT = "left_out.csv"  # rows read but not fitted (data.nan_policy: omit, data.range)
+FIGURES = "figures"  # static figures for papers: fit.<format> and loss.<format> (fitcli.figures)
 FIT_GRID = 1000  # points of the fitted curve in each snapshot (snapshots/epoch-N.csv)
 
 
@@ -60,6 +61,7 @@ RUN_FILES = frozenset(
     {CONFIG, DATA, DATA_NPZ, METRICS, SUMMARY, STATE_JSON, PLOTLY_JS, REPORT, LEFT_OUT}
 )
 SNAPSHOT_FILE = re.compile(r"^(?:params\.json|epoch-[0-9]+\.(?:html|csv))$")
+FIGURE_FILE = re.compile(r"^(?:fit|loss)\.(?:png|svg|pdf)$")
 _TEMP_FILE = re.compile(r"^\.(.+)\.tmp-[0-9]+-[0-9a-f]{6}$")  # atomic_write's temporary names
 
 MiB = 1 << 20
@@ -166,30 +168,34 @@ def is_run_dir(path: Path) -> bool:
     return True
 
 
-def _fitcli_name(name: str, snapshots: bool = False) -> bool:
+_SUBFOLDERS = {SNAPSHOTS: SNAPSHOT_FILE, FIGURES: FIGURE_FILE}  # what fitcli writes in each
+
+
+def _fitcli_name(name: str, inside: str | None = None) -> bool:
     temp = _TEMP_FILE.match(name)
     if temp:
         name = temp.group(1)
-    return bool(SNAPSHOT_FILE.match(name)) if snapshots else name in RUN_FILES
+    return bool(_SUBFOLDERS[inside].match(name)) if inside else name in RUN_FILES
 
 
 def foreign_entries(path: Path) -> list[str]:
     """What in the folder `path` fitcli did not write, by relative name (a folder ends in "/"):
-    anything but RUN_FILES, snapshots/ with its pages, curves and params.json, and the temporary
-    names of these; a link, FIFO or device of any name is foreign (fitcli writes regular files)."""
+    anything but RUN_FILES, snapshots/ with its pages, curves and params.json, figures/ with
+    fit.<format> and loss.<format>, and the temporary names of these; a link, FIFO or device of
+    any name is foreign (fitcli writes regular files)."""
     out: list[str] = []
 
-    def scan(folder: str, prefix: str, snapshots: bool) -> None:
+    def scan(folder: str, prefix: str, inside: str | None) -> None:
         with os.scandir(folder) as entries:
             for e in sorted(entries, key=lambda e: e.name):
-                if e.is_file(follow_symlinks=False) and _fitcli_name(e.name, snapshots):
+                if e.is_file(follow_symlinks=False) and _fitcli_name(e.name, inside):
                     continue
-                if not snapshots and e.name == SNAPSHOTS and e.is_dir(follow_symlinks=False):
-                    scan(e.path, f"{SNAPSHOTS}/", True)
+                if not inside and e.name in _SUBFOLDERS and e.is_dir(follow_symlinks=False):
+                    scan(e.path, f"{e.name}/", e.name)
                     continue
                 out.append(prefix + e.name + ("/" if e.is_dir(follow_symlinks=False) else ""))
 
-    scan(str(path), "", False)
+    scan(str(path), "", None)
     return out
 
 

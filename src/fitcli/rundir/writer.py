@@ -284,6 +284,26 @@ class RunWriter:
             self.run_dir / files.METRICS, ["epoch", "loss", "lr", "elapsed_s", *names], rows
         )
 
+    def figures(self, summary: dict) -> None:
+        """figures/fit.<format> and loss.<format> of a completed run whose config asks for them
+        (`report.formats`), read back from the finished run directory as `fitcli plot --format`
+        draws them. A failure leaves the run as it is and says how to draw them again."""
+        formats = self.prep.cfg.report.formats
+        if not formats or summary.get("status") != RunStatus.COMPLETED:
+            return
+        from fitcli.errors import FigureExportError, FitcliError
+        from fitcli.figures import write_figures
+
+        try:
+            write_figures(self.run_dir, list(formats))
+        except FitcliError as exc:
+            failed = FigureExportError(
+                f"the run in {self.run_dir} completed, but its figures were not written: {exc}; "
+                f"`fitcli plot {self.run_dir} --format {formats[0]}` draws them"
+            )
+            failed.exit_code = exc.exit_code
+            raise failed from None
+
 
 def base_summary(
     prep: Prepared, run_dir: Path | None, command: list[str], *, data_form: str = "csv"
