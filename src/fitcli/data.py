@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import mmap
@@ -71,6 +72,11 @@ def point_text(x: np.ndarray, k: int, names: tuple[str, ...] = ("x",)) -> str:
 
 def seed_streams(seed: int) -> dict[str, int]:
     """Independent 63-bit seeds for each random consumer, all derived from the config's seed."""
+    return dict(_seed_streams(seed))
+
+
+@functools.lru_cache(maxsize=64)  # a pure function; a SeedSequence spawn costs a small fit 3%
+def _seed_streams(seed: int) -> dict[str, int]:
     # Appending a name keeps the others' seeds: child k of a SeedSequence depends only on k.
     names = ("noise", "init", "shuffle", "starts")
     children = np.random.SeedSequence(seed).spawn(len(names))

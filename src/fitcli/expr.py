@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import importlib
 import keyword as _keyword
 import math
@@ -477,6 +478,15 @@ def parse_expression(
         raise ExpressionError(
             f"{what} must be a string, not {type(source).__name__}", f"<{type(source).__name__}>"
         )
+    return _parse_checked(source, allow_params, what)
+
+
+# A config's expression is parsed by its validation and again by the model it builds, and a
+# program fitting many data sets parses the same few sources over and over: each source is
+# checked once. An `Expression` is immutable (its compiled closures are a cache of a pure
+# function), so every caller may share it; errors are not cached, each call raises afresh.
+@functools.lru_cache(maxsize=256)
+def _parse_checked(source: str, allow_params: bool, what: str) -> Expression:
     if len(source) > MAX_LENGTH:
         raise ExpressionError(
             f"{what} is too long ({len(source)} characters; at most {MAX_LENGTH})",

@@ -30,10 +30,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from fitcli.errors import RunStatus
-from fitcli.lm import SINGULAR_RCOND, _jacobian_forward, jtj_jtr, residual_sum_of_squares
+from fitcli.lm import (
+    SINGULAR_RCOND,
+    HostModel,
+    _jacobian_forward,
+    host_eligible,
+    host_ok,
+    jtj_jtr,
+    residual_sum_of_squares,
+)
 from fitcli.model import BasisModel, FitModel, model_function
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -139,6 +148,7 @@ def fit_statistics(
     grad_tol: float = 0.1,
     chunk_size: int | None = None,
     loss: Any = None,
+    host: HostModel | None = None,
 ) -> FitStats:
     """Covariance, standard errors and goodness of fit of ``fn`` at ``theta`` (see module doc).
 
@@ -159,6 +169,10 @@ def fit_statistics(
 
     With a `loss` (a `fitcli.losses.Loss` with information of its own) J^T J is its observed
     information and the covariance as in the module doc; `absolute_sigma` does not apply.
+
+    ``host``: the same model in numpy at x (`fitcli.lm.HostModel`, checked against autograd by
+    `fitcli.lm.host_ok`); J^T J (of the least-squares losses) then comes from its exact Jacobian
+    instead of autograd's.
     """
     names = list(names)
     p = theta.numel()
@@ -180,7 +194,10 @@ def fit_statistics(
         rss = residual_sum_of_squares(fn, theta, x, y, w, chunk_size)
         matrix, minimum = "the observed information", "the minimum of the loss"
     else:
-        jtj, jtr, rss = jtj_jtr(fn, theta, x, y, w, chunk_size)
+        if host is not None:
+            jtj, jtr, rss = _host_jtj_jtr(host, theta, y, w)
+        else:
+            jtj, jtr, rss = jtj_jtr(fn, theta, x, y, w, chunk_size)
         matrix, minimum = "J^T J", "the least-squares minimum"
     if w is None:  # the weighted sums below with unit weights, without an n-array of ones
         ybar = y.sum() / n
@@ -314,6 +331,22 @@ def fit_statistics(
         reason=reason,
         condition_number=condition,
     )
+
+
+def _host_jtj_jtr(
+    host: HostModel, theta: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """`fitcli.lm.jtj_jtr` from a numpy model's value and exact Jacobian: J of ``w * fn`` and
+    ``r = w * y - w * fn``, the products in numpy float64 (as the LM core's numpy path)."""
+    wy = y.detach().cpu().numpy()
+    with np.errstate(all="ignore"):  # non-finite entries are reported by the caller
+        m, jac = host.jacobian(theta.detach().cpu().numpy())
+        if w is not None:
+            wn = w.detach().cpu().numpy()
+            m, jac, wy = m * wn, jac * wn[:, None], wy * wn
+        r = wy - m
+        jtj, jtr, rss = jac.T @ jac, jac.T @ r, float(r @ r)
+    return torch.from_numpy(jtj).to(theta.device), torch.from_numpy(jtr).to(theta.device), rss
 
 
 def tied_stderr(
@@ -605,8 +638,18 @@ def run_report(
     free = list(model.free_names)
     with torch.no_grad():
         theta = model.external(model.raw.detach()).to(torch.float64)
+    fn = model_function(model, external=True)
+    host = None
+    if not spec.own_information and host_eligible(x, theta):
+        # A small fit on the CPU: J^T J from the numpy model's exact Jacobian (a fraction of
+        # autograd's cost at these sizes), once it agrees with autograd at theta.
+        from fitcli.lm_optim import host_model
+
+        host = host_model(model, x, external=True)
+        if host is not None and not host_ok(fn, host, theta, x):
+            host = None
     stats = fit_statistics(
-        model_function(model, external=True),
+        fn,
         theta,
         x,
         y,
@@ -615,6 +658,7 @@ def run_report(
         absolute_sigma=weights is not None and absolute_sigma,
         at_bound=model.at_bound(),
         loss=spec if spec.own_information else None,
+        host=host,
     )
     stderr = {name: stats.stderr.get(name) for name in model.names}
     if model.tied:

@@ -280,6 +280,8 @@ def compile_jacobian(
         jac = np.empty((n, p), dtype=np.float64)
         for k in range(p):
             jac[:, k] = tangents.get(k, 0.0)
+        if value.__class__ is np.ndarray and value.shape == (n,) and value is not x:
+            return value, jac  # already the values at every x (float64: x and constants are)
         y = np.broadcast_to(np.asarray(value, dtype=np.float64), (n,))
         return y, jac
 
