@@ -478,7 +478,7 @@ def parse_expression(
         raise ExpressionError(
             f"{what} must be a string, not {type(source).__name__}", f"<{type(source).__name__}>"
         )
-    return _parse_checked(source, allow_params, what)
+    return _parse_checked(source, allow_params, what, variables)
 
 
 # A config's expression is parsed by its validation and again by the model it builds, and a
@@ -486,7 +486,9 @@ def parse_expression(
 # checked once. An `Expression` is immutable (its compiled closures are a cache of a pure
 # function), so every caller may share it; errors are not cached, each call raises afresh.
 @functools.lru_cache(maxsize=256)
-def _parse_checked(source: str, allow_params: bool, what: str) -> Expression:
+def _parse_checked(
+    source: str, allow_params: bool, what: str, variables: tuple[str, ...] = ONE_VARIABLE
+) -> Expression:
     if len(source) > MAX_LENGTH:
         raise ExpressionError(
             f"{what} is too long ({len(source)} characters; at most {MAX_LENGTH})",
