@@ -260,6 +260,7 @@ def _finish_stats(prep: Prepared, result: TrainResult) -> dict:
             final_loss=result.final_loss,
             model_expr=prep.cfg.model.expr,
             target=prep.cfg.data.target,
+            absolute_sigma=prep.cfg.data.absolute_sigma is not False,
         )
     except Exception as exc:  # error bars are a report, not the fit: say why they are missing
         return {

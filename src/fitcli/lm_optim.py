@@ -206,7 +206,8 @@ class NumpyModel(HostModel):
     def __init__(self, model: FitModel, x: torch.Tensor, *, external: bool = False) -> None:
         from fitcli.symdiff import compile_jacobian, compile_value
 
-        self.x = x.detach().reshape(-1).to(torch.float64).numpy()
+        x = x.detach().to(torch.float64)
+        self.x = (x.reshape(-1) if x.dim() <= 1 else x).numpy()  # n x k for several variables
         free = [info for info in model.infos if info.free]
         self.free_names = [info.name for info in free]
         fixed = model.fixed.detach().to(torch.float64).tolist()

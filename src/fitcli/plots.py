@@ -282,14 +282,31 @@ def snapshot_page(
     sigma: np.ndarray | None = None,
     labels: Labels | None = None,
     note: str | None = None,
+    variables: tuple[str, ...] | None = None,
+    left_out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> str:
     """One snapshot page, `snapshots/epoch-N.html`: a pure function of stored values.
+
+    With several `variables` (x n x k, y_fit the fit at the data points) it is
+    `variables_figure`; `left_out` (x, y, reason per row) adds the rows not fitted.
 
     Training and `fitcli plot` both call it, so a rebuild from data.csv, params.json and the
     stored fitted curve is byte-identical to the page training wrote (same plotly.js mode).
     Observations are drawn sorted by x; the div id comes from the epoch, never a random uuid.
     """
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if variables is not None:
+        fig = variables_figure(
+            title=_snapshot_title(name, epoch, epochs, loss_name, loss, params),
+            variables=variables,
+            x=x,
+            y=y,
+            y_fit=np.asarray(y_fit, dtype=np.float64),
+            left_out=left_out,
+        )
+        return to_html(
+            fig, plotlyjs, depth=1, title=f"{name} epoch {epoch}", div_id=f"fitcli-epoch-{epoch}"
+        )
     if not np.all(np.diff(x) >= 0):
         order = np.argsort(x, kind="stable")
         x, y = x[order], y[order]
@@ -312,8 +329,185 @@ def snapshot_page(
         labels=labels,
         note=note,
     )
+    if left_out is not None:
+        fig["data"] += left_out_traces(*left_out)
     page_title = f"{name} epoch {epoch}" if note is None else f"{name} ({note})"
     return to_html(fig, plotlyjs, depth=1, title=page_title, div_id=f"fitcli-epoch-{epoch}")
+
+
+def _snapshot_title(
+    name: str, epoch: int, epochs: int, loss_name: str, loss: float, params: dict[str, float]
+) -> str:
+    return (
+        f"{text(name)}: epoch {epoch}/{epochs}, {loss_name} {loss:.6g}"
+        f"<br><sub>{_fmt_params(params)}</sub>"
+    )
+
+
+def left_out_traces(
+    x: np.ndarray, y: np.ndarray, reason: np.ndarray, axes: dict | None = None
+) -> list[dict]:
+    """The rows read but not fitted, against x (a 1-D array): hollow markers for those omitted
+    for a NaN or empty cell (where x and y are known), grey ones for those outside data.range."""
+    out = []
+    for why, label, marker in (
+        ("nan", "omitted (NaN)", {"size": 7, "symbol": "circle-open", "color": "#636efa"}),
+        ("range", "outside range", {"size": 5, "color": "rgba(150,150,150,0.6)"}),
+    ):
+        keep = (reason == why) & np.isfinite(x) & np.isfinite(y)
+        if keep.any():
+            out.append(
+                {
+                    "type": "scatter",
+                    "mode": "markers",
+                    "name": label,
+                    "x": typed(x[keep]),
+                    "y": typed(y[keep]),
+                    "marker": marker,
+                    **(axes or {}),
+                }
+            )
+    return out
+
+
+def grid_of(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(values of the first variable, of the second, index of each point in the value grid) when
+    the n x 2 points lie on a full grid, each pair once; else None."""
+    if x.ndim != 2 or x.shape[1] != 2:
+        return None
+    u0, i0 = np.unique(x[:, 0], return_inverse=True)
+    u1, i1 = np.unique(x[:, 1], return_inverse=True)
+    if len(u0) < 2 or len(u1) < 2 or len(u0) * len(u1) != x.shape[0]:
+        return None
+    flat = i0 * len(u1) + i1
+    if len(np.unique(flat)) != x.shape[0]:
+        return None
+    return u0, u1, flat
+
+
+def variables_figure(
+    *,
+    title: str,
+    variables: tuple[str, ...],
+    x: np.ndarray,
+    y: np.ndarray,
+    y_fit: np.ndarray,
+    left_out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> dict:
+    """The fit of several variables at the data points. Two variables: observed and fitted
+    against each (top) with the residuals below, and a heatmap of the fit when the points lie
+    on a grid; more: observed against fitted, and the residuals against fitted."""
+    sl, note = downsample(len(y))
+    resid = y - y_fit
+    data: list[dict] = []
+    layout: dict = {"title": {"text": title}, "margin": {"t": 80}, **STYLE}
+    layout["legend"] = {"orientation": "h", "y": -0.12}
+    grid = grid_of(x) if len(variables) == 2 else None
+    panels = len(variables) if len(variables) == 2 else 1
+    columns = panels + (grid is not None)
+    width = 1.0 / columns
+    for c in range(columns):
+        layout[f"xaxis{2 * c + 1 if c else ''}"] = {
+            **AXIS,
+            "domain": [c * width + 0.04, (c + 1) * width - 0.04],
+            "anchor": f"y{2 * c + 1 if c else ''}",
+        }
+        layout[f"yaxis{2 * c + 1 if c else ''}"] = {
+            **AXIS,
+            "domain": [0.45, 1.0] if c < panels else [0.0, 1.0],
+            "anchor": f"x{2 * c + 1 if c else ''}",
+        }
+        if c < panels:
+            layout[f"xaxis{2 * c + 2}"] = {
+                **AXIS,
+                "domain": [c * width + 0.04, (c + 1) * width - 0.04],
+                "anchor": f"y{2 * c + 2}",
+            }
+            layout[f"yaxis{2 * c + 2}"] = {
+                **AXIS,
+                "domain": [0.0, 0.35],
+                "anchor": f"x{2 * c + 2}",
+            }
+
+    def axes(c: int, row: int) -> dict:
+        k = 2 * c + row
+        return {"xaxis": f"x{k if k > 1 else ''}", "yaxis": f"y{k if k > 1 else ''}"}
+
+    obs = {"size": 5, "color": "rgba(99,110,250,0.55)"}
+    fit = {"size": 5, "color": "#d62728", "symbol": "x"}
+    for c in range(panels):
+        if len(variables) == 2:
+            against, label = x[:, c], text(variables[c])
+        else:
+            against, label = y_fit, "fitted"
+        first = c == 0
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": "observed" + note,
+                "x": typed(against[sl]),
+                "y": typed(y[sl]),
+                "marker": obs,
+                "legendgroup": "obs",
+                "showlegend": first,
+                **axes(c, 1),
+            }
+        )
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": "fit",
+                "x": typed(against[sl]),
+                "y": typed(y_fit[sl]),
+                "marker": fit,
+                "legendgroup": "fit",
+                "showlegend": first,
+                **axes(c, 1),
+            }
+        )
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": "residual",
+                "x": typed(against[sl]),
+                "y": typed(resid[sl]),
+                "marker": {"size": 4, "color": "#636efa"},
+                "legendgroup": "res",
+                "showlegend": first,
+                **axes(c, 2),
+            }
+        )
+        if left_out is not None and len(variables) == 2:
+            lx, ly, why = left_out
+            data += left_out_traces(lx[:, c], ly, why, axes(c, 1))
+        k = 2 * c + 1
+        layout[f"xaxis{k if k > 1 else ''}"]["title"] = {"text": label}
+        layout[f"yaxis{k if k > 1 else ''}"]["title"] = {"text": "y"}
+        layout[f"xaxis{k + 1}"]["title"] = {"text": label}
+        layout[f"yaxis{k + 1}"]["title"] = {"text": "residual"}
+    if grid is not None:
+        u0, u1, flat = grid
+        z = np.full(len(u0) * len(u1), np.nan)
+        z[flat] = y_fit
+        c = panels
+        data.append(
+            {
+                "type": "heatmap",
+                "name": "fit on the grid",
+                "x": typed(u0),
+                "y": typed(u1),
+                "z": z.reshape(len(u0), len(u1)).T.tolist(),
+                "colorscale": "Viridis",
+                "colorbar": {"title": {"text": "fit"}, "len": 0.8},
+                **axes(c, 1),
+            }
+        )
+        layout[f"xaxis{2 * c + 1}"]["title"] = {"text": text(variables[0])}
+        layout[f"yaxis{2 * c + 1}"]["title"] = {"text": text(variables[1])}
+    return {"data": data, "layout": layout}
 
 
 # -- the report and comparison pages ---------------------------------------------------------

@@ -61,6 +61,7 @@ def snapshot_pages(run: Run, plotlyjs: str) -> dict[str, str]:
             loss_name=loss_name,
             plotlyjs=plotlyjs,
             components=list(zip(run.components, s.components, strict=True)) or None,
+            **run.plot_extras,
         )
         for s in run.snapshots
     }
@@ -77,7 +78,7 @@ def residuals(run: Run) -> tuple[int, np.ndarray] | None:
     torch = import_torch()
     from fitcli.model import build_model
 
-    model = build_model(run.cfg.model, 0, torch.float64)
+    model = build_model(run.cfg.model, 0, torch.float64, run.variables)
     if list(model.names) != run.names:
         raise RunFileError(
             f"{run.path / files.CONFIG}: its model has parameters {list(model.names)} but "
@@ -86,7 +87,7 @@ def residuals(run: Run) -> tuple[int, np.ndarray] | None:
     full = torch.tensor([params[n] for n in run.names], dtype=torch.float64)
     x = torch.as_tensor(run.data["x"], dtype=torch.float64)
     with torch.no_grad():
-        fit = model.predict_full(full, x).reshape(-1).expand(x.shape).numpy()
+        fit = model.predict_full(full, x).reshape(-1).expand(x.shape[:1]).numpy()
     return epoch, run.data["y"] - fit
 
 
@@ -294,7 +295,25 @@ def report_page(run: Run, plotlyjs_src: str, snapshot_href: str = "snapshots/") 
         f"<div>{heatmap}</div></div></section>"
     )
     d = run.data
-    if run.snapshots:
+    if run.snapshots and len(run.variables) > 1:
+        last = run.snapshots[-1]
+        vf = plots.variables_figure(
+            title=f"{_e(run.name)}: fit at epoch {last.epoch}",
+            variables=run.variables,
+            x=d["x"],
+            y=d["y"],
+            y_fit=last.y_fit,
+            left_out=run.left_out,
+        )
+        links = " ".join(
+            f'<a href="{_e(snapshot_href + p.file)}">{p.epoch}</a>' for p in run.snapshots
+        )
+        parts.append(
+            '<section id="fit"><h2>Fit</h2>'
+            + fig(vf, "fitcli-fit", 620)
+            + f"<p>Snapshot pages by epoch: {links}</p></section>"
+        )
+    elif run.snapshots:
         anim = plots.fit_animation_figure(
             name=run.name,
             epochs=int(s["epochs"]),
@@ -331,7 +350,7 @@ def report_page(run: Run, plotlyjs_src: str, snapshot_href: str = "snapshots/") 
         parts.append(
             '<section id="params"><h2>Parameters</h2>' + fig(pf, "fitcli-params") + "</section>"
         )
-    res = residuals(run)
+    res = residuals(run) if len(run.variables) == 1 else None  # several: in the fit's panels
     if res is not None:
         epoch, r = res
         rf = plots.residuals_figure(

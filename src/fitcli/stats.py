@@ -639,13 +639,16 @@ def run_report(
     final_loss: float | None = None,
     model_expr: str | None = None,
     target: str | None = None,
+    absolute_sigma: bool = True,
 ) -> dict:
     """The summary fields of a finished run, for a float64 `fitcli.model.FitModel` on x, y.
 
     Error bars are taken against the free parameters' external values through
     ``model.predict_external``, so the bounds' transforms do not distort them; fixed parameters
     get stderr None. With `weights` (1/sigma from the data) sigma is absolute, as in
-    ``curve_fit(sigma=..., absolute_sigma=True)``. For a basis model the closed-form least-squares
+    ``curve_fit(sigma=..., absolute_sigma=True)``; with ``absolute_sigma=False`` (the config's
+    `data.absolute_sigma: false`) they are relative weights, the covariance scaled by the
+    reduced chi-square. For a basis model the closed-form least-squares
     optimum gives ``optimum_loss`` (mse: RSS/n) and ``gap``; `loss` is the config's (a name or a
     mapping), whose own information gives the error bars where it has one (see the module
     doc); when the noiseless `y_true` is
@@ -675,7 +678,7 @@ def run_report(
         y,
         free,
         weights=weights,
-        absolute_sigma=weights is not None,
+        absolute_sigma=weights is not None and absolute_sigma,
         at_bound=model.at_bound(),
         loss=spec if spec.own_information else None,
         host=host,

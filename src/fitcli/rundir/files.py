@@ -29,6 +29,7 @@ SNAPSHOT_PARAMS = "snapshots/params.json"
 PLOTLY_JS = "plotly.min.js"
 STATE_JSON = "state.json"
 REPORT = "report.html"
+LEFT_OUT = "left_out.csv"  # rows read but not fitted (data.nan_policy: omit, data.range)
 FIGURES = "figures"  # static figures for papers: fit.<format> and loss.<format> (fitcli.figures)
 FIT_GRID = 1000  # points of the fitted curve in each snapshot (snapshots/epoch-N.csv)
 
@@ -56,7 +57,9 @@ RUN_MARKER: Final = "fitcli_run"  # Final: a literal key of the typed Summary
 RUN_SCHEMA = 1
 LEGACY_FIELDS = ("fitcli_version", "torch_version", "python_version")
 # Everything fitcli writes in a run directory; --overwrite deletes nothing else.
-RUN_FILES = frozenset({CONFIG, DATA, DATA_NPZ, METRICS, SUMMARY, STATE_JSON, PLOTLY_JS, REPORT})
+RUN_FILES = frozenset(
+    {CONFIG, DATA, DATA_NPZ, METRICS, SUMMARY, STATE_JSON, PLOTLY_JS, REPORT, LEFT_OUT}
+)
 SNAPSHOT_FILE = re.compile(r"^(?:params\.json|epoch-[0-9]+\.(?:html|csv))$")
 FIGURE_FILE = re.compile(r"^(?:fit|loss)\.(?:png|svg|pdf)$")
 _TEMP_FILE = re.compile(r"^\.(.+)\.tmp-[0-9]+-[0-9a-f]{6}$")  # atomic_write's temporary names
@@ -417,11 +420,15 @@ def fmt(v: float) -> str:
     return repr(float(v))
 
 
-def write_data_csv(path: Path, x, y, y_true=None, sigma=None) -> None:
-    """data.csv: x,y (observed) plus y_true for synthetic data and sigma when given."""
+def write_data_csv(path: Path, x, y, y_true=None, sigma=None, variables=("x",)) -> None:
+    """data.csv: x,y (observed) plus y_true for synthetic data and sigma when given; with
+    several variables (x n x k), their names' columns in place of x."""
     import numpy as np
 
-    cols = [("x", x), ("y", y)]
+    if getattr(x, "ndim", 1) == 2:
+        cols = [*((name, x[:, j]) for j, name in enumerate(variables)), ("y", y)]
+    else:
+        cols = [("x", x), ("y", y)]
     if y_true is not None:
         cols.append(("y_true", y_true))
     if sigma is not None:
@@ -439,19 +446,37 @@ def write_data_csv(path: Path, x, y, y_true=None, sigma=None) -> None:
             fh.write((row_fmt * block.shape[0]) % tuple(block.ravel().tolist()))
 
 
-def data_columns(x, y, y_true=None, sigma=None) -> dict:
-    """The observation columns a run directory stores, by name, in `DATA_COLUMNS` order."""
-    cols = {"x": x, "y": y, "y_true": y_true, "sigma": sigma}
+def write_left_out_csv(path: Path, left_out: Any, variables: tuple[str, ...]) -> None:
+    """left_out.csv: the rows read but not fitted, their variables' columns (x for one), y
+    (nan where the cell was empty or NaN) and `reason`: nan or range."""
+    x = left_out.x
+    columns = list(variables) if x.ndim == 2 else ["x"]
+    lines = [",".join([*columns, "y", "reason"])]
+    xs = x.tolist() if x.ndim == 2 else [[v] for v in x.tolist()]
+    for row, y, why in zip(xs, left_out.y.tolist(), left_out.reason.tolist(), strict=True):
+        lines.append(",".join([*map(repr, row), repr(y), str(why)]))
+    atomic_write(path, "\n".join(lines) + "\n")
+
+
+def data_columns(x, y, y_true=None, sigma=None, variables=("x",)) -> dict:
+    """The observation columns a run directory stores, by name, in `DATA_COLUMNS` order; with
+    several variables (x n x k), their names' columns in place of x."""
+    if getattr(x, "ndim", 1) == 2:
+        cols = {name: x[:, j] for j, name in enumerate(variables)}
+        cols.update({"y": y, "y_true": y_true, "sigma": sigma})
+    else:
+        cols = {"x": x, "y": y, "y_true": y_true, "sigma": sigma}
     return {k: v for k, v in cols.items() if v is not None}
 
 
-def write_data_npz(path: Path, x, y, y_true=None, sigma=None) -> None:
+def write_data_npz(path: Path, x, y, y_true=None, sigma=None, variables=("x",)) -> None:
     """data.npz: the columns of data.csv as float64 arrays in an uncompressed `np.savez` archive
     (read back with `allow_pickle=False`), written atomically."""
     import numpy as np
 
     cols = {
-        k: np.asarray(v, dtype=np.float64) for k, v in data_columns(x, y, y_true, sigma).items()
+        k: np.asarray(v, dtype=np.float64)
+        for k, v in data_columns(x, y, y_true, sigma, variables).items()
     }
     with _replacing(path, "wb") as fh:
         np.savez(fh, **cols)  # type: ignore[arg-type]  # numpy's stub types allow_pickle only

@@ -43,6 +43,8 @@ def data_form(ds: Any, copy_data: bool = False) -> str:
 
     if ds.n <= files.DATA_CSV_MAX_ROWS or ds.source == ARRAYS:
         return "csv"
+    if ds.x.ndim == 2 or ds.rows is not None:
+        return "csv"  # several variables, or rows left out: data.csv names its columns
     if ds.source != "synthetic" and ds.digest and not copy_data:
         return "file"
     return "npz"
@@ -54,6 +56,17 @@ def versions() -> Summary:
         "torch_version": str(torch.__version__),  # a plain str: TorchVersion pickles as torch
         "python_version": platform.python_version(),
     }
+
+
+def plot_extras(ds: Any) -> dict[str, Any]:
+    """What a snapshot page draws beyond one x: the variables' names (several), and the rows
+    left out (`data.nan_policy: omit`, `data.range`); nothing for plain data."""
+    extras: dict[str, Any] = {}
+    if ds.x.ndim == 2:
+        extras["variables"] = ds.variables
+    if ds.left_out is not None and len(ds.left_out.y):
+        extras["left_out"] = (ds.left_out.x, ds.left_out.y, ds.left_out.reason)
+    return extras
 
 
 class RunWriter:
@@ -82,15 +95,20 @@ class RunWriter:
         epochs = prep.cfg.epochs
         self.width = len(str(epochs))
         ds = prep.dataset
-        lo, hi = float(np.min(ds.x)), float(np.max(ds.x))
-        grid = np.linspace(lo, hi, FIT_GRID) if hi > lo else np.array([lo])
-        self.grid = grid
         self._fit_rows: list[str] | None = None  # "x," of each grid point, for the fit CSVs
-        self.grid_t = torch.as_tensor(grid, dtype=prep.dtype).to(prep.device)
+        x, y, y_true, sigma = ds.x, ds.y, ds.y_true, ds.sigma
+        if ds.x.ndim == 2:
+            # Several variables: a curve on a grid means nothing; the fit is kept at the data.
+            self.grid = ds.x
+            self.grid_t = prep.x
+        else:
+            lo, hi = float(np.min(ds.x)), float(np.max(ds.x))
+            grid = np.linspace(lo, hi, FIT_GRID) if hi > lo else np.array([lo])
+            self.grid = grid
+            self.grid_t = torch.as_tensor(grid, dtype=prep.dtype).to(prep.device)
         # Snapshots draw the observations sorted by x: sort once here, not O(n log n) per snapshot
         # (a copy only when the data are unsorted; sorted data are passed as they are).
-        x, y, y_true, sigma = ds.x, ds.y, ds.y_true, ds.sigma
-        if not np.all(x[1:] >= x[:-1]):
+        if ds.x.ndim == 1 and not np.all(x[1:] >= x[:-1]):
             order = np.argsort(x, kind="stable")
             x, y = x[order], y[order]
             y_true = None if y_true is None else y_true[order]
@@ -121,10 +139,14 @@ class RunWriter:
         ds = self.prep.dataset
         files.atomic_write(self.run_dir / files.CONFIG, cfg_text)
         if self.data_form == "csv":
-            files.write_data_csv(self.run_dir / files.DATA, ds.x, ds.y, ds.y_true, ds.sigma)
+            files.write_data_csv(
+                self.run_dir / files.DATA, ds.x, ds.y, ds.y_true, ds.sigma, ds.variables
+            )
         elif self.data_form == "npz":
             files.write_data_npz(self.run_dir / files.DATA_NPZ, ds.x, ds.y, ds.y_true, ds.sigma)
         # "file": the data file itself is the run's data (summary.json's data_file)
+        if ds.left_out is not None and len(ds.left_out.y):
+            files.write_left_out_csv(self.run_dir / files.LEFT_OUT, ds.left_out, ds.variables)
         if self.plotlyjs == "directory":
             files.copy_plotly_js(self.run_dir)
         files.write_json(self.run_dir / files.SUMMARY, summary)
@@ -157,6 +179,7 @@ class RunWriter:
             loss_name=name_of(prep.cfg.loss),
             plotlyjs=self.plotlyjs,
             components=list(zip(prep.model.components, parts, strict=True)) or None,
+            **plot_extras(prep.dataset),
         )
         fname = self.snapshot_name(epoch)
         files.atomic_write(self.snap_dir / fname, page)
@@ -183,12 +206,16 @@ class RunWriter:
         wrote (no float repr needs quoting), then `component_1, ...` when the model has
         components; the x column is formatted once per run."""
         if self._fit_rows is None:
-            self._fit_rows = [f"{v!r}," for v in self.grid.tolist()]
+            if self.grid.ndim == 2:
+                self._fit_rows = [",".join(map(repr, row)) + "," for row in self.grid.tolist()]
+            else:
+                self._fit_rows = [f"{v!r}," for v in self.grid.tolist()]
         ys = y_fit.tolist()
         if len(ys) != len(self._fit_rows):
             raise ValueError(f"fitted curve has {len(ys)} points, the grid {len(self.grid)}")
         cells: Iterable[str] = map(repr, ys)
-        head = "x,y_fit"
+        variables = self.prep.dataset.variables
+        head = ",".join(variables) + ",y_fit" if self.grid.ndim == 2 else "x,y_fit"
         if components:
             head += "".join(f",{files.component_column(k)}" for k in range(len(components)))
             columns = [y_fit, *components]
@@ -314,6 +341,14 @@ def base_summary(
         "n_points": prep.dataset.n,
         # A data file's column names by role: the plots' axis titles (`plots.axis_labels`).
         **({"columns": dict(prep.dataset.names)} if prep.dataset.names else {}),
+        # Rows left out (`data.nan_policy: omit`, `data.range`), only when they may be.
+        **({"rows": prep.dataset.rows} if prep.dataset.rows is not None else {}),
+        **(
+            {"omitted_lines": prep.dataset.omitted_lines}
+            if prep.dataset.omitted_lines is not None
+            else {}
+        ),
+        **({"variables": list(prep.dataset.variables)} if prep.dataset.x.ndim == 2 else {}),
         # How the model is composed (`fitcli.composition`): its components and its ties.
         **({"components": list(prep.model.components)} if prep.model.components else {}),
         **({"tied": dict(prep.model.tied)} if prep.model.tied else {}),
