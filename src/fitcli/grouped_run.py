@@ -190,7 +190,7 @@ def _fit_gradient(
         value = opt.step(closure)
         if sched is not None:
             sched.step()
-        history.append(float(value) if value is not None else math.nan)
+        history.append(float(value.detach()) if value is not None else math.nan)
         epochs = epoch + 1
         if not math.isfinite(history[-1]) or (on_iter is not None and on_iter(epoch)):
             break

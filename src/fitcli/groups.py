@@ -42,6 +42,9 @@ from fitcli.model import FitModel
 
 # Bytes of one group chunk's Jacobian in an independent fit: the fit runs chunk by chunk.
 CHUNK_BYTES = 64_000_000
+# A global fit's polishing ends after this many Gauss-Newton steps in a row that do not
+# contract: a stacked problem with correlated parameters converges linearly, by uneven steps.
+POLISH_STRIKES = 3
 
 
 @dataclass
@@ -432,6 +435,7 @@ def fit_global(
     scale_g = torch.zeros_like(theta, dtype=f64)
     scale_s = torch.zeros_like(shared, dtype=f64)
     polish_norm: float | None = None
+    strikes = 0
     why, failed = f"iteration limit: not converged in {opts.max_iter} iterations", True
     stale, n_iter = True, 0
     history: list[float] = []
@@ -491,8 +495,12 @@ def fit_global(
         polishing = predicted <= POLISH_RTOL * cost and lam <= POLISH_DAMPING
         xsmall = step_norm <= opts.xtol * (opts.xtol + theta_norm)
         if polish_norm is not None and (step_norm > POLISH_CONTRACTION * polish_norm or xsmall):
-            why, failed = "Gauss-Newton steps have reached rounding level", False
-            break
+            strikes += 1
+            if xsmall or strikes >= POLISH_STRIKES:
+                why, failed = "Gauss-Newton steps have reached rounding level", False
+                break
+        elif polish_norm is not None:
+            strikes = 0
         t_trial = (theta.to(f64) + dg_).to(theta.dtype)
         s_trial = (shared.to(f64) + ds_).to(shared.dtype)
         new = 0.5 * float(residual_ss(model, layout, sub, t_trial, s_trial).sum())
