@@ -257,7 +257,8 @@ def test_bad_grouped_input_exits_2_naming_the_fault(tmp_path):
     out = bad(tmp_path, config(tmp_path, ALL_PER_GROUP, {"files": ["a.csv", "b.csv"]}))
     assert "b.csv line 1" in out and "same columns" in out
     write_wells(tmp_path / "wells.csv")
-    out = bad(tmp_path, config(tmp_path, {"a": {"value": 1, "per_group": True}}, {"file": "wells.csv"}))  # fmt: skip
+    one = {"a": {"value": 1, "per_group": True}}
+    out = bad(tmp_path, config(tmp_path, one, {"file": "wells.csv"}))
     assert "per_group" in out and "needs grouped data" in out
 
 

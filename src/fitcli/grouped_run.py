@@ -187,7 +187,7 @@ def _fit_gradient(
 
     epochs = 0
     for epoch in range(cfg.epochs):
-        value = opt.step(closure)
+        value: Any = opt.step(closure)  # type: ignore[arg-type]  # a closure may return a tensor
         if sched is not None:
             sched.step()
         history.append(float(value.detach()) if value is not None else math.nan)
@@ -233,10 +233,10 @@ def finish(prep: GroupedPrepared, result: Any) -> tuple[list[dict], dict, dict]:
     else:
         se, se_shared, sing = stderr_global(model, layout, data, theta, result.shared, ok, scale)
         singular = np.full(data.groups, sing)
-    for j in np.flatnonzero(singular & ok):
-        status[j] = GroupStatus.FAILED.value
-        reason[j] = (
-            f"{reason[j]}; singular: J^T J has a null space, the group's data do not determine "
+    for bad in np.flatnonzero(singular & ok).tolist():
+        status[bad] = GroupStatus.FAILED.value
+        reason[bad] = (
+            f"{reason[bad]}; singular: J^T J has a null space, the group's data do not determine "
             "its parameters"
         )
     values = external_values(model, layout, theta, result.shared).cpu().numpy()
@@ -390,8 +390,12 @@ def _write_pages(
     last = int(max((r["iterations"] for r in rows), default=0))
     snaps = run_dir / files.SNAPSHOTS
     js = plotlyjs
-    files.atomic_write(snaps / f"epoch-{0:0{width}d}.html", groups_page([fig_start], js, 1, prep.cfg.name))
-    files.atomic_write(snaps / f"epoch-{last:0{width}d}.html", groups_page([fig_fit], js, 1, prep.cfg.name))
+    files.atomic_write(
+        snaps / f"epoch-{0:0{width}d}.html", groups_page([fig_start], js, 1, prep.cfg.name)
+    )
+    files.atomic_write(
+        snaps / f"epoch-{last:0{width}d}.html", groups_page([fig_fit], js, 1, prep.cfg.name)
+    )
     files.atomic_write(run_dir / files.REPORT, groups_page([fig_fit, hist], js, 0, prep.cfg.name))
 
 

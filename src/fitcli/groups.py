@@ -36,8 +36,14 @@ import numpy as np
 import torch
 
 from fitcli.errors import GroupStatus
-from fitcli.lm import MAX_DAMPING, MIN_DAMPING, POLISH_CONTRACTION, POLISH_DAMPING, POLISH_RTOL
-from fitcli.lm import SINGULAR_RCOND
+from fitcli.lm import (
+    MAX_DAMPING,
+    MIN_DAMPING,
+    POLISH_CONTRACTION,
+    POLISH_DAMPING,
+    POLISH_RTOL,
+    SINGULAR_RCOND,
+)
 from fitcli.model import FitModel
 
 # Bytes of one group chunk's Jacobian in an independent fit: the fit runs chunk by chunk.
@@ -92,7 +98,11 @@ def pack(
     # A pad repeats its group's first point (an empty group: the first row of all).
     first = np.where(counts > 0, order[np.minimum(starts, group.size - 1)], 0)
     xs = x[first]
-    xp = np.repeat(xs[:, None], length, axis=1) if x.ndim == 1 else np.repeat(xs[:, None, :], length, axis=1)
+    xp = (
+        np.repeat(xs[:, None], length, axis=1)
+        if x.ndim == 1
+        else np.repeat(xs[:, None, :], length, axis=1)
+    )
     xp[g_sorted, pos] = x[order]
     w = np.zeros((n_groups, length))
     w[g_sorted, pos] = 1.0 if sigma is None else 1.0 / sigma[order]
@@ -119,7 +129,7 @@ class Layout:
 
 
 def _model(model: FitModel, layout: Layout, x: torch.Tensor, external: bool):
-    expression = model.expression  # type: ignore[attr-defined]  # groups need model.expr
+    expression: Any = getattr(model, "expression")  # noqa: B009  # groups need model.expr
 
     def fn(theta: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
         # Each group's parameters [G, 1] broadcast over its own row of x ([G, L] or [G, L, k]).
@@ -148,7 +158,7 @@ def jacobian(
     g, length = data.w.shape
     free = layout.merge(theta.detach(), shared.detach())
     leaves = [free[:, k, None].expand(g, length).requires_grad_() for k in range(free.shape[1])]
-    expression = model.expression  # type: ignore[attr-defined]  # groups need model.expr
+    expression: Any = getattr(model, "expression")  # noqa: B009  # groups need model.expr
     with torch.enable_grad():
         stacked = torch.stack(leaves, dim=-1)
         full = model.full_vector(stacked if external else model.external(stacked))
@@ -452,8 +462,12 @@ def fit_global(
             rss = float((r * r).sum())
             cost = 0.5 * rss
             stale = False
-            if not (math.isfinite(rss) and bool(torch.isfinite(u).all() and torch.isfinite(v).all())):
-                why = "non-finite residuals or Jacobian " + ("at start" if it == 0 else "at the current parameters")
+            if not (
+                math.isfinite(rss) and bool(torch.isfinite(u).all() and torch.isfinite(v).all())
+            ):
+                why = "non-finite residuals or Jacobian " + (
+                    "at start" if it == 0 else "at the current parameters"
+                )
                 break
             dg = torch.diagonal(u, dim1=-2, dim2=-1)
             ds_ = torch.diagonal(v)

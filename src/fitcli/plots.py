@@ -907,19 +907,40 @@ def group_small_multiples(curves: list, *, title: str) -> dict:
         layout[f"yaxis{axis}"] = {"domain": [1 - (r + 1) / rows + gap, y1], "anchor": f"x{axis}"}
         color = "#d62728" if status == "failed" else "#1f77b4"
         data.append(
-            {"type": "scattergl", "mode": "markers", "x": typed(x), "y": typed(y),
-             "xaxis": f"x{axis}", "yaxis": f"y{axis}", "name": text(label),
-             "marker": {"size": 3, "color": "#444"}}
+            {
+                "type": "scattergl",
+                "mode": "markers",
+                "x": typed(x),
+                "y": typed(y),
+                "xaxis": f"x{axis}",
+                "yaxis": f"y{axis}",
+                "name": text(label),
+                "marker": {"size": 3, "color": "#444"},
+            }
         )
         data.append(
-            {"type": "scatter", "mode": "lines", "x": typed(gx), "y": typed(gy),
-             "xaxis": f"x{axis}", "yaxis": f"y{axis}", "name": text(f"{label} fit"),
-             "line": {"color": color, "width": 1.5}}
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "x": typed(gx),
+                "y": typed(gy),
+                "xaxis": f"x{axis}",
+                "yaxis": f"y{axis}",
+                "name": text(f"{label} fit"),
+                "line": {"color": color, "width": 1.5},
+            }
         )
         layout.setdefault("annotations", []).append(
-            {"text": text(f"{label} ({status})"), "showarrow": False, "font": {"size": 10},
-             "xref": "paper", "yref": "paper", "x": (x0 + (c + 1) / cols - gap / 2) / 2,
-             "y": y1 + gap / 2, "xanchor": "center"}
+            {
+                "text": text(f"{label} ({status})"),
+                "showarrow": False,
+                "font": {"size": 10},
+                "xref": "paper",
+                "yref": "paper",
+                "x": (x0 + (c + 1) / cols - gap / 2) / 2,
+                "y": y1 + gap / 2,
+                "xanchor": "center",
+            }
         )
     layout["height"] = 180 * rows + 80
     return {"data": data, "layout": layout}
@@ -936,19 +957,29 @@ def group_histograms(rows: list[dict], names: list[str]) -> dict:
             [r[name] for r in rows if r["status"] != "failed" and np.isfinite(r[name])], dtype=float
         )
         layout[f"xaxis{axis}"] = {
-            "domain": [k / n + 0.02, (k + 1) / n - 0.02], "anchor": f"y{axis}",
+            "domain": [k / n + 0.02, (k + 1) / n - 0.02],
+            "anchor": f"y{axis}",
             "title": {"text": text(name)},
         }
         layout[f"yaxis{axis}"] = {"anchor": f"x{axis}"}
-        data.append({"type": "histogram", "x": typed(values), "xaxis": f"x{axis}",
-                     "yaxis": f"y{axis}", "name": text(name)})
+        data.append(
+            {
+                "type": "histogram",
+                "x": typed(values),
+                "xaxis": f"x{axis}",
+                "yaxis": f"y{axis}",
+                "name": text(name),
+            }
+        )
     layout["height"] = 360
     return {"data": data, "layout": layout}
 
 
 def groups_page(figs: list[dict], plotlyjs: str, depth: int, title: str) -> str:
     """A page of several figures (a grouped run's report and snapshots)."""
-    script: str | bool = plotlyjs if plotlyjs in ("embed", "cdn") else "../" * depth + "plotly.min.js"
+    script: str | bool = (
+        plotlyjs if plotlyjs in ("embed", "cdn") else "../" * depth + "plotly.min.js"
+    )
     parts = []
     for k, fig in enumerate(figs):
         parts.append(fragment(fig, script if k == 0 else False, div_id=f"fig{k}"))

@@ -407,9 +407,7 @@ def fmt(v: float) -> str:
     return repr(float(v))
 
 
-def write_data_csv(
-    path: Path, x, y, y_true=None, sigma=None, variables=("x",), group=None
-) -> None:
+def write_data_csv(path: Path, x, y, y_true=None, sigma=None, variables=("x",), group=None) -> None:
     """data.csv: x,y (observed) plus y_true for synthetic data and sigma when given; with
     several variables (x n x k), their names' columns in place of x; with `group` (each row's
     label), a last column `group`."""
@@ -439,7 +437,9 @@ def write_data_csv(
         for start in range(0, arrays[0].shape[0], DATA_CSV_ROWS):
             block = np.column_stack([a[start : start + DATA_CSV_ROWS] for a in arrays])
             if labels is not None:
-                block = np.column_stack([block.astype(object), labels[start : start + DATA_CSV_ROWS]])
+                block = np.column_stack(
+                    [block.astype(object), labels[start : start + DATA_CSV_ROWS]]
+                )
             fh.write((row_fmt * block.shape[0]) % tuple(block.ravel().tolist()))
 
 
