@@ -190,7 +190,9 @@ def test_several_variables_on_both_jacobian_paths_match_autograd():
     theta = torch.tensor([0.7, 1.3, 0.4], dtype=torch.float64, requires_grad=True)
     y = e(x, dict(zip(e.params, theta, strict=True)))
     auto = torch.stack([torch.autograd.grad(y[i], theta, retain_graph=True)[0] for i in range(50)])
-    yn, jac = compile_jacobian(e, e.params)(x.numpy(), dict(zip(e.params, [0.7, 1.3, 0.4])))
+    yn, jac = compile_jacobian(e, e.params)(
+        x.numpy(), dict(zip(e.params, [0.7, 1.3, 0.4], strict=True))
+    )
     np.testing.assert_allclose(yn, y.detach().numpy(), rtol=1e-14)
     np.testing.assert_allclose(jac, auto.numpy(), rtol=1e-12, atol=1e-14)
 

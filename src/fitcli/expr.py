@@ -16,7 +16,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib
-import keyword
+import keyword as _keyword
 import math
 import operator
 import warnings
@@ -514,7 +514,7 @@ def variable_problem(name: Any) -> str | None:
         return f"{name!r} is not a valid variable name (letters, digits and _, not first a digit)"
     if name.startswith("_"):
         return f"{name!r} is not a valid variable name (names may not start with '_')"
-    if keyword.iskeyword(name):
+    if _keyword.iskeyword(name):
         return f"{name!r} is a Python keyword, not a valid variable name"
     taken = name_taken(name)
     if taken is None and name in _shapes.SHAPES:

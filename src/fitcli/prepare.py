@@ -192,8 +192,8 @@ def check_loss_data(
             k = int(bad[0])
             raise DataError(
                 f"loss: poisson fits counts, but {_y_column(cfg, dataset)} has y = {y[k]:g} < 0 "
-                f"at {point_text(dataset.x, k, dataset.variables)} ({bad.size} negative value(s)); use a "
-                "least-squares loss"
+                f"at {point_text(dataset.x, k, dataset.variables)} ({bad.size} negative "
+                "value(s)); use a least-squares loss"
             )
         with torch.no_grad():
             mu = model(x).detach().to(torch.float64).cpu().numpy()
@@ -203,7 +203,8 @@ def check_loss_data(
             what = "model.basis" if model.kind == "basis" else "model.expr"
             raise DataError(
                 f"{what}: loss poisson needs a positive model (the expected count), but it is "
-                f"{mu[k]:g} at {point_text(dataset.x, k, dataset.variables)} with the starting parameters "
+                f"{mu[k]:g} at {point_text(dataset.x, k, dataset.variables)} with the starting "
+                "parameters "
                 f"{model.values()}; change the starting values, or write the model as exp(...)"
             )
     else:
@@ -212,7 +213,8 @@ def check_loss_data(
             k = int(bad[0])
             raise DataError(
                 f"loss: bce needs y in [0, 1] (a label or a probability), but "
-                f"{_y_column(cfg, dataset)} has y = {y[k]:g} at {point_text(dataset.x, k, dataset.variables)} "
+                f"{_y_column(cfg, dataset)} has y = {y[k]:g} at "
+                f"{point_text(dataset.x, k, dataset.variables)} "
                 f"({bad.size} value(s) outside [0, 1])"
             )
 

@@ -252,7 +252,7 @@ def compile_jacobian(
     variables = () if expression.variables == ("x",) else expression.variables
 
     def jacobian(x: np.ndarray, values: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        vals = {name: np.float64(values[name]) for name in names}
+        vals: dict[str, Any] = {name: np.float64(values[name]) for name in names}
         for j, name in enumerate(variables):
             vals[name] = x[:, j]
         value, tangents = root(x, vals)
