@@ -280,8 +280,8 @@ def test_unknown_nested_key_and_no_close_match(tmp_path):
     text = GOOD.replace("  noise: {std: 1.0}", "  nosie: {std: 1.0}\n  zzz: 1")
     assert problems_of(tmp_path, text) == [
         "data: unknown key 'nosie'; did you mean 'noise'? (line 7)",
-        "data: unknown key 'zzz'; valid keys are target, x, noise, file, columns, nan_policy, "
-        "range, absolute_sigma (line 8)",
+        "data: unknown key 'zzz'; valid keys are target, x, noise, file, files, columns, "
+        "nan_policy, range, absolute_sigma (line 8)",
     ]
 
 

@@ -56,6 +56,10 @@ class Dataset:
     rows: dict[str, int] | None = None
     omitted_lines: list[int] | None = None
     left_out: LeftOut | None = None
+    # Grouped data (`data.columns.group`, `data.files`): each row's group as an index into
+    # `group_labels` (the groups in order of first appearance).
+    group: np.ndarray | None = None
+    group_labels: tuple[str, ...] | None = None
 
     @property
     def n(self) -> int:
@@ -121,8 +125,17 @@ def evaluate_on(expression: Expression, x: np.ndarray, key: str) -> np.ndarray:
 def make_dataset(cfg: Config) -> Dataset:
     """Build the observations a config describes (deterministic given cfg.seed)."""
     data = cfg.data
+    if data.files is not None:
+        from fitcli.groups_data import load_files
+
+        ds = load_files(data.files, data.columns, omit_nan=data.nan_policy == "omit")
+        return restrict(ds, data.range) if data.range is not None else ds
     if data.file is not None:
         ds = load_table(Path(data.file), data.columns, omit_nan=data.nan_policy == "omit")
+        if data.columns is not None and data.columns.group is not None:
+            from fitcli.groups_data import attach_group_column
+
+            attach_group_column(ds, Path(data.file), data.columns.group)
         return restrict(ds, data.range) if data.range is not None else ds
     from fitcli.expr import parse_expression
 
@@ -187,6 +200,8 @@ def restrict(ds: Dataset, ranges: dict[str, list[float]]) -> Dataset:
         rows=rows,
         omitted_lines=ds.omitted_lines if ds.omitted_lines is not None else [],
         left_out=left,
+        group=None if ds.group is None else ds.group[keep],
+        group_labels=ds.group_labels,
     )
 
 

@@ -67,6 +67,17 @@ def execute(
     from fitcli.train import History
 
     command = command if command is not None else sys.argv
+    if getattr(prep, "grouped", False):  # data in groups: `fitcli.grouped_run`
+        from fitcli.grouped_run import execute_grouped
+
+        return execute_grouped(
+            prep,  # type: ignore[arg-type]
+            run_dir,
+            plotlyjs=plotlyjs,
+            command=command,
+            on_epoch=on_epoch,
+            stopped_by=stopped_by,
+        )
     cfg = prep.cfg
     t0 = time.perf_counter()
     if resume is None and cfg.starts > 1 and prep.starts is None:

@@ -1244,3 +1244,103 @@ def paper_loss_figure(*, epoch: np.ndarray, loss: np.ndarray, loss_name: str) ->
             "yaxis": yaxis,
         },
     }
+
+
+def group_small_multiples(curves: list, *, title: str) -> dict:
+    """A grid of small plots, one per group: its data (markers) and its fit (line); `curves`
+    holds (label, status, x, y, grid x, model on the grid) per group, at most 36."""
+    n = max(len(curves), 1)
+    cols = min(6, n)
+    rows = -(-n // cols)
+    data: list[dict] = []
+    layout: dict[str, Any] = {"title": {"text": text(title)}, "showlegend": False}
+    gap = 0.04
+    for k, (label, status, x, y, gx, gy) in enumerate(curves):
+        r, c = divmod(k, cols)
+        axis = "" if k == 0 else str(k + 1)
+        x0 = c / cols + gap / 2
+        y1 = 1 - r / rows - gap
+        layout[f"xaxis{axis}"] = {"domain": [x0, (c + 1) / cols - gap / 2], "anchor": f"y{axis}"}
+        layout[f"yaxis{axis}"] = {"domain": [1 - (r + 1) / rows + gap, y1], "anchor": f"x{axis}"}
+        color = "#d62728" if status == "failed" else "#1f77b4"
+        data.append(
+            {
+                "type": "scattergl",
+                "mode": "markers",
+                "x": typed(x),
+                "y": typed(y),
+                "xaxis": f"x{axis}",
+                "yaxis": f"y{axis}",
+                "name": text(label),
+                "marker": {"size": 3, "color": "#444"},
+            }
+        )
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "x": typed(gx),
+                "y": typed(gy),
+                "xaxis": f"x{axis}",
+                "yaxis": f"y{axis}",
+                "name": text(f"{label} fit"),
+                "line": {"color": color, "width": 1.5},
+            }
+        )
+        layout.setdefault("annotations", []).append(
+            {
+                "text": text(f"{label} ({status})"),
+                "showarrow": False,
+                "font": {"size": 10},
+                "xref": "paper",
+                "yref": "paper",
+                "x": (x0 + (c + 1) / cols - gap / 2) / 2,
+                "y": y1 + gap / 2,
+                "xanchor": "center",
+            }
+        )
+    layout["height"] = 180 * rows + 80
+    return {"data": data, "layout": layout}
+
+
+def group_histograms(rows: list[dict], names: list[str]) -> dict:
+    """One histogram per per-group parameter over the groups that did not fail."""
+    n = max(len(names), 1)
+    data: list[dict] = []
+    layout: dict[str, Any] = {"title": {"text": "per-group parameters"}, "showlegend": False}
+    for k, name in enumerate(names):
+        axis = "" if k == 0 else str(k + 1)
+        values = np.array(
+            [r[name] for r in rows if r["status"] != "failed" and np.isfinite(r[name])], dtype=float
+        )
+        layout[f"xaxis{axis}"] = {
+            "domain": [k / n + 0.02, (k + 1) / n - 0.02],
+            "anchor": f"y{axis}",
+            "title": {"text": text(name)},
+        }
+        layout[f"yaxis{axis}"] = {"anchor": f"x{axis}"}
+        data.append(
+            {
+                "type": "histogram",
+                "x": typed(values),
+                "xaxis": f"x{axis}",
+                "yaxis": f"y{axis}",
+                "name": text(name),
+            }
+        )
+    layout["height"] = 360
+    return {"data": data, "layout": layout}
+
+
+def groups_page(figs: list[dict], plotlyjs: str, depth: int, title: str) -> str:
+    """A page of several figures (a grouped run's report and snapshots)."""
+    script: str | bool = (
+        plotlyjs if plotlyjs in ("embed", "cdn") else "../" * depth + "plotly.min.js"
+    )
+    parts = []
+    for k, fig in enumerate(figs):
+        parts.append(fragment(fig, script if k == 0 else False, div_id=f"fig{k}"))
+    return (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{text(title)}</title></head>'
+        "<body>" + "".join(parts) + "</body></html>"
+    )

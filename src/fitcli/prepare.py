@@ -109,6 +109,10 @@ def prepare(cfg: Config, dataset: Dataset | None = None) -> Prepared:
         weights = torch.as_tensor(1.0 / dataset.sigma, dtype=dtype).to(device)
     model = build_model(cfg.model, seeds["init"], dtype, dataset.variables).to(device)
     check_finite_start(model, x, dataset.x)
+    if dataset.group is not None:
+        from fitcli.grouped_run import prepare_grouped
+
+        return prepare_grouped(cfg, dataset, model, device, dtype)  # type: ignore[return-value]
     loss = resolve(cfg.loss)
     check_loss_data(loss, cfg, dataset, model, x)
     base = loss.torch_function()

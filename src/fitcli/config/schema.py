@@ -181,6 +181,11 @@ class ColumnsSpec(_Section):
     sigma: Column = Field(
         None, description="Column name or 0-based index of the standard error of y; optional."
     )
+    group: Column = Field(
+        None,
+        description="Column name or 0-based index of a group label (text or integers): the "
+        "data split into groups, fitted together (`per_group` parameters, one value per group).",
+    )
 
 
 def _parse(source: str, **kwargs: Any) -> Any:
@@ -254,6 +259,11 @@ class DataSpec(_Section):
         min_length=1,
         description="CSV file with a header row, or a whitespace table; relative to the config.",
     )
+    files: list[Annotated[str, Field(min_length=1)]] | str | None = Field(
+        None,
+        description="Several data files with the same columns, or a glob such as wells/*.csv "
+        "(relative to the config); each file is one group, named by its file name.",
+    )
     columns: ColumnsSpec | None = Field(
         None, description="Columns of the data file; default: x first, y second."
     )
@@ -286,6 +296,26 @@ class DataSpec(_Section):
             return value
         return os.path.normpath(os.path.join(os.path.abspath(base), os.path.expanduser(value)))
 
+    @field_validator("files")
+    @classmethod
+    def _resolve_files(
+        cls, value: list[str] | str | None, info: ValidationInfo
+    ) -> list[str] | str | None:
+        base = (info.context or {}).get("base_dir")
+        if value is None or base is None:
+            return value
+        root = os.path.abspath(base)
+        if isinstance(value, str):
+            return os.path.join(root, os.path.expanduser(value))
+        return [os.path.normpath(os.path.join(root, os.path.expanduser(v))) for v in value]
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the data fall into groups (`columns.group`, or several `files`)."""
+        return self.files is not None or (
+            self.columns is not None and self.columns.group is not None
+        )
+
     @model_validator(mode="after")
     def _default_noise(self) -> DataSpec:
         if self.target is not None and self.noise is None:
@@ -296,6 +326,24 @@ class DataSpec(_Section):
     def _structure(cls, raw: dict) -> list[tuple[Loc, str]]:
         problems: list[tuple[Loc, str]] = []
         target, file = raw.get("target"), raw.get("file")
+        files = raw.get("files")
+        if files is not None:
+            if file is not None or target is not None:
+                problems.append(((), "give files alone, not with file or target"))
+            columns = raw.get("columns")
+            if isinstance(columns, dict) and columns.get("group") is not None:
+                problems.append(
+                    (
+                        ("columns", "group"),
+                        "with several files each file is a group; remove columns.group",
+                    )
+                )
+            if isinstance(files, list) and len(files) < 2:
+                problems.append((("files",), "give at least two files (one file: use file)"))
+            for key in ("x", "noise"):
+                if raw.get(key) is not None:
+                    problems.append(((key,), "only allowed with target, not with files"))
+            return problems + _variable_problems(raw)
         if target is None and file is None:
             problems.append(((), "give either target (synthetic data) or file (measured data)"))
         elif target is not None and file is not None:
@@ -395,6 +443,11 @@ class ParamSpec(_Section):
         None,
         description="A tie: the parameter is this expression of other parameters (not of x), "
         "e.g. c1 + 3.5; it then takes no value, min, max or vary.",
+    )
+    per_group: bool | None = Field(
+        None,
+        description="With grouped data: true gives the parameter one value per group; false "
+        "(default) shares one value across all groups.",
     )
 
     @model_serializer(mode="wrap")
@@ -799,9 +852,10 @@ class Config(_Section):
         variables, loc = _raw_variables(raw.get("data"))
         model = raw.get("model")
         params = model.get("params") if isinstance(model, dict) else None
+        problems = _group_problems(raw)
         if variables is ONE_VARIABLE or not isinstance(params, dict):
-            return []
-        return [
+            return problems
+        return problems + [
             (
                 ("data", *loc),
                 f"variable {name!r} is also a parameter in model.params; a name is either a "
@@ -810,6 +864,45 @@ class Config(_Section):
             for name in dict.fromkeys(variables)
             if name in params
         ]
+
+
+def _group_problems(raw: dict) -> list[tuple[Loc, str]]:
+    """What grouped data (`data.columns.group`, `data.files`) and `per_group` need."""
+    data, model = raw.get("data"), raw.get("model")
+    data = data if isinstance(data, dict) else {}
+    model = model if isinstance(model, dict) else {}
+    columns = data.get("columns")
+    grouped = data.get("files") is not None or (
+        isinstance(columns, dict) and columns.get("group") is not None
+    )
+    params = model.get("params")
+    per_group = [
+        k
+        for k, v in (params.items() if isinstance(params, dict) else ())
+        if isinstance(v, dict) and v.get("per_group") is True
+    ]
+    problems: list[tuple[Loc, str]] = []
+    if not grouped:
+        problems += [
+            (
+                ("model", "params", k, "per_group"),
+                "needs grouped data: give data.columns.group or data.files",
+            )
+            for k in per_group
+        ]
+        return problems
+    if model.get("basis") is not None:
+        problems.append((("model", "basis"), "grouped data need model.expr, not a basis"))
+    if isinstance(raw.get("starts"), int) and raw["starts"] > 1:
+        problems.append((("starts",), "grouped fits take one start (starts: 1)"))
+    if raw.get("batch_size") is not None:
+        problems.append((("batch_size",), "grouped fits use every point (batch_size: null)"))
+    for k, v in params.items() if isinstance(params, dict) else ():
+        if isinstance(v, dict) and v.get("per_group") is True and v.get("expr") is not None:
+            problems.append(
+                (("model", "params", k, "per_group"), "a tied parameter cannot be per group")
+            )
+    return problems
 
 
 # Sections of the schema by key path ("*" matches any key): their model, or None where any key

@@ -31,6 +31,7 @@ STATE_JSON = "state.json"
 REPORT = "report.html"
 LEFT_OUT = "left_out.csv"  # rows read but not fitted (data.nan_policy: omit, data.range)
 FIGURES = "figures"  # static figures for papers: fit.<format> and loss.<format> (fitcli.figures)
+GROUPS = "groups.csv"  # a grouped run's rows, one per group (`fitcli.grouped_run`)
 FIT_GRID = 1000  # points of the fitted curve in each snapshot (snapshots/epoch-N.csv)
 
 
@@ -58,7 +59,7 @@ RUN_SCHEMA = 1
 LEGACY_FIELDS = ("fitcli_version", "torch_version", "python_version")
 # Everything fitcli writes in a run directory; --overwrite deletes nothing else.
 RUN_FILES = frozenset(
-    {CONFIG, DATA, DATA_NPZ, METRICS, SUMMARY, STATE_JSON, PLOTLY_JS, REPORT, LEFT_OUT}
+    {CONFIG, DATA, DATA_NPZ, METRICS, SUMMARY, STATE_JSON, PLOTLY_JS, REPORT, LEFT_OUT, GROUPS}
 )
 SNAPSHOT_FILE = re.compile(r"^(?:params\.json|epoch-[0-9]+\.(?:html|csv))$")
 FIGURE_FILE = re.compile(r"^(?:fit|loss)\.(?:png|svg|pdf)$")
@@ -420,9 +421,10 @@ def fmt(v: float) -> str:
     return repr(float(v))
 
 
-def write_data_csv(path: Path, x, y, y_true=None, sigma=None, variables=("x",)) -> None:
+def write_data_csv(path: Path, x, y, y_true=None, sigma=None, variables=("x",), group=None) -> None:
     """data.csv: x,y (observed) plus y_true for synthetic data and sigma when given; with
-    several variables (x n x k), their names' columns in place of x."""
+    several variables (x n x k), their names' columns in place of x; with `group` (each row's
+    label), a last column `group`."""
     import numpy as np
 
     if getattr(x, "ndim", 1) == 2:
@@ -439,11 +441,27 @@ def write_data_csv(path: Path, x, y, y_true=None, sigma=None, variables=("x",)) 
     # formatted by one `%` over the block, so memory stays flat however many rows (10^8 rows
     # are about 6 GB of text) and the file is written faster than by np.savetxt.
     row_fmt = ",".join(["%.17g"] * len(arrays)) + "\n"
-    with _replacing(path, "w", encoding="ascii", newline="\n") as fh:
+    labels = None
+    if group is not None:
+        header = header[:-1] + ",group\n"
+        row_fmt = row_fmt[:-1] + ",%s\n"
+        labels = np.asarray([_csv_cell(str(v)) for v in group], dtype=object)
+    with _replacing(path, "w", encoding="utf-8", newline="\n") as fh:
         fh.write(header)
         for start in range(0, arrays[0].shape[0], DATA_CSV_ROWS):
             block = np.column_stack([a[start : start + DATA_CSV_ROWS] for a in arrays])
+            if labels is not None:
+                block = np.column_stack(
+                    [block.astype(object), labels[start : start + DATA_CSV_ROWS]]
+                )
             fh.write((row_fmt * block.shape[0]) % tuple(block.ravel().tolist()))
+
+
+def _csv_cell(text: str) -> str:
+    """A text cell of a CSV file, quoted where it holds a comma, a quote or a line break."""
+    if any(c in text for c in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
 
 
 def write_left_out_csv(path: Path, left_out: Any, variables: tuple[str, ...]) -> None:
