@@ -59,7 +59,12 @@ MAX_REFIT_ITER = 200
 # A profile end is found when sqrt(S - S_min) is within this relative distance of its target:
 # the end's distance from the estimate is then good to about as many digits.
 PROFILE_RTOL = 1e-8
-MAX_PROFILE_STEPS = 60
+MAX_PROFILE_STEPS = 200
+# A profile refit not converged after this many iterations counts as beyond the end.
+PROFILE_ITER = 40
+# Rounds of PROFILE_ITER iterations a refit above the target may take before it counts as
+# beyond the end.
+STALLS = 3
 # Doublings of the distance from the estimate before an end is declared out of reach.
 MAX_EXPANSIONS = 40
 
@@ -374,8 +379,8 @@ def _profile(prob: Problem, fit: Refit, levs: list[float]) -> dict[str, Any]:
         dist = np.where(np.isfinite(dist) & (dist > 0), dist, 1e-3 * (np.abs(u_hat) + 1))
         slope = cov[:, par].T / np.where(cii > 0, cii, 1.0)[:, None]  # d theta / d u_i
         slope = np.where(np.isfinite(slope), slope, 0.0)
+    slope[rows_all, par] = 1.0
     theta = hat[None, :] + slope * (direction * dist)[:, None]
-    theta[rows_all, par] = u_hat + direction * dist
     lanes_data = _shared(prob)
     tol = PROFILE_TOL * 0.5 * target_ds
     # Bracket of the end's distance from the estimate: inside (S below the target), outside
@@ -384,51 +389,100 @@ def _profile(prob: Problem, fit: Refit, levs: list[float]) -> dict[str, Any]:
     outer = np.full(nb, np.inf)
     found = np.zeros(nb, dtype=bool)
     expansions = np.zeros(nb, dtype=np.int64)
+    stalls = np.zeros(nb, dtype=np.int64)
+    halvings = np.zeros(nb, dtype=np.int64)
     active = np.ones(nb, dtype=bool)
+    # Each lane's last converged refit (the estimate at first) and the profile trace there:
+    # every new trial point is warm-started from it, never from a refit that failed.
+    anchor = np.repeat(hat[None, :], nb, axis=0)
+    anchor_slope = slope.copy()
+    anchor_dist = np.zeros(nb)
     for _ in range(MAX_PROFILE_STEPS):
         idx = rows_all[active]
         if not idx.size:
             break
-        res = _refit(lanes_data, theta[idx], free[idx], tol[idx], damping=1e-6)
+        res = _refit(
+            lanes_data, theta[idx], free[idx], tol[idx], damping=1e-6, max_iter=PROFILE_ITER
+        )
         theta[idx] = res.theta
         k = par[idx]
         rows = np.arange(idx.size)
+        conv = res.converged
         with np.errstate(all="ignore"):
             h = np.sqrt(np.maximum(res.rss - s_min, 0.0))
             # d S / d u_i = -2 J_i^T r; along the lane's direction, d h / d dist:
             dh = -res.jtr[rows, k] * direction[idx] / np.maximum(h, 1e-300)
             g = goal[idx]
-            close = np.abs(h - g) <= PROFILE_RTOL * g
+            close = conv & (np.abs(h - g) <= PROFILE_RTOL * g)
+            # An unfinished refit's RSS bounds the profile's from above: below the target it
+            # is inside all the same. Above it, the refit continues from where it stopped
+            # (`pending`) for up to STALLS rounds. A point is beyond the end only when its
+            # refit converged not far above the target; a refit that does not converge, or
+            # that ends far above (a stray minimum), makes the lane step back halfway to its
+            # anchor instead, so that it walks out from the estimate in smaller steps.
             inside = h < g
+            stalls[idx] += ~conv & ~inside
+            pending = ~conv & ~inside & (stalls[idx] <= STALLS)
+            beyond = conv & ~inside & (h <= 2 * g)
+            back = ~inside & ~pending & ~beyond
+            stalls[idx[~pending]] = 0
             now = dist[idx]
             inner[idx] = np.where(inside, np.maximum(inner[idx], now), inner[idx])
-            outer[idx] = np.where(~inside, np.minimum(outer[idx], now), outer[idx])
+            outer[idx] = np.where(beyond, np.minimum(outer[idx], now), outer[idx])
             newton = now + (g - h) / dh
-            ok = np.isfinite(newton) & (dh > 0) & (newton > inner[idx]) & (newton < outer[idx])
+            ok = conv & np.isfinite(newton) & (dh > 0) & ~back
+            ok &= (newton > inner[idx]) & (newton < outer[idx])
             bracketed = np.isfinite(outer[idx])
             fallback = np.where(bracketed, 0.5 * (inner[idx] + outer[idx]), 2 * now)
+            fallback = np.where(back, 0.5 * (anchor_dist[idx] + now), fallback)
             new = np.where(ok, newton, fallback)
-        expansions[idx] += ~ok & ~bracketed
-        lost = ~np.isfinite(new) | (expansions[idx] > MAX_EXPANSIONS) | ~np.isfinite(h)
+            new = np.where(pending, now, new)
+        expansions[idx] += ~ok & ~bracketed & ~pending & ~back
+        halvings[idx] += back
+        lost = ~np.isfinite(new) | (expansions[idx] > MAX_EXPANSIONS)
+        lost |= halvings[idx] > MAX_EXPANSIONS
         lost |= ~np.isfinite(u_hat[idx] + direction[idx] * new)
-        done = close & res.converged
-        found[idx[done]] = True
-        stop = done | lost
+        lost |= bracketed & (outer[idx] - inner[idx] <= 1e-12 * outer[idx])  # no end between
+        found[idx[close]] = True
+        stop = close | lost
         active[idx[stop]] = False
+        # Converged refits near the profile (not a stray minimum far above it) become the
+        # anchors, with the profile trace at them: d theta_o / du = -(J_o^T J_o)^-1 J_o^T J_i.
+        near = conv & (h <= 2 * g)
+        ci, cr = idx[near], rows[near]
+        if ci.size:
+            fo = free[ci].astype(np.float64)
+            a = res.jtj[cr] * fo[:, :, None] * fo[:, None, :]
+            a += np.eye(p)[None] * (1 - fo)[:, None]
+            col = res.jtj[cr, :, par[ci]] * fo
+            trace = -_solve(a, col)
+            trace[np.arange(ci.size), par[ci]] = 1.0
+            anchor[ci] = res.theta[cr]
+            anchor_slope[ci] = np.where(np.isfinite(trace), trace, 0.0)
+            anchor_dist[ci] = dist[ci]
         keep = ~stop
         if not keep.any():
             break
-        ki, kr = idx[keep], rows[keep]
-        du = (new[keep] - now[keep]) * direction[ki]
-        # The others follow the profile trace: d theta_o / du = -(J_o^T J_o)^-1 J_o^T J_i.
-        fo = free[ki].astype(np.float64)
-        a = res.jtj[kr] * fo[:, :, None] * fo[:, None, :] + np.eye(p)[None] * (1 - fo)[:, None]
-        col = res.jtj[kr, :, par[ki]] * fo
-        trace = -_solve(a, col)
-        trace = np.where(np.isfinite(trace), trace, 0.0)
-        theta[ki] = theta[ki] + trace * du[:, None]
-        theta[ki, par[ki]] = u_hat[ki] + direction[ki] * new[keep]
-        dist[ki] = new[keep]
+        cont = idx[keep & pending]
+        ki = idx[keep & ~pending]
+        theta[cont] = res.theta[rows[keep & pending]]
+        if not ki.size:
+            continue
+        new = new[keep & ~pending]
+        du = (new - anchor_dist[ki]) * direction[ki]
+        # Warm start along the trace, or with the others left at the anchor where that fits
+        # better (the trace is a linearization, poor far from its anchor).
+        along = anchor[ki] + anchor_slope[ki] * du[:, None]
+        flat = anchor[ki].copy()
+        flat[np.arange(ki.size), par[ki]] = along[np.arange(ki.size), par[ki]]
+        sel = None if ki.size == nb else ki
+        with np.errstate(all="ignore"):
+            c_along = lanes_data.cost(along, sel)
+            c_flat = lanes_data.cost(flat, sel)
+        better = ~(c_along <= c_flat)
+        theta[ki] = np.where(better[:, None], flat, along)
+        theta[ki, par[ki]] = u_hat[ki] + direction[ki] * new
+        dist[ki] = new
     ends = prob.external(theta)
     names = list(prob.model.free_names)
     out: dict[str, Any] = {}
