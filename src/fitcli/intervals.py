@@ -54,11 +54,11 @@ LANE_BYTES = 256_000_000
 # fraction of it (bootstrap and the estimate's polish), or, in a profile, by less than
 # PROFILE_TOL of the F-test's increment of the cost.
 REFIT_RTOL = 1e-15
-PROFILE_TOL = 1e-10
+PROFILE_TOL = 1e-8
 MAX_REFIT_ITER = 200
 # A profile end is found when sqrt(S - S_min) is within this relative distance of its target:
 # the end's distance from the estimate is then good to about as many digits.
-PROFILE_RTOL = 1e-8
+PROFILE_RTOL = 1e-7
 MAX_PROFILE_STEPS = 200
 # A profile refit not converged after this many iterations counts as beyond the end.
 PROFILE_ITER = 40
