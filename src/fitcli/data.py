@@ -42,7 +42,7 @@ class Dataset:
 def seed_streams(seed: int) -> dict[str, int]:
     """Independent 63-bit seeds for each random consumer, all derived from the config's seed."""
     # Appending a name keeps the others' seeds: child k of a SeedSequence depends only on k.
-    names = ("noise", "init", "shuffle", "starts")
+    names = ("noise", "init", "shuffle", "starts", "bootstrap")
     children = np.random.SeedSequence(seed).spawn(len(names))
     return {
         name: int(child.generate_state(1, np.uint64)[0] >> np.uint64(1))

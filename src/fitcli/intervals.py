@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fitcli.errors import InputError
 from fitcli.lm import one_thread, rowwise_ok
 from fitcli.model import ExprModel, FitModel, model_function
 
@@ -69,8 +70,8 @@ STALLS = 3
 MAX_EXPANSIONS = 40
 
 
-class IntervalError(ValueError):
-    """The intervals cannot be computed for this fit (the message says why)."""
+class IntervalError(InputError):
+    """The intervals cannot be computed for this fit (the message says why); exit 2."""
 
 
 @dataclass
@@ -341,6 +342,8 @@ def _estimate_doc(prob: Problem, fit: Refit) -> tuple[dict[str, float], list[str
 
 def profile(prob: Problem, levels: float | Sequence[float] = 0.95) -> dict[str, Any]:
     """Profile-likelihood intervals of every free parameter (see the module doc)."""
+    from scipy import stats as sps  # noqa: F401 - imported before the clock starts (slow)
+
     t0 = time.perf_counter()
     levs = _levels(levels)
     _check(prob)
@@ -610,6 +613,16 @@ def refit_resamples(
         ext[~res.converged] = np.nan
         out[start : start + nb] = ext
     return out
+
+
+def check_loss(loss: Any) -> None:
+    """Profile and bootstrap intervals are for least squares: the config's loss must be mse."""
+    name = loss if isinstance(loss, str) else getattr(loss, "name", None)
+    if name != "mse":
+        raise IntervalError(
+            f"profile and bootstrap intervals need least squares (loss: mse); this fit's loss "
+            f"is {name}"
+        )
 
 
 def compute(

@@ -28,6 +28,7 @@ SNAPSHOT_PARAMS = "snapshots/params.json"
 PLOTLY_JS = "plotly.min.js"
 STATE_JSON = "state.json"
 REPORT = "report.html"
+INTERVALS = "intervals.json"  # profile or bootstrap intervals (`fitcli ci`, uncertainty.method)
 FIT_GRID = 1000  # points of the fitted curve in each snapshot (snapshots/epoch-N.csv)
 
 
@@ -48,7 +49,9 @@ RUN_MARKER: Final = "fitcli_run"  # Final: a literal key of the typed Summary
 RUN_SCHEMA = 1
 LEGACY_FIELDS = ("fitcli_version", "torch_version", "python_version")
 # Everything fitcli writes in a run directory; --overwrite deletes nothing else.
-RUN_FILES = frozenset({CONFIG, DATA, METRICS, SUMMARY, STATE_JSON, PLOTLY_JS, REPORT})
+RUN_FILES = frozenset(
+    {CONFIG, DATA, METRICS, SUMMARY, STATE_JSON, PLOTLY_JS, REPORT, INTERVALS}
+)
 SNAPSHOT_FILE = re.compile(r"^(?:params\.json|epoch-[0-9]+\.(?:html|csv))$")
 _TEMP_FILE = re.compile(r"^\.(.+)\.tmp-[0-9]+-[0-9a-f]{6}$")  # atomic_write's temporary names
 
@@ -58,6 +61,7 @@ MiB = 1 << 20
 # run's row count pass a tighter bound (`csv_limit`).
 FILE_LIMITS = {
     SUMMARY: 16 * MiB,
+    INTERVALS: 16 * MiB,
     CONFIG: 1 * MiB,  # what `fitcli train` reads of a config (config.MAX_FILE_BYTES)
     SNAPSHOT_PARAMS: 64 * MiB,
     PLOTLY_JS: 64 * MiB,
