@@ -318,7 +318,7 @@ def test_uncertainty_config_is_validated(write_config, runner, override, words):
 def test_profile_needs_least_squares(tmp_path):
     x, y = _decay_data()
     result = fitcli.fit(
-        x=x, y=y, expr="a*exp(-x/tau) + c", params={"a": 2, "tau": 1, "c": 0}, loss="huber"
+        x=x, y=y, expr="a*exp(-x/tau) + c", params={"a": 2, "tau": 1, "c": 0}, loss="cauchy"
     )
     with pytest.raises(fitcli.InputError, match="least squares"):
         result.intervals("profile")
