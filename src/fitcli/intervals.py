@@ -116,16 +116,16 @@ class Problem:
                 grads = torch.autograd.grad(m.sum(), leaves, allow_unused=True)
             cols = [torch.zeros_like(m) if g is None else g for g in grads]
             return m.detach(), torch.stack(cols, dim=-1)
+        if self.p == 0:
+            return self.values(theta), theta.new_zeros(b, self.n, 0)
         cols = []
-        m = None
         for k in range(self.p):
+            # Forward mode, one pass per parameter, for models the one-pass form cannot take.
             tangent = torch.zeros_like(theta)
             tangent[:, k] = 1.0
-            m, col = torch.func.jvp(lambda t: self.model.predict(t, self.x), (theta,), (tangent,))
-            cols.append(col.expand(b, self.n))
-        if m is None:
-            return self.values(theta), theta.new_zeros(b, self.n, 0)
-        return m.detach().expand(b, self.n), torch.stack(cols, dim=-1).detach()
+            out = torch.func.jvp(lambda t: self.model.predict(t, self.x), (theta,), (tangent,))
+            cols.append(out[1].expand(b, self.n))
+        return out[0].detach().expand(b, self.n), torch.stack(cols, dim=-1).detach()
 
     def external(self, theta: np.ndarray) -> np.ndarray:
         """Free parameters' values from internal theta [B, p]."""
