@@ -140,14 +140,11 @@ def _digits(doc: dict, ci: dict) -> float:
     for name, entry in doc["params"].items():
         (iv,) = entry["intervals"]
         (_, lo), (_, est), (_, hi) = ci[name]
-        pairs = (
-            (iv["lower"], lambda v: entry["estimate"] - v, est - lo),
-            (iv["upper"], lambda v: v - entry["estimate"], hi - est),
-        )
-        for end, dist, ref in pairs:
+        mid = entry["estimate"]
+        for end, sign, ref in ((iv["lower"], -1.0, est - lo), (iv["upper"], 1.0, hi - est)):
             if end is None or not math.isfinite(ref):
                 return 0.0
-            a = dist(end)
+            a = sign * (end - mid)
             worst = min(worst, 15.0 if a == ref else -math.log10(abs(a - ref) / abs(ref)))
     return worst
 

@@ -247,6 +247,15 @@ def train(
             show_default=False,
         ),
     ] = None,
+    copy_data: Annotated[
+        bool,
+        typer.Option(
+            "--copy-data",
+            help="Copy a data file of more than 100,000 rows into the run directory "
+            "(data.npz) instead of recording its path, size and digest (a resumed run keeps "
+            "its own).",
+        ),
+    ] = False,
     strict: StrictOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -279,7 +288,11 @@ def train(
         cfg, command = begun.prep.cfg, ["fitcli", *sys.argv[1:]]
         with console.Progress(progress.value, cfg.epochs, cfg.name) as bar:
             summary = begun.execute(
-                plotlyjs=plotlyjs.value, command=command, stop=stop, progress=bar.update
+                plotlyjs=plotlyjs.value,
+                command=command,
+                stop=stop,
+                progress=bar.update,
+                copy_data=copy_data,
             )
         if json_out:
             console.print_json(summary)

@@ -22,6 +22,7 @@ from fitcli.errors import NotRunDirError, RunDirError, RunDirExistsError, RunFil
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 DATA = "data.csv"
+DATA_NPZ = "data.npz"
 METRICS = "metrics.csv"
 SNAPSHOTS = "snapshots"
 SNAPSHOT_PARAMS = "snapshots/params.json"
@@ -41,6 +42,12 @@ def component_column(k: int) -> str:
 
 
 DATA_CSV_ROWS = 1 << 14  # rows of data.csv formatted at a time
+# Up to this many observations a run directory holds them as data.csv (text people open); above
+# it, as data.npz (the same float64 columns, binary: written in a fraction of the time), or, for
+# a data file, as a reference to that file (path, size and digest in summary.json) unless
+# `fitcli train --copy-data` asks for a copy (`rundir.writer.data_form`).
+DATA_CSV_MAX_ROWS = 100_000
+DATA_COLUMNS = ("x", "y", "y_true", "sigma")  # what data.csv and data.npz may hold, in order
 
 # What makes a directory a fitcli run directory: a summary.json that says so. Every summary
 # fitcli writes (rundir.writer.base_summary) carries RUN_MARKER with the run directory's schema
@@ -50,7 +57,7 @@ RUN_SCHEMA = 1
 LEGACY_FIELDS = ("fitcli_version", "torch_version", "python_version")
 # Everything fitcli writes in a run directory; --overwrite deletes nothing else.
 RUN_FILES = frozenset(
-    {CONFIG, DATA, METRICS, SUMMARY, STATE_JSON, PLOTLY_JS, REPORT, INTERVALS}
+    {CONFIG, DATA, DATA_NPZ, METRICS, SUMMARY, STATE_JSON, PLOTLY_JS, REPORT, INTERVALS}
 )
 SNAPSHOT_FILE = re.compile(r"^(?:params\.json|epoch-[0-9]+\.(?:html|csv))$")
 _TEMP_FILE = re.compile(r"^\.(.+)\.tmp-[0-9]+-[0-9a-f]{6}$")  # atomic_write's temporary names
@@ -67,6 +74,7 @@ FILE_LIMITS = {
     PLOTLY_JS: 64 * MiB,
     STATE_JSON: 4096 * MiB,
     DATA: 16384 * MiB,
+    DATA_NPZ: 4096 * MiB,  # 10^8 rows of 4 float64 columns are 3.2 GB
     METRICS: 4096 * MiB,
 }
 SNAPSHOT_LIMIT = 4 * MiB  # snapshots/epoch-N.csv (FIT_GRID rows) and .html
@@ -427,6 +435,24 @@ def write_data_csv(path: Path, x, y, y_true=None, sigma=None) -> None:
         for start in range(0, arrays[0].shape[0], DATA_CSV_ROWS):
             block = np.column_stack([a[start : start + DATA_CSV_ROWS] for a in arrays])
             fh.write((row_fmt * block.shape[0]) % tuple(block.ravel().tolist()))
+
+
+def data_columns(x, y, y_true=None, sigma=None) -> dict:
+    """The observation columns a run directory stores, by name, in `DATA_COLUMNS` order."""
+    cols = {"x": x, "y": y, "y_true": y_true, "sigma": sigma}
+    return {k: v for k, v in cols.items() if v is not None}
+
+
+def write_data_npz(path: Path, x, y, y_true=None, sigma=None) -> None:
+    """data.npz: the columns of data.csv as float64 arrays in an uncompressed `np.savez` archive
+    (read back with `allow_pickle=False`), written atomically."""
+    import numpy as np
+
+    cols = {
+        k: np.asarray(v, dtype=np.float64) for k, v in data_columns(x, y, y_true, sigma).items()
+    }
+    with _replacing(path, "wb") as fh:
+        np.savez(fh, **cols)  # type: ignore[arg-type]  # numpy's stub types allow_pickle only
 
 
 def copy_plotly_js(run_dir: Path) -> None:
