@@ -32,6 +32,7 @@ REPORT = "report.html"
 LEFT_OUT = "left_out.csv"  # rows read but not fitted (data.nan_policy: omit, data.range)
 FIGURES = "figures"  # static figures for papers: fit.<format> and loss.<format> (fitcli.figures)
 GROUPS = "groups.csv"  # a grouped run's rows, one per group (`fitcli.grouped_run`)
+INTERVALS = "intervals.json"  # profile or bootstrap intervals (`fitcli ci`, uncertainty.method)
 FIT_GRID = 1000  # points of the fitted curve in each snapshot (snapshots/epoch-N.csv)
 
 
@@ -59,7 +60,19 @@ RUN_SCHEMA = 1
 LEGACY_FIELDS = ("fitcli_version", "torch_version", "python_version")
 # Everything fitcli writes in a run directory; --overwrite deletes nothing else.
 RUN_FILES = frozenset(
-    {CONFIG, DATA, DATA_NPZ, METRICS, SUMMARY, STATE_JSON, PLOTLY_JS, REPORT, LEFT_OUT, GROUPS}
+    {
+        CONFIG,
+        DATA,
+        DATA_NPZ,
+        METRICS,
+        SUMMARY,
+        STATE_JSON,
+        PLOTLY_JS,
+        REPORT,
+        LEFT_OUT,
+        GROUPS,
+        INTERVALS,
+    }
 )
 SNAPSHOT_FILE = re.compile(r"^(?:params\.json|epoch-[0-9]+\.(?:html|csv))$")
 FIGURE_FILE = re.compile(r"^(?:fit|loss)\.(?:png|svg|pdf)$")
@@ -71,6 +84,7 @@ MiB = 1 << 20
 # run's row count pass a tighter bound (`csv_limit`).
 FILE_LIMITS = {
     SUMMARY: 16 * MiB,
+    INTERVALS: 16 * MiB,
     CONFIG: 1 * MiB,  # what `fitcli train` reads of a config (config.MAX_FILE_BYTES)
     SNAPSHOT_PARAMS: 64 * MiB,
     PLOTLY_JS: 64 * MiB,
