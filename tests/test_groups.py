@@ -293,3 +293,14 @@ def test_adam_global_fit_reaches_the_lm_optimum(tmp_path):
     for k in ("b", "c"):
         assert abs(adam["params"][k] - lm["params"][k]) < 2e-3
     assert adam["rss"] <= lm["rss"] * 1.001
+
+
+def test_a_grouped_run_prints_its_summary_without_json(tmp_path):
+    # The plain (not --json) summary counts every free parameter: 5 groups x 1 + 2 shared.
+    write_wells(tmp_path / "wells.csv")
+    path = config(tmp_path, {"a": {"value": 1, "per_group": True}, "b": 1, "c": 0.1})
+    result = runner.invoke(app, ["train", str(path), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "(150 points, 7 free)" in result.output
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["n_params"] == 7

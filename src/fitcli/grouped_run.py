@@ -341,6 +341,7 @@ def execute_grouped(
             groups_failed=failed,
             groups_completed=len(rows) - converged - failed,
             rss=total_rss,
+            n_params=len(rows) * len(prep.per_group) + len(prep.shared),
             converged=failed == 0 and converged == len(rows),
             reason=(
                 f"{failed} of {len(rows)} groups failed (see {GROUPS_CSV})"
