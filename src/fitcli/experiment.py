@@ -103,6 +103,7 @@ def execute(
         writer.flush()
         # Still inside: a second Ctrl-C or a fault while finishing must not leave "running".
         conclude(prep, result, summary, t0=t0, stopped_by=stopped_by)
+        writer.bands(summary)  # needs the error bars; summary.json says what it wrote
         files.write_json(run_dir / files.SUMMARY, summary)
     except BaseException as exc:
         summary.update(

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -23,6 +24,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from fitcli import bands as _bands
 from fitcli.config.yaml_safe import Loc
 from fitcli.errors import ExpressionError
 from fitcli.expr import name_taken, rename_hint
@@ -546,6 +548,36 @@ def _single_line(value: Any) -> Any:
 MAX_STARTS = 1024
 
 
+def _level(value: float) -> float:
+    if not 0 < value < 1:
+        raise ValueError(f"must be a level between 0 and 1, e.g. 0.95 for 95% (got {value!r})")
+    return value
+
+
+class ReportSpec(_Section):
+    """How a run's results are presented: the levels of its confidence and prediction bands."""
+
+    levels: list[Annotated[float, AfterValidator(_level)]] = Field(
+        default_factory=lambda: list(_bands.DEFAULT_LEVELS),
+        max_length=_bands.MAX_LEVELS,
+        description="Levels of the confidence and prediction bands (bands.csv, the final "
+        "snapshot and the report), each between 0 and 1, e.g. [0.68, 0.95]; [] for none.",
+    )
+
+    @field_validator("levels")
+    @classmethod
+    def _distinct(cls, levels: list[float]) -> list[float]:
+        seen: dict[float, int] = {}
+        problems: list[tuple[Loc, str]] = []
+        for i, level in enumerate(levels):
+            if level in seen:
+                problems.append(((i,), f"{level!r} is given twice (also levels[{seen[level]}])"))
+            seen.setdefault(level, i)
+        if problems:
+            raise _Problems(problems)
+        return levels
+
+
 class Config(_Section):
     """A fitcli experiment: data, model, loss, optimizer and how long to train."""
 
@@ -595,6 +627,9 @@ class Config(_Section):
     scheduler: SchedulerSpec | None = Field(
         None, description="Optional torch.optim.lr_scheduler: name plus keyword arguments."
     )
+    report: ReportSpec = Field(
+        default_factory=ReportSpec, description="How results are presented (bands' levels)."
+    )
 
 
 # Sections of the schema by key path ("*" matches any key): their model, or None where any key
@@ -611,6 +646,7 @@ _SECTIONS: dict[tuple[str, ...], type[BaseModel] | None] = {
     ("optimizer",): OptimizerSpec,
     ("scheduler",): SchedulerSpec,
     ("loss",): LossSpec,
+    ("report",): ReportSpec,
 }
 
 

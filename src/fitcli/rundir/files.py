@@ -28,6 +28,8 @@ SNAPSHOT_PARAMS = "snapshots/params.json"
 PLOTLY_JS = "plotly.min.js"
 STATE_JSON = "state.json"
 REPORT = "report.html"
+BANDS = "bands.csv"  # confidence and prediction bands of the final fit (`fitcli.bands`)
+BANDS_DATA = "bands_data.csv"  # the same at the data points, for a fit with a sigma column
 FIT_GRID = 1000  # points of the fitted curve in each snapshot (snapshots/epoch-N.csv)
 
 
@@ -48,7 +50,9 @@ RUN_MARKER: Final = "fitcli_run"  # Final: a literal key of the typed Summary
 RUN_SCHEMA = 1
 LEGACY_FIELDS = ("fitcli_version", "torch_version", "python_version")
 # Everything fitcli writes in a run directory; --overwrite deletes nothing else.
-RUN_FILES = frozenset({CONFIG, DATA, METRICS, SUMMARY, STATE_JSON, PLOTLY_JS, REPORT})
+RUN_FILES = frozenset(
+    {CONFIG, DATA, METRICS, SUMMARY, STATE_JSON, PLOTLY_JS, REPORT, BANDS, BANDS_DATA}
+)
 SNAPSHOT_FILE = re.compile(r"^(?:params\.json|epoch-[0-9]+\.(?:html|csv))$")
 _TEMP_FILE = re.compile(r"^\.(.+)\.tmp-[0-9]+-[0-9a-f]{6}$")  # atomic_write's temporary names
 
@@ -64,6 +68,7 @@ FILE_LIMITS = {
     STATE_JSON: 4096 * MiB,
     DATA: 16384 * MiB,
     METRICS: 4096 * MiB,
+    BANDS_DATA: 128 * MiB,  # bands.DATA_POINTS_LIMIT rows of up to 42 columns
 }
 SNAPSHOT_LIMIT = 4 * MiB  # snapshots/epoch-N.csv (FIT_GRID rows) and .html
 OTHER_LIMIT = 64 * MiB
