@@ -151,9 +151,7 @@ def covariance_of(summary: Mapping[str, Any], *, absolute: bool) -> Covariance:
     err = summary.get("stderr") or {}
     undefined = [n for n in free if err.get(n) is None]
     if undefined and status != "at_bound":
-        raise NoBand(
-            f"the covariance of {', '.join(undefined)} is undefined ({status}: {reason})"
-        )
+        raise NoBand(f"the covariance of {', '.join(undefined)} is undefined ({status}: {reason})")
     n, p = int(summary["n_points"]), int(summary["n_params"])
     dof = n - p
     if dof <= 0 and not absolute:
@@ -221,9 +219,7 @@ def curve(
         if sig.shape != var.shape:
             raise ValueError(f"sigma has {sig.shape[0]} values but x has {var.shape[0]}")
         noise = sig * sig
-    columns = band_columns(
-        fit_np, var, levels, dof=cov.dof, absolute=cov.absolute, noise_var=noise
-    )
+    columns = band_columns(fit_np, var, levels, dof=cov.dof, absolute=cov.absolute, noise_var=noise)
     return {"fit": fit_np, **columns}
 
 
