@@ -128,7 +128,7 @@ def batched_lm(fn, theta0, x, y, w=None, *, iterations: int = 100, rtol: float =
         g = (jac.transpose(-1, -2) @ r[..., None])[..., 0]
         damped = a + torch.diag_embed(lam[:, None] * torch.diagonal(a, dim1=-2, dim2=-1))
         step = torch.linalg.solve(damped, g[..., None])[..., 0]
-        if bool(((step.abs() <= rtol * theta.abs().clamp_min(1e-300)).all())):
+        if bool((step.abs() <= rtol * theta.abs().clamp_min(1e-300)).all()):
             break
         trial = theta + step
         r_trial = residuals(trial)

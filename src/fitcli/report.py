@@ -306,7 +306,7 @@ def bands_section(run: Run, fig: _Figures) -> list[str]:
         text += " With a sigma column the prediction band is given at the data points only."
     elif record.get("prediction_skipped"):
         text += f" No prediction band: {record['prediction_skipped']}."
-    return [f'{head}{fig(figure, "fitcli-bands", 560)}<p>{_e(text)}</p></section>']
+    return [f"{head}{fig(figure, 'fitcli-bands', 560)}<p>{_e(text)}</p></section>"]
 
 
 def compare_page(runs: list[Run], plotlyjs_src: str) -> str:

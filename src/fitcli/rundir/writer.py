@@ -209,9 +209,12 @@ class RunWriter:
             record["snapshot"] = None
             last = self._last_page
             final = summary.get("params")
-            if last is not None and self.snapshots and last[0]["epoch"] == self.snapshots[-1][
-                "epoch"
-            ] and last[0]["params"] == final:
+            if (
+                last is not None
+                and self.snapshots
+                and last[0]["epoch"] == self.snapshots[-1]["epoch"]
+                and last[0]["params"] == final
+            ):
                 drawn = bands.band_set(columns, levels, found.points)
                 page = self._page(last[0], last[1], last[2], drawn)
                 files.atomic_write(self.snap_dir / self.snapshot_name(last[0]["epoch"]), page)
