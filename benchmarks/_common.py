@@ -30,6 +30,18 @@ def alternate(cmds: dict[str, list[str]], reps: int, **kw) -> dict[str, list[flo
     return times
 
 
+def peak_rss(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak resident set in MB) of one whole process, by /usr/bin/time -v."""
+    t = time.perf_counter()
+    res = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if res.returncode != 0:
+        raise RuntimeError(f"{cmd} failed: {res.stderr[-2000:]}")
+    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr)
+    assert found is not None, res.stderr[-2000:]
+    return wall, int(found.group(1)) / 1024
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -9,8 +9,6 @@ memory of a whole `fitcli train` at 10^7, time per epoch against n for SGD and A
 from __future__ import annotations
 
 import argparse
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BIN, machine, record  # noqa: E402
+from _common import BIN, machine, peak_rss, record  # noqa: E402
 
 from fitcli.torchboot import import_torch  # noqa: E402
 
@@ -134,22 +132,11 @@ def epoch_times(sizes: list[int], epochs: int = 5) -> list[str]:
     return rows
 
 
-def peak_rss(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak resident set in MB) of one whole process, by /usr/bin/time -v."""
-    t = time.perf_counter()
-    res = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    wall = time.perf_counter() - t
-    if res.returncode not in (0,):
-        raise RuntimeError(f"{cmd} failed: {res.stderr[-2000:]}")
-    kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr).group(1))
-    return wall, kb / 1024
-
-
 def train_memory(n: int, tmp: Path) -> list[str]:
     import yaml
 
     rows = [
-        f"| run (n = {n:.0e}, float64) | wall | peak RSS | data.csv | largest snapshot |",
+        f"| run (n = {n:.0e}, float64) | wall | peak RSS | run-directory data | largest snapshot |",
         "|---|---:|---:|---:|---:|",
     ]
     for label, opt, epochs in (
@@ -164,9 +151,10 @@ def train_memory(n: int, tmp: Path) -> list[str]:
         cmd = [str(BIN / "fitcli"), "train", str(cfg_path), "--run-dir", str(run)]
         wall, mb = peak_rss([*cmd, "--progress", "none", "--overwrite"])
         snaps = max(p.stat().st_size for p in (run / "snapshots").glob("*.html"))
-        data_mb = (run / "data.csv").stat().st_size / 1e6
+        data = next(p for p in (run / "data.csv", run / "data.npz") if p.exists())
         rows.append(
-            f"| {label} | {wall:.1f} s | {mb:.0f} MB | {data_mb:.0f} MB | {snaps / 1e3:.0f} kB |"
+            f"| {label} | {wall:.1f} s | {mb:.0f} MB | {data.name} {data.stat().st_size / 1e6:.0f} "
+            f"MB | {snaps / 1e3:.0f} kB |"
         )
         print(rows[-1], flush=True)
     return rows

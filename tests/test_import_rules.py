@@ -1,12 +1,15 @@
 """The import rules, checked so that breaking one fails the build:
 
-- rich is imported only by `fitcli.console`, plotly only by `fitcli.plots` (anywhere in the
-  module, function-level imports included). `fitcli.rundir.files` finds plotly.min.js in plotly's
-  package with `importlib.util.find_spec`, which does not import plotly.
-- At import: `fitcli.cli` loads none of torch, rich or plotly (`fitcli --help` answers
-  instantly); `fitcli.sweep` (and its plan and table, once they are modules of their own) loads
-  no torch (a Dask sweep's client stays torch-free); the core modules (config, expr, data, model,
-  optim, train, stats) load neither rich nor plotly.
+- rich is imported only by `fitcli.console`, plotly only by `fitcli.plots`, kaleido and
+  choreographer (the static figure exporter and its browser driver) only by `fitcli.export`
+  (anywhere in the module, function-level imports included). `fitcli.rundir.files` finds
+  plotly.min.js in plotly's package with `importlib.util.find_spec`, which does not import
+  plotly.
+- At import: `fitcli.cli` loads none of torch, rich, plotly or kaleido (`fitcli --help` answers
+  instantly); `fitcli.export` loads no kaleido (only drawing does); `fitcli.sweep` (and its plan
+  and table, once they are modules of their own) loads no torch (a Dask sweep's client stays
+  torch-free); the core modules (config, expr, data, model, optim, train, stats) load neither
+  rich nor plotly.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "fitcli"
-HEAVY = ("torch", "rich", "plotly")
-OWNER = {"rich": "console", "plotly": "plots"}  # the one module that may import each
+HEAVY = ("torch", "rich", "plotly", "kaleido", "choreographer")
+# the one module that may import each
+OWNER = {"rich": "console", "plotly": "plots", "kaleido": "export", "choreographer": "export"}
 CORE = ("config", "expr", "data", "model", "optim", "train", "stats")
 
 FORBIDDEN_AT_IMPORT = {
-    "fitcli.cli": {"torch", "rich", "plotly"},
+    "fitcli.cli": {"torch", "rich", "plotly", "kaleido"},
+    "fitcli.export": {"plotly", "kaleido", "choreographer"},
     "fitcli.sweep": {"torch"},
     "fitcli.sweep.plan": {"torch"},
     "fitcli.sweep.table": {"torch"},
@@ -91,7 +96,9 @@ def test_rich_only_in_console_and_plotly_only_in_plots():
         module = ".".join(rel.parts).removesuffix(".__init__")
         for hit in banned_imports(path.read_text(encoding="utf-8"), module):
             problems.append(f"src/fitcli/{path.relative_to(SRC)}:{hit}")
-    assert not problems, "rich belongs in console, plotly in plots:\n" + "\n".join(problems)
+    assert not problems, (
+        "rich belongs in console, plotly in plots, kaleido in export:\n" + "\n".join(problems)
+    )
 
 
 def test_the_scan_finds_imports_inside_functions():
@@ -101,3 +108,5 @@ def test_the_scan_finds_imports_inside_functions():
     assert banned_imports("import importlib\nimportlib.import_module('rich')\n", "cli") == [
         "2: rich"
     ]
+    assert banned_imports("def draw():\n    import kaleido\n", "figures") == ["2: kaleido"]
+    assert banned_imports("def draw():\n    import kaleido\n", "export") == []

@@ -307,3 +307,31 @@ def test_linear_optimum_chunked_equals_the_whole_problem():
 def test_expression_truth(expr, target, expected):
     names = sorted(expected) or ["a"]
     assert expression_truth(expr, target, names) == expected
+
+
+def test_basis_optimum_and_truth_come_from_one_qr_pass(monkeypatch):
+    """y and y_true share one QR reduction of the design, with y's result what it has alone."""
+    from fitcli import stats as stats_mod
+
+    prep, result, _ = run(small(epochs=5))
+    calls = []
+    real = stats_mod.reduce_least_squares
+
+    def counting(rows, ys, *a, **k):
+        calls.append(len(ys))
+        return real(rows, ys, *a, **k)
+
+    monkeypatch.setattr(stats_mod, "reduce_least_squares", counting)
+    got = finish_stats(prep, result)
+    assert calls == [2]
+    monkeypatch.setattr(stats_mod, "reduce_least_squares", real)
+    ds = prep.dataset
+    x = torch.as_tensor(ds.x)
+
+    def rows(sl):
+        return torch.stack([b(x[sl]) for b in prep.model.basis], dim=-1)
+
+    _, rss, _ = linear_optimum_chunked(rows, torch.as_tensor(ds.y), ds.n, 3)
+    t_opt, _, _ = linear_optimum_chunked(rows, torch.as_tensor(ds.y_true), ds.n, 3)
+    assert got["optimum_loss"] == rss / ds.n  # exactly: the same reduction of y
+    assert list(got["truth"].values()) == pytest.approx(t_opt.tolist(), rel=0, abs=1e-12)

@@ -91,6 +91,8 @@ def _call_source(name: str) -> str:
         return "where(x > c, sqrt(x - c) * a, a * c)"
     if name == "clip":
         return "clip(a * x, c, 0.9)"
+    if name == "voigt_profile":
+        return "voigt_profile(x, 0.5 + a * a, 0.3 + c * c)"
     if f.min_args == 1:
         return f"{name}(0.3 * a * x + 0.5 * c)"
     return f"{name}(a * x + 0.5, c * x + 0.2" + (", 0.3 * a)" if f.variadic else ")")

@@ -49,6 +49,12 @@ class PlotlyJS(StrEnum):
     cdn = "cdn"
 
 
+class ImageFormat(StrEnum):
+    png = "png"
+    svg = "svg"
+    pdf = "pdf"
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"fitcli {__version__}")
@@ -247,6 +253,15 @@ def train(
             show_default=False,
         ),
     ] = None,
+    copy_data: Annotated[
+        bool,
+        typer.Option(
+            "--copy-data",
+            help="Copy a data file of more than 100,000 rows into the run directory "
+            "(data.npz) instead of recording its path, size and digest (a resumed run keeps "
+            "its own).",
+        ),
+    ] = False,
     strict: StrictOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -279,7 +294,11 @@ def train(
         cfg, command = begun.prep.cfg, ["fitcli", *sys.argv[1:]]
         with console.Progress(progress.value, cfg.epochs, cfg.name) as bar:
             summary = begun.execute(
-                plotlyjs=plotlyjs.value, command=command, stop=stop, progress=bar.update
+                plotlyjs=plotlyjs.value,
+                command=command,
+                stop=stop,
+                progress=bar.update,
+                copy_data=copy_data,
             )
         if json_out:
             console.print_json(summary)
@@ -348,19 +367,68 @@ def plot(
             "embedded in every page, or from the CDN.",
         ),
     ] = PlotlyJS.directory,
+    formats: Annotated[
+        list[ImageFormat] | None,
+        typer.Option(
+            "--format",
+            help="Write static figures instead of the report: RUN_DIR/figures/fit.FORMAT and "
+            "loss.FORMAT (repeat for several formats). Needs Chrome or Chromium.",
+            show_default=False,
+        ),
+    ] = None,
+    dpi: Annotated[
+        int | None,
+        typer.Option(
+            "--dpi",
+            min=10,
+            max=2400,
+            help="PNG resolution in dots per inch (default 300); SVG and PDF are vector.",
+            show_default=False,
+        ),
+    ] = None,
+    width: Annotated[
+        int | None,
+        typer.Option(
+            "--width",
+            min=50,
+            max=10000,
+            help="Figure width in CSS pixels, 1/96 inch (default 700): its size in SVG and PDF.",
+            show_default=False,
+        ),
+    ] = None,
+    height: Annotated[
+        int | None,
+        typer.Option(
+            "--height",
+            min=50,
+            max=10000,
+            help="Figure height in CSS pixels, 1/96 inch (default 500).",
+            show_default=False,
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Rebuild a run's snapshots and write its report.html (several runs: one comparison page).
 
     Works on finished, diverged, interrupted and still-running runs. Prints the
-    page written. Exit 0 written, 2 a run directory's file is missing, truncated
-    or garbled (named).
+    page written. With --format, writes the final fit (residuals beneath) and the
+    loss curve as static figures in RUN_DIR/figures/ instead, and prints them.
+    Exit 0 written, 2 a run directory's file is missing, truncated or garbled
+    (named), or no Chrome/Chromium for --format.
     """
     from fitcli import console
 
     with errors_to_exit(debug):
         from fitcli import report
 
+        if formats:
+            _plot_figures(run_dirs, formats, out, open_page, dpi, width, height)
+            return
+        sized = [o for o, v in (("--dpi", dpi), ("--width", width), ("--height", height)) if v]
+        if sized:
+            from fitcli.errors import InputError
+
+            raise InputError(f"{', '.join(sized)} size static figures: add --format png|svg|pdf")
         if len(run_dirs) == 1:
             written = report.write_report(run_dirs[0], out=out, plotlyjs=plotlyjs.value)
             console.plain_err(f"rebuilt {len(written.snapshots)} snapshot pages")
@@ -372,6 +440,41 @@ def plot(
             import webbrowser
 
             webbrowser.open(written.page.resolve().as_uri())
+
+
+def _plot_figures(
+    run_dirs: list[Path],
+    formats: list[ImageFormat],
+    out: Path | None,
+    open_page: bool,
+    dpi: int | None,
+    width: int | None,
+    height: int | None,
+) -> None:
+    """`fitcli plot RUN_DIR --format ...`: the run's static figures."""
+    from fitcli import console, export
+    from fitcli.errors import InputError
+    from fitcli.figures import write_figures
+
+    if len(run_dirs) != 1:
+        raise InputError("--format draws the figures of one run directory; give only one")
+    if out is not None or open_page:
+        raise InputError(
+            "--out and --open are for the HTML report; --format writes RUN_DIR/figures/"
+        )
+    written = write_figures(
+        run_dirs[0],
+        [f.value for f in formats],
+        width=width or export.WIDTH,
+        height=height or export.HEIGHT,
+        dpi=dpi or export.DPI,
+    )
+    each = written.each_s
+    console.plain_err(
+        f"drew {len(each)} figures in {written.start_s + sum(each):.1f} s (the browser started "
+        f"in {written.start_s:.1f} s, then {sum(each) / max(1, len(each)):.2f} s a figure)"
+    )
+    console.plain_out("".join(f"{p}\n" for p in written.paths))
 
 
 @app.command()

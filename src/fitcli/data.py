@@ -33,6 +33,7 @@ class Dataset:
     sigma: np.ndarray | None = None
     source: str = "synthetic"
     digest: str | None = None  # of a data file's bytes: resume refuses a file edited since
+    size: int | None = None  # of a data file, in bytes
 
     @property
     def n(self) -> int:
@@ -310,7 +311,7 @@ def load_table(path: Path, columns: ColumnsSpec | None = None) -> Dataset:
     _check_text(path)
     table = _read_fast(path, columns) if size else None
     ds = _read_precise(path, columns) if table is None else _dataset(path, table)
-    ds.digest = file_digest(path)
+    ds.digest, ds.size = file_digest(path), size
     return ds
 
 

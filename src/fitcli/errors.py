@@ -144,3 +144,12 @@ class RunFileError(InputError):
 class NotRunDirError(InputError):
     """An existing folder is not a fitcli run directory holding only fitcli's files, so it is
     never replaced, even with --overwrite (exit 2)."""
+
+
+class BrowserNotFoundError(InputError):
+    """Static figures need a Chrome or Chromium and none is installed (exit 2); never
+    downloaded."""
+
+
+class FigureExportError(FitcliError):
+    """The browser could not draw a static figure (exit 1)."""

@@ -53,6 +53,7 @@ def execute(
     resume: Any = None,
     defer_state: bool = False,
     stopped_by: Callable[[], str | None] | None = None,
+    copy_data: bool = False,
 ) -> dict:
     """Train a prepared run into `run_dir` (already created) and return its summary.
 
@@ -60,6 +61,8 @@ def execute(
     `defer_state` writes params.json and state.json once at the end (see `RunWriter`).
     `stopped_by` names the signal that made `on_epoch` stop the run (SIGINT, SIGTERM, SIGHUP;
     None when none did, e.g. --fail-fast): the summary records it and exits by it.
+    `copy_data`: a data file above `files.DATA_CSV_MAX_ROWS` rows is copied (data.npz), not
+    referenced (`rundir.writer.data_form`); a resumed run keeps the form it has.
     """
     from fitcli.train import History
 
@@ -71,9 +74,11 @@ def execute(
         from fitcli.starts import search
 
         search(prep)
-    writer = RunWriter(run_dir, prep, plotlyjs, defer_state=defer_state)
+    if resume is not None:
+        copy_data = "data_file" not in resume.summary
+    writer = RunWriter(run_dir, prep, plotlyjs, defer_state=defer_state, copy_data=copy_data)
     # A plain dict while it is filled in: stats and the optimizer adapters return plain dicts.
-    summary: dict[str, Any] = dict(base_summary(prep, run_dir, command))
+    summary: dict[str, Any] = dict(base_summary(prep, run_dir, command, data_form=writer.data_form))
     history, start_epoch = History(), 0
     if resume is not None:
         history, start_epoch = resume.history, resume.epoch
@@ -123,6 +128,7 @@ def execute(
         with contextlib.suppress(FitcliError):
             files.write_json(run_dir / files.SUMMARY, summary)
         raise
+    writer.figures(summary)  # after the run is written whole: a failure here leaves it so
     return summary
 
 

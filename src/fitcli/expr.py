@@ -232,6 +232,16 @@ FUNCTION_TABLE: dict[str, Function] = _functions(
 To add one: an entry here, its torch code where ``torch`` points, and its numpy value and
 partial derivatives in `fitcli.symdiff`'s table under the same name.
 """
+FUNCTION_TABLE["voigt_profile"] = Function(
+    "voigt_profile",
+    ("x", "sigma", "gamma"),
+    "fitcli.faddeeva.voigt_profile",
+    "Voigt profile, as scipy.special.voigt_profile: Re w((x + i gamma) / (sigma sqrt 2)) / "
+    "(sigma sqrt(2 pi)), w the Faddeeva function",
+    "Voigt",
+    notes="a Gaussian of standard deviation sigma convolved with a Lorentzian of half width "
+    "gamma, area 1; sigma = 0 is the Lorentzian, gamma = 0 the Gaussian",
+)
 
 # Pearson IV's normalisation (the lineshape pearson4) needs log|Gamma| of a complex argument.
 FUNCTION_TABLE["loggamma_re"] = Function(

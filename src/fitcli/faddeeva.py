@@ -2,8 +2,9 @@
 
 torch has no ``wofz``. `wofz` computes it with pure elementwise torch ops (no data-dependent
 shapes, no host synchronisation), so it runs on CUDA and under ``torch.func`` transforms, in
-complex128 and complex64. The algorithm is the one S. G. Johnson's Faddeeva package (which
-``scipy.special.wofz`` uses) combines, re-derived here for whole-tensor evaluation:
+complex128 and complex64 (evaluated in double and rounded once). The algorithm is the one
+S. G. Johnson's Faddeeva package (which ``scipy.special.wofz`` uses) combines, re-derived here
+for whole-tensor evaluation:
 
 * for large |z| (``|Im z| > 7``, or ``|Re z| > 6`` away from the real axis), the continued
   fraction of Gautschi and Poppe & Wijers (ACM TOMS 16(1), 1990),
@@ -37,7 +38,7 @@ fraction itself: with W = z - (1/2) / V the last level, w = (i / sqrt(pi)) / W a
 -2 z w + 2i / sqrt(pi) = (2i / sqrt(pi)) (W - z) / W = -(i / sqrt(pi)) / (W V) exactly.
 
 `voigt_profile` is ``scipy.special.voigt_profile`` as a ``torch.autograd.Function`` with exact
-first derivatives (it is not twice differentiable: a second backward raises);
+first derivatives (not twice differentiable: differentiating a derivative raises);
 `voigt_profile_numpy` is the same function and partials on scipy's ``wofz``, for fitcli's
 numpy Jacobian path (`fitcli.symdiff`). scipy is imported on first use there.
 """
@@ -45,12 +46,20 @@ numpy Jacobian path (`fitcli.symdiff`). scipy is imported on first use there.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["voigt_profile", "voigt_profile_numpy", "wofz", "wofz_and_derivative"]
+__all__ = [
+    "voigt_partials_numpy",
+    "voigt_profile",
+    "voigt_profile_numpy",
+    "voigt_value_numpy",
+    "wofz",
+    "wofz_and_derivative",
+]
 
 _EPS = 2.0**-52
 _A = math.pi / math.sqrt(-math.log(_EPS * 0.5))  # Algorithm 916's a, for double precision
@@ -161,6 +170,10 @@ def _wofz_parts(z: torch.Tensor) -> _Parts:
     cancels for large |z| when formed from the other two), elementwise, in z's precision."""
     if not z.is_complex():
         raise TypeError(f"wofz needs a complex tensor, got {z.dtype}")
+    if z.dtype != torch.complex128:
+        # Lower precisions are evaluated in double and rounded once: in float32 itself the
+        # phase 2xy of exp(-z^2) and the series' exponents lose all digits at large |z|.
+        return tuple(t.to(z.dtype) for t in _wofz_parts(z.to(torch.complex128)))  # type: ignore[return-value]
     n = z.numel()
     if z.device.type != "cpu" or n <= _CPU_CHUNK:
         return _wofz_block(z)
@@ -202,13 +215,48 @@ def wofz_and_derivative(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return w, dw
 
 
+class _FirstOrder(torch.autograd.Function):
+    """Passes saved first derivatives through, tied to the inputs they depend on: a backward
+    pass built with ``create_graph`` stays linear in its incoming gradient (what reverse-over-
+    reverse Jacobians need), and differentiating the derivatives themselves raises instead of
+    silently treating them as constants."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*tensors: Any) -> Any:
+        return tuple(t.clone() for t in tensors)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise RuntimeError("wofz and voigt_profile have exact first derivatives only")
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> Any:
+        raise RuntimeError("wofz and voigt_profile have exact first derivatives only")
+
+
+def _first_order(partials: tuple[Any, ...], inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The partials, guarded by `_FirstOrder` when a graph of the backward pass is being built."""
+    if not torch.is_grad_enabled() or not any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in inputs
+    ):
+        return partials
+    out = _FirstOrder.apply(*partials, *inputs)
+    return tuple(out[: len(partials)])
+
+
 class _Wofz(torch.autograd.Function):
     """w(z), holomorphic: the vector-Jacobian product is grad * conj(w'(z))."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def forward(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w, dw, _ = _wofz_parts(z)
         return w, dw
 
@@ -216,18 +264,18 @@ class _Wofz(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         _, dw = output
         ctx.mark_non_differentiable(dw)
-        ctx.save_for_backward(dw)
+        ctx.save_for_backward(dw, inputs[0])
         ctx.save_for_forward(dw)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor, _: Any) -> torch.Tensor:  # type: ignore[override]
-        (dw,) = ctx.saved_tensors
+    def backward(ctx: Any, grad: torch.Tensor, _: Any) -> torch.Tensor:
+        dw, z = ctx.saved_tensors
+        (dw,) = _first_order((dw,), (z,))
         return grad * dw.conj()
 
     @staticmethod
-    def jvp(ctx: Any, tangent: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        (dw,) = ctx.saved_tensors
+    def jvp(ctx: Any, tangent: torch.Tensor) -> tuple[torch.Tensor, None]:
+        dw = ctx.saved_tensors[0]
         return tangent * dw, None
 
 
@@ -260,6 +308,10 @@ def wofz(z: torch.Tensor) -> torch.Tensor:
 def _voigt_parts(
     x: torch.Tensor, sigma: torch.Tensor, gamma: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dtype = x.dtype
+    if dtype != torch.float64:  # evaluated in double, rounded once (see _wofz_parts)
+        parts = _voigt_parts(x.double(), sigma.double(), gamma.double())
+        return tuple(t.to(dtype) for t in parts)  # type: ignore[return-value]
     x, sigma, gamma = torch.broadcast_tensors(x, sigma, gamma)
     lorentz = sigma == 0
     s = torch.where(lorentz, 1.0, sigma)
@@ -291,29 +343,29 @@ class _VoigtProfile(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Any, sigma: Any, gamma: Any) -> Any:  # type: ignore[override]
+    def forward(x: Any, sigma: Any, gamma: Any) -> Any:
         return _voigt_parts(x, sigma, gamma)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         _, d_x, d_sigma, d_gamma = output
         ctx.mark_non_differentiable(d_x, d_sigma, d_gamma)
-        ctx.save_for_backward(d_x, d_sigma, d_gamma)
+        ctx.save_for_backward(d_x, d_sigma, d_gamma, *inputs)
         ctx.save_for_forward(d_x, d_sigma, d_gamma)
         ctx.shapes = tuple(t.shape for t in inputs)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Any, *_: Any) -> Any:  # type: ignore[override]
-        partials = ctx.saved_tensors
+    def backward(ctx: Any, grad: Any, *_: Any) -> Any:
+        saved = ctx.saved_tensors
+        partials = _first_order(saved[:3], saved[3:])
         return tuple(
             (grad * d).sum_to_size(shape) if needed else None
             for d, shape, needed in zip(partials, ctx.shapes, ctx.needs_input_grad, strict=True)
         )
 
     @staticmethod
-    def jvp(ctx: Any, t_x: Any, t_sigma: Any, t_gamma: Any) -> Any:  # type: ignore[override]
-        d_x, d_sigma, d_gamma = ctx.saved_tensors
+    def jvp(ctx: Any, t_x: Any, t_sigma: Any, t_gamma: Any) -> Any:
+        d_x, d_sigma, d_gamma = ctx.saved_tensors[:3]
         out = torch.zeros_like(d_x)
         for t, d in ((t_x, d_x), (t_sigma, d_sigma), (t_gamma, d_gamma)):
             if t is not None:
@@ -376,6 +428,13 @@ def voigt_profile_numpy(
         np.asarray(sigma, dtype=np.float64),
         np.asarray(gamma, dtype=np.float64),
     )
+    with np.errstate(all="ignore"):  # the unused branches of the np.where below
+        return _voigt_numpy(special, x, sigma, gamma)
+
+
+def _voigt_numpy(
+    special: Any, x: np.ndarray, sigma: np.ndarray, gamma: np.ndarray
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     value = special.voigt_profile(x, sigma, gamma)
     lorentz = sigma == 0
     s = np.where(lorentz, 1.0, sigma)
@@ -391,3 +450,22 @@ def voigt_profile_numpy(
     d_gamma = np.where(lorentz, (x * x - gamma * gamma) / (math.pi * q * q), d_gamma)
     d_sigma = np.where(lorentz, 0.0, d_sigma)
     return value, (d_x, d_sigma, d_gamma)
+
+
+_LAST = threading.local()  # the last voigt_value_numpy result and its partials, per thread
+
+
+def voigt_value_numpy(x: Any, sigma: Any, gamma: Any) -> Any:
+    """`voigt_profile_numpy`'s value, its partials kept for `voigt_partials_numpy`."""
+    value, partials = voigt_profile_numpy(x, sigma, gamma)
+    _LAST.value, _LAST.partials = value, partials
+    return value
+
+
+def voigt_partials_numpy(x: Any, sigma: Any, gamma: Any, value: Any) -> tuple[Any, Any, Any]:
+    """The three partials at (x, sigma, gamma), given `voigt_value_numpy`'s ``value`` there:
+    symdiff asks for the value, then each partial, and this computes wofz once for all four
+    (a value is a fresh array each time, so its identity says which call it came from)."""
+    if getattr(_LAST, "value", None) is value:
+        return _LAST.partials
+    return voigt_profile_numpy(x, sigma, gamma)[1]

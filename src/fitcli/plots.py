@@ -755,3 +755,212 @@ def graph_figure(graph: Any, pos: dict[int, tuple[int, int]], *, title: str) -> 
             **STYLE,
         },
     }
+
+
+# -- static figures for papers (`fitcli.export` draws them as PNG, SVG, PDF) ---------------------
+
+# Okabe and Ito's colour-blind-safe palette; black observations sit on top of the coloured fit.
+PAPER_COLORS = ("#D55E00", "#0072B2", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442")
+PAPER_FIT = PAPER_COLORS[0]
+PAPER_STYLE = {
+    "plot_bgcolor": "white",
+    "paper_bgcolor": "white",
+    "font": {"family": "Arial, Helvetica, sans-serif", "size": 14, "color": "black"},
+    "margin": {"l": 70, "r": 20, "t": 20, "b": 60},
+    "showlegend": True,
+    # Above the plot, never over the data (plotly makes room for it in the top margin).
+    "legend": {"orientation": "h", "x": 0, "y": 1.02, "yanchor": "bottom", "font": {"size": 12}},
+}
+PAPER_AXIS = {
+    "showline": True,
+    "mirror": True,
+    "linecolor": "black",
+    "linewidth": 1,
+    "ticks": "outside",
+    "showgrid": False,
+    "zeroline": False,
+}
+
+
+def _band_trace(x: np.ndarray, lower: np.ndarray, upper: np.ndarray, name: str, alpha: float):
+    """A filled area between lower and upper (one closed polygon)."""
+    r, g, b = (int(PAPER_FIT[i : i + 2], 16) for i in (1, 3, 5))
+    return {
+        "type": "scatter",
+        "mode": "lines",
+        "name": name,
+        "x": typed(np.concatenate([x, x[::-1]])),
+        "y": typed(np.concatenate([upper, lower[::-1]])),
+        "fill": "toself",
+        "fillcolor": f"rgba({r},{g},{b},{alpha})",
+        "line": {"width": 0},
+        "hoverinfo": "skip",
+    }
+
+
+def paper_fit_figure(
+    *,
+    x: np.ndarray,
+    y: np.ndarray,
+    x_fit: np.ndarray,
+    y_fit: np.ndarray,
+    sigma: np.ndarray | None = None,
+    y_true: np.ndarray | None = None,
+    components: list[tuple[str, np.ndarray]] | None = None,
+    bands: list[dict] | None = None,
+    residuals: np.ndarray | None = None,
+    x_label: str = "x",
+    y_label: str = "y",
+) -> dict:
+    """The final fit as a static figure: observations (with ±1 sigma error bars when sigma is
+    given), the fitted curve on x_fit, its components, the `bands` (each: kind "confidence" or
+    "prediction", level, x, lower, upper) and, when `residuals` (y - fit at x) are given, a panel
+    of them beneath sharing x, divided by sigma when there is one (its axis says so). White,
+    framed, no title (a paper's caption is the title), no animation."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    x, y = x[order], y[order]
+    sigma = None if sigma is None else np.asarray(sigma, dtype=np.float64)[order]
+    y_true = None if y_true is None else np.asarray(y_true, dtype=np.float64)[order]
+    sl, note = downsample(len(x))
+    data: list[dict] = []
+    levels = sorted({float(b["level"]) for b in bands or []}, reverse=True)
+    for band in sorted(bands or [], key=lambda b: (b["kind"] != "prediction", -b["level"])):
+        label = f"{band['level'] * 100:g}% {text(band['kind'])} band"
+        if band["kind"] == "prediction":
+            data.append(
+                {
+                    "type": "scatter",
+                    "mode": "lines",
+                    "name": label,
+                    "x": typed(np.concatenate([band["x"], [np.nan], band["x"]])),
+                    "y": typed(np.concatenate([band["lower"], [np.nan], band["upper"]])),
+                    "line": {"color": PAPER_FIT, "width": 1, "dash": "dash"},
+                }
+            )
+        else:  # the widest level palest, so that narrower ones read on top of it
+            alpha = 0.15 + 0.15 * levels.index(float(band["level"])) / max(1, len(levels))
+            data.append(_band_trace(band["x"], band["lower"], band["upper"], label, alpha))
+    if y_true is not None:
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": "true curve",
+                "x": typed(x[sl]),
+                "y": typed(y_true[sl]),
+                "line": {"color": "#666666", "width": 1.5, "dash": "dash"},
+            }
+        )
+    data.append(
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "name": "fit",
+            "x": typed(x_fit),
+            "y": typed(y_fit),
+            "line": {"color": PAPER_FIT, "width": 2},
+        }
+    )
+    for k, (label, values) in enumerate(components or []):
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": f"component_{k + 1}: {text(label)}",
+                "x": typed(x_fit),
+                "y": typed(values),
+                "line": {"color": PAPER_COLORS[1 + k % (len(PAPER_COLORS) - 1)], "dash": "dot"},
+            }
+        )
+    observed: dict[str, Any] = {
+        "type": "scatter",
+        "mode": "markers",
+        "name": "observed" + note,
+        "x": typed(x[sl]),
+        "y": typed(y[sl]),
+        "marker": {"size": 5, "color": "black"},
+    }
+    if sigma is not None:
+        observed["name"] = "observed ± 1σ" + note
+        observed["error_y"] = {
+            "type": "data",
+            "array": typed(sigma[sl]),
+            "visible": True,
+            "thickness": 1,
+            "width": 0,
+            "color": "#555555",
+        }
+    data.append(observed)
+    layout: dict[str, Any] = {
+        **PAPER_STYLE,
+        "xaxis": {**PAPER_AXIS, "title": {"text": text(x_label)}},
+        "yaxis": {**PAPER_AXIS, "title": {"text": text(y_label)}},
+    }
+    if residuals is not None:
+        r = np.asarray(residuals, dtype=np.float64)[order]
+        r_label = f"({text(y_label)} − fit)/σ" if sigma is not None else f"{text(y_label)} − fit"
+        if sigma is not None:
+            r = r / sigma
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": "residuals",
+                "showlegend": False,
+                "x": typed(x[sl]),
+                "y": typed(r[sl]),
+                "xaxis": "x2",
+                "yaxis": "y2",
+                "marker": {"size": 4, "color": "black"},
+            }
+        )
+        # The fit on top, the residuals beneath on the same x (the top panel's labels hidden).
+        layout["xaxis"] = {**PAPER_AXIS, "anchor": "y", "matches": "x2", "showticklabels": False}
+        layout["yaxis"]["domain"] = [0.33, 1]
+        layout["xaxis2"] = {**PAPER_AXIS, "anchor": "y2", "title": {"text": text(x_label)}}
+        layout["yaxis2"] = {
+            **PAPER_AXIS,
+            "anchor": "x2",
+            "domain": [0, 0.25],
+            "title": {"text": r_label},
+            "zeroline": True,
+            "zerolinecolor": "#555555",
+            "zerolinewidth": 1,
+        }
+    return {"data": data, "layout": layout}
+
+
+def paper_loss_figure(*, epoch: np.ndarray, loss: np.ndarray, loss_name: str) -> dict:
+    """The loss over the epochs that ran, as a static figure: a log axis when every loss is
+    positive (a linear one otherwise)."""
+    epoch, loss = np.asarray(epoch, dtype=np.float64), np.asarray(loss, dtype=np.float64)
+    sl, note = downsample(len(epoch))
+    finite = loss[np.isfinite(loss)]
+    log = finite.size > 0 and bool(np.all(finite > 0))
+    yaxis: dict[str, Any] = {
+        **PAPER_AXIS,
+        "title": {"text": f"{text(loss_name)} loss" + (" (log scale)" if log else "")},
+        "type": "log" if log else "linear",
+        "exponentformat": "power",
+    }
+    if log and np.log10(finite.max() / finite.min()) >= 1.5:  # label the decades only
+        yaxis.update(dtick=1, minor={"ticks": "outside", "ticklen": 3, "showgrid": False})
+    return {
+        "data": [
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": f"{text(loss_name)} loss{note}",
+                "x": typed(epoch[sl]),
+                "y": typed(loss[sl]),
+                "line": {"color": PAPER_COLORS[1], "width": 2},
+            }
+        ],
+        "layout": {
+            **PAPER_STYLE,
+            "showlegend": False,
+            "xaxis": {**PAPER_AXIS, "title": {"text": "epoch"}},
+            "yaxis": yaxis,
+        },
+    }

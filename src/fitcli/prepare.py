@@ -80,6 +80,10 @@ def prepare(cfg: Config, dataset: Dataset | None = None) -> Prepared:
     problems = optim.validate(cfg)
     if problems:
         raise ConfigError(problems)
+    if cfg.report.formats:  # before any work: the figures at the end need a browser
+        from fitcli.export import find_browser
+
+        find_browser()
     device = resolve_device(cfg.device)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     seeds = seed_streams(cfg.seed)

@@ -11,7 +11,6 @@ are the ones it trained on, and the saved stepper state is shaped like the run's
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import dataclass
@@ -42,10 +41,17 @@ class Start:
         return [] if self.point is None else self.point.notes
 
     def execute(
-        self, *, plotlyjs: str, command: list[str], stop: Any, progress: Any = None
+        self,
+        *,
+        plotlyjs: str,
+        command: list[str],
+        stop: Any,
+        progress: Any = None,
+        copy_data: bool = False,
     ) -> dict:
         """Train it (`experiment.execute`) until done or `stop` is requested; `progress(epoch,
-        loss)` sees every epoch. Returns the run's summary."""
+        loss)` sees every epoch; `copy_data` copies a large data file (`--copy-data`). Returns
+        the run's summary."""
         from fitcli.experiment import execute
 
         def on_epoch(epoch: int, loss: float) -> bool:
@@ -61,6 +67,7 @@ class Start:
             on_epoch=on_epoch,
             resume=self.point,
             stopped_by=lambda: stop.signal,
+            copy_data=copy_data,
         )
 
 
@@ -234,7 +241,8 @@ def _same_optimizer(new: dict, old: dict) -> bool:
 def _check_data(run_dir: Path, prep: Any, summary: dict) -> None:
     """The data must be what the run trained on (a data file may have been edited since): the
     file's digest when the run recorded one, and every column the fit uses (x, y, sigma, and
-    y_true for synthetic data) against the run's own data.csv."""
+    y_true for synthetic data) against the run's own data.csv or data.npz; a large data file
+    the run did not copy is its data, and its digest is what is compared."""
     import numpy as np
 
     ds = prep.dataset
@@ -244,25 +252,24 @@ def _check_data(run_dir: Path, prep: Any, summary: dict) -> None:
             f"cannot resume {run_dir}: the data file {ds.source} changed since the run started "
             f"(its digest is not the {recorded} recorded in {files.SUMMARY}); start a new run"
         )
-    path = run_dir / files.DATA
-    raw = files.read_run_file(run_dir, files.DATA, limit=files.csv_limit(prep.dataset.n, 4))
+    if summary.get("data_file") is not None and recorded is not None:
+        return  # the data file is the run's data (not copied), and its digest is the same
+    from fitcli.rundir.reader import read_data
+
     try:
-        head, _, body = raw.decode("ascii").partition("\n")
-        header = head.strip().split(",")
-        table = np.loadtxt(io.StringIO(body), delimiter=",", ndmin=2)
-    except (OSError, ValueError) as exc:
-        raise ResumeError(f"cannot resume: {path} is unreadable: {exc}") from None
+        table = read_data(run_dir, summary, prep.cfg)
+    except RunFileError as exc:
+        raise ResumeError(f"cannot resume {run_dir}: {exc}") from None
     columns = {"x": ds.x, "y": ds.y, "y_true": ds.y_true, "sigma": ds.sigma}
     used = {k: v for k, v in columns.items() if v is not None}
-    same = (
-        sorted(header) == sorted(used)
-        and table.shape == (ds.n, len(header))
-        and all(np.array_equal(table[:, j], used[name]) for j, name in enumerate(header))
+    same = sorted(table) == sorted(used) and all(
+        np.array_equal(table[name], used[name]) for name in used
     )
     if not same:
+        stored = "data.npz" if (run_dir / files.DATA_NPZ).exists() else files.DATA
         raise ResumeError(
-            f"cannot resume: the data differ from the run's {path} (was the data file edited?); "
-            "start a new run"
+            f"cannot resume: the data differ from the run's {run_dir / stored} (was the data "
+            "file edited?); start a new run"
         )
 
 

@@ -182,9 +182,13 @@ def fit_statistics(
     else:
         jtj, jtr, rss = jtj_jtr(fn, theta, x, y, w, chunk_size)
         matrix, minimum = "J^T J", "the least-squares minimum"
-    w2 = w * w if w is not None else torch.ones_like(y)
-    ybar = (w2 * y).sum() / w2.sum()
-    tss = float((w2 * (y - ybar) ** 2).sum())
+    if w is None:  # the weighted sums below with unit weights, without an n-array of ones
+        ybar = y.sum() / n
+        tss = float(((y - ybar) ** 2).sum())
+    else:
+        w2 = w * w
+        ybar = (w2 * y).sum() / w2.sum()
+        tss = float((w2 * (y - ybar) ** 2).sum())
     r2 = 1.0 - rss / tss if tss > 0 else (1.0 if rss == 0 else -math.inf)
     dof = n - p
     chi2_reduced = rss / dof if dof > 0 else None
@@ -485,6 +489,13 @@ def linear_optimum_chunked(
 ) -> tuple[torch.Tensor, float, int]:
     """`linear_optimum` for a design given by rows, in bounded memory; also returns the rank."""
     r, (z,), (perp,) = reduce_least_squares(design_rows, [y], n, p, weights, chunk_rows)
+    return _optimum(r, z, perp, n, p)
+
+
+def _optimum(
+    r: torch.Tensor, z: torch.Tensor, perp: float, n: int, p: int
+) -> tuple[torch.Tensor, float, int]:
+    """`linear_optimum_chunked`'s result from a reduced problem (`reduce_least_squares`)."""
     theta, rss_r = linear_optimum(r, z)
     sv = torch.linalg.svdvals(r)
     cutoff = max(n, p) * torch.finfo(torch.float64).eps * (float(sv.max()) if sv.numel() else 0)
@@ -631,7 +642,15 @@ def run_report(
         def rows(sl: slice) -> torch.Tensor:
             return torch.stack([b(x[sl]) for b in model.basis], dim=-1)
 
-        _, rss_opt, _ = linear_optimum_chunked(rows, y, n, p, weights)
+        # One QR pass over the design for y and y_true alike when both are unweighted (data
+        # with sigma are a file's, which has no y_true): the chunks are those of y alone, so
+        # y's result is the one it has by itself (bit for bit within one chunk, to rounding in
+        # the last bit over several).
+        both = y_true is not None and weights is None
+        chunk = max(p + 1, DESIGN_CHUNK_ENTRIES // (p + 1))
+        ys = [y] if y_true is None or not both else [y, y_true]
+        r, zs, perps = reduce_least_squares(rows, ys, n, p, weights, chunk_rows=chunk)
+        _, rss_opt, _ = _optimum(r, zs[0], perps[0], n, p)
         if spec.name == "mse":
             optimum = rss_opt / n
             out["optimum_loss"] = optimum
@@ -640,7 +659,10 @@ def run_report(
             else:
                 out["gap"] = None
         if y_true is not None:
-            t_opt, rss_true, rank = linear_optimum_chunked(rows, y_true, n, p)
+            if both:
+                t_opt, rss_true, rank = _optimum(r, zs[1], perps[1], n, p)
+            else:
+                t_opt, rss_true, rank = linear_optimum_chunked(rows, y_true, n, p)
             scale = float(y_true.to(torch.float64) @ y_true.to(torch.float64))
             if rank == p and rss_true <= (TRUTH_RTOL**2) * max(scale, 1e-300):
                 top = float(t_opt.abs().max())

@@ -237,6 +237,26 @@ def _sinc_derivative(u: Any, v: Any) -> Any:
 _SELECTIONS = ("min", "max", "clip")
 
 
+def _voigt_value(x: Any, sigma: Any, gamma: Any) -> Any:
+    from fitcli.faddeeva import voigt_value_numpy
+
+    return voigt_value_numpy(x, sigma, gamma)
+
+
+def _voigt_partial(i: int) -> Callable[..., Any]:
+    def partial(x: Any, sigma: Any, gamma: Any, v: Any) -> Any:
+        from fitcli.faddeeva import voigt_partials_numpy
+
+        return voigt_partials_numpy(x, sigma, gamma, v)[i]
+
+    return partial
+
+
+FUNCTIONS["voigt_profile"] = NumpyFunction(
+    _voigt_value, (_voigt_partial(0), _voigt_partial(1), _voigt_partial(2))
+)
+
+
 def compile_jacobian(
     expression: Expression, wrt: Sequence[str]
 ) -> Callable[[np.ndarray, Mapping[str, Any]], tuple[np.ndarray, np.ndarray]]:

@@ -544,10 +544,6 @@ def _single_line(value: Any) -> Any:
     return value
 
 
-# Upper bound of `starts`: each start is a whole fit.
-MAX_STARTS = 1024
-
-
 def _level(value: float) -> float:
     if not 0 < value < 1:
         raise ValueError(f"must be a level between 0 and 1, e.g. 0.95 for 95% (got {value!r})")
@@ -555,14 +551,29 @@ def _level(value: float) -> float:
 
 
 class ReportSpec(_Section):
-    """How a run's results are presented: the levels of its confidence and prediction bands."""
+    """What a run reports beyond its run directory's own files, and how: static figures, the
+    levels of its confidence and prediction bands."""
 
+    formats: list[Literal["png", "svg", "pdf"]] = Field(
+        default_factory=list,
+        description="Static figures `fitcli train` writes at the end of a completed run, "
+        "figures/fit.<format> and figures/loss.<format>: any of png, svg, pdf (they need "
+        "Chrome or Chromium).",
+    )
     levels: list[Annotated[float, AfterValidator(_level)]] = Field(
         default_factory=lambda: list(_bands.DEFAULT_LEVELS),
         max_length=_bands.MAX_LEVELS,
         description="Levels of the confidence and prediction bands (bands.csv, the final "
         "snapshot and the report), each between 0 and 1, e.g. [0.68, 0.95]; [] for none.",
     )
+
+    @field_validator("formats")
+    @classmethod
+    def _once(cls, value: list[str]) -> list[str]:
+        twice = sorted({f for f in value if value.count(f) > 1})
+        if twice:
+            raise ValueError(f"lists {', '.join(twice)} more than once")
+        return value
 
     @field_validator("levels")
     @classmethod
@@ -576,6 +587,10 @@ class ReportSpec(_Section):
         if problems:
             raise _Problems(problems)
         return levels
+
+
+# Upper bound of `starts`: each start is a whole fit.
+MAX_STARTS = 1024
 
 
 class Config(_Section):
@@ -628,7 +643,8 @@ class Config(_Section):
         None, description="Optional torch.optim.lr_scheduler: name plus keyword arguments."
     )
     report: ReportSpec = Field(
-        default_factory=ReportSpec, description="How results are presented (bands' levels)."
+        default_factory=ReportSpec,
+        description="What the run reports: static figures, the bands' levels.",
     )
 
 

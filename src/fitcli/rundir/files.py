@@ -22,12 +22,14 @@ from fitcli.errors import NotRunDirError, RunDirError, RunDirExistsError, RunFil
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 DATA = "data.csv"
+DATA_NPZ = "data.npz"
 METRICS = "metrics.csv"
 SNAPSHOTS = "snapshots"
 SNAPSHOT_PARAMS = "snapshots/params.json"
 PLOTLY_JS = "plotly.min.js"
 STATE_JSON = "state.json"
 REPORT = "report.html"
+FIGURES = "figures"  # static figures for papers: fit.<format> and loss.<format> (fitcli.figures)
 BANDS = "bands.csv"  # confidence and prediction bands of the final fit (`fitcli.bands`)
 BANDS_DATA = "bands_data.csv"  # the same at the data points, for a fit with a sigma column
 FIT_GRID = 1000  # points of the fitted curve in each snapshot (snapshots/epoch-N.csv)
@@ -42,6 +44,12 @@ def component_column(k: int) -> str:
 
 
 DATA_CSV_ROWS = 1 << 14  # rows of data.csv formatted at a time
+# Up to this many observations a run directory holds them as data.csv (text people open); above
+# it, as data.npz (the same float64 columns, binary: written in a fraction of the time), or, for
+# a data file, as a reference to that file (path, size and digest in summary.json) unless
+# `fitcli train --copy-data` asks for a copy (`rundir.writer.data_form`).
+DATA_CSV_MAX_ROWS = 100_000
+DATA_COLUMNS = ("x", "y", "y_true", "sigma")  # what data.csv and data.npz may hold, in order
 
 # What makes a directory a fitcli run directory: a summary.json that says so. Every summary
 # fitcli writes (rundir.writer.base_summary) carries RUN_MARKER with the run directory's schema
@@ -51,9 +59,10 @@ RUN_SCHEMA = 1
 LEGACY_FIELDS = ("fitcli_version", "torch_version", "python_version")
 # Everything fitcli writes in a run directory; --overwrite deletes nothing else.
 RUN_FILES = frozenset(
-    {CONFIG, DATA, METRICS, SUMMARY, STATE_JSON, PLOTLY_JS, REPORT, BANDS, BANDS_DATA}
+    {CONFIG, DATA, DATA_NPZ, METRICS, SUMMARY, STATE_JSON, PLOTLY_JS, REPORT, BANDS, BANDS_DATA}
 )
 SNAPSHOT_FILE = re.compile(r"^(?:params\.json|epoch-[0-9]+\.(?:html|csv))$")
+FIGURE_FILE = re.compile(r"^(?:fit|loss)\.(?:png|svg|pdf)$")
 _TEMP_FILE = re.compile(r"^\.(.+)\.tmp-[0-9]+-[0-9a-f]{6}$")  # atomic_write's temporary names
 
 MiB = 1 << 20
@@ -67,6 +76,7 @@ FILE_LIMITS = {
     PLOTLY_JS: 64 * MiB,
     STATE_JSON: 4096 * MiB,
     DATA: 16384 * MiB,
+    DATA_NPZ: 4096 * MiB,  # 10^8 rows of 4 float64 columns are 3.2 GB
     METRICS: 4096 * MiB,
     BANDS_DATA: 128 * MiB,  # bands.DATA_POINTS_LIMIT rows of up to 42 columns
 }
@@ -160,30 +170,34 @@ def is_run_dir(path: Path) -> bool:
     return True
 
 
-def _fitcli_name(name: str, snapshots: bool = False) -> bool:
+_SUBFOLDERS = {SNAPSHOTS: SNAPSHOT_FILE, FIGURES: FIGURE_FILE}  # what fitcli writes in each
+
+
+def _fitcli_name(name: str, inside: str | None = None) -> bool:
     temp = _TEMP_FILE.match(name)
     if temp:
         name = temp.group(1)
-    return bool(SNAPSHOT_FILE.match(name)) if snapshots else name in RUN_FILES
+    return bool(_SUBFOLDERS[inside].match(name)) if inside else name in RUN_FILES
 
 
 def foreign_entries(path: Path) -> list[str]:
     """What in the folder `path` fitcli did not write, by relative name (a folder ends in "/"):
-    anything but RUN_FILES, snapshots/ with its pages, curves and params.json, and the temporary
-    names of these; a link, FIFO or device of any name is foreign (fitcli writes regular files)."""
+    anything but RUN_FILES, snapshots/ with its pages, curves and params.json, figures/ with
+    fit.<format> and loss.<format>, and the temporary names of these; a link, FIFO or device of
+    any name is foreign (fitcli writes regular files)."""
     out: list[str] = []
 
-    def scan(folder: str, prefix: str, snapshots: bool) -> None:
+    def scan(folder: str, prefix: str, inside: str | None) -> None:
         with os.scandir(folder) as entries:
             for e in sorted(entries, key=lambda e: e.name):
-                if e.is_file(follow_symlinks=False) and _fitcli_name(e.name, snapshots):
+                if e.is_file(follow_symlinks=False) and _fitcli_name(e.name, inside):
                     continue
-                if not snapshots and e.name == SNAPSHOTS and e.is_dir(follow_symlinks=False):
-                    scan(e.path, f"{SNAPSHOTS}/", True)
+                if not inside and e.name in _SUBFOLDERS and e.is_dir(follow_symlinks=False):
+                    scan(e.path, f"{e.name}/", e.name)
                     continue
                 out.append(prefix + e.name + ("/" if e.is_dir(follow_symlinks=False) else ""))
 
-    scan(str(path), "", False)
+    scan(str(path), "", None)
     return out
 
 
@@ -428,6 +442,24 @@ def write_data_csv(path: Path, x, y, y_true=None, sigma=None) -> None:
         for start in range(0, arrays[0].shape[0], DATA_CSV_ROWS):
             block = np.column_stack([a[start : start + DATA_CSV_ROWS] for a in arrays])
             fh.write((row_fmt * block.shape[0]) % tuple(block.ravel().tolist()))
+
+
+def data_columns(x, y, y_true=None, sigma=None) -> dict:
+    """The observation columns a run directory stores, by name, in `DATA_COLUMNS` order."""
+    cols = {"x": x, "y": y, "y_true": y_true, "sigma": sigma}
+    return {k: v for k, v in cols.items() if v is not None}
+
+
+def write_data_npz(path: Path, x, y, y_true=None, sigma=None) -> None:
+    """data.npz: the columns of data.csv as float64 arrays in an uncompressed `np.savez` archive
+    (read back with `allow_pickle=False`), written atomically."""
+    import numpy as np
+
+    cols = {
+        k: np.asarray(v, dtype=np.float64) for k, v in data_columns(x, y, y_true, sigma).items()
+    }
+    with _replacing(path, "wb") as fh:
+        np.savez(fh, **cols)  # type: ignore[arg-type]  # numpy's stub types allow_pickle only
 
 
 def copy_plotly_js(run_dir: Path) -> None:

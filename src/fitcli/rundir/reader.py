@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -270,6 +271,94 @@ def _check_snapshots(
     return got, entries
 
 
+def read_data(run_dir: Path, summary: dict, cfg: Any = None) -> dict[str, np.ndarray]:
+    """The observations of a run directory, whichever way it holds them: data.npz, data.csv,
+    or (a large data file not copied) the file its summary.json's `data_file` names, checked
+    against the size and digest recorded there and read with the run's `cfg` (its config.yaml
+    when None). Columns x, y, then y_true and sigma where the run has them, float64, as many
+    rows as the summary's `n_points`; any fault is a RunFileError naming the file (exit 2)."""
+    run_dir = Path(run_dir)
+    n = summary.get("n_points")
+    rows = n if isinstance(n, int) and 0 <= n <= 10**8 else 10**8
+    if os.path.lexists(run_dir / files.DATA_NPZ):
+        where = run_dir / files.DATA_NPZ
+        data = _read_npz(run_dir, rows)
+    elif summary.get("data_file") is not None and not os.path.lexists(run_dir / files.DATA):
+        if cfg is None:
+            cfg = _check_config(run_dir, summary)[1]
+        where, data = _read_data_file(run_dir, summary, cfg)
+    else:
+        where = run_dir / files.DATA
+        data = _read_csv(run_dir, files.DATA, limit=files.csv_limit(rows, 4))
+    cols = list(data)
+    if cols[:2] != ["x", "y"] or any(c not in ("y_true", "sigma") for c in cols[2:]):
+        raise RunFileError(f"{where}: garbled header {','.join(cols)!r}; expected x,y,...")
+    if isinstance(n, int) and len(data["x"]) != n:
+        raise RunFileError(
+            f"{where}: has {len(data['x'])} rows but {files.SUMMARY} says {n} points (truncated?)"
+        )
+    return data
+
+
+def _read_npz(run_dir: Path, rows: int) -> dict[str, np.ndarray]:
+    """data.npz: 1-D float64 arrays named by `files.DATA_COLUMNS`, in that order, never pickles."""
+    import zipfile
+
+    path = run_dir / files.DATA_NPZ
+    cols = len(files.DATA_COLUMNS)
+    raw = files.read_run_file(run_dir, files.DATA_NPZ, limit=65536 + rows * cols * 8)
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
+            names = list(archive.files)
+            data = {k: archive[k] for k in names if k in files.DATA_COLUMNS}
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunFileError(f"{path}: garbled or truncated ({reason})") from None
+    order = [c for c in files.DATA_COLUMNS if c in names]
+    if names != order or len(set(len(v) for v in data.values() if v.ndim == 1)) != 1:
+        raise RunFileError(
+            f"{path}: garbled (holds {', '.join(names) or 'nothing'}; expected columns x, y "
+            "and optionally y_true, sigma, of one length)"
+        )
+    for k, v in data.items():
+        if v.ndim != 1 or v.dtype != np.float64:
+            raise RunFileError(f"{path}: garbled (column {k} is {v.dtype} of shape {v.shape})")
+    return data
+
+
+def _read_data_file(run_dir: Path, summary: dict, cfg: Any) -> tuple[Path, dict]:
+    """The data file a run read and did not copy, if it is still the one it read."""
+    from fitcli.data import load_table
+    from fitcli.errors import DataError
+
+    ref, digest = summary.get("data_file"), summary.get("data_digest")
+    if (
+        not isinstance(ref, dict)
+        or not isinstance(ref.get("path"), str)
+        or type(ref.get("size")) is not int
+        or not isinstance(digest, str)
+    ):
+        raise RunFileError(
+            f"{run_dir / files.SUMMARY}: garbled (data_file and data_digest do not name a file, "
+            "its size and digest)"
+        )
+    path = Path(ref["path"])
+    what = f"{path}, the data file of {run_dir} (not copied into it; {files.SUMMARY} names it)"
+    if not path.is_file():
+        raise RunFileError(f"{what}: missing; put it back where it was to read this run")
+    size = path.stat().st_size
+    changed = f"{what}: changed since the run read it"
+    if size != ref["size"]:
+        raise RunFileError(f"{changed} ({size} bytes, the run read {ref['size']})")
+    try:
+        ds = load_table(path, cfg.data.columns)
+    except DataError as exc:
+        raise RunFileError(f"{changed}: {exc}") from None
+    if ds.digest != digest:
+        raise RunFileError(f"{changed} (its digest is not the {digest} recorded)")
+    return path, files.data_columns(ds.x, ds.y, None, ds.sigma)
+
+
 def read_run(run_dir: Path) -> Run:
     """Read and validate a run directory; a fault names its file (RunFileError, exit 2).
 
@@ -285,18 +374,7 @@ def read_run(run_dir: Path) -> Run:
     config_text, cfg = _check_config(run_dir, summary)
     notes: list[str] = []
 
-    n = summary.get("n_points")
-    rows = n if isinstance(n, int) and 0 <= n <= 10**8 else 10**8
-    data = _read_csv(run_dir, files.DATA, limit=files.csv_limit(rows, 4))
-    data_path = run_dir / files.DATA
-    cols = list(data)
-    if cols[:2] != ["x", "y"] or any(c not in ("y_true", "sigma") for c in cols[2:]):
-        raise RunFileError(f"{data_path}: garbled header {','.join(cols)!r}; expected x,y,...")
-    if isinstance(n, int) and len(data["x"]) != n:
-        raise RunFileError(
-            f"{data_path}: has {len(data['x'])} rows but {files.SUMMARY} says {n} points "
-            "(truncated?)"
-        )
+    data = read_data(run_dir, summary, cfg)
 
     snapshots: list[Snapshot] = []
     # A run stopped (or failed) before its first snapshot has none, like one still starting.
@@ -315,8 +393,9 @@ def read_run(run_dir: Path) -> Run:
                     f"{run_dir / rel}: missing (the fitted curve of snapshot epoch {e['epoch']}; "
                     "runs trained before fitcli stored fitted curves cannot be rebuilt)"
                 )
-            # A model of many terms has as many columns: the bound grows with them.
-            limit = files.csv_limit(files.FIT_GRID, len(fit_header))
+            # A model of many terms has as many columns: the bound grows with them (never below
+            # other snapshot files', so that a curve of too many points is named as such).
+            limit = max(files.SNAPSHOT_LIMIT, files.csv_limit(files.FIT_GRID, len(fit_header)))
             fit = _read_csv(run_dir, rel, header=fit_header, limit=limit)
             if len(fit["x"]) > files.FIT_GRID:
                 raise RunFileError(

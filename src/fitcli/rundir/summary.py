@@ -54,6 +54,7 @@ class Summary(TypedDict, total=False):
     components: list[str]  # each component's text (models of 2+ additive terms only)
     tied: dict[str, str]  # each tied parameter's expression (models with ties only)
     data_digest: str  # digest of a data file (only for file data): what resume compares
+    data_file: dict[str, Any]  # a large data file not copied: its path and size in bytes
     elapsed_s: float  # wall-clock seconds of training (of the last resume, when resumed)
     started_at: str  # when the run started (its first start, when resumed)
     finished_at: str  # when it finished

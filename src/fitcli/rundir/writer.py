@@ -33,6 +33,21 @@ if TYPE_CHECKING:
 FIT_GRID = files.FIT_GRID  # points on which the fitted curve is drawn
 
 
+def data_form(ds: Any, copy_data: bool = False) -> str:
+    """How a run directory holds its observations: "csv" (data.csv) up to
+    `files.DATA_CSV_MAX_ROWS` rows; above, "file" for a data file (not copied: summary.json's
+    `data_file` names it, with its size, and `data_digest` its content) unless `copy_data`, else
+    "npz" (data.npz). Arrays given to the Python API are always data.csv: a saved run's
+    config.yaml reads them from there (`api.ARRAYS_FILE`)."""
+    from fitcli.data import ARRAYS
+
+    if ds.n <= files.DATA_CSV_MAX_ROWS or ds.source == ARRAYS:
+        return "csv"
+    if ds.source != "synthetic" and ds.digest and not copy_data:
+        return "file"
+    return "npz"
+
+
 def versions() -> Summary:
     return {
         "fitcli_version": __version__,
@@ -50,10 +65,17 @@ class RunWriter:
     """
 
     def __init__(
-        self, run_dir: Path, prep: Prepared, plotlyjs: str, *, defer_state: bool = False
+        self,
+        run_dir: Path,
+        prep: Prepared,
+        plotlyjs: str,
+        *,
+        defer_state: bool = False,
+        copy_data: bool = False,
     ) -> None:
         self.run_dir, self.prep, self.plotlyjs = run_dir, prep, plotlyjs
         self.defer_state = defer_state
+        self.data_form = data_form(prep.dataset, copy_data)
         self._pending: dict | None = None  # the deferred save_state arguments
         self.snap_dir = run_dir / files.SNAPSHOTS
         self.snapshots: list[dict] = []
@@ -96,7 +118,11 @@ class RunWriter:
         self.snap_dir.mkdir(exist_ok=True)
         ds = self.prep.dataset
         files.atomic_write(self.run_dir / files.CONFIG, cfg_text)
-        files.write_data_csv(self.run_dir / files.DATA, ds.x, ds.y, ds.y_true, ds.sigma)
+        if self.data_form == "csv":
+            files.write_data_csv(self.run_dir / files.DATA, ds.x, ds.y, ds.y_true, ds.sigma)
+        elif self.data_form == "npz":
+            files.write_data_npz(self.run_dir / files.DATA_NPZ, ds.x, ds.y, ds.y_true, ds.sigma)
+        # "file": the data file itself is the run's data (summary.json's data_file)
         if self.plotlyjs == "directory":
             files.copy_plotly_js(self.run_dir)
         files.write_json(self.run_dir / files.SUMMARY, summary)
@@ -297,10 +323,33 @@ class RunWriter:
             self.run_dir / files.METRICS, ["epoch", "loss", "lr", "elapsed_s", *names], rows
         )
 
+    def figures(self, summary: dict) -> None:
+        """figures/fit.<format> and loss.<format> of a completed run whose config asks for them
+        (`report.formats`), read back from the finished run directory as `fitcli plot --format`
+        draws them. A failure leaves the run as it is and says how to draw them again."""
+        formats = self.prep.cfg.report.formats
+        if not formats or summary.get("status") != RunStatus.COMPLETED:
+            return
+        from fitcli.errors import FigureExportError, FitcliError
+        from fitcli.figures import write_figures
 
-def base_summary(prep: Prepared, run_dir: Path | None, command: list[str]) -> Summary:
+        try:
+            write_figures(self.run_dir, list(formats))
+        except FitcliError as exc:
+            failed = FigureExportError(
+                f"the run in {self.run_dir} completed, but its figures were not written: {exc}; "
+                f"`fitcli plot {self.run_dir} --format {formats[0]}` draws them"
+            )
+            failed.exit_code = exc.exit_code
+            raise failed from None
+
+
+def base_summary(
+    prep: Prepared, run_dir: Path | None, command: list[str], *, data_form: str = "csv"
+) -> Summary:
     """The summary a run starts with; `run_dir` None for a fit in memory (the Python API)."""
     cfg = prep.cfg
+    ds = prep.dataset
     return {
         files.RUN_MARKER: files.RUN_SCHEMA,  # what marks a fitcli run directory (rundir/files.py)
         **versions(),
@@ -325,7 +374,9 @@ def base_summary(prep: Prepared, run_dir: Path | None, command: list[str]) -> Su
         **({"components": list(prep.model.components)} if prep.model.components else {}),
         **({"tied": dict(prep.model.tied)} if prep.model.tied else {}),
         # What resume compares a data file with (a file edited since cannot be resumed).
-        **({"data_digest": prep.dataset.digest} if prep.dataset.digest else {}),
+        **({"data_digest": ds.digest} if ds.digest else {}),
+        # A large data file is not copied: the run reads it from here (`rundir.reader.read_data`).
+        **({"data_file": {"path": ds.source, "size": ds.size}} if data_form == "file" else {}),
         "elapsed_s": 0.0,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": command,
