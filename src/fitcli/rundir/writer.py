@@ -215,11 +215,16 @@ class RunWriter:
         if not levels:
             summary["bands"] = {"levels": [], "skipped": "report.levels is empty"}
             return
+        from fitcli.lm import one_thread
+
         model = prep.model
         try:
             if model.raw.dtype != torch.float64:
                 model = copy.deepcopy(model).to(torch.float64)
-            found = bands.for_run(model, summary, self.grid, ds.x, ds.sigma, levels)
+            # Small tensors (the grid, the data points up to bands.DATA_POINTS_LIMIT): on busy
+            # cores more threads only wait for each other.
+            with one_thread():
+                found = bands.for_run(model, summary, self.grid, ds.x, ds.sigma, levels)
         except Exception as exc:  # the bands are a report, not the fit: say why they are missing
             found = bands.RunBands(
                 None,
@@ -249,9 +254,12 @@ class RunWriter:
 
     @staticmethod
     def _bands_csv(path: Path, columns: dict[str, np.ndarray]) -> None:
-        """x, fit and the band columns, floats by repr (what `files.fmt` writes)."""
-        rows = np.column_stack(list(columns.values())).tolist()
-        files.write_csv(path, list(columns), ([repr(v) for v in row] for row in rows))
+        """x, fit and the band columns, exact: %.17g round-trips every float64 (as data.csv),
+        so `fitcli plot` draws the bands it reads back exactly as the run drew them."""
+        table = np.column_stack(list(columns.values()))
+        row = ",".join(["%.17g"] * table.shape[1]) + "\n"
+        body = (row * table.shape[0]) % tuple(table.ravel().tolist())
+        files.atomic_write(path, ",".join(columns) + "\n" + body)
 
     def write_params(self) -> None:
         files.write_json(
