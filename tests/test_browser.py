@@ -195,6 +195,75 @@ def test_snapshot_pages_render(browser, seed_report: Path) -> None:
         assert severe(browser) == []
 
 
+def test_report_shows_status_words_and_the_correlation_heatmap(browser, seed_report) -> None:
+    import json
+
+    from fitcli.stats import uncertainty_words
+
+    open_page(browser, seed_report / "report.html")
+    wait_rendered(browser, [*REPORT_DIVS, "fitcli-correlation"])
+    summary = json.loads((seed_report / "summary.json").read_text())
+    words = uncertainty_words(summary["uncertainty"])
+    assert words is not None and words.startswith("not converged")
+    note = browser.find_element("css selector", "#summary .uncertainty")
+    assert note.is_displayed() and note.text == f"Error bars: {words}"
+    # The heatmap is drawn with one labelled cell per pair of parameters, summary's matrix.
+    n = len(summary["covariance_params"])
+    z = browser.execute_script("return document.getElementById('fitcli-correlation').data[0].z")
+    assert z == summary["correlation"]
+    assert (
+        browser.execute_script("return document.querySelectorAll('#fitcli-correlation .hm').length")
+        == 1
+    )
+    cells = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#fitcli-correlation .heatmap-label'))"
+        ".map(function (t) { return t.textContent; })"
+    )
+    assert len(cells) == n * n
+    shown = [float(c.replace("\u2212", "-")) for c in cells]  # row by row, as drawn
+    flat = [v for row in summary["correlation"] for v in row]
+    assert shown == pytest.approx(flat, abs=0.005)
+    assert severe(browser) == []
+
+
+def test_sigma_error_bars_render_in_report_and_snapshots(browser, tmp_path: Path) -> None:
+    import numpy as np
+
+    csv = tmp_path / "line.csv"
+    csv.write_text("t,v,dv\n" + "".join(f"{i},{1 + 0.5 * i},{0.1 + 0.01 * i}\n" for i in range(30)))
+    config = tmp_path / "line.yaml"
+    config.write_text(
+        "name: line\nepochs: 10\nsnapshots: 2\n"
+        "data: {file: line.csv, columns: {x: t, y: v, sigma: dv}}\n"
+        'model: {basis: ["1", "x"]}\noptimizer: {name: LM}\n'
+    )
+    run = tmp_path / "run"
+    train(run, str(config))
+    assert plot(run).exit_code == 0
+    want = np.loadtxt(csv, delimiter=",", skiprows=1)[:, 2]
+    pages = [(run / "report.html", "fitcli-fit")]
+    pages += [(p, None) for p in sorted((run / "snapshots").glob("*.html"))]
+    for page, div in pages:
+        open_page(browser, page)
+        div = div or browser.execute_script("return document.querySelector('.plotly-graph-div').id")
+        wait_rendered(browser, [div])
+        # plotly drew one error bar per point, from the sigma column (typed arrays included)
+        bars = browser.execute_script(
+            f"return document.querySelectorAll('#{div} .errorbar').length"
+        )
+        assert bars == len(want), page.name
+        got = browser.execute_script(
+            f"var t = document.getElementById('{div}')._fullData[0];"
+            "return Array.prototype.slice.call(t.error_y.array);"
+        )
+        np.testing.assert_allclose(got, want, rtol=1e-15)
+        title = browser.execute_script(
+            f"return document.getElementById('{div}').layout.xaxis.title.text"
+        )
+        assert title == "t"
+        assert severe(browser) == []
+
+
 def test_injection_strings_stay_inert_and_visible(browser, tmp_path: Path) -> None:
     run = evil_run(tmp_path)
     assert plot(run).exit_code == 0

@@ -280,7 +280,8 @@ def test_unknown_nested_key_and_no_close_match(tmp_path):
     text = GOOD.replace("  noise: {std: 1.0}", "  nosie: {std: 1.0}\n  zzz: 1")
     assert problems_of(tmp_path, text) == [
         "data: unknown key 'nosie'; did you mean 'noise'? (line 7)",
-        "data: unknown key 'zzz'; valid keys are target, x, noise, file, columns (line 8)",
+        "data: unknown key 'zzz'; valid keys are target, x, noise, file, files, columns, "
+        "nan_policy, range, absolute_sigma (line 8)",
     ]
 
 
@@ -776,3 +777,40 @@ def test_round_trip_through_a_file(tmp_path_factory, raw):
             update={"data": again.data.model_copy(update={"file": cfg.data.file})}
         )
     assert again == cfg
+
+
+# -- the report section ---------------------------------------------------------------------------
+
+
+def test_report_section_defaults_and_round_trip(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD))
+    assert (cfg.report.x_label, cfg.report.y_label, cfg.report.title) == (None, None, None)
+    assert (cfg.report.log_x, cfg.report.log_y) == (False, False)
+    text = (
+        GOOD + 'report: {x_label: "time (s)", y_label: "I / a.u.", title: "Fig. 2", log_y: true}\n'
+    )
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.report.model_dump(exclude={"formats", "levels"}) == {
+        "x_label": "time (s)",
+        "y_label": "I / a.u.",
+        "title": "Fig. 2",
+        "log_x": False,
+        "log_y": True,
+    }
+    again = config_from_dict(load_yaml(dump_yaml(config_to_dict(cfg)), "dump"))
+    assert again == cfg
+
+
+def test_report_section_is_validated_strictly(tmp_path):
+    text = GOOD + 'report: {x_lable: t, title: "a\\tb", y_label: "", log_x: "yes"}\n'
+    problems = problems_of(tmp_path, text)
+    assert "report: unknown key 'x_lable'; did you mean 'x_label'? (line 13)" in problems
+    assert any(p.startswith("report.title: must be a single line of text") for p in problems)
+    assert any(p.startswith("report.y_label: ") for p in problems)
+    assert "report.log_x: must be true or false (got 'yes') (line 13)" in problems
+    assert len(problems) == 4
+    long = GOOD + f"report: {{title: {'x' * 201}}}\n"
+    (problem,) = problems_of(tmp_path, long)
+    assert problem.startswith("report.title: ") and "200" in problem
+    (problem,) = problems_of(tmp_path, GOOD, ("report.x_labels=t",))
+    assert "unknown key 'report.x_labels'; did you mean 'report.x_label'?" in problem

@@ -515,3 +515,24 @@ def test_a_number_divided_by_a_tensor_is_one_correctly_rounded_division(dtype):
     got = parse_expression("2 / (a * x)")(x, {"a": a})
     (grad,) = torch.autograd.grad(got.sum(), a)  # gradients still flow through the divisor
     torch.testing.assert_close(grad, (-2 / (a.detach() ** 2 * x)).sum())
+
+
+def test_a_source_is_parsed_once_and_its_expression_shared():
+    # The cache (a config's validation and its model both parse the expression) must hand out
+    # what a fresh parse gives; errors are raised afresh on every call, never cached away.
+    source = "a*exp(-b*x) + c*sin(w*x)"
+    first = parse_expression(source)
+    fresh = expr._parse_checked.__wrapped__(source, True, "expression")
+    assert parse_expression(source) is first
+    assert first == fresh and first._tree == fresh._tree and first.params == fresh.params
+    x = torch.linspace(0, 1, 5, dtype=torch.float64)
+    torch.testing.assert_close(first(x, PARAM_VALUES), fresh(x, PARAM_VALUES), rtol=0, atol=0)
+    assert parse_expression(source, what="target", allow_params=True) is not first
+    for _ in range(2):
+        with pytest.raises(ExpressionError, match="column"):
+            parse_expression("a*exp(-b*x) +")
+    with pytest.raises(ExpressionError, match="must be a string"):
+        parse_expression(["a*x"])  # type: ignore[arg-type]  # unhashable: still our message
+    with pytest.raises(ExpressionError):
+        parse_expression("a*x", allow_params=False)
+    parse_expression("a*x")  # the same source with parameters allowed is still fine

@@ -1,16 +1,18 @@
 """Fault suite 6: hostile text in a config stays text on every page fitcli writes.
 
 Injection strings go into every config text that reaches a page: the run name, the data file's
-name and its column names (which the report shows in the config), and the command line recorded
-in config.yaml (an override). Then the snapshot pages (`fitcli train`), the report and the
-comparison page (`fitcli plot`) are parsed: the injected markup must not appear raw, the pages
-hold exactly the tags and scripts that a page for a harmless run holds, and no attribute is an
-event handler or a javascript: URL. (The browser test, elsewhere, executes pages for real.)
+name and its column names (the axis titles, and in the report's config), the `report:` section's
+x_label and title, and the command line recorded in config.yaml (an override). Then the
+snapshot pages (`fitcli train`), the report and the comparison page (`fitcli plot`) are parsed:
+the injected markup must not appear raw (nor in any text of a figure), the pages hold exactly
+the tags and scripts that a page for a harmless run holds, and no attribute is an event handler
+or a javascript: URL. (The browser test, elsewhere, executes pages for real.)
 """
 
 from __future__ import annotations
 
 import json
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -33,6 +35,9 @@ INJECTIONS = [
     "&lt;script&gt;alert(1)&lt;/script&gt;",
     "<sub><b onmouseover=alert(1)>x</b></sub>",
 ]
+
+
+STRING = re.compile(r'"(?:[^"\\]|\\.)*"')  # a JSON string literal
 
 
 class Tags(HTMLParser):
@@ -74,16 +79,21 @@ def file_safe(text: str) -> str:
 def make_run(runner, tmp: Path, label: str, text: str) -> Path:
     folder = tmp / label
     folder.mkdir()
-    column = "t" + file_safe(text)
+    column, y_column = "t" + file_safe(text), "y" + file_safe(text)
     data = folder / f"{file_safe(text)}.csv"
-    data.write_text(f"{column},y\n" + "".join(f"{i / 10},{2 * i / 10 + 1}\n" for i in range(20)))
+    data.write_text(
+        f"{column},{y_column},dy\n"
+        + "".join(f"{i / 10},{2 * i / 10 + 1 + (-1) ** i * 0.1},0.1\n" for i in range(20))
+    )
     cfg = {
         "name": text,
         "seed": 0,
         "device": "cpu",
         "epochs": 4,
         "snapshots": 2,
-        "data": {"file": data.name, "columns": {"x": column, "y": "y"}},
+        "data": {"file": data.name, "columns": {"x": column, "y": y_column, "sigma": "dy"}},
+        # The axis titles come from the y column's name; the x title and the title from here.
+        "report": {"x_label": text, "title": text},
         "model": {"basis": ["1", "x"]},
         "optimizer": {"name": "SGD", "lr": 0.1},
     }
@@ -137,6 +147,10 @@ def assert_inert(page: Path, text: str, reference: list) -> None:
             assert not (value or "").strip().lower().startswith("javascript:"), (page.name, tag)
     for script in parsed.scripts:  # plotly's JSON escapes '<': no tag can close the script
         assert "</" not in script and "<script" not in script, page.name
+        # Plotly draws its texts (titles, axis titles, legends) as a subset of HTML: every text
+        # of a figure must hold the hostile text escaped, never as it is.
+        for literal in STRING.findall(script):
+            assert text not in json.loads(literal), f"{page.name}: raw in a figure's text"
 
 
 @pytest.mark.parametrize("text", INJECTIONS, ids=range(len(INJECTIONS)))

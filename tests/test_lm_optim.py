@@ -215,7 +215,9 @@ def test_early_convergence_fills_the_remaining_snapshots(runner, write_config, t
     assert epochs == [0, done, 200, 300, 400]
     assert len(list((run / "snapshots").glob("*.html"))) == 5
     page = (run / "snapshots" / "epoch-400.html").read_text()
-    assert f"stopped at epoch {done}" in page
+    # The verdict says it converged, so the filled-in page says so, as the final fit.
+    assert f"converged at epoch {done} (the final fit)" in page
+    assert "epoch 400/" not in page
     final = params["snapshots"][1]
     assert all(s["params"] == final["params"] for s in params["snapshots"][2:])
     assert "±" in result.output and "stopped" in result.output

@@ -309,6 +309,71 @@ def test_expression_truth(expr, target, expected):
     assert expression_truth(expr, target, names) == expected
 
 
+@pytest.mark.parametrize(
+    ("params", "sigma", "status"),
+    [
+        ({"a": 2.0, "k": 1.0, "c": 0.1}, False, "ok"),
+        (
+            {"a": {"value": 2.0, "min": 0.0, "max": 10.0}, "k": {"value": 1.0, "min": 0.0}},
+            True,
+            "ok",
+        ),
+        ({"a": 2.0, "k": 1.0, "c": {"value": 0.3, "vary": False}}, True, "ok"),
+        ({"a": 2.0, "k": {"value": 0.5, "max": 0.6}, "c": 0.1}, False, "at_bound"),
+    ],
+    ids=["free", "bounded-weighted", "fixed", "at-bound"],
+)
+def test_error_bars_from_the_numpy_jacobian_equal_autograd_ones(monkeypatch, params, sigma, status):
+    # Small CPU float64 fits take J^T J from the numpy model's exact Jacobian (`run_report`):
+    # every number of the report must agree with autograd's J^T J to rounding.
+    from fitcli import stats
+    from fitcli.data import dataset_from_arrays
+
+    raw = {
+        "name": "t",
+        "device": "cpu",
+        "dtype": "float64",
+        "epochs": 200,
+        "data": {"file": "data.csv"},  # replaced by the arrays
+        "model": {"expr": "a*exp(-k*x) + c", "params": params},
+        "optimizer": {"name": "LevenbergMarquardt"},
+    }
+    prep = prepare(config_from_dict(raw), dataset_from_arrays(XS, YS, SIGMA if sigma else None))
+    result = train(prep.model, prep.stepper, epochs=200, evaluate_loss=prep.evaluate_loss)
+    used = []
+    real = stats._host_jtj_jtr
+    monkeypatch.setattr(stats, "_host_jtj_jtr", lambda *a: used.append(1) or real(*a))
+    fast = finish_stats(prep, result)
+    assert used, "the numpy path was not taken"
+    monkeypatch.setattr(stats, "host_eligible", lambda *a: False)
+    slow = finish_stats(prep, result)
+    assert fast["uncertainty"]["status"] == slow["uncertainty"]["status"] == status
+
+    def close(a, b, path="summary"):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys(), path
+            for k in a:
+                close(a[k], b[k], f"{path}.{k}")
+        elif isinstance(a, list):
+            assert len(a) == len(b), path
+            for i, (u, v) in enumerate(zip(a, b, strict=True)):
+                close(u, v, f"{path}[{i}]")
+        elif isinstance(a, float) and b is not None:
+            assert a == pytest.approx(b, rel=1e-12, abs=1e-300), path
+        else:
+            assert a == b, path
+
+    # A covariance entry to rounding of its scale sqrt(C_ii C_jj) (an off-diagonal entry can be
+    # orders of magnitude smaller, by cancellation), the correlations to 1e-12 absolute.
+    for key, scaled in (("covariance", True), ("correlation", False)):
+        a, b = np.array(fast.pop(key), dtype=float), np.array(slow.pop(key), dtype=float)
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=key)  # None: None
+        scale = np.sqrt(np.outer(np.diag(b), np.diag(b))) if scaled else 1.0
+        diff = np.where(np.isnan(b), 0.0, np.abs(a - b))
+        assert (diff <= 1e-12 * np.where(np.isnan(scale), 1.0, scale)).all(), key
+    close(fast, slow)
+
+
 def test_basis_optimum_and_truth_come_from_one_qr_pass(monkeypatch):
     """y and y_true share one QR reduction of the design, with y's result what it has alone."""
     from fitcli import stats as stats_mod

@@ -347,3 +347,28 @@ def test_numpy_path_only_for_small_float64_fits(tmp_path, dtype, n):
     result = _fit(prep)
     assert result.status == "completed"
     assert math.isfinite(prep.model.values()["k"])
+
+
+def test_host_ok_judges_a_model_that_is_not_row_wise_by_the_exact_jacobian():
+    # Row i of this model depends on the parameters through rows 0..i (a cumulative sum): the
+    # one-pass row-wise Jacobian, host_ok's first reference, is wrong for it, so a correct numpy
+    # model must still pass (by the column-by-column Jacobian) and a wrong one still fail.
+    x = torch.linspace(0.1, 2.0, 40, dtype=torch.float64)
+    xn = x.numpy()
+
+    def fn(theta, x):
+        return theta[0] * x + torch.cumsum(theta[1] * x, 0)
+
+    class Exact(NumpyModel):
+        def __init__(self, scale=1.0):
+            self.scale = scale
+
+        def value(self, theta):
+            return theta[0] * xn + np.cumsum(theta[1] * xn)
+
+        def jacobian(self, theta):
+            return self.value(theta), np.stack([xn, self.scale * np.cumsum(xn)], axis=1)
+
+    theta = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    assert host_ok(fn, Exact(), theta, x)
+    assert not host_ok(fn, Exact(1.001), theta, x)

@@ -528,6 +528,8 @@ class FitResult:
             x_fit=grid,
             y_fit=curve,
             loss_name=str(s.get("loss", "mse")),
+            sigma=None if self.sigma is None else self.sigma[order],
+            labels=plots.axis_labels(self.config.report, s.get("columns")),
         )
 
     def figure(self) -> Any:
@@ -616,10 +618,16 @@ def predict_run(
         raise InputError("give the new points as --x START:STOP:NUM or --x-file FILE (one of them)")
     xs = parse_x_spec(x) if x is not None else None
     result = load(run_dir)
+    variables = result.config.data.variables
+    if len(variables) > 1:
+        raise InputError(
+            f"predict takes one variable; this run has several ({', '.join(variables)})"
+        )
     if xs is None:
         assert x_file is not None
         columns = result.config.data.columns
-        xs = load_x_column(Path(x_file), None if columns is None else columns.x)
+        spec = None if columns is None else columns.x
+        xs = load_x_column(Path(x_file), spec if isinstance(spec, str | int) else None)
     out: dict[str, np.ndarray] = {"x": xs}
     note = None
     if band:

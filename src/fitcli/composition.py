@@ -81,9 +81,12 @@ def basis_components(basis: Sequence[str]) -> list[str]:
     return out
 
 
-def parse_components(texts: Sequence[str]) -> list[Expression]:
-    """The components as checked expressions (their texts come from a checked expression)."""
-    return [parse_expression(t, allow_params=True, what="component") for t in texts]
+def parse_components(texts: Sequence[str], variables: tuple[str, ...] = ("x",)) -> list[Expression]:
+    """The components as checked expressions (their texts come from a checked expression of
+    the independent `variables`)."""
+    return [
+        parse_expression(t, allow_params=True, what="component", variables=variables) for t in texts
+    ]
 
 
 # -- ties ---------------------------------------------------------------------------------------

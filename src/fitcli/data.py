@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import mmap
@@ -24,8 +25,24 @@ READ_BLOCK = 16 * 1024**2  # bytes of a data file parsed at a time by the fast r
 
 
 @dataclass
+class LeftOut:
+    """Rows read but not fitted: their x (n x k for several variables), y (NaN where the cell
+    was), and why, per row: "nan" (`data.nan_policy: omit`) or "range" (`data.range`)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    reason: np.ndarray
+
+
+@dataclass
 class Dataset:
-    """Observed points (float64 numpy arrays); `y_true` only for synthetic data."""
+    """Observed points (float64 numpy arrays); `y_true` only for synthetic data.
+
+    `x` is one array of n values, or n x k for k independent variables named `variables`.
+    `rows` counts what was read and left out (`{read, used, omitted_nan, outside_range}`),
+    only when `data.nan_policy: omit` or `data.range` may leave rows out; `omitted_lines` are
+    the file's line numbers (1-based) of the rows omitted for NaN or empty cells.
+    """
 
     x: np.ndarray
     y: np.ndarray
@@ -34,14 +51,37 @@ class Dataset:
     source: str = "synthetic"
     digest: str | None = None  # of a data file's bytes: resume refuses a file edited since
     size: int | None = None  # of a data file, in bytes
+    names: dict[str, str] | None = None  # a data file's header names of x, y (and sigma)
+    variables: tuple[str, ...] = ("x",)
+    rows: dict[str, int] | None = None
+    omitted_lines: list[int] | None = None
+    left_out: LeftOut | None = None
+    # Grouped data (`data.columns.group`, `data.files`): each row's group as an index into
+    # `group_labels` (the groups in order of first appearance).
+    group: np.ndarray | None = None
+    group_labels: tuple[str, ...] | None = None
 
     @property
     def n(self) -> int:
         return int(self.x.shape[0])
 
 
+def point_text(x: np.ndarray, k: int, names: tuple[str, ...] = ("x",)) -> str:
+    """Row k of x as text for messages: ``x = 1.5``, or ``T = 300, P = 2`` for several."""
+    if x.ndim == 1:
+        return f"x = {float(x[k]):g}"
+    if len(names) != x.shape[1]:
+        names = tuple(f"x{j}" for j in range(x.shape[1]))
+    return ", ".join(f"{n} = {float(v):g}" for n, v in zip(names, x[k], strict=True))
+
+
 def seed_streams(seed: int) -> dict[str, int]:
     """Independent 63-bit seeds for each random consumer, all derived from the config's seed."""
+    return dict(_seed_streams(seed))
+
+
+@functools.lru_cache(maxsize=64)  # a pure function; a SeedSequence spawn costs a small fit 3%
+def _seed_streams(seed: int) -> dict[str, int]:
     # Appending a name keeps the others' seeds: child k of a SeedSequence depends only on k.
     names = ("noise", "init", "shuffle", "starts")
     children = np.random.SeedSequence(seed).spawn(len(names))
@@ -67,15 +107,16 @@ def evaluate_on(expression: Expression, x: np.ndarray, key: str) -> np.ndarray:
     """
     import torch
 
-    values = np.empty(x.shape, dtype=np.float64)
+    values = np.empty(x.shape[:1], dtype=np.float64)
     with torch.no_grad():
         for start in range(0, max(x.shape[0], 1), EVAL_CHUNK):
             sl = slice(start, start + EVAL_CHUNK)
             values[sl] = expression(torch.from_numpy(x[sl])).numpy()
-    bad = first_bad_x(values, x)
-    if bad is not None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        at = point_text(x, int(np.argmax(bad)), expression.variables)
         raise DataError(
-            f"{key}: {expression.source!r} is not finite at x = {bad:g}; "
+            f"{key}: {expression.source!r} is not finite at {at}; "
             "change the expression or the x range"
         )
     return values
@@ -84,15 +125,37 @@ def evaluate_on(expression: Expression, x: np.ndarray, key: str) -> np.ndarray:
 def make_dataset(cfg: Config) -> Dataset:
     """Build the observations a config describes (deterministic given cfg.seed)."""
     data = cfg.data
+    if data.files is not None:
+        from fitcli.groups_data import load_files
+
+        ds = load_files(data.files, data.columns, omit_nan=data.nan_policy == "omit")
+        return restrict(ds, data.range) if data.range is not None else ds
     if data.file is not None:
-        return load_table(Path(data.file), data.columns)
+        ds = load_table(Path(data.file), data.columns, omit_nan=data.nan_policy == "omit")
+        if data.columns is not None and data.columns.group is not None:
+            from fitcli.groups_data import attach_group_column
+
+            attach_group_column(ds, Path(data.file), data.columns.group)
+        return restrict(ds, data.range) if data.range is not None else ds
     from fitcli.expr import parse_expression
 
     grid, noise = data.x, data.noise
     # The schema gives synthetic data (no file) a target, an x grid and its noise (default 0).
     assert data.target is not None and grid is not None and noise is not None
-    target = parse_expression(data.target, allow_params=False, what="target")
-    x = np.linspace(grid.start, grid.stop, grid.num, dtype=np.float64)
+    variables = data.variables
+    target = parse_expression(data.target, allow_params=False, what="target", variables=variables)
+    if isinstance(grid, dict):
+        # Several variables: the full grid, the first variable varying slowest.
+        size = math.prod(g.num for g in grid.values())
+        if size > 10**8:
+            raise DataError(
+                f"data.x: the full grid has {size:,} points, more than 10^8; use fewer per variable"
+            )
+        axes = [np.linspace(g.start, g.stop, g.num, dtype=np.float64) for g in grid.values()]
+        mesh = np.meshgrid(*axes, indexing="ij")
+        x = np.stack([m.ravel() for m in mesh], axis=1)
+    else:
+        x = np.linspace(grid.start, grid.stop, grid.num, dtype=np.float64)
     y_true = evaluate_on(target, x, "data.target")
     y = y_true
     if noise.std > 0:
@@ -100,7 +163,46 @@ def make_dataset(cfg: Config) -> Dataset:
         # The noise array becomes y (added to in place): x, y_true and y are the only n-arrays.
         y = rng.normal(0.0, noise.std, size=len(x))
         y += y_true
-    return Dataset(x=x, y=y, y_true=y_true, source="synthetic")
+    ds = Dataset(x=x, y=y, y_true=y_true, source="synthetic", variables=variables)
+    return restrict(ds, data.range) if data.range is not None else ds
+
+
+def restrict(ds: Dataset, ranges: dict[str, list[float]]) -> Dataset:
+    """Only the rows whose every variable named in `ranges` lies in its [low, high]
+    (inclusive); the others are counted in `rows` and kept in `left_out` for the plots."""
+    keep = np.ones(ds.n, dtype=bool)
+    for name, (lo, hi) in ranges.items():
+        column = ds.x if ds.x.ndim == 1 else ds.x[:, ds.variables.index(name)]
+        keep &= (column >= lo) & (column <= hi)
+    outside = int(ds.n - np.count_nonzero(keep))
+    if int(np.count_nonzero(keep)) < 2:
+        raise DataError(
+            f"data.range: {int(np.count_nonzero(keep))} of the {ds.n} rows lie inside "
+            f"{ranges}; need at least 2: widen the range"
+        )
+    rows = dict(ds.rows or {"read": ds.n, "used": ds.n, "omitted_nan": 0, "outside_range": 0})
+    rows["used"], rows["outside_range"] = ds.n - outside, outside
+    left = LeftOut(ds.x[~keep], ds.y[~keep], np.full(outside, "range"))
+    if ds.left_out is not None:
+        left = LeftOut(
+            np.concatenate([ds.left_out.x, left.x]),
+            np.concatenate([ds.left_out.y, left.y]),
+            np.concatenate([ds.left_out.reason, left.reason]),
+        )
+    return Dataset(
+        x=np.ascontiguousarray(ds.x[keep]),
+        y=ds.y[keep],
+        y_true=None if ds.y_true is None else ds.y_true[keep],
+        sigma=None if ds.sigma is None else ds.sigma[keep],
+        source=ds.source,
+        digest=ds.digest,
+        variables=ds.variables,
+        rows=rows,
+        omitted_lines=ds.omitted_lines if ds.omitted_lines is not None else [],
+        left_out=left,
+        group=None if ds.group is None else ds.group[keep],
+        group_labels=ds.group_labels,
+    )
 
 
 ARRAYS = "arrays"  # Dataset.source of data given as arrays (the Python API), not read from a file
@@ -291,8 +393,12 @@ def _column_index(
     return header.index(spec)
 
 
-def load_table(path: Path, columns: ColumnsSpec | None = None) -> Dataset:
-    """Read x, y (and sigma) from a CSV or whitespace table; every cell must be a finite number.
+def load_table(
+    path: Path, columns: ColumnsSpec | None = None, *, omit_nan: bool = False
+) -> Dataset:
+    """Read x, y (and sigma) from a CSV or whitespace table; every cell must be a finite number,
+    except that with `omit_nan` a row with a NaN or empty cell in a used column is left out
+    (counted in `Dataset.rows`, its line in `omitted_lines`).
 
     Two readers, one result. The fast one (`_read_fast`) maps the file and hands blocks of
     rows to numpy's C parser (`np.loadtxt`), converting only the wanted columns, straight into
@@ -310,9 +416,50 @@ def load_table(path: Path, columns: ColumnsSpec | None = None) -> Dataset:
         raise DataError(f"data.file: {path} is larger than {MAX_FILE_BYTES // 1024**3} GiB")
     _check_text(path)
     table = _read_fast(path, columns) if size else None
-    ds = _read_precise(path, columns) if table is None else _dataset(path, table)
+    if table is None:
+        ds = _read_precise(path, columns, omit_nan)
+    else:
+        ds = _dataset(path, table, columns)
+        if omit_nan:
+            ds.rows = {"read": ds.n, "used": ds.n, "omitted_nan": 0, "outside_range": 0}
+            ds.omitted_lines = []
     ds.digest, ds.size = file_digest(path), size
+    ds.names = column_names(path, columns)
     return ds
+
+
+def column_names(path: Path, columns: ColumnsSpec | None = None) -> dict[str, str] | None:
+    """The header names of the x, y (and sigma) columns of a data file already read, by role;
+    None when the file has no header row. The plots' axis titles come from them."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not _is_skipped(line):
+                header, _, _, wanted = _layout(line.rstrip("\r\n"), lineno, path, columns)
+                if header is None:
+                    return None
+                # Several variables are named by their own keys: y (and sigma) follow them.
+                nx = len(_x_specs(columns) or [None])
+                roles = ("x", "y", "sigma")
+                picked = [wanted[0], *wanted[nx:]] if nx > 1 else wanted
+                names = {role: header[i] for role, i in zip(roles, picked, strict=False)}
+                if nx > 1:
+                    del names["x"]
+                return names
+    return None
+
+
+def _x_specs(columns: ColumnsSpec | None) -> list[str | int] | None:
+    """The columns of several variables (`data.columns.x` as a list or mapping), else None."""
+    spec = columns.x if columns is not None else None
+    if isinstance(spec, dict):
+        return list(spec.values())
+    return list(spec) if isinstance(spec, list) else None
+
+
+def _variables(columns: ColumnsSpec | None) -> tuple[str, ...]:
+    from fitcli.config.schema import variable_names
+
+    return variable_names(columns.x if columns is not None else None, None)
 
 
 def file_digest(path: Path) -> str:
@@ -350,11 +497,14 @@ def _check_text(path: Path) -> None:
         )
 
 
-def _dataset(path: Path, table: list[np.ndarray]) -> Dataset:
-    x, y = table[0], table[1]
+def _dataset(path: Path, table: list[np.ndarray], columns: ColumnsSpec | None = None) -> Dataset:
+    variables = _variables(columns)
+    k = len(variables)
+    x = table[0] if k == 1 else np.ascontiguousarray(np.column_stack(table[:k]))
+    y = table[k]
     if x.shape[0] < 2:
         raise DataError(f"data.file: {path} has {x.shape[0]} data rows; need at least 2")
-    sigma = table[2] if len(table) > 2 else None
+    sigma = table[k + 1] if len(table) > k + 1 else None
     if sigma is not None:
         nonpos = np.flatnonzero(sigma <= 0)
         if nonpos.size:
@@ -362,7 +512,7 @@ def _dataset(path: Path, table: list[np.ndarray]) -> Dataset:
             raise DataError(
                 f"data.file: {path}: sigma must be > 0, got {sigma[row]:g} in data row {row + 1}"
             )
-    return Dataset(x=x, y=y, sigma=sigma, source=str(path))
+    return Dataset(x=x, y=y, sigma=sigma, source=str(path), variables=variables)
 
 
 def _is_skipped(line: str) -> bool:
@@ -389,6 +539,26 @@ def _layout(
             "(comma-, tab- or space-separated)"
         )
     get = (lambda name: getattr(columns, name, None)) if columns is not None else (lambda _: None)
+    specs = _x_specs(columns)
+    if specs is not None:
+        # Several variables: y defaults to a column named y, else the first one not an x.
+        ixs = [_column_index(s, header, 0, "x", path, ncols) for s in specs]
+        if len(set(ixs)) != len(ixs):
+            raise DataError("data.columns.x: two variables name the same column")
+        unused = next((j for j in range(ncols) if j not in ixs), ncols)
+        iy = _column_index(get("y"), header, unused, "y", path, ncols)
+        if iy in ixs or iy >= ncols:
+            raise DataError(
+                "data.columns: y is one of the x columns (or there is no column left for it); "
+                "give data.columns.y"
+            )
+        sigma_spec = get("sigma")
+        isig = (
+            None
+            if sigma_spec is None
+            else _column_index(sigma_spec, header, 2, "sigma", path, ncols)
+        )
+        return header, delimiter, ncols, [*ixs, iy] + ([isig] if isig is not None else [])
     ix = _column_index(get("x"), header, 0, "x", path, ncols)
     iy = _column_index(get("y"), header, 1, "y", path, ncols)
     sigma_spec = get("sigma")
@@ -528,7 +698,7 @@ def _count_newlines(mm: Any, start: int, end: int) -> int:
     return total
 
 
-def _read_precise(path: Path, columns: ColumnsSpec | None) -> Dataset:
+def _read_precise(path: Path, columns: ColumnsSpec | None, omit_nan: bool = False) -> Dataset:
     """The line-by-line reader: slower and memory-hungry, but it names the first fault."""
     try:
         raw = path.read_bytes()
@@ -548,14 +718,40 @@ def _read_precise(path: Path, columns: ColumnsSpec | None) -> Dataset:
         raise DataError(f"data.file: {path} holds no data")
     header, delimiter, ncols, wanted = _layout(lines[first], first + 1, path, columns)
     body_start = first + 1 if header is not None else first
-    table = _parse_body(lines, body_start, delimiter, ncols, path, wanted)
-    return _dataset(path, [np.ascontiguousarray(table[:, j]) for j in range(len(wanted))])
+    omitted: list[tuple[int, list[float]]] | None = [] if omit_nan else None
+    table = _parse_body(lines, body_start, delimiter, ncols, path, wanted, omitted)
+    ds = _dataset(path, [np.ascontiguousarray(table[:, j]) for j in range(len(wanted))], columns)
+    if omitted is not None:
+        k = len(ds.variables)
+        dropped = np.array([v for _, v in omitted], dtype=np.float64).reshape(-1, len(wanted))
+        ds.rows = {
+            "read": ds.n + len(omitted),
+            "used": ds.n,
+            "omitted_nan": len(omitted),
+            "outside_range": 0,
+        }
+        ds.omitted_lines = [line for line, _ in omitted]
+        if omitted:
+            ds.left_out = LeftOut(
+                dropped[:, 0] if k == 1 else dropped[:, :k],
+                dropped[:, k],
+                np.full(len(omitted), "nan"),
+            )
+    return ds
 
 
 def _parse_body(
-    lines: list[str], start: int, delimiter: str | None, ncols: int, path: Path, wanted: list[int]
+    lines: list[str],
+    start: int,
+    delimiter: str | None,
+    ncols: int,
+    path: Path,
+    wanted: list[int],
+    omitted: list[tuple[int, list[float]]] | None = None,
 ) -> np.ndarray:
-    """The wanted columns of the table body as an (n, len(wanted)) float64 array."""
+    """The wanted columns of the table body as an (n, len(wanted)) float64 array. With
+    `omitted` (a list), a row with a NaN or empty cell in a wanted column is left out and
+    appended to it as (1-based line number, its wanted values, NaN for an empty cell)."""
     body = [ln for ln in lines[start:] if ln.strip() and not ln.lstrip().startswith("#")]
     # Slow path: other columns may hold text; read the wanted ones and name the first bad cell.
     out = np.empty((len(body), len(wanted)), dtype=np.float64)
@@ -569,8 +765,13 @@ def _parse_body(
             raise DataError(
                 f"data.file: {path} line {lineno + 1}: expected {ncols} columns, found {len(cells)}"
             )
+        missing = False
         for j, col in enumerate(wanted):
             cell = cells[col]
+            if omitted is not None and (cell == "" or cell.lower() in _NAN_CELLS):
+                missing = True
+                out[row, j] = math.nan
+                continue
             try:
                 value = float(cell)
             except ValueError:
@@ -584,5 +785,11 @@ def _parse_body(
                     "finite number; remove or fix that row"
                 )
             out[row, j] = value
+        if missing and omitted is not None:
+            omitted.append((lineno + 1, out[row].tolist()))
+            continue
         row += 1
-    return out
+    return out[:row]
+
+
+_NAN_CELLS = frozenset({"nan", "+nan", "-nan"})

@@ -55,6 +55,22 @@ def exit_code_for(status: str, signal: str | None = None) -> ExitCode:
     return _EXIT_FOR_STATUS[RunStatus(status)]
 
 
+class GroupStatus(StrEnum):
+    """One group's status in a grouped fit (groups.csv's `status` column)."""
+
+    CONVERGED = "converged"  # LM stopped by one of its convergence tests
+    COMPLETED = "completed"  # a gradient optimizer ran all its epochs (no convergence test)
+    FAILED = "failed"  # non-finite, singular, too few points, or not converged; see its reason
+
+
+def grouped_run_status(statuses: list[str]) -> RunStatus:
+    """A grouped run's status from its groups': failed if any group failed (exit 1, as a
+    sweep with a failed run), else completed (exit 0)."""
+    if any(s == GroupStatus.FAILED for s in statuses):
+        return RunStatus.FAILED
+    return RunStatus.COMPLETED
+
+
 class Interrupted(KeyboardInterrupt):
     """A second stop signal: the command ends at once (exit by `exit_code_for`)."""
 

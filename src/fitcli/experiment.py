@@ -67,6 +67,17 @@ def execute(
     from fitcli.train import History
 
     command = command if command is not None else sys.argv
+    if getattr(prep, "grouped", False):  # data in groups: `fitcli.grouped_run`
+        from fitcli.grouped_run import execute_grouped
+
+        return execute_grouped(
+            prep,  # type: ignore[arg-type]
+            run_dir,
+            plotlyjs=plotlyjs,
+            command=command,
+            on_epoch=on_epoch,
+            stopped_by=stopped_by,
+        )
     cfg = prep.cfg
     t0 = time.perf_counter()
     if resume is None and cfg.starts > 1 and prep.starts is None:
@@ -103,11 +114,12 @@ def execute(
             history=history,
         )
         writer.metrics(result)
-        if prep.lm:
-            fill_converged_snapshots(writer, prep, result)
-        writer.flush()
         # Still inside: a second Ctrl-C or a fault while finishing must not leave "running".
         conclude(prep, result, summary, t0=t0, stopped_by=stopped_by)
+        if prep.lm:
+            fill_converged_snapshots(writer, prep, result, bool(summary.get("converged")))
+        writer.flush()
+        # After the last snapshot page: it is drawn again with the bands of the final fit.
         writer.bands(summary)  # needs the error bars; summary.json says what it wrote
         files.write_json(run_dir / files.SUMMARY, summary)
     except BaseException as exc:
@@ -182,11 +194,14 @@ def conclude(
     return summary
 
 
-def fill_converged_snapshots(writer: RunWriter, prep: Prepared, result: TrainResult) -> None:
+def fill_converged_snapshots(
+    writer: RunWriter, prep: Prepared, result: TrainResult, converged: bool = False
+) -> None:
     """LM stopped early by itself: the scheduled snapshots it did not reach show the final fit,
     so that a run still has `snapshots + 1` of them (the final one takes the place of the next
-    scheduled one when it is not itself scheduled). Their note says "stopped", not "converged":
-    whether the fit converged is decided afterwards, with the error bars (`stats.verdict`)."""
+    scheduled one when it is not itself scheduled). Their note says what happened: "converged
+    at epoch N" when the run's verdict (`stats.verdict`, with the error bars: `converged`) says
+    it converged, else "stopped at epoch N"; the plots title them as the final fit."""
     stepper, cfg = prep.stepper, prep.cfg
     done = result.epochs_run
     if result.status != RunStatus.COMPLETED or stepper.failure or not stepper.converged:
@@ -198,7 +213,8 @@ def fill_converged_snapshots(writer: RunWriter, prep: Prepared, result: TrainRes
     history, writer.history = writer.history, None  # state.json stays at the real last epoch
     try:
         for epoch in later:
-            writer.snapshot(epoch, result.final_loss, note=f"stopped at epoch {done}")
+            how = "converged" if converged else "stopped"
+            writer.snapshot(epoch, result.final_loss, note=f"{how} at epoch {done}")
     finally:
         writer.history = history
 
@@ -257,6 +273,7 @@ def _finish_stats(prep: Prepared, result: TrainResult) -> dict:
             final_loss=result.final_loss,
             model_expr=prep.cfg.model.expr,
             target=prep.cfg.data.target,
+            absolute_sigma=prep.cfg.data.absolute_sigma is not False,
         )
     except Exception as exc:  # error bars are a report, not the fit: say why they are missing
         return {

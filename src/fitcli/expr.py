@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import importlib
+import keyword as _keyword
 import math
 import operator
 import warnings
@@ -40,9 +42,11 @@ __all__ = [
     "MAX_NODES",
     "Expression",
     "Function",
+    "ONE_VARIABLE",
     "name_taken",
     "parse_expression",
     "rename_hint",
+    "variable_problem",
 ]
 
 MAX_LENGTH = 2000
@@ -364,30 +368,40 @@ _OPS: dict[type, Callable[[Any, Any], Any]] = {
 
 # The checked tree ("IR") is made of plain tuples, flattened so that + - and * / chains are one
 # level each (a long sum must not become a deep recursion):
-#   ("num", value) | ("x",) | ("param", name) | ("neg", node)
+#   ("num", value) | ("x",) | ("var", name) | ("param", name) | ("neg", node)
+#   ("x",) is the one independent variable x; ("var", name) one of several named ones
 #   ("call", name, (node, ...))   name: a key of FUNCTION_TABLE, one node per argument
 #   ("cmp", first, ((op, node), ...))   only as where's first argument; op in _COMPARISONS values
 #   ("pow", base, exponent) | ("chain", first, ((op, node), ...))   with op in _OPS values
 _Node = tuple
 
+ONE_VARIABLE: tuple[str, ...] = ("x",)
+"""The independent variables of an expression of one variable."""
+
 
 @dataclass(frozen=True)
 class Expression:
-    """A checked expression; call it with ``x`` and parameter values to evaluate it in torch."""
+    """A checked expression; call it with ``x`` and parameter values to evaluate it in torch.
+
+    ``variables`` are its independent variables: ``("x",)``, or several names, in which case
+    ``x`` is a tensor of shape ``(..., n, len(variables))``, one column per variable.
+    """
 
     source: str
     params: tuple[str, ...]
-    uses_x: bool
+    uses_x: bool  # whether it depends on an independent variable
     _tree: _Node = field(repr=False, compare=False)
     _what: str = field(default="expression", repr=False, compare=False)
     _compiled: list = field(default_factory=list, init=False, repr=False, compare=False)
+    variables: tuple[str, ...] = ONE_VARIABLE
 
     def __call__(
         self,
         x: torch.Tensor,
         params: Mapping[str, torch.Tensor | float] | None = None,
     ) -> torch.Tensor:
-        """Evaluate with torch ops; the result has ``x``'s shape, dtype and device.
+        """Evaluate with torch ops; the result has ``x``'s shape, dtype and device (with
+        several variables, ``x``'s shape without its last, variables' dimension).
 
         Parameter values may be tensors (kept as they are, so autograd flows into them) or
         plain numbers. A missing parameter is an ``ExpressionError`` naming it.
@@ -417,6 +431,12 @@ class Expression:
             values = params if converted is None else converted
         else:
             values = _NO_PARAMS
+        if self.variables is not ONE_VARIABLE:
+            # Several variables: each is read, as a parameter is, from the mapping.
+            columns = dict(values)
+            for j, name in enumerate(self.variables):
+                columns[name] = x[..., j]
+            x, values = x[..., 0], columns
         result = fn(x, values)
         if result.shape != x.shape:
             result = result.expand(x.shape).contiguous()
@@ -426,29 +446,49 @@ class Expression:
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Closures do not pickle (Dask ships configs to workers): re-parse on the other side.
-        return (_rebuild, (self.source, self._what))
+        return (_rebuild, (self.source, self._what, self.variables))
 
 
-def _rebuild(source: str, what: str) -> Expression:
-    return parse_expression(source, what=what)
+def _rebuild(source: str, what: str, variables: tuple[str, ...] = ("x",)) -> Expression:
+    return parse_expression(source, what=what, variables=variables)
 
 
 _NO_PARAMS: dict[str, Any] = {}
 
 
 def parse_expression(
-    source: str, *, allow_params: bool = True, what: str = "expression"
+    source: str,
+    *,
+    allow_params: bool = True,
+    what: str = "expression",
+    variables: tuple[str, ...] = ("x",),
 ) -> Expression:
     """Validate ``source`` against the allowlist and return the checked ``Expression``.
 
-    Free names other than ``x``, ``pi`` and ``e`` become parameters, in order of first
-    appearance; with ``allow_params=False`` they are errors. ``what`` names the expression in
-    messages ("target", "basis function"). Never imports torch, never evaluates anything.
+    Free names other than the independent `variables` (``x``), ``pi`` and ``e`` become
+    parameters, in order of first appearance; with ``allow_params=False`` they are errors.
+    ``what`` names the expression in messages ("target", "basis function"). Never imports
+    torch, never evaluates anything. The names in `variables` must be valid
+    (`variable_problem`); with several, ``x`` is not one unless it is among them.
     """
+    variables = tuple(variables)
+    if variables == ONE_VARIABLE:
+        variables = ONE_VARIABLE
     if not isinstance(source, str):
         raise ExpressionError(
             f"{what} must be a string, not {type(source).__name__}", f"<{type(source).__name__}>"
         )
+    return _parse_checked(source, allow_params, what, variables)
+
+
+# A config's expression is parsed by its validation and again by the model it builds, and a
+# program fitting many data sets parses the same few sources over and over: each source is
+# checked once. An `Expression` is immutable (its compiled closures are a cache of a pure
+# function), so every caller may share it; errors are not cached, each call raises afresh.
+@functools.lru_cache(maxsize=256)
+def _parse_checked(
+    source: str, allow_params: bool, what: str, variables: tuple[str, ...] = ONE_VARIABLE
+) -> Expression:
     if len(source) > MAX_LENGTH:
         raise ExpressionError(
             f"{what} is too long ({len(source)} characters; at most {MAX_LENGTH})",
@@ -476,6 +516,8 @@ def parse_expression(
     if not stripped.strip():
         raise ExpressionError(f"empty {what}", source)
     checker = _Checker(source, len(source) - len(stripped), allow_params, what)
+    if variables is not ONE_VARIABLE:
+        checker.variables = variables
     tree = checker.parse(stripped)
     return Expression(
         source=source,
@@ -483,7 +525,25 @@ def parse_expression(
         uses_x=checker.uses_x,
         _tree=tree,
         _what=what,
+        variables=variables,
     )
+
+
+def variable_problem(name: Any) -> str | None:
+    """Why `name` cannot be an independent variable's name, or None when it can: it must be an
+    identifier (not starting with ``_``) that is not a function, lineshape or constant."""
+    if not isinstance(name, str) or not name.isidentifier() or not name.isascii():
+        return f"{name!r} is not a valid variable name (letters, digits and _, not first a digit)"
+    if name.startswith("_"):
+        return f"{name!r} is not a valid variable name (names may not start with '_')"
+    if _keyword.iskeyword(name):
+        return f"{name!r} is a Python keyword, not a valid variable name"
+    taken = name_taken(name)
+    if taken is None and name in _shapes.SHAPES:
+        taken = f"'{name}' is a lineshape in expressions"
+    if taken is not None:
+        return f"{taken}, not a variable; name the column otherwise, e.g. {name}_ or {name}1"
+    return None
 
 
 class _Checker:
@@ -504,6 +564,7 @@ class _Checker:
         self.allow_params = allow_params
         self.what = what
         self.params: dict[str, None] = {}  # ordered set
+        self.variables: tuple[str, ...] = ()  # several named variables, else x alone
         self.uses_x = False
         self.line_starts = [0]
 
@@ -599,7 +660,17 @@ class _Checker:
         if name in self.local:
             self.params.setdefault(name, None)
             return ("param", name)
-        if name == "x":
+        if self.variables:
+            if name in self.variables:
+                self.uses_x = True
+                return ("var", name)
+            if name == "x":
+                raise self.error(
+                    f"x is not a variable of this {self.what}: its independent variables are "
+                    f"{', '.join(self.variables)} (data.columns.x)",
+                    node,
+                )
+        elif name == "x":
             self.uses_x = True
             return ("x",)
         if name in CONSTANTS:
@@ -621,8 +692,11 @@ class _Checker:
         if name.startswith("_"):
             raise self.error(f"name '{name}' is not allowed (names may not start with '_')", node)
         if not self.allow_params:
+            known = ", ".join(self.variables) if self.variables else "x"
             raise self.error(
-                f"unknown name '{name}'; only x, pi and e may appear in {_article(self.what)}", node
+                f"unknown name '{name}'; only {known}, pi and e may appear in "
+                f"{_article(self.what)}",
+                node,
             )
         self.params.setdefault(name, None)
         return ("param", name)
@@ -903,7 +977,7 @@ def _compile_node(node: _Node) -> tuple[str, Any]:
         return ("num", node[1])
     if tag == "x":
         return ("x", None)
-    if tag == "param":
+    if tag == "param" or tag == "var":  # several variables arrive in the mapping (`__call__`)
         return ("param", node[1])
     if tag == "neg":
         f = _as_fn(*_compile_node(node[1]))

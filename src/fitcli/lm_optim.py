@@ -199,12 +199,15 @@ class NumpyModel(HostModel):
     design matrix), chained through the ties and the bound transforms of `FitModel.external`:
     with the expression's Jacobian J_direct over the free and tied parameters it mentions,
     ``J_free = J_direct[:, free] + J_direct[:, tied] @ d tied / d free``, the ties' gradients
-    from `fitcli.symdiff` too, chained in dependency order."""
+    from `fitcli.symdiff` too, chained in dependency order. With `external`, a function of the
+    free parameters' own values (`FitModel.predict_external`, what the error bars are taken
+    against): the same without the bound transforms."""
 
-    def __init__(self, model: FitModel, x: torch.Tensor) -> None:
+    def __init__(self, model: FitModel, x: torch.Tensor, *, external: bool = False) -> None:
         from fitcli.symdiff import compile_jacobian, compile_value
 
-        self.x = x.detach().reshape(-1).to(torch.float64).numpy()
+        x = x.detach().to(torch.float64)
+        self.x = (x.reshape(-1) if x.dim() <= 1 else x).numpy()  # n x k for several variables
         free = [info for info in model.infos if info.free]
         self.free_names = [info.name for info in free]
         fixed = model.fixed.detach().to(torch.float64).tolist()
@@ -217,7 +220,9 @@ class NumpyModel(HostModel):
             for pos, tie in model._ties
         ]
         self.bounds = [(info.min, info.max) for info in free]
-        self.bounded = any(lo is not None or hi is not None for lo, hi in self.bounds)
+        self.bounded = not external and any(
+            lo is not None or hi is not None for lo, hi in self.bounds
+        )
         self.kind = model.kind
         if isinstance(model, BasisModel):
             phi = model.design(x).detach().to(torch.float64).numpy()
@@ -302,8 +307,8 @@ class NumpyModel(HostModel):
 _ONE = np.zeros(1)  # the x at which a tie (which never uses x) is evaluated
 
 
-def host_model(model: FitModel, x: torch.Tensor) -> HostModel | None:
+def host_model(model: FitModel, x: torch.Tensor, *, external: bool = False) -> HostModel | None:
     """The numpy form of a basis or expression model (None for anything else)."""
     if getattr(model, "kind", None) not in ("basis", "expr"):
         return None
-    return NumpyModel(model, x)
+    return NumpyModel(model, x, external=external)

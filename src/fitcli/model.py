@@ -272,7 +272,7 @@ class BasisModel(FitModel):
     def bind(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
         if self._all_free_unbounded:
             # Phi is computed once: the whole model is one matrix-vector product.
-            if x.shape[-1] >= ROW_EXACT_LIMIT:
+            if x.shape[0] >= ROW_EXACT_LIMIT:
                 return functools.partial(torch.mv, self.design(x), self.raw)
             return functools.partial(rows_dot, self.design_t(x), self.raw)
         return super().bind(x)
@@ -301,7 +301,7 @@ class ExprModel(FitModel):
         super().__init__(infos, dtype)
         self.expression = expression
         self.components = tuple(expression_components(expression.source))
-        self._components = parse_components(self.components)
+        self._components = parse_components(self.components, expression.variables)
 
     def component_values(self, x: torch.Tensor) -> list[torch.Tensor]:
         if not self.components:
@@ -314,7 +314,9 @@ class ExprModel(FitModel):
     def predict_full(self, full: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if full.dim() > 1:
             # A leading run dimension: each run's parameters broadcast over its own copy of x.
-            x = x.expand(*full.shape[:-1], x.shape[-1])
+            # (Several variables: x is n x k, and each run gets its own n x k.)
+            tail = x.shape[-1:] if x.dim() == 1 else x.shape[-2:]
+            x = x.expand(*full.shape[:-1], *tail)
         params = {
             name: full[..., k, None] if full.dim() > 1 else full[k]
             for k, name in enumerate(self.names)
@@ -388,13 +390,20 @@ def model_function(
     return fn
 
 
-def build_model(model_cfg: ModelSpec, init_seed: int, dtype: torch.dtype) -> FitModel:
-    """Model from the config's `model` section; basis coefficients default to N(0, 1) draws."""
+def build_model(
+    model_cfg: ModelSpec,
+    init_seed: int,
+    dtype: torch.dtype,
+    variables: tuple[str, ...] = ("x",),
+) -> FitModel:
+    """Model from the config's `model` section, over the independent `variables` (the data's:
+    `DataSpec.variables`); basis coefficients default to N(0, 1) draws."""
     from fitcli.expr import parse_expression
 
     if model_cfg.basis is not None:
         basis = [
-            parse_expression(b, allow_params=False, what="basis function") for b in model_cfg.basis
+            parse_expression(b, allow_params=False, what="basis function", variables=variables)
+            for b in model_cfg.basis
         ]
         if model_cfg.init is not None:
             init = [float(v) for v in model_cfg.init]
@@ -403,7 +412,7 @@ def build_model(model_cfg: ModelSpec, init_seed: int, dtype: torch.dtype) -> Fit
             init = torch.randn(len(basis), generator=gen, dtype=torch.float64).tolist()
         return BasisModel(basis, init, dtype)
     assert model_cfg.expr is not None  # the schema requires basis or expr
-    expression = parse_expression(model_cfg.expr, allow_params=True)
+    expression = parse_expression(model_cfg.expr, allow_params=True, variables=variables)
     specs = model_cfg.params or {}
     infos = []
     # The parameters of expr, then those only in ties and the derived ones (`ModelSpec`).
@@ -442,7 +451,12 @@ def check_finite_start(model: FitModel, x: torch.Tensor, xs_cpu: np.ndarray) -> 
     if not bool(finite.all()):
         k = int((~finite).nonzero()[0, 0])
         what = "model.basis" if model.kind == "basis" else "model.expr"
+        from fitcli.data import point_text
+
+        expression = getattr(model, "expression", None)
+        names = expression.variables if expression is not None else ("x",)
+
         raise DataError(
-            f"{what}: the model is not finite at x = {float(xs_cpu[k]):g} with the starting "
+            f"{what}: the model is not finite at {point_text(xs_cpu, k, names)} with the starting "
             f"parameters {model.values()}; change the expression, the starting values or the data"
         )

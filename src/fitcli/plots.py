@@ -8,6 +8,7 @@ encoder escapes `<`, `>` and `/` inside the page's script, so nothing in a confi
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,90 @@ AXIS = {
     "showline": True,
     "linecolor": "#888888",
 }
+
+
+# Okabe & Ito's palette ("Color Universal Design", 2008): eight colours told apart under every
+# common colour-vision deficiency and in greyscale by lightness. Every figure takes its colours
+# from here: observations in black on top of a vermillion fit, the true curve bluish green.
+OKABE_ITO = {
+    "black": "#000000",
+    "orange": "#E69F00",
+    "sky blue": "#56B4E9",
+    "bluish green": "#009E73",
+    "yellow": "#F0E442",
+    "blue": "#0072B2",
+    "vermillion": "#D55E00",
+    "reddish purple": "#CC79A7",
+}
+OBSERVED = "rgba(0,0,0,0.65)"  # black, a little see-through where points crowd the fit
+FIT = OKABE_ITO["vermillion"]
+TRUE_CURVE = OKABE_ITO["bluish green"]
+# Series (parameters, components, compared runs), in the order of the palette's contrast.
+COLORS = tuple(
+    OKABE_ITO[c]
+    for c in ("blue", "orange", "bluish green", "reddish purple", "sky blue", "vermillion")
+) + (OKABE_ITO["yellow"], OKABE_ITO["black"])
+# Correlations from -1 (blue) through 0 (white) to +1 (vermillion): diverging, colour-blind safe.
+CORRELATION_SCALE = [[0.0, OKABE_ITO["blue"]], [0.5, "#ffffff"], [1.0, OKABE_ITO["vermillion"]]]
+
+
+@dataclass(frozen=True)
+class Labels:
+    """What a run's fit figures say on their axes: titles (config or data text, escaped when
+    drawn), the fit figure's own title (None: the run's name) and which axes are logarithmic."""
+
+    x: str = "x"
+    y: str = "y"
+    title: str | None = None
+    log_x: bool = False
+    log_y: bool = False
+
+
+def axis_labels(spec: Any = None, columns: dict | None = None) -> Labels:
+    """The `Labels` of a run: the config's `report` section (`spec`: x_label, y_label, title,
+    log_x, log_y) over the data file's column names by role (`columns`), else x and y."""
+    cols = columns or {}
+    return Labels(
+        x=getattr(spec, "x_label", None) or cols.get("x") or "x",
+        y=getattr(spec, "y_label", None) or cols.get("y") or "y",
+        title=getattr(spec, "title", None),
+        log_x=bool(getattr(spec, "log_x", False)),
+        log_y=bool(getattr(spec, "log_y", False)),
+    )
+
+
+def _axis(title: str, log: bool = False) -> dict:
+    return {"title": {"text": text(title)}, **({"type": "log"} if log else {})}
+
+
+def observed_trace(x: Any, y: Any, sigma: Any, n: int, note: str) -> dict:
+    """The observations as markers on top of the fit (`zorder`), with ±1 sigma error bars when
+    the data give sigma; `n` is how many points there are (WebGL beyond 20,000)."""
+    trace = {
+        "type": "scattergl" if n > 20000 else "scatter",
+        "mode": "markers",
+        "name": "observed" + note + (" ± 1 sigma" if sigma is not None else ""),
+        "x": x,
+        "y": y,
+        "marker": {"size": 6 if n <= 2000 else 4, "color": OBSERVED},
+        "zorder": 1,
+    }
+    if sigma is not None:
+        trace["error_y"] = {
+            "type": "data",
+            "array": sigma,
+            "visible": True,
+            "color": OBSERVED,
+            "thickness": 1,
+            "width": 0,
+        }
+    return trace
+
+
+def _state(epoch: int, epochs: int, note: str | None) -> str:
+    """Where a fit figure is in the run: `epoch N/M`, or for a snapshot filled in after the fit
+    stopped (its `note`, e.g. "converged at epoch 16"), that it is the final fit."""
+    return f"{text(note)} (the final fit)" if note else f"epoch {epoch}/{epochs}"
 
 
 def text(s: Any) -> str:
@@ -66,22 +151,22 @@ def snapshot_figure(
     y_fit: np.ndarray,
     loss_name: str,
     components: list[tuple[str, np.ndarray]] | None = None,
+    sigma: np.ndarray | None = None,
+    labels: Labels | None = None,
+    note: str | None = None,
     bands: dict | None = None,
 ) -> dict:
-    """The fit at one epoch: observations, the true curve when known, the current model and,
-    beside it, its components (label, values on x_fit) when it has them; beneath them the
-    shaded bands of the final fit (`band_set`) when given."""
-    sl, note = downsample(len(x))
+    """The fit at one epoch: observations (± sigma when given), the true curve when known, the
+    current model and, beside it, its components (label, values on x_fit) when it has them;
+    beneath them the shaded bands of the final fit (`fitcli.bands.band_set`) when given.
+    A snapshot filled in after the fit stopped (`note`) is titled as the final fit."""
+    labels = labels or Labels()
+    sl, dropped = downsample(len(x))
     data = [
         *(band_traces(bands) if bands else []),
-        {
-            "type": "scattergl" if len(x) > 20000 else "scatter",
-            "mode": "markers",
-            "name": "observed" + note,
-            "x": typed(x[sl]),
-            "y": typed(y[sl]),
-            "marker": {"size": 4, "color": "rgba(99,110,250,0.45)"},
-        },
+        observed_trace(
+            typed(x[sl]), typed(y[sl]), None if sigma is None else typed(sigma[sl]), len(x), dropped
+        ),
     ]
     if y_true is not None:
         data.append(
@@ -91,7 +176,7 @@ def snapshot_figure(
                 "name": "true curve",
                 "x": typed(x[sl]),
                 "y": typed(y_true[sl]),
-                "line": {"color": "#2ca02c", "dash": "dash"},
+                "line": {"color": TRUE_CURVE, "dash": "dash"},
             }
         )
     data.append(
@@ -101,21 +186,22 @@ def snapshot_figure(
             "name": "fit",
             "x": typed(x_fit),
             "y": typed(y_fit),
-            "line": {"color": "#d62728", "width": 3},
+            "line": {"color": FIT, "width": 3},
         }
     )
     for k, (label, values) in enumerate(components or []):
         data.append(component_trace(k, label, typed(x_fit), typed(values)))
+    head = text(labels.title or name)
     title = (
-        f"{text(name)}: epoch {epoch}/{epochs}, {loss_name} {loss:.6g}"
+        f"{head}: {_state(epoch, epochs, note)}, {loss_name} {loss:.6g}"
         f"<br><sub>{_fmt_params(params)}</sub>"
     )
     return {
         "data": data,
         "layout": {
             "title": {"text": title},
-            "xaxis": {"title": {"text": "x"}, **AXIS},
-            "yaxis": {"title": {"text": "y"}, **AXIS},
+            "xaxis": {**_axis(labels.x, labels.log_x), **AXIS},
+            "yaxis": {**_axis(labels.y, labels.log_y), **AXIS},
             "legend": {"orientation": "h", "y": -0.15},
             "margin": {"t": 80},
             **STYLE,
@@ -252,20 +338,41 @@ def snapshot_page(
     loss_name: str,
     plotlyjs: str,
     components: list[tuple[str, np.ndarray]] | None = None,
+    sigma: np.ndarray | None = None,
+    labels: Labels | None = None,
+    note: str | None = None,
+    variables: tuple[str, ...] | None = None,
+    left_out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     bands: dict | None = None,
 ) -> str:
     """One snapshot page, `snapshots/epoch-N.html`: a pure function of stored values (the
     final one with the bands of bands.csv, `band_set`).
+
+    With several `variables` (x n x k, y_fit the fit at the data points) it is
+    `variables_figure`; `left_out` (x, y, reason per row) adds the rows not fitted.
 
     Training and `fitcli plot` both call it, so a rebuild from data.csv, params.json and the
     stored fitted curve is byte-identical to the page training wrote (same plotly.js mode).
     Observations are drawn sorted by x; the div id comes from the epoch, never a random uuid.
     """
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if variables is not None:
+        fig = variables_figure(
+            title=_snapshot_title(name, epoch, epochs, loss_name, loss, params),
+            variables=variables,
+            x=x,
+            y=y,
+            y_fit=np.asarray(y_fit, dtype=np.float64),
+            left_out=left_out,
+        )
+        return to_html(
+            fig, plotlyjs, depth=1, title=f"{name} epoch {epoch}", div_id=f"fitcli-epoch-{epoch}"
+        )
     if not np.all(np.diff(x) >= 0):
         order = np.argsort(x, kind="stable")
         x, y = x[order], y[order]
         y_true = None if y_true is None else np.asarray(y_true)[order]
+        sigma = None if sigma is None else np.asarray(sigma)[order]
     fig = snapshot_figure(
         name=name,
         epoch=epoch,
@@ -279,27 +386,193 @@ def snapshot_page(
         y_fit=y_fit,
         loss_name=loss_name,
         components=components,
+        sigma=sigma,
+        labels=labels,
+        note=note,
         bands=bands,
     )
-    return to_html(
-        fig, plotlyjs, depth=1, title=f"{name} epoch {epoch}", div_id=f"fitcli-epoch-{epoch}"
+    if left_out is not None:
+        fig["data"] += left_out_traces(*left_out)
+    page_title = f"{name} epoch {epoch}" if note is None else f"{name} ({note})"
+    return to_html(fig, plotlyjs, depth=1, title=page_title, div_id=f"fitcli-epoch-{epoch}")
+
+
+def _snapshot_title(
+    name: str, epoch: int, epochs: int, loss_name: str, loss: float, params: dict[str, float]
+) -> str:
+    return (
+        f"{text(name)}: epoch {epoch}/{epochs}, {loss_name} {loss:.6g}"
+        f"<br><sub>{_fmt_params(params)}</sub>"
     )
+
+
+def left_out_traces(
+    x: np.ndarray, y: np.ndarray, reason: np.ndarray, axes: dict | None = None
+) -> list[dict]:
+    """The rows read but not fitted, against x (a 1-D array): hollow markers for those omitted
+    for a NaN or empty cell (where x and y are known), grey ones for those outside data.range."""
+    out = []
+    for why, label, marker in (
+        ("nan", "omitted (NaN)", {"size": 7, "symbol": "circle-open", "color": "#636efa"}),
+        ("range", "outside range", {"size": 5, "color": "rgba(150,150,150,0.6)"}),
+    ):
+        keep = (reason == why) & np.isfinite(x) & np.isfinite(y)
+        if keep.any():
+            out.append(
+                {
+                    "type": "scatter",
+                    "mode": "markers",
+                    "name": label,
+                    "x": typed(x[keep]),
+                    "y": typed(y[keep]),
+                    "marker": marker,
+                    **(axes or {}),
+                }
+            )
+    return out
+
+
+def grid_of(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(values of the first variable, of the second, index of each point in the value grid) when
+    the n x 2 points lie on a full grid, each pair once; else None."""
+    if x.ndim != 2 or x.shape[1] != 2:
+        return None
+    u0, i0 = np.unique(x[:, 0], return_inverse=True)
+    u1, i1 = np.unique(x[:, 1], return_inverse=True)
+    if len(u0) < 2 or len(u1) < 2 or len(u0) * len(u1) != x.shape[0]:
+        return None
+    flat = i0 * len(u1) + i1
+    if len(np.unique(flat)) != x.shape[0]:
+        return None
+    return u0, u1, flat
+
+
+def variables_figure(
+    *,
+    title: str,
+    variables: tuple[str, ...],
+    x: np.ndarray,
+    y: np.ndarray,
+    y_fit: np.ndarray,
+    left_out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> dict:
+    """The fit of several variables at the data points. Two variables: observed and fitted
+    against each (top) with the residuals below, and a heatmap of the fit when the points lie
+    on a grid; more: observed against fitted, and the residuals against fitted."""
+    sl, note = downsample(len(y))
+    resid = y - y_fit
+    data: list[dict] = []
+    layout: dict = {"title": {"text": title}, "margin": {"t": 80}, **STYLE}
+    layout["legend"] = {"orientation": "h", "y": -0.12}
+    grid = grid_of(x) if len(variables) == 2 else None
+    panels = len(variables) if len(variables) == 2 else 1
+    columns = panels + (grid is not None)
+    width = 1.0 / columns
+    for c in range(columns):
+        layout[f"xaxis{2 * c + 1 if c else ''}"] = {
+            **AXIS,
+            "domain": [c * width + 0.04, (c + 1) * width - 0.04],
+            "anchor": f"y{2 * c + 1 if c else ''}",
+        }
+        layout[f"yaxis{2 * c + 1 if c else ''}"] = {
+            **AXIS,
+            "domain": [0.45, 1.0] if c < panels else [0.0, 1.0],
+            "anchor": f"x{2 * c + 1 if c else ''}",
+        }
+        if c < panels:
+            layout[f"xaxis{2 * c + 2}"] = {
+                **AXIS,
+                "domain": [c * width + 0.04, (c + 1) * width - 0.04],
+                "anchor": f"y{2 * c + 2}",
+            }
+            layout[f"yaxis{2 * c + 2}"] = {
+                **AXIS,
+                "domain": [0.0, 0.35],
+                "anchor": f"x{2 * c + 2}",
+            }
+
+    def axes(c: int, row: int) -> dict:
+        k = 2 * c + row
+        return {"xaxis": f"x{k if k > 1 else ''}", "yaxis": f"y{k if k > 1 else ''}"}
+
+    obs = {"size": 5, "color": "rgba(99,110,250,0.55)"}
+    fit = {"size": 5, "color": "#d62728", "symbol": "x"}
+    for c in range(panels):
+        if len(variables) == 2:
+            against, label = x[:, c], text(variables[c])
+        else:
+            against, label = y_fit, "fitted"
+        first = c == 0
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": "observed" + note,
+                "x": typed(against[sl]),
+                "y": typed(y[sl]),
+                "marker": obs,
+                "legendgroup": "obs",
+                "showlegend": first,
+                **axes(c, 1),
+            }
+        )
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": "fit",
+                "x": typed(against[sl]),
+                "y": typed(y_fit[sl]),
+                "marker": fit,
+                "legendgroup": "fit",
+                "showlegend": first,
+                **axes(c, 1),
+            }
+        )
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": "residual",
+                "x": typed(against[sl]),
+                "y": typed(resid[sl]),
+                "marker": {"size": 4, "color": "#636efa"},
+                "legendgroup": "res",
+                "showlegend": first,
+                **axes(c, 2),
+            }
+        )
+        if left_out is not None and len(variables) == 2:
+            lx, ly, why = left_out
+            data += left_out_traces(lx[:, c], ly, why, axes(c, 1))
+        k = 2 * c + 1
+        layout[f"xaxis{k if k > 1 else ''}"]["title"] = {"text": label}
+        layout[f"yaxis{k if k > 1 else ''}"]["title"] = {"text": "y"}
+        layout[f"xaxis{k + 1}"]["title"] = {"text": label}
+        layout[f"yaxis{k + 1}"]["title"] = {"text": "residual"}
+    if grid is not None:
+        u0, u1, flat = grid
+        z = np.full(len(u0) * len(u1), np.nan)
+        z[flat] = y_fit
+        c = panels
+        data.append(
+            {
+                "type": "heatmap",
+                "name": "fit on the grid",
+                "x": typed(u0),
+                "y": typed(u1),
+                "z": z.reshape(len(u0), len(u1)).T.tolist(),
+                "colorscale": "Viridis",
+                "colorbar": {"title": {"text": "fit"}, "len": 0.8},
+                **axes(c, 1),
+            }
+        )
+        layout[f"xaxis{2 * c + 1}"]["title"] = {"text": text(variables[0])}
+        layout[f"yaxis{2 * c + 1}"]["title"] = {"text": text(variables[1])}
+    return {"data": data, "layout": layout}
 
 
 # -- the report and comparison pages ---------------------------------------------------------
-
-COLORS = (
-    "#636efa",
-    "#ef553b",
-    "#00cc96",
-    "#ab63fa",
-    "#ffa15a",
-    "#19d3f3",
-    "#ff6692",
-    "#b6e880",
-    "#ff97ff",
-    "#fecb52",
-)
 
 
 def _layout(title: str, **extra: Any) -> dict:
@@ -314,9 +587,18 @@ def _layout(title: str, **extra: Any) -> dict:
     }
 
 
-def _fit_title(name: str, epoch: int, epochs: int, loss_name: str, loss: float | None) -> str:
+def _fit_title(
+    name: str,
+    epoch: int,
+    epochs: int,
+    loss_name: str,
+    loss: float | None,
+    note: str | None = None,
+    title: str | None = None,
+) -> str:
     shown = "-" if loss is None else f"{loss:.6g}"
-    return f"{text(name)}: fit at epoch {epoch}/{epochs}, {text(loss_name)} {shown}"
+    state = f"{text(note)} (the final fit)" if note else f"fit at epoch {epoch}/{epochs}"
+    return f"{text(title or name)}: {state}, {text(loss_name)} {shown}"
 
 
 def fit_animation_figure(
@@ -329,24 +611,23 @@ def fit_animation_figure(
     y_true: np.ndarray | None,
     snapshots: list[dict],
     components: list[str] | None = None,
+    sigma: np.ndarray | None = None,
+    labels: Labels | None = None,
 ) -> dict:
-    """Observations, true curve and the fitted curve, with a slider and a play button across
-    `snapshots` (each: epoch, loss, x_fit, y_fit and, with `components` (their labels), the
-    list `components` of their values). Frames replace only the fit and component traces."""
+    """Observations (± sigma when given), true curve and the fitted curve, with a slider and a
+    play button across `snapshots` (each: epoch, loss, x_fit, y_fit and, with `components`
+    (their labels), the list `components` of their values; optionally a `note` saying it is
+    the final fit of a run that stopped early, and its slider `label`). Frames replace only the
+    fit and component traces."""
+    axes = labels or Labels()
     if not np.all(np.diff(x) >= 0):
         order = np.argsort(x, kind="stable")
         x, y = x[order], y[order]
         y_true = None if y_true is None else y_true[order]
+        sigma = None if sigma is None else sigma[order]
     sl, note = downsample(len(x))
     data: list[dict] = [
-        {
-            "type": "scattergl" if len(x) > 20000 else "scatter",
-            "mode": "markers",
-            "name": "observed" + note,
-            "x": x[sl],
-            "y": y[sl],
-            "marker": {"size": 4, "color": "rgba(99,110,250,0.45)"},
-        }
+        observed_trace(x[sl], y[sl], None if sigma is None else sigma[sl], len(x), note)
     ]
     if y_true is not None:
         data.append(
@@ -356,7 +637,7 @@ def fit_animation_figure(
                 "name": "true curve" + note,
                 "x": x[sl],
                 "y": y_true[sl],
-                "line": {"color": "#2ca02c", "dash": "dash"},
+                "line": {"color": TRUE_CURVE, "dash": "dash"},
             }
         )
     fit_index = len(data)
@@ -368,20 +649,20 @@ def fit_animation_figure(
             "name": "fit",
             "x": last["x_fit"] if last else [],
             "y": last["y_fit"] if last else [],
-            "line": {"color": "#d62728", "width": 3},
+            "line": {"color": FIT, "width": 3},
         }
     )
-    labels = list(components or [])
-    for k, label in enumerate(labels):
+    parts = list(components or [])
+    for k, label in enumerate(parts):
         values = last["components"][k] if last else []
         data.append(component_trace(k, label, last["x_fit"] if last else [], values))
-    moving = list(range(fit_index, fit_index + 1 + len(labels)))
-    title = (
-        _fit_title(name, last["epoch"], epochs, loss_name, last["loss"])
-        if last
-        else f"{text(name)}: no snapshot yet"
-    )
-    layout = _layout(title, xaxis={"title": {"text": "x"}}, yaxis={"title": {"text": "y"}})
+    moving = list(range(fit_index, fit_index + 1 + len(parts)))
+
+    def title_of(s: dict) -> str:
+        return _fit_title(name, s["epoch"], epochs, loss_name, s["loss"], s.get("note"), axes.title)
+
+    title = title_of(last) if last else f"{text(axes.title or name)}: no snapshot yet"
+    layout = _layout(title, xaxis=_axis(axes.x, axes.log_x), yaxis=_axis(axes.y, axes.log_y))
     frames = []
     steps = []
     for s in snapshots:
@@ -391,17 +672,15 @@ def fit_animation_figure(
                 "name": key,
                 "data": [
                     {"x": s["x_fit"], "y": s["y_fit"]},
-                    *({"x": s["x_fit"], "y": v} for v in (s["components"] if labels else [])),
+                    *({"x": s["x_fit"], "y": v} for v in (s["components"] if parts else [])),
                 ],
                 "traces": moving,
-                "layout": {
-                    "title": {"text": _fit_title(name, s["epoch"], epochs, loss_name, s["loss"])}
-                },
+                "layout": {"title": {"text": title_of(s)}},
             }
         )
         steps.append(
             {
-                "label": key,
+                "label": text(s.get("label") or key),
                 "method": "animate",
                 "args": [
                     [key],
@@ -472,7 +751,8 @@ def loss_figure(
     snap_epochs: list[int],
     snap_losses: list[float | None],
 ) -> dict:
-    """The loss over the epochs on a log scale, snapshot epochs marked."""
+    """The loss over the epochs on a log scale, snapshot epochs marked; the epoch axis ends at
+    the last epoch run (a run that stopped early ends there, not at its scheduled epochs)."""
     sl, note = downsample(len(epoch))
     data = [
         {
@@ -481,7 +761,7 @@ def loss_figure(
             "name": f"{text(loss_name)} loss{note}",
             "x": epoch[sl],
             "y": loss[sl],
-            "line": {"color": "#636efa"},
+            "line": {"color": OKABE_ITO["blue"]},
         }
     ]
     if snap_epochs:
@@ -492,15 +772,18 @@ def loss_figure(
                 "name": "snapshots",
                 "x": snap_epochs,
                 "y": snap_losses,
-                "marker": {"size": 9, "color": "#d62728", "symbol": "diamond"},
+                "marker": {"size": 9, "color": FIT, "symbol": "diamond"},
                 "hovertemplate": "snapshot at epoch %{x}<br>loss %{y:.6g}<extra></extra>",
             }
         )
+    xaxis: dict = {"title": {"text": "epoch"}}
+    if len(epoch) > 1:
+        xaxis["range"] = [float(epoch[0]), float(epoch[-1])]
     return {
         "data": data,
         "layout": _layout(
             "loss",
-            xaxis={"title": {"text": "epoch"}},
+            xaxis=xaxis,
             yaxis={"title": {"text": f"{text(loss_name)} (log scale)"}, "type": "log"},
         ),
     }
@@ -553,8 +836,20 @@ def params_figure(*, epoch: np.ndarray, params: dict[str, np.ndarray]) -> dict:
     return {"data": data, "layout": layout}
 
 
-def residuals_figure(*, x: np.ndarray, residuals: np.ndarray, epoch: int) -> dict:
-    """Residuals y - fit of the final fit against x (left) and their histogram (right)."""
+def residuals_figure(
+    *,
+    x: np.ndarray,
+    residuals: np.ndarray,
+    epoch: int,
+    sigma: np.ndarray | None = None,
+    labels: Labels | None = None,
+) -> dict:
+    """Residuals y - fit of the final fit against x (left), divided by sigma when the data give
+    one, around a zero line, and their histogram (right)."""
+    labels = labels or Labels()
+    if sigma is not None:
+        residuals = residuals / sigma
+    what = "(y - fit) / sigma" if sigma is not None else "y - fit"
     order = np.argsort(x, kind="stable")
     x, residuals = x[order], residuals[order]
     sl, note = downsample(len(x))
@@ -569,10 +864,10 @@ def residuals_figure(*, x: np.ndarray, residuals: np.ndarray, epoch: int) -> dic
         {
             "type": "scattergl" if len(x) > 20000 else "scatter",
             "mode": "markers",
-            "name": "residual y - fit" + note,
+            "name": f"residual {what}{note}",
             "x": x[sl],
             "y": residuals[sl],
-            "marker": {"size": 4, "color": "rgba(99,110,250,0.6)"},
+            "marker": {"size": 5, "color": OBSERVED},
         },
         {
             "type": "bar",
@@ -583,18 +878,62 @@ def residuals_figure(*, x: np.ndarray, residuals: np.ndarray, epoch: int) -> dic
             "orientation": "h",
             "xaxis": "x2",
             "yaxis": "y2",
-            "marker": {"color": "rgba(214,39,40,0.6)"},
+            "marker": {"color": COLORS[0], "opacity": 0.7},
         },
     ]
     layout = _layout(
         f"residuals of the final fit (epoch {epoch})",
-        xaxis={"title": {"text": "x"}, "domain": [0, 0.72]},
-        yaxis={"title": {"text": "y - fit"}},
+        xaxis={**_axis(labels.x, labels.log_x), "domain": [0, 0.72]},
+        yaxis={"title": {"text": what}},
     )
+    layout["shapes"] = [  # the zero line, across the residual panel
+        {
+            "type": "line",
+            "xref": "x domain",
+            "x0": 0,
+            "x1": 1,
+            "yref": "y",
+            "y0": 0,
+            "y1": 0,
+            "line": {"color": FIT, "width": 1.5},
+        }
+    ]
     layout["xaxis2"] = {**AXIS, "domain": [0.76, 1], "anchor": "y2", "title": {"text": "count"}}
     layout["yaxis2"] = {**AXIS, "anchor": "x2", "matches": "y", "showticklabels": False}
     layout["bargap"] = 0
     return {"data": data, "layout": layout}
+
+
+def correlation_figure(names: list[str], matrix: list[list[float | None]]) -> dict:
+    """The parameters' correlation matrix as a heatmap from -1 to 1, each cell labelled with its
+    value; a missing entry (a parameter without an error bar) is left blank."""
+    shown = [text(n) for n in names]
+    z = [[None if v is None else float(v) for v in row] for row in matrix]
+    size = max(320, min(720, 140 + 60 * len(names)))
+    return {
+        "data": [
+            {
+                "type": "heatmap",
+                "name": "correlation",
+                "x": shown,
+                "y": shown,
+                "z": z,
+                "zmin": -1,
+                "zmax": 1,
+                "colorscale": CORRELATION_SCALE,
+                "texttemplate": "%{z:.2f}",
+                "hovertemplate": "%{y}, %{x}: %{z:.4f}<extra></extra>",
+                "colorbar": {"title": {"text": "correlation"}},
+            }
+        ],
+        "layout": {
+            **_layout("correlation of the parameters"),
+            "yaxis": {**AXIS, "autorange": "reversed", "showgrid": False},
+            "xaxis": {**AXIS, "showgrid": False, "side": "bottom"},
+            "height": size,
+            "width": size + 120,
+        },
+    }
 
 
 def compare_loss_figure(runs: list[dict]) -> dict:
@@ -685,9 +1024,9 @@ def fragment(fig: dict, plotlyjs: str | bool, *, div_id: str, height: int = 480)
 
 
 GRAPH_STYLE = {
-    "op": ("operation", "#636efa", "square"),
-    "param": ("parameter (requires grad)", "#d62728", "diamond"),
-    "data": ("data / constant (no grad)", "#2ca02c", "circle"),
+    "op": ("operation", OKABE_ITO["blue"], "square"),
+    "param": ("parameter (requires grad)", OKABE_ITO["vermillion"], "diamond"),
+    "data": ("data / constant (no grad)", OKABE_ITO["bluish green"], "circle"),
 }
 
 
@@ -759,8 +1098,11 @@ def graph_figure(graph: Any, pos: dict[int, tuple[int, int]], *, title: str) -> 
 
 # -- static figures for papers (`fitcli.export` draws them as PNG, SVG, PDF) ---------------------
 
-# Okabe and Ito's colour-blind-safe palette; black observations sit on top of the coloured fit.
-PAPER_COLORS = ("#D55E00", "#0072B2", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442")
+# The palette of every figure (`OKABE_ITO`); black observations sit on top of the coloured fit.
+PAPER_COLORS = tuple(
+    OKABE_ITO[c]
+    for c in ("vermillion", "blue", "bluish green", "reddish purple", "orange", "sky blue")
+) + (OKABE_ITO["yellow"],)
 PAPER_FIT = PAPER_COLORS[0]
 PAPER_STYLE = {
     "plot_bgcolor": "white",
@@ -964,3 +1306,103 @@ def paper_loss_figure(*, epoch: np.ndarray, loss: np.ndarray, loss_name: str) ->
             "yaxis": yaxis,
         },
     }
+
+
+def group_small_multiples(curves: list, *, title: str) -> dict:
+    """A grid of small plots, one per group: its data (markers) and its fit (line); `curves`
+    holds (label, status, x, y, grid x, model on the grid) per group, at most 36."""
+    n = max(len(curves), 1)
+    cols = min(6, n)
+    rows = -(-n // cols)
+    data: list[dict] = []
+    layout: dict[str, Any] = {"title": {"text": text(title)}, "showlegend": False}
+    gap = 0.04
+    for k, (label, status, x, y, gx, gy) in enumerate(curves):
+        r, c = divmod(k, cols)
+        axis = "" if k == 0 else str(k + 1)
+        x0 = c / cols + gap / 2
+        y1 = 1 - r / rows - gap
+        layout[f"xaxis{axis}"] = {"domain": [x0, (c + 1) / cols - gap / 2], "anchor": f"y{axis}"}
+        layout[f"yaxis{axis}"] = {"domain": [1 - (r + 1) / rows + gap, y1], "anchor": f"x{axis}"}
+        color = "#d62728" if status == "failed" else "#1f77b4"
+        data.append(
+            {
+                "type": "scattergl",
+                "mode": "markers",
+                "x": typed(x),
+                "y": typed(y),
+                "xaxis": f"x{axis}",
+                "yaxis": f"y{axis}",
+                "name": text(label),
+                "marker": {"size": 3, "color": "#444"},
+            }
+        )
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "x": typed(gx),
+                "y": typed(gy),
+                "xaxis": f"x{axis}",
+                "yaxis": f"y{axis}",
+                "name": text(f"{label} fit"),
+                "line": {"color": color, "width": 1.5},
+            }
+        )
+        layout.setdefault("annotations", []).append(
+            {
+                "text": text(f"{label} ({status})"),
+                "showarrow": False,
+                "font": {"size": 10},
+                "xref": "paper",
+                "yref": "paper",
+                "x": (x0 + (c + 1) / cols - gap / 2) / 2,
+                "y": y1 + gap / 2,
+                "xanchor": "center",
+            }
+        )
+    layout["height"] = 180 * rows + 80
+    return {"data": data, "layout": layout}
+
+
+def group_histograms(rows: list[dict], names: list[str]) -> dict:
+    """One histogram per per-group parameter over the groups that did not fail."""
+    n = max(len(names), 1)
+    data: list[dict] = []
+    layout: dict[str, Any] = {"title": {"text": "per-group parameters"}, "showlegend": False}
+    for k, name in enumerate(names):
+        axis = "" if k == 0 else str(k + 1)
+        values = np.array(
+            [r[name] for r in rows if r["status"] != "failed" and np.isfinite(r[name])], dtype=float
+        )
+        layout[f"xaxis{axis}"] = {
+            "domain": [k / n + 0.02, (k + 1) / n - 0.02],
+            "anchor": f"y{axis}",
+            "title": {"text": text(name)},
+        }
+        layout[f"yaxis{axis}"] = {"anchor": f"x{axis}"}
+        data.append(
+            {
+                "type": "histogram",
+                "x": typed(values),
+                "xaxis": f"x{axis}",
+                "yaxis": f"y{axis}",
+                "name": text(name),
+            }
+        )
+    layout["height"] = 360
+    return {"data": data, "layout": layout}
+
+
+def groups_page(figs: list[dict], plotlyjs: str, depth: int, title: str) -> str:
+    """A page of several figures (a grouped run's report and snapshots)."""
+    script: str | bool = (
+        plotlyjs if plotlyjs in ("embed", "cdn") else "../" * depth + "plotly.min.js"
+    )
+    parts = []
+    for k, fig in enumerate(figs):
+        parts.append(fragment(fig, script if k == 0 else False, div_id=f"fig{k}"))
+    return (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{text(title)}</title></head>'
+        "<body>" + "".join(parts) + "</body></html>"
+    )

@@ -20,7 +20,7 @@ else:
     torch = import_torch()
 
 from fitcli import optim
-from fitcli.data import Dataset, check_dtype_range, make_dataset, seed_streams
+from fitcli.data import Dataset, check_dtype_range, make_dataset, point_text, seed_streams
 from fitcli.errors import ConfigError, DataError, DeviceError
 from fitcli.losses import Loss, resolve
 from fitcli.model import FitModel, build_model, check_finite_start
@@ -93,6 +93,13 @@ def prepare(cfg: Config, dataset: Dataset | None = None) -> Prepared:
     if cfg.model.expr is not None:
         from fitcli.guess import resolve as resolve_guesses
 
+        if dataset.x.ndim > 1 and (
+            cfg.model.guess or any(p.value == "guess" for p in (cfg.model.params or {}).values())
+        ):
+            raise ConfigError(
+                "model.params: guess needs one independent variable; with several "
+                f"({', '.join(dataset.variables)}), give each parameter a start value"
+            )
         # `guess` values become numbers: the run (and its config.yaml) starts from them.
         cfg = resolve_guesses(cfg, dataset.x, dataset.y)
     x = torch.as_tensor(dataset.x, dtype=dtype).to(device)
@@ -100,8 +107,12 @@ def prepare(cfg: Config, dataset: Dataset | None = None) -> Prepared:
     weights = None
     if dataset.sigma is not None:
         weights = torch.as_tensor(1.0 / dataset.sigma, dtype=dtype).to(device)
-    model = build_model(cfg.model, seeds["init"], dtype).to(device)
+    model = build_model(cfg.model, seeds["init"], dtype, dataset.variables).to(device)
     check_finite_start(model, x, dataset.x)
+    if dataset.group is not None:
+        from fitcli.grouped_run import prepare_grouped
+
+        return prepare_grouped(cfg, dataset, model, device, dtype)  # type: ignore[return-value]
     loss = resolve(cfg.loss)
     check_loss_data(loss, cfg, dataset, model, x)
     base = loss.torch_function()
@@ -185,7 +196,8 @@ def check_loss_data(
             k = int(bad[0])
             raise DataError(
                 f"loss: poisson fits counts, but {_y_column(cfg, dataset)} has y = {y[k]:g} < 0 "
-                f"at x = {dataset.x[k]:g} ({bad.size} negative value(s)); use a least-squares loss"
+                f"at {point_text(dataset.x, k, dataset.variables)} ({bad.size} negative "
+                "value(s)); use a least-squares loss"
             )
         with torch.no_grad():
             mu = model(x).detach().to(torch.float64).cpu().numpy()
@@ -195,7 +207,8 @@ def check_loss_data(
             what = "model.basis" if model.kind == "basis" else "model.expr"
             raise DataError(
                 f"{what}: loss poisson needs a positive model (the expected count), but it is "
-                f"{mu[k]:g} at x = {dataset.x[k]:g} with the starting parameters "
+                f"{mu[k]:g} at {point_text(dataset.x, k, dataset.variables)} with the starting "
+                "parameters "
                 f"{model.values()}; change the starting values, or write the model as exp(...)"
             )
     else:
@@ -204,7 +217,8 @@ def check_loss_data(
             k = int(bad[0])
             raise DataError(
                 f"loss: bce needs y in [0, 1] (a label or a probability), but "
-                f"{_y_column(cfg, dataset)} has y = {y[k]:g} at x = {dataset.x[k]:g} "
+                f"{_y_column(cfg, dataset)} has y = {y[k]:g} at "
+                f"{point_text(dataset.x, k, dataset.variables)} "
                 f"({bad.size} value(s) outside [0, 1])"
             )
 

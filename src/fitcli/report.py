@@ -35,6 +35,11 @@ REPORT = files.REPORT
 # -- pure page builders ------------------------------------------------------------------------
 
 
+def labels(run: Run) -> plots.Labels:
+    """The axis titles, title and log axes of a run's fit figures, as training drew them."""
+    return plots.axis_labels(run.cfg.report, run.columns)
+
+
 def bands_epoch(run: Run) -> int | None:
     """The epoch of the snapshot page drawn with the bands (summary.json's bands.snapshot: the
     last page, when it shows the final fit), or None."""
@@ -49,7 +54,10 @@ def snapshot_pages(run: Run, plotlyjs: str) -> dict[str, str]:
     with_bands = bands_epoch(run)
     return {
         s.file: plots.snapshot_page(
-            name=run.name if s.note is None else f"{run.name} ({s.note})",
+            name=run.name,
+            note=s.note,
+            sigma=d.get("sigma"),
+            labels=labels(run),
             epoch=s.epoch,
             epochs=epochs,
             loss=s.loss,
@@ -63,6 +71,7 @@ def snapshot_pages(run: Run, plotlyjs: str) -> dict[str, str]:
             plotlyjs=plotlyjs,
             components=list(zip(run.components, s.components, strict=True)) or None,
             bands=run.bands if s.epoch == with_bands else None,
+            **run.plot_extras,
         )
         for s in run.snapshots
     }
@@ -79,7 +88,7 @@ def residuals(run: Run) -> tuple[int, np.ndarray] | None:
     torch = import_torch()
     from fitcli.model import build_model
 
-    model = build_model(run.cfg.model, 0, torch.float64)
+    model = build_model(run.cfg.model, 0, torch.float64, run.variables)
     if list(model.names) != run.names:
         raise RunFileError(
             f"{run.path / files.CONFIG}: its model has parameters {list(model.names)} but "
@@ -88,7 +97,7 @@ def residuals(run: Run) -> tuple[int, np.ndarray] | None:
     full = torch.tensor([params[n] for n in run.names], dtype=torch.float64)
     x = torch.as_tensor(run.data["x"], dtype=torch.float64)
     with torch.no_grad():
-        fit = model.predict_full(full, x).reshape(-1).expand(x.shape).numpy()
+        fit = model.predict_full(full, x).reshape(-1).expand(x.shape[:1]).numpy()
     return epoch, run.data["y"] - fit
 
 
@@ -153,6 +162,70 @@ def _params_table(run: Run) -> str:
     return f'<table class="params">{head}</tr>{"".join(body)}</table>'
 
 
+def _uncertainty_note(run: Run) -> str:
+    """The error bars' status in words (`stats.uncertainty_words`) where it is not ok."""
+    from fitcli.stats import uncertainty_words
+
+    words = uncertainty_words(run.summary.get("uncertainty"))
+    return f'<p class="uncertainty">Error bars: {_e(words)}</p>' if words else ""
+
+
+# The statistics block: summary.json's key, its label (condition_number is in `uncertainty`).
+STATISTICS = (
+    ("n_points", "n (points)"),
+    ("n_params", "p (free parameters)"),
+    ("rss", "RSS"),
+    ("r2", "R²"),
+    ("chi2_reduced", "reduced χ²"),
+    ("aic", "AIC"),
+    ("bic", "BIC"),
+    ("condition_number", "condition number"),
+    ("optimum_loss", "optimum loss"),
+    ("gap", "gap to the optimum"),
+)
+
+
+def statistics(run: Run) -> dict[str, Any]:
+    """The statistics block's values by summary.json key, those the run has (not null)."""
+    s = run.summary
+    unc = s.get("uncertainty")
+    cond = unc.get("condition_number") if isinstance(unc, dict) else None
+    values = {**s, "condition_number": cond}
+    return {k: values[k] for k, _ in STATISTICS if _number(values.get(k))}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _stats_table(run: Run) -> str:
+    values = statistics(run)
+    if not values:
+        return ""
+    rows = "".join(
+        f'<tr data-key="{k}"><th>{label}</th><td class=num>{_g(values[k])}</td></tr>'
+        for k, label in STATISTICS
+        if k in values
+    )
+    return f'<table class="stats">{rows}</table>'
+
+
+def _correlation(run: Run) -> tuple[list[str], list[list[float | None]]] | None:
+    """The free parameters' names and correlation matrix from summary.json, when it has one."""
+    s = run.summary
+    names, matrix = s.get("covariance_params"), s.get("correlation")
+    if not isinstance(names, list) or not isinstance(matrix, list) or len(names) < 2:
+        return None
+    if len(matrix) != len(names) or any(
+        not isinstance(row, list)
+        or len(row) != len(names)
+        or not all(v is None or _number(v) for v in row)
+        for row in matrix
+    ):
+        return None
+    return [str(n) for n in names], matrix
+
+
 _CSS = """
 body{font-family:sans-serif;margin:0;background:#fafafa;color:#222}
 main{max-width:1200px;margin:auto;padding:1em 2em}
@@ -165,6 +238,7 @@ pre{background:#f5f5f5;padding:.8em;overflow:auto;white-space:pre-wrap}
 .status{font-weight:bold}.completed{color:#1a7f37}.diverged,.failed{color:#cf222e}
 .interrupted,.running,.stale{color:#9a6700}.note{color:#9a6700}
 .cols{display:flex;gap:2em;flex-wrap:wrap}
+.uncertainty{color:#9a6700;font-weight:bold;max-width:40em}
 """
 
 
@@ -188,6 +262,31 @@ class _Figures:
         return out
 
 
+def _frames(run: Run) -> list[dict]:
+    """The fit animation's frames: every snapshot up to where the run stopped, then the final
+    fit once, as what it is (its note, e.g. "converged at epoch 16"), not as a later epoch:
+    the snapshots filled in after an early stop all hold that same fit."""
+    frames: list[dict] = []
+    for p in run.snapshots:
+        frame = {
+            "epoch": p.epoch,
+            "loss": p.loss,
+            "x_fit": p.x_fit,
+            "y_fit": p.y_fit,
+            "components": p.components,
+        }
+        if p.note is not None:
+            done = run.summary.get("epochs_run")
+            final = {"note": p.note, "label": f"{done} (final fit)"}
+            if frames and frames[-1]["epoch"] == done:  # the stop's own snapshot: that one
+                frames[-1].update(final)
+            else:
+                frames.append({**frame, **final})
+            break
+        frames.append(frame)
+    return frames
+
+
 def report_page(run: Run, plotlyjs_src: str, snapshot_href: str = "snapshots/") -> str:
     """report.html of one run: fit over time, loss, parameters, residuals, summary, config."""
     fig = _Figures(plotlyjs_src)
@@ -195,12 +294,36 @@ def report_page(run: Run, plotlyjs_src: str, snapshot_href: str = "snapshots/") 
     parts = [f"<h1>{_e(run.name)}: fitcli report</h1>"]
     parts += [f'<p class="note">{_e(n)}</p>' for n in run.notes]
     rows = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in _summary_rows(run))
+    corr = _correlation(run)
+    heatmap = (
+        fig(plots.correlation_figure(*corr), "fitcli-correlation", 420) if corr is not None else ""
+    )
     parts.append(
         '<section id="summary"><h2>Summary</h2><div class="cols">'
-        f'<table class="summary">{rows}</table>{_params_table(run)}</div></section>'
+        f'<table class="summary">{rows}</table>'
+        f"<div>{_uncertainty_note(run)}{_params_table(run)}{_stats_table(run)}</div>"
+        f"<div>{heatmap}</div></div></section>"
     )
     d = run.data
-    if run.snapshots:
+    if run.snapshots and len(run.variables) > 1:
+        last = run.snapshots[-1]
+        vf = plots.variables_figure(
+            title=f"{_e(run.name)}: fit at epoch {last.epoch}",
+            variables=run.variables,
+            x=d["x"],
+            y=d["y"],
+            y_fit=last.y_fit,
+            left_out=run.left_out,
+        )
+        links = " ".join(
+            f'<a href="{_e(snapshot_href + p.file)}">{p.epoch}</a>' for p in run.snapshots
+        )
+        parts.append(
+            '<section id="fit"><h2>Fit</h2>'
+            + fig(vf, "fitcli-fit", 620)
+            + f"<p>Snapshot pages by epoch: {links}</p></section>"
+        )
+    elif run.snapshots:
         anim = plots.fit_animation_figure(
             name=run.name,
             epochs=int(s["epochs"]),
@@ -208,20 +331,15 @@ def report_page(run: Run, plotlyjs_src: str, snapshot_href: str = "snapshots/") 
             x=d["x"],
             y=d["y"],
             y_true=d.get("y_true"),
-            snapshots=[
-                {
-                    "epoch": p.epoch,
-                    "loss": p.loss,
-                    "x_fit": p.x_fit,
-                    "y_fit": p.y_fit,
-                    "components": p.components,
-                }
-                for p in run.snapshots
-            ],
+            snapshots=_frames(run),
             components=run.components,
+            sigma=d.get("sigma"),
+            labels=labels(run),
         )
         links = " ".join(
-            f'<a href="{_e(snapshot_href + p.file)}">{p.epoch}</a>' for p in run.snapshots
+            f'<a href="{_e(snapshot_href + p.file)}">'
+            f"{p.epoch if p.note is None else f'{p.epoch} ({_e(p.note)})'}</a>"
+            for p in run.snapshots
         )
         parts.append(
             '<section id="fit"><h2>Fit over time</h2>'
@@ -235,18 +353,20 @@ def report_page(run: Run, plotlyjs_src: str, snapshot_href: str = "snapshots/") 
             epoch=m["epoch"],
             loss=m["loss"],
             loss_name=name_of(run.cfg.loss),
-            snap_epochs=[p.epoch for p in run.snapshots],
-            snap_losses=[p.loss for p in run.snapshots],
+            snap_epochs=[p.epoch for p in run.snapshots if p.note is None],
+            snap_losses=[p.loss for p in run.snapshots if p.note is None],
         )
         pf = plots.params_figure(epoch=m["epoch"], params={n: m[n] for n in run.names})
         parts.append('<section id="loss"><h2>Loss</h2>' + fig(lf, "fitcli-loss") + "</section>")
         parts.append(
             '<section id="params"><h2>Parameters</h2>' + fig(pf, "fitcli-params") + "</section>"
         )
-    res = residuals(run)
+    res = residuals(run) if len(run.variables) == 1 else None  # several: in the fit's panels
     if res is not None:
         epoch, r = res
-        rf = plots.residuals_figure(x=d["x"], residuals=r, epoch=epoch)
+        rf = plots.residuals_figure(
+            x=d["x"], residuals=r, epoch=epoch, sigma=d.get("sigma"), labels=labels(run)
+        )
         parts.append(
             '<section id="residuals"><h2>Residuals</h2>'
             + fig(rf, "fitcli-residuals")
@@ -293,6 +413,8 @@ def bands_section(run: Run, fig: _Figures) -> list[str]:
         x_fit=grid["x"],
         y_fit=grid["fit"],
         loss_name=name_of(run.cfg.loss),
+        sigma=d["sigma"][order] if "sigma" in d else None,
+        labels=labels(run),
         bands=run.bands,
     )
     quantile = "the normal quantile (sigma is absolute)"

@@ -170,6 +170,11 @@ def prepare_resume(run_dir: Path, overrides: list[str]) -> tuple[Any, ResumePoin
     except RunFileError as exc:
         raise ResumeError(f"cannot resume {run_dir}: {exc}") from None
     status = summary.get("status") if isinstance(summary, dict) else None
+    if isinstance(summary, dict) and "groups" in summary:
+        raise ResumeError(
+            f"cannot resume {run_dir}: it is a grouped run (data in groups), which cannot be "
+            f"resumed; run it again: fitcli train {run_dir / files.CONFIG}"
+        )
     writer_note = _check_writer_gone(run_dir, summary) if status == RunStatus.RUNNING else None
     if status == RunStatus.COMPLETED:
         raise ResumeError(

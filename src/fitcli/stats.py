@@ -30,10 +30,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from fitcli.errors import RunStatus
-from fitcli.lm import SINGULAR_RCOND, _jacobian_forward, jtj_jtr, residual_sum_of_squares
+from fitcli.lm import (
+    SINGULAR_RCOND,
+    HostModel,
+    _jacobian_forward,
+    host_eligible,
+    host_ok,
+    jtj_jtr,
+    residual_sum_of_squares,
+)
 from fitcli.model import BasisModel, FitModel, model_function
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -139,6 +148,7 @@ def fit_statistics(
     grad_tol: float = 0.1,
     chunk_size: int | None = None,
     loss: Any = None,
+    host: HostModel | None = None,
 ) -> FitStats:
     """Covariance, standard errors and goodness of fit of ``fn`` at ``theta`` (see module doc).
 
@@ -159,6 +169,10 @@ def fit_statistics(
 
     With a `loss` (a `fitcli.losses.Loss` with information of its own) J^T J is its observed
     information and the covariance as in the module doc; `absolute_sigma` does not apply.
+
+    ``host``: the same model in numpy at x (`fitcli.lm.HostModel`, checked against autograd by
+    `fitcli.lm.host_ok`); J^T J (of the least-squares losses) then comes from its exact Jacobian
+    instead of autograd's.
     """
     names = list(names)
     p = theta.numel()
@@ -180,7 +194,10 @@ def fit_statistics(
         rss = residual_sum_of_squares(fn, theta, x, y, w, chunk_size)
         matrix, minimum = "the observed information", "the minimum of the loss"
     else:
-        jtj, jtr, rss = jtj_jtr(fn, theta, x, y, w, chunk_size)
+        if host is not None:
+            jtj, jtr, rss = _host_jtj_jtr(host, theta, y, w)
+        else:
+            jtj, jtr, rss = jtj_jtr(fn, theta, x, y, w, chunk_size)
         matrix, minimum = "J^T J", "the least-squares minimum"
     if w is None:  # the weighted sums below with unit weights, without an n-array of ones
         ybar = y.sum() / n
@@ -316,6 +333,22 @@ def fit_statistics(
     )
 
 
+def _host_jtj_jtr(
+    host: HostModel, theta: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """`fitcli.lm.jtj_jtr` from a numpy model's value and exact Jacobian: J of ``w * fn`` and
+    ``r = w * y - w * fn``, the products in numpy float64 (as the LM core's numpy path)."""
+    wy = y.detach().cpu().numpy()
+    with np.errstate(all="ignore"):  # non-finite entries are reported by the caller
+        m, jac = host.jacobian(theta.detach().cpu().numpy())
+        if w is not None:
+            wn = w.detach().cpu().numpy()
+            m, jac, wy = m * wn, jac * wn[:, None], wy * wn
+        r = wy - m
+        jtj, jtr, rss = jac.T @ jac, jac.T @ r, float(r @ r)
+    return torch.from_numpy(jtj).to(theta.device), torch.from_numpy(jtr).to(theta.device), rss
+
+
 def tied_stderr(
     model: FitModel,
     free_ext: torch.Tensor,
@@ -383,6 +416,29 @@ def verdict(
     else:
         why = f"did not converge: {uncertainty.get('reason') or kind}"
     return {"converged": converged, "reason": f"{stop}; {why}"}
+
+
+# Each uncertainty status but ok in words: what it is, and what it means for the error bars
+# (its reason, from `fit_statistics`, says why and for which parameters).
+STATUS_WORDS = {
+    "not_converged": ("not converged", "the error bars are not reliable"),
+    "singular": ("singular", "the parameters it names have no error bars"),
+    "at_bound": ("at a bound", "those parameters have no error bars; the others' hold them fixed"),
+    RunStatus.FAILED: ("no error bars", ""),
+}
+
+
+def uncertainty_words(uncertainty: Any) -> str | None:
+    """A summary's `uncertainty` block in words where its status is not ok, e.g. "not
+    converged: gradient still large: ...; the error bars are not reliable"; None for ok or no
+    block (a run that did not complete)."""
+    if not isinstance(uncertainty, dict) or uncertainty.get("status") in (None, "ok"):
+        return None
+    status = str(uncertainty["status"])
+    label, meaning = STATUS_WORDS.get(status, (status.replace("_", " "), ""))
+    reason = uncertainty.get("reason")
+    words = f"{label}: {reason}" if isinstance(reason, str) and reason else label
+    return f"{words}; {meaning}" if meaning else words
 
 
 def minimum_of(loss: Any) -> str:
@@ -583,13 +639,16 @@ def run_report(
     final_loss: float | None = None,
     model_expr: str | None = None,
     target: str | None = None,
+    absolute_sigma: bool = True,
 ) -> dict:
     """The summary fields of a finished run, for a float64 `fitcli.model.FitModel` on x, y.
 
     Error bars are taken against the free parameters' external values through
     ``model.predict_external``, so the bounds' transforms do not distort them; fixed parameters
     get stderr None. With `weights` (1/sigma from the data) sigma is absolute, as in
-    ``curve_fit(sigma=..., absolute_sigma=True)``. For a basis model the closed-form least-squares
+    ``curve_fit(sigma=..., absolute_sigma=True)``; with ``absolute_sigma=False`` (the config's
+    `data.absolute_sigma: false`) they are relative weights, the covariance scaled by the
+    reduced chi-square. For a basis model the closed-form least-squares
     optimum gives ``optimum_loss`` (mse: RSS/n) and ``gap``; `loss` is the config's (a name or a
     mapping), whose own information gives the error bars where it has one (see the module
     doc); when the noiseless `y_true` is
@@ -602,16 +661,27 @@ def run_report(
     free = list(model.free_names)
     with torch.no_grad():
         theta = model.external(model.raw.detach()).to(torch.float64)
+    fn = model_function(model, external=True)
+    host = None
+    if not spec.own_information and host_eligible(x, theta):
+        # A small fit on the CPU: J^T J from the numpy model's exact Jacobian (a fraction of
+        # autograd's cost at these sizes), once it agrees with autograd at theta.
+        from fitcli.lm_optim import host_model
+
+        host = host_model(model, x, external=True)
+        if host is not None and not host_ok(fn, host, theta, x):
+            host = None
     stats = fit_statistics(
-        model_function(model, external=True),
+        fn,
         theta,
         x,
         y,
         free,
         weights=weights,
-        absolute_sigma=weights is not None,
+        absolute_sigma=weights is not None and absolute_sigma,
         at_bound=model.at_bound(),
         loss=spec if spec.own_information else None,
+        host=host,
     )
     stderr = {name: stats.stderr.get(name) for name in model.names}
     if model.tied:

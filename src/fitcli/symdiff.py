@@ -268,14 +268,20 @@ def compile_jacobian(
     root = _compile(expression._tree, index)
     names = expression.params
     p = len(wrt)
+    # Several variables: x is n x k, and each column is read by name, as a parameter is.
+    variables = () if expression.variables == ("x",) else expression.variables
 
     def jacobian(x: np.ndarray, values: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        vals = {name: np.float64(values[name]) for name in names}
+        vals: dict[str, Any] = {name: np.float64(values[name]) for name in names}
+        for j, name in enumerate(variables):
+            vals[name] = x[:, j]
         value, tangents = root(x, vals)
         n = x.shape[0]
         jac = np.empty((n, p), dtype=np.float64)
         for k in range(p):
             jac[:, k] = tangents.get(k, 0.0)
+        if value.__class__ is np.ndarray and value.shape == (n,) and value is not x:
+            return value, jac  # already the values at every x (float64: x and constants are)
         y = np.broadcast_to(np.asarray(value, dtype=np.float64), (n,))
         return y, jac
 
@@ -313,6 +319,9 @@ def _compile(node: tuple, index: Mapping[str, int]) -> Node:
         return lambda x, vals: (value, _EMPTY)
     if tag == "x":
         return lambda x, vals: (x, _EMPTY)
+    if tag == "var":
+        variable = node[1]
+        return lambda x, vals: (vals[variable], _EMPTY)
     if tag == "param":
         name = node[1]
         if name in index:

@@ -121,7 +121,7 @@ class TorchStepper:
     ) -> None:
         self.model, self.x, self.y, self.loss_fn = model, x, y, loss_fn
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.n = x.shape[-1]
+        self.n = x.shape[0]
         self.batch_size = batch_size if batch_size and batch_size < self.n else None
         self.generator = torch.Generator(device=x.device).manual_seed(shuffle_seed)
         self.needs_closure = isinstance(optimizer, torch.optim.LBFGS)

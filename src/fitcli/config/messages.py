@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from fitcli.config.schema import Config, _Problems, _section, _show
+from fitcli.config.schema import UNION_TAGS, Config, _Problems, _section, _show
 from fitcli.config.yaml_safe import Loc, _dotted
 from fitcli.errors import ConfigError
 
@@ -83,7 +83,7 @@ def _describe(err: ErrorDetails) -> str:
 def _problems(exc: ValidationError) -> list[tuple[Loc, str]]:
     found: list[tuple[Loc, str]] = []
     for err in exc.errors(include_url=False):
-        loc: Loc = tuple(err["loc"])
+        loc: Loc = tuple(k for k in err["loc"] if k not in UNION_TAGS)
         error = (err.get("ctx") or {}).get("error")
         if err["type"] == "value_error" and isinstance(error, _Problems):
             found += [((*loc, *sub), msg) for sub, msg in error.problems]

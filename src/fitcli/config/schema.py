@@ -6,6 +6,7 @@ import math
 import os
 import unicodedata
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -13,9 +14,11 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PlainSerializer,
     PlainValidator,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -27,7 +30,7 @@ from pydantic_core import PydanticCustomError
 from fitcli import bands as _bands
 from fitcli.config.yaml_safe import Loc
 from fitcli.errors import ExpressionError
-from fitcli.expr import name_taken, rename_hint
+from fitcli.expr import ONE_VARIABLE, name_taken, rename_hint, variable_problem
 from fitcli.losses import NAMES as _LOSS_NAMES
 from fitcli.losses import problems as _loss_problems
 
@@ -77,11 +80,38 @@ def _column(value: Any) -> str | int | None:
     raise ValueError(f"must be a column name (text) or a 0-based column index (got {_show(value)})")
 
 
+def _x_columns(value: Any) -> Any:
+    # One column (today's x), or several variables: a list of columns, or names -> columns.
+    if isinstance(value, list | dict):
+        if len(value) < 2:
+            raise ValueError(
+                "several variables need at least two columns; for one, give its column "
+                "(x: T reads column T as the variable x)"
+            )
+        items = value.values() if isinstance(value, dict) else value
+        for item in items:
+            if item is None:
+                raise ValueError("every variable needs its column (a name or a 0-based index)")
+            _column(item)
+        return dict(value) if isinstance(value, dict) else list(value)
+    return _column(value)
+
+
 Int = Annotated[int, BeforeValidator(_integral)]
 Text = Annotated[str, BeforeValidator(_number_to_text)]
 Column = Annotated[
     str | int | None, PlainValidator(_column, json_schema_input_type=str | int | None)
 ]
+XColumns = Annotated[
+    str | int | list[str | int] | dict[str, str | int] | None,
+    PlainValidator(
+        _x_columns,
+        json_schema_input_type=str | int | list[str | int] | dict[str, str | int] | None,
+    ),
+]
+
+# Union tags of `data.x` (one grid, or one per variable): never a key, so messages drop them.
+UNION_TAGS = frozenset({"<grid>", "<grids>"})
 
 
 def _problem(message: str) -> PydanticCustomError:
@@ -143,10 +173,20 @@ class NoiseSpec(_Section):
 class ColumnsSpec(_Section):
     """Which columns of the data file hold x, y and (optionally) the uncertainty of y."""
 
-    x: Column = Field(None, description="Column name or 0-based index of x; default: first.")
+    x: XColumns = Field(
+        None,
+        description="Column name or 0-based index of x; default: first. Several variables: a "
+        "list of columns (each named by its column name, or x0, x1, ... for an index) or a "
+        "mapping of variable names to columns, e.g. {T: 0, P: 1}.",
+    )
     y: Column = Field(None, description="Column name or 0-based index of y; default: second.")
     sigma: Column = Field(
         None, description="Column name or 0-based index of the standard error of y; optional."
+    )
+    group: Column = Field(
+        None,
+        description="Column name or 0-based index of a group label (text or integers): the "
+        "data split into groups, fitted together (`per_group` parameters, one value per group).",
     )
 
 
@@ -156,13 +196,63 @@ def _parse(source: str, **kwargs: Any) -> Any:
     return parse_expression(source, **kwargs)
 
 
+def _grid_kind(value: Any) -> str:
+    """`data.x`'s form: one grid, or a mapping of variable names to grids (the full grid)."""
+    if (
+        isinstance(value, dict)
+        and value
+        and not set(value) & set(GridSpec.model_fields)
+        and all(isinstance(v, dict | GridSpec) for v in value.values())
+    ):
+        return "<grids>"
+    return "<grid>"
+
+
+Grids = Annotated[
+    Annotated[GridSpec, Tag("<grid>")] | Annotated[dict[str, GridSpec], Tag("<grids>")],
+    Discriminator(_grid_kind),
+]
+
+
+def variable_names(columns_x: Any, grid: Any) -> tuple[str, ...]:
+    """The independent variables that `data.columns.x` (or the synthetic grid `data.x`) names:
+    ``("x",)`` for one column; a list's names (``x<k>`` for the k-th given by index); a
+    mapping's keys. Works on raw config values as well as validated ones."""
+    if isinstance(columns_x, list) and len(columns_x) > 1:
+        return tuple(c if isinstance(c, str) else f"x{k}" for k, c in enumerate(columns_x))
+    if isinstance(columns_x, dict) and len(columns_x) > 1:
+        return tuple(str(k) for k in columns_x)
+    if isinstance(grid, dict) and len(grid) > 1 and not set(grid) & set(GridSpec.model_fields):
+        return tuple(str(k) for k in grid)
+    return ONE_VARIABLE
+
+
+def _raw_variables(raw: Any) -> tuple[tuple[str, ...], Loc]:
+    """(variables, key that names them) of a raw `data` mapping."""
+    if not isinstance(raw, dict):
+        return ONE_VARIABLE, ()
+    columns = raw.get("columns")
+    columns_x = columns.get("x") if isinstance(columns, dict) else None
+    if isinstance(columns_x, list | dict) and len(columns_x) > 1:
+        return variable_names(columns_x, None), ("columns", "x")
+    return variable_names(None, raw.get("x")), ("x",)
+
+
+# The variables of the config being validated, for model expressions (`Config._variables`).
+_VARIABLES: ContextVar[tuple[str, ...]] = ContextVar("variables", default=ONE_VARIABLE)
+
+
 class DataSpec(_Section):
     """Synthetic data (`target`, `x`, `noise`) or measured data (`file`, `columns`)."""
 
     target: Text | None = Field(
         None, description="Expression of x that generates synthetic data, e.g. 1.5*sin(x)."
     )
-    x: GridSpec | None = Field(None, description="Grid of x values for synthetic data.")
+    x: Grids | None = Field(
+        None,
+        description="Grid of x values for synthetic data; several variables: one grid per "
+        "name, e.g. {T: {start: 0, stop: 1, num: 10}, P: {...}} (the full grid of all points).",
+    )
     noise: NoiseSpec | None = Field(
         None, description="Gaussian noise on synthetic data (default std 0)."
     )
@@ -171,9 +261,34 @@ class DataSpec(_Section):
         min_length=1,
         description="CSV file with a header row, or a whitespace table; relative to the config.",
     )
+    files: list[Annotated[str, Field(min_length=1)]] | str | None = Field(
+        None,
+        description="Several data files with the same columns, or a glob such as wells/*.csv "
+        "(relative to the config); each file is one group, named by its file name.",
+    )
     columns: ColumnsSpec | None = Field(
         None, description="Columns of the data file; default: x first, y second."
     )
+    nan_policy: Literal["raise", "omit"] | None = Field(
+        None,
+        description="raise (default): a NaN or empty cell in a used column is an error; omit: "
+        "such rows are left out, counted in summary.json.",
+    )
+    range: dict[str, list[float]] | None = Field(
+        None,
+        description="Per variable, [low, high] (inclusive): only the rows inside are fitted, "
+        "e.g. {x: [2, 8]}.",
+    )
+    absolute_sigma: bool | None = Field(
+        None,
+        description="true (default): sigma are standard errors; false: relative weights, the "
+        "covariance scaled by the reduced chi-square (curve_fit's absolute_sigma=False).",
+    )
+
+    @property
+    def variables(self) -> tuple[str, ...]:
+        """The independent variables' names: ``("x",)``, or several (`variable_names`)."""
+        return variable_names(self.columns.x if self.columns is not None else None, self.x)
 
     @field_validator("file")
     @classmethod
@@ -182,6 +297,26 @@ class DataSpec(_Section):
         if value is None or base is None:
             return value
         return os.path.normpath(os.path.join(os.path.abspath(base), os.path.expanduser(value)))
+
+    @field_validator("files")
+    @classmethod
+    def _resolve_files(
+        cls, value: list[str] | str | None, info: ValidationInfo
+    ) -> list[str] | str | None:
+        base = (info.context or {}).get("base_dir")
+        if value is None or base is None:
+            return value
+        root = os.path.abspath(base)
+        if isinstance(value, str):
+            return os.path.join(root, os.path.expanduser(value))
+        return [os.path.normpath(os.path.join(root, os.path.expanduser(v))) for v in value]
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the data fall into groups (`columns.group`, or several `files`)."""
+        return self.files is not None or (
+            self.columns is not None and self.columns.group is not None
+        )
 
     @model_validator(mode="after")
     def _default_noise(self) -> DataSpec:
@@ -193,6 +328,24 @@ class DataSpec(_Section):
     def _structure(cls, raw: dict) -> list[tuple[Loc, str]]:
         problems: list[tuple[Loc, str]] = []
         target, file = raw.get("target"), raw.get("file")
+        files = raw.get("files")
+        if files is not None:
+            if file is not None or target is not None:
+                problems.append(((), "give files alone, not with file or target"))
+            columns = raw.get("columns")
+            if isinstance(columns, dict) and columns.get("group") is not None:
+                problems.append(
+                    (
+                        ("columns", "group"),
+                        "with several files each file is a group; remove columns.group",
+                    )
+                )
+            if isinstance(files, list) and len(files) < 2:
+                problems.append((("files",), "give at least two files (one file: use file)"))
+            for key in ("x", "noise"):
+                if raw.get(key) is not None:
+                    problems.append(((key,), "only allowed with target, not with files"))
+            return problems + _variable_problems(raw)
         if target is None and file is None:
             problems.append(((), "give either target (synthetic data) or file (measured data)"))
         elif target is not None and file is not None:
@@ -204,12 +357,50 @@ class DataSpec(_Section):
                 )
             if raw.get("columns") is not None:
                 problems.append((("columns",), "only allowed with file, not with target"))
-            problems += _expression_problems(("target",), target, allow_params=False, what="target")
+            variables = _raw_variables(raw)[0]
+            problems += _expression_problems(
+                ("target",), target, allow_params=False, what="target", variables=variables
+            )
         else:
             for key in ("x", "noise"):
                 if raw.get(key) is not None:
                     problems.append(((key,), "only allowed with target, not with file"))
+        problems += _variable_problems(raw)
         return problems
+
+
+def _variable_problems(raw: dict) -> list[tuple[Loc, str]]:
+    """The variables' names (valid, distinct) and `range`'s keys and intervals."""
+    variables, loc = _raw_variables(raw)
+    problems: list[tuple[Loc, str]] = []
+    if variables is not ONE_VARIABLE:
+        for name in variables:
+            problem = variable_problem(name)
+            if problem is not None:
+                problems.append((loc, problem))
+        doubled = sorted({n for n in variables if variables.count(n) > 1})
+        if doubled:
+            problems.append((loc, f"variable {doubled[0]!r} is given twice; name each once"))
+    ranges = raw.get("range")
+    if isinstance(ranges, dict):
+        for name, bounds in ranges.items():
+            if name not in variables:
+                problems.append(
+                    (
+                        ("range", name),
+                        f"{name!r} is not a variable; the variables are {', '.join(variables)}",
+                    )
+                )
+            elif isinstance(bounds, list) and (
+                len(bounds) != 2
+                or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
+            ):
+                problems.append((("range", name), "must be [low, high], two numbers"))
+            elif isinstance(bounds, list) and not bounds[0] <= bounds[1]:
+                problems.append(
+                    (("range", name), f"low must not exceed high (got {_show(bounds)})")
+                )
+    return problems
 
 
 def _expression_problems(loc: Loc, source: Any, **kwargs: Any) -> list[tuple[Loc, str]]:
@@ -254,6 +445,11 @@ class ParamSpec(_Section):
         None,
         description="A tie: the parameter is this expression of other parameters (not of x), "
         "e.g. c1 + 3.5; it then takes no value, min, max or vary.",
+    )
+    per_group: bool | None = Field(
+        None,
+        description="With grouped data: true gives the parameter one value per group; false "
+        "(default) shares one value across all groups.",
     )
 
     @model_serializer(mode="wrap")
@@ -357,7 +553,7 @@ class ModelSpec(_Section):
     def _fill_params(self) -> ModelSpec:
         if self.expr is not None:
             given = self.params or {}
-            names = _parse(self.expr, allow_params=True).params
+            names = _parse(self.expr, allow_params=True, variables=_VARIABLES.get()).params
             # The parameters of expr in its order, then those only in ties and the derived ones
             # (ties of names not in expr), as given: the order is the same when reloaded.
             filled = {n: given.get(n, ParamSpec()) for n in names}
@@ -389,7 +585,11 @@ class ModelSpec(_Section):
                     )
                 for i, source in enumerate(basis):
                     problems += _expression_problems(
-                        ("basis", i), source, allow_params=False, what="basis function"
+                        ("basis", i),
+                        source,
+                        allow_params=False,
+                        what="basis function",
+                        variables=_VARIABLES.get(),
                     )
         else:
             if init is not None:
@@ -398,7 +598,7 @@ class ModelSpec(_Section):
             if not isinstance(source, str):
                 return problems
             try:
-                names = tuple(_parse(source, allow_params=True).params)
+                names = tuple(_parse(source, allow_params=True, variables=_VARIABLES.get()).params)
             except ExpressionError as exc:
                 return [*problems, (("expr",), str(exc))]
             if not names:
@@ -415,6 +615,8 @@ class ModelSpec(_Section):
                 entry = params.get(key) if isinstance(params, dict) else None
                 tied = isinstance(entry, dict) and entry.get("expr") is not None
                 taken = name_taken(key)  # `e`, `pi`, `erf` ... in an expression are not names
+                if key in _VARIABLES.get():
+                    continue  # a variable's name: `Config._structure` says so at the variable
                 if taken is not None:
                     problems.append(
                         (
@@ -544,6 +746,9 @@ def _single_line(value: Any) -> Any:
     return value
 
 
+Label = Annotated[Text, BeforeValidator(_single_line)]
+
+
 def _level(value: float) -> float:
     if not 0 < value < 1:
         raise ValueError(f"must be a level between 0 and 1, e.g. 0.95 for 95% (got {value!r})")
@@ -551,9 +756,21 @@ def _level(value: float) -> float:
 
 
 class ReportSpec(_Section):
-    """What a run reports beyond its run directory's own files, and how: static figures, the
-    levels of its confidence and prediction bands."""
+    """What a run reports beyond its run directory's own files, and how the report and
+    snapshots draw the fit: axis titles, figure title, log axes, the levels of the confidence
+    and prediction bands."""
 
+    x_label: Label | None = Field(
+        None, min_length=1, max_length=200, description="x axis title; default: x's column name."
+    )
+    y_label: Label | None = Field(
+        None, min_length=1, max_length=200, description="y axis title; default: y's column name."
+    )
+    title: Label | None = Field(
+        None, min_length=1, max_length=200, description="Fit figure title; default: the name."
+    )
+    log_x: bool = Field(False, description="true draws x on a log scale.")
+    log_y: bool = Field(False, description="true draws y on a log scale.")
     formats: list[Literal["png", "svg", "pdf"]] = Field(
         default_factory=list,
         description="Static figures `fitcli train` writes at the end of a completed run, "
@@ -644,8 +861,77 @@ class Config(_Section):
     )
     report: ReportSpec = Field(
         default_factory=ReportSpec,
-        description="What the run reports: static figures, the bands' levels.",
+        description="What the run reports: axis titles, title, log axes, static figures, "
+        "the bands' levels.",
     )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _variables(cls, data: Any, handler: Any) -> Any:
+        # model.expr is parsed knowing data's variables (several named ones, or x alone).
+        variables = _raw_variables(data.get("data"))[0] if isinstance(data, dict) else None
+        token = _VARIABLES.set(variables or ONE_VARIABLE)
+        try:
+            return handler(data)
+        finally:
+            _VARIABLES.reset(token)
+
+    @classmethod
+    def _structure(cls, raw: dict) -> list[tuple[Loc, str]]:
+        variables, loc = _raw_variables(raw.get("data"))
+        model = raw.get("model")
+        params = model.get("params") if isinstance(model, dict) else None
+        problems = _group_problems(raw)
+        if variables is ONE_VARIABLE or not isinstance(params, dict):
+            return problems
+        return problems + [
+            (
+                ("data", *loc),
+                f"variable {name!r} is also a parameter in model.params; a name is either a "
+                "variable or a parameter: rename one",
+            )
+            for name in dict.fromkeys(variables)
+            if name in params
+        ]
+
+
+def _group_problems(raw: dict) -> list[tuple[Loc, str]]:
+    """What grouped data (`data.columns.group`, `data.files`) and `per_group` need."""
+    data, model = raw.get("data"), raw.get("model")
+    data = data if isinstance(data, dict) else {}
+    model = model if isinstance(model, dict) else {}
+    columns = data.get("columns")
+    grouped = data.get("files") is not None or (
+        isinstance(columns, dict) and columns.get("group") is not None
+    )
+    params = model.get("params")
+    per_group = [
+        k
+        for k, v in (params.items() if isinstance(params, dict) else ())
+        if isinstance(v, dict) and v.get("per_group") is True
+    ]
+    problems: list[tuple[Loc, str]] = []
+    if not grouped:
+        problems += [
+            (
+                ("model", "params", k, "per_group"),
+                "needs grouped data: give data.columns.group or data.files",
+            )
+            for k in per_group
+        ]
+        return problems
+    if model.get("basis") is not None:
+        problems.append((("model", "basis"), "grouped data need model.expr, not a basis"))
+    if isinstance(raw.get("starts"), int) and raw["starts"] > 1:
+        problems.append((("starts",), "grouped fits take one start (starts: 1)"))
+    if raw.get("batch_size") is not None:
+        problems.append((("batch_size",), "grouped fits use every point (batch_size: null)"))
+    for k, v in params.items() if isinstance(params, dict) else ():
+        if isinstance(v, dict) and v.get("per_group") is True and v.get("expr") is not None:
+            problems.append(
+                (("model", "params", k, "per_group"), "a tied parameter cannot be per group")
+            )
+    return problems
 
 
 # Sections of the schema by key path ("*" matches any key): their model, or None where any key
@@ -654,6 +940,8 @@ _SECTIONS: dict[tuple[str, ...], type[BaseModel] | None] = {
     (): Config,
     ("data",): DataSpec,
     ("data", "x"): GridSpec,
+    ("data", "x", "*"): GridSpec,
+    ("data", "range"): None,
     ("data", "noise"): NoiseSpec,
     ("data", "columns"): ColumnsSpec,
     ("model",): ModelSpec,
@@ -683,6 +971,7 @@ def config_to_dict(cfg: Config) -> dict:
     out = cfg.model_dump(mode="json")
     out["data"] = cfg.data.model_dump(mode="json", exclude_none=True)
     out["model"] = cfg.model.model_dump(mode="json", exclude_none=True)
+    out["report"] = cfg.report.model_dump(mode="json", exclude_none=True)
     return out
 
 

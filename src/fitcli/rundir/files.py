@@ -29,7 +29,9 @@ SNAPSHOT_PARAMS = "snapshots/params.json"
 PLOTLY_JS = "plotly.min.js"
 STATE_JSON = "state.json"
 REPORT = "report.html"
+LEFT_OUT = "left_out.csv"  # rows read but not fitted (data.nan_policy: omit, data.range)
 FIGURES = "figures"  # static figures for papers: fit.<format> and loss.<format> (fitcli.figures)
+GROUPS = "groups.csv"  # a grouped run's rows, one per group (`fitcli.grouped_run`)
 BANDS = "bands.csv"  # confidence and prediction bands of the final fit (`fitcli.bands`)
 BANDS_DATA = "bands_data.csv"  # the same at the data points, for a fit with a sigma column
 FIT_GRID = 1000  # points of the fitted curve in each snapshot (snapshots/epoch-N.csv)
@@ -59,7 +61,10 @@ RUN_SCHEMA = 1
 LEGACY_FIELDS = ("fitcli_version", "torch_version", "python_version")
 # Everything fitcli writes in a run directory; --overwrite deletes nothing else.
 RUN_FILES = frozenset(
-    {CONFIG, DATA, DATA_NPZ, METRICS, SUMMARY, STATE_JSON, PLOTLY_JS, REPORT, BANDS, BANDS_DATA}
+    {
+        *(CONFIG, DATA, DATA_NPZ, METRICS, SUMMARY, STATE_JSON, PLOTLY_JS, REPORT, LEFT_OUT),
+        *(GROUPS, BANDS, BANDS_DATA),
+    }
 )
 SNAPSHOT_FILE = re.compile(r"^(?:params\.json|epoch-[0-9]+\.(?:html|csv))$")
 FIGURE_FILE = re.compile(r"^(?:fit|loss)\.(?:png|svg|pdf)$")
@@ -422,11 +427,16 @@ def fmt(v: float) -> str:
     return repr(float(v))
 
 
-def write_data_csv(path: Path, x, y, y_true=None, sigma=None) -> None:
-    """data.csv: x,y (observed) plus y_true for synthetic data and sigma when given."""
+def write_data_csv(path: Path, x, y, y_true=None, sigma=None, variables=("x",), group=None) -> None:
+    """data.csv: x,y (observed) plus y_true for synthetic data and sigma when given; with
+    several variables (x n x k), their names' columns in place of x; with `group` (each row's
+    label), a last column `group`."""
     import numpy as np
 
-    cols = [("x", x), ("y", y)]
+    if getattr(x, "ndim", 1) == 2:
+        cols = [*((name, x[:, j]) for j, name in enumerate(variables)), ("y", y)]
+    else:
+        cols = [("x", x), ("y", y)]
     if y_true is not None:
         cols.append(("y_true", y_true))
     if sigma is not None:
@@ -437,26 +447,60 @@ def write_data_csv(path: Path, x, y, y_true=None, sigma=None) -> None:
     # formatted by one `%` over the block, so memory stays flat however many rows (10^8 rows
     # are about 6 GB of text) and the file is written faster than by np.savetxt.
     row_fmt = ",".join(["%.17g"] * len(arrays)) + "\n"
-    with _replacing(path, "w", encoding="ascii", newline="\n") as fh:
+    labels = None
+    if group is not None:
+        header = header[:-1] + ",group\n"
+        row_fmt = row_fmt[:-1] + ",%s\n"
+        labels = np.asarray([_csv_cell(str(v)) for v in group], dtype=object)
+    with _replacing(path, "w", encoding="utf-8", newline="\n") as fh:
         fh.write(header)
         for start in range(0, arrays[0].shape[0], DATA_CSV_ROWS):
             block = np.column_stack([a[start : start + DATA_CSV_ROWS] for a in arrays])
+            if labels is not None:
+                block = np.column_stack(
+                    [block.astype(object), labels[start : start + DATA_CSV_ROWS]]
+                )
             fh.write((row_fmt * block.shape[0]) % tuple(block.ravel().tolist()))
 
 
-def data_columns(x, y, y_true=None, sigma=None) -> dict:
-    """The observation columns a run directory stores, by name, in `DATA_COLUMNS` order."""
-    cols = {"x": x, "y": y, "y_true": y_true, "sigma": sigma}
+def _csv_cell(text: str) -> str:
+    """A text cell of a CSV file, quoted where it holds a comma, a quote or a line break."""
+    if any(c in text for c in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def write_left_out_csv(path: Path, left_out: Any, variables: tuple[str, ...]) -> None:
+    """left_out.csv: the rows read but not fitted, their variables' columns (x for one), y
+    (nan where the cell was empty or NaN) and `reason`: nan or range."""
+    x = left_out.x
+    columns = list(variables) if x.ndim == 2 else ["x"]
+    lines = [",".join([*columns, "y", "reason"])]
+    xs = x.tolist() if x.ndim == 2 else [[v] for v in x.tolist()]
+    for row, y, why in zip(xs, left_out.y.tolist(), left_out.reason.tolist(), strict=True):
+        lines.append(",".join([*map(repr, row), repr(y), str(why)]))
+    atomic_write(path, "\n".join(lines) + "\n")
+
+
+def data_columns(x, y, y_true=None, sigma=None, variables=("x",)) -> dict:
+    """The observation columns a run directory stores, by name, in `DATA_COLUMNS` order; with
+    several variables (x n x k), their names' columns in place of x."""
+    if getattr(x, "ndim", 1) == 2:
+        cols = {name: x[:, j] for j, name in enumerate(variables)}
+        cols.update({"y": y, "y_true": y_true, "sigma": sigma})
+    else:
+        cols = {"x": x, "y": y, "y_true": y_true, "sigma": sigma}
     return {k: v for k, v in cols.items() if v is not None}
 
 
-def write_data_npz(path: Path, x, y, y_true=None, sigma=None) -> None:
+def write_data_npz(path: Path, x, y, y_true=None, sigma=None, variables=("x",)) -> None:
     """data.npz: the columns of data.csv as float64 arrays in an uncompressed `np.savez` archive
     (read back with `allow_pickle=False`), written atomically."""
     import numpy as np
 
     cols = {
-        k: np.asarray(v, dtype=np.float64) for k, v in data_columns(x, y, y_true, sigma).items()
+        k: np.asarray(v, dtype=np.float64)
+        for k, v in data_columns(x, y, y_true, sigma, variables).items()
     }
     with _replacing(path, "wb") as fh:
         np.savez(fh, **cols)  # type: ignore[arg-type]  # numpy's stub types allow_pickle only

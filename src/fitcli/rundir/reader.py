@@ -78,9 +78,32 @@ class Run:
         return liveness.status_of(self.summary)
 
     @property
+    def variables(self) -> tuple[str, ...]:
+        """The independent variables' names: ("x",), or several (summary.json's `variables`)."""
+        names = self.summary.get("variables")
+        return tuple(names) if isinstance(names, list) and len(names) > 1 else ("x",)
+
+    @property
+    def plot_extras(self) -> dict[str, Any]:
+        """What the snapshot pages draw beyond one x (`rundir.writer.plot_extras`)."""
+        extras: dict[str, Any] = {}
+        if len(self.variables) > 1:
+            extras["variables"] = self.variables
+        if self.left_out is not None:
+            extras["left_out"] = self.left_out
+        return extras
+
+    left_out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @property
     def components(self) -> list[str]:
         """The model's components' texts (summary.json's `components`; [] for none)."""
         return list(self.summary.get("components") or [])
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """The data file's column names by role (summary.json's `columns`; {} for none)."""
+        return dict(self.summary.get("columns") or {})
 
     @property
     def label(self) -> str:
@@ -186,6 +209,11 @@ def _check_summary(run_dir: Path, s: Any) -> dict:
             not isinstance(parts, list) or not all(isinstance(c, str) for c in parts)
         ):
             problems.append("'components' is not a list of texts")
+        cols = s.get("columns")
+        if cols is not None and (
+            not isinstance(cols, dict) or not all(isinstance(c, str) for c in cols.values())
+        ):
+            problems.append("'columns' is not an object of texts")
     if problems:
         raise RunFileError(f"{path}: garbled ({'; '.join(problems)})")
     return s
@@ -271,6 +299,12 @@ def _check_snapshots(
     return got, entries
 
 
+def _x_columns(summary: dict) -> list[str]:
+    """The x columns of a run's data: the variables' names (several), else x."""
+    variables = summary.get("variables")
+    return list(variables) if isinstance(variables, list) and len(variables) > 1 else ["x"]
+
+
 def read_data(run_dir: Path, summary: dict, cfg: Any = None) -> dict[str, np.ndarray]:
     """The observations of a run directory, whichever way it holds them: data.npz, data.csv,
     or (a large data file not copied) the file its summary.json's `data_file` names, checked
@@ -289,10 +323,16 @@ def read_data(run_dir: Path, summary: dict, cfg: Any = None) -> dict[str, np.nda
         where, data = _read_data_file(run_dir, summary, cfg)
     else:
         where = run_dir / files.DATA
-        data = _read_csv(run_dir, files.DATA, limit=files.csv_limit(rows, 4))
+        x_cols = _x_columns(summary)
+        data = _read_csv(run_dir, files.DATA, limit=files.csv_limit(rows, 3 + len(x_cols)))
+    x_cols = _x_columns(summary)
+    k = len(x_cols)
     cols = list(data)
-    if cols[:2] != ["x", "y"] or any(c not in ("y_true", "sigma") for c in cols[2:]):
-        raise RunFileError(f"{where}: garbled header {','.join(cols)!r}; expected x,y,...")
+    if cols[: k + 1] != [*x_cols, "y"] or any(c not in ("y_true", "sigma") for c in cols[k + 1 :]):
+        expected = ",".join([*x_cols, "y"])
+        raise RunFileError(f"{where}: garbled header {','.join(cols)!r}; expected {expected},...")
+    if k > 1:  # several variables: x is their n x k table
+        data["x"] = np.column_stack([data[c] for c in x_cols])
     if isinstance(n, int) and len(data["x"]) != n:
         raise RunFileError(
             f"{where}: has {len(data['x'])} rows but {files.SUMMARY} says {n} points (truncated?)"
@@ -375,6 +415,8 @@ def read_run(run_dir: Path) -> Run:
     notes: list[str] = []
 
     data = read_data(run_dir, summary, cfg)
+    x_cols = _x_columns(summary)
+    k = len(x_cols)
 
     snapshots: list[Snapshot] = []
     # A run stopped (or failed) before its first snapshot has none, like one still starting.
@@ -385,7 +427,9 @@ def read_run(run_dir: Path) -> Run:
         raw = _read_json(run_dir, files.SNAPSHOT_PARAMS)
         _, entries = _check_snapshots(run_dir, raw, names, summary["epochs"])
         parts = summary.get("components") or []
-        fit_header = ["x", "y_fit", *(files.component_column(k) for k in range(len(parts)))]
+        fit_header = [*x_cols, "y_fit", *(files.component_column(k) for k in range(len(parts)))]
+        # Several variables: the fit at the data points, as many rows as data.csv.
+        fit_rows = files.FIT_GRID if k == 1 else len(data["y"])
         for e in entries:
             rel = f"{files.SNAPSHOTS}/{e['fit']}"
             if not (run_dir / rel).exists():
@@ -395,9 +439,11 @@ def read_run(run_dir: Path) -> Run:
                 )
             # A model of many terms has as many columns: the bound grows with them (never below
             # other snapshot files', so that a curve of too many points is named as such).
-            limit = max(files.SNAPSHOT_LIMIT, files.csv_limit(files.FIT_GRID, len(fit_header)))
+            limit = max(files.SNAPSHOT_LIMIT, files.csv_limit(fit_rows, len(fit_header)))
             fit = _read_csv(run_dir, rel, header=fit_header, limit=limit)
-            if len(fit["x"]) > files.FIT_GRID:
+            if k > 1:
+                fit["x"] = np.column_stack([fit[c] for c in x_cols])
+            if len(fit["x"]) > fit_rows:
                 raise RunFileError(
                     f"{run_dir / rel}: {len(fit['x'])} points, more than the {files.FIT_GRID} of "
                     "a fitted curve fitcli draws"
@@ -412,7 +458,7 @@ def read_run(run_dir: Path) -> Run:
                     x_fit=fit["x"],
                     y_fit=fit["y_fit"],
                     note=e["note"] if isinstance(e.get("note"), str) else None,
-                    components=[fit[c] for c in fit_header[2:]],
+                    components=[fit[c] for c in fit_header[k + 1 :]],
                 )
             )
     else:
@@ -446,8 +492,44 @@ def read_run(run_dir: Path) -> Run:
             f"{files.METRICS} is not written yet (status {status}): no loss curve or parameter "
             "trajectories"
         )
+    left_out = _read_left_out(run_dir, x_cols) if (run_dir / files.LEFT_OUT).exists() else None
     bands = _read_bands(run_dir, summary, len(data["x"]))
-    return Run(run_dir, summary, config_text, cfg, data, names, snapshots, metrics, notes, bands)
+    return Run(
+        run_dir,
+        summary,
+        config_text,
+        cfg,
+        data,
+        names,
+        snapshots,
+        metrics,
+        notes,
+        bands=bands,
+        left_out=left_out,
+    )
+
+
+def _read_left_out(run_dir: Path, x_cols: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """left_out.csv (`files.write_left_out_csv`): x (n x k for several variables), y, reason."""
+    path = run_dir / files.LEFT_OUT
+    lines = _read_text(run_dir, files.LEFT_OUT, None).splitlines()
+    header = [*x_cols, "y", "reason"]
+    if not lines or lines[0].split(",") != header:
+        raise RunFileError(f"{path}: garbled header; expected {','.join(header)}")
+    values, reasons = [], []
+    for lineno, line in enumerate(lines[1:], start=2):
+        cells = line.split(",")
+        try:
+            if len(cells) != len(header) or cells[-1] not in ("nan", "range"):
+                raise ValueError
+            values.append([float(c) for c in cells[:-1]])
+        except ValueError:
+            raise RunFileError(f"{path} line {lineno}: garbled row") from None
+        reasons.append(cells[-1])
+    table = np.array(values, dtype=np.float64).reshape(-1, len(header) - 1)
+    k = len(x_cols)
+    x = table[:, 0] if k == 1 else table[:, :k]
+    return x, table[:, k], np.array(reasons)
 
 
 def _read_bands(run_dir: Path, summary: dict, n: int) -> dict[str, Any] | None:

@@ -51,6 +51,10 @@ class Summary(TypedDict, total=False):
     seed: int  # the config's seed
     starts: dict[str, Any]  # the multi-start search: count, losses, best, reached_best, start
     n_points: int  # observations fitted
+    columns: dict[str, str]  # a data file's column names by role, x, y (sigma): axis titles
+    rows: dict[str, int]  # read, used, omitted_nan, outside_range (nan_policy: omit, range)
+    omitted_lines: list[int]  # file lines (1-based) of the rows omitted for NaN or empty cells
+    variables: list[str]  # the independent variables' names (several only)
     components: list[str]  # each component's text (models of 2+ additive terms only)
     tied: dict[str, str]  # each tied parameter's expression (models with ties only)
     data_digest: str  # digest of a data file (only for file data): what resume compares

@@ -43,6 +43,8 @@ def data_form(ds: Any, copy_data: bool = False) -> str:
 
     if ds.n <= files.DATA_CSV_MAX_ROWS or ds.source == ARRAYS:
         return "csv"
+    if ds.x.ndim == 2 or ds.rows is not None:
+        return "csv"  # several variables, or rows left out: data.csv names its columns
     if ds.source != "synthetic" and ds.digest and not copy_data:
         return "file"
     return "npz"
@@ -54,6 +56,17 @@ def versions() -> Summary:
         "torch_version": str(torch.__version__),  # a plain str: TorchVersion pickles as torch
         "python_version": platform.python_version(),
     }
+
+
+def plot_extras(ds: Any) -> dict[str, Any]:
+    """What a snapshot page draws beyond one x: the variables' names (several), and the rows
+    left out (`data.nan_policy: omit`, `data.range`); nothing for plain data."""
+    extras: dict[str, Any] = {}
+    if ds.x.ndim == 2:
+        extras["variables"] = ds.variables
+    if ds.left_out is not None and len(ds.left_out.y):
+        extras["left_out"] = (ds.left_out.x, ds.left_out.y, ds.left_out.reason)
+    return extras
 
 
 class RunWriter:
@@ -82,19 +95,29 @@ class RunWriter:
         epochs = prep.cfg.epochs
         self.width = len(str(epochs))
         ds = prep.dataset
-        lo, hi = float(np.min(ds.x)), float(np.max(ds.x))
-        grid = np.linspace(lo, hi, FIT_GRID) if hi > lo else np.array([lo])
-        self.grid = grid
         self._fit_rows: list[str] | None = None  # "x," of each grid point, for the fit CSVs
-        self.grid_t = torch.as_tensor(grid, dtype=prep.dtype).to(prep.device)
+        x, y, y_true, sigma = ds.x, ds.y, ds.y_true, ds.sigma
+        if ds.x.ndim == 2:
+            # Several variables: a curve on a grid means nothing; the fit is kept at the data.
+            self.grid = ds.x
+            self.grid_t = prep.x
+        else:
+            lo, hi = float(np.min(ds.x)), float(np.max(ds.x))
+            grid = np.linspace(lo, hi, FIT_GRID) if hi > lo else np.array([lo])
+            self.grid = grid
+            self.grid_t = torch.as_tensor(grid, dtype=prep.dtype).to(prep.device)
         # Snapshots draw the observations sorted by x: sort once here, not O(n log n) per snapshot
         # (a copy only when the data are unsorted; sorted data are passed as they are).
-        x, y, y_true = ds.x, ds.y, ds.y_true
-        if not np.all(x[1:] >= x[:-1]):
+        if ds.x.ndim == 1 and not np.all(x[1:] >= x[:-1]):
             order = np.argsort(x, kind="stable")
             x, y = x[order], y[order]
             y_true = None if y_true is None else y_true[order]
+            sigma = None if sigma is None else sigma[order]
         self.obs = (x, y, y_true)
+        self.sigma = sigma
+        from fitcli import plots
+
+        self.labels = plots.axis_labels(prep.cfg.report, ds.names)
         # Set by execute and saved in state.json with every snapshot; None while LM's converged
         # snapshots are filled in, so that state.json stays at the real last epoch.
         self.history: History | None = None
@@ -119,10 +142,14 @@ class RunWriter:
         ds = self.prep.dataset
         files.atomic_write(self.run_dir / files.CONFIG, cfg_text)
         if self.data_form == "csv":
-            files.write_data_csv(self.run_dir / files.DATA, ds.x, ds.y, ds.y_true, ds.sigma)
+            files.write_data_csv(
+                self.run_dir / files.DATA, ds.x, ds.y, ds.y_true, ds.sigma, ds.variables
+            )
         elif self.data_form == "npz":
             files.write_data_npz(self.run_dir / files.DATA_NPZ, ds.x, ds.y, ds.y_true, ds.sigma)
         # "file": the data file itself is the run's data (summary.json's data_file)
+        if ds.left_out is not None and len(ds.left_out.y):
+            files.write_left_out_csv(self.run_dir / files.LEFT_OUT, ds.left_out, ds.variables)
         if self.plotlyjs == "directory":
             files.copy_plotly_js(self.run_dir)
         files.write_json(self.run_dir / files.SUMMARY, summary)
@@ -139,9 +166,12 @@ class RunWriter:
     ) -> str:
         from fitcli import plots
 
-        prep, note = self.prep, entry.get("note")
+        prep = self.prep
         return plots.snapshot_page(
-            name=prep.cfg.name if note is None else f"{prep.cfg.name} ({note})",
+            name=prep.cfg.name,
+            note=entry.get("note"),
+            sigma=self.sigma,
+            labels=self.labels,
             epoch=entry["epoch"],
             epochs=prep.cfg.epochs,
             loss=entry["loss"],
@@ -155,6 +185,7 @@ class RunWriter:
             plotlyjs=self.plotlyjs,
             components=list(zip(prep.model.components, parts, strict=True)) or None,
             bands=bands,
+            **plot_extras(prep.dataset),
         )
 
     def snapshot(self, epoch: int, loss: float, note: str | None = None) -> None:
@@ -190,12 +221,16 @@ class RunWriter:
         wrote (no float repr needs quoting), then `component_1, ...` when the model has
         components; the x column is formatted once per run."""
         if self._fit_rows is None:
-            self._fit_rows = [f"{v!r}," for v in self.grid.tolist()]
+            if self.grid.ndim == 2:
+                self._fit_rows = [",".join(map(repr, row)) + "," for row in self.grid.tolist()]
+            else:
+                self._fit_rows = [f"{v!r}," for v in self.grid.tolist()]
         ys = y_fit.tolist()
         if len(ys) != len(self._fit_rows):
             raise ValueError(f"fitted curve has {len(ys)} points, the grid {len(self.grid)}")
         cells: Iterable[str] = map(repr, ys)
-        head = "x,y_fit"
+        variables = self.prep.dataset.variables
+        head = ",".join(variables) + ",y_fit" if self.grid.ndim == 2 else "x,y_fit"
         if components:
             head += "".join(f",{files.component_column(k)}" for k in range(len(components)))
             columns = [y_fit, *components]
@@ -214,6 +249,10 @@ class RunWriter:
         levels = list(prep.cfg.report.levels)
         if not levels:
             summary["bands"] = {"levels": [], "skipped": "report.levels is empty"}
+            return
+        if ds.x.ndim == 2:
+            why = "bands of a model of several variables are not computed yet"
+            summary["bands"] = {"levels": levels, "skipped": why}
             return
         from fitcli.lm import one_thread
 
@@ -378,6 +417,16 @@ def base_summary(
         # The multi-start search that chose this run's start (`fitcli.starts`).
         **({"starts": prep.starts} if prep.starts is not None else {}),
         "n_points": prep.dataset.n,
+        # A data file's column names by role: the plots' axis titles (`plots.axis_labels`).
+        **({"columns": dict(prep.dataset.names)} if prep.dataset.names else {}),
+        # Rows left out (`data.nan_policy: omit`, `data.range`), only when they may be.
+        **({"rows": prep.dataset.rows} if prep.dataset.rows is not None else {}),
+        **(
+            {"omitted_lines": prep.dataset.omitted_lines}
+            if prep.dataset.omitted_lines is not None
+            else {}
+        ),
+        **({"variables": list(prep.dataset.variables)} if prep.dataset.x.ndim == 2 else {}),
         # How the model is composed (`fitcli.composition`): its components and its ties.
         **({"components": list(prep.model.components)} if prep.model.components else {}),
         **({"tied": dict(prep.model.tied)} if prep.model.tied else {}),
@@ -389,7 +438,8 @@ def base_summary(
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": command,
         # Who writes the run while it runs (`liveness`): a run whose writer is gone is stale.
-        "process": liveness.identity(),
+        # A fit in memory has no run to go stale (and reading /proc was a tenth of its set-up).
+        **({"process": liveness.identity()} if run_dir is not None else {}),
     }
 
 

@@ -1,0 +1,643 @@
+"""Fits over groups of data: many independent fits at once, or one global fit with shared
+parameters, as one tensor program with a leading group dimension.
+
+The groups are padded to the longest one (`Packed`: a weight of 0 marks a pad, whose x repeats
+the group's first point so that the model stays finite there). Parameters are a per-group block
+``theta [G, q]`` (internal, unconstrained values, as `FitModel.raw`) and a shared block
+``shared [s]``; the model is `FitModel.predict` on their merged ``[G, n_free]`` vector, which
+broadcasts a leading dimension. Columns of the Jacobian come from forward-mode derivatives
+(one `torch.func.jvp` per parameter, every group at once).
+
+With no shared parameter (`fit_independent`), every group is its own Levenberg-Marquardt fit:
+per-group damping, per-group stopping by the tests of `fitcli.lm` (gtol, ftol, xtol, rounding
+level of the Gauss-Newton steps, damping too large), per-group status. With shared parameters
+(`fit_global`) it is one LM on the stacked problem, whose normal equations are block-arrow
+shaped::
+
+    [U_1        W_1] [d_1]   [a_1]
+    [    ...    ...] [...] = [...]      U_g = A_g^T A_g,  W_g = A_g^T B,  V = sum B_g^T B_g
+    [W_1^T ...  V  ] [d_s]   [ b ]
+
+so the per-group blocks are eliminated (`schur_solve`: batched q x q solves) and only the
+s x s Schur complement is solved densely: the cost grows linearly with the number of groups.
+
+Not here (said in the README): the curvature guard, the stall and singular-point restarts and
+the trust region of `fitcli.lm`, and losses other than least squares for LM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fitcli.errors import GroupStatus
+from fitcli.lm import (
+    MAX_DAMPING,
+    MIN_DAMPING,
+    POLISH_CONTRACTION,
+    POLISH_DAMPING,
+    POLISH_RTOL,
+    SINGULAR_RCOND,
+)
+from fitcli.model import FitModel
+
+# Bytes of one group chunk's Jacobian in an independent fit: the fit runs chunk by chunk.
+CHUNK_BYTES = 64_000_000
+# A global fit's polishing ends after this many Gauss-Newton steps in a row that do not
+# contract: a stacked problem with correlated parameters converges linearly, by uneven steps.
+POLISH_STRIKES = 3
+
+
+@dataclass
+class Packed:
+    """Grouped observations padded to the longest group: x [G, L] (or [G, L, k]), the weighted
+    y ``w * y`` and the weights w [G, L] (0 at a pad), and each group's number of points."""
+
+    x: torch.Tensor
+    wy: torch.Tensor
+    w: torch.Tensor
+    counts: np.ndarray
+
+    @property
+    def groups(self) -> int:
+        return int(self.w.shape[0])
+
+    def take(self, idx: torch.Tensor) -> Packed:
+        return Packed(self.x[idx], self.wy[idx], self.w[idx], self.counts[idx.cpu().numpy()])
+
+
+def packed_bytes(counts: np.ndarray, k: int, p: int, itemsize: int) -> int:
+    """What packing and fitting these groups allocates at most, in bytes: the padded x, y, w
+    and the model's temporaries (about 8 arrays of G x L) plus the float64 Jacobian G x L x p."""
+    g, length = counts.size, int(counts.max()) if counts.size else 0
+    cells = g * length
+    return cells * (itemsize * (k + 2 + 8) + 8 * (p + 2))
+
+
+def pack(
+    x: np.ndarray,
+    y: np.ndarray,
+    sigma: np.ndarray | None,
+    group: np.ndarray,
+    n_groups: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Packed:
+    """Pad each group's rows (in file order) to the longest group."""
+    counts = np.bincount(group, minlength=n_groups)
+    length = max(int(counts.max()), 1)
+    order = np.argsort(group, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pos = np.arange(group.size) - np.repeat(starts, counts)
+    g_sorted = group[order]
+    # A pad repeats its group's first point (an empty group: the first row of all).
+    first = np.where(counts > 0, order[np.minimum(starts, group.size - 1)], 0)
+    xs = x[first]
+    xp = (
+        np.repeat(xs[:, None], length, axis=1)
+        if x.ndim == 1
+        else np.repeat(xs[:, None, :], length, axis=1)
+    )
+    xp[g_sorted, pos] = x[order]
+    w = np.zeros((n_groups, length))
+    w[g_sorted, pos] = 1.0 if sigma is None else 1.0 / sigma[order]
+    yp = np.zeros((n_groups, length))
+    yp[g_sorted, pos] = y[order]
+    t = lambda a: torch.as_tensor(a, dtype=dtype).to(device)  # noqa: E731
+    return Packed(t(xp), t(yp * w), t(w), counts)
+
+
+@dataclass
+class Layout:
+    """Which free parameters of the model (`FitModel.free_names` order) are per group."""
+
+    per_group: list[int]
+    shared: list[int]
+
+    def merge(self, theta: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        """The model's free vector for each group, [G, n_free]."""
+        g = theta.shape[0]
+        both = torch.cat([theta, shared.expand(g, shared.shape[-1])], dim=1)
+        order = self.per_group + self.shared
+        inv = [order.index(k) for k in range(len(order))]
+        return both[:, inv]
+
+
+def _model(model: FitModel, layout: Layout, x: torch.Tensor, external: bool):
+    expression: Any = getattr(model, "expression")  # noqa: B009  # groups need model.expr
+
+    def fn(theta: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+        # Each group's parameters [G, 1] broadcast over its own row of x ([G, L] or [G, L, k]).
+        free = layout.merge(theta, shared)
+        full = model.full_vector(free if external else model.external(free))
+        return expression(x, {name: full[:, k, None] for k, name in enumerate(model.names)})
+
+    return fn
+
+
+def jacobian(
+    model: FitModel,
+    layout: Layout,
+    data: Packed,
+    theta: torch.Tensor,
+    shared: torch.Tensor,
+    external: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A [G, L, q], B [G, L, s], r [G, L]) of the weighted model, in float64: the Jacobian
+    columns of the per-group and shared parameters and the residuals ``w * (y - fn)``, zero at
+    the pads."""
+    # One reverse pass with one leaf per parameter column, expanded over the rows: the model
+    # is elementwise in the rows, so d sum(m) / d leaf_k[g, i] is J[g, i, k] (as `fitcli.lm`'s
+    # row-wise Jacobian); no functorch, whose start-up costs seconds.
+    mask = data.w > 0
+    g, length = data.w.shape
+    free = layout.merge(theta.detach(), shared.detach())
+    leaves = [free[:, k, None].expand(g, length).requires_grad_() for k in range(free.shape[1])]
+    expression: Any = getattr(model, "expression")  # noqa: B009  # groups need model.expr
+    with torch.enable_grad():
+        stacked = torch.stack(leaves, dim=-1)
+        full = model.full_vector(stacked if external else model.external(stacked))
+        m = expression(data.x, {name: full[..., k] for k, name in enumerate(model.names)})
+        grads = torch.autograd.grad((m * data.w).sum(), leaves, allow_unused=True)
+    m = m.detach()
+    per = [grads[k] for k in layout.per_group] + [grads[k] for k in layout.shared]
+    cols = [
+        torch.zeros_like(m, dtype=torch.float64)
+        if c is None
+        else torch.where(mask, c, 0.0).to(torch.float64)
+        for c in per
+    ]
+    r = torch.where(mask, data.wy - m * data.w, 0.0).to(torch.float64)
+    q = theta.shape[1]
+    empty = torch.zeros(*r.shape, 0, dtype=torch.float64, device=r.device)
+    jac = torch.stack(cols, dim=-1) if cols else empty
+    return jac[..., :q], jac[..., q:], r
+
+
+def residual_ss(
+    model: FitModel, layout: Layout, data: Packed, theta: torch.Tensor, shared: torch.Tensor
+) -> torch.Tensor:
+    """Each group's ``sum(r**2)`` [G] in float64 (no Jacobian)."""
+    fn = _model(model, layout, data.x, False)
+    with torch.no_grad():
+        m = fn(theta, shared)
+        r = torch.where(data.w > 0, data.wy - m * data.w, 0.0).to(torch.float64)
+    return (r * r).sum(-1)
+
+
+def _damped_solve(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Solve ``(a + lam I) z = b`` for a batch of symmetric q x q systems (b [..., q] or
+    [..., q, m]); Cholesky, or a symmetric eigendecomposition dropping the null space where
+    Cholesky fails."""
+    q = a.shape[-1]
+    eye = torch.eye(q, dtype=a.dtype, device=a.device)
+    m = a + lam[..., None, None] * eye
+    vec = b.dim() == a.dim() - 1
+    rhs = b[..., None] if vec else b
+    chol, info = torch.linalg.cholesky_ex(m)
+    z = torch.cholesky_solve(rhs, chol)
+    bad = (info != 0) | ~torch.isfinite(z).flatten(-2).all(-1)
+    if bool(bad.any()):
+        evals, evecs = torch.linalg.eigh(torch.nan_to_num(m[bad]))
+        cutoff = evals.abs().amax(-1, keepdim=True).clamp_min(1e-300) * q * 2.2e-16
+        inv = torch.where(evals > cutoff, 1.0 / evals.clamp_min(1e-300), 0.0)
+        z[bad] = evecs @ (inv[..., None] * (evecs.transpose(-1, -2) @ rhs[bad]))
+    return z[..., 0] if vec else z
+
+
+def schur_solve(
+    u: torch.Tensor, w: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve the block-arrow system ``[[diag(U_g), W], [W^T, V]] [d_g; d_s] = [a_g; b]``
+    (U [G, q, q], W [G, q, s], V [s, s], a [G, q], b [s]) by eliminating the per-group blocks:
+    ``S = V - sum_g W_g^T U_g^-1 W_g``, ``d_s = S^-1 (b - sum_g W_g^T U_g^-1 a_g)``,
+    ``d_g = U_g^-1 (a_g - W_g d_s)``. Returns (d_g [G, q], d_s [s])."""
+    zero = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
+    rhs = torch.cat([w, a[..., None]], dim=-1)  # one batched solve for U^-1 W and U^-1 a
+    sol = _damped_solve(u, rhs, zero)
+    uw, ua = sol[..., :-1], sol[..., -1]
+    wt = w.transpose(-1, -2)
+    schur = v - (wt @ uw).sum(0)
+    rhs_s = b - (wt @ ua[..., None])[..., 0].sum(0)
+    ds = _damped_solve(schur, rhs_s, torch.zeros((), dtype=u.dtype, device=u.device))
+    dg = ua - (uw @ ds)
+    return dg, ds
+
+
+@dataclass
+class GroupFit:
+    """The outcome of a grouped fit: per-group internal parameters, the shared ones, and per
+    group its status, reason, iterations and ``sum(r**2)``."""
+
+    theta: torch.Tensor  # [G, q]
+    shared: torch.Tensor  # [s]
+    status: list[str]
+    reason: list[str]
+    iterations: np.ndarray
+    rss: np.ndarray
+    history: list[float] = field(default_factory=list)  # total cost per iteration
+
+
+@dataclass
+class LMOptions:
+    ftol: float = 1e-15
+    xtol: float = 1e-15
+    gtol: float = 1e-15
+    damping: float = 1e-3
+    max_iter: int = 500
+
+
+def too_few(counts: np.ndarray, q: int) -> np.ndarray:
+    """Groups with no more points than their per-group parameters (no degrees of freedom)."""
+    return counts <= q
+
+
+def _few_reason(n: int, q: int) -> str:
+    return f"too few points: {n} for {q} per-group parameter(s); need more than {q}"
+
+
+def fit_independent(
+    model: FitModel,
+    layout: Layout,
+    data: Packed,
+    theta0: torch.Tensor,
+    opts: LMOptions,
+    on_iter: Callable[[int], bool] | None = None,
+) -> GroupFit:
+    """Every group its own LM fit (no shared parameter), chunk by chunk of groups."""
+    g, q = theta0.shape
+    length = data.w.shape[1]
+    chunk = max(1, CHUNK_BYTES // max(1, 8 * length * max(q, 1)))
+    theta = theta0.detach().clone()
+    status = [GroupStatus.FAILED.value] * g
+    reason = [""] * g
+    iters = np.zeros(g, dtype=np.int64)
+    rss = np.full(g, math.nan)
+    shared = torch.zeros(0, dtype=theta.dtype, device=theta.device)
+    for lo in range(0, g, chunk):
+        idx = torch.arange(lo, min(g, lo + chunk), device=theta.device)
+        part = _lm_batch(model, layout, data.take(idx), theta[idx], shared, opts, on_iter)
+        theta[idx] = part.theta
+        for k, j in enumerate(range(lo, lo + idx.numel())):
+            status[j], reason[j] = part.status[k], part.reason[k]
+        iters[lo : lo + idx.numel()] = part.iterations
+        rss[lo : lo + idx.numel()] = part.rss
+    return GroupFit(theta, shared, status, reason, iters, rss)
+
+
+def _lm_batch(
+    model: FitModel,
+    layout: Layout,
+    data: Packed,
+    theta0: torch.Tensor,
+    shared: torch.Tensor,
+    opts: LMOptions,
+    on_iter: Callable[[int], bool] | None,
+) -> GroupFit:
+    """Batched LM over the groups of `data` (module doc): the state of each group in tensors
+    with a leading group dimension; the active groups are gathered each iteration."""
+    g, q = theta0.shape
+    f64 = torch.float64
+    dev = theta0.device
+    theta = theta0.detach().clone()
+    running = torch.ones(g, dtype=torch.bool, device=dev)
+    status = [GroupStatus.CONVERGED.value] * g
+    reason = [""] * g
+    few = too_few(data.counts, q)
+    for j in np.flatnonzero(few):
+        status[j], reason[j] = GroupStatus.FAILED.value, _few_reason(int(data.counts[j]), q)
+        running[int(j)] = False
+    lam = torch.full((g,), opts.damping, dtype=f64, device=dev)
+    nu = torch.full((g,), 2.0, dtype=f64, device=dev)
+    scale2 = torch.zeros(g, q, dtype=f64, device=dev)
+    cost = torch.full((g,), math.nan, dtype=f64, device=dev)
+    polish = torch.full((g,), math.nan, dtype=f64, device=dev)
+    jtj = torch.zeros(g, q, q, dtype=f64, device=dev)
+    jtr = torch.zeros(g, q, dtype=f64, device=dev)
+    stale = torch.ones(g, dtype=torch.bool, device=dev)
+    iters = np.zeros(g, dtype=np.int64)
+
+    def stop(idx: torch.Tensor, why: str, failed: bool = False) -> None:
+        for j in idx.tolist():
+            status[j] = GroupStatus.FAILED.value if failed else GroupStatus.CONVERGED.value
+            reason[j] = why
+        running[idx] = False
+
+    for it in range(opts.max_iter):
+        lin = torch.nonzero(running & stale)[:, 0]
+        if lin.numel():
+            a_, _, r_ = jacobian(model, layout, data.take(lin), theta[lin], shared)
+            jtj[lin] = a_.transpose(-1, -2) @ a_
+            jtr[lin] = (a_.transpose(-1, -2) @ r_[..., None])[..., 0]
+            rss_l = (r_ * r_).sum(-1)
+            cost[lin] = 0.5 * rss_l
+            stale[lin] = False
+            finite = torch.isfinite(rss_l) & torch.isfinite(jtj[lin]).flatten(1).all(1)
+            bad = lin[~finite]
+            if bad.numel():
+                where = "at start" if it == 0 else "at the current parameters"
+                stop(bad, f"non-finite residuals or Jacobian {where}", failed=True)
+            diag = torch.diagonal(jtj[lin], dim1=-2, dim2=-1)
+            diag = torch.where(diag > 0, diag, 1.0)
+            scale2[lin] = torch.maximum(scale2[lin], diag)
+            exact = lin[finite & (rss_l == 0)]
+            if exact.numel():
+                stop(exact, "exact fit: residuals are zero")
+            d_raw = torch.diagonal(jtj[lin], dim1=-2, dim2=-1).clamp_min(1e-300)
+            cosine = (jtr[lin].abs() / torch.sqrt(d_raw * rss_l[:, None])).amax(-1)
+            gt = lin[finite & (rss_l > 0) & (cosine <= opts.gtol)]
+            if gt.numel():
+                stop(gt, f"gtol: gradient cosine < {opts.gtol:g}")
+        act = torch.nonzero(running)[:, 0]
+        if not act.numel():
+            break
+        if on_iter is not None and on_iter(it):
+            break
+        iters[act.cpu().numpy()] += 1
+        d = torch.sqrt(scale2[act])
+        sc = 1.0 / d
+        a = jtj[act] * sc[:, :, None] * sc[:, None, :]
+        z = _damped_solve(a, jtr[act] * sc, lam[act])
+        delta = z * sc
+        th64 = theta[act].to(f64)
+        step_norm = torch.linalg.vector_norm(d * delta, dim=-1)
+        theta_norm = torch.linalg.vector_norm(d * th64, dim=-1)
+        c = cost[act]
+        jd = (jtj[act] @ delta[..., None])[..., 0]
+        predicted = (jtr[act] * delta).sum(-1) - 0.5 * (delta * jd).sum(-1)
+        polishing = (predicted <= POLISH_RTOL * c) & (lam[act] <= POLISH_DAMPING)
+        xsmall = step_norm <= opts.xtol * (opts.xtol + theta_norm)
+        pol = polish[act]
+        rounding = torch.isfinite(pol) & ((step_norm > POLISH_CONTRACTION * pol) | xsmall)
+        if bool(rounding.any()):
+            stop(act[rounding], "Gauss-Newton steps have reached rounding level")
+        trial = (th64 + delta).to(theta.dtype)
+        new = 0.5 * residual_ss(model, layout, data.take(act), trial, shared)
+        actual = torch.where(torch.isfinite(new), c - new, -math.inf)
+        rho = torch.where(predicted > 0, actual / predicted, -math.inf)
+        pol_ok = polishing & (actual >= -POLISH_RTOL * c) & ~rounding
+        rho = torch.where(pol_ok, rho.clamp_min(0.0), rho)
+        accept = ~rounding & (pol_ok | ((rho > 0) & torch.isfinite(new)))
+        reject = ~rounding & ~accept
+        # Accepted: move, Nielsen's damping update.
+        acc = act[accept]
+        theta[acc] = trial[accept]
+        cost[acc] = new[accept]
+        stale[acc] = True
+        r_acc = rho[accept]
+        factor = torch.clamp_min(1 - (2 * r_acc - 1) ** 3, 1 / 3)
+        lam[acc] = torch.clamp_min(lam[acc] * factor, MIN_DAMPING)
+        nu[acc] = 2.0
+        polish[act[pol_ok]] = step_norm[pol_ok]
+        plain = accept & ~torch.isfinite(polish[act])
+        ftol = plain & (actual <= opts.ftol * c) & (predicted <= opts.ftol * c)
+        if bool(ftol.any()):
+            stop(act[ftol], f"ftol: relative cost reduction < {opts.ftol:g}")
+        xt = plain & ~ftol & xsmall
+        if bool(xt.any()):
+            stop(act[xt], f"xtol: relative step < {opts.xtol:g}")
+        # Rejected: raise the damping, doubling its growth.
+        rej = act[reject]
+        lam[rej] = lam[rej] * nu[rej]
+        nu[rej] = nu[rej] * 2.0
+        xr = reject & xsmall
+        if bool(xr.any()):
+            stop(act[xr], f"xtol: relative step < {opts.xtol:g}")
+        big = reject & ~xsmall & (lam[act] > MAX_DAMPING)
+        if bool(big.any()):
+            stop(act[big], "damping too large: no decrease possible")
+    left = torch.nonzero(running)[:, 0]
+    if left.numel():
+        stop(left, f"iteration limit: not converged in {opts.max_iter} iterations", failed=True)
+    final = residual_ss(model, layout, data, theta, shared).cpu().numpy()
+    return GroupFit(theta, shared, status, reason, iters, final)
+
+
+def fit_global(
+    model: FitModel,
+    layout: Layout,
+    data: Packed,
+    theta0: torch.Tensor,
+    shared0: torch.Tensor,
+    opts: LMOptions,
+    on_iter: Callable[[int], bool] | None = None,
+) -> GroupFit:
+    """One LM on the stacked problem (per-group and shared parameters), each step by
+    `schur_solve`. Groups with too few points are left out of it (failed, at their start)."""
+    g, q = theta0.shape
+    f64 = torch.float64
+    status = [GroupStatus.CONVERGED.value] * g
+    reason = [""] * g
+    few = too_few(data.counts, q)
+    for j in np.flatnonzero(few):
+        status[j], reason[j] = GroupStatus.FAILED.value, _few_reason(int(data.counts[j]), q)
+    keep = torch.as_tensor(np.flatnonzero(~few), device=theta0.device)
+    sub = data.take(keep)
+    theta_all = theta0.detach().clone()
+    theta = theta0[keep].detach().clone()
+    shared = shared0.detach().clone()
+    lam, nu = opts.damping, 2.0
+    scale_g = torch.zeros_like(theta, dtype=f64)
+    scale_s = torch.zeros_like(shared, dtype=f64)
+    polish_norm: float | None = None
+    strikes = 0
+    why, failed = f"iteration limit: not converged in {opts.max_iter} iterations", True
+    stale, n_iter = True, 0
+    history: list[float] = []
+    u = w = v = a = b = None
+    cost = math.nan
+    for it in range(opts.max_iter):
+        if stale:
+            ja, jb, r = jacobian(model, layout, sub, theta, shared)
+            jat = ja.transpose(-1, -2)
+            u, w = jat @ ja, jat @ jb
+            v = (jb.transpose(-1, -2) @ jb).sum(0)
+            a = (jat @ r[..., None])[..., 0]
+            b = (jb.transpose(-1, -2) @ r[..., None])[..., 0].sum(0)
+            rss = float((r * r).sum())
+            cost = 0.5 * rss
+            stale = False
+            if not (
+                math.isfinite(rss) and bool(torch.isfinite(u).all() and torch.isfinite(v).all())
+            ):
+                why = "non-finite residuals or Jacobian " + (
+                    "at start" if it == 0 else "at the current parameters"
+                )
+                break
+            dg = torch.diagonal(u, dim1=-2, dim2=-1)
+            ds_ = torch.diagonal(v)
+            scale_g = torch.maximum(scale_g, torch.where(dg > 0, dg, 1.0))
+            scale_s = torch.maximum(scale_s, torch.where(ds_ > 0, ds_, 1.0))
+            if rss == 0.0:
+                why, failed = "exact fit: residuals are zero", False
+                break
+            diag_all = torch.cat([dg.reshape(-1), ds_]).clamp_min(1e-300)
+            grad = torch.cat([a.reshape(-1), b]).abs()
+            if float((grad / torch.sqrt(diag_all * rss)).max()) <= opts.gtol:
+                why, failed = f"gtol: gradient cosine < {opts.gtol:g}", False
+                break
+        assert u is not None and w is not None and v is not None and a is not None and b is not None
+        history.append(cost)
+        if on_iter is not None and on_iter(it):
+            why, failed = f"stopped after {it} iterations", True
+            break
+        n_iter += 1
+        sg, ss = 1.0 / torch.sqrt(scale_g), 1.0 / torch.sqrt(scale_s)
+        eye_q = torch.eye(q, dtype=f64, device=u.device)
+        eye_s = torch.eye(shared.numel(), dtype=f64, device=u.device)
+        us = u * sg[:, :, None] * sg[:, None, :] + lam * eye_q
+        ws = w * sg[:, :, None] * ss[None, None, :]
+        vs = v * ss[:, None] * ss[None, :] + lam * eye_s
+        zg, zs = schur_solve(us, ws, vs, a * sg, b * ss)
+        dg_, ds_ = zg * sg, zs * ss
+        delta = torch.cat([dg_.reshape(-1), ds_])
+        dvec = torch.cat([torch.sqrt(scale_g).reshape(-1), torch.sqrt(scale_s)])
+        th64 = torch.cat([theta.to(f64).reshape(-1), shared.to(f64)])
+        step_norm = float(torch.linalg.vector_norm(dvec * delta))
+        theta_norm = float(torch.linalg.vector_norm(dvec * th64))
+        # Predicted reduction g.d - 0.5 d.A.d with A block-arrow.
+        ad_g = (u @ dg_[..., None])[..., 0] + (w @ ds_[..., None])[..., 0]
+        ad_s = v @ ds_ + (w.transpose(-1, -2) @ dg_[..., None])[..., 0].sum(0)
+        predicted = float((a * dg_).sum() + (b * ds_).sum()) - 0.5 * float(
+            (dg_ * ad_g).sum() + (ds_ * ad_s).sum()
+        )
+        polishing = predicted <= POLISH_RTOL * cost and lam <= POLISH_DAMPING
+        xsmall = step_norm <= opts.xtol * (opts.xtol + theta_norm)
+        if polish_norm is not None and (step_norm > POLISH_CONTRACTION * polish_norm or xsmall):
+            strikes += 1
+            if xsmall or strikes >= POLISH_STRIKES:
+                why, failed = "Gauss-Newton steps have reached rounding level", False
+                break
+        elif polish_norm is not None:
+            strikes = 0
+        t_trial = (theta.to(f64) + dg_).to(theta.dtype)
+        s_trial = (shared.to(f64) + ds_).to(shared.dtype)
+        new = 0.5 * float(residual_ss(model, layout, sub, t_trial, s_trial).sum())
+        actual = cost - new if math.isfinite(new) else -math.inf
+        rho = actual / predicted if predicted > 0 else -math.inf
+        if polishing and actual >= -POLISH_RTOL * cost:
+            polish_norm = step_norm
+            rho = max(rho, 0.0)
+        elif not (rho > 0 and math.isfinite(new)):
+            lam *= nu
+            nu *= 2.0
+            if xsmall:
+                why, failed = f"xtol: relative step < {opts.xtol:g}", False
+                break
+            if lam > MAX_DAMPING:
+                why, failed = "damping too large: no decrease possible", False
+                break
+            continue
+        old = cost
+        theta, shared, cost, stale = t_trial, s_trial, new, True
+        lam = max(lam * max(1 / 3, 1 - (2 * rho - 1) ** 3), MIN_DAMPING)
+        nu = 2.0
+        if polish_norm is not None:
+            continue
+        if actual <= opts.ftol * old and predicted <= opts.ftol * old:
+            why, failed = f"ftol: relative cost reduction < {opts.ftol:g}", False
+            break
+        if xsmall:
+            why, failed = f"xtol: relative step < {opts.xtol:g}", False
+            break
+    theta_all[keep] = theta
+    for j in keep.tolist():
+        status[j] = GroupStatus.FAILED.value if failed else GroupStatus.CONVERGED.value
+        reason[j] = why
+    rss_all = residual_ss(model, layout, data, theta_all, shared).cpu().numpy()
+    rss_all[few] = math.nan
+    iters = np.where(few, 0, n_iter)
+    return GroupFit(theta_all, shared, status, reason, iters, rss_all, history)
+
+
+# -- error bars --------------------------------------------------------------------------------
+
+
+def _singular(jtj: torch.Tensor) -> torch.Tensor:
+    """Whether each column-scaled J^T J has an eigenvalue below SINGULAR_RCOND of its largest."""
+    d = torch.sqrt(torch.diagonal(jtj, dim1=-2, dim2=-1).clamp_min(1e-300))
+    a = jtj / d[..., :, None] / d[..., None, :]
+    ev = torch.linalg.eigvalsh(torch.nan_to_num(a))
+    return ev[..., 0] <= SINGULAR_RCOND * ev[..., -1].clamp_min(1e-300)
+
+
+def external_values(model: FitModel, layout: Layout, theta: torch.Tensor, shared: torch.Tensor):
+    """The free parameters' values (bounded space) per group [G, n_free], in float64."""
+    with torch.no_grad():
+        return model.external(layout.merge(theta, shared)).to(torch.float64)
+
+
+def split_external(layout: Layout, free: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return free[:, layout.per_group], free[0, layout.shared] if free.shape[0] else free[:0, 0]
+
+
+def stderr_independent(
+    model: FitModel, layout: Layout, data: Packed, theta: torch.Tensor, scale: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each group's standard errors [G, q] as fitting that group alone gives (curve_fit):
+    sqrt(diag((J^T J)^-1) * s^2), s^2 = rss / (n_g - q) (or 1 with `scale` False: absolute
+    sigma), J with respect to the parameters' values. Also whether J^T J is singular [G]."""
+    shared = torch.zeros(0, dtype=theta.dtype, device=theta.device)
+    free = external_values(model, layout, theta, shared).to(theta.dtype)
+    q = theta.shape[1]
+    g = theta.shape[0]
+    out = np.full((g, q), math.nan)
+    sing = np.zeros(g, dtype=bool)
+    length = data.w.shape[1]
+    chunk = max(1, CHUNK_BYTES // max(1, 8 * length * max(q, 1)))
+    for lo in range(0, g, chunk):
+        idx = torch.arange(lo, min(g, lo + chunk), device=theta.device)
+        a, _, r = jacobian(model, layout, data.take(idx), free[idx], shared, external=True)
+        jtj = a.transpose(-1, -2) @ a
+        s = _singular(jtj)
+        cov = torch.linalg.pinv(torch.nan_to_num(jtj), hermitian=True)
+        n = torch.as_tensor(data.counts[idx.cpu().numpy()], dtype=torch.float64)
+        dof = (n - q).clamp_min(1).to(cov.device)
+        s2 = (r * r).sum(-1) / dof if scale else torch.ones_like(dof)
+        var = torch.diagonal(cov, dim1=-2, dim2=-1) * s2[:, None]
+        out[lo : lo + idx.numel()] = torch.sqrt(var).cpu().numpy()
+        sing[lo : lo + idx.numel()] = s.cpu().numpy()
+    return out, sing
+
+
+def stderr_global(
+    model: FitModel,
+    layout: Layout,
+    data: Packed,
+    theta: torch.Tensor,
+    shared: torch.Tensor,
+    ok: np.ndarray,
+    scale: bool,
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Standard errors of a global fit from the covariance of the whole stacked problem over
+    the groups `ok` (n - p degrees of freedom, p = q * groups + s): the per-group ones [G, q]
+    (NaN outside `ok`) and the shared ones [s]; and whether J^T J is singular. Diagonal
+    blocks of the inverse by the Schur complement:
+    ``Cov_ss = S^-1``, ``Cov_gg = U_g^-1 + (U_g^-1 W_g) S^-1 (U_g^-1 W_g)^T``."""
+    keep = torch.as_tensor(np.flatnonzero(ok), device=theta.device)
+    sub = data.take(keep)
+    free = external_values(model, layout, theta[keep], shared).to(theta.dtype)
+    tg, ts = split_external(layout, free)
+    ja, jb, r = jacobian(model, layout, sub, tg, ts, external=True)
+    jat = ja.transpose(-1, -2)
+    u, w = jat @ ja, jat @ jb
+    v = (jb.transpose(-1, -2) @ jb).sum(0)
+    uinv = torch.linalg.pinv(u, hermitian=True)
+    uw = uinv @ w
+    schur = v - (w.transpose(-1, -2) @ uw).sum(0)
+    sinv = torch.linalg.pinv(schur, hermitian=True)
+    cov_g = torch.diagonal(uinv + uw @ sinv @ uw.transpose(-1, -2), dim1=-2, dim2=-1)
+    cov_s = torch.diagonal(sinv)
+    q, s = theta.shape[1], shared.numel()
+    n = int(sub.counts.sum())
+    p = q * keep.numel() + s
+    s2 = float((r * r).sum()) / max(n - p, 1) if scale else 1.0
+    singular = bool(_singular(u).any()) or (s > 0 and bool(_singular(schur[None])[0]))
+    out = np.full((theta.shape[0], q), math.nan)
+    out[keep.cpu().numpy()] = torch.sqrt(cov_g * s2).cpu().numpy()
+    return out, torch.sqrt(cov_s * s2).cpu().numpy(), singular

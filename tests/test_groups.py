@@ -1,0 +1,295 @@
+"""Grouped data: many independent fits and global fits, against scipy on each group and on the
+stacked problem; groups.csv, exit codes and bad input through `fitcli train`."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from scipy.optimize import curve_fit, least_squares
+from typer.testing import CliRunner
+
+from fitcli.cli import app
+from fitcli.groups import schur_solve
+
+runner = CliRunner()
+TIGHT = {"ftol": 1e-15, "xtol": 1e-15, "gtol": 1e-15, "maxfev": 10000}
+
+
+def decay(x, a, b, c):
+    return a * np.exp(-b * x) + c
+
+
+def write_wells(path: Path, groups: int = 5, n: int = 30, seed: int = 0, counts=None) -> dict:
+    """A table t, y, well of decays a_g*exp(-b_g*t) + c_g with noise; returns the truth."""
+    rng = np.random.default_rng(seed)
+    truth = {}
+    lines = ["t,y,well"]
+    for g in range(groups):
+        a, b, c = rng.uniform(1, 3), rng.uniform(0.4, 1.2), rng.uniform(0.1, 0.4)
+        truth[f"w{g}"] = (a, b, c)
+        m = n if counts is None else counts[g]
+        for t in np.linspace(0, 5, m):
+            lines.append(f"{float(t)!r},{float(decay(t, a, b, c) + rng.normal(0, 0.02))!r},w{g}")
+    path.write_text("\n".join(lines) + "\n")
+    return truth
+
+
+def config(tmp_path: Path, params: dict, data: dict | None = None, **top) -> Path:
+    cfg = {
+        "name": "g",
+        "epochs": 200,
+        "snapshots": 2,
+        "data": data or {"file": "wells.csv", "columns": {"x": "t", "y": "y", "group": "well"}},
+        "model": {"expr": "a*exp(-b*x) + c", "params": params},
+        "optimizer": {"name": "LevenbergMarquardt"},
+        **top,
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train(path: Path, tmp_path: Path, *extra: str):
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(path), "--run-dir", str(run), "--json", *extra])
+    return result, run
+
+
+def read_groups(run: Path) -> list[dict]:
+    with open(run / "groups.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def table(path: Path):
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return (
+        np.array([float(r["t"]) for r in rows]),
+        np.array([float(r["y"]) for r in rows]),
+        np.array([r["well"] for r in rows]),
+    )
+
+
+ALL_PER_GROUP = {
+    "a": {"value": 1, "per_group": True},
+    "b": {"value": 1, "per_group": True},
+    "c": {"value": 0.1, "per_group": True},
+}
+
+
+def test_independent_groups_equal_a_curve_fit_loop(tmp_path):
+    write_wells(tmp_path / "wells.csv")
+    result, run = train(config(tmp_path, ALL_PER_GROUP), tmp_path)
+    assert result.exit_code == 0, result.output
+    rows = read_groups(run)
+    assert list(rows[0]) == [
+        "group", "status", "reason", "iterations", "n_points", "loss", "rss",
+        "a", "a_stderr", "b", "b_stderr", "c", "c_stderr",
+    ]  # fmt: skip
+    x, y, well = table(tmp_path / "wells.csv")
+    for row in rows:
+        sel = well == row["group"]
+        p, cov = curve_fit(decay, x[sel], y[sel], p0=[1, 1, 0.1], **TIGHT)
+        se = np.sqrt(np.diag(cov))
+        got = np.array([float(row[k]) for k in "abc"])
+        got_se = np.array([float(row[f"{k}_stderr"]) for k in "abc"])
+        np.testing.assert_allclose(got, p, rtol=1e-6)
+        np.testing.assert_allclose(got_se, se, rtol=1e-6)
+        assert row["status"] == "converged"
+        assert int(row["n_points"]) == sel.sum()
+    summary = json.loads(result.stdout)
+    assert summary["groups_converged"] == 5 and summary["groups_failed"] == 0
+    assert len(summary["groups"]) == 5  # --json: the rows
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["groups"] == 5
+    head = (run / "data.csv").read_text().splitlines()[:2]
+    assert head[0] == "x,y,group" and head[1].endswith(",w0")
+
+
+def test_global_fit_equals_least_squares_on_the_stacked_problem(tmp_path):
+    # 2 shared (b, c) + 2 per-group (a, d) parameters, 5 groups.
+    write_wells(tmp_path / "wells.csv")
+    params = {
+        "a": {"value": 1, "per_group": True},
+        "d": {"value": 0.0, "per_group": True},
+        "b": 1,
+        "c": 0.1,
+    }
+    path = config(tmp_path, params)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["model"]["expr"] = "a*exp(-b*x) + c + d*x"
+    path.write_text(yaml.safe_dump(cfg))
+    result, run = train(path, tmp_path)
+    assert result.exit_code == 0, result.output
+    x, y, well = table(tmp_path / "wells.csv")
+    labels = list(dict.fromkeys(well))
+    gi = np.array([labels.index(w) for w in well])
+    G = len(labels)
+
+    def res(p):
+        a, d, b, c = p[:G], p[G : 2 * G], p[-2], p[-1]
+        return y - (a[gi] * np.exp(-b * x) + c + d[gi] * x)
+
+    def jac(p):  # exact: a finite-difference Jacobian would limit the reference's digits
+        a, b = p[:G], p[-2]
+        out = np.zeros((x.size, p.size))
+        e = np.exp(-b * x)
+        out[np.arange(x.size), gi] = -e
+        out[np.arange(x.size), G + gi] = -x
+        out[:, -2] = a[gi] * x * e
+        out[:, -1] = -1.0
+        return out
+
+    start = np.r_[np.ones(G), np.zeros(G), 1.0, 0.1]
+    ref = least_squares(res, start, jac=jac, xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=10000)
+    for _ in range(30):  # least_squares stops at ftol; Gauss-Newton steps finish the job
+        ref.x = ref.x - np.linalg.lstsq(jac(ref.x), res(ref.x), rcond=None)[0]
+    ref.fun, ref.jac = res(ref.x), jac(ref.x)
+    J = ref.jac
+    s2 = (ref.fun @ ref.fun) / (x.size - J.shape[1])
+    se = np.sqrt(np.diag(np.linalg.inv(J.T @ J)) * s2)
+    rows = read_groups(run)
+    summary = json.loads((run / "summary.json").read_text())
+    got = np.r_[
+        [float(r["a"]) for r in rows], [float(r["d"]) for r in rows],
+        summary["params"]["b"], summary["params"]["c"],
+    ]  # fmt: skip
+    got_se = np.r_[
+        [float(r["a_stderr"]) for r in rows], [float(r["d_stderr"]) for r in rows],
+        summary["stderr"]["b"], summary["stderr"]["c"],
+    ]  # fmt: skip
+    np.testing.assert_allclose(got, ref.x, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(got_se, se, rtol=1e-6)
+
+
+def test_schur_solve_equals_a_dense_solve():
+    gen = torch.Generator().manual_seed(0)
+    G, q, s = 7, 3, 2
+    J = [torch.randn(20, q + s, generator=gen, dtype=torch.float64) for _ in range(G)]
+    u = torch.stack([j[:, :q].T @ j[:, :q] for j in J])
+    w = torch.stack([j[:, :q].T @ j[:, q:] for j in J])
+    v = sum(j[:, q:].T @ j[:, q:] for j in J)
+    a = torch.randn(G, q, generator=gen, dtype=torch.float64)
+    b = torch.randn(s, generator=gen, dtype=torch.float64)
+    dense = torch.zeros(G * q + s, G * q + s, dtype=torch.float64)
+    for g in range(G):
+        dense[g * q : (g + 1) * q, g * q : (g + 1) * q] = u[g]
+        dense[g * q : (g + 1) * q, G * q :] = w[g]
+        dense[G * q :, g * q : (g + 1) * q] = w[g].T
+    dense[G * q :, G * q :] = v
+    ref = torch.linalg.solve(dense, torch.cat([a.reshape(-1), b]))
+    dg, ds = schur_solve(u, w, v, a, b)
+    torch.testing.assert_close(torch.cat([dg.reshape(-1), ds]), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_a_group_with_too_few_points_fails_alone_exit_1(tmp_path):
+    write_wells(tmp_path / "wells.csv", groups=4, counts=[30, 30, 3, 30])
+    result, run = train(config(tmp_path, ALL_PER_GROUP), tmp_path)
+    assert result.exit_code == 1, result.output
+    rows = {r["group"]: r for r in read_groups(run)}
+    assert rows["w2"]["status"] == "failed"
+    assert rows["w2"]["reason"].startswith("too few points: 3 for 3")
+    assert all(rows[g]["status"] == "converged" for g in ("w0", "w1", "w3"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["groups_failed"] == 1 and summary["exit_code"] == 1
+
+
+def test_a_singular_group_fails_with_its_reason(tmp_path):
+    # Group w1 is flat in t (all points at t = 0): a and c cannot be told apart there.
+    lines = ["t,y,well"]
+    rng = np.random.default_rng(3)
+    for t in np.linspace(0, 5, 20):
+        lines.append(f"{t},{decay(t, 2, 0.7, 0.2) + rng.normal(0, 0.01)},w0")
+    for _ in range(20):
+        lines.append(f"0,{2.2 + rng.normal(0, 0.01)},w1")
+    (tmp_path / "wells.csv").write_text("\n".join(lines) + "\n")
+    result, run = train(config(tmp_path, ALL_PER_GROUP), tmp_path)
+    assert result.exit_code == 1, result.output
+    rows = {r["group"]: r for r in read_groups(run)}
+    assert rows["w0"]["status"] == "converged"
+    assert rows["w1"]["status"] == "failed" and "singular" in rows["w1"]["reason"]
+
+
+def test_data_files_list_and_glob_name_the_groups(tmp_path):
+    rng = np.random.default_rng(1)
+    (tmp_path / "wells").mkdir()
+    truth = {}
+    for name in ("alpha", "beta", "gamma"):
+        a = rng.uniform(1, 3)
+        truth[name] = a
+        t = np.linspace(0, 5, 25)
+        y = decay(t, a, 0.7, 0.2) + rng.normal(0, 0.01, t.size)
+        body = "\n".join(f"{float(u)!r},{float(v)!r}" for u, v in zip(t, y, strict=True))
+        (tmp_path / "wells" / f"{name}.csv").write_text("t,y\n" + body + "\n")
+    params = {"a": {"value": 1, "per_group": True}, "b": 1, "c": 0.1}
+    cols = {"x": "t", "y": "y"}
+    for files in ("wells/*.csv", ["wells/alpha.csv", "wells/beta.csv", "wells/gamma.csv"]):
+        path = config(tmp_path, params, {"files": files, "columns": cols})
+        result, run = train(path, tmp_path, "--overwrite")
+        assert result.exit_code == 0, result.output
+        rows = read_groups(run)
+        assert [r["group"] for r in rows] == ["alpha", "beta", "gamma"]
+        for r in rows:
+            assert abs(float(r["a"]) - truth[r["group"]]) < 0.05
+
+
+def bad(tmp_path: Path, path: Path) -> str:
+    result, run = train(path, tmp_path)
+    assert result.exit_code == 2, result.output
+    assert not run.exists()
+    return result.output
+
+
+def test_bad_grouped_input_exits_2_naming_the_fault(tmp_path):
+    write_wells(tmp_path / "wells.csv", groups=1)
+    out = bad(tmp_path, config(tmp_path, ALL_PER_GROUP))
+    assert "data.columns.group" in out and "one group" in out and "wells.csv" in out
+    cols = {"x": "t", "y": "y"}
+    out = bad(tmp_path, config(tmp_path, ALL_PER_GROUP, {"files": "none/*.csv", "columns": cols}))
+    assert "data.files" in out and "matches no file" in out
+    (tmp_path / "a.csv").write_text("t,y\n0,1\n1,2\n2,3\n3,4\n4,5\n")
+    (tmp_path / "b.csv").write_text("time,y\n0,1\n1,2\n2,3\n3,4\n4,5\n")
+    out = bad(tmp_path, config(tmp_path, ALL_PER_GROUP, {"files": ["a.csv", "b.csv"]}))
+    assert "b.csv line 1" in out and "same columns" in out
+    write_wells(tmp_path / "wells.csv")
+    one = {"a": {"value": 1, "per_group": True}}
+    out = bad(tmp_path, config(tmp_path, one, {"file": "wells.csv"}))
+    assert "per_group" in out and "needs grouped data" in out
+
+
+def test_memory_estimate_refuses_with_the_figure(tmp_path, monkeypatch):
+    import fitcli.grouped_run as gr
+
+    write_wells(tmp_path / "wells.csv")
+    monkeypatch.setattr(gr, "available_memory", lambda device: 1000)
+    out = bad(tmp_path, config(tmp_path, ALL_PER_GROUP))
+    assert "GiB to fit, more than the 0.0 GiB available" in out
+
+
+def test_resume_of_a_grouped_run_is_refused(tmp_path):
+    write_wells(tmp_path / "wells.csv")
+    result, run = train(config(tmp_path, ALL_PER_GROUP), tmp_path)
+    assert result.exit_code == 0
+    again = runner.invoke(app, ["train", "--resume", str(run)])
+    assert again.exit_code == 2 and "grouped run" in again.output
+
+
+def test_adam_global_fit_reaches_the_lm_optimum(tmp_path):
+    write_wells(tmp_path / "wells.csv", groups=3)
+    params = {"a": {"value": 2, "per_group": True}, "b": 0.8, "c": 0.2}
+    result, run = train(config(tmp_path, params), tmp_path)
+    assert result.exit_code == 0, result.output
+    lm = json.loads((run / "summary.json").read_text())
+    path = config(tmp_path, params, optimizer={"name": "Adam", "lr": 0.02}, epochs=3000)
+    result, run = train(path, tmp_path, "--overwrite")
+    assert result.exit_code == 0, result.output
+    adam = json.loads((run / "summary.json").read_text())
+    assert {r["status"] for r in read_groups(run)} == {"completed"}
+    for k in ("b", "c"):
+        assert abs(adam["params"][k] - lm["params"][k]) < 2e-3
+    assert adam["rss"] <= lm["rss"] * 1.001
