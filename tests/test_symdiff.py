@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fitcli.config import config_from_dict
@@ -185,6 +185,7 @@ MAGNITUDES = st.floats(0.05, 2) | st.floats(-2, -0.05)
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(source=EXPRESSIONS, a=MAGNITUDES, b=MAGNITUDES, c=st.floats(0.2, 2))
+@example(source="atan2(max(x, a), (b / x))", a=-0.5, b=0.5, c=1.0)
 def test_random_expressions_match_autograd(source, a, b, c):
     e = parse_expression(source)
     values = {"a": a, "b": b, "c": c}
@@ -207,8 +208,12 @@ def test_random_expressions_match_autograd(source, a, b, c):
     # numpy's and torch's tanh to 1e-8 relative of a tiny derivative.
     bound = 1e-8 * (np.abs(ref) + scale) + 1e-12 * (1 + scale)
     assert np.all(error[finite] <= bound[finite]), source
-    # Non-finite derivatives only where the value itself or autograd's is non-finite.
-    assert np.all(np.isfinite(jac) | ~np.isfinite(ref) | ~np.isfinite(y_ref)[:, None]), source
+    # Non-finite derivatives only where the value itself or autograd's is non-finite, in that
+    # row: a row with a non-finite autograd derivative passes through a non-finite intermediate
+    # (b / x at x = 0), where forward mode's 0 * nan (the tangent of an unselected max argument
+    # times atan2's partial at (0, inf)) and reverse mode's masking of it legitimately differ.
+    odd_row = ~np.isfinite(ref).all(axis=1) | ~np.isfinite(y_ref)
+    assert np.all(np.isfinite(jac) | ~np.isfinite(ref) | odd_row[:, None]), source
 
 
 # -- the numpy model of a FitModel and the LM core's use of it ----------------------------------

@@ -500,6 +500,44 @@ class FitResult:
         except bands.NoBand as exc:
             raise ValueError(f"no band: {exc}") from None
 
+    # -- intervals beyond the covariance --
+    def intervals(
+        self,
+        method: str | None = None,
+        level: float | Sequence[float] | None = None,
+        *,
+        samples: int | None = None,
+        resampling: str | None = None,
+        seed: int | None = None,
+    ) -> dict[str, Any]:
+        """Profile-likelihood or bootstrap intervals of the free parameters (`fitcli.intervals`),
+        as intervals.json holds them: per parameter its estimate and, per level, `lower` and
+        `upper` (None: not reached within the parameter's bounds), the method, `elapsed_s`.
+        Defaults come from the config's `uncertainty` section (method `profile` where it says
+        covariance); the bootstrap's seed from the config's seed. Least squares only."""
+        import torch
+
+        from fitcli import intervals
+        from fitcli.data import seed_streams
+
+        spec = self.config.uncertainty
+        method = method or (spec.method if spec.method != "covariance" else "profile")
+        if method not in ("profile", "bootstrap"):
+            raise InputError(f"method: {method!r} is not one of profile, bootstrap")
+        intervals.check_loss(self.config.loss)
+        model = self._float64_model()
+        model.set_values(self.params)
+        weights = None if self.sigma is None else torch.from_numpy(1.0 / self.sigma)
+        prob = intervals.Problem(model, torch.from_numpy(self.x), torch.from_numpy(self.y), weights)
+        return intervals.compute(
+            prob,
+            method,
+            spec.level if level is None else level,
+            samples=spec.samples if samples is None else samples,
+            resampling=spec.resampling if resampling is None else resampling,
+            seed=seed_streams(self.config.seed)["bootstrap"] if seed is None else seed,
+        )
+
     # -- presentation --
     def report(self) -> str:
         """The table `fitcli train` prints at the end of a run, as text."""
@@ -651,6 +689,47 @@ def write_prediction(path: Path, columns: Mapping[str, np.ndarray]) -> None:
         raise InputError(f"--out {path} already exists; remove it or give another file name")
     rows = zip(*(v.tolist() for v in columns.values()), strict=True)
     files.write_csv(path, list(columns), ([repr(v) for v in row] for row in rows))
+
+
+# -- fitcli ci
+
+
+def ci_run(
+    run_dir: str | os.PathLike[str],
+    method: str,
+    level: float | Sequence[float] | None = None,
+    *,
+    samples: int | None = None,
+    resampling: str | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """`fitcli ci`: intervals of a completed run directory, written to its intervals.json and
+    added to its summary.json (`intervals`); returns them. A run that is not completed (still
+    running, interrupted, diverged, failed) is refused with an InputError (exit 2), and so is
+    a fit whose intervals cannot be computed; nothing is written then."""
+    from fitcli import intervals, liveness
+
+    path = Path(run_dir)
+    if method not in ("profile", "bootstrap"):
+        raise InputError(f"--method {method!r}: give profile or bootstrap")
+    summary = files.read_summary(path)
+    status = liveness.status_of(summary)
+    if status != RunStatus.COMPLETED:
+        raise InputError(
+            f"{path}: the run is {status}; intervals need a completed run (wait for it to "
+            "finish, or resume it with fitcli train --resume)"
+        )
+    result = load(path)
+    try:
+        doc = result.intervals(method, level, samples=samples, resampling=resampling, seed=seed)
+    except intervals.IntervalError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    files.write_json(path / files.INTERVALS, doc)
+    # The summary as it is now on disk (another `fitcli ci` may have written it meanwhile).
+    summary = files.read_summary(path)
+    summary["intervals"] = doc
+    files.write_json(path / files.SUMMARY, summary)
+    return doc
 
 
 # -- sweeps

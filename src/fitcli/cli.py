@@ -304,6 +304,11 @@ def train(
             console.print_json(summary)
         else:
             console.summary_table(summary)
+            found = summary.get("intervals") or {}
+            if "params" in found:
+                console.intervals_table(found)
+            elif "error" in found:
+                console.warn(f"intervals: {found['error']}")
         code = strict_exit_code(summary["exit_code"], summary.get("converged"), strict)
         if code:
             raise typer.Exit(code)
@@ -525,6 +530,77 @@ def predict(
             console.print_json({k: v.tolist() for k, v in columns.items()})
         else:
             console.columns_table(columns)
+
+
+class CIMethod(StrEnum):
+    profile = "profile"
+    bootstrap = "bootstrap"
+
+
+class Resampling(StrEnum):
+    residual = "residual"
+    case = "case"
+
+
+@app.command()
+def ci(
+    run_dir: Annotated[
+        Path, typer.Argument(help="The completed run directory.", show_default=False)
+    ],
+    method: Annotated[
+        CIMethod,
+        typer.Option("--method", help="Profile likelihood (lmfit's F-test) or bootstrap."),
+    ] = CIMethod.profile,
+    level: Annotated[
+        list[float] | None,
+        typer.Option("--level", help="Confidence level in (0, 1); repeat for several."),
+    ] = None,
+    samples: Annotated[
+        int | None,
+        typer.Option("--samples", help="Bootstrap resamples (default: the config's, 1000)."),
+    ] = None,
+    resampling: Annotated[
+        Resampling | None,
+        typer.Option("--resampling", help="Bootstrap: resample residuals or data rows."),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option("--seed", help="Bootstrap seed (default: from the config's seed)."),
+    ] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print intervals.json to stdout and nothing else.")
+    ] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Profile-likelihood or bootstrap intervals of a completed run's parameters.
+
+    Writes RUN_DIR/intervals.json, adds the intervals to summary.json, and prints
+    a table (asymmetric ends as -lower/+upper from the estimate) or, with --json,
+    intervals.json. Exit 0 written, 2 not a completed run directory or invalid
+    input.
+    """
+    from fitcli import console
+
+    with errors_to_exit(debug):
+        from fitcli.api import ci_run
+
+        if samples is not None and samples < 10:
+            from fitcli.errors import InputError
+
+            raise InputError(f"--samples must be at least 10 (got {samples})")
+        doc = ci_run(
+            run_dir,
+            method.value,
+            level or None,
+            samples=samples,
+            resampling=None if resampling is None else resampling.value,
+            seed=seed,
+        )
+        if json_out:
+            console.print_json(doc)
+        else:
+            console.intervals_table(doc)
+            console.plain_err(f"wrote {run_dir / 'intervals.json'}")
 
 
 @app.command()

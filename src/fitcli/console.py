@@ -260,6 +260,41 @@ def columns_table(columns: dict[str, Any]) -> None:
     _print_whole(table)
 
 
+def intervals_table(doc: dict[str, Any]) -> None:
+    """`fitcli ci` (and `fitcli train` with uncertainty.method): each parameter's interval per
+    level, with its ends' distances from the estimate, -below/+above, so that an asymmetric
+    interval shows as such; then the method, its time and its notes."""
+    from rich.table import Table
+
+    def num(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.6g}"
+
+    table = Table(show_edge=False, pad_edge=False)
+    for name in ("parameter", "estimate", "level", "lower", "upper", "-/+ from estimate"):
+        table.add_column(name, justify="left" if name == "parameter" else "right")
+    for name, entry in doc["params"].items():
+        est = entry["estimate"]
+        for k, iv in enumerate(entry["intervals"]):
+            lo, hi = iv.get("lower"), iv.get("upper")
+            minus = "n/a" if lo is None else f"-{est - lo:.4g}"
+            plus = "n/a" if hi is None else f"+{hi - est:.4g}"
+            table.add_row(
+                name if k == 0 else "",
+                num(est) if k == 0 else "",
+                f"{iv['level']:g}",
+                num(lo),
+                num(hi),
+                f"{minus} / {plus}",
+            )
+    _print_whole(table)
+    what = doc["method"]
+    if what == "bootstrap":
+        what += f" ({doc['resampling']} resampling, {doc['samples']} samples, seed {doc['seed']})"
+    plain_out(f"intervals   {what} in {doc['elapsed_s']:.3g} s\n")
+    for note in doc.get("notes") or []:
+        warn(f"intervals: {note}")
+
+
 def _print_whole(table: Any) -> None:
     """A table on stdout; without a terminal (a pipe, a file) at its full width, never cut."""
     out = stdout

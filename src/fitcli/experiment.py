@@ -121,6 +121,8 @@ def execute(
         writer.flush()
         # After the last snapshot page: it is drawn again with the bands of the final fit.
         writer.bands(summary)  # needs the error bars; summary.json says what it wrote
+        if "params" in summary.get("intervals", {}):
+            files.write_json(run_dir / files.INTERVALS, summary["intervals"])
         files.write_json(run_dir / files.SUMMARY, summary)
     except BaseException as exc:
         summary.update(
@@ -182,6 +184,8 @@ def conclude(
     if prep.lm:
         summary.update(prep.stepper.summary_fields())
     summary.update(finish_stats(prep, result))
+    if prep.cfg.uncertainty.method != "covariance":
+        summary["intervals"] = finish_intervals(prep, summary)
     summary.update(
         verdict(
             summary["status"],
@@ -284,6 +288,45 @@ def _finish_stats(prep: Prepared, result: TrainResult) -> dict:
                 "condition_number": None,
             },
         }
+
+
+def finish_intervals(prep: Prepared, summary: dict[str, Any]) -> dict[str, Any]:
+    """The config's profile or bootstrap intervals at the final parameters (`fitcli.intervals`);
+    like the error bars, a failure here never fails the run: the result then says why."""
+    import copy
+
+    from fitcli import intervals
+
+    spec = prep.cfg.uncertainty
+    method = spec.method
+    if summary["status"] != RunStatus.COMPLETED:
+        return {"method": method, "error": f"not computed: the run is {summary['status']}"}
+    ds, model = prep.dataset, prep.model
+    try:
+        intervals.check_loss(prep.cfg.loss)
+        f64 = torch.float64
+        model = copy.deepcopy(model).to(f64)
+        weights = None if prep.weights is None else prep.weights.to(f64)
+        if ds.sigma is not None:
+            weights = torch.as_tensor(1.0 / ds.sigma, dtype=f64).to(prep.device)
+        prob = intervals.Problem(
+            model,
+            torch.as_tensor(ds.x, dtype=f64).to(prep.device),
+            torch.as_tensor(ds.y, dtype=f64).to(prep.device),
+            weights,
+        )
+        from fitcli.data import seed_streams
+
+        return intervals.compute(
+            prob,
+            method,
+            spec.level,
+            samples=spec.samples,
+            resampling=spec.resampling,
+            seed=seed_streams(prep.cfg.seed)["bootstrap"],
+        )
+    except Exception as exc:  # intervals are a report, not the fit: say why they are missing
+        return {"method": method, "error": f"not computed: {exc}"}
 
 
 def make_run_dir(cfg: Any, out: Path, run_dir: Path | None, overwrite: bool) -> Path:

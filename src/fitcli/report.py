@@ -226,6 +226,33 @@ def _correlation(run: Run) -> tuple[list[str], list[list[float | None]]] | None:
     return [str(n) for n in names], matrix
 
 
+def _intervals_section(run: Run) -> str:
+    """The profile or bootstrap intervals of summary.json (`fitcli ci`), ends as -/+ from the
+    estimate so that an asymmetric interval shows as such; "" when there are none."""
+    doc = run.summary.get("intervals")
+    if not isinstance(doc, dict) or not isinstance(doc.get("params"), dict):
+        return ""
+    rows = []
+    for name, entry in doc["params"].items():
+        est = entry.get("estimate")
+        for iv in entry.get("intervals") or []:
+            lo, hi = iv.get("lower"), iv.get("upper")
+            minus = "n/a" if lo is None or est is None else f"-{_g(est - lo, 4)}"
+            plus = "n/a" if hi is None or est is None else f"+{_g(hi - est, 4)}"
+            rows.append(
+                f"<tr><td>{_e(name)}</td><td class=num>{_g(est)}</td>"
+                f"<td class=num>{_g(iv.get('level'), 3)}</td><td class=num>{_g(lo)}</td>"
+                f"<td class=num>{_g(hi)}</td><td class=num>{minus} / {plus}</td></tr>"
+            )
+    notes = "".join(f'<p class="note">{_e(n)}</p>' for n in doc.get("notes") or [])
+    return (
+        f'<section id="intervals"><h2>Intervals ({_e(doc.get("method"))})</h2>'
+        '<table class="intervals"><tr><th>parameter</th><th>estimate</th><th>level</th>'
+        "<th>lower</th><th>upper</th><th>-/+ from estimate</th></tr>"
+        f"{''.join(rows)}</table>{notes}</section>"
+    )
+
+
 _CSS = """
 body{font-family:sans-serif;margin:0;background:#fafafa;color:#222}
 main{max-width:1200px;margin:auto;padding:1em 2em}
@@ -304,6 +331,7 @@ def report_page(run: Run, plotlyjs_src: str, snapshot_href: str = "snapshots/") 
         f"<div>{_uncertainty_note(run)}{_params_table(run)}{_stats_table(run)}</div>"
         f"<div>{heatmap}</div></div></section>"
     )
+    parts.append(_intervals_section(run))
     d = run.data
     if run.snapshots and len(run.variables) > 1:
         last = run.snapshots[-1]

@@ -26,6 +26,7 @@ from fitcli.config.schema import (
     OptimizerSpec,
     ParamSpec,
     SchedulerSpec,
+    UncertaintySpec,
     config_to_dict,
     json_schema,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "OptimizerSpec",
     "ParamSpec",
     "SchedulerSpec",
+    "UncertaintySpec",
     "apply_overrides",
     "apply_values",
     "config_from_dict",

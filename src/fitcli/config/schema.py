@@ -806,6 +806,42 @@ class ReportSpec(_Section):
         return levels
 
 
+def _levels_value(value: Any) -> Any:
+    # `level: 0.95` or `level: [0.68, 0.95]`: each strictly between 0 and 1.
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ValueError("must be a number between 0 and 1, or a list of them (got [])")
+    for v in values:
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1
+        if not ok:
+            raise ValueError(
+                f"must be between 0 and 1 exclusive, e.g. 0.95, or a list of such levels "
+                f"(got {_show(v)})"
+            )
+    return value
+
+
+class UncertaintySpec(_Section):
+    """Intervals beyond the covariance, computed at the end of a run (`fitcli.intervals`)."""
+
+    method: Literal["covariance", "profile", "bootstrap"] = Field(
+        "covariance",
+        description="covariance (the error bars only), profile (profile likelihood, lmfit's "
+        "F-test) or bootstrap (percentile intervals of refitted resamples).",
+    )
+    level: Annotated[float | list[float], PlainValidator(_levels_value)] = Field(
+        0.95, description="Confidence level(s) of the intervals, each in (0, 1)."
+    )
+    samples: Int = Field(
+        1000, ge=10, le=1_000_000, description="Bootstrap resamples (10 to 10**6)."
+    )
+    resampling: Literal["residual", "case"] = Field(
+        "residual",
+        description="Bootstrap: residual (resampled residuals added to the fit) or case "
+        "(resampled data rows).",
+    )
+
+
 # Upper bound of `starts`: each start is a whole fit.
 MAX_STARTS = 1024
 
@@ -863,6 +899,10 @@ class Config(_Section):
         default_factory=ReportSpec,
         description="What the run reports: axis titles, title, log axes, static figures, "
         "the bands' levels.",
+    )
+    uncertainty: UncertaintySpec = Field(
+        default_factory=UncertaintySpec,
+        description="Intervals beyond the covariance: profile likelihood or bootstrap.",
     )
 
     @model_validator(mode="wrap")
@@ -951,6 +991,7 @@ _SECTIONS: dict[tuple[str, ...], type[BaseModel] | None] = {
     ("scheduler",): SchedulerSpec,
     ("loss",): LossSpec,
     ("report",): ReportSpec,
+    ("uncertainty",): UncertaintySpec,
 }
 
 

@@ -32,6 +32,7 @@ REPORT = "report.html"
 LEFT_OUT = "left_out.csv"  # rows read but not fitted (data.nan_policy: omit, data.range)
 FIGURES = "figures"  # static figures for papers: fit.<format> and loss.<format> (fitcli.figures)
 GROUPS = "groups.csv"  # a grouped run's rows, one per group (`fitcli.grouped_run`)
+INTERVALS = "intervals.json"  # profile or bootstrap intervals (`fitcli ci`, uncertainty.method)
 BANDS = "bands.csv"  # confidence and prediction bands of the final fit (`fitcli.bands`)
 BANDS_DATA = "bands_data.csv"  # the same at the data points, for a fit with a sigma column
 FIT_GRID = 1000  # points of the fitted curve in each snapshot (snapshots/epoch-N.csv)
@@ -62,8 +63,19 @@ LEGACY_FIELDS = ("fitcli_version", "torch_version", "python_version")
 # Everything fitcli writes in a run directory; --overwrite deletes nothing else.
 RUN_FILES = frozenset(
     {
-        *(CONFIG, DATA, DATA_NPZ, METRICS, SUMMARY, STATE_JSON, PLOTLY_JS, REPORT, LEFT_OUT),
-        *(GROUPS, BANDS, BANDS_DATA),
+        CONFIG,
+        DATA,
+        DATA_NPZ,
+        METRICS,
+        SUMMARY,
+        STATE_JSON,
+        PLOTLY_JS,
+        REPORT,
+        LEFT_OUT,
+        GROUPS,
+        INTERVALS,
+        BANDS,
+        BANDS_DATA,
     }
 )
 SNAPSHOT_FILE = re.compile(r"^(?:params\.json|epoch-[0-9]+\.(?:html|csv))$")
@@ -76,6 +88,7 @@ MiB = 1 << 20
 # run's row count pass a tighter bound (`csv_limit`).
 FILE_LIMITS = {
     SUMMARY: 16 * MiB,
+    INTERVALS: 16 * MiB,
     CONFIG: 1 * MiB,  # what `fitcli train` reads of a config (config.MAX_FILE_BYTES)
     SNAPSHOT_PARAMS: 64 * MiB,
     PLOTLY_JS: 64 * MiB,
