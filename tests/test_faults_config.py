@@ -198,7 +198,7 @@ def structural(stem: str, cfg: dict, full: bool = True) -> list[Mutation]:
     # Keys that exclude each other, or need each other.
     data, model = cfg["data"], cfg["model"]
     bad = []
-    if "target" in data:
+    if "target" in data and "start" in data["x"]:  # one variable's grid (not several)
         bad += [
             ("data.file with data.target", with_value(cfg, ("data", "file"), "x.csv")),
             ("data.columns with data.target", with_value(cfg, ("data", "columns"), {"x": 0})),
@@ -215,8 +215,14 @@ def structural(stem: str, cfg: dict, full: bool = True) -> list[Mutation]:
             ),
             ("missing data file", with_value(cfg, ("data", "file"), "no/such/file.csv")),
             ("data file is a directory", with_value(cfg, ("data", "file"), ".")),
-            ("unknown column", with_value(cfg, ("data", "columns", "y"), "nope")),
-            ("column index out of range", with_value(cfg, ("data", "columns", "x"), 99)),
+        ]
+        columns = data.get("columns") or {}
+        bad += [
+            ("unknown column", with_value(cfg, ("data", "columns"), {**columns, "y": "nope"})),
+            (
+                "column index out of range",
+                with_value(cfg, ("data", "columns"), {**columns, "x": 99}),
+            ),
         ]
     if "basis" in model:
         bad += [

@@ -1001,10 +1001,18 @@ def _section(path: Sequence[str | int]) -> tuple[bool, list[str], bool]:
         if len(pattern) == len(path) and all(
             p in ("*", k) for p, k in zip(pattern, path, strict=True)
         ):
+            if pattern and pattern[-1] == "*" and _is_field(tuple(path[:-1]), path[-1]):
+                continue  # `data.x.start` is the one grid's key, not a variable named start
             if model is None:
                 return True, [], True
             return True, list(model.model_fields), model.model_config.get("extra") == "allow"
     return False, [], False
+
+
+def _is_field(parent: tuple[str | int, ...], key: str | int) -> bool:
+    """Whether `key` is a declared field of the section at `parent` (not a wildcard's key)."""
+    model = _SECTIONS.get(tuple(str(p) for p in parent))
+    return model is not None and key in model.model_fields
 
 
 def config_to_dict(cfg: Config) -> dict:
