@@ -274,10 +274,11 @@ class LMOptions:
 
 
 def _threads(device: torch.device) -> contextlib.AbstractContextManager:
-    """One torch CPU thread for an independent fit on the CPU (`fitcli.lm.one_thread`): its ops
-    are many small batched ones (q x q solves, [G, L] elementwise), where waiting on a second
-    thread of busy cores costs more than it gains (3x to 8x slower fits at 10^3 and 10^4
-    groups on two shared cores)."""
+    """One torch CPU thread for a grouped LM fit and its error bars on the CPU
+    (`fitcli.lm.one_thread`): their ops are many small batched ones (q x q solves, [G, L]
+    elementwise), where waiting on a second thread of busy cores costs more than it gains (3x
+    to 8x slower independent fits at 10^3 and 10^4 groups, and 2x to 40x slower, erratic,
+    global fits of 10^3 groups, on two shared cores)."""
     return one_thread() if device.type == "cpu" else contextlib.nullcontext()
 
 
@@ -470,6 +471,19 @@ def fit_global(
 ) -> GroupFit:
     """One LM on the stacked problem (per-group and shared parameters), each step by
     `schur_solve`. Groups with too few points are left out of it (failed, at their start)."""
+    with _threads(theta0.device):
+        return _fit_global(model, layout, data, theta0, shared0, opts, on_iter)
+
+
+def _fit_global(
+    model: FitModel,
+    layout: Layout,
+    data: Packed,
+    theta0: torch.Tensor,
+    shared0: torch.Tensor,
+    opts: LMOptions,
+    on_iter: Callable[[int], bool] | None = None,
+) -> GroupFit:
     g, q = theta0.shape
     f64 = torch.float64
     status = [GroupStatus.CONVERGED.value] * g
@@ -667,6 +681,19 @@ def stderr_global(
     (NaN outside `ok`) and the shared ones [s]; and whether J^T J is singular. Diagonal
     blocks of the inverse by the Schur complement:
     ``Cov_ss = S^-1``, ``Cov_gg = U_g^-1 + (U_g^-1 W_g) S^-1 (U_g^-1 W_g)^T``."""
+    with _threads(theta.device):
+        return _stderr_global(model, layout, data, theta, shared, ok, scale)
+
+
+def _stderr_global(
+    model: FitModel,
+    layout: Layout,
+    data: Packed,
+    theta: torch.Tensor,
+    shared: torch.Tensor,
+    ok: np.ndarray,
+    scale: bool,
+) -> tuple[np.ndarray, np.ndarray, bool]:
     keep = torch.as_tensor(np.flatnonzero(ok), device=theta.device)
     sub = data.take(keep)
     free = external_values(model, layout, theta[keep], shared).to(theta.dtype)
