@@ -790,7 +790,7 @@ def test_report_section_defaults_and_round_trip(tmp_path):
         GOOD + 'report: {x_label: "time (s)", y_label: "I / a.u.", title: "Fig. 2", log_y: true}\n'
     )
     cfg = load_config(write(tmp_path, text))
-    assert cfg.report.model_dump(exclude={"formats"}) == {
+    assert cfg.report.model_dump(exclude={"formats", "levels"}) == {
         "x_label": "time (s)",
         "y_label": "I / a.u.",
         "title": "Fig. 2",

@@ -327,3 +327,17 @@ def test_a_grouped_run_prints_its_summary_without_json(tmp_path):
     assert "(150 points, 7 free)" in result.output
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["n_params"] == 7
+
+
+def test_lm_at_its_iteration_limit_leaves_groups_unconverged_not_failed(tmp_path):
+    # As for a single run: running out of epochs is "did not converge" (exit 0, 4 with
+    # --strict), not a failure of the group (exit 1), for independent and global fits alike.
+    write_wells(tmp_path / "wells.csv")
+    for params in (ALL_PER_GROUP, {"a": {"value": 2, "per_group": True}, "b": 0.8, "c": 0.2}):
+        result, run = train(config(tmp_path, params, epochs=2), tmp_path, "--overwrite")
+        assert result.exit_code == 0, result.output
+        rows = read_groups(run)
+        assert {r["status"] for r in rows} == {"completed"}
+        assert all(r["reason"].startswith("iteration limit") for r in rows)
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["groups_failed"] == 0 and summary["groups_converged"] == 0

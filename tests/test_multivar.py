@@ -236,3 +236,37 @@ def test_x_in_an_expression_of_named_variables_is_an_error(runner, tmp_path):
     )
     assert result.exit_code == 2
     assert "x is not a variable" in result.stderr and "T, P" in result.stderr
+
+
+def test_the_gaussian2d_lineshape_fits_two_variables_as_lmfit_defines_it(runner, tmp_path):
+    # lmfit's gaussian2d(x, y, amplitude, centerx, centery, sigmax, sigmay) over two variables
+    from lmfit import lineshapes as ls
+
+    result, run_dir = _train(
+        runner,
+        tmp_path,
+        """
+seed: 5
+epochs: 100
+snapshots: 1
+data:
+  target: "30/(2*pi*1.2*0.8)*exp(-(u - 0.3)**2/(2*1.2**2) - (v + 0.4)**2/(2*0.8**2)) + 0.5"
+  x: {u: {start: -3, stop: 3, num: 15}, v: {start: -3, stop: 3, num: 15}}
+  noise: {std: 0.05}
+model:
+  expr: "gaussian2d(u, v, A, cx, cy, sx, sy) + c0"
+  params: {A: 20, cx: 0, cy: 0, sx: 1, sy: 1, c0: 0}
+optimizer: {name: LM}
+""",
+    )
+    assert result.exit_code == 0, result.output
+    s = json.loads((run_dir / "summary.json").read_text())
+    data = np.loadtxt(run_dir / "data.csv", delimiter=",", skiprows=1)
+
+    def g(xx, A, cx, cy, sx, sy, c0):
+        return ls.gaussian2d(xx[:, 0], xx[:, 1], A, cx, cy, sx, sy) + c0
+
+    names = ("A", "cx", "cy", "sx", "sy", "c0")
+    popt, pcov = curve_fit(g, data[:, :2], data[:, 2], p0=(20, 0, 0, 1, 1, 0), xtol=1e-15)
+    np.testing.assert_allclose([s["params"][k] for k in names], popt, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose([s["stderr"][k] for k in names], np.sqrt(np.diag(pcov)), rtol=1e-5)

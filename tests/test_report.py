@@ -112,7 +112,7 @@ def test_embed_mode_rebuild_matches_training(tmp_path: Path) -> None:
     report = (run / "report.html").read_text()
     assert after.pop("report.html") and after == before
     assert "plotly.min.js" not in after
-    assert report.count("Plotly.newPlot") == 5 and len(report) > 3_000_000
+    assert report.count("Plotly.newPlot") == 6 and len(report) > 3_000_000
 
 
 def test_directory_mode_copies_missing_plotly_js(run: Path) -> None:
@@ -130,13 +130,14 @@ def test_report_holds_every_part_once_with_one_plotly(run: Path) -> None:
     page = (run / "report.html").read_text()
     for div in (
         "fitcli-fit",
+        "fitcli-bands",
         "fitcli-loss",
         "fitcli-params",
         "fitcli-residuals",
         "fitcli-correlation",
     ):
         assert f'id="{div}"' in page
-    assert page.count("Plotly.newPlot") == 5
+    assert page.count("Plotly.newPlot") == 6
     assert "Plotly.addFrames" in page  # slider frames
     assert '"type":"log"' in page
     summary = json.loads((run / "summary.json").read_text())

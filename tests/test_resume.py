@@ -238,7 +238,9 @@ def test_killed_at_every_write_then_resumed_equals_uninterrupted(
     cfg = config_file(tmp_path, "adam-minibatch-steplr", epochs=12, snapshots=3)
     reference = tmp_path / "reference"
     train_full(runner, cfg, reference)
-    writes = len(list(reference.rglob("*"))) + 8  # more than enough write sites
+    # More than enough write sites (a file may be written more than once: the last snapshot
+    # page again with the bands); the loop stops at the first run that completes.
+    writes = 2 * len(list(reference.rglob("*"))) + 8
     resumed, completed = 0, False
     from fitcli import liveness
 

@@ -470,83 +470,35 @@ class FitResult:
 
         With `band` (a level, e.g. 0.95) a dict instead: `fit`, the confidence band of the curve
         `conf_lower_95`, `conf_upper_95` and, where it can be had, the prediction band of a new
-        observation `pred_lower_95`, `pred_upper_95` (the number is the level in percent). By the
-        delta method with the exact Jacobian of the model at the fitted parameters and the
-        fit's covariance, with Student's t quantile for n - p degrees of freedom:
-        ``fit ± t sqrt(J C J^T)`` and ``fit ± t sqrt(J C J^T + s²)``, ``s² = RSS / (n - p)``.
-        A fit weighted by sigma has an absolute covariance, and a new observation's variance
-        is its own sigma²: give `sigma` at the new points for the prediction band.
-        A ValueError says why when the fit has no usable covariance.
+        observation `pred_lower_95`, `pred_upper_95` (the suffix is the level in percent,
+        `fitcli.bands.level_tag`: 0.995 gives `_99_5`). By the delta method with the exact
+        Jacobian of the model at the fitted parameters and the fit's covariance
+        (`fitcli.bands`): ``fit ± q sqrt(J C J^T)`` and ``fit ± q sqrt(J C J^T + s²)``,
+        ``s² = RSS / (n - p)``, q Student's t quantile for n - p degrees of freedom. A fit
+        weighted by sigma has an absolute covariance: q is the normal quantile, and a new
+        observation's variance is its own sigma²: give `sigma` at the new points for the
+        prediction band. A ValueError says why when the fit has no usable covariance.
         """
         import torch
 
+        from fitcli import bands
         from fitcli.data import as_column
 
         xs = as_column(x, "x")
         model = self._float64_model()
-        xt = torch.from_numpy(xs)
-        with torch.no_grad():
-            fit_values = model.predict_full(self._full(), xt).numpy().copy()
         if band is None:
-            return fit_values
-        return {"fit": fit_values, **self._bands(xs, xt, fit_values, float(band), sigma)}
-
-    def _bands(
-        self, xs: np.ndarray, xt: Any, fit_values: np.ndarray, level: float, sigma: Any
-    ) -> dict[str, np.ndarray]:
-        import torch
-        from scipy import stats as sps
-
-        from fitcli.data import as_column
-        from fitcli.model import model_function
-
+            with torch.no_grad():
+                fit_values = model.predict_full(self._full(), torch.from_numpy(xs))
+            return fit_values.numpy().copy()
+        level = float(band)
         if not 0 < level < 1:
             raise ValueError(f"band: the level must be between 0 and 1 (got {level})")
-        cov = self.covariance
-        free = self.covariance_params
-        unc = self.uncertainty
-        if cov is None or not free:
-            raise ValueError(
-                f"no band: the fit has no covariance ({unc.get('status')}: {unc.get('reason')})"
-            )
-        err = self.stderr
-        undefined = [n for n in free if err.get(n) is None]
-        if undefined and unc.get("status") != "at_bound":
-            raise ValueError(
-                f"no band: the covariance of {', '.join(undefined)} is undefined "
-                f"({unc.get('status')}: {unc.get('reason')})"
-            )
-        # At a bound a parameter is treated as fixed, as its error bars are (`stats`).
-        cov = np.where(np.isnan(cov), 0.0, cov)
-        n, p = int(self.summary["n_points"]), int(self.summary["n_params"])
-        dof = n - p
-        if dof <= 0:
-            raise ValueError(f"no band: {n} points for {p} parameters leave no degrees of freedom")
-        model = self._float64_model()
-        fn = model_function(model, external=True)
-        params = self.params
-        theta = torch.tensor([params[k] for k in model.free_names], dtype=torch.float64)
-        jac = torch.autograd.functional.jacobian(lambda th: fn(th, xt), theta).numpy()
-        jac = jac.reshape(len(xs), -1)
-        var = np.einsum("ij,jk,ik->i", jac, cov, jac)
-        t = float(sps.t.ppf(0.5 + level / 2, dof))
-        tag = f"{level * 100:g}".replace(".", "_")
-        half = t * np.sqrt(np.maximum(var, 0.0))
-        out = {f"conf_lower_{tag}": fit_values - half, f"conf_upper_{tag}": fit_values + half}
-        if self.sigma is None:
-            s2 = float(self.summary["rss"]) / dof
-            extra: np.ndarray | None = np.full_like(var, s2)
-        elif sigma is not None:
-            extra = as_column(sigma, "sigma") ** 2
-            if extra.shape != var.shape:
-                raise ValueError(f"sigma has {extra.shape[0]} values but x has {var.shape[0]}")
-        else:
-            extra = None  # weighted: a new point's variance is its own sigma², not given
-        if extra is not None:
-            half_p = t * np.sqrt(np.maximum(var, 0.0) + extra)
-            out[f"pred_lower_{tag}"] = fit_values - half_p
-            out[f"pred_upper_{tag}"] = fit_values + half_p
-        return out
+        noise = None if sigma is None else as_column(sigma, "sigma")
+        try:
+            cov = bands.covariance_of(self.summary, absolute=self.sigma is not None)
+            return bands.curve(model, self.params, xs, cov, [level], sigma=noise)
+        except bands.NoBand as exc:
+            raise ValueError(f"no band: {exc}") from None
 
     # -- intervals beyond the covariance --
     def intervals(
@@ -637,7 +589,8 @@ class FitResult:
     # -- files --
     def to_dict(self) -> dict[str, Any]:
         """summary.json's content: for a fit in memory, what `fitcli train` would have written,
-        but for the fields of a run directory (`run_dir` None; no `command`), and its own times."""
+        but for the fields of a run directory (`run_dir` None; no `command`, no `bands`: the files
+        bands.csv holds are `predict(x, band=...)` here), and its own times."""
         return json.loads(files.dumps_json(self.summary))
 
     def save(self, run_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Path:

@@ -59,8 +59,9 @@ class GroupStatus(StrEnum):
     """One group's status in a grouped fit (groups.csv's `status` column)."""
 
     CONVERGED = "converged"  # LM stopped by one of its convergence tests
-    COMPLETED = "completed"  # a gradient optimizer ran all its epochs (no convergence test)
-    FAILED = "failed"  # non-finite, singular, too few points, or not converged; see its reason
+    COMPLETED = "completed"  # ran all its epochs without converging (gradient optimizers, or
+    # LM at its iteration limit): not a failure, as for a single run
+    FAILED = "failed"  # non-finite, singular or too few points; see its reason
 
 
 def grouped_run_status(statuses: list[str]) -> RunStatus:

@@ -119,6 +119,8 @@ def execute(
         if prep.lm:
             fill_converged_snapshots(writer, prep, result, bool(summary.get("converged")))
         writer.flush()
+        # After the last snapshot page: it is drawn again with the bands of the final fit.
+        writer.bands(summary)  # needs the error bars; summary.json says what it wrote
         if "params" in summary.get("intervals", {}):
             files.write_json(run_dir / files.INTERVALS, summary["intervals"])
         files.write_json(run_dir / files.SUMMARY, summary)

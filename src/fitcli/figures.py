@@ -16,7 +16,6 @@ refused (exit 2), never replaced.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,39 +25,37 @@ from fitcli import export, plots
 from fitcli.errors import InputError, RunDirError, RunFileError
 from fitcli.losses import name_of
 from fitcli.rundir import files
-from fitcli.rundir.reader import Run, _read_csv, read_run
+from fitcli.rundir.reader import Run, read_run
 
 FIGURES = files.FIGURES
-BANDS = "bands.csv"  # the bands of the final fit, written beside summary.json when computed
-_BAND = re.compile(r"^(conf|pred)_lower_([0-9]+)$")
 
 
 def bands_of(run: Run) -> list[dict]:
-    """The bands in the run's bands.csv ([] without one, or without an x column): one entry per
-    level and kind, as `plots.paper_fit_figure` takes them."""
-    if not (run.path / BANDS).exists():
+    """The run's bands as `plots.paper_fit_figure` takes them, one entry per level and kind,
+    sorted by x: from bands.csv (and bands_data.csv, the prediction band at the data points of a
+    fit with sigma) as `rundir.reader` read and checked them; [] for a run without bands."""
+    from fitcli.bands import level_tag
+
+    if run.bands is None:
         return []
-    table = _read_csv(run.path, BANDS)
-    if "x" not in table:
-        return []  # several variables: bands at the data points, not a curve over x
+    grid, points = run.bands["grid"], run.bands["points"]
     out = []
-    for column in table:
-        m = _BAND.match(column)
-        upper = column.replace("_lower_", "_upper_")
-        if not m or upper not in table:
-            continue
-        keep = np.isfinite(table[column]) & np.isfinite(table[upper])
-        if not keep.any():
-            continue
-        out.append(
-            {
-                "kind": "confidence" if m.group(1) == "conf" else "prediction",
-                "level": int(m.group(2)) / 100,
-                "x": table["x"][keep],
-                "lower": table[column][keep],
-                "upper": table[upper][keep],
-            }
-        )
+    for kind, cols in (("conf", grid), ("pred", grid if points is None else points)):
+        order = np.argsort(cols["x"], kind="stable")
+        for level in run.bands["levels"]:
+            tag = level_tag(level)
+            lower, upper = cols.get(f"{kind}_lower_{tag}"), cols.get(f"{kind}_upper_{tag}")
+            if lower is None or upper is None:
+                continue
+            out.append(
+                {
+                    "kind": "confidence" if kind == "conf" else "prediction",
+                    "level": level,
+                    "x": cols["x"][order],
+                    "lower": lower[order],
+                    "upper": upper[order],
+                }
+            )
     return out
 
 

@@ -364,9 +364,10 @@ def _lm_batch(
     stale = torch.ones(g, dtype=torch.bool, device=dev)
     iters = np.zeros(g, dtype=np.int64)
 
-    def stop(idx: torch.Tensor, why: str, failed: bool = False) -> None:
+    def stop(idx: torch.Tensor, why: str, failed: bool | None = False) -> None:
+        # failed: True a failure, None stopped unconverged (the iteration limit), False converged
         for j in idx.tolist():
-            status[j] = GroupStatus.FAILED.value if failed else GroupStatus.CONVERGED.value
+            status[j] = _outcome(failed)
             reason[j] = why
         running[idx] = False
 
@@ -455,9 +456,17 @@ def _lm_batch(
             stop(act[big], "damping too large: no decrease possible")
     left = torch.nonzero(running)[:, 0]
     if left.numel():
-        stop(left, f"iteration limit: not converged in {opts.max_iter} iterations", failed=True)
+        stop(left, f"iteration limit: not converged in {opts.max_iter} iterations", failed=None)
     final = residual_ss(model, layout, data, theta, shared).cpu().numpy()
     return GroupFit(theta, shared, status, reason, iters, final)
+
+
+def _outcome(failed: bool | None) -> str:
+    """A group's status: failed, converged, or completed without converging (failed None: LM
+    reached its iteration limit, which is not a failure of the group, as for a single run)."""
+    if failed is None:
+        return GroupStatus.COMPLETED.value
+    return GroupStatus.FAILED.value if failed else GroupStatus.CONVERGED.value
 
 
 def fit_global(
@@ -501,7 +510,8 @@ def _fit_global(
     scale_s = torch.zeros_like(shared, dtype=f64)
     polish_norm: float | None = None
     strikes = 0
-    why, failed = f"iteration limit: not converged in {opts.max_iter} iterations", True
+    why: str = f"iteration limit: not converged in {opts.max_iter} iterations"
+    failed: bool | None = None  # as `stop`'s: None is stopped unconverged
     stale, n_iter = True, 0
     history: list[float] = []
     u = w = v = a = b = None
@@ -602,7 +612,7 @@ def _fit_global(
             break
     theta_all[keep] = theta
     for j in keep.tolist():
-        status[j] = GroupStatus.FAILED.value if failed else GroupStatus.CONVERGED.value
+        status[j] = _outcome(failed)
         reason[j] = why
     rss_all = residual_ss(model, layout, data, theta_all, shared).cpu().numpy()
     rss_all[few] = math.nan

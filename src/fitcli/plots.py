@@ -154,16 +154,19 @@ def snapshot_figure(
     sigma: np.ndarray | None = None,
     labels: Labels | None = None,
     note: str | None = None,
+    bands: dict | None = None,
 ) -> dict:
     """The fit at one epoch: observations (± sigma when given), the true curve when known, the
-    current model and, beside it, its components (label, values on x_fit) when it has them.
+    current model and, beside it, its components (label, values on x_fit) when it has them;
+    beneath them the shaded bands of the final fit (`fitcli.bands.band_set`) when given.
     A snapshot filled in after the fit stopped (`note`) is titled as the final fit."""
     labels = labels or Labels()
     sl, dropped = downsample(len(x))
     data = [
+        *(band_traces(bands) if bands else []),
         observed_trace(
             typed(x[sl]), typed(y[sl]), None if sigma is None else typed(sigma[sl]), len(x), dropped
-        )
+        ),
     ]
     if y_true is not None:
         data.append(
@@ -204,6 +207,62 @@ def snapshot_figure(
             **STYLE,
         },
     }
+
+
+BAND_FILL = {"conf": "rgba(214,39,40,0.22)", "pred": "rgba(120,120,120,0.14)"}
+
+
+def band_traces(bands: dict) -> list[dict]:
+    """Shaded areas of a `fitcli.bands.band_set`, widest first so that narrower ones sit on
+    top: the prediction bands, then the confidence bands, of each level. Each band is two
+    traces: its lower edge, then its upper edge filled down to it."""
+    from fitcli.bands import level_tag
+
+    levels = sorted(bands["levels"], reverse=True)
+    out: list[dict] = []
+    sources: list[tuple[str, dict[str, np.ndarray], str]] = []
+    grid, points = bands["grid"], bands.get("points")
+    if points is not None:
+        order = np.argsort(points["x"], kind="stable")
+        sl, note = downsample(len(order))
+        kept = order[sl]
+        sorted_points = {k: np.asarray(v)[kept] for k, v in points.items()}
+        sources.append(("pred", sorted_points, " at the data points" + note))
+    else:
+        sources.append(("pred", grid, ""))
+    sources.append(("conf", grid, ""))
+    words = {"conf": "confidence band", "pred": "prediction band"}
+    for kind, cols, where in sources:
+        for level in levels:
+            tag = level_tag(level)
+            lower, upper = cols.get(f"{kind}_lower_{tag}"), cols.get(f"{kind}_upper_{tag}")
+            if lower is None or upper is None:
+                continue
+            name = f"{level * 100:.4g}% {words[kind]}{where}"
+            group = f"{kind}_{tag}"
+            edge = {"type": "scatter", "mode": "lines", "x": typed(cols["x"]), "line": {"width": 0}}
+            out.append(
+                {
+                    **edge,
+                    "name": name,
+                    "y": typed(lower),
+                    "legendgroup": group,
+                    "showlegend": False,
+                    "hoverinfo": "skip",
+                }
+            )
+            out.append(
+                {
+                    **edge,
+                    "name": name,
+                    "y": typed(upper),
+                    "legendgroup": group,
+                    "fill": "tonexty",
+                    "fillcolor": BAND_FILL[kind],
+                    "hoverinfo": "skip",
+                }
+            )
+    return out
 
 
 def component_trace(k: int, label: str, x: Any, y: Any) -> dict:
@@ -284,8 +343,10 @@ def snapshot_page(
     note: str | None = None,
     variables: tuple[str, ...] | None = None,
     left_out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    bands: dict | None = None,
 ) -> str:
-    """One snapshot page, `snapshots/epoch-N.html`: a pure function of stored values.
+    """One snapshot page, `snapshots/epoch-N.html`: a pure function of stored values (the
+    final one with the bands of bands.csv, `band_set`).
 
     With several `variables` (x n x k, y_fit the fit at the data points) it is
     `variables_figure`; `left_out` (x, y, reason per row) adds the rows not fitted.
@@ -328,6 +389,7 @@ def snapshot_page(
         sigma=sigma,
         labels=labels,
         note=note,
+        bands=bands,
     )
     if left_out is not None:
         fig["data"] += left_out_traces(*left_out)

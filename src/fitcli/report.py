@@ -40,9 +40,18 @@ def labels(run: Run) -> plots.Labels:
     return plots.axis_labels(run.cfg.report, run.columns)
 
 
+def bands_epoch(run: Run) -> int | None:
+    """The epoch of the snapshot page drawn with the bands (summary.json's bands.snapshot: the
+    last page, when it shows the final fit), or None."""
+    record = run.summary.get("bands")
+    epoch = record.get("snapshot") if isinstance(record, dict) else None
+    return epoch if run.bands is not None and isinstance(epoch, int) else None
+
+
 def snapshot_pages(run: Run, plotlyjs: str) -> dict[str, str]:
     """Every snapshot page by file name, exactly as training wrote them."""
     d, epochs, loss_name = run.data, int(run.summary["epochs"]), name_of(run.cfg.loss)
+    with_bands = bands_epoch(run)
     return {
         s.file: plots.snapshot_page(
             name=run.name,
@@ -61,6 +70,7 @@ def snapshot_pages(run: Run, plotlyjs: str) -> dict[str, str]:
             loss_name=loss_name,
             plotlyjs=plotlyjs,
             components=list(zip(run.components, s.components, strict=True)) or None,
+            bands=run.bands if s.epoch == with_bands else None,
             **run.plot_extras,
         )
         for s in run.snapshots
@@ -364,6 +374,7 @@ def report_page(run: Run, plotlyjs_src: str, snapshot_href: str = "snapshots/") 
             + fig(anim, "fitcli-fit", 620)
             + f"<p>Snapshot pages by epoch: {links}</p></section>"
         )
+    parts += bands_section(run, fig)
     if run.metrics is not None:
         m = run.metrics
         lf = plots.loss_figure(
@@ -394,6 +405,58 @@ def report_page(run: Run, plotlyjs_src: str, snapshot_href: str = "snapshots/") 
         f'<pre class="config">{_e(run.config_text)}</pre></section>'
     )
     return _page(f"{run.name} - fitcli report", "\n".join(parts))
+
+
+BANDS_MEANING = (
+    "Shaded: the pointwise confidence band of the fitted curve (at each x, where the true "
+    "curve lies with that probability if the model is right) and, wider, the prediction band "
+    "of a new observation at x. The whole true curve lies inside the confidence band less "
+    "often than the level says (BENCHMARKS.md, Band coverage)."
+)
+
+
+def bands_section(run: Run, fig: _Figures) -> list[str]:
+    """The report's bands: the final fit with its shaded bands and what they mean, or the
+    reason there are none; nothing for a run without a bands record (still running)."""
+    record = run.summary.get("bands")
+    if not isinstance(record, dict):
+        return []
+    head = '<section id="bands"><h2>Confidence and prediction bands</h2>'
+    if run.bands is None:
+        why = record.get("skipped") or "no bands were written"
+        return [f'{head}<p class="note">No bands: {_e(why)}</p></section>']
+    grid, d = run.bands["grid"], run.data
+    epoch, params = run.final_params
+    order = np.argsort(d["x"], kind="stable")
+    final_loss = run.summary.get("final_loss")
+    figure = plots.snapshot_figure(
+        name=run.name,
+        epoch=epoch,
+        epochs=int(run.summary["epochs"]),
+        loss=math.nan if final_loss is None else float(final_loss),
+        params=params,
+        x=d["x"][order],
+        y=d["y"][order],
+        y_true=d["y_true"][order] if "y_true" in d else None,
+        x_fit=grid["x"],
+        y_fit=grid["fit"],
+        loss_name=name_of(run.cfg.loss),
+        sigma=d["sigma"][order] if "sigma" in d else None,
+        labels=labels(run),
+        bands=run.bands,
+    )
+    quantile = "the normal quantile (sigma is absolute)"
+    if record.get("quantile") == "student_t":
+        quantile = f"Student's t quantile with {_g(record.get('dof'))} degrees of freedom"
+    text = (
+        f"{BANDS_MEANING} Delta method with the exact Jacobian of the model at the fitted "
+        f"parameters, {quantile}."
+    )
+    if record.get("prediction") == files.BANDS_DATA:
+        text += " With a sigma column the prediction band is given at the data points only."
+    elif record.get("prediction_skipped"):
+        text += f" No prediction band: {record['prediction_skipped']}."
+    return [f"{head}{fig(figure, 'fitcli-bands', 560)}<p>{_e(text)}</p></section>"]
 
 
 def compare_page(runs: list[Run], plotlyjs_src: str) -> str:

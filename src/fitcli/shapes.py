@@ -22,6 +22,8 @@ Each shape's ``roles`` tell the start-value guesser what an argument means:
   such a length (a frequency, a decay rate).
 - ``fraction``: a mixing fraction in [0, 1]; ``shape``: a dimensionless shape parameter. Both
   have a default ``start``.
+- ``variable``: a second independent variable (gaussian2d's ``y``): a variable of the data
+  (``data.columns.x: [x, y]``) or a number, never guessed.
 
 Pure Python, no torch or numpy: `fitcli.expr` parses each formula once and expands calls.
 """
@@ -61,6 +63,7 @@ ROLE_KINDS = (
     "rate",
     "fraction",
     "shape",
+    "variable",
 )
 
 
@@ -186,6 +189,30 @@ def _build() -> tuple[Shape, ...]:
             "Gaussian peak of area amplitude.\n"
             "amplitude / (sigma sqrt(2 pi)) exp(-(x - center)^2 / (2 sigma^2))",
             _peak(_S2PI, _GAUSS_FWHM),
+        ),
+        Shape(
+            "gaussian2d",
+            ("x", "y", "amplitude", "centerx", "centery", "sigmax", "sigmay"),
+            {
+                "y": 0.0,
+                "amplitude": 1.0,
+                "centerx": 0.0,
+                "centery": 0.0,
+                "sigmax": 1.0,
+                "sigmay": 1.0,
+            },
+            "amplitude * (gaussian(x, 1, centerx, sigmax) * gaussian(y, 1, centery, sigmay))",
+            "Two-dimensional Gaussian peak of volume amplitude, in the variables x and y.\n"
+            "amplitude / (2 pi sigmax sigmay) exp(-(x - centerx)^2 / (2 sigmax^2)"
+            " - (y - centery)^2 / (2 sigmay^2))",
+            {
+                "y": Role("variable", note="the second independent variable (data.columns.x)"),
+                "amplitude": Role("area", _S2PI, note="the integral over x and y is amplitude"),
+                "centerx": _CEN,
+                "centery": Role("center", note="along y"),
+                "sigmax": Role("width", _GAUSS_FWHM),
+                "sigmay": Role("width", _GAUSS_FWHM, note="along y"),
+            },
         ),
         Shape(
             "lorentzian",
@@ -832,9 +859,7 @@ def _more() -> list[Shape]:
 SHAPES: dict[str, Shape] = {shape.name: shape for shape in _build()}
 """Every lineshape by name, in the order `fitcli shapes` lists them."""
 
-UNAVAILABLE: dict[str, str] = {
-    "gaussian2d": "needs a second independent variable (y), which expressions do not have yet",
-}
+UNAVAILABLE: dict[str, str] = {}
 """lmfit lineshapes fitcli does not provide yet, with why."""
 
 

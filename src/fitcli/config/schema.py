@@ -10,6 +10,7 @@ from contextvars import ContextVar
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -26,6 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from fitcli import bands as _bands
 from fitcli.config.yaml_safe import Loc
 from fitcli.errors import ExpressionError
 from fitcli.expr import ONE_VARIABLE, name_taken, rename_hint, variable_problem
@@ -747,9 +749,16 @@ def _single_line(value: Any) -> Any:
 Label = Annotated[Text, BeforeValidator(_single_line)]
 
 
+def _level(value: float) -> float:
+    if not 0 < value < 1:
+        raise ValueError(f"must be a level between 0 and 1, e.g. 0.95 for 95% (got {value!r})")
+    return value
+
+
 class ReportSpec(_Section):
     """What a run reports beyond its run directory's own files, and how the report and
-    snapshots draw the fit: axis titles, figure title, log axes."""
+    snapshots draw the fit: axis titles, figure title, log axes, the levels of the confidence
+    and prediction bands."""
 
     x_label: Label | None = Field(
         None, min_length=1, max_length=200, description="x axis title; default: x's column name."
@@ -768,6 +777,12 @@ class ReportSpec(_Section):
         "figures/fit.<format> and figures/loss.<format>: any of png, svg, pdf (they need "
         "Chrome or Chromium).",
     )
+    levels: list[Annotated[float, AfterValidator(_level)]] = Field(
+        default_factory=lambda: list(_bands.DEFAULT_LEVELS),
+        max_length=_bands.MAX_LEVELS,
+        description="Levels of the confidence and prediction bands (bands.csv, the final "
+        "snapshot and the report), each between 0 and 1, e.g. [0.68, 0.95]; [] for none.",
+    )
 
     @field_validator("formats")
     @classmethod
@@ -776,6 +791,19 @@ class ReportSpec(_Section):
         if twice:
             raise ValueError(f"lists {', '.join(twice)} more than once")
         return value
+
+    @field_validator("levels")
+    @classmethod
+    def _distinct(cls, levels: list[float]) -> list[float]:
+        seen: dict[float, int] = {}
+        problems: list[tuple[Loc, str]] = []
+        for i, level in enumerate(levels):
+            if level in seen:
+                problems.append(((i,), f"{level!r} is given twice (also levels[{seen[level]}])"))
+            seen.setdefault(level, i)
+        if problems:
+            raise _Problems(problems)
+        return levels
 
 
 def _levels_value(value: Any) -> Any:
@@ -869,7 +897,8 @@ class Config(_Section):
     )
     report: ReportSpec = Field(
         default_factory=ReportSpec,
-        description="What the run reports: axis titles, title, log axes, static figures.",
+        description="What the run reports: axis titles, title, log axes, static figures, "
+        "the bands' levels.",
     )
     uncertainty: UncertaintySpec = Field(
         default_factory=UncertaintySpec,

@@ -33,6 +33,8 @@ LEFT_OUT = "left_out.csv"  # rows read but not fitted (data.nan_policy: omit, da
 FIGURES = "figures"  # static figures for papers: fit.<format> and loss.<format> (fitcli.figures)
 GROUPS = "groups.csv"  # a grouped run's rows, one per group (`fitcli.grouped_run`)
 INTERVALS = "intervals.json"  # profile or bootstrap intervals (`fitcli ci`, uncertainty.method)
+BANDS = "bands.csv"  # confidence and prediction bands of the final fit (`fitcli.bands`)
+BANDS_DATA = "bands_data.csv"  # the same at the data points, for a fit with a sigma column
 FIT_GRID = 1000  # points of the fitted curve in each snapshot (snapshots/epoch-N.csv)
 
 
@@ -72,6 +74,8 @@ RUN_FILES = frozenset(
         LEFT_OUT,
         GROUPS,
         INTERVALS,
+        BANDS,
+        BANDS_DATA,
     }
 )
 SNAPSHOT_FILE = re.compile(r"^(?:params\.json|epoch-[0-9]+\.(?:html|csv))$")
@@ -92,6 +96,7 @@ FILE_LIMITS = {
     DATA: 16384 * MiB,
     DATA_NPZ: 4096 * MiB,  # 10^8 rows of 4 float64 columns are 3.2 GB
     METRICS: 4096 * MiB,
+    BANDS_DATA: 128 * MiB,  # bands.DATA_POINTS_LIMIT rows of up to 42 columns
 }
 SNAPSHOT_LIMIT = 4 * MiB  # snapshots/epoch-N.csv (FIT_GRID rows) and .html
 OTHER_LIMIT = 64 * MiB

@@ -64,6 +64,9 @@ class Run:
     snapshots: list[Snapshot]
     metrics: dict[str, np.ndarray] | None
     notes: list[str] = field(default_factory=list)
+    # The final fit's bands (`fitcli.bands.band_set`, read from bands.csv and bands_data.csv),
+    # None when the run has none (summary.json's `bands` says why).
+    bands: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -490,7 +493,20 @@ def read_run(run_dir: Path) -> Run:
             "trajectories"
         )
     left_out = _read_left_out(run_dir, x_cols) if (run_dir / files.LEFT_OUT).exists() else None
-    return Run(run_dir, summary, config_text, cfg, data, names, snapshots, metrics, notes, left_out)
+    bands = _read_bands(run_dir, summary, len(data["x"]))
+    return Run(
+        run_dir,
+        summary,
+        config_text,
+        cfg,
+        data,
+        names,
+        snapshots,
+        metrics,
+        notes,
+        bands=bands,
+        left_out=left_out,
+    )
 
 
 def _read_left_out(run_dir: Path, x_cols: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -514,6 +530,46 @@ def _read_left_out(run_dir: Path, x_cols: list[str]) -> tuple[np.ndarray, np.nda
     k = len(x_cols)
     x = table[:, 0] if k == 1 else table[:, :k]
     return x, table[:, k], np.array(reasons)
+
+
+def _read_bands(run_dir: Path, summary: dict, n: int) -> dict[str, Any] | None:
+    """bands.csv (and bands_data.csv) as summary.json's `bands` describes them, checked: the
+    columns its levels name, at most FIT_GRID rows (bands_data.csv: one per data point)."""
+    from fitcli import bands
+
+    record = summary.get("bands")
+    if not isinstance(record, dict) or record.get("file") != files.BANDS:
+        return None
+    where = f"{run_dir / files.SUMMARY}: garbled (bands"
+    levels = record.get("levels")
+    if (
+        not isinstance(levels, list)
+        or not 0 < len(levels) <= bands.MAX_LEVELS
+        or not all(_finite(v) and 0 < v < 1 for v in levels)
+    ):
+        raise RunFileError(f"{where}.levels is not a list of levels between 0 and 1)")
+    prediction = record.get("prediction")
+    if prediction not in (files.BANDS, files.BANDS_DATA, None):
+        raise RunFileError(f"{where}.prediction {_short(str(prediction))} is not a bands file)")
+    header = ["x", "fit", *bands.column_names(levels, prediction=prediction == files.BANDS)]
+    limit = files.csv_limit(files.FIT_GRID, len(header))
+    grid = _read_csv(run_dir, files.BANDS, header=header, limit=limit)
+    if len(grid["x"]) > files.FIT_GRID:
+        raise RunFileError(
+            f"{run_dir / files.BANDS}: {len(grid['x'])} rows, more than the {files.FIT_GRID} "
+            "of the grid fitcli writes the bands on"
+        )
+    points = None
+    if prediction == files.BANDS_DATA:
+        header = ["x", "fit", *bands.column_names(levels)]
+        limit = files.csv_limit(n, len(header))
+        points = _read_csv(run_dir, files.BANDS_DATA, header=header, limit=limit)
+        if len(points["x"]) != n:
+            raise RunFileError(
+                f"{run_dir / files.BANDS_DATA}: has {len(points['x'])} rows but "
+                f"{files.DATA} has {n} (truncated?)"
+            )
+    return bands.band_set(grid, levels, points)
 
 
 def check_plotly_js(path: Path) -> None:

@@ -85,5 +85,6 @@ class Summary(TypedDict, total=False):
     gap: float | None  # (final_loss - optimum_loss) / optimum_loss
     truth: dict[str, float]  # the parameters of the target, where they are known
     truth_distance: dict[str, float | None]  # (fitted - truth) / stderr per free parameter
+    bands: dict[str, Any]  # bands.csv: levels, quantile, dof, files, snapshot; or skipped: why
     intervals: dict[str, Any]  # profile or bootstrap intervals, as intervals.json (or an error)
     converged: bool  # the verdict: stopped by itself with trustworthy error bars (`stats.verdict`)

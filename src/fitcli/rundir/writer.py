@@ -121,6 +121,9 @@ class RunWriter:
         # Set by execute and saved in state.json with every snapshot; None while LM's converged
         # snapshots are filled in, so that state.json stays at the real last epoch.
         self.history: History | None = None
+        # The last snapshot page drawn by this writer: its entry, fitted curve and components,
+        # which `bands` draws again with the final fit's bands.
+        self._last_page: tuple[dict, np.ndarray, list[np.ndarray]] | None = None
 
     def resume(self, cfg_text: str | None, summary: dict, point: Any) -> None:
         """Continue this run directory from `point` (a `resume.ResumePoint`): snapshots past its
@@ -154,23 +157,25 @@ class RunWriter:
     def snapshot_name(self, epoch: int) -> str:
         return f"epoch-{epoch:0{self.width}d}.html"
 
-    def snapshot(self, epoch: int, loss: float, note: str | None = None) -> None:
+    def _page(
+        self,
+        entry: dict,
+        y_fit: np.ndarray,
+        parts: list[np.ndarray],
+        bands: dict | None = None,
+    ) -> str:
         from fitcli import plots
 
         prep = self.prep
-        params = prep.model.values()
-        with torch.no_grad():
-            y_fit = prep.model(self.grid_t).double().cpu().numpy()
-        parts = [c.double().cpu().numpy() for c in prep.model.component_values(self.grid_t)]
-        page = plots.snapshot_page(
+        return plots.snapshot_page(
             name=prep.cfg.name,
-            note=note,
+            note=entry.get("note"),
             sigma=self.sigma,
             labels=self.labels,
-            epoch=epoch,
+            epoch=entry["epoch"],
             epochs=prep.cfg.epochs,
-            loss=loss,
-            params=params,
+            loss=entry["loss"],
+            params=entry["params"],
             x=self.obs[0],
             y=self.obs[1],
             y_true=self.obs[2],
@@ -179,10 +184,20 @@ class RunWriter:
             loss_name=name_of(prep.cfg.loss),
             plotlyjs=self.plotlyjs,
             components=list(zip(prep.model.components, parts, strict=True)) or None,
+            bands=bands,
             **plot_extras(prep.dataset),
         )
+
+    def snapshot(self, epoch: int, loss: float, note: str | None = None) -> None:
+        prep = self.prep
+        params = prep.model.values()
+        with torch.no_grad():
+            y_fit = prep.model(self.grid_t).double().cpu().numpy()
+        parts = [c.double().cpu().numpy() for c in prep.model.component_values(self.grid_t)]
         fname = self.snapshot_name(epoch)
-        files.atomic_write(self.snap_dir / fname, page)
+        page_entry = {"epoch": epoch, "loss": loss, "params": params, "note": note}
+        files.atomic_write(self.snap_dir / fname, self._page(page_entry, y_fit, parts))
+        self._last_page = (page_entry, y_fit, parts)
         # The fitted curve itself, exactly: `fitcli plot` rebuilds this page from it (the model
         # cannot be re-evaluated bit for bit on another device, dtype or through bounds).
         fit_name = fname.removesuffix(".html") + ".csv"
@@ -221,6 +236,69 @@ class RunWriter:
             columns = [y_fit, *components]
             cells = (",".join(map(repr, row)) for row in np.stack(columns, axis=1).tolist())
         return head + "\n" + "\n".join(map(operator.add, self._fit_rows, cells)) + "\n"
+
+    def bands(self, summary: dict) -> None:
+        """bands.csv (and bands_data.csv) of the finished run's final fit, and its last snapshot
+        page drawn again with them when that page shows the final fit; summary["bands"] says
+        what was written, or why there are no bands (`fitcli.bands.for_run`)."""
+        import copy
+
+        from fitcli import bands
+
+        prep, ds = self.prep, self.prep.dataset
+        levels = list(prep.cfg.report.levels)
+        if not levels:
+            summary["bands"] = {"levels": [], "skipped": "report.levels is empty"}
+            return
+        if ds.x.ndim == 2:
+            why = "bands of a model of several variables are not computed yet"
+            summary["bands"] = {"levels": levels, "skipped": why}
+            return
+        from fitcli.lm import one_thread
+
+        model = prep.model
+        try:
+            if model.raw.dtype != torch.float64:
+                model = copy.deepcopy(model).to(torch.float64)
+            # Small tensors (the grid, the data points up to bands.DATA_POINTS_LIMIT): on busy
+            # cores more threads only wait for each other.
+            with one_thread():
+                found = bands.for_run(model, summary, self.grid, ds.x, ds.sigma, levels)
+        except Exception as exc:  # the bands are a report, not the fit: say why they are missing
+            found = bands.RunBands(
+                None,
+                None,
+                {"levels": levels, "skipped": f"{type(exc).__name__}: {exc}"},
+            )
+        record = found.record
+        if found.grid is not None:
+            columns = found.grid
+            self._bands_csv(self.run_dir / files.BANDS, columns)
+            if found.points is not None:
+                self._bands_csv(self.run_dir / files.BANDS_DATA, found.points)
+            record["snapshot"] = None
+            last = self._last_page
+            final = summary.get("params")
+            if (
+                last is not None
+                and self.snapshots
+                and last[0]["epoch"] == self.snapshots[-1]["epoch"]
+                and last[0]["params"] == final
+            ):
+                drawn = bands.band_set(columns, levels, found.points)
+                page = self._page(last[0], last[1], last[2], drawn)
+                files.atomic_write(self.snap_dir / self.snapshot_name(last[0]["epoch"]), page)
+                record["snapshot"] = last[0]["epoch"]
+        summary["bands"] = record
+
+    @staticmethod
+    def _bands_csv(path: Path, columns: dict[str, np.ndarray]) -> None:
+        """x, fit and the band columns, exact: %.17g round-trips every float64 (as data.csv),
+        so `fitcli plot` draws the bands it reads back exactly as the run drew them."""
+        table = np.column_stack(list(columns.values()))
+        row = ",".join(["%.17g"] * table.shape[1]) + "\n"
+        body = (row * table.shape[0]) % tuple(table.ravel().tolist())
+        files.atomic_write(path, ",".join(columns) + "\n" + body)
 
     def write_params(self) -> None:
         files.write_json(
