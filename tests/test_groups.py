@@ -111,6 +111,29 @@ def test_independent_groups_equal_a_curve_fit_loop(tmp_path):
     assert head[0] == "x,y,group" and head[1].endswith(",w0")
 
 
+def test_independent_groups_with_bounds_and_a_tie_equal_a_curve_fit_loop(tmp_path):
+    # The Jacobian's chain rule through bounds (internal -> value) and a per-group tie.
+    write_wells(tmp_path / "wells.csv", groups=4)
+    params = {
+        "a": {"value": 1, "per_group": True},
+        "b": {"value": 1, "min": 0.1, "max": 5, "per_group": True},
+        "c": {"expr": "0.1*a"},
+    }
+    result, run = train(config(tmp_path, params), tmp_path)
+    assert result.exit_code == 0, result.output
+    x, y, well = table(tmp_path / "wells.csv")
+    for row in read_groups(run):
+        sel = well == row["group"]
+        p, cov = curve_fit(
+            lambda t, a, b: decay(t, a, b, 0.1 * a), x[sel], y[sel], p0=[1, 1], **TIGHT
+        )
+        got = np.array([float(row[k]) for k in "ab"])
+        got_se = np.array([float(row[f"{k}_stderr"]) for k in "ab"])
+        np.testing.assert_allclose(got, p, rtol=1e-6)
+        np.testing.assert_allclose(got_se, np.sqrt(np.diag(cov)), rtol=1e-6)
+        assert row["status"] == "converged"
+
+
 def test_global_fit_equals_least_squares_on_the_stacked_problem(tmp_path):
     # 2 shared (b, c) + 2 per-group (a, d) parameters, 5 groups.
     write_wells(tmp_path / "wells.csv")

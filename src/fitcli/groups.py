@@ -27,6 +27,7 @@ the trust region of `fitcli.lm`, and losses other than least squares for LM.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from fitcli.lm import (
     POLISH_DAMPING,
     POLISH_RTOL,
     SINGULAR_RCOND,
+    one_thread,
 )
 from fitcli.model import FitModel
 
@@ -68,6 +70,10 @@ class Packed:
         return int(self.w.shape[0])
 
     def take(self, idx: torch.Tensor) -> Packed:
+        if idx.numel() == self.groups and bool(
+            (idx == torch.arange(self.groups, device=idx.device)).all()
+        ):
+            return self  # every group, in order: no copy
         return Packed(self.x[idx], self.wy[idx], self.w[idx], self.counts[idx.cpu().numpy()])
 
 
@@ -151,31 +157,46 @@ def jacobian(
     """(A [G, L, q], B [G, L, s], r [G, L]) of the weighted model, in float64: the Jacobian
     columns of the per-group and shared parameters and the residuals ``w * (y - fn)``, zero at
     the pads."""
-    # One reverse pass with one leaf per parameter column, expanded over the rows: the model
-    # is elementwise in the rows, so d sum(m) / d leaf_k[g, i] is J[g, i, k] (as `fitcli.lm`'s
-    # row-wise Jacobian); no functorch, whose start-up costs seconds.
+    # One reverse pass with one leaf per model parameter (by name), expanded over the rows:
+    # the model is elementwise in the rows, so d sum(w * m) / d leaf_j[g, i] is w * dm/dp_j at
+    # row i (as `fitcli.lm`'s row-wise Jacobian); no functorch, whose start-up costs seconds.
+    # The columns of the free parameters follow by the chain rule through the small per-group
+    # map free -> all values (bounds, fixed values, ties): J_free = J_names @ D, D [G, n, f].
+    # (A stacked [G, L, f] leaf instead costs a full [G, L, f] zero-fill per column backward.)
     mask = data.w > 0
     g, length = data.w.shape
     free = layout.merge(theta.detach(), shared.detach())
-    leaves = [free[:, k, None].expand(g, length).requires_grad_() for k in range(free.shape[1])]
+    order = layout.per_group + layout.shared
     expression: Any = getattr(model, "expression")  # noqa: B009  # groups need model.expr
     with torch.enable_grad():
-        stacked = torch.stack(leaves, dim=-1)
-        full = model.full_vector(stacked if external else model.external(stacked))
-        m = expression(data.x, {name: full[..., k] for k, name in enumerate(model.names)})
+        if getattr(model, "_all_free_unbounded", False):
+            full = free
+            d = None
+        else:
+            leaf = free.clone().requires_grad_()
+            full_g = model.full_vector(leaf if external else model.external(leaf))
+            rows = []
+            for j in range(full_g.shape[1]):
+                (dj,) = torch.autograd.grad(
+                    full_g[:, j].sum(), leaf, retain_graph=True, allow_unused=True
+                )
+                rows.append(torch.zeros_like(free) if dj is None else dj)
+            full = full_g.detach()
+            # D [G, n, f] in the (per-group, shared) order of the columns.
+            d = torch.stack(rows, dim=1)[:, :, order].to(torch.float64)
+        leaves = [full[:, k, None].expand(g, length).requires_grad_() for k in range(full.shape[1])]
+        m = expression(data.x, dict(zip(model.names, leaves, strict=True)))
         grads = torch.autograd.grad((m * data.w).sum(), leaves, allow_unused=True)
     m = m.detach()
-    per = [grads[k] for k in layout.per_group] + [grads[k] for k in layout.shared]
-    cols = [
-        torch.zeros_like(m, dtype=torch.float64)
-        if c is None
-        else torch.where(mask, c, 0.0).to(torch.float64)
-        for c in per
-    ]
+    n_cols = len(order) if d is None else len(model.names)
+    jac = torch.zeros(g, length, n_cols, dtype=torch.float64, device=m.device)
+    for k, c in enumerate(grads if d is not None else [grads[j] for j in order]):
+        if c is not None:
+            jac[..., k] = torch.where(mask, c, 0.0)
+    if d is not None:
+        jac = jac @ d
     r = torch.where(mask, data.wy - m * data.w, 0.0).to(torch.float64)
     q = theta.shape[1]
-    empty = torch.zeros(*r.shape, 0, dtype=torch.float64, device=r.device)
-    jac = torch.stack(cols, dim=-1) if cols else empty
     return jac[..., :q], jac[..., q:], r
 
 
@@ -252,6 +273,15 @@ class LMOptions:
     max_iter: int = 500
 
 
+def _threads(device: torch.device) -> contextlib.AbstractContextManager:
+    """One torch CPU thread for a grouped LM fit and its error bars on the CPU
+    (`fitcli.lm.one_thread`): their ops are many small batched ones (q x q solves, [G, L]
+    elementwise), where waiting on a second thread of busy cores costs more than it gains (3x
+    to 8x slower independent fits at 10^3 and 10^4 groups, and 2x to 40x slower, erratic,
+    global fits of 10^3 groups, on two shared cores)."""
+    return one_thread() if device.type == "cpu" else contextlib.nullcontext()
+
+
 def too_few(counts: np.ndarray, q: int) -> np.ndarray:
     """Groups with no more points than their per-group parameters (no degrees of freedom)."""
     return counts <= q
@@ -270,6 +300,18 @@ def fit_independent(
     on_iter: Callable[[int], bool] | None = None,
 ) -> GroupFit:
     """Every group its own LM fit (no shared parameter), chunk by chunk of groups."""
+    with _threads(theta0.device):
+        return _fit_independent(model, layout, data, theta0, opts, on_iter)
+
+
+def _fit_independent(
+    model: FitModel,
+    layout: Layout,
+    data: Packed,
+    theta0: torch.Tensor,
+    opts: LMOptions,
+    on_iter: Callable[[int], bool] | None = None,
+) -> GroupFit:
     g, q = theta0.shape
     length = data.w.shape[1]
     chunk = max(1, CHUNK_BYTES // max(1, 8 * length * max(q, 1)))
@@ -438,6 +480,19 @@ def fit_global(
 ) -> GroupFit:
     """One LM on the stacked problem (per-group and shared parameters), each step by
     `schur_solve`. Groups with too few points are left out of it (failed, at their start)."""
+    with _threads(theta0.device):
+        return _fit_global(model, layout, data, theta0, shared0, opts, on_iter)
+
+
+def _fit_global(
+    model: FitModel,
+    layout: Layout,
+    data: Packed,
+    theta0: torch.Tensor,
+    shared0: torch.Tensor,
+    opts: LMOptions,
+    on_iter: Callable[[int], bool] | None = None,
+) -> GroupFit:
     g, q = theta0.shape
     f64 = torch.float64
     status = [GroupStatus.CONVERGED.value] * g
@@ -592,6 +647,13 @@ def stderr_independent(
     """Each group's standard errors [G, q] as fitting that group alone gives (curve_fit):
     sqrt(diag((J^T J)^-1) * s^2), s^2 = rss / (n_g - q) (or 1 with `scale` False: absolute
     sigma), J with respect to the parameters' values. Also whether J^T J is singular [G]."""
+    with _threads(theta.device):
+        return _stderr_independent(model, layout, data, theta, scale)
+
+
+def _stderr_independent(
+    model: FitModel, layout: Layout, data: Packed, theta: torch.Tensor, scale: bool
+) -> tuple[np.ndarray, np.ndarray]:
     shared = torch.zeros(0, dtype=theta.dtype, device=theta.device)
     free = external_values(model, layout, theta, shared).to(theta.dtype)
     q = theta.shape[1]
@@ -629,6 +691,19 @@ def stderr_global(
     (NaN outside `ok`) and the shared ones [s]; and whether J^T J is singular. Diagonal
     blocks of the inverse by the Schur complement:
     ``Cov_ss = S^-1``, ``Cov_gg = U_g^-1 + (U_g^-1 W_g) S^-1 (U_g^-1 W_g)^T``."""
+    with _threads(theta.device):
+        return _stderr_global(model, layout, data, theta, shared, ok, scale)
+
+
+def _stderr_global(
+    model: FitModel,
+    layout: Layout,
+    data: Packed,
+    theta: torch.Tensor,
+    shared: torch.Tensor,
+    ok: np.ndarray,
+    scale: bool,
+) -> tuple[np.ndarray, np.ndarray, bool]:
     keep = torch.as_tensor(np.flatnonzero(ok), device=theta.device)
     sub = data.take(keep)
     free = external_values(model, layout, theta[keep], shared).to(theta.dtype)
