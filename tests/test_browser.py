@@ -253,7 +253,9 @@ def test_sigma_error_bars_render_in_report_and_snapshots(browser, tmp_path: Path
         )
         assert bars == len(want), page.name
         got = browser.execute_script(
-            f"var t = document.getElementById('{div}')._fullData[0];"
+            # the observations' trace (bands, drawn beneath them, come first on the final page)
+            f"var t = document.getElementById('{div}')._fullData"
+            ".find(d => d.error_y && d.error_y.visible);"
             "return Array.prototype.slice.call(t.error_y.array);"
         )
         np.testing.assert_allclose(got, want, rtol=1e-15)
