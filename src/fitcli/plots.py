@@ -495,6 +495,28 @@ def variables_figure(
         k = 2 * c + row
         return {"xaxis": f"x{k if k > 1 else ''}", "yaxis": f"y{k if k > 1 else ''}"}
 
+    def markers(
+        c: int,
+        against: np.ndarray,
+        name: str,
+        values: np.ndarray,
+        marker: dict,
+        group: str,
+        row: int,
+    ) -> dict:
+        """One panel's markers of `values` against a variable (or the fit); legend once."""
+        return {
+            "type": "scatter",
+            "mode": "markers",
+            "name": name,
+            "x": typed(against[sl]),
+            "y": typed(values[sl]),
+            "marker": marker,
+            "legendgroup": group,
+            "showlegend": c == 0,
+            **axes(c, row),
+        }
+
     obs = {"size": 5, "color": "rgba(99,110,250,0.55)"}
     fit = {"size": 5, "color": "#d62728", "symbol": "x"}
     for c in range(panels):
@@ -502,46 +524,10 @@ def variables_figure(
             against, label = x[:, c], text(variables[c])
         else:
             against, label = y_fit, "fitted"
-        first = c == 0
-        data.append(
-            {
-                "type": "scatter",
-                "mode": "markers",
-                "name": "observed" + note,
-                "x": typed(against[sl]),
-                "y": typed(y[sl]),
-                "marker": obs,
-                "legendgroup": "obs",
-                "showlegend": first,
-                **axes(c, 1),
-            }
-        )
-        data.append(
-            {
-                "type": "scatter",
-                "mode": "markers",
-                "name": "fit",
-                "x": typed(against[sl]),
-                "y": typed(y_fit[sl]),
-                "marker": fit,
-                "legendgroup": "fit",
-                "showlegend": first,
-                **axes(c, 1),
-            }
-        )
-        data.append(
-            {
-                "type": "scatter",
-                "mode": "markers",
-                "name": "residual",
-                "x": typed(against[sl]),
-                "y": typed(resid[sl]),
-                "marker": {"size": 4, "color": "#636efa"},
-                "legendgroup": "res",
-                "showlegend": first,
-                **axes(c, 2),
-            }
-        )
+        res = {"size": 4, "color": "#636efa"}
+        data.append(markers(c, against, "observed" + note, y, obs, "obs", 1))
+        data.append(markers(c, against, "fit", y_fit, fit, "fit", 1))
+        data.append(markers(c, against, "residual", resid, res, "res", 2))
         if left_out is not None and len(variables) == 2:
             lx, ly, why = left_out
             data += left_out_traces(lx[:, c], ly, why, axes(c, 1))
