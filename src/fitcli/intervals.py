@@ -202,6 +202,15 @@ def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return z / d
 
 
+def _inverse(jtj: np.ndarray) -> np.ndarray:
+    """(J^T J)^-1 [p, p], the pseudo-inverse taken in unit-diagonal scaling: unscaled, its
+    cut-off relative to the largest eigenvalue drops the variance of a parameter whose column
+    is small next to another's (Misra1c's b1, 1e-13 of b2's diagonal)."""
+    d = np.sqrt(np.maximum(np.diagonal(jtj), 1e-300))
+    scaled = np.linalg.pinv(jtj / d[:, None] / d[None, :], hermitian=True)
+    return scaled / d[:, None] / d[None, :]
+
+
 # A refit's LM: the only tests are its decrement tolerance and the rounding level of polished
 # Gauss-Newton steps (ftol, xtol and gtol off).
 REFIT = LMOptions(ftol=0.0, xtol=0.0, gtol=0.0, damping=1e-3, max_iter=MAX_REFIT_ITER)
@@ -288,7 +297,7 @@ def _estimate_doc(prob: Problem, fit: Refit) -> tuple[dict[str, float], list[str
     # Standard errors in external units by the delta method through the bounds' transform.
     h = 1e-7 * np.maximum(np.abs(fit.theta[0]), 1.0)
     slope = (prob.external(fit.theta + np.diag(h)) - est) / h
-    cov = np.linalg.pinv(fit.jtj[0], hermitian=True)
+    cov = _inverse(fit.jtj[0])
     s2 = float(fit.rss[0]) / (prob.n - prob.p)
     se = np.sqrt(np.maximum(s2 * np.diagonal(cov), 0.0)) * np.abs(np.diagonal(slope))
     moved = [n for k, n in enumerate(names) if abs(est[k] - fitted[k]) > 0.01 * se[k]]
@@ -322,7 +331,7 @@ def _profile(prob: Problem, fit: Refit, levs: list[float]) -> dict[str, Any]:
     estimate, notes = _estimate_doc(prob, fit)
     s_min = float(fit.rss[0])
     hat = fit.theta[0]
-    cov = np.linalg.pinv(fit.jtj[0], hermitian=True)  # (J^T J)^-1 in internal coordinates
+    cov = _inverse(fit.jtj[0])  # (J^T J)^-1 in internal coordinates
     # Lanes: (parameter, direction, level).
     lanes = [(i, d, lv) for i in range(p) for d in (-1.0, 1.0) for lv in levs]
     nb = len(lanes)
