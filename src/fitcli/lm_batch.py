@@ -185,9 +185,7 @@ def solve(
     dev = theta0.device
     f64 = torch.float64
     theta = theta0.detach().clone()
-    free_t = (
-        torch.ones(nb, p, dtype=torch.bool, device=dev) if free is None else free.to(dev).bool()
-    )
+    free_t = None if free is None else free.to(dev).bool()
     lam = (
         torch.full((nb,), opts.damping, dtype=f64, device=dev)
         if damping is None
@@ -228,7 +226,9 @@ class _Block:
     polish: torch.Tensor
     jtj: torch.Tensor
     jtr: torch.Tensor
-    free: torch.Tensor
+    a: torch.Tensor  # J^T J and J^T r of the free entries (`_masked`)
+    g: torch.Tensor
+    free: torch.Tensor | None
     tol: torch.Tensor | None
     code: torch.Tensor
     iters: torch.Tensor
@@ -250,16 +250,18 @@ class _Block:
             self.idx[sel],
             self.lanes.take(sel) if running else self.lanes,
             *(t[sel] for t in (self.theta, self.lam, self.nu, self.scale2, self.cost)),
-            *(t[sel] for t in (self.polish, self.jtj, self.jtr, self.free)),
-            None if self.tol is None else self.tol[sel],
+            *(t[sel] for t in (self.polish, self.jtj, self.jtr, self.a, self.g)),
+            *(None if t is None else t[sel] for t in (self.free, self.tol)),
             self.code[sel],
             self.iters[sel],
         )
 
 
-def _masked(jtj: torch.Tensor, jtr: torch.Tensor, free: torch.Tensor):
+def _masked(jtj: torch.Tensor, jtr: torch.Tensor, free: torch.Tensor | None):
     """The normal equations of the free entries: held rows and columns replaced by the
-    identity's, their gradient by zero (so their step is zero)."""
+    identity's, their gradient by zero (so their step is zero); as they are with no mask."""
+    if free is None:
+        return jtj, jtr
     f = free.to(jtj.dtype)
     eye = torch.eye(jtj.shape[-1], dtype=jtj.dtype, device=jtj.device)
     return jtj * f[:, :, None] * f[:, None, :] + eye * (1 - f)[:, None, :], jtr * f
@@ -268,7 +270,7 @@ def _masked(jtj: torch.Tensor, jtr: torch.Tensor, free: torch.Tensor):
 def _check(blk: _Block, new: torch.Tensor, first: bool, opts: LMOptions) -> None:
     """The tests at a fresh linearization of the lanes `new` [b] bool: non-finite (failed),
     exact fit, gtol, the decrement; and the scaling's running maximum."""
-    a, g = _masked(blk.jtj, blk.jtr, blk.free)
+    a, g = blk.a, blk.g
     rss = 2 * blk.cost
     finite = torch.isfinite(rss) & torch.isfinite(blk.jtj).flatten(1).all(1)
     bad = new & ~finite
@@ -292,7 +294,7 @@ def _solve_block(
     lanes: Lanes,
     idx: torch.Tensor,
     out: Solution,
-    free: torch.Tensor,
+    free: torch.Tensor | None,
     tol: torch.Tensor | None,
     opts: LMOptions,
     should_stop: Callable[[], bool] | None,
@@ -303,6 +305,7 @@ def _solve_block(
     dev = out.theta.device
     theta = out.theta[idx]
     jtj, jtr, cost = normal_equations(*lanes.linearize(theta))
+    held = None if free is None else free[idx]
     blk = _Block(
         idx,
         lanes,
@@ -314,7 +317,8 @@ def _solve_block(
         torch.full((b,), math.nan, dtype=f64, device=dev),
         jtj,
         jtr,
-        free[idx],
+        *_masked(jtj, jtr, held),
+        held,
         None if tol is None else tol[idx],
         torch.zeros(b, dtype=torch.int64, device=dev),
         torch.zeros(b, dtype=torch.int64, device=dev),
@@ -345,7 +349,7 @@ def _iterate(blk: _Block, run: torch.Tensor, opts: LMOptions) -> None:
     """One LM iteration of the running lanes of a block (the others are computed, not kept)."""
     f64 = torch.float64
     blk.iters += run
-    a, g = _masked(blk.jtj, blk.jtr, blk.free)
+    a, g = blk.a, blk.g
     d = torch.sqrt(blk.scale2)
     sc = 1.0 / d
     z = damped_solve(torch.nan_to_num(a * sc[:, :, None] * sc[:, None, :]), g * sc, blk.lam)
@@ -372,6 +376,12 @@ def _iterate(blk: _Block, run: torch.Tensor, opts: LMOptions) -> None:
     blk.cost = torch.where(accept, new, c)
     blk.jtj = torch.where(accept[:, None, None], jtj_t, blk.jtj)
     blk.jtr = torch.where(accept[:, None], jtr_t, blk.jtr)
+    if blk.free is None:
+        blk.a, blk.g = blk.jtj, blk.jtr
+    else:
+        a_t, g_t = _masked(jtj_t, jtr_t, blk.free)
+        blk.a = torch.where(accept[:, None, None], a_t, a)
+        blk.g = torch.where(accept[:, None], g_t, g)
     factor = torch.clamp_min(1 - (2 * rho - 1) ** 3, 1 / 3)
     lam = torch.where(accept, torch.clamp_min(blk.lam * factor, MIN_DAMPING), blk.lam)
     nu = torch.where(accept, 2.0, blk.nu)
