@@ -51,8 +51,13 @@ from fitcli.lm import (
 from fitcli.lm_batch import LMOptions, damped_solve
 from fitcli.model import FitModel
 
-# Bytes of one group chunk's Jacobian in an independent fit: the fit runs chunk by chunk.
+# Bytes of one group chunk's Jacobian for the error bars, and for an independent fit on a GPU:
+# they run chunk by chunk.
 CHUNK_BYTES = 64_000_000
+# On the CPU an independent fit runs in blocks of groups whose [groups, points] arrays are about
+# this many bytes, so that the model's temporaries stay in the caches (BENCHMARKS.md: 1.6x at
+# 10^4 groups of 100 points in float64).
+BLOCK_BYTES = 1_000_000
 # A global fit's polishing ends after this many Gauss-Newton steps in a row that do not
 # contract: a stacked problem with correlated parameters converges linearly, by uneven steps.
 POLISH_STRIKES = 3
@@ -344,7 +349,10 @@ def _fit_independent(
     shared = torch.zeros(0, dtype=theta.dtype, device=dev)
     if keep.numel():
         length = data.w.shape[1]
-        chunk = max(1, CHUNK_BYTES // max(1, 8 * length * max(q, 1)))
+        if dev.type == "cpu":
+            chunk = max(1, BLOCK_BYTES // max(1, data.w.element_size() * length))
+        else:
+            chunk = max(1, CHUNK_BYTES // max(1, 8 * length * max(q, 1)))
         sol = lm_batch.solve(
             _GroupLanes(model, layout, data).take(keep),
             theta[keep],
