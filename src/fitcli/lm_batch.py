@@ -29,6 +29,7 @@ and the trust region of `fitcli.lm`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -246,18 +247,18 @@ class _Block:
     def keep(self, sel: torch.Tensor, running: bool = True) -> _Block:
         """The lanes at the block positions `sel` (a long tensor) only; the problems are taken
         along for `running` lanes (stopped ones are never evaluated again)."""
-        return _Block(
-            self.idx[sel],
-            self.lanes.take(sel) if running else self.lanes,
-            *(t[sel] for t in (self.theta, self.lam, self.nu, self.scale2, self.cost)),
-            *(t[sel] for t in (self.polish, self.jtj, self.jtr, self.a, self.g)),
-            *(None if t is None else t[sel] for t in (self.free, self.tol)),
-            self.code[sel],
-            self.iters[sel],
-        )
+        fields = {
+            f.name: getattr(self, f.name)[sel]
+            for f in dataclasses.fields(self)
+            if f.name != "lanes" and getattr(self, f.name) is not None
+        }
+        lanes = self.lanes.take(sel) if running else self.lanes
+        return _Block(lanes=lanes, **{"free": None, "tol": None, **fields})
 
 
-def _masked(jtj: torch.Tensor, jtr: torch.Tensor, free: torch.Tensor | None):
+def _masked(
+    jtj: torch.Tensor, jtr: torch.Tensor, free: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The normal equations of the free entries: held rows and columns replaced by the
     identity's, their gradient by zero (so their step is zero); as they are with no mask."""
     if free is None:
@@ -306,6 +307,7 @@ def _solve_block(
     theta = out.theta[idx]
     jtj, jtr, cost = normal_equations(*lanes.linearize(theta))
     held = None if free is None else free[idx]
+    masked = _masked(jtj, jtr, held)
     blk = _Block(
         idx,
         lanes,
@@ -317,7 +319,8 @@ def _solve_block(
         torch.full((b,), math.nan, dtype=f64, device=dev),
         jtj,
         jtr,
-        *_masked(jtj, jtr, held),
+        masked[0],
+        masked[1],
         held,
         None if tol is None else tol[idx],
         torch.zeros(b, dtype=torch.int64, device=dev),
