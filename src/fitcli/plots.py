@@ -530,8 +530,8 @@ def variables_figure(
             against, label = y_fit, "fitted"
         res = {"size": 4, "color": "#636efa"}
         if bands is not None:
-            top = point_band_traces(bands, against, y_fit)
-            below = point_band_traces(bands, against, y_fit, residual=True)
+            top = point_band_traces(bands, against)
+            below = point_band_traces(bands, against, residual=True)
             data += [{**t, **axes(c, 1)} for t in top] + [{**t, **axes(c, 2)} for t in below]
             if c == 0:
                 data += [{**t, **axes(c, 2)} for t in band_legend(below)]
@@ -571,11 +571,10 @@ def variables_figure(
 BAND_POINTS = 1000  # error bars drawn per band trace of a model of several variables, at most
 
 
-def point_band_traces(
-    bands: dict, against: np.ndarray, fit: np.ndarray, *, residual: bool = False
-) -> list[dict]:
+def point_band_traces(bands: dict, against: np.ndarray, *, residual: bool = False) -> list[dict]:
     """The bands of a `fitcli.bands.band_set` at the data points (a model of several variables)
-    as error bars drawn against `against` (a variable, or the fit): on the fitted values, each
+    as error bars drawn against `against` (a variable, or the fit): on the fitted values (the
+    band's own `fit` column), each
     confidence band (widest first and thinnest); with `residual`, about zero for the residual
     panel, the widest prediction band too (where a new observation's residual falls), in grey.
     At most BAND_POINTS points per trace (an even stride). The traces have no legend entry:
@@ -583,6 +582,7 @@ def point_band_traces(
     from fitcli.bands import level_tag
 
     cols, levels = bands["grid"], sorted(bands["levels"], reverse=True)
+    fit = cols["fit"]
     sl, note = downsample(len(fit), BAND_POINTS)
     centre = np.zeros_like(fit) if residual else fit
     kinds = (("pred", levels[:1]), ("conf", levels)) if residual else (("conf", levels),)
