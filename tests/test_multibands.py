@@ -338,3 +338,36 @@ def test_profile_ci_of_several_variables_matches_lmfit_conf_interval(surface, tm
         assert iv["upper"] - entry["estimate"] == pytest.approx(hi - est, rel=1e-3), k
     boot = runner.invoke(app, ["ci", str(run), "--method", "bootstrap", "--samples", "50"])
     assert boot.exit_code == 0, boot.output
+
+
+# -- relative sigma -------------------------------------------------------------------------
+
+
+def test_bands_with_relative_sigma_use_t_and_the_scaled_noise_as_curve_fit(tmp_path):
+    """`data.absolute_sigma: false`: sigma are relative weights, the covariance is curve_fit's
+    pcov (scaled by the reduced chi-square), so the quantile is Student's t and a new
+    observation's variance is s² sigma², not sigma²."""
+    from scipy.optimize import curve_fit
+
+    rng = np.random.default_rng(1)
+    x = np.linspace(0.0, 3.0, 30)
+    sigma = np.linspace(1.0, 2.0, x.size)
+    y = 1.0 + 2.0 * x + rng.normal(0.0, 0.1 * sigma)
+    run = tmp_path / "rel"
+    r = fitcli.fit(
+        x=x, y=y, sigma=sigma, basis=["1", "x"], run_dir=run, **{"data.absolute_sigma": False}
+    )
+    p, pcov = curve_fit(lambda t, a, b: a + b * t, x, y, sigma=sigma, absolute_sigma=False)
+    s2 = float(np.sum(((y - (p[0] + p[1] * x)) / sigma) ** 2)) / (x.size - 2)
+    g = np.column_stack([np.ones_like(x), x])
+    var = np.einsum("ij,jk,ik->i", g, pcov, g)
+    q = stats.t.ppf(0.975, x.size - 2)
+    got = r.predict(x, band=0.95, sigma=sigma)
+    assert isinstance(got, dict)
+    np.testing.assert_allclose(got["conf_upper_95"] - got["fit"], q * np.sqrt(var), rtol=1e-7)
+    half = q * np.sqrt(var + s2 * sigma**2)
+    np.testing.assert_allclose(got["pred_upper_95"] - got["fit"], half, rtol=1e-7)
+    record = summary_of(run)["bands"]
+    assert record["quantile"] == "student_t" and record["prediction"] == "bands_data.csv"
+    points = read_csv(run / "bands_data.csv")
+    np.testing.assert_allclose(points["pred_upper_95"] - points["fit"], half, rtol=1e-7)

@@ -525,7 +525,8 @@ class FitResult:
         (`fitcli.bands`): ``fit ± q sqrt(J C J^T)`` and ``fit ± q sqrt(J C J^T + s²)``,
         ``s² = RSS / (n - p)``, q Student's t quantile for n - p degrees of freedom. A fit
         weighted by sigma has an absolute covariance: q is the normal quantile, and a new
-        observation's variance is its own sigma²: give `sigma` at the new points for the
+        observation's variance is its own sigma² (relative sigma, `data.absolute_sigma:
+        false`: Student's t, and s² sigma²): give `sigma` at the new points for the
         prediction band. A ValueError says why when the fit has no usable covariance.
         """
         import torch
@@ -544,7 +545,9 @@ class FitResult:
             raise ValueError(f"band: the level must be between 0 and 1 (got {level})")
         noise = None if sigma is None else as_column(sigma, "sigma")
         try:
-            cov = bands.covariance_of(self.summary, absolute=self.sigma is not None)
+            weighted = self.sigma is not None
+            absolute = weighted and self.config.data.absolute_sigma is not False
+            cov = bands.covariance_of(self.summary, absolute=absolute, weighted=weighted)
             return bands.curve(model, self.params, xs, cov, [level], sigma=noise)
         except bands.NoBand as exc:
             raise ValueError(f"no band: {exc}") from None

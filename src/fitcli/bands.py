@@ -153,19 +153,26 @@ def band_columns(
 class Covariance:
     """What a fit's bands are computed from: the covariance of its free parameters (`names`
     order; a parameter at a bound counts as fixed, variance 0), the degrees of freedom n - p,
-    whether sigma is absolute, and s² = RSS / (n - p) (None with absolute sigma)."""
+    whether sigma is absolute, s² = RSS / (n - p) (None with absolute sigma), and whether the
+    fit was weighted by a sigma column (with relative sigma, `data.absolute_sigma: false`, a
+    new observation's variance is s² sigma²)."""
 
     names: tuple[str, ...]
     matrix: np.ndarray
     dof: int
     absolute: bool
     s2: float | None
+    weighted: bool = False
 
 
-def covariance_of(summary: Mapping[str, Any], *, absolute: bool) -> Covariance:
+def covariance_of(
+    summary: Mapping[str, Any], *, absolute: bool, weighted: bool | None = None
+) -> Covariance:
     """A fit's `Covariance` from its summary (summary.json's fields), or `NoBand` saying why
     there is none: no covariance, a singular status, an undetermined parameter, no degrees of
-    freedom. `absolute`: the fit was weighted by a sigma column."""
+    freedom. `absolute`: the fit was weighted by a sigma column of absolute errors;
+    `weighted` (default: `absolute`): by a sigma column at all, relative ones with
+    `data.absolute_sigma: false` (whose covariance is scaled by s², as curve_fit's)."""
     unc = summary.get("uncertainty") or {}
     status, reason = unc.get("status"), unc.get("reason")
     cov = summary.get("covariance")
@@ -191,7 +198,7 @@ def covariance_of(summary: Mapping[str, Any], *, absolute: bool) -> Covariance:
         if rss is None or not math.isfinite(float(rss)):
             raise NoBand("the residual sum of squares is not finite")
         s2 = float(rss) / dof
-    return Covariance(tuple(free), matrix, dof, absolute, s2)
+    return Covariance(tuple(free), matrix, dof, absolute, s2, absolute or bool(weighted))
 
 
 def jacobian(model: FitModel, theta: Any, x: Any) -> Any:
@@ -216,8 +223,8 @@ def curve(
 ) -> dict[str, np.ndarray]:
     """`fit` and the band columns of a fitted `model` (its parameters `params`, by name) at the
     points `x` (n values of one variable, or n x k points of a model of k variables): the
-    prediction band too when it can be had (a fit without sigma; with absolute
-    sigma only given `sigma`, the noise at these points). `model` is evaluated in its dtype and
+    prediction band too when it can be had (a fit without sigma; with a sigma column only given
+    `sigma`, the noise at these points). `model` is evaluated in its dtype and
     on its device; the columns are float64 numpy arrays."""
     import torch
 
@@ -239,13 +246,14 @@ def curve(
     jac = jacobian(model, theta, xt).double().cpu().numpy()
     var = delta_variance(jac, cov.matrix)
     noise: np.ndarray | float | None = None
-    if not cov.absolute:
+    if not cov.weighted:
         noise = cov.s2
     elif sigma is not None:
         sig = np.asarray(sigma, dtype=np.float64)
         if sig.shape != var.shape:
             raise ValueError(f"sigma has {sig.shape[0]} values but x has {var.shape[0]}")
-        noise = sig * sig
+        # Relative sigma: the noise is sigma scaled by s, as the covariance is.
+        noise = sig * sig if cov.s2 is None else cov.s2 * sig * sig
     columns = band_columns(fit_np, var, levels, dof=cov.dof, absolute=cov.absolute, noise_var=noise)
     return {"fit": fit_np, **columns}
 
@@ -282,18 +290,23 @@ def for_run(
     sigma: np.ndarray | None,
     levels: Sequence[float],
     variables: Sequence[str] = ("x",),
+    *,
+    absolute_sigma: bool = True,
 ) -> RunBands:
     """The bands of a finished run (its float64 `model`, `summary` with the error bars, the
     fitted curve's `grid`, the data's `x` and `sigma`), or the reason there are none in
     `record["skipped"]`. Several `variables`: at the data points `x` (n x k; `grid` unused),
-    in `grid` with the variables' columns and the prediction band. No I/O: the run writer
-    writes what this returns."""
+    in `grid` with the variables' columns and the prediction band. `absolute_sigma`: the
+    config's `data.absolute_sigma` (false: sigma are relative weights). No I/O: the run
+    writer writes what this returns."""
     levels = [float(v) for v in levels]
     record: dict[str, Any] = {"levels": levels}
+    weighted = sigma is not None
+    absolute = weighted and absolute_sigma
     if len(variables) > 1:
-        return _at_data_points(model, summary, x, sigma, levels, variables, record)
+        return _at_data_points(model, summary, x, sigma, levels, variables, record, absolute)
     try:
-        cov = covariance_of(summary, absolute=sigma is not None)
+        cov = covariance_of(summary, absolute=absolute, weighted=weighted)
         on_grid = curve(model, summary["params"], grid, cov, levels)
     except NoBand as exc:
         return RunBands(None, None, {**record, "skipped": str(exc)})
@@ -326,11 +339,12 @@ def _at_data_points(
     levels: list[float],
     variables: Sequence[str],
     record: dict[str, Any],
+    absolute: bool,
 ) -> RunBands:
     """`for_run` of a model of several variables: bands.csv at the data points, the prediction
     band in it (s², or each point's own sigma²)."""
     try:
-        cov = covariance_of(summary, absolute=sigma is not None)
+        cov = covariance_of(summary, absolute=absolute, weighted=sigma is not None)
         if len(x) > DATA_POINTS_LIMIT:
             raise NoBand(
                 f"the bands of a model of several variables are written at the data points, "

@@ -260,7 +260,14 @@ class RunWriter:
             # cores more threads only wait for each other.
             with one_thread():
                 found = bands.for_run(
-                    model, summary, self.grid, ds.x, ds.sigma, levels, ds.variables
+                    model,
+                    summary,
+                    self.grid,
+                    ds.x,
+                    ds.sigma,
+                    levels,
+                    ds.variables,
+                    absolute_sigma=prep.cfg.data.absolute_sigma is not False,
                 )
         except Exception as exc:  # the bands are a report, not the fit: say why they are missing
             found = bands.RunBands(
