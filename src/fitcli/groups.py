@@ -397,11 +397,19 @@ def fit_global(
     shared0: torch.Tensor,
     opts: LMOptions,
     on_iter: Callable[[int], bool] | None = None,
+    *,
+    damping: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GroupFit:
     """One LM on the stacked problem (per-group and shared parameters), each step by
-    `schur_solve`. Groups with too few points are left out of it (failed, at their start)."""
+    `schur_solve`. Groups with too few points are left out of it (failed, at their start).
+    `damping`: the start damping (None: ``opts.damping``); `on_iter(it)` and `should_stop()`
+    are asked once per iteration, and on True the fit stops with its current values and
+    damping (completed, "interrupted"), which a later call can continue from."""
     with _threads(theta0.device):
-        return _fit_global(model, layout, data, theta0, shared0, opts, on_iter)
+        return _fit_global(
+            model, layout, data, theta0, shared0, opts, on_iter, damping, should_stop
+        )
 
 
 def _fit_global(
@@ -412,6 +420,8 @@ def _fit_global(
     shared0: torch.Tensor,
     opts: LMOptions,
     on_iter: Callable[[int], bool] | None = None,
+    damping: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GroupFit:
     g, q = theta0.shape
     f64 = torch.float64
@@ -425,7 +435,7 @@ def _fit_global(
     theta_all = theta0.detach().clone()
     theta = theta0[keep].detach().clone()
     shared = shared0.detach().clone()
-    lam, nu = opts.damping, 2.0
+    lam, nu = opts.damping if damping is None else float(damping), 2.0
     scale_g = torch.zeros_like(theta, dtype=f64)
     scale_s = torch.zeros_like(shared, dtype=f64)
     polish_norm: float | None = None
@@ -468,8 +478,8 @@ def _fit_global(
                 break
         assert u is not None and w is not None and v is not None and a is not None and b is not None
         history.append(cost)
-        if on_iter is not None and on_iter(it):
-            why, failed = f"stopped after {it} iterations", True
+        if (on_iter is not None and on_iter(it)) or (should_stop is not None and should_stop()):
+            why, failed = f"interrupted after {it} iterations", None
             break
         n_iter += 1
         sg, ss = 1.0 / torch.sqrt(scale_g), 1.0 / torch.sqrt(scale_s)
@@ -537,7 +547,9 @@ def _fit_global(
     rss_all = residual_ss(model, layout, data, theta_all, shared).cpu().numpy()
     rss_all[few] = math.nan
     iters = np.where(few, 0, n_iter)
-    return GroupFit(theta_all, shared, status, reason, iters, rss_all, history)
+    return GroupFit(
+        theta_all, shared, status, reason, iters, rss_all, history, damping=np.full(g, lam)
+    )
 
 
 # -- error bars --------------------------------------------------------------------------------
