@@ -40,8 +40,11 @@ import torch
 
 from fitcli.lm import MAX_DAMPING, MIN_DAMPING, POLISH_CONTRACTION, POLISH_DAMPING, POLISH_RTOL
 
-# A block is compacted when its running lanes fall below this fraction of it.
+# A block is compacted when its running lanes fall below this fraction of it, if it has at
+# least this many residuals (lanes x rows): below that, an iteration's cost is the per-operation
+# overhead, which gathering the running lanes only adds to.
 COMPACT_BELOW = 0.9
+COMPACT_MIN_CELLS = 20_000
 
 
 class Lanes(Protocol):
@@ -75,7 +78,7 @@ class Stop(IntEnum):
     INTERRUPTED = 11
 
 
-# Stops at a minimum (to the tolerances); DAMPING is decided by the caller.
+# Stops at a minimum (to the tolerances; consecutive codes); DAMPING is decided by the caller.
 CONVERGED = (Stop.GTOL, Stop.FTOL, Stop.XTOL, Stop.ROUNDING, Stop.EXACT, Stop.DECREMENT)
 FAILED = (Stop.NONFINITE_START, Stop.NONFINITE)
 
@@ -127,7 +130,7 @@ class Solution:
 
     def converged(self) -> torch.Tensor:
         """Lanes stopped at a minimum by one of the convergence tests [B] bool."""
-        return torch.isin(self.code, torch.tensor(CONVERGED, device=self.code.device))
+        return (self.code >= min(CONVERGED)) & (self.code <= max(CONVERGED))
 
 
 def damped_solve(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -234,26 +237,24 @@ class _Block:
     code: torch.Tensor
     iters: torch.Tensor
 
-    def write(self, out: Solution) -> None:
-        i = self.idx
-        out.theta[i], out.damping[i], out.cost[i] = self.theta, self.lam, self.cost
-        out.jtj[i], out.jtr[i], out.code[i], out.iterations[i] = (
-            self.jtj,
-            self.jtr,
-            self.code,
-            self.iters,
-        )
+    def write(self, out: Solution, sel: torch.Tensor | None = None) -> None:
+        """Into `out`: the lanes at the block positions `sel` (None: all)."""
+        pick = (lambda t: t) if sel is None else (lambda t: t[sel])  # noqa: E731
+        i = pick(self.idx)
+        out.theta[i], out.damping[i], out.cost[i] = map(pick, (self.theta, self.lam, self.cost))
+        out.jtj[i], out.jtr[i] = pick(self.jtj), pick(self.jtr)
+        out.code[i], out.iterations[i] = pick(self.code), pick(self.iters)
 
-    def keep(self, sel: torch.Tensor, running: bool = True) -> _Block:
-        """The lanes at the block positions `sel` (a long tensor) only; the problems are taken
-        along for `running` lanes (stopped ones are never evaluated again)."""
-        fields = {
-            f.name: getattr(self, f.name)[sel]
-            for f in dataclasses.fields(self)
-            if f.name != "lanes" and getattr(self, f.name) is not None
+    def keep(self, sel: torch.Tensor) -> _Block:
+        """The lanes at the block positions `sel` (a long tensor) only, problems included."""
+        values = {
+            name: None if getattr(self, name) is None else getattr(self, name)[sel]
+            for name in _STATE
         }
-        lanes = self.lanes.take(sel) if running else self.lanes
-        return _Block(lanes=lanes, **{"free": None, "tol": None, **fields})
+        return _Block(lanes=self.lanes.take(sel), **values)
+
+
+_STATE = [f.name for f in dataclasses.fields(_Block) if f.name != "lanes"]
 
 
 def _masked(
@@ -305,7 +306,9 @@ def _solve_block(
     b, p = idx.numel(), out.theta.shape[1]
     dev = out.theta.device
     theta = out.theta[idx]
-    jtj, jtr, cost = normal_equations(*lanes.linearize(theta))
+    r, jac = lanes.linearize(theta)
+    rows = r.shape[-1]
+    jtj, jtr, cost = normal_equations(r, jac)
     held = None if free is None else free[idx]
     masked = _masked(jtj, jtr, held)
     blk = _Block(
@@ -327,15 +330,14 @@ def _solve_block(
         torch.zeros(b, dtype=torch.int64, device=dev),
     )
     _check(blk, torch.ones(b, dtype=torch.bool, device=dev), True, opts)
-    done: list[_Block] = []
     interrupted = False
     for _ in range(opts.max_iter):
         run = blk.code == 0
         n_run = int(run.sum())
         if n_run == 0:
             break
-        if n_run < COMPACT_BELOW * run.numel():
-            done.append(blk.keep(torch.nonzero(~run)[:, 0], running=False))
+        if n_run < COMPACT_BELOW * run.numel() and run.numel() * rows >= COMPACT_MIN_CELLS:
+            blk.write(out, torch.nonzero(~run)[:, 0])  # the stopped lanes, as they are
             blk = blk.keep(torch.nonzero(run)[:, 0])
             run = torch.ones(n_run, dtype=torch.bool, device=dev)
         if should_stop is not None and should_stop():
@@ -343,8 +345,7 @@ def _solve_block(
             break
         _iterate(blk, run, opts)
     blk.code[blk.code == 0] = int(Stop.INTERRUPTED if interrupted else Stop.LIMIT)
-    for part in [*done, blk]:
-        part.write(out)
+    blk.write(out)
     return interrupted
 
 
