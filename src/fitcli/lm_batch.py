@@ -34,7 +34,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -247,7 +247,7 @@ class _Block:
 
     def keep(self, sel: torch.Tensor) -> _Block:
         """The lanes at the block positions `sel` (a long tensor) only, problems included."""
-        values = {
+        values: dict[str, Any] = {
             name: None if getattr(self, name) is None else getattr(self, name)[sel]
             for name in _STATE
         }
