@@ -183,3 +183,53 @@ def test_cuda_lanes_equal_cpu_lanes():
     gpu_lanes = Decays(torch.tensor(y, device=dev), torch.tensor(X, device=dev))
     gpu = lm_batch.solve(gpu_lanes, torch.tensor(START, device=dev), LMOptions())
     np.testing.assert_allclose(gpu.theta.cpu().numpy(), cpu.theta.numpy(), rtol=1e-9)
+
+
+class NumpyDecays:
+    """`Decays` in numpy (``host``): `lm_batch.solve` runs these lanes in numpy arrays."""
+
+    host = True
+
+    def __init__(self, y: np.ndarray) -> None:
+        self.y = y
+
+    def take(self, idx: np.ndarray) -> NumpyDecays:
+        assert isinstance(idx, np.ndarray)
+        return NumpyDecays(self.y[idx])
+
+    def linearize(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert isinstance(theta, np.ndarray)
+        a, b, c = (theta[:, k, None] for k in range(3))
+        with np.errstate(all="ignore"):
+            e = np.exp(-b * X)
+            jac = np.stack([e, -a * X * e, np.ones_like(e)], axis=-1)
+            return self.y - (a * e + c), jac
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_numpy_lanes_take_the_same_steps_as_torch_lanes(monkeypatch, compact):
+    """The numpy arrays of host lanes give each lane the iterations, stop and minimum of the
+    torch core: held entries, a decrement tolerance, a lane whose J^T J is singular (a = 0:
+    the eigendecomposition fallback), a non-finite start, and compaction."""
+    if compact:
+        monkeypatch.setattr(lm_batch, "COMPACT_MIN_CELLS", 0)
+    y = np.concatenate([data(9), data(10)])
+    start = np.concatenate([START, START])
+    start[1] = [1.0, -1e3, 0.0]  # non-finite at the start
+    start[5] = [0.0, 1.0, 0.0]  # d r / d b = 0: singular normal equations
+    start[7] = [20.0, 5.0, -3.0]  # many more iterations than the others
+    free = np.ones_like(start, dtype=bool)
+    free[2, 1] = free[6, 0] = False
+    tol = np.full(len(y), 1e-13)
+    opts = LMOptions(max_iter=80)
+    kw = {"free": torch.tensor(free), "decrement_tol": torch.tensor(tol)}
+    ref = lm_batch.solve(lanes(y), torch.tensor(start), opts, **kw)
+    got = lm_batch.solve(NumpyDecays(y), torch.tensor(start), opts, **kw)
+    assert got.theta.dtype == torch.float64 and isinstance(got.code, torch.Tensor)
+    assert got.code.tolist() == ref.code.tolist()
+    assert got.iterations.tolist() == ref.iterations.tolist()
+    assert Stop.NONFINITE_START in got.code.tolist() and bool(got.converged().sum() >= 6)
+    ok = torch.isfinite(ref.cost)
+    np.testing.assert_allclose(got.theta[ok].numpy(), ref.theta[ok].numpy(), rtol=1e-9)
+    np.testing.assert_allclose(got.jtj[ok].numpy(), ref.jtj[ok].numpy(), rtol=1e-9)
+    # (The damping is not compared: at the minimum it follows ratios of rounding-level costs.)

@@ -29,6 +29,7 @@ and the trust region of `fitcli.lm`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from fitcli.lm import MAX_DAMPING, MIN_DAMPING, POLISH_CONTRACTION, POLISH_DAMPING, POLISH_RTOL
@@ -47,14 +49,145 @@ COMPACT_BELOW = 0.9
 COMPACT_MIN_CELLS = 20_000
 
 
-class Lanes(Protocol):
-    """The problems of a batch: what `solve` evaluates."""
+class _Torch:
+    """The array operations of the core that numpy and torch spell differently: torch's."""
 
-    def take(self, idx: torch.Tensor) -> Lanes:
+    lib = torch
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def full(self, shape: tuple[int, ...], value: float, dtype: Any = torch.float64) -> Any:
+        return torch.full(shape, value, dtype=dtype, device=self.device)
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any = torch.float64) -> Any:
+        return torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def eye(self, q: int, like: Any) -> Any:
+        return torch.eye(q, dtype=like.dtype, device=like.device)
+
+    def arange(self, lo: int, hi: int) -> Any:
+        return torch.arange(lo, hi, device=self.device)
+
+    def f64(self, t: Any) -> Any:
+        return t.to(torch.float64)
+
+    def like(self, t: Any, ref: Any) -> Any:
+        return t.to(ref.dtype)
+
+    def clamp_min(self, t: Any, v: float) -> Any:
+        return torch.clamp_min(t, v)
+
+    def diagonal(self, a: Any) -> Any:
+        return torch.diagonal(a, dim1=-2, dim2=-1)
+
+    def amax(self, t: Any) -> Any:
+        return t.amax(-1)
+
+    def norm(self, t: Any) -> Any:
+        return torch.linalg.vector_norm(t, dim=-1)
+
+    def finite_rows(self, t: Any) -> Any:
+        return torch.isfinite(t).flatten(1).all(1)
+
+    def nonzero(self, t: Any) -> Any:
+        return torch.nonzero(t)[:, 0]
+
+    def cholesky_solve(self, m: Any, rhs: Any) -> tuple[Any, Any]:
+        chol, info = torch.linalg.cholesky_ex(m)
+        return torch.cholesky_solve(rhs, chol), info != 0
+
+    def rows_finite(self, z: Any) -> Any:
+        return torch.isfinite(z).flatten(-2).all(-1)
+
+    def nan_to_num(self, t: Any) -> Any:
+        return torch.nan_to_num(t)
+
+
+class _Numpy:
+    """The same in numpy float64 on the CPU: for lanes that evaluate in numpy (`Lanes.host`),
+    where torch's per-operation dispatch, not arithmetic, is what an iteration of a few dozen
+    lanes of a few dozen residuals costs."""
+
+    lib = np
+
+    def full(self, shape: tuple[int, ...], value: float, dtype: Any = np.float64) -> Any:
+        return np.full(shape, value, dtype=_NP_DTYPE.get(dtype, dtype))
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any = np.float64) -> Any:
+        return np.zeros(shape, dtype=_NP_DTYPE.get(dtype, dtype))
+
+    def eye(self, q: int, like: Any) -> Any:
+        return np.eye(q, dtype=like.dtype)
+
+    def arange(self, lo: int, hi: int) -> Any:
+        return np.arange(lo, hi)
+
+    def f64(self, t: Any) -> Any:
+        return t.astype(np.float64, copy=False)
+
+    def like(self, t: Any, ref: Any) -> Any:
+        return t.astype(ref.dtype, copy=False)
+
+    def clamp_min(self, t: Any, v: float) -> Any:
+        return np.maximum(t, v)
+
+    def diagonal(self, a: Any) -> Any:
+        return np.diagonal(a, axis1=-2, axis2=-1)
+
+    def amax(self, t: Any) -> Any:
+        return t.max(-1)
+
+    def norm(self, t: Any) -> Any:
+        return np.sqrt((t * t).sum(-1))
+
+    def finite_rows(self, t: Any) -> Any:
+        return np.isfinite(t).reshape(t.shape[0], -1).all(1)
+
+    def nonzero(self, t: Any) -> Any:
+        return np.flatnonzero(t)
+
+    def cholesky_solve(self, m: Any, rhs: Any) -> tuple[Any, Any]:
+        with np.errstate(all="ignore"):
+            try:
+                np.linalg.cholesky(m)
+                bad = np.zeros(m.shape[0], dtype=bool)
+            except np.linalg.LinAlgError:  # which ones: each on its own
+                bad = np.ones(m.shape[0], dtype=bool)
+                for k in range(m.shape[0]):
+                    with contextlib.suppress(np.linalg.LinAlgError):
+                        np.linalg.cholesky(m[k])
+                        bad[k] = False
+            # L L^T z = rhs by two solves with the triangular factors.
+            # Cholesky tells which systems are positive definite; those are solved directly.
+            if not bad.any():
+                return np.linalg.solve(m, rhs), bad
+            z = np.full(rhs.shape, np.nan)
+            good = ~bad
+            if good.any():
+                z[good] = np.linalg.solve(m[good], rhs[good])
+        return z, bad
+
+    def rows_finite(self, z: Any) -> Any:
+        return np.isfinite(z).reshape(z.shape[0], -1).all(-1)
+
+    def nan_to_num(self, t: Any) -> Any:
+        return t if np.isfinite(t).all() else np.nan_to_num(t)
+
+
+_NP_DTYPE: dict[Any, Any] = {torch.float64: np.float64, torch.int64: np.int64, torch.bool: np.bool_}
+
+
+class Lanes(Protocol):
+    """The problems of a batch: what `solve` evaluates. Lanes with a true ``host`` attribute
+    evaluate in numpy: `take` gets a numpy int array and `linearize` a float64 array, and
+    returns numpy arrays; the solve then runs in numpy too (`_Numpy`)."""
+
+    def take(self, idx: Any) -> Lanes:
         """The same problems restricted to the lanes `idx` (a long tensor), in that order."""
         ...
 
-    def linearize(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def linearize(self, theta: Any) -> tuple[Any, Any]:
         """(residuals [b, n], Jacobian d r / d theta up to sign [b, n, p]) at theta [b, p]:
         the solve minimizes ``|r|^2`` with the Gauss-Newton step ``(J^T J)^-1 J^T r``, so J
         is the Jacobian of the model, ``r = y - f``. Masked rows are zero in both."""
@@ -137,19 +270,23 @@ def damped_solve(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.T
     """Solve ``(a + lam I) z = b`` for a batch of symmetric q x q systems (b [..., q] or
     [..., q, m]); Cholesky, or a symmetric eigendecomposition dropping the null space where
     Cholesky fails."""
+    return _damped_solve(_Torch(a.device), a, b, lam)
+
+
+def _damped_solve(ops: Any, a: Any, b: Any, lam: Any) -> Any:
+    """`damped_solve` in the arrays of `ops` (`_Torch` or `_Numpy`)."""
+    xp = ops.lib
     q = a.shape[-1]
-    eye = torch.eye(q, dtype=a.dtype, device=a.device)
-    m = a + lam[..., None, None] * eye
-    vec = b.dim() == a.dim() - 1
+    m = a + lam[..., None, None] * ops.eye(q, a)
+    vec = b.ndim == a.ndim - 1
     rhs = b[..., None] if vec else b
-    chol, info = torch.linalg.cholesky_ex(m)
-    z = torch.cholesky_solve(rhs, chol)
-    bad = (info != 0) | ~torch.isfinite(z).flatten(-2).all(-1)
+    z, bad = ops.cholesky_solve(m, rhs)
+    bad = bad | ~ops.rows_finite(z)
     if bool(bad.any()):
-        evals, evecs = torch.linalg.eigh(torch.nan_to_num(m[bad]))
-        cutoff = evals.abs().amax(-1, keepdim=True).clamp_min(1e-300) * q * 2.2e-16
-        inv = torch.where(evals > cutoff, 1.0 / evals.clamp_min(1e-300), 0.0)
-        z[bad] = evecs @ (inv[..., None] * (evecs.transpose(-1, -2) @ rhs[bad]))
+        evals, evecs = xp.linalg.eigh(ops.nan_to_num(m[bad]))
+        cutoff = ops.clamp_min(ops.amax(abs(evals))[..., None], 1e-300) * q * 2.2e-16
+        inv = xp.where(evals > cutoff, 1.0 / ops.clamp_min(evals, 1e-300), 0.0)
+        z[bad] = evecs @ (inv[..., None] * (evecs.swapaxes(-1, -2) @ rhs[bad]))
     return z[..., 0] if vec else z
 
 
@@ -159,11 +296,14 @@ def normal_equations(
     """(J^T J [b, p, p], J^T r [b, p], 0.5 * RSS [b]), summed in J's dtype (a float32 fit's
     sums are float32, ten times faster than converting J first), returned in float64. J as a
     transposed view of a [b, p, n] tensor is read fastest."""
-    f64 = torch.float64
-    jt = jac.transpose(-1, -2)
-    jtj = (jt @ jac).to(f64)
-    jtr = (jt @ r[..., None].to(jt.dtype))[..., 0].to(f64)
-    return jtj, jtr, 0.5 * (r * r).sum(-1).to(f64)
+    return _normal_equations(_Torch(jac.device), r, jac)
+
+
+def _normal_equations(ops: Any, r: Any, jac: Any) -> tuple[Any, Any, Any]:
+    jt = jac.swapaxes(-1, -2)
+    jtj = ops.f64(jt @ jac)
+    jtr = ops.f64((jt @ ops.like(r[..., None], jt))[..., 0])
+    return jtj, jtr, ops.f64(0.5 * (r * r).sum(-1))
 
 
 def solve(
@@ -188,31 +328,41 @@ def solve(
     nb, p = theta0.shape
     dev = theta0.device
     f64 = torch.float64
-    theta = theta0.detach().clone()
-    free_t = None if free is None else free.to(dev).bool()
+    host = bool(getattr(lanes, "host", False))
+    ops: Any = _Numpy() if host else _Torch(dev)
+    # The one place the arrays are chosen: numpy copies for host lanes, torch otherwise.
+    arr = (lambda t: t.detach().cpu().numpy().copy()) if host else (lambda t: t.detach().clone())  # noqa: E731
+    theta = arr(theta0)
+    free_t = None if free is None else arr(free.to(dev).bool())
     lam = (
-        torch.full((nb,), opts.damping, dtype=f64, device=dev)
-        if damping is None
-        else damping.to(device=dev, dtype=f64).clone()
+        ops.full((nb,), opts.damping) if damping is None else arr(damping.to(device=dev, dtype=f64))
     )
-    tol = None if decrement_tol is None else decrement_tol.to(device=dev, dtype=f64)
+    tol = None if decrement_tol is None else arr(decrement_tol.to(device=dev, dtype=f64))
+    i64 = torch.int64
     out = Solution(
         theta,
         lam,
-        torch.zeros(nb, dtype=torch.int64, device=dev),
-        torch.full((nb,), int(Stop.RUNNING), dtype=torch.int64, device=dev),
-        torch.full((nb,), math.nan, dtype=f64, device=dev),
-        torch.full((nb, p, p), math.nan, dtype=f64, device=dev),
-        torch.full((nb, p), math.nan, dtype=f64, device=dev),
+        ops.zeros((nb,), i64),
+        ops.full((nb,), int(Stop.RUNNING), i64),
+        ops.full((nb,), math.nan),
+        ops.full((nb, p, p), math.nan),
+        ops.full((nb, p), math.nan),
     )
     size = nb if chunk is None else max(1, int(chunk))
     interrupted = False
-    for lo in range(0, nb, size):
-        idx = torch.arange(lo, min(nb, lo + size), device=dev)
-        if interrupted:
-            out.code[idx] = int(Stop.INTERRUPTED)
-            continue
-        interrupted = _solve_block(lanes.take(idx), idx, out, free_t, tol, opts, should_stop)
+    # numpy warns where torch is silent: non-finite values are the stopping tests' to report.
+    with np.errstate(all="ignore") if host else contextlib.nullcontext():
+        for lo in range(0, nb, size):
+            idx = ops.arange(lo, min(nb, lo + size))
+            if interrupted:
+                out.code[idx] = int(Stop.INTERRUPTED)
+                continue
+            interrupted = _solve_block(
+                ops, lanes.take(idx), idx, out, free_t, tol, opts, should_stop
+            )
+    if host:
+        fields = {f.name: torch.from_numpy(getattr(out, f.name)) for f in dataclasses.fields(out)}
+        out = Solution(**fields)
     return out
 
 
@@ -257,149 +407,150 @@ class _Block:
 _STATE = [f.name for f in dataclasses.fields(_Block) if f.name != "lanes"]
 
 
-def _masked(
-    jtj: torch.Tensor, jtr: torch.Tensor, free: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked(ops: Any, jtj: Any, jtr: Any, free: Any | None) -> tuple[Any, Any]:
     """The normal equations of the free entries: held rows and columns replaced by the
     identity's, their gradient by zero (so their step is zero); as they are with no mask."""
     if free is None:
         return jtj, jtr
-    f = free.to(jtj.dtype)
-    eye = torch.eye(jtj.shape[-1], dtype=jtj.dtype, device=jtj.device)
+    f = ops.like(free, jtj)
+    eye = ops.eye(jtj.shape[-1], jtj)
     return jtj * f[:, :, None] * f[:, None, :] + eye * (1 - f)[:, None, :], jtr * f
 
 
-def _check(blk: _Block, new: torch.Tensor, first: bool, opts: LMOptions) -> None:
+def _check(ops: Any, blk: _Block, new: Any, first: bool, opts: LMOptions) -> None:
     """The tests at a fresh linearization of the lanes `new` [b] bool: non-finite (failed),
     exact fit, gtol, the decrement; and the scaling's running maximum."""
+    xp = ops.lib
     a, g = blk.a, blk.g
     rss = 2 * blk.cost
-    finite = torch.isfinite(rss) & torch.isfinite(blk.jtj).flatten(1).all(1)
+    finite = xp.isfinite(rss) & ops.finite_rows(blk.jtj)
     bad = new & ~finite
     blk.code[bad] = int(Stop.NONFINITE_START if first else Stop.NONFINITE)
-    diag = torch.diagonal(a, dim1=-2, dim2=-1)
-    upd = torch.maximum(blk.scale2, torch.where(diag > 0, diag, 1.0))
-    blk.scale2 = torch.where(new[:, None], upd, blk.scale2)
+    diag = ops.diagonal(a)
+    upd = xp.maximum(blk.scale2, xp.where(diag > 0, diag, 1.0))
+    blk.scale2 = xp.where(new[:, None], upd, blk.scale2)
     ok = new & finite
     blk.code[ok & (rss == 0)] = int(Stop.EXACT)
-    d_raw = diag.clamp_min(1e-300)
-    cosine = (g.abs() / torch.sqrt(d_raw * rss[:, None])).amax(-1)
+    d_raw = ops.clamp_min(diag, 1e-300)
+    cosine = ops.amax(abs(g) / xp.sqrt(d_raw * rss[:, None]))
     blk.code[ok & (rss > 0) & (cosine <= opts.gtol) & (blk.code == 0)] = int(Stop.GTOL)
     if blk.tol is not None:
-        d = torch.sqrt(d_raw)
-        gn = damped_solve(torch.nan_to_num(a / d[:, :, None] / d[:, None, :]), g / d, blk.lam * 0)
+        d = xp.sqrt(d_raw)
+        gn = _damped_solve(
+            ops, ops.nan_to_num(a / d[:, :, None] / d[:, None, :]), g / d, blk.lam * 0
+        )
         dec = 0.5 * ((gn / d) * g).sum(-1)
         blk.code[ok & (dec <= blk.tol) & (blk.code == 0)] = int(Stop.DECREMENT)
 
 
 def _solve_block(
+    ops: Any,
     lanes: Lanes,
-    idx: torch.Tensor,
+    idx: Any,
     out: Solution,
-    free: torch.Tensor | None,
-    tol: torch.Tensor | None,
+    free: Any | None,
+    tol: Any | None,
     opts: LMOptions,
     should_stop: Callable[[], bool] | None,
 ) -> bool:
     """LM on the lanes `idx` of `out` (written back there); True if interrupted."""
-    f64 = torch.float64
-    b, p = idx.numel(), out.theta.shape[1]
-    dev = out.theta.device
+    b, p = idx.shape[0], out.theta.shape[1]
     theta = out.theta[idx]
     r, jac = lanes.linearize(theta)
     rows = r.shape[-1]
-    jtj, jtr, cost = normal_equations(r, jac)
+    jtj, jtr, cost = _normal_equations(ops, r, jac)
     held = None if free is None else free[idx]
-    masked = _masked(jtj, jtr, held)
+    masked = _masked(ops, jtj, jtr, held)
+    i64 = torch.int64
     blk = _Block(
         idx,
         lanes,
         theta,
         out.damping[idx],
-        torch.full((b,), 2.0, dtype=f64, device=dev),
-        torch.zeros(b, p, dtype=f64, device=dev),
+        ops.full((b,), 2.0),
+        ops.zeros((b, p)),
         cost,
-        torch.full((b,), math.nan, dtype=f64, device=dev),
+        ops.full((b,), math.nan),
         jtj,
         jtr,
         masked[0],
         masked[1],
         held,
         None if tol is None else tol[idx],
-        torch.zeros(b, dtype=torch.int64, device=dev),
-        torch.zeros(b, dtype=torch.int64, device=dev),
+        ops.zeros((b,), i64),
+        ops.zeros((b,), i64),
     )
-    _check(blk, torch.ones(b, dtype=torch.bool, device=dev), True, opts)
+    _check(ops, blk, ops.full((b,), True, torch.bool), True, opts)
     interrupted = False
     for _ in range(opts.max_iter):
         run = blk.code == 0
         n_run = int(run.sum())
         if n_run == 0:
             break
-        if n_run < COMPACT_BELOW * run.numel() and run.numel() * rows >= COMPACT_MIN_CELLS:
-            blk.write(out, torch.nonzero(~run)[:, 0])  # the stopped lanes, as they are
-            blk = blk.keep(torch.nonzero(run)[:, 0])
-            run = torch.ones(n_run, dtype=torch.bool, device=dev)
+        if n_run < COMPACT_BELOW * run.shape[0] and run.shape[0] * rows >= COMPACT_MIN_CELLS:
+            blk.write(out, ops.nonzero(~run))  # the stopped lanes, as they are
+            blk = blk.keep(ops.nonzero(run))
+            run = ops.full((n_run,), True, torch.bool)
         if should_stop is not None and should_stop():
             interrupted = True
             break
-        _iterate(blk, run, opts)
+        _iterate(ops, blk, run, opts)
     blk.code[blk.code == 0] = int(Stop.INTERRUPTED if interrupted else Stop.LIMIT)
     blk.write(out)
     return interrupted
 
 
-def _iterate(blk: _Block, run: torch.Tensor, opts: LMOptions) -> None:
+def _iterate(ops: Any, blk: _Block, run: Any, opts: LMOptions) -> None:
     """One LM iteration of the running lanes of a block (the others are computed, not kept)."""
-    f64 = torch.float64
+    xp = ops.lib
     blk.iters += run
     a, g = blk.a, blk.g
-    d = torch.sqrt(blk.scale2)
+    d = xp.sqrt(blk.scale2)
     sc = 1.0 / d
-    z = damped_solve(torch.nan_to_num(a * sc[:, :, None] * sc[:, None, :]), g * sc, blk.lam)
-    delta = torch.nan_to_num(z * sc)
-    th64 = blk.theta.to(f64)
-    step_norm = torch.linalg.vector_norm(d * delta, dim=-1)
-    theta_norm = torch.linalg.vector_norm(d * th64, dim=-1)
+    z = _damped_solve(ops, ops.nan_to_num(a * sc[:, :, None] * sc[:, None, :]), g * sc, blk.lam)
+    delta = ops.nan_to_num(z * sc)
+    th64 = ops.f64(blk.theta)
+    step_norm = ops.norm(d * delta)
+    theta_norm = ops.norm(d * th64)
     c = blk.cost
     predicted = (g * delta).sum(-1) - 0.5 * (delta * (a @ delta[..., None])[..., 0]).sum(-1)
     polishing = (predicted <= POLISH_RTOL * c) & (blk.lam <= POLISH_DAMPING)
     xsmall = step_norm <= opts.xtol * (opts.xtol + theta_norm)
-    polished = torch.isfinite(blk.polish)
+    polished = xp.isfinite(blk.polish)
     rounding = run & polished & ((step_norm > POLISH_CONTRACTION * blk.polish) | xsmall)
-    trial = (th64 + delta).to(blk.theta.dtype)
-    jtj_t, jtr_t, new = normal_equations(*blk.lanes.linearize(trial))
-    actual = torch.where(torch.isfinite(new), c - new, -math.inf)
-    rho = torch.where(predicted > 0, actual / predicted, -math.inf)
+    trial = ops.like(th64 + delta, blk.theta)
+    jtj_t, jtr_t, new = _normal_equations(ops, *blk.lanes.linearize(trial))
+    actual = xp.where(xp.isfinite(new), c - new, -math.inf)
+    rho = xp.where(predicted > 0, actual / predicted, -math.inf)
     pol_ok = run & polishing & (actual >= -POLISH_RTOL * c) & ~rounding
-    rho = torch.where(pol_ok, rho.clamp_min(0.0), rho)
-    accept = run & ~rounding & (pol_ok | ((rho > 0) & torch.isfinite(new)))
+    rho = xp.where(pol_ok, ops.clamp_min(rho, 0.0), rho)
+    accept = run & ~rounding & (pol_ok | ((rho > 0) & xp.isfinite(new)))
     reject = run & ~rounding & ~accept
     # Accepted: move (with the linearization taken there), Nielsen's damping update.
-    blk.theta = torch.where(accept[:, None], trial, blk.theta)
-    blk.cost = torch.where(accept, new, c)
-    blk.jtj = torch.where(accept[:, None, None], jtj_t, blk.jtj)
-    blk.jtr = torch.where(accept[:, None], jtr_t, blk.jtr)
+    blk.theta = xp.where(accept[:, None], trial, blk.theta)
+    blk.cost = xp.where(accept, new, c)
+    blk.jtj = xp.where(accept[:, None, None], jtj_t, blk.jtj)
+    blk.jtr = xp.where(accept[:, None], jtr_t, blk.jtr)
     if blk.free is None:
         blk.a, blk.g = blk.jtj, blk.jtr
     else:
-        a_t, g_t = _masked(jtj_t, jtr_t, blk.free)
-        blk.a = torch.where(accept[:, None, None], a_t, a)
-        blk.g = torch.where(accept[:, None], g_t, g)
-    factor = torch.clamp_min(1 - (2 * rho - 1) ** 3, 1 / 3)
-    lam = torch.where(accept, torch.clamp_min(blk.lam * factor, MIN_DAMPING), blk.lam)
-    nu = torch.where(accept, 2.0, blk.nu)
-    blk.polish = torch.where(pol_ok, step_norm, blk.polish)
-    plain = accept & ~torch.isfinite(blk.polish)
+        a_t, g_t = _masked(ops, jtj_t, jtr_t, blk.free)
+        blk.a = xp.where(accept[:, None, None], a_t, a)
+        blk.g = xp.where(accept[:, None], g_t, g)
+    factor = ops.clamp_min(1 - (2 * rho - 1) ** 3, 1 / 3)
+    lam = xp.where(accept, ops.clamp_min(blk.lam * factor, MIN_DAMPING), blk.lam)
+    nu = xp.where(accept, 2.0, blk.nu)
+    blk.polish = xp.where(pol_ok, step_norm, blk.polish)
+    plain = accept & ~xp.isfinite(blk.polish)
     ftol = plain & (actual <= opts.ftol * c) & (predicted <= opts.ftol * c)
     xt = plain & ~ftol & xsmall
     # Rejected: raise the damping, doubling its growth.
-    blk.lam = torch.where(reject, lam * nu, lam)
-    blk.nu = torch.where(reject, nu * 2.0, nu)
+    blk.lam = xp.where(reject, lam * nu, lam)
+    blk.nu = xp.where(reject, nu * 2.0, nu)
     code = blk.code
     code[rounding] = int(Stop.ROUNDING)
     code[ftol] = int(Stop.FTOL)
     code[xt | (reject & xsmall)] = int(Stop.XTOL)
     code[reject & ~xsmall & (blk.lam > MAX_DAMPING)] = int(Stop.DAMPING)
     # The tests of the next iteration's linearization, for the lanes that moved and go on.
-    _check(blk, accept & (code == 0), False, opts)
+    _check(ops, blk, accept & (code == 0), False, opts)
