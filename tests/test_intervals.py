@@ -348,3 +348,39 @@ def test_profile_needs_least_squares(tmp_path):
     )
     with pytest.raises(fitcli.InputError, match="least squares"):
         result.intervals("profile")
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_numpy_lanes_give_the_intervals_of_torch_lanes(monkeypatch, weighted):
+    """A small expression problem's refits run in numpy (`Problem.host`: the symdiff model of
+    all lanes, checked against torch); they give the profile and bootstrap intervals of the
+    torch lanes, with sigma weights too."""
+    x, y = _decay_data(60)
+    sigma = 0.05 + 0.02 * x if weighted else None
+    fit = fitcli.fit(
+        x=x, y=y, sigma=sigma, expr="a*exp(-x/tau) + c", params={"a": 2, "tau": 1, "c": 0}
+    )
+    prob = _problem(fit)
+    assert prob.host is not None
+    docs = [intervals.profile(prob, [0.68, 0.95]), intervals.bootstrap(prob, samples=20, seed=2)]
+    monkeypatch.setattr(intervals._LanesModel, "build", classmethod(lambda *a: None))
+    torch_prob = _problem(fit)
+    assert torch_prob.host is None
+    refs = [intervals.profile(torch_prob, [0.68, 0.95])]
+    refs.append(intervals.bootstrap(torch_prob, samples=20, seed=2))
+    for doc, ref in zip(docs, refs, strict=True):
+        for name, entry in ref["params"].items():
+            for iv, iv_ref in zip(
+                doc["params"][name]["intervals"], entry["intervals"], strict=True
+            ):
+                assert iv["lower"] == pytest.approx(iv_ref["lower"], rel=1e-9)
+                assert iv["upper"] == pytest.approx(iv_ref["upper"], rel=1e-9)
+
+
+def test_bounded_or_tied_models_refit_in_torch():
+    x, y = _decay_data()
+    bounded = {"a": 2.0, "tau": 1.0, "c": {"value": 0.4, "min": 0.2, "max": 0.43}}
+    tied = {"a": 2.0, "tau": 1.0, "c": {"expr": "a / 10"}}
+    for params in (bounded, tied):
+        fit = fitcli.fit(x=x, y=y, expr="a*exp(-x/tau) + c", params=params, epochs=100)
+        assert _problem(fit).host is None

@@ -45,7 +45,7 @@ import torch
 
 from fitcli import lm_batch
 from fitcli.errors import InputError
-from fitcli.lm import one_thread, rowwise_ok
+from fitcli.lm import SMALL_ROWS, HostModel, host_ok, one_thread, rowwise_ok
 from fitcli.lm_batch import LMOptions
 from fitcli.model import ExprModel, FitModel, model_function
 
@@ -98,6 +98,7 @@ class Problem:
         self._fn = model_function(self.model)
         theta = self.model.raw.detach()
         self.rowwise = rowwise_ok(self._fn, theta, self.x, self.weights)
+        self.host = _LanesModel.build(self.model, self.x, self._fn)
 
     def values(self, theta: torch.Tensor) -> torch.Tensor:
         """The model at x for each lane of theta [B, p] (internal values): [B, n]."""
@@ -136,6 +137,92 @@ class Problem:
         """Free parameters' values from internal theta [B, p]."""
         with torch.no_grad():
             return self.model.external(torch.from_numpy(np.ascontiguousarray(theta))).numpy()
+
+
+class _LanesModel(HostModel):
+    """The model and its exact Jacobian in numpy for many parameter vectors at once
+    (`fitcli.symdiff.compile_lanes`), for a small expression model without ties or bounds on
+    the CPU in float64: there torch's per-operation dispatch and its reverse pass, not
+    arithmetic, are what a refit costs. `build` checks it against torch (`fitcli.lm.host_ok`,
+    as the single fit's numpy path is checked) and returns None where it does not hold."""
+
+    def __init__(self, model: ExprModel, x: torch.Tensor) -> None:
+        from fitcli.lm_optim import NumpyModel
+        from fitcli.symdiff import compile_lanes
+
+        single = NumpyModel(model, x)
+        self.x, self.fixed, self.free_names = single.x, single.fixed, single.free_names
+        self._lanes = compile_lanes(model.expression, self.free_names)
+
+    @classmethod
+    def build(cls, model: FitModel, x: torch.Tensor, fn: Any) -> _LanesModel | None:
+        theta = model.raw.detach()
+        if not (
+            isinstance(model, ExprModel)
+            and not model._ties
+            and not any(i.free and (i.min is not None or i.max is not None) for i in model.infos)
+            and x.device.type == "cpu"
+            and theta.dtype == torch.float64
+            and x.shape[0] <= SMALL_ROWS
+        ):
+            return None
+        try:
+            host = cls(model, x)
+        except Exception:  # an expression the numpy path cannot take: stay with torch
+            return None
+        return host if host_ok(fn, host, theta, x) else None
+
+    def lanes(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(values [B, n], d values / d theta [B, n, p]) at theta [B, p]."""
+        values: dict[str, Any] = dict(self.fixed)
+        for k, name in enumerate(self.free_names):
+            values[name] = theta[:, k, None]
+        return self._lanes(self.x, values, theta.shape[0])
+
+    def value(self, theta: np.ndarray) -> np.ndarray:
+        return self.lanes(theta[None, :])[0][0]
+
+    def jacobian(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m, jac = self.lanes(theta[None, :])
+        return m[0], jac[0]
+
+
+class _HostLanes:
+    """`_Lanes` in numpy, on the model's `_LanesModel`: `fitcli.lm_batch.solve` runs these in
+    numpy (``host``)."""
+
+    host = True
+
+    def __init__(self, model: _LanesModel, wy: np.ndarray, w: np.ndarray | None) -> None:
+        self.model, self.wy, self.w = model, wy, w
+
+    def take(self, idx: np.ndarray) -> _HostLanes:
+        pick = lambda t: t if t is None or t.ndim == 1 else t[idx]  # noqa: E731
+        return _HostLanes(self.model, pick(self.wy), pick(self.w))
+
+    def linearize(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with np.errstate(all="ignore"):
+            m, jac = self.model.lanes(theta)
+            if self.w is not None:
+                m = m * self.w
+                jac = jac * self.w[..., None]
+            return self.wy - m, jac
+
+    def cost(self, theta: np.ndarray, idx: np.ndarray | None) -> np.ndarray:
+        lanes = self if idx is None else self.take(idx)
+        with np.errstate(all="ignore"):
+            m = self.model.lanes(theta)[0]
+            if lanes.w is not None:
+                m = m * lanes.w
+            r = lanes.wy - m
+            return 0.5 * (r * r).sum(-1)
+
+
+def _lanes(prob: Problem, wy: torch.Tensor, w: torch.Tensor | None) -> _Lanes | _HostLanes:
+    """The lanes of a refit: in numpy where the problem has a `_LanesModel`."""
+    if prob.host is None:
+        return _Lanes(prob, wy, w)
+    return _HostLanes(prob.host, wy.numpy(), None if w is None else w.numpy())
 
 
 class _Lanes:
@@ -217,7 +304,7 @@ REFIT = LMOptions(ftol=0.0, xtol=0.0, gtol=0.0, damping=1e-3, max_iter=MAX_REFIT
 
 
 def _refit(
-    lanes: _Lanes,
+    lanes: _Lanes | _HostLanes,
     theta: np.ndarray,
     free: np.ndarray,
     tol: np.ndarray,
@@ -254,9 +341,9 @@ def _batches(n: int, p: int, lanes: int) -> int:
     return max(1, min(lanes, LANE_BYTES // max(1, 8 * n * (p + 2))))
 
 
-def _shared(prob: Problem) -> _Lanes:
+def _shared(prob: Problem) -> _Lanes | _HostLanes:
     w = prob.weights
-    return _Lanes(prob, prob.y * w if w is not None else prob.y, w)
+    return _lanes(prob, prob.y * w if w is not None else prob.y, w)
 
 
 def _polish(prob: Problem) -> Refit:
@@ -571,13 +658,13 @@ def refit_resamples(
         idx = idx_all[start : start + per]
         nb = idx.shape[0]
         if resampling == "residual":
-            lanes = _Lanes(prob, wm[None, :] + centred[idx], w)
+            lanes = _lanes(prob, wm[None, :] + centred[idx], w)
         else:
             counts = torch.zeros(nb, n, dtype=f64)
             counts.scatter_add_(1, idx, torch.ones(nb, n, dtype=f64))
             root = torch.sqrt(counts)
             lane_w = root if w is None else root * w[None, :]
-            lanes = _Lanes(prob, prob.y[None, :] * lane_w, lane_w)
+            lanes = _lanes(prob, prob.y[None, :] * lane_w, lane_w)
         theta = np.repeat(theta_hat[None, :], nb, axis=0)
         tol = np.full(nb, REFIT_RTOL * scale)
         res = _refit(lanes, theta, np.ones((nb, p), dtype=bool), tol)

@@ -288,6 +288,32 @@ def compile_jacobian(
     return jacobian
 
 
+def compile_lanes(
+    expression: Expression, wrt: Sequence[str]
+) -> Callable[[np.ndarray, Mapping[str, Any], int], tuple[np.ndarray, np.ndarray]]:
+    """``f(x, values, b) -> (y [b, n], J [b, n, len(wrt)])``: `compile_jacobian` for b
+    parameter vectors at once, each value in `values` a [b, 1] float64 array (or a float that
+    every vector shares); the tree's operations broadcast over the leading dimension."""
+    index = {name: k for k, name in enumerate(wrt)}
+    root = _compile(expression._tree, index)
+    names = expression.params
+    p = len(wrt)
+    variables = () if expression.variables == ("x",) else expression.variables
+
+    def jacobian(x: np.ndarray, values: Mapping[str, Any], b: int) -> tuple[np.ndarray, np.ndarray]:
+        vals: dict[str, Any] = {name: values[name] for name in names}
+        for j, name in enumerate(variables):
+            vals[name] = x[:, j]
+        value, tangents = root(x, vals)
+        n = x.shape[0]
+        jac = np.empty((b, n, p), dtype=np.float64)
+        for k in range(p):
+            jac[:, :, k] = tangents.get(k, 0.0)
+        return np.broadcast_to(np.asarray(value, dtype=np.float64), (b, n)), jac
+
+    return jacobian
+
+
 def compile_value(expression: Expression) -> Callable[[np.ndarray, Mapping[str, Any]], np.ndarray]:
     """``f(x, values) -> y``: the expression alone in numpy float64 (no derivatives)."""
     evaluate = compile_jacobian(expression, ())
