@@ -64,6 +64,8 @@ MAX_REFIT_ITER = 200
 # the end's distance from the estimate is then good to about as many digits.
 PROFILE_RTOL = 1e-7
 MAX_PROFILE_STEPS = 200
+# Residuals (lanes x rows) up to which a refit of a small problem runs in numpy lanes.
+HOST_CELLS = 200_000
 # A profile refit not converged after this many iterations counts as beyond the end.
 PROFILE_ITER = 40
 # The start damping of a profile refit at a new point (a warm start near its minimum).
@@ -98,7 +100,7 @@ class Problem:
         self._fn = model_function(self.model)
         theta = self.model.raw.detach()
         self.rowwise = rowwise_ok(self._fn, theta, self.x, self.weights)
-        self.host = _LanesModel.build(self.model, self.x, self._fn)
+        self.host = _host_model(self)
 
     def values(self, theta: torch.Tensor) -> torch.Tensor:
         """The model at x for each lane of theta [B, p] (internal values): [B, n]."""
@@ -161,9 +163,6 @@ class _LanesModel(HostModel):
             isinstance(model, ExprModel)
             and not model._ties
             and not any(i.free and (i.min is not None or i.max is not None) for i in model.infos)
-            and x.device.type == "cpu"
-            and theta.dtype == torch.float64
-            and x.shape[0] <= SMALL_ROWS
         ):
             return None
         try:
@@ -187,13 +186,37 @@ class _LanesModel(HostModel):
         return m[0], jac[0]
 
 
+class _TorchLanesModel:
+    """`_LanesModel`'s `lanes` by torch's Jacobian (`Problem.jacobian`), for a small CPU
+    problem symdiff does not take (bounds, ties, a basis): the refit's bookkeeping still runs
+    in numpy."""
+
+    def __init__(self, prob: Problem) -> None:
+        self.prob = prob
+
+    def lanes(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m, jac = self.prob.jacobian(torch.from_numpy(theta))
+        return m.numpy(), jac.numpy()
+
+
+def _host_model(prob: Problem) -> _LanesModel | _TorchLanesModel | None:
+    """How a small problem on the CPU in float64 is evaluated in numpy lanes (None: too large,
+    or not on the CPU in float64: torch lanes)."""
+    theta = prob.model.raw.detach()
+    if not (prob.x.device.type == "cpu" and theta.dtype == torch.float64 and prob.n <= SMALL_ROWS):
+        return None
+    return _LanesModel.build(prob.model, prob.x, prob._fn) or _TorchLanesModel(prob)
+
+
 class _HostLanes:
     """`_Lanes` in numpy, on the model's `_LanesModel`: `fitcli.lm_batch.solve` runs these in
     numpy (``host``)."""
 
     host = True
 
-    def __init__(self, model: _LanesModel, wy: np.ndarray, w: np.ndarray | None) -> None:
+    def __init__(
+        self, model: _LanesModel | _TorchLanesModel, wy: np.ndarray, w: np.ndarray | None
+    ) -> None:
         self.model, self.wy, self.w = model, wy, w
 
     def take(self, idx: np.ndarray) -> _HostLanes:
@@ -219,8 +242,10 @@ class _HostLanes:
 
 
 def _lanes(prob: Problem, wy: torch.Tensor, w: torch.Tensor | None) -> _Lanes | _HostLanes:
-    """The lanes of a refit: in numpy where the problem has a `_LanesModel`."""
-    if prob.host is None:
+    """The lanes of a refit: numpy lanes for a small problem (`_host_model`) in a batch of up
+    to HOST_CELLS residuals; beyond that the arithmetic, not the per-operation overhead, is
+    what counts, and torch spreads it over the CPU's threads."""
+    if prob.host is None or (wy.dim() == 2 and wy.numel() > HOST_CELLS):
         return _Lanes(prob, wy, w)
     return _HostLanes(prob.host, wy.numpy(), None if w is None else w.numpy())
 
