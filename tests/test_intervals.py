@@ -356,8 +356,9 @@ NUMPY_CASES = {
     "bounds": (
         {"a": 2, "tau": {"value": 1, "min": 0.1, "max": 9}, "c": 0},
         True,
-        "_TorchLanesModel",
+        "_LanesModel",
     ),
+    "lower bound": ({"a": 2, "tau": {"value": 1, "min": 0.1}, "c": 0}, False, "_TorchLanesModel"),
     "tie": ({"a": 2, "tau": 1, "c": {"expr": "a / 10"}}, False, "_TorchLanesModel"),
 }
 
@@ -365,8 +366,9 @@ NUMPY_CASES = {
 @pytest.mark.parametrize("case", list(NUMPY_CASES))
 def test_numpy_lanes_give_the_intervals_of_torch_lanes(monkeypatch, case):
     """A small problem on the CPU refits in numpy lanes (`Problem.host`): an expression by the
-    symdiff model of all lanes (checked against torch), bounds and ties by torch's Jacobian;
-    they give the profile and bootstrap intervals of the torch lanes."""
+    symdiff model of all lanes (checked against torch; two-sided bounds too), one-sided
+    bounds and ties by torch's Jacobian; they give the profile and bootstrap intervals of the
+    torch lanes."""
     params, weighted, kind = NUMPY_CASES[case]
     x, y = _decay_data(60)
     sigma = 0.05 + 0.02 * x if weighted else None

@@ -3,7 +3,11 @@
 Both methods are many least-squares refits of the same model; here they run as one tensor
 program with a leading lane dimension (`_refit`: `fitcli.lm_batch.solve` over ``theta [B, p]``,
 each lane with its own data weights, its own y and its own held parameter), so that their cost
-is a few dozen batched model evaluations instead of hundreds of sequential fits.
+is a few dozen batched model evaluations instead of hundreds of sequential fits. A small
+problem on the CPU in float64 refits in numpy lanes (`_HostLanes`, which `lm_batch` runs in
+numpy arrays): an expression without ties or one-sided bounds through the symdiff Jacobian of
+all lanes at once (`_LanesModel`, checked against torch), any other model through torch's
+Jacobian; there an iteration's cost is per-operation overhead, which numpy's is a fraction of.
 
 Profile likelihood (``method: profile``), the F-test of lmfit's ``conf_interval``: with
 ``S(v)`` the least-squares RSS when parameter i is held at v and the others are refitted,
@@ -143,16 +147,19 @@ class Problem:
 
 class _LanesModel(HostModel):
     """The model and its exact Jacobian in numpy for many parameter vectors at once
-    (`fitcli.symdiff.compile_lanes`), for a small expression model without ties or bounds on
-    the CPU in float64: there torch's per-operation dispatch and its reverse pass, not
-    arithmetic, are what a refit costs. `build` checks it against torch (`fitcli.lm.host_ok`,
-    as the single fit's numpy path is checked) and returns None where it does not hold."""
+    (`fitcli.symdiff.compile_lanes`), for a small expression model without ties or one-sided
+    bounds on the CPU in float64: there torch's per-operation dispatch and its reverse pass,
+    not arithmetic, are what a refit costs. Two-sided bounds go through the single fit's
+    transform (`fitcli.lm_optim.NumpyModel.external`, one row per parameter over the lanes).
+    `build` checks it against torch (`fitcli.lm.host_ok`, as the single fit's numpy path is
+    checked) and returns None where it does not hold."""
 
     def __init__(self, model: ExprModel, x: torch.Tensor) -> None:
         from fitcli.lm_optim import NumpyModel
         from fitcli.symdiff import compile_lanes
 
         single = NumpyModel(model, x)
+        self._single = single
         self.x, self.fixed, self.free_names = single.x, single.fixed, single.free_names
         self._lanes = compile_lanes(model.expression, self.free_names)
 
@@ -162,7 +169,7 @@ class _LanesModel(HostModel):
         if not (
             isinstance(model, ExprModel)
             and not model._ties
-            and not any(i.free and (i.min is not None or i.max is not None) for i in model.infos)
+            and not any(i.free and (i.min is None) != (i.max is None) for i in model.infos)
         ):
             return None
         try:
@@ -173,10 +180,12 @@ class _LanesModel(HostModel):
 
     def lanes(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(values [B, n], d values / d theta [B, n, p]) at theta [B, p]."""
+        ext, slope = self._single.external(theta.T)  # [p, B]: each parameter over the lanes
         values: dict[str, Any] = dict(self.fixed)
         for k, name in enumerate(self.free_names):
-            values[name] = theta[:, k, None]
-        return self._lanes(self.x, values, theta.shape[0])
+            values[name] = ext[k, :, None]
+        m, jac = self._lanes(self.x, values, theta.shape[0])
+        return (m, jac) if slope is None else (m, jac * slope.T[:, None, :])
 
     def value(self, theta: np.ndarray) -> np.ndarray:
         return self.lanes(theta[None, :])[0][0]

@@ -23,8 +23,12 @@ Three things make it fast where a few lanes need many iterations:
 
 Nothing here is specific to a device or a dtype: the model runs in theta's dtype, the normal
 equations in float64; the only host synchronisations are one per iteration (is any lane left,
-should the block shrink) and the final statuses. Not here: the curvature guard, the restarts
-and the trust region of `fitcli.lm`.
+should the block shrink) and the final statuses. Lanes that evaluate in numpy (``host``, e.g.
+the profile refits of a small problem, whose model and Jacobian come from `fitcli.symdiff`)
+run the same steps in numpy arrays: `solve` chooses the arrays once (`_Torch` or `_Numpy`,
+the few operations the two spell differently), since on a few dozen lanes of a few dozen
+residuals an iteration's cost is its some 150 operations' dispatch, which numpy's is a fraction
+of. Not here: the curvature guard, the restarts and the trust region of `fitcli.lm`.
 """
 
 from __future__ import annotations
