@@ -30,6 +30,7 @@ Pure: no printing, no files.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from fitcli.intervals import IntervalError
+from fitcli.lm import one_thread
 
 # Defaults of `uncertainty: {method: mcmc}`.
 DEFAULT_STEPS = 5000
@@ -51,6 +53,8 @@ TAU_FACTOR = 50
 # Posterior draws the credible band is computed from (evenly spaced over the kept chain).
 BAND_DRAWS = 2000
 BAND_POINTS = 200
+# Below this many model values per ensemble (points x walkers), sampling runs torch on one thread.
+SMALL_ELEMENTS = 1_000_000
 # Attempts at drawing each walker's start inside the bounds before shrinking the spread.
 START_TRIES = 100
 
@@ -247,7 +251,10 @@ def sample(
     start = _starts(post, est, _covariance(post, est), walkers, rng)
     sampler = emcee.EnsembleSampler(walkers, p, post, vectorize=True)
     state = emcee.State(start, random_state=np.random.RandomState(rng.integers(2**31)).get_state())
-    sampler.run_mcmc(state, steps, progress=False)
+    # Each call evaluates half the ensemble: small ops, which a second thread only slows.
+    small = post.x.device.type == "cpu" and n * walkers < SMALL_ELEMENTS
+    with one_thread() if small else contextlib.nullcontext():
+        sampler.run_mcmc(state, steps, progress=False)
     chain = sampler.get_chain()[burn:]  # [kept, walkers, p]
     kept = chain.shape[0]
     flat = chain.reshape(-1, p)
