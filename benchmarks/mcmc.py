@@ -103,8 +103,8 @@ def row(label: str, result: fitcli.FitResult) -> dict:
         "worst": worst,
         "ours": ours,
         "theirs": theirs,
-        "rhat": max(d["r_hat"] for d in diag),
-        "tau": max(d["autocorr_time"] for d in diag),
+        "rhat": max(np.inf if d["r_hat"] is None else d["r_hat"] for d in diag),
+        "tau": max(np.inf if d["autocorr_time"] is None else d["autocorr_time"] for d in diag),
         "converged": doc["converged"],
         "failed": failed,
     }

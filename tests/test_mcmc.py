@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 import yaml
+from conftest import ROOT
+from nist_problems import load_suite
 from scipy import stats as sps
 
 import fitcli
@@ -108,6 +110,31 @@ def test_a_short_chain_is_not_called_converged():
     assert doc["converged"] is False
     assert "autocorrelation times" in doc["reason"] and "run more steps" in doc["reason"]
     assert doc["reason"] in doc["notes"]
+
+
+def test_an_improper_posterior_is_reported_not_summarised():
+    # NIST BoxBOD, b1*(1 - exp(-b2*x)) on six points: the curve hardly changes once b2 is
+    # large, so under a flat prior b2's posterior does not fall off and the walkers drift away.
+    pr = load_suite(ROOT / "tests" / "data" / "nist")["BoxBOD"]
+    x, y = np.array(pr.x), np.array(pr.y)
+    expr, start = "b1*(1 - exp(-b2*x))", {"b1": pr.certified[0], "b2": pr.certified[1]}
+    r = fitcli.fit(x=x, y=y, expr=expr, params=start, optimizer="LM", epochs=100)
+    doc = r.intervals("mcmc", 0.95, steps=5000, seed=0)
+    assert doc["converged"] is False
+    assert "do not settle (b2 reaches" in doc["reason"] and "give it bounds" in doc["reason"]
+    assert "skipped" in doc["band"]
+    json.dumps(doc, allow_nan=False)  # what intervals.json and summary.json must hold
+    bounded = fitcli.fit(
+        x=x,
+        y=y,
+        expr=expr,
+        optimizer="LM",
+        epochs=100,
+        params={"b1": start["b1"], "b2": {"value": start["b2"], "min": 0.0, "max": 5.0}},
+    )
+    doc = bounded.intervals("mcmc", 0.95, steps=3000, seed=0)
+    assert "do not settle" not in doc["reason"]
+    assert doc["params"]["b2"]["intervals"][0]["upper"] <= 5.0
 
 
 def test_split_rhat_tells_mixed_from_stuck_chains():

@@ -298,10 +298,12 @@ def intervals_table(doc: dict[str, Any]) -> None:
     plain_out(f"intervals   {what} in {doc['elapsed_s']:.3g} s\n")
     if doc["method"] == "mcmc":
         diag = doc["params"].values()
-        rhat = max(d["r_hat"] for d in diag)
-        tau = max(d["autocorr_time"] for d in diag)
+        rhats = [d["r_hat"] for d in diag]
+        taus = [d["autocorr_time"] for d in diag]
+        rhat = "n/a" if None in rhats else f"{max(rhats):.4g}"
+        tau = "n/a" if None in taus else f"{max(taus):.3g}"
         plain_out(
-            f"chains      max R-hat {rhat:.4g}, max autocorrelation time {tau:.3g} steps, "
+            f"chains      max R-hat {rhat}, max autocorrelation time {tau} steps, "
             f"acceptance {doc['acceptance_fraction']:.2f}\n"
         )
         if doc["converged"]:

@@ -63,6 +63,12 @@ class McmcError(IntervalError):
     """The posterior cannot be sampled for this fit (the message says why); exit 2."""
 
 
+def _finite(value: float) -> float | None:
+    """A diagnostic as JSON can hold it: None where it is not finite."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
 def default_walkers(p: int) -> int:
     """Walkers of an ensemble for p free parameters: at least MIN_WALKERS and 4p, even."""
     w = max(MIN_WALKERS, 4 * p)
@@ -169,12 +175,16 @@ def split_rhat(chain: np.ndarray) -> np.ndarray:
     if steps < 2:
         return np.full(chain.shape[2], np.nan)
     halves = np.concatenate([chain[:steps], chain[steps : 2 * steps]], axis=1)
+    with np.errstate(all="ignore"):
+        return _rhat(halves, steps)
+
+
+def _rhat(halves: np.ndarray, steps: int) -> np.ndarray:
     means = halves.mean(axis=0)  # [2W, p]
     within = halves.var(axis=0, ddof=1).mean(axis=0)
     between = steps * means.var(axis=0, ddof=1)
     var_plus = (steps - 1) / steps * within + between / steps
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.sqrt(var_plus / within)
+    return np.sqrt(var_plus / within)
 
 
 def _autocorr(chain: np.ndarray) -> np.ndarray:
@@ -186,27 +196,37 @@ def _autocorr(chain: np.ndarray) -> np.ndarray:
     was = log.disabled
     log.disabled = True
     try:
-        return np.asarray(integrated_time(chain, quiet=True), dtype=np.float64)
+        with np.errstate(all="ignore"):
+            return np.asarray(integrated_time(chain, quiet=True), dtype=np.float64)
     finally:
         log.disabled = was
 
 
 def _verdict(
-    names: Sequence[str], tau: np.ndarray, rhat: np.ndarray, kept: int
+    names: Sequence[str], tau: np.ndarray, rhat: np.ndarray, kept: int, chain: np.ndarray
 ) -> tuple[bool, str]:
+    """Whether the chains can be trusted, and why not in words."""
     problems = []
-    worst = int(np.nanargmax(rhat)) if np.isfinite(rhat).any() else 0
-    if not np.all(rhat < RHAT_MAX):
-        problems.append(f"R-hat of {names[worst]} is {rhat[worst]:.4g} (want < {RHAT_MAX})")
-    tmax = float(np.max(tau))
-    if not np.isfinite(tmax) or kept < TAU_FACTOR * tmax:
-        need = TAU_FACTOR * tmax
+    wild = [k for k in range(len(names)) if not (np.isfinite(rhat[k]) and np.isfinite(tau[k]))]
+    if wild:
+        reach = ", ".join(f"{names[k]} reaches {np.max(np.abs(chain[..., k])):.3g}" for k in wild)
         problems.append(
-            f"the kept chain is {kept} steps, under {TAU_FACTOR} autocorrelation times "
-            f"({need:.0f} steps for tau = {tmax:.3g})"
+            f"the chains do not settle ({reach}): the posterior may not be proper (a flat prior "
+            "on a parameter the data do not pin down); give it bounds (min, max)"
         )
+    tame = [k for k in range(len(names)) if k not in wild]
+    if tame:
+        worst = max(tame, key=lambda k: rhat[k])
+        if rhat[worst] >= RHAT_MAX:
+            problems.append(f"R-hat of {names[worst]} is {rhat[worst]:.4g} (want < {RHAT_MAX})")
+        tmax = float(max(tau[k] for k in tame))
+        if kept < TAU_FACTOR * tmax:
+            problems.append(
+                f"the kept chain is {kept} steps, under {TAU_FACTOR} autocorrelation times "
+                f"({TAU_FACTOR * tmax:.0f} steps for tau = {tmax:.3g}): run more steps"
+            )
     if problems:
-        return False, "not converged: " + "; ".join(problems) + ": run more steps"
+        return False, "not converged: " + "; ".join(problems)
     return True, (
         f"converged: every R-hat < {RHAT_MAX}, the kept chain is {kept / tmax:.0f} "
         "autocorrelation times long"
@@ -260,7 +280,7 @@ def sample(
     flat = chain.reshape(-1, p)
     tau = _autocorr(chain)
     rhat = split_rhat(chain)
-    converged, reason = _verdict(names, tau, rhat, kept)
+    converged, reason = _verdict(names, tau, rhat, kept, chain)
     out: dict[str, Any] = {}
     for k, name in enumerate(names):
         entries = []
@@ -270,13 +290,17 @@ def sample(
         out[name] = {
             "estimate": float(est[k]),
             "median": float(np.median(flat[:, k])),
-            "std": float(flat[:, k].std(ddof=1)),
+            "std": _finite(flat[:, k].std(ddof=1)),
             "intervals": entries,
-            "autocorr_time": float(tau[k]),
-            "effective_samples": float(walkers * kept / tau[k]) if tau[k] > 0 else None,
-            "r_hat": float(rhat[k]),
+            "autocorr_time": _finite(tau[k]),
+            "effective_samples": _finite(walkers * kept / tau[k]) if tau[k] > 0 else None,
+            "r_hat": _finite(rhat[k]),
         }
-    band = credible_band(post, chain, levels)
+    band = (
+        credible_band(post, chain, levels)
+        if converged or np.isfinite(rhat).all()
+        else {"skipped": "the chains do not settle (see reason)"}
+    )
     notes = [] if converged else [reason]
     doc = {
         "method": "mcmc",
