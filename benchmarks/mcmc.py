@@ -92,7 +92,7 @@ def row(label: str, result: fitcli.FitResult) -> dict:
         ends, theirs, failed = {}, None, str(exc)
     worst = None
     for name, entry in doc["params"].items():
-        if name in ends:
+        if name in ends and entry["std"] is not None:  # None: chains that do not settle
             iv, (lo, hi), sd = entry["intervals"][0], ends[name], entry["std"]
             worst = max(worst or 0.0, abs(iv["lower"] - lo) / sd, abs(iv["upper"] - hi) / sd)
     diag = doc["params"].values()
@@ -143,14 +143,15 @@ def main() -> None:
             cells = f"n/a | {r['ours']:.2f} | failed: {r['failed']} | n/a"
         else:
             ratio = r["ours"] / r["theirs"]
-            cells = f"{r['worst']:.3f} | {r['ours']:.2f} | {r['theirs']:.2f} | {ratio:.3f}"
+            worst = "n/a" if r["worst"] is None else f"{r['worst']:.3f}"
+            cells = f"{worst} | {r['ours']:.2f} | {r['theirs']:.2f} | {ratio:.3f}"
         lines.append(
             f"| {r['label']} | {r['p']} | {r['n']} | {cells} | {r['rhat']:.4f} "
             f"| {r['tau']:.1f} | {'yes' if r['converged'] else 'no'} |"
         )
     ok = [r for r in rows if not r["failed"]]
     ratios = sorted(r["ours"] / r["theirs"] for r in ok)
-    worst = max(r["worst"] for r in ok)
+    worst = max(r["worst"] for r in ok if r["worst"] is not None)
     lines += [
         "",
         f"Time ratio fitcli / lmfit: median {ratios[len(ratios) // 2]:.3f}, "

@@ -189,6 +189,9 @@ def test_train_and_ci_with_mcmc(tmp_path, runner):
     assert out.exit_code == 0, out.output
     html = (run / "report.html").read_text()
     assert "Intervals (mcmc)" in html and "R-hat" in html and doc["reason"] in html
+    # The credible band is drawn from intervals.json's band: its traces are in the page.
+    assert 'id="fitcli-credible"' in html and "95% credible band" in html
+    assert "posterior median of the curve" in html
     out = runner.invoke(
         app, ["ci", str(run), "--method", "mcmc", "--steps", "600", "--seed", "4", "--json"]
     )

@@ -226,7 +226,7 @@ def _correlation(run: Run) -> tuple[list[str], list[list[float | None]]] | None:
     return [str(n) for n in names], matrix
 
 
-def _intervals_section(run: Run) -> str:
+def _intervals_section(run: Run, fig: _Figures | None = None) -> str:
     """The profile, bootstrap or MCMC intervals of summary.json (`fitcli ci`), ends as -/+ from
     the estimate so that an asymmetric interval shows as such (MCMC: with each parameter's
     R-hat, autocorrelation time and effective samples, and the chain's verdict in words); ""
@@ -272,10 +272,23 @@ def _intervals_section(run: Run) -> str:
         for n in doc.get("notes") or []
         if not (mcmc and n == doc.get("reason"))
     )
+    band = doc.get("band")
+    figure = ""
+    if mcmc and fig is not None and isinstance(band, dict) and "x" in band:
+        d = run.data
+        cf = plots.credible_band_figure(
+            x=d["x"], y=d["y"], band=band, levels=list(doc.get("levels") or []), labels=labels(run)
+        )
+        figure = fig(cf, "fitcli-credible", 460) + (
+            f'<p class="note">Shaded: the central credible band of the curve at each level, from '
+            f"{_e(band.get('draws'))} posterior draws; the line is the posterior median.</p>"
+        )
+    elif mcmc and isinstance(band, dict) and band.get("skipped"):
+        figure = f'<p class="note">No credible band: {_e(band["skipped"])}</p>'
     return (
         f'<section id="intervals"><h2>Intervals ({_e(doc.get("method"))})</h2>'
         f'<table class="intervals"><tr>{head}</tr>'
-        f"{''.join(rows)}</table>{verdict}{notes}</section>"
+        f"{''.join(rows)}</table>{verdict}{notes}{figure}</section>"
     )
 
 
@@ -357,7 +370,7 @@ def report_page(run: Run, plotlyjs_src: str, snapshot_href: str = "snapshots/") 
         f"<div>{_uncertainty_note(run)}{_params_table(run)}{_stats_table(run)}</div>"
         f"<div>{heatmap}</div></div></section>"
     )
-    parts.append(_intervals_section(run))
+    parts.append(_intervals_section(run, fig))
     d = run.data
     if run.snapshots and len(run.variables) > 1:
         last = run.snapshots[-1]
