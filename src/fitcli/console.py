@@ -290,7 +290,24 @@ def intervals_table(doc: dict[str, Any]) -> None:
     what = doc["method"]
     if what == "bootstrap":
         what += f" ({doc['resampling']} resampling, {doc['samples']} samples, seed {doc['seed']})"
+    if what == "mcmc":
+        what += (
+            f" ({doc['walkers']} walkers, {doc['steps']} steps, burn {doc['burn']}, "
+            f"seed {doc['seed']})"
+        )
     plain_out(f"intervals   {what} in {doc['elapsed_s']:.3g} s\n")
+    if doc["method"] == "mcmc":
+        diag = doc["params"].values()
+        rhats = [d["r_hat"] for d in diag]
+        taus = [d["autocorr_time"] for d in diag]
+        rhat = "n/a" if None in rhats else f"{max(rhats):.4g}"
+        tau = "n/a" if None in taus else f"{max(taus):.3g}"
+        plain_out(
+            f"chains      max R-hat {rhat}, max autocorrelation time {tau} steps, "
+            f"acceptance {doc['acceptance_fraction']:.2f}\n"
+        )
+        if doc["converged"]:
+            plain_out(f"            {doc['reason']}\n")
     for note in doc.get("notes") or []:
         warn(f"intervals: {note}")
 
