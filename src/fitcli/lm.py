@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,7 +189,13 @@ def rowwise_ok(
 class HostModel:
     """What the LM core needs of a model evaluated in numpy on the CPU (see `fitcli.symdiff`):
     ``value(theta)`` and ``jacobian(theta) -> (value, J)`` at the data's x, for a float64 theta
-    (the model's internal vector)."""
+    (the model's internal vector).
+
+    ``signature``: what identifies the numpy program and the torch model it stands for,
+    whatever the data and the parameter values (`host_ok` judges each program once); None
+    to have it checked at every fit."""
+
+    signature: Hashable | None = None
 
     def value(self, theta: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
@@ -209,16 +216,49 @@ def host_eligible(x: torch.Tensor, theta: torch.Tensor) -> bool:
     )
 
 
+# `host_ok`'s verdicts by `HostModel.signature`, the most recent last; bounded, so that a long
+# session fitting many different models keeps only the recent ones.
+_HOST_VERDICTS: OrderedDict[Hashable, bool] = OrderedDict()
+HOST_VERDICTS_KEPT = 256
+
+
+def forget_host_verdicts() -> None:
+    """Drop every verdict of `host_ok`: the next fit of each program is checked again."""
+    _HOST_VERDICTS.clear()
+
+
 def host_ok(fn: Model, host: HostModel, theta: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether the numpy model and its Jacobian agree with torch's model and an exact reverse-mode
     Jacobian on the first rows (values to 1e-9, Jacobian entries to 1e-6 relative, non-finite
     entries in the same places); any failure means: do not use it.
+
+    The check is of the numpy program (`fitcli.symdiff`'s translation of the expression, the
+    ties and bound transforms), so it is made once per `HostModel.signature`, on the first data
+    and parameters that program meets, and its verdict is reused by later fits of the same
+    model (a notebook fitting it to many data sets; the error bars after the LM core, whose
+    numpy model is the same program where no parameter is bounded). A host without a
+    signature is checked every time.
 
     The reference is first the one-pass row-wise Jacobian (`_jacobian_rowwise`, exact for a
     model that treats each parameter as a scalar, as every expression and basis model does: a
     fifth of the cost of the column-by-column one), and only where the numpy model does not
     agree with that, the column-by-column Jacobian (`_jacobian_columns`, exact for any model):
     the verdict is the column-by-column one's wherever the row-wise form does not hold."""
+    key = host.signature
+    if key is None:
+        return _host_check(fn, host, theta, x)
+    verdict = _HOST_VERDICTS.get(key)
+    if verdict is None:
+        verdict = _HOST_VERDICTS[key] = _host_check(fn, host, theta, x)
+        while len(_HOST_VERDICTS) > HOST_VERDICTS_KEPT:
+            _HOST_VERDICTS.popitem(last=False)
+    else:
+        _HOST_VERDICTS.move_to_end(key)
+    return verdict
+
+
+def _host_check(fn: Model, host: HostModel, theta: torch.Tensor, x: torch.Tensor) -> bool:
+    """`host_ok`'s comparison itself, at theta on the first rows of x."""
     k = min(x.shape[0], 64)
     theta64 = theta.detach().cpu().numpy().astype(np.float64).reshape(-1)
     try:
@@ -249,6 +289,16 @@ def _host_agrees(
     if jac.shape != ref.shape or m.shape != m_ref.shape:
         return False
     with np.errstate(all="ignore"):
+        if all(np.isfinite(a).all() for a in (m, m2, jac, ref, m_ref)):
+            # All finite (the usual case): `np.isclose`'s test written out, the same verdict
+            # at a fraction of its cost.
+            err = np.abs(jac - ref)
+            scale = np.abs(ref)
+            jac_ok = (err <= 1e-6 * scale) | (err <= 1e-9 * scale.max(axis=0, initial=0.0))
+            m_ok = (np.abs(m - m_ref) <= 1e-9 * np.abs(m_ref)) & (
+                np.abs(m2 - m_ref) <= 1e-9 * np.abs(m_ref)
+            )
+            return bool(jac_ok.all() and m_ok.all())
         scale = np.nanmax(np.where(np.isfinite(ref), np.abs(ref), 0.0), axis=0, initial=0.0)
         jac_close = np.isclose(jac, ref, rtol=1e-6, atol=0.0, equal_nan=True) | (
             np.abs(jac - ref) <= 1e-9 * scale

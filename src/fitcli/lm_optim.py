@@ -224,6 +224,19 @@ class NumpyModel(HostModel):
             lo is not None or hi is not None for lo, hi in self.bounds
         )
         self.kind = model.kind
+        # The program, whatever the data and the free parameters' values (`host_ok` judges it
+        # once): the model's form, every parameter's role, bounds, fixed value and tie, and
+        # whether the bound transforms are in it.
+        form: tuple = ()
+        if isinstance(model, BasisModel):
+            form = ("basis", tuple((b.source, b.variables) for b in model.basis))
+        elif isinstance(model, ExprModel):
+            form = ("expr", model.expression.source, model.expression.variables)
+        roles = tuple(
+            (i.name, i.free, i.value if i.fixed else None, i.min, i.max, i.expr)
+            for i in model.infos
+        )
+        self.signature = (form, roles, self.bounded, str(model.raw.dtype))
         if isinstance(model, BasisModel):
             phi = model.design(x).detach().to(torch.float64).numpy()
             self.phi = np.ascontiguousarray(phi)
