@@ -560,6 +560,15 @@ def one_thread():
         torch.set_num_threads(n)
 
 
+try:  # numpy.linalg's gufuncs, which `np.linalg.cholesky` and `np.linalg.solve` call
+    from numpy.linalg import _umath_linalg
+
+    _CHOLESKY: Any = _umath_linalg.cholesky_lo
+    _SOLVE: Any = _umath_linalg.solve1
+except (ImportError, AttributeError):  # pragma: no cover - another numpy's layout
+    _CHOLESKY = _SOLVE = None
+
+
 def _solve_damped_np(
     jtj: np.ndarray, jtr: np.ndarray, damping: float, scale2: np.ndarray
 ) -> np.ndarray:
@@ -575,13 +584,22 @@ def _solve_damped_np(
     b = jtr * s
     m = a.copy()
     m.flat[:: a.shape[0] + 1] += damping  # a + damping * I, without building I
-    try:
-        chol = np.linalg.cholesky(m)
-        z = np.linalg.solve(chol.T, np.linalg.solve(chol, b))
+    if _CHOLESKY is not None:
+        # numpy.linalg's own kernels without its wrappers (most of a call at p x p): the same
+        # numbers; a failure is NaN rather than LinAlgError, caught by the finiteness test.
+        with np.errstate(all="ignore"):
+            chol = _CHOLESKY(m, signature="d->d")
+            z = _SOLVE(chol.T, _SOLVE(chol, b, signature="dd->d"), signature="dd->d")
         if np.isfinite(z).all():
             return z * s
-    except np.linalg.LinAlgError:
-        pass
+    else:  # pragma: no cover - a numpy without those kernels
+        try:
+            chol = np.linalg.cholesky(m)
+            z = np.linalg.solve(chol.T, np.linalg.solve(chol, b))
+            if np.isfinite(z).all():
+                return z * s
+        except np.linalg.LinAlgError:
+            pass
     evals, evecs = np.linalg.eigh(a)
     evals = evals + damping
     cutoff = np.abs(evals).max() * a.shape[0] * np.finfo(np.float64).eps
