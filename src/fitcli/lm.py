@@ -647,6 +647,22 @@ def _trust_region_damping(
     return par
 
 
+def _host_vector(theta: torch.Tensor) -> np.ndarray:
+    """theta as a flat float64 numpy array, read only: a view of a CPU float64 vector (the
+    iteration's usual case, without the conversions' dispatch), else a copy."""
+    if theta.dtype == torch.float64 and theta.device.type == "cpu" and theta.dim() == 1:
+        return theta.detach().numpy()
+    return theta.detach().cpu().numpy().astype(np.float64).reshape(-1)
+
+
+def _like(values: np.ndarray, ref: torch.Tensor) -> torch.Tensor:
+    """A float64 numpy vector as a tensor of ref's dtype, device and shape."""
+    out = torch.from_numpy(values)
+    if ref.dtype == torch.float64 and ref.device.type == "cpu" and ref.dim() == 1:
+        return out
+    return out.to(ref.device, ref.dtype).reshape(ref.shape)
+
+
 def _damping_factor(rho: float) -> float:
     """Nielsen's factor for lambda after an accepted step with gain ratio rho."""
     return max(1 / 3, 1 - (2 * rho - 1) ** 3)
@@ -801,7 +817,7 @@ class LevenbergMarquardt:
         # `_linearize` has set them all.
         assert jtj is not None and jtr is not None and scale2 is not None and cost is not None
         d = np.sqrt(scale2)
-        theta64 = self.theta.detach().cpu().numpy().astype(np.float64).reshape(-1)
+        theta64 = _host_vector(self.theta)
         theta_norm = float(np.linalg.norm(d * theta64))
         radius = self.radius
         if self.trust_region:
@@ -859,8 +875,7 @@ class LevenbergMarquardt:
             ratio = float(np.linalg.norm(d * accel)) / step_norm if step_norm else 0.0
             if not (math.isfinite(ratio) and ratio <= self.max_accel_ratio):
                 return self._reject(step_norm, theta_norm, curvature=True)
-        trial = torch.from_numpy(theta64 + delta).to(self.theta.device, self.theta.dtype)
-        trial = trial.reshape(self.theta.shape)
+        trial = _like(theta64 + delta, self.theta)
         pending = None
         if self.nu == 2.0 and (self.rowwise or self.host is not None):
             # The last step was accepted, so this one likely is too: linearize at the trial

@@ -145,7 +145,8 @@ class LMStepper:
         theta = self.lm.theta
         with torch.no_grad():
             raw.copy_(theta)
-        self._written = theta.clone()
+        # The core never changes its theta in place (each step makes a new one): no copy.
+        self._written = theta
         if result.converged:
             assert result.reason is not None  # a stop always says why (LevenbergMarquardt._stop)
             self.stop_reason = result.reason
