@@ -647,6 +647,12 @@ def _trust_region_damping(
     return par
 
 
+def _norm(v: np.ndarray) -> float:
+    """The 2-norm of a vector: what `np.linalg.norm` computes for one (the square root of its
+    dot product with itself), without that function's dispatch."""
+    return math.sqrt(float(v.dot(v)))
+
+
 def _host_vector(theta: torch.Tensor) -> np.ndarray:
     """theta as a flat float64 numpy array, read only: a view of a CPU float64 vector (the
     iteration's usual case, without the conversions' dispatch), else a copy."""
@@ -818,7 +824,7 @@ class LevenbergMarquardt:
         assert jtj is not None and jtr is not None and scale2 is not None and cost is not None
         d = np.sqrt(scale2)
         theta64 = _host_vector(self.theta)
-        theta_norm = float(np.linalg.norm(d * theta64))
+        theta_norm = _norm(d * theta64)
         radius = self.radius
         if self.trust_region:
             self.radius_fresh = radius is None
@@ -827,7 +833,7 @@ class LevenbergMarquardt:
                 self.radius = radius
             self.damping = _trust_region_damping(jtj, jtr, scale2, radius)
         delta = _solve_damped_np(jtj, jtr, self.damping, scale2)
-        step_norm = float(np.linalg.norm(d * delta))
+        step_norm = _norm(d * delta)
         if self.trust_region and self.radius_fresh:
             assert radius is not None  # the trust region has its radius from above
             self.radius = min(radius, step_norm)
@@ -872,7 +878,7 @@ class LevenbergMarquardt:
                 jt_vv = (sampled * (n / self.x[rows].shape[0])).cpu().numpy()
                 self.n_fev += 3
             accel = _solve_damped_np(jtj, jt_vv, self.damping, scale2)
-            ratio = float(np.linalg.norm(d * accel)) / step_norm if step_norm else 0.0
+            ratio = _norm(d * accel) / step_norm if step_norm else 0.0
             if not (math.isfinite(ratio) and ratio <= self.max_accel_ratio):
                 return self._reject(step_norm, theta_norm, curvature=True)
         trial = _like(theta64 + delta, self.theta)
