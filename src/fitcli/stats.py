@@ -304,10 +304,11 @@ def fit_statistics(
         gauss_newton = torch.from_numpy(pinv * s[:, None] * s[None, :]).to(device)
         step_free = (gauss_newton @ jtr[free]).cpu().numpy()
         ratios = []
+        values = theta.tolist()
         for k, i in enumerate(free):
             se = stderr_list[i]
             d = abs(float(step_free[k]))
-            floor = 1e-10 * abs(float(theta[i]))
+            floor = 1e-10 * abs(values[i])
             if se is not None and d > max(grad_tol * se, floor):
                 ratios.append((d / se if se > 0 else math.inf, i))
         if ratios:
