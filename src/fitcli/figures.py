@@ -36,7 +36,7 @@ def bands_of(run: Run) -> list[dict]:
     fit with sigma) as `rundir.reader` read and checked them; [] for a run without bands."""
     from fitcli.bands import level_tag
 
-    if run.bands is None:
+    if run.bands is None or len(run.variables) > 1:  # several variables: at the data points
         return []
     grid, points = run.bands["grid"], run.bands["points"]
     out = []

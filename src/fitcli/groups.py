@@ -262,6 +262,7 @@ class GroupFit:
     iterations: np.ndarray
     rss: np.ndarray
     history: list[float] = field(default_factory=list)  # total cost per iteration
+    damping: np.ndarray | None = None  # [G] each group's damping at the end (independent fits)
 
 
 @dataclass
@@ -298,10 +299,17 @@ def fit_independent(
     theta0: torch.Tensor,
     opts: LMOptions,
     on_iter: Callable[[int], bool] | None = None,
+    *,
+    damping: torch.Tensor | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GroupFit:
-    """Every group its own LM fit (no shared parameter), chunk by chunk of groups."""
+    """Every group its own LM fit (no shared parameter), chunk by chunk of groups, from
+    theta0 [G, q] and, per group, the start `damping` [G] (None: ``opts.damping``).
+    `on_iter(it)` and `should_stop()` are asked once per iteration; on True the groups still
+    running stop with their current values and damping (completed, "interrupted"), which a
+    later call can continue from (`GroupFit.theta`, `.damping`)."""
     with _threads(theta0.device):
-        return _fit_independent(model, layout, data, theta0, opts, on_iter)
+        return _fit_independent(model, layout, data, theta0, opts, on_iter, damping, should_stop)
 
 
 def _fit_independent(
@@ -311,6 +319,8 @@ def _fit_independent(
     theta0: torch.Tensor,
     opts: LMOptions,
     on_iter: Callable[[int], bool] | None = None,
+    damping: torch.Tensor | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GroupFit:
     g, q = theta0.shape
     length = data.w.shape[1]
@@ -320,16 +330,23 @@ def _fit_independent(
     reason = [""] * g
     iters = np.zeros(g, dtype=np.int64)
     rss = np.full(g, math.nan)
+    lam = torch.full((g,), opts.damping, dtype=torch.float64, device=theta.device)
+    if damping is not None:
+        lam[:] = damping.to(device=theta.device, dtype=torch.float64)
     shared = torch.zeros(0, dtype=theta.dtype, device=theta.device)
     for lo in range(0, g, chunk):
         idx = torch.arange(lo, min(g, lo + chunk), device=theta.device)
-        part = _lm_batch(model, layout, data.take(idx), theta[idx], shared, opts, on_iter)
+        part = _lm_batch(
+            model, layout, data.take(idx), theta[idx], shared, opts, on_iter, lam[idx], should_stop
+        )
         theta[idx] = part.theta
+        assert part.damping is not None
+        lam[idx] = torch.as_tensor(part.damping, dtype=torch.float64, device=theta.device)
         for k, j in enumerate(range(lo, lo + idx.numel())):
             status[j], reason[j] = part.status[k], part.reason[k]
         iters[lo : lo + idx.numel()] = part.iterations
         rss[lo : lo + idx.numel()] = part.rss
-    return GroupFit(theta, shared, status, reason, iters, rss)
+    return GroupFit(theta, shared, status, reason, iters, rss, damping=lam.cpu().numpy())
 
 
 def _lm_batch(
@@ -340,6 +357,8 @@ def _lm_batch(
     shared: torch.Tensor,
     opts: LMOptions,
     on_iter: Callable[[int], bool] | None,
+    lam0: torch.Tensor,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GroupFit:
     """Batched LM over the groups of `data` (module doc): the state of each group in tensors
     with a leading group dimension; the active groups are gathered each iteration."""
@@ -354,7 +373,7 @@ def _lm_batch(
     for j in np.flatnonzero(few):
         status[j], reason[j] = GroupStatus.FAILED.value, _few_reason(int(data.counts[j]), q)
         running[int(j)] = False
-    lam = torch.full((g,), opts.damping, dtype=f64, device=dev)
+    lam = lam0.to(device=dev, dtype=f64).clone()
     nu = torch.full((g,), 2.0, dtype=f64, device=dev)
     scale2 = torch.zeros(g, q, dtype=f64, device=dev)
     cost = torch.full((g,), math.nan, dtype=f64, device=dev)
@@ -399,7 +418,8 @@ def _lm_batch(
         act = torch.nonzero(running)[:, 0]
         if not act.numel():
             break
-        if on_iter is not None and on_iter(it):
+        if (on_iter is not None and on_iter(it)) or (should_stop is not None and should_stop()):
+            stop(act, f"interrupted after {it} iterations", failed=None)
             break
         iters[act.cpu().numpy()] += 1
         d = torch.sqrt(scale2[act])
@@ -458,7 +478,7 @@ def _lm_batch(
     if left.numel():
         stop(left, f"iteration limit: not converged in {opts.max_iter} iterations", failed=None)
     final = residual_ss(model, layout, data, theta, shared).cpu().numpy()
-    return GroupFit(theta, shared, status, reason, iters, final)
+    return GroupFit(theta, shared, status, reason, iters, final, damping=lam.cpu().numpy())
 
 
 def _outcome(failed: bool | None) -> str:
@@ -477,11 +497,19 @@ def fit_global(
     shared0: torch.Tensor,
     opts: LMOptions,
     on_iter: Callable[[int], bool] | None = None,
+    *,
+    damping: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GroupFit:
     """One LM on the stacked problem (per-group and shared parameters), each step by
-    `schur_solve`. Groups with too few points are left out of it (failed, at their start)."""
+    `schur_solve`. Groups with too few points are left out of it (failed, at their start).
+    `damping`: the start damping (None: ``opts.damping``); `on_iter(it)` and `should_stop()`
+    are asked once per iteration, and on True the fit stops with its current values and
+    damping (completed, "interrupted"), which a later call can continue from."""
     with _threads(theta0.device):
-        return _fit_global(model, layout, data, theta0, shared0, opts, on_iter)
+        return _fit_global(
+            model, layout, data, theta0, shared0, opts, on_iter, damping, should_stop
+        )
 
 
 def _fit_global(
@@ -492,6 +520,8 @@ def _fit_global(
     shared0: torch.Tensor,
     opts: LMOptions,
     on_iter: Callable[[int], bool] | None = None,
+    damping: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GroupFit:
     g, q = theta0.shape
     f64 = torch.float64
@@ -505,7 +535,7 @@ def _fit_global(
     theta_all = theta0.detach().clone()
     theta = theta0[keep].detach().clone()
     shared = shared0.detach().clone()
-    lam, nu = opts.damping, 2.0
+    lam, nu = opts.damping if damping is None else float(damping), 2.0
     scale_g = torch.zeros_like(theta, dtype=f64)
     scale_s = torch.zeros_like(shared, dtype=f64)
     polish_norm: float | None = None
@@ -548,8 +578,8 @@ def _fit_global(
                 break
         assert u is not None and w is not None and v is not None and a is not None and b is not None
         history.append(cost)
-        if on_iter is not None and on_iter(it):
-            why, failed = f"stopped after {it} iterations", True
+        if (on_iter is not None and on_iter(it)) or (should_stop is not None and should_stop()):
+            why, failed = f"interrupted after {it} iterations", None
             break
         n_iter += 1
         sg, ss = 1.0 / torch.sqrt(scale_g), 1.0 / torch.sqrt(scale_s)
@@ -617,7 +647,9 @@ def _fit_global(
     rss_all = residual_ss(model, layout, data, theta_all, shared).cpu().numpy()
     rss_all[few] = math.nan
     iters = np.where(few, 0, n_iter)
-    return GroupFit(theta_all, shared, status, reason, iters, rss_all, history)
+    return GroupFit(
+        theta_all, shared, status, reason, iters, rss_all, history, damping=np.full(g, lam)
+    )
 
 
 # -- error bars --------------------------------------------------------------------------------

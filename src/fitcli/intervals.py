@@ -110,8 +110,8 @@ class Problem:
                 for k in range(self.p)
             ]
             with torch.enable_grad():
-                # An expression takes its output's shape from x: x for every lane.
-                x = self.x.expand(b, self.n) if isinstance(self.model, ExprModel) else self.x
+                # An expression takes its output's shape from x: x (n, or n x k) for every lane.
+                x = self.x.expand(b, *self.x.shape) if isinstance(self.model, ExprModel) else self.x
                 m = self._fn(leaves, x).expand(b, self.n)
                 grads = torch.autograd.grad(m.sum(), leaves, allow_unused=True)
             cols = [torch.zeros_like(m) if g is None else g for g in grads]
