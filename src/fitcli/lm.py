@@ -541,7 +541,12 @@ def _chunk_threads(device: torch.device):
     """One CPU thread for the chunked loops: a cache-sized chunk's elementwise ops gain little
     from a second thread, and on a busy machine each op's thread barrier waits for a descheduled
     thread (a large fit runs several times slower on two busy cores than on one)."""
-    return one_thread() if device.type == "cpu" else contextlib.nullcontext()
+    if device.type != "cpu" or torch.get_num_threads() == 1:  # nothing to set (nor restore)
+        return _NOTHING
+    return one_thread()
+
+
+_NOTHING = contextlib.nullcontext()  # reusable: it holds no state
 
 
 @contextlib.contextmanager
