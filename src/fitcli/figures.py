@@ -65,7 +65,14 @@ def figures_of(run: Run) -> dict[str, dict]:
     from fitcli.report import labels, residuals
 
     d, out, axes = run.data, {}, labels(run)
-    if run.snapshots:
+    if run.snapshots and len(run.variables) > 1:
+        last = run.snapshots[-1]
+        # The bands of several variables are at the data points: the final fit's own values.
+        fit = last.y_fit if run.bands is None else run.bands["grid"]["fit"]
+        out["fit"] = plots.paper_variables_figure(
+            variables=run.variables, x=d["x"], y=d["y"], y_fit=fit, bands=run.bands
+        )
+    elif run.snapshots:
         last = run.snapshots[-1]
         res = residuals(run)
         out["fit"] = plots.paper_fit_figure(

@@ -1212,6 +1212,41 @@ def _band_trace(x: np.ndarray, lower: np.ndarray, upper: np.ndarray, name: str, 
     }
 
 
+def paper_variables_figure(
+    *,
+    variables: tuple[str, ...],
+    x: np.ndarray,
+    y: np.ndarray,
+    y_fit: np.ndarray,
+    bands: dict | None = None,
+) -> dict:
+    """The final fit of a model of several variables as a static figure: the panels of
+    `variables_figure` (observed and fitted against each variable with the residuals beneath,
+    the fit's heatmap on a grid; or observed against fitted), with its bands as error bars,
+    in the paper style of `paper_fit_figure`: white, framed, no title."""
+    fig = variables_figure(title="", variables=variables, x=x, y=y, y_fit=y_fit, bands=bands)
+    layout = fig["layout"]
+    for key in [k for k in layout if k in STYLE]:
+        del layout[key]
+    layout.pop("title", None)
+    layout.update(PAPER_STYLE)
+    for key, axis in layout.items():
+        if not key.startswith(("xaxis", "yaxis")):
+            continue
+        for style_key in AXIS:
+            axis.pop(style_key, None)
+        axis.update(PAPER_AXIS)
+        if key.startswith("xaxis"):
+            lo, hi = axis.get("domain", [0.0, 1.0])
+            # Wider gaps between columns: the paper font's tick labels and titles need them.
+            axis["domain"] = [lo + 0.03 if lo > 0.05 else lo, hi - 0.03 if hi < 0.95 else hi]
+            # A panel with residuals beneath names its variable once, under the residuals.
+            k = int(key[5:] or 1)
+            if k % 2 and f"xaxis{k + 1}" in layout:
+                axis.pop("title", None)
+    return fig
+
+
 def paper_fit_figure(
     *,
     x: np.ndarray,
