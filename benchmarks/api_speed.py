@@ -6,7 +6,9 @@ starting values go to `fitcli.fit(..., optimizer="LM", dtype="float64", device="
 directory), `lmfit.Model.fit` and `scipy.optimize.curve_fit`; after a warm-up, each is timed
 `--reps` times, interleaved. Reported: the median over problems of each problem's median time,
 and the ratios fitcli/lmfit and fitcli/curve_fit, plus the worst disagreement in the fitted
-parameters (all three must find the same minimum for the times to compare).
+parameters (all three must find the same minimum for the times to compare). Each call's
+process CPU time is taken too and summarized the same way: on a machine shared with other jobs
+it is disturbed less than the wall time.
 
     python benchmarks/api_speed.py [--reps 15] [--record] [--profile]
 """
@@ -161,14 +163,17 @@ def measure(problems: list[Problem], reps: int) -> tuple[list[dict], list[str]]:
                 fn()
                 found[name] = np.array(fn())
             times: dict[str, list[float]] = {k: [] for k in fns}
+            cpu: dict[str, list[float]] = {k: [] for k in fns}
             for _ in range(reps):
                 for name, fn in fns.items():
-                    t = time.perf_counter()
+                    c, t = time.process_time(), time.perf_counter()
                     fn()
                     times[name].append(time.perf_counter() - t)
+                    cpu[name].append(time.process_time() - c)
         scale = np.maximum(np.abs(found["curve_fit"]), 1e-12)
         agree = max(float(np.max(np.abs(found[k] - found["curve_fit"]) / scale)) for k in found)
         row = {k: statistics.median(v) for k, v in times.items()}
+        row.update({f"cpu {k}": statistics.median(v) for k, v in cpu.items()})
         row["agree"] = agree
         rows.append(row)
         lines.append(
@@ -178,10 +183,15 @@ def measure(problems: list[Problem], reps: int) -> tuple[list[dict], list[str]]:
     return rows, lines
 
 
-def summarize(label: str, rows: list[dict]) -> str:
-    med = {k: statistics.median(r[k] for r in rows) for k in ("fitcli", "lmfit", "curve_fit")}
+def summarize(label: str, rows: list[dict], clock: str = "") -> str:
+    """The medians over problems of the wall times, or with `clock` "cpu " of the process's
+    CPU times (what other jobs on a shared machine disturb least)."""
+    med = {
+        k: statistics.median(r[clock + k] for r in rows) for k in ("fitcli", "lmfit", "curve_fit")
+    }
+    label = f"{label} ({clock.strip() or 'wall'})"
     return (
-        f"{label:22s} ({len(rows):2d} problems): fitcli {1e3 * med['fitcli']:.2f} ms, "
+        f"{label:28s} ({len(rows):2d} problems): fitcli {1e3 * med['fitcli']:.2f} ms, "
         f"lmfit {1e3 * med['lmfit']:.2f} ms, curve_fit {1e3 * med['curve_fit']:.2f} ms; "
         f"fitcli/lmfit {med['fitcli'] / med['lmfit']:.2f}x, "
         f"fitcli/curve_fit {med['fitcli'] / med['curve_fit']:.2f}x; "
@@ -202,6 +212,7 @@ def main() -> None:
         rows, lines = measure(problems, args.reps)
         out += lines
         summary.append(summarize(label, rows))
+        summary.append(summarize(label, rows, "cpu "))
     everything = [*out, "", *summary]
     print("\n".join(everything))
     if args.profile:
