@@ -608,6 +608,17 @@ class FitResult:
     def _figure_dict(self) -> dict:
         from fitcli import plots
 
+        variables = tuple(self.config.data.variables)
+        if len(variables) > 1:  # the report's panels: observed and fitted against each variable
+            fitted = self.predict(self.x)
+            assert isinstance(fitted, np.ndarray)
+            return plots.variables_figure(
+                title=f"{html.escape(str(self.summary['name']))}: the final fit",
+                variables=variables,
+                x=self.x,
+                y=self.y,
+                y_fit=fitted,
+            )
         lo, hi = float(np.min(self.x)), float(np.max(self.x))
         grid = np.linspace(lo, hi, files.FIT_GRID) if hi > lo else np.array([lo])
         order = np.argsort(self.x, kind="stable")
@@ -631,7 +642,9 @@ class FitResult:
         )
 
     def figure(self) -> Any:
-        """The final fit as a `plotly.graph_objects.Figure`: data, true curve when known, fit."""
+        """The final fit as a `plotly.graph_objects.Figure`: data, true curve when known, fit
+        (several variables: observed and fitted against each, residuals beneath, as the report
+        draws them)."""
         from fitcli import plots
 
         return plots.figure_object(self._figure_dict())
