@@ -839,7 +839,8 @@ def _exit_now(done: SystemExit) -> None:
     one by one) takes longer than most fits: about half a second on a busy 2-core machine.
     Nothing in it is fitcli's: every file is written and closed by then. So the exit handlers
     run (multiprocessing, logging, ...), stdout and stderr are flushed, and the process ends;
-    with another thread still running, or anything unexpected, the ordinary exit instead.
+    with another thread still running, a profiler or tracer (cProfile, coverage: they write
+    their results at exit), or anything unexpected, the ordinary exit instead.
     """
     import atexit
     import threading
@@ -847,6 +848,8 @@ def _exit_now(done: SystemExit) -> None:
     code = done.code
     if code is not None and not isinstance(code, int):
         raise done  # a message to print: Python's own exit does that
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        raise done
     if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
         raise done
     try:
