@@ -126,6 +126,9 @@ class RunWriter:
         # which `bands` draws again with the final fit's bands.
         self._last_page: tuple[dict, np.ndarray, list[np.ndarray]] | None = None
         # With `defer_state`: the latest snapshot page, not drawn yet (see `_draw_held`).
+        # The last snapshot's parameters, fitted curve, components and fit CSV: LM's filled
+        # snapshots (`fill_converged_snapshots`) show the same fit again, computed once.
+        self._curve: tuple[bytes, np.ndarray, list[np.ndarray], str] | None = None
         self._held: tuple[dict, np.ndarray, list[np.ndarray]] | None = None
 
     def resume(self, cfg_text: str | None, summary: dict, point: Any) -> None:
@@ -194,9 +197,15 @@ class RunWriter:
     def snapshot(self, epoch: int, loss: float, note: str | None = None) -> None:
         prep = self.prep
         params = prep.model.values()
-        with torch.no_grad():
-            y_fit = prep.model(self.grid_t).double().cpu().numpy()
-        parts = [c.double().cpu().numpy() for c in prep.model.component_values(self.grid_t)]
+        key = prep.model.raw.detach().cpu().numpy().tobytes()
+        if self._curve is not None and self._curve[0] == key:
+            _, y_fit, parts, fit_text = self._curve  # the same parameters: the same curve
+        else:
+            with torch.no_grad():
+                y_fit = prep.model(self.grid_t).double().cpu().numpy()
+            parts = [c.double().cpu().numpy() for c in prep.model.component_values(self.grid_t)]
+            fit_text = self.fit_csv(y_fit, parts)
+            self._curve = (key, y_fit, parts, fit_text)
         fname = self.snapshot_name(epoch)
         page_entry = {"epoch": epoch, "loss": loss, "params": params, "note": note}
         if self.defer_state:
@@ -208,7 +217,7 @@ class RunWriter:
         # The fitted curve itself, exactly: `fitcli plot` rebuilds this page from it (the model
         # cannot be re-evaluated bit for bit on another device, dtype or through bounds).
         fit_name = fname.removesuffix(".html") + ".csv"
-        files.atomic_write(self.snap_dir / fit_name, self.fit_csv(y_fit, parts))
+        files.atomic_write(self.snap_dir / fit_name, fit_text)
         self.snapshots = [s for s in self.snapshots if s["epoch"] != epoch]
         entry = {"epoch": epoch, "loss": loss, "params": params, "file": fname, "fit": fit_name}
         self.snapshots.append(entry if note is None else {**entry, "note": note})
