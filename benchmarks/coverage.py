@@ -3,13 +3,14 @@
     PYTHONPATH=src .venv/bin/python benchmarks/coverage.py [--replicates 2000] [--write]
 
 For each case, `replicates` data sets (seeded) of a known model with known Gaussian noise are
-fitted as one batched program: Levenberg-Marquardt with a leading replicate dimension on the
-parameters, through fitcli's own model (`model.model_function`, whose models take a leading
-run dimension) and its exact Jacobian (forward-mode autograd, one pass per parameter for all
-replicates). Each replicate's covariance is the one `fitcli.stats` computes (``s² (J^T J)^-1``,
-or ``(J^T W J)^-1`` with absolute sigma), its band the one `fitcli.bands` computes on a grid of
-the data's range. A few replicates are fitted again one by one with `fitcli.fit` (LM) and must
-give the same parameters, covariance and band (`check_against_fitcli`).
+fitted as one batched program: `fitcli.lm_batch.solve`, Levenberg-Marquardt with a leading
+replicate dimension on the parameters, through fitcli's own model (`model.model_function`, whose
+models take a leading run dimension) and its exact Jacobian (forward-mode autograd, one pass per
+parameter for all replicates). Each replicate's covariance is the one `fitcli.stats` computes
+(``s² (J^T J)^-1``, or ``(J^T W J)^-1`` with absolute sigma), its band the one `fitcli.bands`
+computes on a grid of the data's range. A few replicates are fitted again one by one with
+`fitcli.fit` (LM) and must give the same parameters, covariance and band
+(`check_against_fitcli`).
 
 Reported: pointwise coverage (the mean over replicates and grid points of "the true curve is
 inside the band there") and simultaneous coverage (the fraction of replicates whose whole true
@@ -32,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from fitcli import bands  # noqa: E402
+from fitcli import bands, lm_batch  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -105,40 +106,22 @@ def batched_jacobian(fn, theta, x):
     return torch.stack(cols, dim=-1)
 
 
-def batched_lm(fn, theta0, x, y, w=None, *, iterations: int = 100, rtol: float = 1e-12):
-    """Levenberg-Marquardt on every replicate at once (theta0 [R, p], y [R, n], weights w [n]
-    or None): Marquardt's scaled damping, a step kept only where it lowers that replicate's
-    RSS; stops once every replicate's proposed step is below `rtol` relative to its
-    parameters (at a minimum the Gauss-Newton step vanishes). Returns theta [R, p]."""
-    import torch
+class ReplicateLanes:
+    """The replicates as lanes of `fitcli.lm_batch.solve`: y [R, n] of one model at x, with
+    weights w [n]."""
 
-    theta = theta0.clone()
-    lam = torch.full(theta.shape[:1], 1e-3, dtype=theta.dtype)
-    ones = torch.ones_like(x)
-    w = ones if w is None else w
+    def __init__(self, fn, x, y, w) -> None:
+        self.fn, self.x, self.y, self.w = fn, x, y, w
 
-    def residuals(t):
-        return (y - fn(t, x)) * w
+    def take(self, idx):
+        return ReplicateLanes(self.fn, self.x, self.y[idx], self.w)
 
-    r = residuals(theta)
-    current = (r * r).sum(-1)
-    for _ in range(iterations):
-        jac = batched_jacobian(fn, theta, x) * w[:, None]
-        a = jac.transpose(-1, -2) @ jac
-        g = (jac.transpose(-1, -2) @ r[..., None])[..., 0]
-        damped = a + torch.diag_embed(lam[:, None] * torch.diagonal(a, dim1=-2, dim2=-1))
-        step = torch.linalg.solve(damped, g[..., None])[..., 0]
-        if bool((step.abs() <= rtol * theta.abs().clamp_min(1e-300)).all()):
-            break
-        trial = theta + step
-        r_trial = residuals(trial)
-        new = (r_trial * r_trial).sum(-1)
-        better = new <= current
-        theta = torch.where(better[:, None], trial, theta)
-        r = torch.where(better[:, None], r_trial, r)
-        current = torch.where(better, new, current)
-        lam = torch.where(better, lam / 10, lam * 10).clamp(1e-12, 1e12)
-    return theta
+    def linearize(self, theta):
+        import torch
+
+        with torch.no_grad():
+            r = (self.y - self.fn(theta, self.x)) * self.w
+        return r, batched_jacobian(self.fn, theta, self.x) * self.w[:, None]
 
 
 @dataclass
@@ -190,7 +173,7 @@ def _simulate(
     w = torch.full_like(xt, 1.0 / case.sigma) if absolute else torch.ones_like(xt)
     theta0 = torch.tensor(case.start, dtype=torch.float64).expand(replicates, -1)
     yt = torch.from_numpy(y)
-    theta = batched_lm(fn, theta0, xt, yt, w)
+    theta = lm_batch.solve(ReplicateLanes(fn, xt, yt, w), theta0, lm_batch.LMOptions()).theta
     with torch.no_grad():
         jac = batched_jacobian(fn, theta, xt) * w[:, None]
         resid = (yt - fn(theta, xt)) * w

@@ -274,3 +274,35 @@ def test_with_dpi_sets_the_resolution_of_a_png():
     assert kinds == [b"IHDR", b"pHYs", b"IDAT", b"IEND"]
     body = dict(png_chunks(out))[b"pHYs"]
     assert struct.unpack(">IIB", body) == (11811, 11811, 1)  # 300 / 0.0254 m
+
+
+@pytest.mark.slow
+def test_the_fit_figure_of_several_variables_has_a_panel_per_variable(tmp_path, browser):
+    # 6 x 5 grid points of the shipped two-variable surface.
+    shipped = Path(__file__).resolve().parent.parent / "configs" / "surface-2d.yaml"
+    run = tmp_path / "run"
+    res = fitcli_process(
+        "train",
+        str(shipped),
+        "data.x.u.num=6",
+        "data.x.v.num=5",
+        "snapshots=2",
+        "--run-dir",
+        str(run),
+        "--progress",
+        "none",
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    res = fitcli_process("plot", str(run), "--format", "svg", timeout=300)
+    assert res.returncode == 0, res.stderr
+    root = ET.fromstring((run / files.FIGURES / "fit.svg").read_bytes())
+    # Observed, fitted and residual markers against each of u and v (and the bands' error
+    # bars on them): every trace has every point (a one-variable figure had two traces of 60).
+    counts = svg_points(run / files.FIGURES / "fit.svg")
+    assert len(counts) >= 6 and set(counts) == {30}
+    titles = [
+        t.text for t in root.iter(f"{SVG}text") if re.fullmatch(r"x\d*title", t.get("class") or "")
+    ]
+    assert sorted(titles) == ["u", "u", "v"]  # under each residual panel, and the heatmap's
+    assert any("heatmaplayer" in (g.get("class") or "") for g in root.iter(f"{SVG}g"))

@@ -294,14 +294,6 @@ def test_memory_estimate_refuses_with_the_figure(tmp_path, monkeypatch):
     assert "GiB to fit, more than the 0.0 GiB available" in out
 
 
-def test_resume_of_a_grouped_run_is_refused(tmp_path):
-    write_wells(tmp_path / "wells.csv")
-    result, run = train(config(tmp_path, ALL_PER_GROUP), tmp_path)
-    assert result.exit_code == 0
-    again = runner.invoke(app, ["train", "--resume", str(run)])
-    assert again.exit_code == 2 and "grouped run" in again.output
-
-
 def test_adam_global_fit_reaches_the_lm_optimum(tmp_path):
     write_wells(tmp_path / "wells.csv", groups=3)
     params = {"a": {"value": 2, "per_group": True}, "b": 0.8, "c": 0.2}

@@ -104,6 +104,32 @@ def test_linear_model_profile_is_the_t_interval():
             assert iv["upper"] == pytest.approx(coef[k] + half, rel=1e-7)
 
 
+def test_badly_scaled_linear_profile_is_found_by_its_first_guess(monkeypatch):
+    """The first guess, estimate ± sqrt(dS (J^T J)^-1_ii), is exact for a linear model however
+    the parameters are scaled: one round of refits finds every end (an unscaled pseudo-inverse
+    of J^T J, whose diagonal spans 1e19 here, loses the small parameter's variance, and the
+    profile then walks out to it by doublings)."""
+    rng = np.random.default_rng(1)
+    x = np.linspace(1.0, 2.0, 20) * 1e9
+    y = 2.0 + 3e-9 * x + rng.normal(0, 0.1, x.size)
+    result = fitcli.fit(x=x, y=y, expr="b1 + b2*x", params={"b1": 1.0, "b2": 1e-9}, epochs=50)
+    prob = _problem(result)
+    calls = []
+    original = intervals._refit
+    monkeypatch.setattr(intervals, "_refit", lambda *a, **k: calls.append(1) or original(*a, **k))
+    doc = intervals.profile(prob, 0.95)
+    design = np.stack([np.ones_like(x), x], axis=1)
+    coef, rss, *_ = np.linalg.lstsq(design, y, rcond=None)
+    dof = x.size - 2
+    cov = rss[0] / dof * np.linalg.inv(design.T @ design)
+    for k, name in enumerate(["b1", "b2"]):
+        (iv,) = doc["params"][name]["intervals"]
+        half = sps.t.ppf(0.975, dof) * math.sqrt(cov[k, k])
+        assert iv["lower"] == pytest.approx(coef[k] - half, rel=1e-6)
+        assert iv["upper"] == pytest.approx(coef[k] + half, rel=1e-6)
+    assert len(calls) == 2  # the polish of the estimate, then one round for every end
+
+
 def test_profile_end_beyond_a_bound_is_null():
     x, y = _decay_data()
     # c = 0.403 held within [0.2, 0.43]: its 95% profile interval (0.34 to 0.46) reaches

@@ -270,3 +270,14 @@ optimizer: {name: LM}
     popt, pcov = curve_fit(g, data[:, :2], data[:, 2], p0=(20, 0, 0, 1, 1, 0), xtol=1e-15)
     np.testing.assert_allclose([s["params"][k] for k in names], popt, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose([s["stderr"][k] for k in names], np.sqrt(np.diag(pcov)), rtol=1e-5)
+
+
+def test_overrides_reach_each_grid_variable_and_still_catch_typos(tmp_path):
+    from fitcli.config import load_config
+
+    shipped = Path(__file__).resolve().parent.parent / "configs" / "surface-2d.yaml"
+    cfg = load_config(shipped, ["data.x.u.num=7", "data.x.v.stop=2.5"])
+    assert cfg.data.x["u"].num == 7 and cfg.data.x["v"].stop == 2.5
+    # A variable the config does not have is still an unknown key, with the names it has.
+    with pytest.raises(Exception, match=r"unknown key 'data.x.w'.*did you mean|valid keys"):
+        load_config(shipped, ["data.x.w.num=7"])

@@ -315,6 +315,50 @@ def _nan(v: Any) -> float:
     return math.nan if v is None else float(v)
 
 
+def points_of(x: Any, variables: Sequence[str]) -> np.ndarray:
+    """New points for `predict`: n values of one variable (a 1-D array-like), or for a model of
+    several `variables` an n x k float64 array from a mapping name -> values (a dict, a
+    DataFrame with those columns: others are ignored) or an n x k array-like; checked as data
+    are (finite numbers), a fault a DataError naming the variable."""
+    from fitcli.data import as_column
+
+    names = list(variables)
+    if len(names) == 1:
+        if isinstance(x, Mapping) and set(x) == set(names):
+            x = x[names[0]]
+        return as_column(x, "x")
+    frame = hasattr(x, "columns") and hasattr(x, "iloc")
+    if isinstance(x, Mapping) or frame:
+        have = [str(k) for k in (x.columns if frame else x)]
+        missing = [n for n in names if n not in have]
+        extra = [] if frame else [k for k in have if k not in names]
+        if missing or extra:
+            fault = f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(extra)}"
+            raise DataError(
+                f"x: {fault}; the model's variables are {', '.join(names)} (got "
+                f"{', '.join(have) or 'none'})"
+            )
+        cols = [as_column(x[n], f"x[{n!r}]") for n in names]
+        sizes = {len(c) for c in cols}
+        if len(sizes) > 1:
+            counts = ", ".join(f"{n}: {len(c)}" for n, c in zip(names, cols, strict=True))
+            raise DataError(f"x: the variables have different numbers of values ({counts})")
+        return np.column_stack(cols)
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor
+        x = x.detach().cpu().numpy()
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"x: cannot be read as points: {exc}") from None
+    if arr.ndim != 2 or arr.shape[1] != len(names):
+        raise DataError(
+            f"x: the model has the variables {', '.join(names)}; give x as a mapping of each "
+            f"name to its values (or a DataFrame with those columns), or an n x {len(names)} "
+            f"array (got shape {arr.shape})"
+        )
+    return np.column_stack([as_column(arr[:, k], f"x[{n!r}]") for k, n in enumerate(names)])
+
+
 @dataclass
 class FitResult:
     """The outcome of one fit (`fit`) or run directory (`load`): parameters, error bars,
@@ -450,7 +494,10 @@ class FitResult:
             from fitcli.model import build_model
 
             model = build_model(
-                self.config.model, seed_streams(self.config.seed)["init"], torch.float64
+                self.config.model,
+                seed_streams(self.config.seed)["init"],
+                torch.float64,
+                self.config.data.variables,
             )
             self._model = model
         return self._model
@@ -466,7 +513,9 @@ class FitResult:
         self, x: Any, band: float | None = None, *, sigma: Any = None
     ) -> np.ndarray | dict[str, np.ndarray]:
         """The fitted model at `x` (any 1-D array-like), evaluated in float64 from the fitted
-        parameters, as a numpy array.
+        parameters, as a numpy array. A model of several variables takes `x` as a mapping of
+        each variable's name to its values (a dict of arrays, or a DataFrame with those
+        columns), or as an n x k array with the variables' columns in the config's order.
 
         With `band` (a level, e.g. 0.95) a dict instead: `fit`, the confidence band of the curve
         `conf_lower_95`, `conf_upper_95` and, where it can be had, the prediction band of a new
@@ -476,7 +525,8 @@ class FitResult:
         (`fitcli.bands`): ``fit ± q sqrt(J C J^T)`` and ``fit ± q sqrt(J C J^T + s²)``,
         ``s² = RSS / (n - p)``, q Student's t quantile for n - p degrees of freedom. A fit
         weighted by sigma has an absolute covariance: q is the normal quantile, and a new
-        observation's variance is its own sigma²: give `sigma` at the new points for the
+        observation's variance is its own sigma² (relative sigma, `data.absolute_sigma:
+        false`: Student's t, and s² sigma²): give `sigma` at the new points for the
         prediction band. A ValueError says why when the fit has no usable covariance.
         """
         import torch
@@ -484,7 +534,7 @@ class FitResult:
         from fitcli import bands
         from fitcli.data import as_column
 
-        xs = as_column(x, "x")
+        xs = points_of(x, self.config.data.variables)
         model = self._float64_model()
         if band is None:
             with torch.no_grad():
@@ -495,7 +545,9 @@ class FitResult:
             raise ValueError(f"band: the level must be between 0 and 1 (got {level})")
         noise = None if sigma is None else as_column(sigma, "sigma")
         try:
-            cov = bands.covariance_of(self.summary, absolute=self.sigma is not None)
+            weighted = self.sigma is not None
+            absolute = weighted and self.config.data.absolute_sigma is not False
+            cov = bands.covariance_of(self.summary, absolute=absolute, weighted=weighted)
             return bands.curve(model, self.params, xs, cov, [level], sigma=noise)
         except bands.NoBand as exc:
             raise ValueError(f"no band: {exc}") from None
@@ -648,38 +700,58 @@ def predict_run(
     x_file: str | os.PathLike[str] | None = None,
     band: float | None = BAND_LEVEL,
 ) -> tuple[dict[str, np.ndarray], str | None]:
-    """`fitcli predict`: the columns (x, fit and the bands where they can be had) of a run's
-    fitted model at new points, and a note when the bands could not be computed."""
-    from fitcli.data import load_x_column
+    """`fitcli predict`: the columns (x, or the variables' names of a model of several, then
+    fit and the bands where they can be had) of a run's fitted model at new points, and a note
+    when the bands could not be computed."""
+    from fitcli import bands
 
     if (x is None) == (x_file is None):
         raise InputError("give the new points as --x START:STOP:NUM or --x-file FILE (one of them)")
-    xs = parse_x_spec(x) if x is not None else None
     result = load(run_dir)
     variables = result.config.data.variables
-    if len(variables) > 1:
+    if x is not None and len(variables) > 1:
         raise InputError(
-            f"predict takes one variable; this run has several ({', '.join(variables)})"
+            f"--x START:STOP:NUM gives points of one variable, and this run's model has "
+            f"{len(variables)} ({', '.join(variables)}): give the new points as --x-file FILE "
+            f"with the columns {', '.join(variables)}"
         )
-    if xs is None:
-        assert x_file is not None
-        columns = result.config.data.columns
-        spec = None if columns is None else columns.x
-        xs = load_x_column(Path(x_file), spec if isinstance(spec, str | int) else None)
-    out: dict[str, np.ndarray] = {"x": xs}
+    xs = parse_x_spec(x) if x is not None else _x_file_points(result.config, Path(x_file or ""))
+    out = bands.point_columns(xs, variables)
     note = None
     if band:
         try:
-            bands = result.predict(xs, band=band)
+            found = result.predict(xs, band=band)
         except ValueError as exc:
             note = str(exc)
         else:
-            assert isinstance(bands, dict)
-            return {**out, **bands}, note
+            assert isinstance(found, dict)
+            return {**out, **found}, note
     fit_values = result.predict(xs)
     assert isinstance(fit_values, np.ndarray)
     out["fit"] = fit_values
     return out, note
+
+
+def _x_file_points(cfg: Config, path: Path) -> np.ndarray:
+    """--x-file's points: the config's x column (one variable), or each variable's column as
+    the config's data.columns.x names it, else the variable's own name (a file with the
+    variables' names as its header, as `fitcli predict --out` and bands.csv write them)."""
+    from fitcli.data import load_x_column, load_x_columns
+
+    variables = cfg.data.variables
+    spec = None if cfg.data.columns is None else cfg.data.columns.x
+    if len(variables) == 1:
+        return load_x_column(path, spec if isinstance(spec, str | int) else None)
+    given: list[Any] = []
+    if isinstance(spec, dict):
+        given = list(spec.values())
+    elif isinstance(spec, list):
+        given = list(spec)
+    wanted = []
+    for k, name in enumerate(variables):
+        column = given[k] if k < len(given) else None
+        wanted.append((name, list(dict.fromkeys(c for c in (column, name) if c is not None))))
+    return load_x_columns(path, wanted)
 
 
 def write_prediction(path: Path, columns: Mapping[str, np.ndarray]) -> None:

@@ -17,6 +17,11 @@ inside the confidence band with probability `level` (for a model linear in its p
 exactly, otherwise to first order); the whole curve at once less often (BENCHMARKS.md, Band
 coverage).
 
+A model of several independent variables has its bands at the data points (a curve on a grid of
+several variables would mean nothing): bands.csv's first columns are then the variables' names,
+in the config's order, and it holds the prediction band with or without sigma (the noise is
+known at each data point), so there is no bands_data.csv.
+
 Column names carry the level in percent (`level_tag`): 0.95 -> ``conf_lower_95``, 0.995 ->
 ``conf_lower_99_5`` (the decimal point written as ``_``); `level_of_tag` reads it back.
 
@@ -76,6 +81,25 @@ def column_names(levels: Sequence[float], *, prediction: bool = True) -> list[st
     ]
 
 
+def point_columns(x: np.ndarray, variables: Sequence[str] = ("x",)) -> dict[str, np.ndarray]:
+    """The columns that say where a band is: ``{"x": x}`` for one variable, else one column per
+    variable of the n x k points `x`, by name (bands.csv's and `fitcli predict`'s first
+    columns)."""
+    arr = np.asarray(x, dtype=np.float64)
+    if len(variables) == 1:
+        return {variables[0]: arr.reshape(-1)}
+    if arr.ndim != 2 or arr.shape[1] != len(variables):
+        raise ValueError(f"x has shape {arr.shape}; expected n x {len(variables)} points")
+    return {name: arr[:, k] for k, name in enumerate(variables)}
+
+
+def file_header(
+    variables: Sequence[str], levels: Sequence[float], *, prediction: bool = True
+) -> list[str]:
+    """The header of bands.csv: the variables' names (`x` for one), `fit`, the band columns."""
+    return [*variables, "fit", *column_names(levels, prediction=prediction)]
+
+
 def quantile(level: float, dof: int, absolute: bool) -> float:
     """The two-sided multiplier q of a band at `level`: Student's t with `dof` degrees of
     freedom at 1/2 + level/2, or, with absolute sigma, the normal quantile there."""
@@ -128,19 +152,26 @@ def band_columns(
 class Covariance:
     """What a fit's bands are computed from: the covariance of its free parameters (`names`
     order; a parameter at a bound counts as fixed, variance 0), the degrees of freedom n - p,
-    whether sigma is absolute, and s² = RSS / (n - p) (None with absolute sigma)."""
+    whether sigma is absolute, s² = RSS / (n - p) (None with absolute sigma), and whether the
+    fit was weighted by a sigma column (with relative sigma, `data.absolute_sigma: false`, a
+    new observation's variance is s² sigma²)."""
 
     names: tuple[str, ...]
     matrix: np.ndarray
     dof: int
     absolute: bool
     s2: float | None
+    weighted: bool = False
 
 
-def covariance_of(summary: Mapping[str, Any], *, absolute: bool) -> Covariance:
+def covariance_of(
+    summary: Mapping[str, Any], *, absolute: bool, weighted: bool | None = None
+) -> Covariance:
     """A fit's `Covariance` from its summary (summary.json's fields), or `NoBand` saying why
     there is none: no covariance, a singular status, an undetermined parameter, no degrees of
-    freedom. `absolute`: the fit was weighted by a sigma column."""
+    freedom. `absolute`: the fit was weighted by a sigma column of absolute errors;
+    `weighted` (default: `absolute`): by a sigma column at all, relative ones with
+    `data.absolute_sigma: false` (whose covariance is scaled by s², as curve_fit's)."""
     unc = summary.get("uncertainty") or {}
     status, reason = unc.get("status"), unc.get("reason")
     cov = summary.get("covariance")
@@ -166,7 +197,7 @@ def covariance_of(summary: Mapping[str, Any], *, absolute: bool) -> Covariance:
         if rss is None or not math.isfinite(float(rss)):
             raise NoBand("the residual sum of squares is not finite")
         s2 = float(rss) / dof
-    return Covariance(tuple(free), matrix, dof, absolute, s2)
+    return Covariance(tuple(free), matrix, dof, absolute, s2, absolute or bool(weighted))
 
 
 def jacobian(model: FitModel, theta: Any, x: Any) -> Any:
@@ -190,8 +221,9 @@ def curve(
     sigma: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """`fit` and the band columns of a fitted `model` (its parameters `params`, by name) at the
-    points `x`: the prediction band too when it can be had (a fit without sigma; with absolute
-    sigma only given `sigma`, the noise at these points). `model` is evaluated in its dtype and
+    points `x` (n values of one variable, or n x k points of a model of k variables): the
+    prediction band too when it can be had (a fit without sigma; with a sigma column only given
+    `sigma`, the noise at these points). `model` is evaluated in its dtype and
     on its device; the columns are float64 numpy arrays."""
     import torch
 
@@ -213,13 +245,14 @@ def curve(
     jac = jacobian(model, theta, xt).double().cpu().numpy()
     var = delta_variance(jac, cov.matrix)
     noise: np.ndarray | float | None = None
-    if not cov.absolute:
+    if not cov.weighted:
         noise = cov.s2
     elif sigma is not None:
         sig = np.asarray(sigma, dtype=np.float64)
         if sig.shape != var.shape:
             raise ValueError(f"sigma has {sig.shape[0]} values but x has {var.shape[0]}")
-        noise = sig * sig
+        # Relative sigma: the noise is sigma scaled by s, as the covariance is.
+        noise = sig * sig if cov.s2 is None else cov.s2 * sig * sig
     columns = band_columns(fit_np, var, levels, dof=cov.dof, absolute=cov.absolute, noise_var=noise)
     return {"fit": fit_np, **columns}
 
@@ -238,8 +271,9 @@ def band_set(
 @dataclass
 class RunBands:
     """A finished run's bands: `grid` (x, fit and the bands on the fitted curve's grid, for
-    bands.csv), `points` (the same at the data points, for bands_data.csv: a fit with a sigma
-    column, whose prediction band exists only there; None otherwise) and `record`, what
+    bands.csv; several variables: their columns, fit and the bands at the data points),
+    `points` (the same at the data points, for bands_data.csv: a fit of one variable with a
+    sigma column, whose prediction band exists only there; None otherwise) and `record`, what
     summary.json says of them (`bands`)."""
 
     grid: dict[str, np.ndarray] | None
@@ -254,14 +288,24 @@ def for_run(
     x: np.ndarray,
     sigma: np.ndarray | None,
     levels: Sequence[float],
+    variables: Sequence[str] = ("x",),
+    *,
+    absolute_sigma: bool = True,
 ) -> RunBands:
     """The bands of a finished run (its float64 `model`, `summary` with the error bars, the
     fitted curve's `grid`, the data's `x` and `sigma`), or the reason there are none in
-    `record["skipped"]`. No I/O: the run writer writes what this returns."""
+    `record["skipped"]`. Several `variables`: at the data points `x` (n x k; `grid` unused),
+    in `grid` with the variables' columns and the prediction band. `absolute_sigma`: the
+    config's `data.absolute_sigma` (false: sigma are relative weights). No I/O: the run
+    writer writes what this returns."""
     levels = [float(v) for v in levels]
     record: dict[str, Any] = {"levels": levels}
+    weighted = sigma is not None
+    absolute = weighted and absolute_sigma
+    if len(variables) > 1:
+        return _at_data_points(model, summary, x, sigma, levels, variables, record, absolute)
     try:
-        cov = covariance_of(summary, absolute=sigma is not None)
+        cov = covariance_of(summary, absolute=absolute, weighted=weighted)
         on_grid = curve(model, summary["params"], grid, cov, levels)
     except NoBand as exc:
         return RunBands(None, None, {**record, "skipped": str(exc)})
@@ -286,6 +330,37 @@ def for_run(
     return RunBands({"x": np.asarray(grid, dtype=np.float64), **on_grid}, points, record)
 
 
+def _at_data_points(
+    model: FitModel,
+    summary: Mapping[str, Any],
+    x: np.ndarray,
+    sigma: np.ndarray | None,
+    levels: list[float],
+    variables: Sequence[str],
+    record: dict[str, Any],
+    absolute: bool,
+) -> RunBands:
+    """`for_run` of a model of several variables: bands.csv at the data points, the prediction
+    band in it (s², or each point's own sigma²)."""
+    try:
+        cov = covariance_of(summary, absolute=absolute, weighted=sigma is not None)
+        if len(x) > DATA_POINTS_LIMIT:
+            raise NoBand(
+                f"the bands of a model of several variables are written at the data points, "
+                f"up to {DATA_POINTS_LIMIT:,} of them; this run has {len(x):,}"
+            )
+        at_data = curve(model, summary["params"], x, cov, levels, sigma=sigma)
+    except NoBand as exc:
+        return RunBands(None, None, {**record, "skipped": str(exc)})
+    record.update(
+        quantile="normal" if cov.absolute else "student_t",
+        dof=cov.dof,
+        file=files.BANDS,
+        prediction=files.BANDS,
+    )
+    return RunBands({**point_columns(x, variables), **at_data}, None, record)
+
+
 __all__ = [
     "DEFAULT_LEVELS",
     "Covariance",
@@ -297,9 +372,11 @@ __all__ = [
     "covariance_of",
     "curve",
     "delta_variance",
+    "file_header",
     "for_run",
     "jacobian",
     "level_of_tag",
     "level_tag",
+    "point_columns",
     "quantile",
 ]

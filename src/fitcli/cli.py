@@ -493,7 +493,11 @@ def predict(
     ] = None,
     x_file: Annotated[
         Path | None,
-        typer.Option("--x-file", help="New points from a table, its x column as in the config."),
+        typer.Option(
+            "--x-file",
+            help="New points from a table: its x column as in the config (several variables: "
+            "each variable's column as in the config, or named as the variable).",
+        ),
     ] = None,
     out: Annotated[
         Path | None,
@@ -511,9 +515,10 @@ def predict(
     """Evaluate a run's fitted model at new points, with confidence and prediction bands.
 
     Prints a table (or JSON with --json), or writes CSV with --out; the columns
-    are x, fit and, where the fit has error bars, conf_lower_95, conf_upper_95,
-    pred_lower_95 and pred_upper_95. Exit 0 done, 2 invalid input or not a run
-    directory.
+    are x (a model of several variables: the variables' names, points from
+    --x-file), fit and, where the fit has error bars, conf_lower_95,
+    conf_upper_95, pred_lower_95 and pred_upper_95. Exit 0 done, 2 invalid input
+    or not a run directory.
     """
     from fitcli import console
 
@@ -525,7 +530,7 @@ def predict(
             console.warn(f"no bands: {note}")
         if out is not None:
             write_prediction(out, columns)
-            console.plain_err(f"wrote {len(columns['x'])} points to {out}")
+            console.plain_err(f"wrote {len(columns['fit'])} points to {out}")
         elif json_out:
             console.print_json({k: v.tolist() for k, v in columns.items()})
         else:

@@ -7,6 +7,7 @@ import io
 import math
 import mmap
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -271,6 +272,14 @@ def load_x_column(path: Path, column: str | int | None) -> np.ndarray:
     """The x column of a table of new points (CSV or whitespace, header row optional): the
     config's `data.columns.x` (a name or 0-based index), else a column named x, else the first.
     Every cell must be a finite number; a fault names the line."""
+    wanted: list[str | int] = ["x", 0] if column is None else [column]
+    return load_x_columns(path, [("x", wanted)])[:, 0]
+
+
+def load_x_columns(path: Path, wanted: Sequence[tuple[str, Sequence[str | int]]]) -> np.ndarray:
+    """New points from a table (CSV or whitespace, header row optional), n x k: for each of the
+    k variables (name, candidates), the first candidate column found (a header name, or a
+    0-based index). Every cell must be a finite number; a fault names the line."""
     if not path.is_file():
         what = "does not exist" if not path.exists() else "is not a regular file"
         raise DataError(f"--x-file: {path} {what}")
@@ -288,29 +297,37 @@ def load_x_column(path: Path, column: str | int | None) -> np.ndarray:
     header = None if all(_is_number(c) for c in cells) else cells
     if header is not None:
         body = body[1:]
-    if isinstance(column, int):
-        index = column
-    elif column is not None:
-        if header is None or column not in header:
+    indices = []
+    for name, candidates in wanted:
+        names = header or []
+        found = [
+            c if isinstance(c, int) else names.index(c)
+            for c in candidates
+            if c in names or isinstance(c, int)
+        ]
+        if not found:
             have = ", ".join(map(repr, header)) if header else "no header row"
-            raise DataError(f"--x-file: no column {column!r} in {path} ({have})")
-        index = header.index(column)
-    else:
-        index = header.index("x") if header is not None and "x" in header else 0
-    out = np.empty(len(body), dtype=np.float64)
+            which = " or ".join(repr(c) for c in candidates)
+            whose = f" for the variable {name}" if len(wanted) > 1 else ""
+            raise DataError(f"--x-file: no column {which}{whose} in {path} ({have})")
+        indices.append(found[0])
+    out = np.empty((len(body), len(indices)), dtype=np.float64)
     for row, (lineno, line) in enumerate(body):
         row_cells = _split(line, delimiter)
-        if index >= len(row_cells):
-            raise DataError(f"--x-file: {path} line {lineno}: no column {index + 1}")
-        cell = row_cells[index]
-        try:
-            value = float(cell)
-        except ValueError:
-            raise DataError(f"--x-file: {path} line {lineno}: {cell!r} is not a number") from None
-        if not math.isfinite(value):
-            raise DataError(f"--x-file: {path} line {lineno}: {cell!r} is not a finite number")
-        out[row] = value
-    if not out.size:
+        for j, index in enumerate(indices):
+            if index >= len(row_cells):
+                raise DataError(f"--x-file: {path} line {lineno}: no column {index + 1}")
+            cell = row_cells[index]
+            try:
+                value = float(cell)
+            except ValueError:
+                raise DataError(
+                    f"--x-file: {path} line {lineno}: {cell!r} is not a number"
+                ) from None
+            if not math.isfinite(value):
+                raise DataError(f"--x-file: {path} line {lineno}: {cell!r} is not a finite number")
+            out[row, j] = value
+    if not out.shape[0]:
         raise DataError(f"--x-file: {path} holds no data rows")
     return out
 

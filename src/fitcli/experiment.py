@@ -77,6 +77,7 @@ def execute(
             command=command,
             on_epoch=on_epoch,
             stopped_by=stopped_by,
+            resume=resume,
         )
     cfg = prep.cfg
     t0 = time.perf_counter()

@@ -36,7 +36,7 @@ def bands_of(run: Run) -> list[dict]:
     fit with sigma) as `rundir.reader` read and checked them; [] for a run without bands."""
     from fitcli.bands import level_tag
 
-    if run.bands is None:
+    if run.bands is None or len(run.variables) > 1:  # several variables: at the data points
         return []
     grid, points = run.bands["grid"], run.bands["points"]
     out = []
@@ -65,7 +65,14 @@ def figures_of(run: Run) -> dict[str, dict]:
     from fitcli.report import labels, residuals
 
     d, out, axes = run.data, {}, labels(run)
-    if run.snapshots:
+    if run.snapshots and len(run.variables) > 1:
+        last = run.snapshots[-1]
+        # The bands of several variables are at the data points: the final fit's own values.
+        fit = last.y_fit if run.bands is None else run.bands["grid"]["fit"]
+        out["fit"] = plots.paper_variables_figure(
+            variables=run.variables, x=d["x"], y=d["y"], y_fit=fit, bands=run.bands
+        )
+    elif run.snapshots:
         last = run.snapshots[-1]
         res = residuals(run)
         out["fit"] = plots.paper_fit_figure(

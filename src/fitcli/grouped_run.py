@@ -3,12 +3,23 @@ each group's status and the run's, and write the run directory (config.yaml, dat
 group column, groups.csv, summary.json, report.html and two snapshot pages).
 
 A grouped run is its own path beside `experiment.execute`: its parameters are a [G, q] block
-plus shared ones, which the single-fit writer, snapshots and resume do not hold. It cannot be
-resumed (`resume.prepare_resume` refuses it); it is fast enough to run again.
+plus shared ones, which the single-fit writer and snapshots do not hold.
+
+Resume: the fit runs from checkpoint to checkpoint (the iterations of the snapshot schedule,
+`train.snapshot_epochs`), and its state (`rundir.group_state.GroupState`: per group its values,
+LM damping, iterations and whether it is done) goes out through `on_checkpoint` after each
+stretch, and when a stop signal ends the fit; `execute_grouped` writes it (state.json).
+Resumed (`resume.prepare_resume`), the groups already done are not fitted again and the others
+continue from their saved values, damping and iterations. A run resumed from a checkpoint runs
+the same stretches as the run uninterrupted and ends with exactly its results; from a stop
+signal between checkpoints, LM restarts its step scaling there (`fitcli.groups` saves values
+and damping, not the scaling), so the results agree to the fit's tolerances. A gradient
+optimizer's state is saved whole: exact either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -24,6 +35,7 @@ from fitcli.data import Dataset
 from fitcli.errors import (
     ConfigError,
     DataError,
+    FitcliError,
     GroupStatus,
     RunStatus,
     exit_code_for,
@@ -31,6 +43,7 @@ from fitcli.errors import (
 )
 from fitcli.groups import Layout, LMOptions, Packed, pack, packed_bytes
 from fitcli.model import FitModel
+from fitcli.rundir.group_state import GroupState
 
 GROUPS_CSV = "groups.csv"  # = rundir.files.GROUPS
 JSON_ROWS_LIMIT = 1000  # `--json` lists the groups' rows up to this many groups
@@ -138,36 +151,180 @@ def _start(prep: GroupedPrepared) -> tuple[torch.Tensor, torch.Tensor]:
     return theta, raw[prep.layout.shared].clone()
 
 
-def fit(prep: GroupedPrepared, on_iter: Callable[[int], bool] | None = None) -> Any:
-    """The grouped fit (`fitcli.groups`): LM, or a gradient optimizer on the summed loss."""
-    from fitcli.groups import fit_global, fit_independent
+def kind_of(prep: GroupedPrepared) -> str:
+    """How the groups are fitted (`rundir.group_state.KINDS`)."""
+    if not prep.lm:
+        return "gradient"
+    return "global" if prep.shared else "independent"
+
+
+def start_state(prep: GroupedPrepared) -> GroupState:
+    """The state of a fit not begun: every group at the config's start values."""
+    from fitcli.config import config_to_dict
 
     theta, shared = _start(prep)
+    g = prep.packed.groups
+    return GroupState(
+        kind=kind_of(prep),
+        epoch=0,
+        theta=theta,
+        shared=shared,
+        damping=np.full(g, _lm_options(prep.cfg).damping if prep.lm else 0.0),
+        iterations=np.zeros(g, dtype=np.int64),
+        done=np.zeros(g, dtype=bool),
+        status=[GroupStatus.COMPLETED.value] * g,
+        reason=[""] * g,
+        config=config_to_dict(prep.cfg),
+    )
+
+
+def fit(
+    prep: GroupedPrepared,
+    on_iter: Callable[[int], bool] | None = None,
+    *,
+    state: GroupState | None = None,
+    on_checkpoint: Callable[[GroupState], None] | None = None,
+) -> tuple[Any, bool]:
+    """The grouped fit (`fitcli.groups`): LM, or a gradient optimizer on the summed loss, from
+    `state` (None: the start). `on_iter(done)` is asked after each iteration (epoch) with the
+    number done; True stops the fit there. `on_checkpoint(state)` receives the fit's state at
+    each checkpoint and where it stops (module doc). Returns (the `groups.GroupFit`, whether
+    it was stopped before it ended)."""
+    state = start_state(prep) if state is None else state
     if prep.lm:
-        opts = _lm_options(prep.cfg)
-        if not prep.shared:
-            return fit_independent(prep.model, prep.layout, prep.packed, theta, opts, on_iter)
-        return fit_global(prep.model, prep.layout, prep.packed, theta, shared, opts, on_iter)
-    return _fit_gradient(prep, theta, shared, on_iter)
+        return _fit_lm(prep, state, on_iter, on_checkpoint)
+    return _fit_gradient(prep, state, on_iter, on_checkpoint)
+
+
+def _checkpoints(cfg: Any) -> list[int]:
+    """The iterations at which a fit's state is saved: the snapshot schedule's, to the last."""
+    from fitcli.train import snapshot_epochs
+
+    return [c for c in snapshot_epochs(cfg.epochs, cfg.snapshots) if c > 0]
+
+
+def _fit_lm(
+    prep: GroupedPrepared,
+    state: GroupState,
+    on_iter: Callable[[int], bool] | None,
+    on_checkpoint: Callable[[GroupState], None] | None,
+) -> tuple[Any, bool]:
+    """LM from checkpoint to checkpoint: each stretch continues the groups not done, from
+    their values and damping, for the iterations up to the next checkpoint (the groups of an
+    independent fit grouped by the iterations they have run)."""
+    from dataclasses import replace
+
+    from fitcli.groups import fit_global, fit_independent
+
+    opts = _lm_options(prep.cfg)
+    epochs = prep.cfg.epochs
+    marks = _checkpoints(prep.cfg)
+    model, layout, packed = prep.model, prep.layout, prep.packed
+    stopped = False
+    while not stopped:
+        left = np.flatnonzero(~state.done)
+        if not left.size:
+            break
+        k = int(state.iterations[left].min())
+        lanes = left[state.iterations[left] == k] if not prep.shared else left
+        budget = next(c for c in marks if c > k) - k
+        asked: dict[str, Any] = {"calls": 0, "stop": False}
+
+        def should_stop(k: int = k, asked: dict[str, Any] = asked) -> bool:
+            # Asked before each iteration of the stretch, with k + calls done; once True, it
+            # stays True (the later chunks of an independent fit stop at once).
+            if not asked["stop"] and on_iter is not None:
+                asked["stop"] = bool(on_iter(k + asked["calls"]))
+            asked["calls"] += 1
+            return asked["stop"]
+
+        idx = torch.as_tensor(lanes, device=state.theta.device)
+        sub = packed.take(idx)
+        stretch = replace(opts, max_iter=budget)
+        if prep.shared:
+            part = fit_global(
+                model,
+                layout,
+                sub,
+                state.theta[idx],
+                state.shared,
+                stretch,
+                damping=float(state.damping[lanes[0]]),
+                should_stop=should_stop,
+            )
+            state.shared = part.shared.clone()
+        else:
+            lam = torch.as_tensor(state.damping[lanes], dtype=torch.float64)
+            part = fit_independent(
+                model, layout, sub, state.theta[idx], stretch, damping=lam, should_stop=should_stop
+            )
+        stopped = bool(asked["stop"])
+        state.theta[idx] = part.theta
+        assert part.damping is not None
+        state.damping[lanes] = part.damping
+        state.iterations[lanes] += part.iterations
+        for j, lane in enumerate(lanes.tolist()):
+            status, done = part.status[j], int(state.iterations[lane])
+            state.status[lane], state.reason[lane] = status, part.reason[j]
+            if status != GroupStatus.COMPLETED:
+                state.done[lane] = True  # converged or failed
+            elif done >= epochs:  # at the run's iteration limit, not this stretch's
+                state.done[lane] = True
+                state.reason[lane] = f"iteration limit: not converged in {epochs} iterations"
+            else:
+                state.reason[lane] = f"interrupted after {done} iterations"
+        state.epoch = int(state.iterations.max())
+        if on_checkpoint is not None:
+            on_checkpoint(state)
+    return _group_fit(prep, state), stopped
+
+
+def _group_fit(prep: GroupedPrepared, state: GroupState, history: list | None = None) -> Any:
+    """The `groups.GroupFit` of a fit's state; each group's ``sum(r**2)`` at its values (NaN
+    for a group with too few points, left out of the fit)."""
+    from fitcli.groups import GroupFit, residual_ss, too_few
+
+    data = prep.packed
+    with torch.no_grad():
+        rss = residual_ss(prep.model, prep.layout, data, state.theta, state.shared)
+    rss_np = rss.cpu().numpy()
+    rss_np[too_few(data.counts, len(prep.per_group))] = math.nan
+    return GroupFit(
+        state.theta,
+        state.shared,
+        list(state.status),
+        list(state.reason),
+        state.iterations.copy(),
+        rss_np,
+        history or [],
+        damping=state.damping.copy(),
+    )
 
 
 def _fit_gradient(
     prep: GroupedPrepared,
-    theta0: torch.Tensor,
-    shared0: torch.Tensor,
+    state: GroupState,
     on_iter: Callable[[int], bool] | None,
-) -> Any:
+    on_checkpoint: Callable[[GroupState], None] | None,
+) -> tuple[Any, bool]:
     """A torch optimizer on the loss of the stacked problem (the mean of the loss's point terms
-    over every point of every group); the parameter vector holds per-group copies."""
+    over every point of every group); the parameter vector holds per-group copies. Resumed
+    from `state`, with its optimizer's and scheduler's state: as if never stopped."""
     from fitcli import optim
-    from fitcli.groups import GroupFit, _model, too_few
+    from fitcli.groups import _model, too_few
     from fitcli.losses import resolve
 
     cfg, data = prep.cfg, prep.packed
-    theta = torch.nn.Parameter(theta0.clone())
-    shared = torch.nn.Parameter(shared0.clone())
+    theta = torch.nn.Parameter(state.theta.clone())
+    shared = torch.nn.Parameter(state.shared.clone())
     opt = optim.build_optimizer(cfg.optimizer, [theta, shared])
     sched = optim.build_scheduler(cfg.scheduler, opt)
+    saved = state.optimizer or {}
+    if saved.get("optimizer") is not None:
+        opt.load_state_dict(saved["optimizer"])
+    if saved.get("scheduler") is not None and sched is not None:
+        sched.load_state_dict(saved["scheduler"])
+    marks = set(_checkpoints(cfg))
     loss = resolve(cfg.loss)
     fn = _model(prep.model, prep.layout, data.x, False)
     mask = data.w > 0
@@ -185,35 +342,58 @@ def _fit_gradient(
         value.backward()
         return value
 
-    epochs = 0
-    for epoch in range(cfg.epochs):
+    from fitcli.groups import residual_ss
+
+    def save(epochs: int) -> None:
+        state.theta, state.shared = theta.detach().clone(), shared.detach().clone()
+        state.epoch = epochs
+        state.iterations[:] = epochs
+        state.optimizer = {
+            "optimizer": opt.state_dict(),
+            "scheduler": None if sched is None else sched.state_dict(),
+        }
+        if on_checkpoint is not None:
+            on_checkpoint(state)
+
+    epochs, stopped, diverged = state.epoch, False, False
+    for epoch in range(state.epoch, cfg.epochs):
         value: Any = opt.step(closure)  # type: ignore[arg-type]  # a closure may return a tensor
         if sched is not None:
             sched.step()
         history.append(float(value.detach()) if value is not None else math.nan)
         epochs = epoch + 1
-        if not math.isfinite(history[-1]) or (on_iter is not None and on_iter(epoch)):
+        diverged = not math.isfinite(history[-1])
+        asked = on_iter is not None and not diverged and bool(on_iter(epochs))
+        stopped = asked and epochs < cfg.epochs
+        if not diverged and (stopped or epochs in marks):
+            save(epochs)
+        if diverged or stopped:
             break
-    from fitcli.groups import residual_ss
-
     with torch.no_grad():
         rss = residual_ss(prep.model, prep.layout, data, theta.detach(), shared.detach())
     rss_np = rss.cpu().numpy()
     q = theta.shape[1]
     few = too_few(data.counts, q)
-    status, reason = [], []
+    name = optim.split_spec(cfg.optimizer)[0]
     for j in range(data.groups):
         if few[j]:
-            status.append(GroupStatus.FAILED.value)
-            reason.append(f"too few points: {int(data.counts[j])} for {q} per-group parameter(s)")
+            state.status[j] = GroupStatus.FAILED.value
+            state.reason[j] = (
+                f"too few points: {int(data.counts[j])} for {q} per-group parameter(s)"
+            )
         elif not math.isfinite(float(rss_np[j])):
-            status.append(GroupStatus.FAILED.value)
-            reason.append("non-finite residuals at the end")
+            state.status[j] = GroupStatus.FAILED.value
+            state.reason[j] = "non-finite residuals at the end"
+        elif stopped:
+            state.status[j] = GroupStatus.COMPLETED.value
+            state.reason[j] = f"interrupted after {epochs} epochs of {name}"
         else:
-            status.append(GroupStatus.COMPLETED.value)
-            reason.append(f"ran {epochs} epochs of {optim.split_spec(cfg.optimizer)[0]}")
-    iters = np.full(data.groups, epochs)
-    return GroupFit(theta.detach(), shared.detach(), status, reason, iters, rss_np, history)
+            state.status[j] = GroupStatus.COMPLETED.value
+            state.reason[j] = f"ran {epochs} epochs of {name}"
+    state.theta, state.shared = theta.detach(), shared.detach()
+    state.iterations[:] = epochs
+    state.done[:] = not stopped
+    return _group_fit(prep, state, history), stopped
 
 
 def finish(prep: GroupedPrepared, result: Any) -> tuple[list[dict], dict, dict]:
@@ -288,42 +468,72 @@ def execute_grouped(
     command: list[str],
     on_epoch: Callable[[int, float], bool] | None = None,
     stopped_by: Callable[[], str | None] | None = None,
+    resume: Any = None,
 ) -> dict:
-    """Fit a grouped run into `run_dir` (already created) and return its summary."""
+    """Fit a grouped run into `run_dir` (already created) and return its summary; with
+    `resume` (a `resume.ResumePoint` holding a `GroupState`), continue that run directory
+    from its saved state. `on_epoch(done, nan)` after each iteration (epoch): True stops the
+    run there (interrupted, by the signal `stopped_by` names), its state saved."""
     from fitcli.experiment import resolved_config_text
     from fitcli.rundir import files
-    from fitcli.rundir.writer import base_summary
+    from fitcli.rundir.group_state import save_group_state
+    from fitcli.rundir.writer import base_summary, interruption_fields, tidy_snapshots
 
     t0 = time.perf_counter()
     ds = prep.dataset
     summary: dict[str, Any] = dict(base_summary(prep, run_dir, command))  # type: ignore[arg-type]
     summary["groups"] = len(prep.labels)
-    (run_dir / files.SNAPSHOTS).mkdir(exist_ok=True)
-    files.atomic_write(run_dir / files.CONFIG, resolved_config_text(prep.cfg, prep.device, command))
-    assert ds.group is not None
-    files.write_data_csv(
-        run_dir / files.DATA,
-        ds.x,
-        ds.y,
-        ds.y_true,
-        ds.sigma,
-        ds.variables,
-        group=np.asarray(prep.labels, dtype=object)[ds.group],
-    )
-    if plotlyjs == "directory":
-        files.copy_plotly_js(run_dir)
-    files.write_json(run_dir / files.SUMMARY, summary)
+    if resume is not None:
+        summary = resume.continued_summary(summary)
+        state: GroupState = resume.saved
+        data_files = state.data_files
+    else:
+        state = start_state(prep)
+        data_files = group_file_digests(prep.cfg)
 
-    def on_iter(it: int) -> bool:
-        return bool(on_epoch(it + 1, math.nan)) if on_epoch is not None else False
+    saving = [0.0]  # seconds spent writing state.json, not fitting (fit_s leaves it out)
+
+    def on_checkpoint(st: GroupState) -> None:
+        t = time.perf_counter()
+        st.data_files = data_files
+        save_group_state(run_dir, st)
+        saving[0] += time.perf_counter() - t
+
+    def on_iter(done: int) -> bool:
+        return bool(on_epoch(done, math.nan)) if on_epoch is not None else False
 
     try:
+        (run_dir / files.SNAPSHOTS).mkdir(exist_ok=True)
+        if resume is None:
+            cfg_text = resolved_config_text(prep.cfg, prep.device, command)
+            files.atomic_write(run_dir / files.CONFIG, cfg_text)
+            assert ds.group is not None
+            files.write_data_csv(
+                run_dir / files.DATA,
+                ds.x,
+                ds.y,
+                ds.y_true,
+                ds.sigma,
+                ds.variables,
+                group=np.asarray(prep.labels, dtype=object)[ds.group],
+            )
+        else:
+            tidy_snapshots(run_dir, prep.cfg.epochs)  # temporary files a kill left
+            if resume.overrides:  # resumed with overrides: config.yaml is the config now
+                cfg_text = resolved_config_text(prep.cfg, prep.device, command)
+                files.atomic_write(run_dir / files.CONFIG, cfg_text)
+        if plotlyjs == "directory":
+            files.copy_plotly_js(run_dir)
+        files.write_json(run_dir / files.SUMMARY, summary)
+        if resume is None:
+            on_checkpoint(state)  # the start: a run killed from here on can be resumed
         t_fit = time.perf_counter()
-        result = fit(prep, on_iter)
+        saving[0] = 0.0
+        result, stopped = fit(prep, on_iter, state=state, on_checkpoint=on_checkpoint)
         rows, shared_values, shared_se = finish(prep, result)
-        fit_s = time.perf_counter() - t_fit
+        fit_s = time.perf_counter() - t_fit - saving[0]
         statuses = [r["status"] for r in rows]
-        status = grouped_run_status(statuses)
+        status = RunStatus.INTERRUPTED if stopped else grouped_run_status(statuses)
         failed = sum(s == GroupStatus.FAILED for s in statuses)
         converged = sum(s == GroupStatus.CONVERGED for s in statuses)
         write_groups_csv(run_dir / GROUPS_CSV, rows)
@@ -352,6 +562,10 @@ def execute_grouped(
             fits_per_s=len(rows) / fit_s if fit_s > 0 else None,
             groups_file=GROUPS_CSV,
         )
+        if stopped:
+            by = stopped_by() if stopped_by is not None else None
+            summary.update(interruption_fields(by, f"after epoch {state.epoch}"))
+            summary["converged"] = False
         summary.pop("process", None)
         _write_pages(prep, run_dir, rows, result, plotlyjs)
         summary["elapsed_s"] = time.perf_counter() - t0
@@ -365,12 +579,27 @@ def execute_grouped(
             elapsed_s=time.perf_counter() - t0,
             reason=str(exc) or type(exc).__name__,
         )
+        if isinstance(exc, KeyboardInterrupt):  # a second stop signal: at once
+            by = getattr(exc, "signal", None) or (stopped_by() if stopped_by else None)
+            summary.update(interruption_fields(by, "at once"))
         summary.pop("process", None)
-        files.write_json(run_dir / files.SUMMARY, summary)
+        with contextlib.suppress(FitcliError):
+            files.write_json(run_dir / files.SUMMARY, summary)
         raise
     if len(rows) <= JSON_ROWS_LIMIT:
         summary = {**summary, "groups": rows}  # --json: the rows themselves
     return summary
+
+
+def group_file_digests(cfg: Any) -> list[list[str]] | None:
+    """Each file of `data.files` with its digest, [[path, digest], ...] (None for one data
+    file): what resume compares them with, to name a file changed, added or gone since."""
+    if cfg.data.files is None:
+        return None
+    from fitcli.data import file_digest
+    from fitcli.groups_data import expand_files
+
+    return [[str(p), file_digest(p)] for p in expand_files(cfg.data.files)]
 
 
 def _write_pages(

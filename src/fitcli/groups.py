@@ -8,9 +8,10 @@ the group's first point so that the model stays finite there). Parameters are a 
 broadcasts a leading dimension. Columns of the Jacobian come from forward-mode derivatives
 (one `torch.func.jvp` per parameter, every group at once).
 
-With no shared parameter (`fit_independent`), every group is its own Levenberg-Marquardt fit:
-per-group damping, per-group stopping by the tests of `fitcli.lm` (gtol, ftol, xtol, rounding
-level of the Gauss-Newton steps, damping too large), per-group status. With shared parameters
+With no shared parameter (`fit_independent`), every group is its own Levenberg-Marquardt fit,
+a lane of `fitcli.lm_batch.solve`: per-group damping, per-group stopping by the tests of
+`fitcli.lm` (gtol, ftol, xtol, rounding level of the Gauss-Newton steps, damping too large),
+per-group status. With shared parameters
 (`fit_global`) it is one LM on the stacked problem, whose normal equations are block-arrow
 shaped::
 
@@ -36,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fitcli import lm_batch
 from fitcli.errors import GroupStatus
 from fitcli.lm import (
     MAX_DAMPING,
@@ -46,10 +48,16 @@ from fitcli.lm import (
     SINGULAR_RCOND,
     one_thread,
 )
+from fitcli.lm_batch import LMOptions, damped_solve
 from fitcli.model import FitModel
 
-# Bytes of one group chunk's Jacobian in an independent fit: the fit runs chunk by chunk.
+# Bytes of one group chunk's Jacobian for the error bars, and for an independent fit on a GPU:
+# they run chunk by chunk.
 CHUNK_BYTES = 64_000_000
+# On the CPU an independent fit runs in blocks of groups whose [groups, points] arrays are about
+# this many bytes, so that the model's temporaries stay in the caches (BENCHMARKS.md: 1.6x at
+# 10^4 groups of 100 points in float64).
+BLOCK_BYTES = 1_000_000
 # A global fit's polishing ends after this many Gauss-Newton steps in a row that do not
 # contract: a stacked problem with correlated parameters converges linearly, by uneven steps.
 POLISH_STRIKES = 3
@@ -153,17 +161,19 @@ def jacobian(
     theta: torch.Tensor,
     shared: torch.Tensor,
     external: bool = False,
+    float64: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A [G, L, q], B [G, L, s], r [G, L]) of the weighted model, in float64: the Jacobian
-    columns of the per-group and shared parameters and the residuals ``w * (y - fn)``, zero at
-    the pads."""
+    """(A [G, L, q], B [G, L, s], r [G, L]) of the weighted model, in float64 (or the model's
+    dtype with `float64` False): the Jacobian columns of the per-group and shared parameters
+    and the residuals ``w * (y - fn)``, zero at the pads (their weight is 0). A and B are
+    views of one [G, q + s, L] tensor: each column is contiguous over the rows, the layout
+    that J^T J and J^T r read fastest."""
     # One reverse pass with one leaf per model parameter (by name), expanded over the rows:
     # the model is elementwise in the rows, so d sum(w * m) / d leaf_j[g, i] is w * dm/dp_j at
     # row i (as `fitcli.lm`'s row-wise Jacobian); no functorch, whose start-up costs seconds.
     # The columns of the free parameters follow by the chain rule through the small per-group
     # map free -> all values (bounds, fixed values, ties): J_free = J_names @ D, D [G, n, f].
     # (A stacked [G, L, f] leaf instead costs a full [G, L, f] zero-fill per column backward.)
-    mask = data.w > 0
     g, length = data.w.shape
     free = layout.merge(theta.detach(), shared.detach())
     order = layout.per_group + layout.shared
@@ -183,19 +193,21 @@ def jacobian(
                 rows.append(torch.zeros_like(free) if dj is None else dj)
             full = full_g.detach()
             # D [G, n, f] in the (per-group, shared) order of the columns.
-            d = torch.stack(rows, dim=1)[:, :, order].to(torch.float64)
+            d = torch.stack(rows, dim=1)[:, :, order]
         leaves = [full[:, k, None].expand(g, length).requires_grad_() for k in range(full.shape[1])]
         m = expression(data.x, dict(zip(model.names, leaves, strict=True)))
         grads = torch.autograd.grad((m * data.w).sum(), leaves, allow_unused=True)
     m = m.detach()
-    n_cols = len(order) if d is None else len(model.names)
-    jac = torch.zeros(g, length, n_cols, dtype=torch.float64, device=m.device)
-    for k, c in enumerate(grads if d is not None else [grads[j] for j in order]):
-        if c is not None:
-            jac[..., k] = torch.where(mask, c, 0.0)
+    # The gradients are w * dm/dp: zero at a pad already, as the residual w y - w m.
+    cols = list(grads) if d is not None else [grads[j] for j in order]
+    zero = torch.zeros(g, length, dtype=m.dtype, device=m.device)
+    jac_t = torch.stack([zero if c is None else c.expand(g, length) for c in cols], dim=1)
     if d is not None:
-        jac = jac @ d
-    r = torch.where(mask, data.wy - m * data.w, 0.0).to(torch.float64)
+        jac_t = d.transpose(-1, -2).to(jac_t.dtype) @ jac_t
+    r = data.wy - m * data.w
+    if float64:
+        jac_t, r = jac_t.to(torch.float64), r.to(torch.float64)
+    jac = jac_t.transpose(-1, -2)
     q = theta.shape[1]
     return jac[..., :q], jac[..., q:], r
 
@@ -206,29 +218,8 @@ def residual_ss(
     """Each group's ``sum(r**2)`` [G] in float64 (no Jacobian)."""
     fn = _model(model, layout, data.x, False)
     with torch.no_grad():
-        m = fn(theta, shared)
-        r = torch.where(data.w > 0, data.wy - m * data.w, 0.0).to(torch.float64)
+        r = (data.wy - fn(theta, shared) * data.w).to(torch.float64)  # 0 at the pads
     return (r * r).sum(-1)
-
-
-def _damped_solve(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """Solve ``(a + lam I) z = b`` for a batch of symmetric q x q systems (b [..., q] or
-    [..., q, m]); Cholesky, or a symmetric eigendecomposition dropping the null space where
-    Cholesky fails."""
-    q = a.shape[-1]
-    eye = torch.eye(q, dtype=a.dtype, device=a.device)
-    m = a + lam[..., None, None] * eye
-    vec = b.dim() == a.dim() - 1
-    rhs = b[..., None] if vec else b
-    chol, info = torch.linalg.cholesky_ex(m)
-    z = torch.cholesky_solve(rhs, chol)
-    bad = (info != 0) | ~torch.isfinite(z).flatten(-2).all(-1)
-    if bool(bad.any()):
-        evals, evecs = torch.linalg.eigh(torch.nan_to_num(m[bad]))
-        cutoff = evals.abs().amax(-1, keepdim=True).clamp_min(1e-300) * q * 2.2e-16
-        inv = torch.where(evals > cutoff, 1.0 / evals.clamp_min(1e-300), 0.0)
-        z[bad] = evecs @ (inv[..., None] * (evecs.transpose(-1, -2) @ rhs[bad]))
-    return z[..., 0] if vec else z
 
 
 def schur_solve(
@@ -240,12 +231,12 @@ def schur_solve(
     ``d_g = U_g^-1 (a_g - W_g d_s)``. Returns (d_g [G, q], d_s [s])."""
     zero = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
     rhs = torch.cat([w, a[..., None]], dim=-1)  # one batched solve for U^-1 W and U^-1 a
-    sol = _damped_solve(u, rhs, zero)
+    sol = damped_solve(u, rhs, zero)
     uw, ua = sol[..., :-1], sol[..., -1]
     wt = w.transpose(-1, -2)
     schur = v - (wt @ uw).sum(0)
     rhs_s = b - (wt @ ua[..., None])[..., 0].sum(0)
-    ds = _damped_solve(schur, rhs_s, torch.zeros((), dtype=u.dtype, device=u.device))
+    ds = damped_solve(schur, rhs_s, torch.zeros((), dtype=u.dtype, device=u.device))
     dg = ua - (uw @ ds)
     return dg, ds
 
@@ -262,15 +253,7 @@ class GroupFit:
     iterations: np.ndarray
     rss: np.ndarray
     history: list[float] = field(default_factory=list)  # total cost per iteration
-
-
-@dataclass
-class LMOptions:
-    ftol: float = 1e-15
-    xtol: float = 1e-15
-    gtol: float = 1e-15
-    damping: float = 1e-3
-    max_iter: int = 500
+    damping: np.ndarray | None = None  # [G] each group's damping at the end (independent fits)
 
 
 def _threads(device: torch.device) -> contextlib.AbstractContextManager:
@@ -298,10 +281,46 @@ def fit_independent(
     theta0: torch.Tensor,
     opts: LMOptions,
     on_iter: Callable[[int], bool] | None = None,
+    *,
+    damping: torch.Tensor | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GroupFit:
-    """Every group its own LM fit (no shared parameter), chunk by chunk of groups."""
+    """Every group its own LM fit (no shared parameter): one `fitcli.lm_batch.solve` over the
+    groups with enough points, from theta0 [G, q] and, per group, the start `damping` [G]
+    (None: ``opts.damping``). `on_iter(it)` and `should_stop()` are asked once per iteration;
+    on True the groups still running stop with their current values and damping (completed,
+    "interrupted"), which a later call can continue from (`GroupFit.theta`, `.damping`)."""
     with _threads(theta0.device):
-        return _fit_independent(model, layout, data, theta0, opts, on_iter)
+        return _fit_independent(model, layout, data, theta0, opts, on_iter, damping, should_stop)
+
+
+class _GroupLanes:
+    """The groups of `data` as the lanes of `fitcli.lm_batch.solve`."""
+
+    def __init__(self, model: FitModel, layout: Layout, data: Packed) -> None:
+        self.model, self.layout, self.data = model, layout, data
+        self.shared = torch.zeros(0, dtype=data.w.dtype, device=data.w.device)
+
+    def take(self, idx: torch.Tensor) -> _GroupLanes:
+        return _GroupLanes(self.model, self.layout, self.data.take(idx))
+
+    def linearize(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, _, r = jacobian(self.model, self.layout, self.data, theta, self.shared, float64=False)
+        return r, a
+
+
+def _asker(
+    on_iter: Callable[[int], bool] | None, should_stop: Callable[[], bool] | None
+) -> Callable[[], bool] | None:
+    """One `should_stop` from the two callbacks (on_iter gets the iteration's number)."""
+    if on_iter is None:
+        return should_stop
+    count = iter(range(1 << 62))
+
+    def ask() -> bool:
+        return bool(should_stop is not None and should_stop()) or bool(on_iter(next(count)))
+
+    return ask
 
 
 def _fit_independent(
@@ -311,154 +330,55 @@ def _fit_independent(
     theta0: torch.Tensor,
     opts: LMOptions,
     on_iter: Callable[[int], bool] | None = None,
+    damping: torch.Tensor | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GroupFit:
     g, q = theta0.shape
-    length = data.w.shape[1]
-    chunk = max(1, CHUNK_BYTES // max(1, 8 * length * max(q, 1)))
+    dev = theta0.device
     theta = theta0.detach().clone()
+    lam = torch.full((g,), opts.damping, dtype=torch.float64, device=dev)
+    if damping is not None:
+        lam[:] = damping.to(device=dev, dtype=torch.float64)
     status = [GroupStatus.FAILED.value] * g
     reason = [""] * g
     iters = np.zeros(g, dtype=np.int64)
-    rss = np.full(g, math.nan)
-    shared = torch.zeros(0, dtype=theta.dtype, device=theta.device)
-    for lo in range(0, g, chunk):
-        idx = torch.arange(lo, min(g, lo + chunk), device=theta.device)
-        part = _lm_batch(model, layout, data.take(idx), theta[idx], shared, opts, on_iter)
-        theta[idx] = part.theta
-        for k, j in enumerate(range(lo, lo + idx.numel())):
-            status[j], reason[j] = part.status[k], part.reason[k]
-        iters[lo : lo + idx.numel()] = part.iterations
-        rss[lo : lo + idx.numel()] = part.rss
-    return GroupFit(theta, shared, status, reason, iters, rss)
-
-
-def _lm_batch(
-    model: FitModel,
-    layout: Layout,
-    data: Packed,
-    theta0: torch.Tensor,
-    shared: torch.Tensor,
-    opts: LMOptions,
-    on_iter: Callable[[int], bool] | None,
-) -> GroupFit:
-    """Batched LM over the groups of `data` (module doc): the state of each group in tensors
-    with a leading group dimension; the active groups are gathered each iteration."""
-    g, q = theta0.shape
-    f64 = torch.float64
-    dev = theta0.device
-    theta = theta0.detach().clone()
-    running = torch.ones(g, dtype=torch.bool, device=dev)
-    status = [GroupStatus.CONVERGED.value] * g
-    reason = [""] * g
     few = too_few(data.counts, q)
     for j in np.flatnonzero(few):
-        status[j], reason[j] = GroupStatus.FAILED.value, _few_reason(int(data.counts[j]), q)
-        running[int(j)] = False
-    lam = torch.full((g,), opts.damping, dtype=f64, device=dev)
-    nu = torch.full((g,), 2.0, dtype=f64, device=dev)
-    scale2 = torch.zeros(g, q, dtype=f64, device=dev)
-    cost = torch.full((g,), math.nan, dtype=f64, device=dev)
-    polish = torch.full((g,), math.nan, dtype=f64, device=dev)
-    jtj = torch.zeros(g, q, q, dtype=f64, device=dev)
-    jtr = torch.zeros(g, q, dtype=f64, device=dev)
-    stale = torch.ones(g, dtype=torch.bool, device=dev)
-    iters = np.zeros(g, dtype=np.int64)
+        reason[j] = _few_reason(int(data.counts[j]), q)
+    keep = torch.as_tensor(np.flatnonzero(~few), device=dev)
+    shared = torch.zeros(0, dtype=theta.dtype, device=dev)
+    if keep.numel():
+        length = data.w.shape[1]
+        if dev.type == "cpu":
+            chunk = max(1, BLOCK_BYTES // max(1, data.w.element_size() * length))
+        else:
+            chunk = max(1, CHUNK_BYTES // max(1, 8 * length * max(q, 1)))
+        sol = lm_batch.solve(
+            _GroupLanes(model, layout, data).take(keep),
+            theta[keep],
+            opts,
+            damping=lam[keep],
+            should_stop=_asker(on_iter, should_stop),
+            chunk=chunk,
+        )
+        theta[keep], lam[keep] = sol.theta, sol.damping
+        codes, n_it = sol.code.cpu().numpy(), sol.iterations.cpu().numpy()
+        for k, j in enumerate(keep.tolist()):
+            status[j] = _outcome(_failed(int(codes[k])))
+            reason[j] = lm_batch.reason(int(codes[k]), opts, int(n_it[k]))
+        iters[keep.cpu().numpy()] = n_it
+    rss = residual_ss(model, layout, data, theta, shared).cpu().numpy()
+    rss[few] = math.nan
+    return GroupFit(theta, shared, status, reason, iters, rss, damping=lam.cpu().numpy())
 
-    def stop(idx: torch.Tensor, why: str, failed: bool | None = False) -> None:
-        # failed: True a failure, None stopped unconverged (the iteration limit), False converged
-        for j in idx.tolist():
-            status[j] = _outcome(failed)
-            reason[j] = why
-        running[idx] = False
 
-    for it in range(opts.max_iter):
-        lin = torch.nonzero(running & stale)[:, 0]
-        if lin.numel():
-            a_, _, r_ = jacobian(model, layout, data.take(lin), theta[lin], shared)
-            jtj[lin] = a_.transpose(-1, -2) @ a_
-            jtr[lin] = (a_.transpose(-1, -2) @ r_[..., None])[..., 0]
-            rss_l = (r_ * r_).sum(-1)
-            cost[lin] = 0.5 * rss_l
-            stale[lin] = False
-            finite = torch.isfinite(rss_l) & torch.isfinite(jtj[lin]).flatten(1).all(1)
-            bad = lin[~finite]
-            if bad.numel():
-                where = "at start" if it == 0 else "at the current parameters"
-                stop(bad, f"non-finite residuals or Jacobian {where}", failed=True)
-            diag = torch.diagonal(jtj[lin], dim1=-2, dim2=-1)
-            diag = torch.where(diag > 0, diag, 1.0)
-            scale2[lin] = torch.maximum(scale2[lin], diag)
-            exact = lin[finite & (rss_l == 0)]
-            if exact.numel():
-                stop(exact, "exact fit: residuals are zero")
-            d_raw = torch.diagonal(jtj[lin], dim1=-2, dim2=-1).clamp_min(1e-300)
-            cosine = (jtr[lin].abs() / torch.sqrt(d_raw * rss_l[:, None])).amax(-1)
-            gt = lin[finite & (rss_l > 0) & (cosine <= opts.gtol)]
-            if gt.numel():
-                stop(gt, f"gtol: gradient cosine < {opts.gtol:g}")
-        act = torch.nonzero(running)[:, 0]
-        if not act.numel():
-            break
-        if on_iter is not None and on_iter(it):
-            break
-        iters[act.cpu().numpy()] += 1
-        d = torch.sqrt(scale2[act])
-        sc = 1.0 / d
-        a = jtj[act] * sc[:, :, None] * sc[:, None, :]
-        z = _damped_solve(a, jtr[act] * sc, lam[act])
-        delta = z * sc
-        th64 = theta[act].to(f64)
-        step_norm = torch.linalg.vector_norm(d * delta, dim=-1)
-        theta_norm = torch.linalg.vector_norm(d * th64, dim=-1)
-        c = cost[act]
-        jd = (jtj[act] @ delta[..., None])[..., 0]
-        predicted = (jtr[act] * delta).sum(-1) - 0.5 * (delta * jd).sum(-1)
-        polishing = (predicted <= POLISH_RTOL * c) & (lam[act] <= POLISH_DAMPING)
-        xsmall = step_norm <= opts.xtol * (opts.xtol + theta_norm)
-        pol = polish[act]
-        rounding = torch.isfinite(pol) & ((step_norm > POLISH_CONTRACTION * pol) | xsmall)
-        if bool(rounding.any()):
-            stop(act[rounding], "Gauss-Newton steps have reached rounding level")
-        trial = (th64 + delta).to(theta.dtype)
-        new = 0.5 * residual_ss(model, layout, data.take(act), trial, shared)
-        actual = torch.where(torch.isfinite(new), c - new, -math.inf)
-        rho = torch.where(predicted > 0, actual / predicted, -math.inf)
-        pol_ok = polishing & (actual >= -POLISH_RTOL * c) & ~rounding
-        rho = torch.where(pol_ok, rho.clamp_min(0.0), rho)
-        accept = ~rounding & (pol_ok | ((rho > 0) & torch.isfinite(new)))
-        reject = ~rounding & ~accept
-        # Accepted: move, Nielsen's damping update.
-        acc = act[accept]
-        theta[acc] = trial[accept]
-        cost[acc] = new[accept]
-        stale[acc] = True
-        r_acc = rho[accept]
-        factor = torch.clamp_min(1 - (2 * r_acc - 1) ** 3, 1 / 3)
-        lam[acc] = torch.clamp_min(lam[acc] * factor, MIN_DAMPING)
-        nu[acc] = 2.0
-        polish[act[pol_ok]] = step_norm[pol_ok]
-        plain = accept & ~torch.isfinite(polish[act])
-        ftol = plain & (actual <= opts.ftol * c) & (predicted <= opts.ftol * c)
-        if bool(ftol.any()):
-            stop(act[ftol], f"ftol: relative cost reduction < {opts.ftol:g}")
-        xt = plain & ~ftol & xsmall
-        if bool(xt.any()):
-            stop(act[xt], f"xtol: relative step < {opts.xtol:g}")
-        # Rejected: raise the damping, doubling its growth.
-        rej = act[reject]
-        lam[rej] = lam[rej] * nu[rej]
-        nu[rej] = nu[rej] * 2.0
-        xr = reject & xsmall
-        if bool(xr.any()):
-            stop(act[xr], f"xtol: relative step < {opts.xtol:g}")
-        big = reject & ~xsmall & (lam[act] > MAX_DAMPING)
-        if bool(big.any()):
-            stop(act[big], "damping too large: no decrease possible")
-    left = torch.nonzero(running)[:, 0]
-    if left.numel():
-        stop(left, f"iteration limit: not converged in {opts.max_iter} iterations", failed=None)
-    final = residual_ss(model, layout, data, theta, shared).cpu().numpy()
-    return GroupFit(theta, shared, status, reason, iters, final)
+def _failed(code: int) -> bool | None:
+    """A stop as `_outcome`'s argument: failed, converged (False), or unconverged (None)."""
+    if code in lm_batch.FAILED:
+        return True
+    if code in (lm_batch.Stop.LIMIT, lm_batch.Stop.INTERRUPTED):
+        return None
+    return False
 
 
 def _outcome(failed: bool | None) -> str:
@@ -477,11 +397,19 @@ def fit_global(
     shared0: torch.Tensor,
     opts: LMOptions,
     on_iter: Callable[[int], bool] | None = None,
+    *,
+    damping: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GroupFit:
     """One LM on the stacked problem (per-group and shared parameters), each step by
-    `schur_solve`. Groups with too few points are left out of it (failed, at their start)."""
+    `schur_solve`. Groups with too few points are left out of it (failed, at their start).
+    `damping`: the start damping (None: ``opts.damping``); `on_iter(it)` and `should_stop()`
+    are asked once per iteration, and on True the fit stops with its current values and
+    damping (completed, "interrupted"), which a later call can continue from."""
     with _threads(theta0.device):
-        return _fit_global(model, layout, data, theta0, shared0, opts, on_iter)
+        return _fit_global(
+            model, layout, data, theta0, shared0, opts, on_iter, damping, should_stop
+        )
 
 
 def _fit_global(
@@ -492,6 +420,8 @@ def _fit_global(
     shared0: torch.Tensor,
     opts: LMOptions,
     on_iter: Callable[[int], bool] | None = None,
+    damping: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GroupFit:
     g, q = theta0.shape
     f64 = torch.float64
@@ -505,7 +435,7 @@ def _fit_global(
     theta_all = theta0.detach().clone()
     theta = theta0[keep].detach().clone()
     shared = shared0.detach().clone()
-    lam, nu = opts.damping, 2.0
+    lam, nu = opts.damping if damping is None else float(damping), 2.0
     scale_g = torch.zeros_like(theta, dtype=f64)
     scale_s = torch.zeros_like(shared, dtype=f64)
     polish_norm: float | None = None
@@ -548,8 +478,8 @@ def _fit_global(
                 break
         assert u is not None and w is not None and v is not None and a is not None and b is not None
         history.append(cost)
-        if on_iter is not None and on_iter(it):
-            why, failed = f"stopped after {it} iterations", True
+        if (on_iter is not None and on_iter(it)) or (should_stop is not None and should_stop()):
+            why, failed = f"interrupted after {it} iterations", None
             break
         n_iter += 1
         sg, ss = 1.0 / torch.sqrt(scale_g), 1.0 / torch.sqrt(scale_s)
@@ -617,7 +547,9 @@ def _fit_global(
     rss_all = residual_ss(model, layout, data, theta_all, shared).cpu().numpy()
     rss_all[few] = math.nan
     iters = np.where(few, 0, n_iter)
-    return GroupFit(theta_all, shared, status, reason, iters, rss_all, history)
+    return GroupFit(
+        theta_all, shared, status, reason, iters, rss_all, history, damping=np.full(g, lam)
+    )
 
 
 # -- error bars --------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Intervals beyond the covariance: profile likelihood and bootstrap, as batched refits.
 
 Both methods are many least-squares refits of the same model; here they run as one tensor
-program with a leading lane dimension (`_refit`: Levenberg-Marquardt over ``theta [B, p]``,
+program with a leading lane dimension (`_refit`: `fitcli.lm_batch.solve` over ``theta [B, p]``,
 each lane with its own data weights, its own y and its own held parameter), so that their cost
 is a few dozen batched model evaluations instead of hundreds of sequential fits.
 
@@ -33,6 +33,7 @@ Pure: no printing, no files. Least squares only (the F-test and the residuals as
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -42,8 +43,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from fitcli import lm_batch
 from fitcli.errors import InputError
 from fitcli.lm import one_thread, rowwise_ok
+from fitcli.lm_batch import LMOptions
 from fitcli.model import ExprModel, FitModel, model_function
 
 METHODS = ("covariance", "profile", "bootstrap")
@@ -63,6 +66,8 @@ PROFILE_RTOL = 1e-7
 MAX_PROFILE_STEPS = 200
 # A profile refit not converged after this many iterations counts as beyond the end.
 PROFILE_ITER = 40
+# The start damping of a profile refit at a new point (a warm start near its minimum).
+PROFILE_DAMPING = 1e-6
 # Rounds of PROFILE_ITER iterations a refit above the target may take before it counts as
 # beyond the end.
 STALLS = 3
@@ -110,8 +115,8 @@ class Problem:
                 for k in range(self.p)
             ]
             with torch.enable_grad():
-                # An expression takes its output's shape from x: x for every lane.
-                x = self.x.expand(b, self.n) if isinstance(self.model, ExprModel) else self.x
+                # An expression takes its output's shape from x: x (n, or n x k) for every lane.
+                x = self.x.expand(b, *self.x.shape) if isinstance(self.model, ExprModel) else self.x
                 m = self._fn(leaves, x).expand(b, self.n)
                 grads = torch.autograd.grad(m.sum(), leaves, allow_unused=True)
             cols = [torch.zeros_like(m) if g is None else g for g in grads]
@@ -135,43 +140,31 @@ class Problem:
 
 class _Lanes:
     """Each lane's weighted observations ``w * y`` and weights ``w``: [n] when shared, [B, n]
-    when each lane has its own (bootstrap), as torch tensors; what `_refit` evaluates."""
+    when each lane has its own (bootstrap), as torch tensors; the lanes of
+    `fitcli.lm_batch.solve`."""
 
     def __init__(self, prob: Problem, wy: torch.Tensor, w: torch.Tensor | None) -> None:
         self.prob, self.wy, self.w = prob, wy, w
 
-    def _take(self, t: torch.Tensor | None, idx: np.ndarray | None) -> torch.Tensor | None:
-        if t is None or t.dim() == 1 or idx is None:
-            return t
-        return t[torch.from_numpy(idx)]
+    def take(self, idx: torch.Tensor) -> _Lanes:
+        pick = lambda t: t if t is None or t.dim() == 1 else t[idx]  # noqa: E731
+        return _Lanes(self.prob, pick(self.wy), pick(self.w))
 
-    def equations(
-        self, theta: np.ndarray, idx: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(J^T J [B, p, p], J^T r [B, p], 0.5 * RSS [B]) at theta for the lanes idx (None:
-        all), J the Jacobian of ``w * f``."""
-        m, jac = self.prob.jacobian(torch.from_numpy(theta))
-        w = self._take(self.w, idx)
-        if w is not None:
-            m = m * w
-            jac = jac * w[..., None]
-        wy = self._take(self.wy, idx)
-        assert wy is not None
-        r = wy - m
-        jt = jac.transpose(1, 2)
-        jtj = (jt @ jac).numpy()
-        jtr = (jt @ r[..., None])[..., 0].numpy()
-        return jtj, jtr, 0.5 * (r * r).sum(-1).numpy()
+    def linearize(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w y - w f [B, n], d (w f) / d theta [B, n, p]) at theta [B, p]."""
+        m, jac = self.prob.jacobian(theta)
+        if self.w is not None:
+            m = m * self.w
+            jac = jac * self.w[..., None]
+        return self.wy - m, jac
 
     def cost(self, theta: np.ndarray, idx: np.ndarray | None) -> np.ndarray:
         """0.5 * RSS [B] at theta for the lanes idx (None: all)."""
+        lanes = self if idx is None else self.take(torch.from_numpy(idx))
         m = self.prob.values(torch.from_numpy(theta))
-        w = self._take(self.w, idx)
-        if w is not None:
-            m = m * w
-        wy = self._take(self.wy, idx)
-        assert wy is not None
-        r = wy - m
+        if lanes.w is not None:
+            m = m * lanes.w
+        r = lanes.wy - m
         return 0.5 * (r * r).sum(-1).numpy()
 
 
@@ -184,6 +177,7 @@ class Refit:
     jtj: np.ndarray  # [B, p, p] of all parameters (held ones included), at theta
     jtr: np.ndarray  # [B, p]
     converged: np.ndarray  # [B] bool
+    damping: np.ndarray  # [B] where each lane's LM ended (to continue it)
 
 
 def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -208,76 +202,51 @@ def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return z / d
 
 
+def _inverse(jtj: np.ndarray) -> np.ndarray:
+    """(J^T J)^-1 [p, p], the pseudo-inverse taken in unit-diagonal scaling: unscaled, its
+    cut-off relative to the largest eigenvalue drops the variance of a parameter whose column
+    is small next to another's (Misra1c's b1, 1e-13 of b2's diagonal)."""
+    d = np.sqrt(np.maximum(np.diagonal(jtj), 1e-300))
+    scaled = np.linalg.pinv(jtj / d[:, None] / d[None, :], hermitian=True)
+    return scaled / d[:, None] / d[None, :]
+
+
+# A refit's LM: the only tests are its decrement tolerance and the rounding level of polished
+# Gauss-Newton steps (ftol, xtol and gtol off).
+REFIT = LMOptions(ftol=0.0, xtol=0.0, gtol=0.0, damping=1e-3, max_iter=MAX_REFIT_ITER)
+
+
 def _refit(
     lanes: _Lanes,
     theta: np.ndarray,
     free: np.ndarray,
     tol: np.ndarray,
     *,
-    damping: float = 1e-3,
+    damping: float | np.ndarray = 1e-3,
     max_iter: int = MAX_REFIT_ITER,
 ) -> Refit:
-    """Levenberg-Marquardt on every lane at once: minimize ``|w y - w f(theta)|^2`` over the
-    entries of theta [B, p] where `free` [B, p] is True (the others stay as given).
-
-    Nielsen's damping update per lane, on the unit-diagonal scaled normal equations (the held
-    parameters' rows and columns replaced by the identity). A lane stops when its Gauss-Newton
-    step would lower 0.5*RSS by at most `tol` [B] (converged), when its damping exceeds 1e16,
-    or after `max_iter` iterations (both: not converged). Only lanes whose theta moved get a
-    new Jacobian. The model runs in torch; the bookkeeping of a few numbers per lane in numpy,
-    whose per-call cost is a fraction of torch's at these sizes.
-    """
-    theta = np.array(theta, dtype=np.float64)
-    nb, p = theta.shape
-    jtj = np.zeros((nb, p, p))
-    jtr = np.zeros((nb, p))
-    cost = np.full(nb, np.inf)
-    lam = np.full(nb, damping)
-    nu = np.full(nb, 2.0)
-    active = np.ones(nb, dtype=bool)
-    converged = np.zeros(nb, dtype=bool)
-    fmask = free.astype(np.float64)
-    held = np.eye(p)[None, :, :] * (1.0 - fmask)[:, :, None]
-    need: np.ndarray | None = np.arange(nb)
-    everyone = np.arange(nb)
-    with np.errstate(all="ignore"):
-        for _ in range(max_iter):
-            if need is not None and need.size:
-                sel = None if need.size == nb else need
-                jtj[need], jtr[need], cost[need] = lanes.equations(theta[need], sel)
-            idx = everyone[active]
-            if not idx.size:
-                break
-            f = fmask[idx]
-            a = jtj[idx] * f[:, :, None] * f[:, None, :] + held[idx]
-            g = jtr[idx] * f
-            gn = _solve(a, g)
-            decrement = 0.5 * (gn * g).sum(-1)
-            ok = np.isfinite(cost[idx]) & np.isfinite(decrement)
-            done = ok & (decrement <= tol[idx])
-            converged[idx[done]] = True
-            active[idx[done | ~ok]] = False
-            go = ~done & ok
-            idx = idx[go]
-            if not idx.size:
-                break
-            a, g = a[go], g[go]
-            diag = np.diagonal(a, axis1=-2, axis2=-1)
-            damped = a + lam[idx, None, None] * (np.eye(p)[None] * diag[:, None, :])
-            delta = _solve(damped, g)
-            pred = (delta * g).sum(-1) - 0.5 * np.einsum("bi,bij,bj->b", delta, a, delta)
-            trial = theta[idx] + delta
-            cost_t = lanes.cost(trial, None if idx.size == nb else idx)
-            gain = cost[idx] - cost_t
-            accept = np.isfinite(cost_t) & (gain > 0)
-            rho = gain / np.maximum(pred, 1e-300)
-            factor = np.maximum(1 - (2 * rho - 1) ** 3, 1 / 3)
-            lam[idx] = np.where(accept, lam[idx] * factor, lam[idx] * nu[idx])
-            nu[idx] = np.where(accept, 2.0, nu[idx] * 2)
-            theta[idx[accept]] = trial[accept]
-            active[idx[lam[idx] > 1e16]] = False
-            need = idx[accept]
-    return Refit(theta, 2 * cost, jtj, jtr, converged)
+    """Minimize ``|w y - w f(theta)|^2`` on every lane at once (`fitcli.lm_batch.solve`) over
+    the entries of theta [B, p] where `free` [B, p] is True (the others stay as given). A
+    lane converges where its Gauss-Newton step would lower 0.5*RSS by at most `tol` [B] (or
+    its polished steps reach rounding level); damping too large or `max_iter` iterations
+    leave it unconverged."""
+    lam = np.broadcast_to(np.asarray(damping, dtype=np.float64), theta.shape[:1]).copy()
+    sol = lm_batch.solve(
+        lanes,
+        torch.from_numpy(np.array(theta, dtype=np.float64)),
+        dataclasses.replace(REFIT, max_iter=max_iter),
+        free=torch.from_numpy(np.asarray(free, dtype=bool)),
+        damping=torch.from_numpy(lam),
+        decrement_tol=torch.from_numpy(np.asarray(tol, dtype=np.float64)),
+    )
+    return Refit(
+        sol.theta.numpy(),
+        2 * sol.cost.numpy(),
+        sol.jtj.numpy(),
+        sol.jtr.numpy(),
+        sol.converged().numpy(),
+        sol.damping.numpy(),
+    )
 
 
 def _batches(n: int, p: int, lanes: int) -> int:
@@ -328,7 +297,7 @@ def _estimate_doc(prob: Problem, fit: Refit) -> tuple[dict[str, float], list[str
     # Standard errors in external units by the delta method through the bounds' transform.
     h = 1e-7 * np.maximum(np.abs(fit.theta[0]), 1.0)
     slope = (prob.external(fit.theta + np.diag(h)) - est) / h
-    cov = np.linalg.pinv(fit.jtj[0], hermitian=True)
+    cov = _inverse(fit.jtj[0])
     s2 = float(fit.rss[0]) / (prob.n - prob.p)
     se = np.sqrt(np.maximum(s2 * np.diagonal(cov), 0.0)) * np.abs(np.diagonal(slope))
     moved = [n for k, n in enumerate(names) if abs(est[k] - fitted[k]) > 0.01 * se[k]]
@@ -362,7 +331,7 @@ def _profile(prob: Problem, fit: Refit, levs: list[float]) -> dict[str, Any]:
     estimate, notes = _estimate_doc(prob, fit)
     s_min = float(fit.rss[0])
     hat = fit.theta[0]
-    cov = np.linalg.pinv(fit.jtj[0], hermitian=True)  # (J^T J)^-1 in internal coordinates
+    cov = _inverse(fit.jtj[0])  # (J^T J)^-1 in internal coordinates
     # Lanes: (parameter, direction, level).
     lanes = [(i, d, lv) for i in range(p) for d in (-1.0, 1.0) for lv in levs]
     nb = len(lanes)
@@ -400,12 +369,13 @@ def _profile(prob: Problem, fit: Refit, levs: list[float]) -> dict[str, Any]:
     anchor = np.repeat(hat[None, :], nb, axis=0)
     anchor_slope = slope.copy()
     anchor_dist = np.zeros(nb)
+    lam = np.full(nb, PROFILE_DAMPING)
     for _ in range(MAX_PROFILE_STEPS):
         idx = rows_all[active]
         if not idx.size:
             break
         res = _refit(
-            lanes_data, theta[idx], free[idx], tol[idx], damping=1e-6, max_iter=PROFILE_ITER
+            lanes_data, theta[idx], free[idx], tol[idx], damping=lam[idx], max_iter=PROFILE_ITER
         )
         theta[idx] = res.theta
         k = par[idx]
@@ -429,6 +399,8 @@ def _profile(prob: Problem, fit: Refit, levs: list[float]) -> dict[str, Any]:
             beyond = conv & ~inside & (h <= 2 * g)
             back = ~inside & ~pending & ~beyond
             stalls[idx[~pending]] = 0
+            # A refit that goes on continues its LM where it stopped, damping included.
+            lam[idx] = np.where(pending, res.damping, PROFILE_DAMPING)
             now = dist[idx]
             inner[idx] = np.where(inside, np.maximum(inner[idx], now), inner[idx])
             outer[idx] = np.where(beyond, np.minimum(outer[idx], now), outer[idx])

@@ -364,6 +364,7 @@ def snapshot_page(
             y=y,
             y_fit=np.asarray(y_fit, dtype=np.float64),
             left_out=left_out,
+            bands=bands,
         )
         return to_html(
             fig, plotlyjs, depth=1, title=f"{name} epoch {epoch}", div_id=f"fitcli-epoch-{epoch}"
@@ -455,10 +456,13 @@ def variables_figure(
     y: np.ndarray,
     y_fit: np.ndarray,
     left_out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    bands: dict | None = None,
 ) -> dict:
     """The fit of several variables at the data points. Two variables: observed and fitted
     against each (top) with the residuals below, and a heatmap of the fit when the points lie
-    on a grid; more: observed against fitted, and the residuals against fitted."""
+    on a grid; more: observed against fitted, and the residuals against fitted. With `bands`
+    (a `fitcli.bands.band_set` at the same points) the confidence bands are error bars on the
+    fitted markers of each panel (`point_band_traces`)."""
     sl, note = downsample(len(y))
     resid = y - y_fit
     data: list[dict] = []
@@ -525,6 +529,12 @@ def variables_figure(
         else:
             against, label = y_fit, "fitted"
         res = {"size": 4, "color": "#636efa"}
+        if bands is not None:
+            top = point_band_traces(bands, against)
+            below = point_band_traces(bands, against, residual=True)
+            data += [{**t, **axes(c, 1)} for t in top] + [{**t, **axes(c, 2)} for t in below]
+            if c == 0:
+                data += [{**t, **axes(c, 2)} for t in band_legend(below)]
         data.append(markers(c, against, "observed" + note, y, obs, "obs", 1))
         data.append(markers(c, against, "fit", y_fit, fit, "fit", 1))
         data.append(markers(c, against, "residual", resid, res, "res", 2))
@@ -556,6 +566,82 @@ def variables_figure(
         layout[f"xaxis{2 * c + 1}"]["title"] = {"text": text(variables[0])}
         layout[f"yaxis{2 * c + 1}"]["title"] = {"text": text(variables[1])}
     return {"data": data, "layout": layout}
+
+
+BAND_POINTS = 1000  # error bars drawn per band trace of a model of several variables, at most
+
+
+def point_band_traces(bands: dict, against: np.ndarray, *, residual: bool = False) -> list[dict]:
+    """The bands of a `fitcli.bands.band_set` at the data points (a model of several variables)
+    as error bars drawn against `against` (a variable, or the fit): on the fitted values (the
+    band's own `fit` column), each
+    confidence band (widest first and thinnest); with `residual`, about zero for the residual
+    panel, the widest prediction band too (where a new observation's residual falls), in grey.
+    At most BAND_POINTS points per trace (an even stride). The traces have no legend entry:
+    `band_legend` gives each band one, which hides it in every panel when clicked."""
+    from fitcli.bands import level_tag
+
+    cols, levels = bands["grid"], sorted(bands["levels"], reverse=True)
+    fit = cols["fit"]
+    sl, note = downsample(len(fit), BAND_POINTS)
+    centre = np.zeros_like(fit) if residual else fit
+    kinds = (("pred", levels[:1]), ("conf", levels)) if residual else (("conf", levels),)
+    out = []
+    for kind, shown in kinds:
+        for k, level in enumerate(shown):
+            tag = level_tag(level)
+            lower, upper = cols.get(f"{kind}_lower_{tag}"), cols.get(f"{kind}_upper_{tag}")
+            if lower is None or upper is None:
+                continue
+            word = "confidence" if kind == "conf" else "prediction"
+            color = "rgba(120,120,120,0.55)" if kind == "pred" else FIT
+            thickness = 1 + 1.5 * k if kind == "conf" else 1
+            out.append(
+                {
+                    "type": "scatter",
+                    "mode": "markers",
+                    "name": f"{level * 100:.4g}% {word} band{note}",
+                    "x": typed(against[sl]),
+                    "y": typed(centre[sl]),
+                    "marker": {"size": 1, "color": "rgba(0,0,0,0)"},  # the error bar is the band
+                    "error_y": {
+                        "type": "data",
+                        "symmetric": False,
+                        "array": typed((upper - fit)[sl]),
+                        "arrayminus": typed((fit - lower)[sl]),
+                        "visible": True,
+                        "color": color,
+                        "thickness": thickness,
+                        "width": 0,
+                    },
+                    "legendgroup": f"{kind}_{tag}",
+                    "showlegend": False,
+                    "hoverinfo": "skip",
+                }
+            )
+    return out
+
+
+def band_legend(traces: list[dict]) -> list[dict]:
+    """One legend entry per band of `point_band_traces`' traces: an empty line trace of the
+    band's colour and width in its legend group (an error-bar trace shows no symbol there)."""
+    seen: dict[str, dict] = {}
+    for t in traces:
+        bar = t["error_y"]
+        seen.setdefault(
+            t["legendgroup"],
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": t["name"].split(" (every")[0],
+                "x": [None],
+                "y": [None],
+                "line": {"color": bar["color"], "width": bar["thickness"] + 1},
+                "legendgroup": t["legendgroup"],
+                "hoverinfo": "skip",
+            },
+        )
+    return list(seen.values())
 
 
 # -- the report and comparison pages ---------------------------------------------------------
@@ -1124,6 +1210,41 @@ def _band_trace(x: np.ndarray, lower: np.ndarray, upper: np.ndarray, name: str, 
         "line": {"width": 0},
         "hoverinfo": "skip",
     }
+
+
+def paper_variables_figure(
+    *,
+    variables: tuple[str, ...],
+    x: np.ndarray,
+    y: np.ndarray,
+    y_fit: np.ndarray,
+    bands: dict | None = None,
+) -> dict:
+    """The final fit of a model of several variables as a static figure: the panels of
+    `variables_figure` (observed and fitted against each variable with the residuals beneath,
+    the fit's heatmap on a grid; or observed against fitted), with its bands as error bars,
+    in the paper style of `paper_fit_figure`: white, framed, no title."""
+    fig = variables_figure(title="", variables=variables, x=x, y=y, y_fit=y_fit, bands=bands)
+    layout = fig["layout"]
+    for key in [k for k in layout if k in STYLE]:
+        del layout[key]
+    layout.pop("title", None)
+    layout.update(PAPER_STYLE)
+    for key, axis in layout.items():
+        if not key.startswith(("xaxis", "yaxis")):
+            continue
+        for style_key in AXIS:
+            axis.pop(style_key, None)
+        axis.update(PAPER_AXIS)
+        if key.startswith("xaxis"):
+            lo, hi = axis.get("domain", [0.0, 1.0])
+            # Wider gaps between columns: the paper font's tick labels and titles need them.
+            axis["domain"] = [lo + 0.03 if lo > 0.05 else lo, hi - 0.03 if hi < 0.95 else hi]
+            # A panel with residuals beneath names its variable once, under the residuals.
+            k = int(key[5:] or 1)
+            if k % 2 and f"xaxis{k + 1}" in layout:
+                axis.pop("title", None)
+    return fig
 
 
 def paper_fit_figure(

@@ -427,8 +427,10 @@ def bands_section(run: Run, fig: _Figures) -> list[str]:
         return [f'{head}<p class="note">No bands: {_e(why)}</p></section>']
     grid, d = run.bands["grid"], run.data
     epoch, params = run.final_params
-    order = np.argsort(d["x"], kind="stable")
     final_loss = run.summary.get("final_loss")
+    if len(run.variables) > 1:
+        return _point_bands_section(run, record, head, fig)
+    order = np.argsort(d["x"], kind="stable")
     figure = plots.snapshot_figure(
         name=run.name,
         epoch=epoch,
@@ -457,6 +459,37 @@ def bands_section(run: Run, fig: _Figures) -> list[str]:
     elif record.get("prediction_skipped"):
         text += f" No prediction band: {record['prediction_skipped']}."
     return [f"{head}{fig(figure, 'fitcli-bands', 560)}<p>{_e(text)}</p></section>"]
+
+
+def _point_bands_section(run: Run, record: dict, head: str, fig: _Figures) -> list[str]:
+    """`bands_section` of a model of several variables: the final fit at the data points with
+    its bands as error bars on the fitted markers (`plots.variables_figure`)."""
+    assert run.bands is not None
+    grid, d = run.bands["grid"], run.data
+    epoch, _ = run.final_params
+    figure = plots.variables_figure(
+        title=f"{_e(run.name)}: the final fit (epoch {epoch}) with its bands",
+        variables=run.variables,
+        x=d["x"],
+        y=d["y"],
+        y_fit=grid["fit"],
+        bands=run.bands,
+    )
+    text = (
+        "Error bars on the fitted values (top): the pointwise confidence band of the fit at "
+        "each data point (where the true model lies with that probability if the model is "
+        "right); the same about zero in the residual panels, with, in grey, the prediction band "
+        "of a new observation there (a residual outside it is unusually large). Every level's "
+        f"bands are in {files.BANDS} at every data point. Delta method with the exact Jacobian "
+        f"of the model at the fitted parameters, {_quantile_text(record)}."
+    )
+    return [f"{head}{fig(figure, 'fitcli-bands', 620)}<p>{_e(text)}</p></section>"]
+
+
+def _quantile_text(record: dict) -> str:
+    if record.get("quantile") == "student_t":
+        return f"Student's t quantile with {_g(record.get('dof'))} degrees of freedom"
+    return "the normal quantile (sigma is absolute)"
 
 
 def compare_page(runs: list[Run], plotlyjs_src: str) -> str:

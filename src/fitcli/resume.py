@@ -117,7 +117,7 @@ class ResumePoint:
     """Where a resumed run starts: the saved state, the run's previous summary and its overrides."""
 
     run_dir: Path
-    saved: SavedState
+    saved: Any  # SavedState; a grouped run's: rundir.group_state.GroupState
     summary: dict
     overrides: list[str]
     notes: list[str]
@@ -170,19 +170,22 @@ def prepare_resume(run_dir: Path, overrides: list[str]) -> tuple[Any, ResumePoin
     except RunFileError as exc:
         raise ResumeError(f"cannot resume {run_dir}: {exc}") from None
     status = summary.get("status") if isinstance(summary, dict) else None
-    if isinstance(summary, dict) and "groups" in summary:
-        raise ResumeError(
-            f"cannot resume {run_dir}: it is a grouped run (data in groups), which cannot be "
-            f"resumed; run it again: fitcli train {run_dir / files.CONFIG}"
-        )
     writer_note = _check_writer_gone(run_dir, summary) if status == RunStatus.RUNNING else None
-    if status == RunStatus.COMPLETED:
+    grouped = isinstance(summary, dict) and "groups" in summary  # a grouped run's summary
+    if status == RunStatus.COMPLETED or (
+        grouped and status == RunStatus.FAILED and "groups_failed" in summary
+    ):  # a grouped run whose fit ended with failed groups has ended as well
         raise ResumeError(
             f"{run_dir} has already completed ({summary.get('epochs_run')} epochs); "
             "nothing to resume. Start a new run, e.g. fitcli train "
             f"{run_dir / files.CONFIG} epochs=N"
         )
-    saved = load_state(run_dir)
+    if grouped:
+        from fitcli.rundir.group_state import load_group_state
+
+        saved: Any = load_group_state(run_dir)
+    else:
+        saved = load_state(run_dir)
     files.read_run_file(run_dir, files.CONFIG)  # a regular file of the run (load_config reads it)
     cfg = load_config(run_dir / files.CONFIG, overrides)
     new = config_to_dict(cfg)
@@ -198,6 +201,13 @@ def prepare_resume(run_dir: Path, overrides: list[str]) -> tuple[Any, ResumePoin
             f"{run_dir} is saved at epoch {saved.epoch}, beyond epochs={cfg.epochs}; "
             f"give epochs={saved.epoch} or more"
         )
+    if grouped:
+        _check_group_files(run_dir, saved)
+        prep = prepare(cfg)
+        notes = _restore_grouped(run_dir, prep, summary, saved, _same_optimizer(new, saved.config))
+        if writer_note is not None:
+            notes.insert(0, writer_note)
+        return prep, ResumePoint(run_dir, saved, summary, list(overrides), notes, [])
     prep = prepare(cfg)
     _check_data(run_dir, prep, summary)
     snapshots = snapshot_entries(run_dir, saved.epoch)
@@ -241,6 +251,100 @@ def _same(new: dict, old: dict, key: str) -> bool:
 
 def _same_optimizer(new: dict, old: dict) -> bool:
     return _same(new, old, "optimizer") and _same(new, old, "scheduler")
+
+
+def _check_group_files(run_dir: Path, saved: Any) -> None:
+    """The files of `data.files` must be those the grouped run fitted, unchanged: the list or
+    glob matching the same paths, each with its recorded digest. Names the file at fault."""
+    if saved.data_files is None:
+        return
+    from fitcli.data import file_digest
+    from fitcli.errors import DataError
+    from fitcli.groups_data import expand_files
+
+    spec = saved.config.get("data", {}).get("files")
+    try:
+        now = [str(p) for p in expand_files(spec)]
+    except DataError as exc:
+        raise ResumeError(f"cannot resume {run_dir}: {exc}") from None
+    before = dict(saved.data_files)
+    new = [p for p in now if p not in before]
+    gone = [p for p in before if p not in now]
+    if new or gone:
+        what = "; ".join([*(f"{p} is new" for p in new[:3]), *(f"{p} is gone" for p in gone[:3])])
+        raise ResumeError(
+            f"cannot resume {run_dir}: data.files {spec!r} no longer gives the files the run "
+            f"fitted ({what}); start a new run"
+        )
+    for path in now:
+        try:
+            digest = file_digest(Path(path))
+        except OSError as exc:
+            raise ResumeError(f"cannot resume {run_dir}: cannot read {path}: {exc}") from None
+        if digest != before[path]:
+            raise ResumeError(
+                f"cannot resume {run_dir}: the data file {path} changed since the run started "
+                f"(its digest is not the {before[path]} recorded in {STATE_FILE}); start a "
+                "new run"
+            )
+
+
+def _restore_grouped(
+    run_dir: Path, prep: Any, summary: dict, saved: Any, same_optimizer: bool
+) -> list[str]:
+    """Check a grouped run's saved state against its freshly prepared run (the data's digest,
+    how the groups are fitted, the shapes of the values); the notes for the user. A gradient
+    optimizer's state is kept only when its config is unchanged and finite."""
+    from fitcli.grouped_run import kind_of
+
+    ds = prep.dataset
+    recorded = summary.get("data_digest")
+    if recorded is not None and ds.digest is not None and recorded != ds.digest:
+        raise ResumeError(
+            f"cannot resume {run_dir}: the data file {ds.source} changed since the run started "
+            f"(its digest is not the {recorded} recorded in {files.SUMMARY}); start a new run"
+        )
+    kind = kind_of(prep)
+    if saved.kind != kind:
+        raise ResumeError(
+            f"cannot resume {run_dir}: its state is of a {saved.kind} fit and this config makes "
+            f"a {kind} one (optimizer changed); resume with the run's optimizer or start a new run"
+        )
+    want = (prep.packed.groups, len(prep.per_group))
+    if tuple(saved.theta.shape) != want or saved.shared.numel() != len(prep.shared):
+        raise ResumeError(
+            f"cannot resume {run_dir}: the saved state holds {tuple(saved.theta.shape)} "
+            f"per-group and {saved.shared.numel()} shared values, the run {want} and "
+            f"{len(prep.shared)}; start a new run"
+        )
+    saved.theta = saved.theta.to(dtype=prep.dtype, device=prep.device)
+    saved.shared = saved.shared.to(dtype=prep.dtype, device=prep.device)
+    notes: list[str] = []
+    if saved.optimizer is not None:
+        if not same_optimizer:
+            notes.append("the optimizer or scheduler changed: their state starts afresh")
+        elif not _all_finite(saved.optimizer):
+            notes.append("the saved optimizer state is not finite: it starts afresh")
+        if notes:
+            saved.optimizer = None
+    if saved.optimizer is not None:
+        import torch
+
+        from fitcli import optim
+
+        params: list[torch.Tensor] = [
+            torch.nn.Parameter(saved.theta.clone()),
+            torch.nn.Parameter(saved.shared.clone()),
+        ]
+        opt = optim.build_optimizer(prep.cfg.optimizer, params)
+        sched = optim.build_scheduler(prep.cfg.scheduler, opt)
+        try:
+            opt.load_state_dict(saved.optimizer.get("optimizer"))
+            if sched is not None and saved.optimizer.get("scheduler") is not None:
+                sched.load_state_dict(saved.optimizer["scheduler"])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as exc:
+            raise ResumeError(f"the saved optimizer state does not fit this run: {exc}") from None
+    return notes
 
 
 def _check_data(run_dir: Path, prep: Any, summary: dict) -> None:

@@ -48,7 +48,10 @@ def _set(root: dict, path: tuple[str, ...], value: Any) -> str | None:
     for i, part in enumerate(path):
         here = path[:i]
         _, keys, open_ = _section(here)
-        if not open_ and part not in keys:
+        # A key the config itself has where the schema allows named entries (`data.x.u`,
+        # a grid variable beside the one grid's start/stop/num) is a key here too.
+        named = isinstance(node, dict) and part in node and _section((*here, part))[0]
+        if not open_ and part not in keys and not named:
             choices = [k for k in dict.fromkeys([*keys, *node]) if k != part]
             match = difflib.get_close_matches(part, choices, n=1)
             hint = (

@@ -493,7 +493,7 @@ def read_run(run_dir: Path) -> Run:
             "trajectories"
         )
     left_out = _read_left_out(run_dir, x_cols) if (run_dir / files.LEFT_OUT).exists() else None
-    bands = _read_bands(run_dir, summary, len(data["x"]))
+    bands = _read_bands(run_dir, summary, data["x"])
     return Run(
         run_dir,
         summary,
@@ -532,9 +532,11 @@ def _read_left_out(run_dir: Path, x_cols: list[str]) -> tuple[np.ndarray, np.nda
     return x, table[:, k], np.array(reasons)
 
 
-def _read_bands(run_dir: Path, summary: dict, n: int) -> dict[str, Any] | None:
+def _read_bands(run_dir: Path, summary: dict, x: np.ndarray) -> dict[str, Any] | None:
     """bands.csv (and bands_data.csv) as summary.json's `bands` describes them, checked: the
-    columns its levels name, at most FIT_GRID rows (bands_data.csv: one per data point)."""
+    columns its levels name, at most FIT_GRID rows (bands_data.csv, and bands.csv of a model of
+    several variables: one per data point, the data's `x`)."""
+    n = len(x)
     from fitcli import bands
 
     record = summary.get("bands")
@@ -551,6 +553,9 @@ def _read_bands(run_dir: Path, summary: dict, n: int) -> dict[str, Any] | None:
     prediction = record.get("prediction")
     if prediction not in (files.BANDS, files.BANDS_DATA, None):
         raise RunFileError(f"{where}.prediction {_short(str(prediction))} is not a bands file)")
+    variables = summary.get("variables")
+    if isinstance(variables, list) and len(variables) > 1:
+        return _read_point_bands(run_dir, record, levels, [str(v) for v in variables], x)
     header = ["x", "fit", *bands.column_names(levels, prediction=prediction == files.BANDS)]
     limit = files.csv_limit(files.FIT_GRID, len(header))
     grid = _read_csv(run_dir, files.BANDS, header=header, limit=limit)
@@ -570,6 +575,32 @@ def _read_bands(run_dir: Path, summary: dict, n: int) -> dict[str, Any] | None:
                 f"{files.DATA} has {n} (truncated?)"
             )
     return bands.band_set(grid, levels, points)
+
+
+def _read_point_bands(
+    run_dir: Path, record: dict, levels: list, variables: list[str], x: np.ndarray
+) -> dict[str, Any]:
+    """bands.csv of a model of several variables: the variables' columns, fit and the bands at
+    the data points, one row per row of the data (the same points, checked)."""
+    from fitcli import bands
+
+    path = run_dir / files.BANDS
+    if record.get("prediction") != files.BANDS:
+        raise RunFileError(
+            f"{run_dir / files.SUMMARY}: garbled (bands.prediction of a model of several "
+            f"variables is {files.BANDS})"
+        )
+    header = bands.file_header(variables, levels)
+    table = _read_csv(
+        run_dir, files.BANDS, header=header, limit=files.csv_limit(len(x), len(header))
+    )
+    at = np.column_stack([table[v] for v in variables])
+    if at.shape != x.shape or not np.array_equal(at, x):
+        raise RunFileError(
+            f"{path}: its points are not those of {files.DATA} ({len(at)} rows for "
+            f"{len(x)}; from another run?)"
+        )
+    return bands.band_set(table, levels)
 
 
 def check_plotly_js(path: Path) -> None:

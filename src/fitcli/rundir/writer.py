@@ -280,10 +280,6 @@ class RunWriter:
         if not levels:
             summary["bands"] = {"levels": [], "skipped": "report.levels is empty"}
             return
-        if ds.x.ndim == 2:
-            why = "bands of a model of several variables are not computed yet"
-            summary["bands"] = {"levels": levels, "skipped": why}
-            return
         from fitcli.lm import one_thread
 
         model = prep.model
@@ -293,7 +289,16 @@ class RunWriter:
             # Small tensors (the grid, the data points up to bands.DATA_POINTS_LIMIT): on busy
             # cores more threads only wait for each other.
             with one_thread():
-                found = bands.for_run(model, summary, self.grid, ds.x, ds.sigma, levels)
+                found = bands.for_run(
+                    model,
+                    summary,
+                    self.grid,
+                    ds.x,
+                    ds.sigma,
+                    levels,
+                    ds.variables,
+                    absolute_sigma=prep.cfg.data.absolute_sigma is not False,
+                )
         except Exception as exc:  # the bands are a report, not the fit: say why they are missing
             found = bands.RunBands(
                 None,
