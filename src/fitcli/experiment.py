@@ -119,9 +119,10 @@ def execute(
         conclude(prep, result, summary, t0=t0, stopped_by=stopped_by)
         if prep.lm:
             fill_converged_snapshots(writer, prep, result, bool(summary.get("converged")))
-        writer.flush()
-        # After the last snapshot page: it is drawn again with the bands of the final fit.
+        # After the last snapshot page: it is drawn again with the bands of the final fit (or,
+        # held back by `defer_state`, drawn once with them before `flush` writes the state).
         writer.bands(summary)  # needs the error bars; summary.json says what it wrote
+        writer.flush()
         if "params" in summary.get("intervals", {}):
             files.write_json(run_dir / files.INTERVALS, summary["intervals"])
         files.write_json(run_dir / files.SUMMARY, summary)
