@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FITCLI = str(ROOT / ".venv" / "bin" / "fitcli")
+FITCLI = str(Path(sys.executable).parent / "fitcli")  # the environment running this script
 CONFIG = "configs/seed.yaml"
 LRS = ["0.001", "0.002", "0.003", "0.005", "0.007", "0.01", "0.012", "0.015", "0.02", "0.03"]
 

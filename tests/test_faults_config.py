@@ -305,8 +305,10 @@ def values(stem: str, cfg: dict) -> list[Mutation]:
         else:  # null or a boolean: `scheduler: null`
             wrong = ["text", 5, [1]]
         for w in wrong:
-            if w is None and (path == ("scheduler",) or path[:2] == ("data", "columns")):
-                continue  # null means "none" or "the default" there
+            if w is None and (
+                path == ("scheduler",) or path[:2] == ("data", "columns") or path[0] == "report"
+            ):
+                continue  # null means "none" or "the default" there (report: the column name)
             out.append(
                 Mutation("wrong value", f"{stem}: {dotted} = {w!r}", dump(with_value(cfg, path, w)))
             )

@@ -333,3 +333,15 @@ def test_lm_at_its_iteration_limit_leaves_groups_unconverged_not_failed(tmp_path
         assert all(r["reason"].startswith("iteration limit") for r in rows)
         summary = json.loads((run / "summary.json").read_text())
         assert summary["groups_failed"] == 0 and summary["groups_converged"] == 0
+
+
+def test_the_terminal_summary_of_groups_counts_them_instead_of_an_empty_table(tmp_path):
+    write_wells(tmp_path / "wells.csv", groups=4, counts=[30, 30, 3, 30])
+    run = tmp_path / "run"
+    result = runner.invoke(
+        app, ["train", str(config(tmp_path, ALL_PER_GROUP)), "--run-dir", str(run)]
+    )
+    assert result.exit_code == 1, result.output
+    line = next(ln for ln in result.output.splitlines() if ln.startswith("groups "))
+    assert line.split(None, 1)[1] == ("4: 3 converged, 1 failed; per group (a, b, c) in groups.csv")
+    assert "parameter" not in result.output  # no table without shared parameters

@@ -282,7 +282,7 @@ def test_ci_json_bootstrap(run_dir, runner):
 def test_ci_refuses_what_is_not_a_completed_run(run_dir, runner, tmp_path):
     out = runner.invoke(app, ["ci", str(tmp_path)])
     assert out.exit_code == 2 and "not a fitcli run directory" in out.output
-    out = runner.invoke(app, ["ci", str(run_dir), "--method", "mcmc"])
+    out = runner.invoke(app, ["ci", str(run_dir), "--method", "gibbs"])
     assert out.exit_code == 2
     out = runner.invoke(app, ["ci", str(run_dir), "--method", "bootstrap", "--samples", "5"])
     assert out.exit_code == 2 and "--samples" in out.output

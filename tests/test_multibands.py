@@ -371,3 +371,21 @@ def test_bands_with_relative_sigma_use_t_and_the_scaled_noise_as_curve_fit(tmp_p
     assert record["quantile"] == "student_t" and record["prediction"] == "bands_data.csv"
     points = read_csv(run / "bands_data.csv")
     np.testing.assert_allclose(points["pred_upper_95"] - points["fit"], half, rtol=1e-7)
+
+
+def test_the_api_figure_of_several_variables_has_a_panel_per_variable(surface):
+    r = fitcli.load(surface)
+    fig = r.figure()
+    data = read_csv(surface / "data.csv")
+    fitted = [t for t in fig.data if t.name == "fit"]
+    # One fitted trace against each variable, at the data points, equal to the model there.
+    assert len(fitted) == 2
+    for trace, name in zip(fitted, ("u", "v"), strict=True):
+        np.testing.assert_array_equal(np.asarray(trace.x), data[name])
+        np.testing.assert_allclose(
+            np.asarray(trace.y),
+            model_np(np.array([r.params[k] for k in "abc"]), data["u"], data["v"]),
+            rtol=1e-12,
+        )
+    page = r._repr_html_()
+    assert "<pre>" in page and "plotly" in page

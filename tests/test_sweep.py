@@ -405,6 +405,36 @@ def test_deferred_state_writes_what_every_snapshot_would(tmp_path, overrides):
     assert_same_run(tmp_path / "each", tmp_path / "once")
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [[*SMALL], ["epochs=200", "snapshots=5", "optimizer={name: LM}"]],
+)
+def test_a_replayed_run_writes_each_file_once(tmp_path, monkeypatch, overrides):
+    """A sweep's replay writes every file of its run directory once (summary.json twice: it
+    marks the directory as a run from the start), the last snapshot page included, which
+    `fitcli train` draws first without and then with the final fit's bands."""
+    from fitcli.config import load_config
+    from fitcli.experiment import execute
+    from fitcli.prepare import prepare
+    from fitcli.rundir import files
+
+    written: list[str] = []
+    real = files.atomic_write
+
+    def recording(path, data):
+        written.append(str(Path(path).relative_to(tmp_path)))
+        real(path, data)
+
+    monkeypatch.setattr(files, "atomic_write", recording)
+    prep = prepare(load_config(SEED, overrides))
+    execute(prep, tmp_path, command=["fitcli"], defer_state=True)
+    repeated = sorted({p for p in written if written.count(p) > 1})
+    assert repeated == ["summary.json"]
+    assert written.count("summary.json") == 2
+    pages = sorted(p.name for p in (tmp_path / "snapshots").glob("*.html"))
+    assert pages == sorted({p.removeprefix("snapshots/") for p in written if p.endswith(".html")})
+
+
 def test_forked_writers_write_what_one_writer_writes(tmp_path, monkeypatch):
     calls = []
     forked = sw._write_forked

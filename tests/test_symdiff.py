@@ -333,6 +333,8 @@ def test_a_numpy_model_that_disagrees_is_not_used(tmp_path):
         return m, jac
 
     lm.host.jacobian = wrong
+    # No longer the program its signature names: judged on its own, its verdict not kept.
+    lm.host.signature = None
     result = _fit(prep)
     assert lm.host is None and lm.rowwise is not None  # fell back to torch at the first step
     assert result.status == "completed"

@@ -561,21 +561,25 @@ class FitResult:
         samples: int | None = None,
         resampling: str | None = None,
         seed: int | None = None,
+        walkers: int | None = None,
+        steps: int | None = None,
+        burn: int | None = None,
     ) -> dict[str, Any]:
-        """Profile-likelihood or bootstrap intervals of the free parameters (`fitcli.intervals`),
-        as intervals.json holds them: per parameter its estimate and, per level, `lower` and
-        `upper` (None: not reached within the parameter's bounds), the method, `elapsed_s`.
+        """Profile-likelihood, bootstrap or MCMC intervals of the free parameters
+        (`fitcli.intervals`, `fitcli.mcmc`), as intervals.json holds them: per parameter its
+        estimate and, per level, `lower` and `upper` (None: not reached within the parameter's
+        bounds), the method, `elapsed_s`; MCMC adds its diagnostics (`r_hat`,
+        `autocorr_time`, `effective_samples`, `converged`, `reason`) and the credible `band`.
         Defaults come from the config's `uncertainty` section (method `profile` where it says
-        covariance); the bootstrap's seed from the config's seed. Least squares only."""
+        covariance); the seed from the config's seed. Least squares only."""
         import torch
 
         from fitcli import intervals
-        from fitcli.data import seed_streams
 
         spec = self.config.uncertainty
         method = method or (spec.method if spec.method != "covariance" else "profile")
-        if method not in ("profile", "bootstrap"):
-            raise InputError(f"method: {method!r} is not one of profile, bootstrap")
+        if method not in ("profile", "bootstrap", "mcmc"):
+            raise InputError(f"method: {method!r} is not one of profile, bootstrap, mcmc")
         intervals.check_loss(self.config.loss)
         model = self._float64_model()
         model.set_values(self.params)
@@ -587,7 +591,11 @@ class FitResult:
             spec.level if level is None else level,
             samples=spec.samples if samples is None else samples,
             resampling=spec.resampling if resampling is None else resampling,
-            seed=seed_streams(self.config.seed)["bootstrap"] if seed is None else seed,
+            seed=intervals.seed_of(self.config.seed, method) if seed is None else seed,
+            absolute=self.sigma is not None and self.config.data.absolute_sigma is not False,
+            walkers=spec.walkers if walkers is None else walkers,
+            steps=spec.steps if steps is None else steps,
+            burn=spec.burn if burn is None else burn,
         )
 
     # -- presentation --
@@ -600,6 +608,17 @@ class FitResult:
     def _figure_dict(self) -> dict:
         from fitcli import plots
 
+        variables = tuple(self.config.data.variables)
+        if len(variables) > 1:  # the report's panels: observed and fitted against each variable
+            fitted = self.predict(self.x)
+            assert isinstance(fitted, np.ndarray)
+            return plots.variables_figure(
+                title=f"{html.escape(str(self.summary['name']))}: the final fit",
+                variables=variables,
+                x=self.x,
+                y=self.y,
+                y_fit=fitted,
+            )
         lo, hi = float(np.min(self.x)), float(np.max(self.x))
         grid = np.linspace(lo, hi, files.FIT_GRID) if hi > lo else np.array([lo])
         order = np.argsort(self.x, kind="stable")
@@ -623,7 +642,9 @@ class FitResult:
         )
 
     def figure(self) -> Any:
-        """The final fit as a `plotly.graph_objects.Figure`: data, true curve when known, fit."""
+        """The final fit as a `plotly.graph_objects.Figure`: data, true curve when known, fit
+        (several variables: observed and fitted against each, residuals beneath, as the report
+        draws them)."""
         from fitcli import plots
 
         return plots.figure_object(self._figure_dict())
@@ -774,6 +795,9 @@ def ci_run(
     samples: int | None = None,
     resampling: str | None = None,
     seed: int | None = None,
+    walkers: int | None = None,
+    steps: int | None = None,
+    burn: int | None = None,
 ) -> dict[str, Any]:
     """`fitcli ci`: intervals of a completed run directory, written to its intervals.json and
     added to its summary.json (`intervals`); returns them. A run that is not completed (still
@@ -782,8 +806,8 @@ def ci_run(
     from fitcli import intervals, liveness
 
     path = Path(run_dir)
-    if method not in ("profile", "bootstrap"):
-        raise InputError(f"--method {method!r}: give profile or bootstrap")
+    if method not in ("profile", "bootstrap", "mcmc"):
+        raise InputError(f"--method {method!r}: give profile, bootstrap or mcmc")
     summary = files.read_summary(path)
     status = liveness.status_of(summary)
     if status != RunStatus.COMPLETED:
@@ -793,7 +817,16 @@ def ci_run(
         )
     result = load(path)
     try:
-        doc = result.intervals(method, level, samples=samples, resampling=resampling, seed=seed)
+        doc = result.intervals(
+            method,
+            level,
+            samples=samples,
+            resampling=resampling,
+            seed=seed,
+            walkers=walkers,
+            steps=steps,
+            burn=burn,
+        )
     except intervals.IntervalError as exc:
         raise InputError(f"{path}: {exc}") from None
     files.write_json(path / files.INTERVALS, doc)

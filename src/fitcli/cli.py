@@ -540,6 +540,7 @@ def predict(
 class CIMethod(StrEnum):
     profile = "profile"
     bootstrap = "bootstrap"
+    mcmc = "mcmc"
 
 
 class Resampling(StrEnum):
@@ -554,7 +555,10 @@ def ci(
     ],
     method: Annotated[
         CIMethod,
-        typer.Option("--method", help="Profile likelihood (lmfit's F-test) or bootstrap."),
+        typer.Option(
+            "--method",
+            help="Profile likelihood (lmfit's F-test), bootstrap, or mcmc (emcee's posterior).",
+        ),
     ] = CIMethod.profile,
     level: Annotated[
         list[float] | None,
@@ -570,14 +574,26 @@ def ci(
     ] = None,
     seed: Annotated[
         int | None,
-        typer.Option("--seed", help="Bootstrap seed (default: from the config's seed)."),
+        typer.Option("--seed", help="Bootstrap or MCMC seed (default: from the config's seed)."),
+    ] = None,
+    walkers: Annotated[
+        int | None,
+        typer.Option("--walkers", help="MCMC walkers (default: the config's, or max(32, 4p))."),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", help="MCMC steps of each walker (default: the config's, 5000)."),
+    ] = None,
+    burn: Annotated[
+        int | None,
+        typer.Option("--burn", help="MCMC steps left out at the start (default: steps / 4)."),
     ] = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print intervals.json to stdout and nothing else.")
     ] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Profile-likelihood or bootstrap intervals of a completed run's parameters.
+    """Profile-likelihood, bootstrap or MCMC intervals of a completed run's parameters.
 
     Writes RUN_DIR/intervals.json, adds the intervals to summary.json, and prints
     a table (asymmetric ends as -lower/+upper from the estimate) or, with --json,
@@ -588,11 +604,12 @@ def ci(
 
     with errors_to_exit(debug):
         from fitcli.api import ci_run
+        from fitcli.errors import InputError
 
         if samples is not None and samples < 10:
-            from fitcli.errors import InputError
-
             raise InputError(f"--samples must be at least 10 (got {samples})")
+        if steps is not None and steps < 100:
+            raise InputError(f"--steps must be at least 100 (got {steps})")
         doc = ci_run(
             run_dir,
             method.value,
@@ -600,6 +617,9 @@ def ci(
             samples=samples,
             resampling=None if resampling is None else resampling.value,
             seed=seed,
+            walkers=walkers,
+            steps=steps,
+            burn=burn,
         )
         if json_out:
             console.print_json(doc)
@@ -830,7 +850,41 @@ def main() -> None:
     _IN_MAIN = True
     # One program name however it is started (`fitcli`, `python -m fitcli.cli`): the usage
     # lines, and the variable the shell completion scripts set (_FITCLI_COMPLETE).
-    app(prog_name="fitcli")
+    try:
+        app(prog_name="fitcli")
+    except SystemExit as done:
+        _exit_now(done)
+    _exit_now(SystemExit(0))
+
+
+def _exit_now(done: SystemExit) -> None:
+    """End the process with `done`'s exit status without tearing the interpreter down.
+
+    Once torch is imported, the interpreter's own teardown (freeing every module and object
+    one by one) takes longer than most fits: about half a second on a busy 2-core machine.
+    Nothing in it is fitcli's: every file is written and closed by then. So the exit handlers
+    run (multiprocessing, logging, ...), stdout and stderr are flushed, and the process ends;
+    with another thread still running, a profiler or tracer (cProfile, coverage: they write
+    their results at exit), or anything unexpected, the ordinary exit instead.
+    """
+    import atexit
+    import threading
+
+    code = done.code
+    if code is not None and not isinstance(code, int):
+        raise done  # a message to print: Python's own exit does that
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        raise done
+    if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
+        raise done
+    try:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    except BaseException:
+        raise done from None
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

@@ -217,9 +217,27 @@ def summary_table(summary: dict, *, out: Console | None = None) -> None:
             row.append(f"{t:.8g}" if t is not None else "-")
             row.append(f"{d:+.2f}" if d is not None else "-")
         table.add_row(*map(_literal, row))
-    out.print(table, markup=True)
+    if summary["params"]:
+        out.print(table, markup=True)
+    else:  # every parameter per group: the title alone, the values are in groups.csv
+        out.print(f"{_markup(summary['name'])}: [{colour}]{status}[/]", markup=True)
     loss = summary.get("final_loss")
-    lines = [
+    lines = []
+    groups = summary.get("groups")
+    if groups is not None:
+        count = groups if isinstance(groups, int) else len(groups)  # --json: the rows
+        per = summary.get("per_group_params") or []
+        where = summary.get("groups_file") or "groups.csv"
+        counts = [f"{summary.get('groups_converged', 0):,} converged"]
+        if summary.get("groups_completed"):
+            counts.append(f"{summary['groups_completed']:,} completed without converging")
+        if summary.get("groups_failed"):
+            counts.append(f"{summary['groups_failed']:,} failed")
+        lines.append(
+            f"groups      {count:,}: {', '.join(counts)}"
+            + (f"; per group ({', '.join(per)}) in {where}" if per else "")
+        )
+    lines += [
         f"final loss  {loss:.8g}" if loss is not None else "final loss  -",
         f"epochs      {summary['epochs_run']} in {summary['elapsed_s']:.2f} s "
         f"on {summary['device']} ({summary['dtype']})",
@@ -290,7 +308,24 @@ def intervals_table(doc: dict[str, Any]) -> None:
     what = doc["method"]
     if what == "bootstrap":
         what += f" ({doc['resampling']} resampling, {doc['samples']} samples, seed {doc['seed']})"
+    if what == "mcmc":
+        what += (
+            f" ({doc['walkers']} walkers, {doc['steps']} steps, burn {doc['burn']}, "
+            f"seed {doc['seed']})"
+        )
     plain_out(f"intervals   {what} in {doc['elapsed_s']:.3g} s\n")
+    if doc["method"] == "mcmc":
+        diag = doc["params"].values()
+        rhats = [d["r_hat"] for d in diag]
+        taus = [d["autocorr_time"] for d in diag]
+        rhat = "n/a" if None in rhats else f"{max(rhats):.4g}"
+        tau = "n/a" if None in taus else f"{max(taus):.3g}"
+        plain_out(
+            f"chains      max R-hat {rhat}, max autocorrelation time {tau} steps, "
+            f"acceptance {doc['acceptance_fraction']:.2f}\n"
+        )
+        if doc["converged"]:
+            plain_out(f"            {doc['reason']}\n")
     for note in doc.get("notes") or []:
         warn(f"intervals: {note}")
 

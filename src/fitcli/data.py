@@ -84,7 +84,7 @@ def seed_streams(seed: int) -> dict[str, int]:
 @functools.lru_cache(maxsize=64)  # a pure function; a SeedSequence spawn costs a small fit 3%
 def _seed_streams(seed: int) -> dict[str, int]:
     # Appending a name keeps the others' seeds: child k of a SeedSequence depends only on k.
-    names = ("noise", "init", "shuffle", "starts", "bootstrap")
+    names = ("noise", "init", "shuffle", "starts", "bootstrap", "mcmc")
     children = np.random.SeedSequence(seed).spawn(len(names))
     return {
         name: int(child.generate_state(1, np.uint64)[0] >> np.uint64(1))

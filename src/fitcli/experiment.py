@@ -119,9 +119,10 @@ def execute(
         conclude(prep, result, summary, t0=t0, stopped_by=stopped_by)
         if prep.lm:
             fill_converged_snapshots(writer, prep, result, bool(summary.get("converged")))
-        writer.flush()
-        # After the last snapshot page: it is drawn again with the bands of the final fit.
+        # After the last snapshot page: it is drawn again with the bands of the final fit (or,
+        # held back by `defer_state`, drawn once with them before `flush` writes the state).
         writer.bands(summary)  # needs the error bars; summary.json says what it wrote
+        writer.flush()
         if "params" in summary.get("intervals", {}):
             files.write_json(run_dir / files.INTERVALS, summary["intervals"])
         files.write_json(run_dir / files.SUMMARY, summary)
@@ -292,7 +293,8 @@ def _finish_stats(prep: Prepared, result: TrainResult) -> dict:
 
 
 def finish_intervals(prep: Prepared, summary: dict[str, Any]) -> dict[str, Any]:
-    """The config's profile or bootstrap intervals at the final parameters (`fitcli.intervals`);
+    """The config's profile, bootstrap or MCMC intervals at the final parameters
+    (`fitcli.intervals`);
     like the error bars, a failure here never fails the run: the result then says why."""
     import copy
 
@@ -316,15 +318,17 @@ def finish_intervals(prep: Prepared, summary: dict[str, Any]) -> dict[str, Any]:
             torch.as_tensor(ds.y, dtype=f64).to(prep.device),
             weights,
         )
-        from fitcli.data import seed_streams
-
         return intervals.compute(
             prob,
             method,
             spec.level,
             samples=spec.samples,
             resampling=spec.resampling,
-            seed=seed_streams(prep.cfg.seed)["bootstrap"],
+            seed=intervals.seed_of(prep.cfg.seed, method),
+            absolute=ds.sigma is not None and prep.cfg.data.absolute_sigma is not False,
+            walkers=spec.walkers,
+            steps=spec.steps,
+            burn=spec.burn,
         )
     except Exception as exc:  # intervals are a report, not the fit: say why they are missing
         return {"method": method, "error": f"not computed: {exc}"}

@@ -53,7 +53,7 @@ from fitcli.lm import SMALL_ROWS, HostModel, host_ok, one_thread, rowwise_ok
 from fitcli.lm_batch import LMOptions
 from fitcli.model import ExprModel, FitModel, model_function
 
-METHODS = ("covariance", "profile", "bootstrap")
+METHODS = ("covariance", "profile", "bootstrap", "mcmc")
 RESAMPLING = ("residual", "case")
 # Lanes of one batched refit are sized so that its Jacobian ([lanes, n, p] float64) stays near
 # this many bytes; more lanes run as several batches one after another.
@@ -726,13 +726,38 @@ def compute(
     samples: int = 1000,
     resampling: str = "residual",
     seed: int = 0,
+    absolute: bool = False,
+    walkers: int | None = None,
+    steps: int | None = None,
+    burn: int | None = None,
 ) -> dict[str, Any]:
-    """`profile` or `bootstrap` by name: the document intervals.json holds."""
+    """`profile`, `bootstrap` or `mcmc` (`fitcli.mcmc`) by name: the document intervals.json
+    holds. `absolute`: the data's sigma is absolute (the MCMC likelihood's noise is known)."""
     if method == "profile":
         return profile(prob, levels)
     if method == "bootstrap":
         return bootstrap(prob, levels, samples=samples, resampling=resampling, seed=seed)
+    if method == "mcmc":
+        from fitcli import mcmc
+
+        return mcmc.sample(
+            prob,
+            _levels(levels),
+            absolute=absolute,
+            walkers=walkers,
+            steps=mcmc.DEFAULT_STEPS if steps is None else steps,
+            burn=burn,
+            seed=seed,
+        )
     raise IntervalError(
-        f"method: {method!r} is not one of profile, bootstrap (covariance intervals are the "
-        "error bars of summary.json)"
+        f"method: {method!r} is not one of profile, bootstrap, mcmc (covariance intervals are "
+        "the error bars of summary.json)"
     )
+
+
+def seed_of(config_seed: int, method: str) -> int:
+    """The seed of a method's random draws, from the config's seed (bootstrap resamples and
+    MCMC walkers draw from streams of their own)."""
+    from fitcli.data import seed_streams
+
+    return seed_streams(config_seed)["mcmc" if method == "mcmc" else "bootstrap"]

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,7 +189,13 @@ def rowwise_ok(
 class HostModel:
     """What the LM core needs of a model evaluated in numpy on the CPU (see `fitcli.symdiff`):
     ``value(theta)`` and ``jacobian(theta) -> (value, J)`` at the data's x, for a float64 theta
-    (the model's internal vector)."""
+    (the model's internal vector).
+
+    ``signature``: what identifies the numpy program and the torch model it stands for,
+    whatever the data and the parameter values (`host_ok` judges each program once); None
+    to have it checked at every fit."""
+
+    signature: Hashable | None = None
 
     def value(self, theta: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
@@ -209,16 +216,49 @@ def host_eligible(x: torch.Tensor, theta: torch.Tensor) -> bool:
     )
 
 
+# `host_ok`'s verdicts by `HostModel.signature`, the most recent last; bounded, so that a long
+# session fitting many different models keeps only the recent ones.
+_HOST_VERDICTS: OrderedDict[Hashable, bool] = OrderedDict()
+HOST_VERDICTS_KEPT = 256
+
+
+def forget_host_verdicts() -> None:
+    """Drop every verdict of `host_ok`: the next fit of each program is checked again."""
+    _HOST_VERDICTS.clear()
+
+
 def host_ok(fn: Model, host: HostModel, theta: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether the numpy model and its Jacobian agree with torch's model and an exact reverse-mode
     Jacobian on the first rows (values to 1e-9, Jacobian entries to 1e-6 relative, non-finite
     entries in the same places); any failure means: do not use it.
+
+    The check is of the numpy program (`fitcli.symdiff`'s translation of the expression, the
+    ties and bound transforms), so it is made once per `HostModel.signature`, on the first data
+    and parameters that program meets, and its verdict is reused by later fits of the same
+    model (a notebook fitting it to many data sets; the error bars after the LM core, whose
+    numpy model is the same program where no parameter is bounded). A host without a
+    signature is checked every time.
 
     The reference is first the one-pass row-wise Jacobian (`_jacobian_rowwise`, exact for a
     model that treats each parameter as a scalar, as every expression and basis model does: a
     fifth of the cost of the column-by-column one), and only where the numpy model does not
     agree with that, the column-by-column Jacobian (`_jacobian_columns`, exact for any model):
     the verdict is the column-by-column one's wherever the row-wise form does not hold."""
+    key = host.signature
+    if key is None:
+        return _host_check(fn, host, theta, x)
+    verdict = _HOST_VERDICTS.get(key)
+    if verdict is None:
+        verdict = _HOST_VERDICTS[key] = _host_check(fn, host, theta, x)
+        while len(_HOST_VERDICTS) > HOST_VERDICTS_KEPT:
+            _HOST_VERDICTS.popitem(last=False)
+    else:
+        _HOST_VERDICTS.move_to_end(key)
+    return verdict
+
+
+def _host_check(fn: Model, host: HostModel, theta: torch.Tensor, x: torch.Tensor) -> bool:
+    """`host_ok`'s comparison itself, at theta on the first rows of x."""
     k = min(x.shape[0], 64)
     theta64 = theta.detach().cpu().numpy().astype(np.float64).reshape(-1)
     try:
@@ -249,6 +289,16 @@ def _host_agrees(
     if jac.shape != ref.shape or m.shape != m_ref.shape:
         return False
     with np.errstate(all="ignore"):
+        if all(np.isfinite(a).all() for a in (m, m2, jac, ref, m_ref)):
+            # All finite (the usual case): `np.isclose`'s test written out, the same verdict
+            # at a fraction of its cost.
+            err = np.abs(jac - ref)
+            scale = np.abs(ref)
+            jac_ok = (err <= 1e-6 * scale) | (err <= 1e-9 * scale.max(axis=0, initial=0.0))
+            m_ok = (np.abs(m - m_ref) <= 1e-9 * np.abs(m_ref)) & (
+                np.abs(m2 - m_ref) <= 1e-9 * np.abs(m_ref)
+            )
+            return bool(jac_ok.all() and m_ok.all())
         scale = np.nanmax(np.where(np.isfinite(ref), np.abs(ref), 0.0), axis=0, initial=0.0)
         jac_close = np.isclose(jac, ref, rtol=1e-6, atol=0.0, equal_nan=True) | (
             np.abs(jac - ref) <= 1e-9 * scale
@@ -491,7 +541,12 @@ def _chunk_threads(device: torch.device):
     """One CPU thread for the chunked loops: a cache-sized chunk's elementwise ops gain little
     from a second thread, and on a busy machine each op's thread barrier waits for a descheduled
     thread (a large fit runs several times slower on two busy cores than on one)."""
-    return one_thread() if device.type == "cpu" else contextlib.nullcontext()
+    if device.type != "cpu" or torch.get_num_threads() == 1:  # nothing to set (nor restore)
+        return _NOTHING
+    return one_thread()
+
+
+_NOTHING = contextlib.nullcontext()  # reusable: it holds no state
 
 
 @contextlib.contextmanager
@@ -510,6 +565,15 @@ def one_thread():
         torch.set_num_threads(n)
 
 
+try:  # numpy.linalg's gufuncs, which `np.linalg.cholesky` and `np.linalg.solve` call
+    from numpy.linalg import _umath_linalg
+
+    _CHOLESKY: Any = _umath_linalg.cholesky_lo
+    _SOLVE: Any = _umath_linalg.solve1
+except (ImportError, AttributeError):  # pragma: no cover - another numpy's layout
+    _CHOLESKY = _SOLVE = None
+
+
 def _solve_damped_np(
     jtj: np.ndarray, jtr: np.ndarray, damping: float, scale2: np.ndarray
 ) -> np.ndarray:
@@ -525,13 +589,22 @@ def _solve_damped_np(
     b = jtr * s
     m = a.copy()
     m.flat[:: a.shape[0] + 1] += damping  # a + damping * I, without building I
-    try:
-        chol = np.linalg.cholesky(m)
-        z = np.linalg.solve(chol.T, np.linalg.solve(chol, b))
+    if _CHOLESKY is not None:
+        # numpy.linalg's own kernels without its wrappers (most of a call at p x p): the same
+        # numbers; a failure is NaN rather than LinAlgError, caught by the finiteness test.
+        with np.errstate(all="ignore"):
+            chol = _CHOLESKY(m, signature="d->d")
+            z = _SOLVE(chol.T, _SOLVE(chol, b, signature="dd->d"), signature="dd->d")
         if np.isfinite(z).all():
             return z * s
-    except np.linalg.LinAlgError:
-        pass
+    else:  # pragma: no cover - a numpy without those kernels
+        try:
+            chol = np.linalg.cholesky(m)
+            z = np.linalg.solve(chol.T, np.linalg.solve(chol, b))
+            if np.isfinite(z).all():
+                return z * s
+        except np.linalg.LinAlgError:
+            pass
     evals, evecs = np.linalg.eigh(a)
     evals = evals + damping
     cutoff = np.abs(evals).max() * a.shape[0] * np.finfo(np.float64).eps
@@ -577,6 +650,28 @@ def _trust_region_damping(
         if not lo < par < hi:
             par = math.sqrt(lo * hi) if lo > 0 else 0.5 * hi
     return par
+
+
+def _norm(v: np.ndarray) -> float:
+    """The 2-norm of a vector: what `np.linalg.norm` computes for one (the square root of its
+    dot product with itself), without that function's dispatch."""
+    return math.sqrt(float(v.dot(v)))
+
+
+def _host_vector(theta: torch.Tensor) -> np.ndarray:
+    """theta as a flat float64 numpy array, read only: a view of a CPU float64 vector (the
+    iteration's usual case, without the conversions' dispatch), else a copy."""
+    if theta.dtype == torch.float64 and theta.device.type == "cpu" and theta.dim() == 1:
+        return theta.detach().numpy()
+    return theta.detach().cpu().numpy().astype(np.float64).reshape(-1)
+
+
+def _like(values: np.ndarray, ref: torch.Tensor) -> torch.Tensor:
+    """A float64 numpy vector as a tensor of ref's dtype, device and shape."""
+    out = torch.from_numpy(values)
+    if ref.dtype == torch.float64 and ref.device.type == "cpu" and ref.dim() == 1:
+        return out
+    return out.to(ref.device, ref.dtype).reshape(ref.shape)
 
 
 def _damping_factor(rho: float) -> float:
@@ -733,8 +828,8 @@ class LevenbergMarquardt:
         # `_linearize` has set them all.
         assert jtj is not None and jtr is not None and scale2 is not None and cost is not None
         d = np.sqrt(scale2)
-        theta64 = self.theta.detach().cpu().numpy().astype(np.float64).reshape(-1)
-        theta_norm = float(np.linalg.norm(d * theta64))
+        theta64 = _host_vector(self.theta)
+        theta_norm = _norm(d * theta64)
         radius = self.radius
         if self.trust_region:
             self.radius_fresh = radius is None
@@ -743,7 +838,7 @@ class LevenbergMarquardt:
                 self.radius = radius
             self.damping = _trust_region_damping(jtj, jtr, scale2, radius)
         delta = _solve_damped_np(jtj, jtr, self.damping, scale2)
-        step_norm = float(np.linalg.norm(d * delta))
+        step_norm = _norm(d * delta)
         if self.trust_region and self.radius_fresh:
             assert radius is not None  # the trust region has its radius from above
             self.radius = min(radius, step_norm)
@@ -788,11 +883,10 @@ class LevenbergMarquardt:
                 jt_vv = (sampled * (n / self.x[rows].shape[0])).cpu().numpy()
                 self.n_fev += 3
             accel = _solve_damped_np(jtj, jt_vv, self.damping, scale2)
-            ratio = float(np.linalg.norm(d * accel)) / step_norm if step_norm else 0.0
+            ratio = _norm(d * accel) / step_norm if step_norm else 0.0
             if not (math.isfinite(ratio) and ratio <= self.max_accel_ratio):
                 return self._reject(step_norm, theta_norm, curvature=True)
-        trial = torch.from_numpy(theta64 + delta).to(self.theta.device, self.theta.dtype)
-        trial = trial.reshape(self.theta.shape)
+        trial = _like(theta64 + delta, self.theta)
         pending = None
         if self.nu == 2.0 and (self.rowwise or self.host is not None):
             # The last step was accepted, so this one likely is too: linearize at the trial

@@ -145,7 +145,8 @@ class LMStepper:
         theta = self.lm.theta
         with torch.no_grad():
             raw.copy_(theta)
-        self._written = theta.clone()
+        # The core never changes its theta in place (each step makes a new one): no copy.
+        self._written = theta
         if result.converged:
             assert result.reason is not None  # a stop always says why (LevenbergMarquardt._stop)
             self.stop_reason = result.reason
@@ -157,7 +158,8 @@ class LMStepper:
                 n = self.lm.n_iter
                 self.converged = f"{NAME} stopped after {n} iterations ({result.reason})"
         # The mean of the points' loss: cost = half * sum(point) (mse: 0.5 * sum(r**2)).
-        return torch.tensor(result.cost_before / (self.half * self.n), dtype=torch.float64)
+        # (from numpy: a fifth of torch.tensor's cost for one number, the same value)
+        return torch.from_numpy(np.array(result.cost_before / (self.half * self.n)))
 
     def lr(self) -> float:
         return float("nan")
@@ -224,6 +226,19 @@ class NumpyModel(HostModel):
             lo is not None or hi is not None for lo, hi in self.bounds
         )
         self.kind = model.kind
+        # The program, whatever the data and the free parameters' values (`host_ok` judges it
+        # once): the model's form, every parameter's role, bounds, fixed value and tie, and
+        # whether the bound transforms are in it.
+        form: tuple = ()
+        if isinstance(model, BasisModel):
+            form = ("basis", tuple((b.source, b.variables) for b in model.basis))
+        elif isinstance(model, ExprModel):
+            form = ("expr", model.expression.source, model.expression.variables)
+        roles = tuple(
+            (i.name, i.free, i.value if i.fixed else None, i.min, i.max, i.expr)
+            for i in model.infos
+        )
+        self.signature = (form, roles, self.bounded, str(model.raw.dtype))
         if isinstance(model, BasisModel):
             phi = model.design(x).detach().to(torch.float64).numpy()
             self.phi = np.ascontiguousarray(phi)

@@ -296,12 +296,10 @@ class ExprModel(FitModel):
     kind = "expr"
 
     def __init__(self, expression: Expression, infos: list[ParamInfo], dtype: torch.dtype) -> None:
-        from fitcli.composition import expression_components, parse_components
-
         super().__init__(infos, dtype)
         self.expression = expression
-        self.components = tuple(expression_components(expression.source))
-        self._components = parse_components(self.components, expression.variables)
+        self.components, parsed = _expression_components(expression.source, expression.variables)
+        self._components = list(parsed)
 
     def component_values(self, x: torch.Tensor) -> list[torch.Tensor]:
         if not self.components:
@@ -322,6 +320,19 @@ class ExprModel(FitModel):
             for k, name in enumerate(self.names)
         }
         return self.expression(x, params)
+
+
+@functools.lru_cache(maxsize=256)
+def _expression_components(
+    source: str, variables: tuple[str, ...]
+) -> tuple[tuple[str, ...], tuple[Expression, ...]]:
+    """An expression's components (`fitcli.composition`) as texts and parsed: a pure function
+    of its source, worked out once per expression (a notebook fits the same model many times;
+    an `Expression` is immutable, so the models share them)."""
+    from fitcli.composition import expression_components, parse_components
+
+    texts = tuple(expression_components(source))
+    return texts, tuple(parse_components(texts, variables))
 
 
 def _bound_transform(

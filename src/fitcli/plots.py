@@ -209,12 +209,17 @@ def snapshot_figure(
     }
 
 
-BAND_FILL = {"conf": "rgba(214,39,40,0.22)", "pred": "rgba(120,120,120,0.14)"}
+BAND_FILL = {
+    "conf": "rgba(214,39,40,0.22)",
+    "pred": "rgba(120,120,120,0.14)",
+    "cred": "rgba(86,180,233,0.30)",  # Okabe-Ito sky blue: the MCMC credible band
+}
 
 
 def band_traces(bands: dict) -> list[dict]:
     """Shaded areas of a `fitcli.bands.band_set`, widest first so that narrower ones sit on
-    top: the prediction bands, then the confidence bands, of each level. Each band is two
+    top: the prediction bands, then the confidence bands, of each level (and the MCMC credible
+    bands, `cred_*` columns, where the grid has them). Each band is two
     traces: its lower edge, then its upper edge filled down to it."""
     from fitcli.bands import level_tag
 
@@ -231,7 +236,8 @@ def band_traces(bands: dict) -> list[dict]:
     else:
         sources.append(("pred", grid, ""))
     sources.append(("conf", grid, ""))
-    words = {"conf": "confidence band", "pred": "prediction band"}
+    sources.append(("cred", grid, ""))
+    words = {"conf": "confidence band", "pred": "prediction band", "cred": "credible band"}
     for kind, cols, where in sources:
         for level in levels:
             tag = level_tag(level)
@@ -905,6 +911,46 @@ def params_figure(*, epoch: np.ndarray, params: dict[str, np.ndarray]) -> dict:
     if not stacked:
         layout["xaxis"]["title"] = {"text": "epoch"}
     layout["height"] = max(320, 60 + 170 * n) if stacked else 480
+    return {"data": data, "layout": layout}
+
+
+def credible_band_figure(
+    *, x: np.ndarray, y: np.ndarray, band: dict, levels: list[float], labels: Labels | None = None
+) -> dict:
+    """The MCMC credible band of the fitted curve (`fitcli.mcmc.credible_band`: x, median,
+    cred_lower_<tag>, cred_upper_<tag>) shaded under the posterior median curve, with the data."""
+    labels = labels or Labels()
+    grid = {k: np.asarray(v, dtype=np.float64) for k, v in band.items() if isinstance(v, list)}
+    data = band_traces({"grid": grid, "levels": levels, "points": None})
+    order = np.argsort(x, kind="stable")
+    sl, note = downsample(len(x))
+    data.append(
+        {
+            "type": "scattergl" if len(x) > 20000 else "scatter",
+            "mode": "markers",
+            "name": f"observed{note}",
+            "x": typed(np.asarray(x)[order][sl]),
+            "y": typed(np.asarray(y)[order][sl]),
+            "marker": {"size": 5, "color": OBSERVED},
+        }
+    )
+    data.append(
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "name": "posterior median of the curve",
+            "x": typed(grid["x"]),
+            "y": typed(grid["median"]),
+            "line": {"color": FIT, "width": 2},
+        }
+    )
+    layout = {
+        **STYLE,
+        "margin": {"t": 30},
+        "xaxis": {**AXIS, "title": {"text": text(labels.x)}},
+        "yaxis": {**AXIS, "title": {"text": text(labels.y)}},
+        "legend": {"orientation": "h", "y": -0.2},
+    }
     return {"data": data, "layout": layout}
 
 

@@ -107,7 +107,9 @@ def prepare(cfg: Config, dataset: Dataset | None = None) -> Prepared:
     weights = None
     if dataset.sigma is not None:
         weights = torch.as_tensor(1.0 / dataset.sigma, dtype=dtype).to(device)
-    model = build_model(cfg.model, seeds["init"], dtype, dataset.variables).to(device)
+    model = build_model(cfg.model, seeds["init"], dtype, dataset.variables)
+    if device.type != "cpu":  # built on the CPU: moving it there would only walk its tensors
+        model = model.to(device)
     check_finite_start(model, x, dataset.x)
     if dataset.group is not None:
         from fitcli.grouped_run import prepare_grouped

@@ -226,30 +226,69 @@ def _correlation(run: Run) -> tuple[list[str], list[list[float | None]]] | None:
     return [str(n) for n in names], matrix
 
 
-def _intervals_section(run: Run) -> str:
-    """The profile or bootstrap intervals of summary.json (`fitcli ci`), ends as -/+ from the
-    estimate so that an asymmetric interval shows as such; "" when there are none."""
+def _intervals_section(run: Run, fig: _Figures | None = None) -> str:
+    """The profile, bootstrap or MCMC intervals of summary.json (`fitcli ci`), ends as -/+ from
+    the estimate so that an asymmetric interval shows as such (MCMC: with each parameter's
+    R-hat, autocorrelation time and effective samples, and the chain's verdict in words); ""
+    when there are none."""
     doc = run.summary.get("intervals")
     if not isinstance(doc, dict) or not isinstance(doc.get("params"), dict):
         return ""
+    mcmc = doc.get("method") == "mcmc"
     rows = []
     for name, entry in doc["params"].items():
         est = entry.get("estimate")
-        for iv in entry.get("intervals") or []:
+        # MCMC: the chain's diagnostics of each parameter, on its first row.
+        diag = (
+            f"<td class=num>{_g(entry.get('r_hat'), 4)}</td>"
+            f"<td class=num>{_g(entry.get('autocorr_time'), 3)}</td>"
+            f"<td class=num>{_g(entry.get('effective_samples'), 3)}</td>"
+        )
+        for k, iv in enumerate(entry.get("intervals") or []):
             lo, hi = iv.get("lower"), iv.get("upper")
             minus = "n/a" if lo is None or est is None else f"-{_g(est - lo, 4)}"
             plus = "n/a" if hi is None or est is None else f"+{_g(hi - est, 4)}"
             rows.append(
                 f"<tr><td>{_e(name)}</td><td class=num>{_g(est)}</td>"
                 f"<td class=num>{_g(iv.get('level'), 3)}</td><td class=num>{_g(lo)}</td>"
-                f"<td class=num>{_g(hi)}</td><td class=num>{minus} / {plus}</td></tr>"
+                f"<td class=num>{_g(hi)}</td><td class=num>{minus} / {plus}</td>"
+                + ((diag if k == 0 else "<td></td><td></td><td></td>") if mcmc else "")
+                + "</tr>"
             )
-    notes = "".join(f'<p class="note">{_e(n)}</p>' for n in doc.get("notes") or [])
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("parameter", "estimate", "level", "lower", "upper", "-/+ from estimate")
+        + (("R-hat", "autocorr. time", "effective samples") if mcmc else ())
+    )
+    verdict = ""
+    if mcmc:
+        verdict = (
+            f'<p class="{"" if doc.get("converged") else "note"}">{_e(doc.get("reason"))} '
+            f"({doc.get('walkers')} walkers, {doc.get('steps')} steps, the first "
+            f"{doc.get('burn')} left out; acceptance {_g(doc.get('acceptance_fraction'), 2)})</p>"
+        )
+    notes = "".join(
+        f'<p class="note">{_e(n)}</p>'
+        for n in doc.get("notes") or []
+        if not (mcmc and n == doc.get("reason"))
+    )
+    band = doc.get("band")
+    figure = ""
+    if mcmc and fig is not None and isinstance(band, dict) and "x" in band:
+        d = run.data
+        cf = plots.credible_band_figure(
+            x=d["x"], y=d["y"], band=band, levels=list(doc.get("levels") or []), labels=labels(run)
+        )
+        figure = fig(cf, "fitcli-credible", 460) + (
+            f'<p class="note">Shaded: the central credible band of the curve at each level, from '
+            f"{_e(band.get('draws'))} posterior draws; the line is the posterior median.</p>"
+        )
+    elif mcmc and isinstance(band, dict) and band.get("skipped"):
+        figure = f'<p class="note">No credible band: {_e(band["skipped"])}</p>'
     return (
         f'<section id="intervals"><h2>Intervals ({_e(doc.get("method"))})</h2>'
-        '<table class="intervals"><tr><th>parameter</th><th>estimate</th><th>level</th>'
-        "<th>lower</th><th>upper</th><th>-/+ from estimate</th></tr>"
-        f"{''.join(rows)}</table>{notes}</section>"
+        f'<table class="intervals"><tr>{head}</tr>'
+        f"{''.join(rows)}</table>{verdict}{notes}{figure}</section>"
     )
 
 
@@ -331,7 +370,7 @@ def report_page(run: Run, plotlyjs_src: str, snapshot_href: str = "snapshots/") 
         f"<div>{_uncertainty_note(run)}{_params_table(run)}{_stats_table(run)}</div>"
         f"<div>{heatmap}</div></div></section>"
     )
-    parts.append(_intervals_section(run))
+    parts.append(_intervals_section(run, fig))
     d = run.data
     if run.snapshots and len(run.variables) > 1:
         last = run.snapshots[-1]

@@ -71,7 +71,7 @@ def _finite(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
-def _matrix(m: torch.Tensor, keep: list[bool]) -> list[list[float | None]]:
+def _matrix(m: np.ndarray, keep: list[bool]) -> list[list[float | None]]:
     rows = m.tolist()
     return [
         [v if keep[i] and keep[j] and math.isfinite(v) else None for j, v in enumerate(row)]
@@ -221,31 +221,37 @@ def fit_statistics(
     free = [i for i in range(p) if i not in bound]
 
     # Covariance of the free parameters, in column-scaled form for a unit-free rank decision.
-    sub = jtj[free][:, free]
-    diag = torch.diagonal(sub)
-    ok_col = diag > 0
-    s = torch.where(ok_col, 1.0 / torch.sqrt(torch.where(ok_col, diag, 1.0)), 0.0)
+    # The p x p algebra runs in numpy (a microsecond per operation where torch's dispatch costs
+    # several); the eigendecomposition and the matrix products stay torch's, on the device, so
+    # the numbers are those torch alone gave (its elementwise operations round as numpy's do).
+    # (`1.0 / t` is torch's reciprocal, which may round otherwise than a division: in torch.)
+    jtj_np = jtj.detach().cpu().numpy()
+    sub = jtj_np[np.ix_(free, free)]
+    diag_t = torch.diagonal(jtj)[free] if free else jtj.new_zeros(0)
+    ok_t = diag_t > 0
+    s = torch.where(ok_t, 1.0 / torch.sqrt(torch.where(ok_t, diag_t, 1.0)), 0.0).cpu().numpy()
+    ok_col = ok_t.cpu().numpy()
     scaled = sub * s[:, None] * s[None, :]
     degenerate: list[int] = [free[k] for k in range(len(free)) if not bool(ok_col[k])]
     condition = None
-    pinv = torch.zeros_like(scaled)
+    pinv = np.zeros_like(scaled)
     if free:
-        evals, evecs = torch.linalg.eigh(scaled)
+        evals_t, evecs_t = torch.linalg.eigh(torch.from_numpy(scaled).to(device))
+        evals, evecs = evals_t.cpu().numpy(), evecs_t.cpu().numpy()
         top = float(evals.max())
-        small = (
-            evals <= SINGULAR_RCOND * top if top > 0 else torch.ones_like(evals, dtype=torch.bool)
-        )
+        small = evals <= SINGULAR_RCOND * top if top > 0 else np.ones_like(evals, dtype=bool)
         lo = float(evals.min())
         condition = _finite(top / lo) if lo > 0 else None
         if bool(small.any()):
             null = evecs[:, small]
             # A parameter takes part in a degeneracy if a null vector has weight on it.
-            weight = null.abs().max(dim=1).values
+            weight = np.abs(null).max(axis=1)
             for k in range(len(free)):
                 if float(weight[k]) > 1e-3 and free[k] not in degenerate:
                     degenerate.append(free[k])
-        inv = torch.where(small, 0.0, 1.0 / torch.where(small, 1.0, evals))
-        pinv = (evecs * inv[None, :]) @ evecs.T
+        small_t = torch.from_numpy(small).to(device)
+        inv_t = torch.where(small_t, 0.0, 1.0 / torch.where(small_t, 1.0, evals_t))
+        pinv = ((evecs_t * inv_t[None, :]) @ evecs_t.T).cpu().numpy()
     degenerate.sort()
 
     if info:
@@ -261,19 +267,20 @@ def fit_statistics(
     if sandwich and meat is not None:
         fidx = torch.tensor(free, dtype=torch.long, device=device)
         hc1 = n / dof if dof > 0 else math.nan
-        cov_free = cov_free @ meat[fidx[:, None], fidx[None, :]] @ cov_free * hc1
-    cov = torch.full((p, p), math.nan, dtype=f64, device=device)
-    idx = torch.tensor(free, dtype=torch.long, device=device)
+        cf = torch.from_numpy(cov_free).to(device)
+        cov_free = (cf @ meat[fidx[:, None], fidx[None, :]] @ cf * hc1).cpu().numpy()
+    cov = np.full((p, p), math.nan)
     if free:
-        cov[idx[:, None], idx[None, :]] = cov_free
+        cov[np.ix_(free, free)] = cov_free
     bad = set(degenerate) | set(bound)
     keep = [i not in bad for i in range(p)]
-    var = torch.diagonal(cov).tolist()
+    var = np.diagonal(cov).tolist()
     stderr_list = [
         math.sqrt(v) if keep[i] and math.isfinite(v) and v >= 0 else None for i, v in enumerate(var)
     ]
-    sd = torch.tensor([v if v is not None else math.nan for v in stderr_list], dtype=f64)
-    corr = cov.cpu() / (sd[:, None] * sd[None, :])
+    sd = np.array([v if v is not None else math.nan for v in stderr_list], dtype=np.float64)
+    with np.errstate(all="ignore"):  # NaN where a parameter has no error bar, as in torch
+        corr = cov / (sd[:, None] * sd[None, :])
 
     if dof <= 0 and (sandwich or not (absolute_sigma or info)):
         problems.append(
@@ -294,12 +301,14 @@ def fit_statistics(
 
     # Gauss-Newton step to the minimum, in standard errors of each identifiable free parameter.
     if free and not any(st == "singular" for st, _ in problems):
-        step_free = (pinv * s[:, None] * s[None, :]) @ jtr[free]
+        gauss_newton = torch.from_numpy(pinv * s[:, None] * s[None, :]).to(device)
+        step_free = (gauss_newton @ jtr[free]).cpu().numpy()
         ratios = []
+        values = theta.tolist()
         for k, i in enumerate(free):
             se = stderr_list[i]
             d = abs(float(step_free[k]))
-            floor = 1e-10 * abs(float(theta[i]))
+            floor = 1e-10 * abs(values[i])
             if se is not None and d > max(grad_tol * se, floor):
                 ratios.append((d / se if se > 0 else math.inf, i))
         if ratios:
@@ -325,7 +334,7 @@ def fit_statistics(
         aic=aic,
         bic=bic,
         stderr={name: stderr_list[i] for i, name in enumerate(names)},
-        covariance=_matrix(cov.cpu(), keep) if have_cov else None,
+        covariance=_matrix(cov, keep) if have_cov else None,
         correlation=_matrix(corr, keep) if have_cov else None,
         status=status,
         reason=reason,

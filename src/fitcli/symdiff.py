@@ -21,6 +21,7 @@ A parameter's own derivative is the Python float 1.0, and multiplying by it is s
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
@@ -263,7 +264,19 @@ def compile_jacobian(
     """``f(x, values) -> (y, J)``: the expression at float64 ``x`` and its n x len(wrt)
     Jacobian with respect to the parameters `wrt` (the others are constants read from
     `values`). Evaluate under ``np.errstate`` of your choice: non-finite values propagate.
+
+    Compiled once per (expression, wrt) and shared (`_compiled_jacobian`): the closures are a
+    pure function of the checked tree, so a program fitting the same model to many data sets
+    builds them once.
     """
+    return _compiled_jacobian(expression, tuple(wrt))
+
+
+# Bounded: a long session fitting many different expressions keeps only the recent programs.
+@functools.lru_cache(maxsize=256)
+def _compiled_jacobian(
+    expression: Expression, wrt: tuple[str, ...]
+) -> Callable[[np.ndarray, Mapping[str, Any]], tuple[np.ndarray, np.ndarray]]:
     index = {name: k for k, name in enumerate(wrt)}
     root = _compile(expression._tree, index)
     names = expression.params

@@ -824,10 +824,11 @@ def _levels_value(value: Any) -> Any:
 class UncertaintySpec(_Section):
     """Intervals beyond the covariance, computed at the end of a run (`fitcli.intervals`)."""
 
-    method: Literal["covariance", "profile", "bootstrap"] = Field(
+    method: Literal["covariance", "profile", "bootstrap", "mcmc"] = Field(
         "covariance",
         description="covariance (the error bars only), profile (profile likelihood, lmfit's "
-        "F-test) or bootstrap (percentile intervals of refitted resamples).",
+        "F-test), bootstrap (percentile intervals of refitted resamples) or mcmc (credible "
+        "intervals from emcee's posterior samples).",
     )
     level: Annotated[float | list[float], PlainValidator(_levels_value)] = Field(
         0.95, description="Confidence level(s) of the intervals, each in (0, 1)."
@@ -840,6 +841,34 @@ class UncertaintySpec(_Section):
         description="Bootstrap: residual (resampled residuals added to the fit) or case "
         "(resampled data rows).",
     )
+    walkers: Int | None = Field(
+        None,
+        ge=2,
+        le=100_000,
+        description="MCMC: walkers of the ensemble, even and at least twice the free "
+        "parameters (default: the larger of 32 and 4 per free parameter).",
+    )
+    steps: Int = Field(
+        5000, ge=100, le=10_000_000, description="MCMC: steps of each walker (100 to 10**7)."
+    )
+    burn: Int | None = Field(
+        None,
+        ge=0,
+        description="MCMC: first steps of each walker left out (default: a quarter of steps).",
+    )
+
+    @model_validator(mode="after")
+    def _burn_inside(self) -> UncertaintySpec:
+        if self.burn is not None and self.burn >= self.steps:
+            raise ValueError(
+                f"burn ({self.burn}) must be smaller than steps ({self.steps}): the chain "
+                "kept is the steps after the burn"
+            )
+        if self.walkers is not None and self.walkers % 2:
+            raise ValueError(
+                f"walkers must be even (got {self.walkers}): the ensemble moves in two halves"
+            )
+        return self
 
 
 # Upper bound of `starts`: each start is a whole fit.
@@ -902,7 +931,7 @@ class Config(_Section):
     )
     uncertainty: UncertaintySpec = Field(
         default_factory=UncertaintySpec,
-        description="Intervals beyond the covariance: profile likelihood or bootstrap.",
+        description="Intervals beyond the covariance: profile likelihood, bootstrap or MCMC.",
     )
 
     @model_validator(mode="wrap")

@@ -7,10 +7,8 @@ Imports torch (the snapshots evaluate the model on the grid).
 from __future__ import annotations
 
 import contextlib
-import operator
 import platform
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,7 +72,9 @@ class RunWriter:
 
     With `defer_state`, params.json and state.json are written once, by `flush`, instead of at
     every snapshot: their last versions are the same, and a run replayed from a finished
-    computation (`fitcli sweep`) has nothing to resume from in between.
+    computation (`fitcli sweep`) has nothing to resume from in between. The latest snapshot
+    page is then drawn only once it is known whether it is the last (`bands` draws the last
+    one with the final fit's bands), not drawn and then drawn again: the same pages, once each.
     """
 
     def __init__(
@@ -95,7 +95,8 @@ class RunWriter:
         epochs = prep.cfg.epochs
         self.width = len(str(epochs))
         ds = prep.dataset
-        self._fit_rows: list[str] | None = None  # "x," of each grid point, for the fit CSVs
+        # The fit CSVs' template: (columns, header and `%r` rows, rows), made by `fit_csv`.
+        self._fit_rows: tuple[int, str, int] | None = None
         x, y, y_true, sigma = ds.x, ds.y, ds.y_true, ds.sigma
         if ds.x.ndim == 2:
             # Several variables: a curve on a grid means nothing; the fit is kept at the data.
@@ -124,6 +125,11 @@ class RunWriter:
         # The last snapshot page drawn by this writer: its entry, fitted curve and components,
         # which `bands` draws again with the final fit's bands.
         self._last_page: tuple[dict, np.ndarray, list[np.ndarray]] | None = None
+        # With `defer_state`: the latest snapshot page, not drawn yet (see `_draw_held`).
+        # The last snapshot's parameters, fitted curve, components and fit CSV: LM's filled
+        # snapshots (`fill_converged_snapshots`) show the same fit again, computed once.
+        self._curve: tuple[bytes, np.ndarray, list[np.ndarray], str] | None = None
+        self._held: tuple[dict, np.ndarray, list[np.ndarray]] | None = None
 
     def resume(self, cfg_text: str | None, summary: dict, point: Any) -> None:
         """Continue this run directory from `point` (a `resume.ResumePoint`): snapshots past its
@@ -191,17 +197,27 @@ class RunWriter:
     def snapshot(self, epoch: int, loss: float, note: str | None = None) -> None:
         prep = self.prep
         params = prep.model.values()
-        with torch.no_grad():
-            y_fit = prep.model(self.grid_t).double().cpu().numpy()
-        parts = [c.double().cpu().numpy() for c in prep.model.component_values(self.grid_t)]
+        key = prep.model.raw.detach().cpu().numpy().tobytes()
+        if self._curve is not None and self._curve[0] == key:
+            _, y_fit, parts, fit_text = self._curve  # the same parameters: the same curve
+        else:
+            with torch.no_grad():
+                y_fit = prep.model(self.grid_t).double().cpu().numpy()
+            parts = [c.double().cpu().numpy() for c in prep.model.component_values(self.grid_t)]
+            fit_text = self.fit_csv(y_fit, parts)
+            self._curve = (key, y_fit, parts, fit_text)
         fname = self.snapshot_name(epoch)
         page_entry = {"epoch": epoch, "loss": loss, "params": params, "note": note}
-        files.atomic_write(self.snap_dir / fname, self._page(page_entry, y_fit, parts))
+        if self.defer_state:
+            self._draw_held()  # the page before this one: not the last
+            self._held = (page_entry, y_fit, parts)
+        else:
+            files.atomic_write(self.snap_dir / fname, self._page(page_entry, y_fit, parts))
         self._last_page = (page_entry, y_fit, parts)
         # The fitted curve itself, exactly: `fitcli plot` rebuilds this page from it (the model
         # cannot be re-evaluated bit for bit on another device, dtype or through bounds).
         fit_name = fname.removesuffix(".html") + ".csv"
-        files.atomic_write(self.snap_dir / fit_name, self.fit_csv(y_fit, parts))
+        files.atomic_write(self.snap_dir / fit_name, fit_text)
         self.snapshots = [s for s in self.snapshots if s["epoch"] != epoch]
         entry = {"epoch": epoch, "loss": loss, "params": params, "file": fname, "fit": fit_name}
         self.snapshots.append(entry if note is None else {**entry, "note": note})
@@ -216,31 +232,45 @@ class RunWriter:
             # Last, so that a saved state always has its snapshot beside it (resume).
             self._save_state(epoch=epoch, model=prep.model, stepper=prep.stepper)
 
+    def _draw_held(self, bands: dict | None = None) -> None:
+        """Draw and write the snapshot page `snapshot` held back (with `defer_state`), if any."""
+        held, self._held = self._held, None
+        if held is not None:
+            page = self._page(*held, bands)
+            files.atomic_write(self.snap_dir / self.snapshot_name(held[0]["epoch"]), page)
+
     def fit_csv(self, y_fit: np.ndarray, components: list[np.ndarray] | None = None) -> str:
         """snapshots/epoch-N.csv: `x,y_fit` rows by repr, what csv.writer with `files.fmt`
         wrote (no float repr needs quoting), then `component_1, ...` when the model has
-        components; the x column is formatted once per run."""
-        if self._fit_rows is None:
+        components. The x cells are formatted once per run, into a `%r` template of the whole
+        table (no float repr holds a `%`): each snapshot is then one `%` over its values."""
+        columns = [y_fit, *(components or [])]
+        if self._fit_rows is None or self._fit_rows[0] != len(columns):
             if self.grid.ndim == 2:
-                self._fit_rows = [",".join(map(repr, row)) + "," for row in self.grid.tolist()]
+                xs = [",".join(map(repr, row)) for row in self.grid.tolist()]
             else:
-                self._fit_rows = [f"{v!r}," for v in self.grid.tolist()]
-        ys = y_fit.tolist()
-        if len(ys) != len(self._fit_rows):
-            raise ValueError(f"fitted curve has {len(ys)} points, the grid {len(self.grid)}")
-        cells: Iterable[str] = map(repr, ys)
-        variables = self.prep.dataset.variables
-        head = ",".join(variables) + ",y_fit" if self.grid.ndim == 2 else "x,y_fit"
-        if components:
-            head += "".join(f",{files.component_column(k)}" for k in range(len(components)))
-            columns = [y_fit, *components]
-            cells = (",".join(map(repr, row)) for row in np.stack(columns, axis=1).tolist())
-        return head + "\n" + "\n".join(map(operator.add, self._fit_rows, cells)) + "\n"
+                xs = [repr(v) for v in self.grid.tolist()]
+            variables = self.prep.dataset.variables
+            head = ",".join(variables) + ",y_fit" if self.grid.ndim == 2 else "x,y_fit"
+            head += "".join(f",{files.component_column(k)}" for k in range(len(columns) - 1))
+            cells = ",%r" * len(columns) + "\n"
+            self._fit_rows = (len(columns), head + "\n" + cells.join(xs) + cells, len(xs))
+        _, template, rows = self._fit_rows
+        if len(y_fit) != rows:
+            raise ValueError(f"fitted curve has {len(y_fit)} points, the grid {rows}")
+        values = np.stack(columns, axis=1).ravel() if len(columns) > 1 else y_fit
+        return template % tuple(values.tolist())
 
     def bands(self, summary: dict) -> None:
         """bands.csv (and bands_data.csv) of the finished run's final fit, and its last snapshot
         page drawn again with them when that page shows the final fit; summary["bands"] says
         what was written, or why there are no bands (`fitcli.bands.for_run`)."""
+        try:
+            self._bands(summary)
+        finally:
+            self._draw_held()  # no bands drawn on it: the last page as it is
+
+    def _bands(self, summary: dict) -> None:
         import copy
 
         from fitcli import bands
@@ -291,8 +321,11 @@ class RunWriter:
                 and last[0]["params"] == final
             ):
                 drawn = bands.band_set(columns, levels, found.points)
-                page = self._page(last[0], last[1], last[2], drawn)
-                files.atomic_write(self.snap_dir / self.snapshot_name(last[0]["epoch"]), page)
+                if self._held is not None and self._held[0] is last[0]:
+                    self._draw_held(drawn)  # drawn once, with its bands
+                else:
+                    page = self._page(last[0], last[1], last[2], drawn)
+                    files.atomic_write(self.snap_dir / self.snapshot_name(last[0]["epoch"]), page)
                 record["snapshot"] = last[0]["epoch"]
         summary["bands"] = record
 
@@ -339,7 +372,9 @@ class RunWriter:
         return {"epoch": epoch, "model": frozen, "stepper": stepper, "history": history}
 
     def flush(self) -> None:
-        """Write what `defer_state` held back: params.json, then state.json."""
+        """Write what `defer_state` held back: the latest snapshot page, params.json, then
+        state.json (last: a saved state has its snapshot beside it)."""
+        self._draw_held()
         pending, self._pending = self._pending, None
         if pending is None:
             return
