@@ -44,7 +44,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from fitcli.lm import MAX_DAMPING, MIN_DAMPING, POLISH_CONTRACTION, POLISH_DAMPING, POLISH_RTOL
+from fitcli.lm import (
+    _CHOLESKY,
+    _SOLVE,
+    MAX_DAMPING,
+    MIN_DAMPING,
+    POLISH_CONTRACTION,
+    POLISH_DAMPING,
+    POLISH_RTOL,
+)
 
 # A block is compacted when its running lanes fall below this fraction of it, if it has at
 # least this many residuals (lanes x rows): below that, an iteration's cost is the per-operation
@@ -152,6 +160,14 @@ class _Numpy:
         return np.flatnonzero(t)
 
     def cholesky_solve(self, m: Any, rhs: Any) -> tuple[Any, Any]:
+        if _CHOLESKY is not None and rhs.shape[-1] == 1:
+            # numpy.linalg's kernels without their wrappers (`fitcli.lm`'s host path): a
+            # failed factorization is NaN in its own lane rather than an error for all.
+            with np.errstate(all="ignore"):
+                chol = _CHOLESKY(m, signature="d->d")
+                half = _SOLVE(chol, rhs[..., 0], signature="dd->d")
+                z = _SOLVE(chol.swapaxes(-1, -2), half, signature="dd->d")[..., None]
+            return z, ~np.isfinite(chol).reshape(m.shape[0], -1).all(1)
         with np.errstate(all="ignore"):
             try:
                 np.linalg.cholesky(m)
