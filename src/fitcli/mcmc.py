@@ -69,6 +69,13 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _std(values: np.ndarray) -> float:
+    """The sample standard deviation; inf where the chain ran off (1e153: its square
+    overflows), with no warning: the verdict says that the chains do not settle."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(values.std(ddof=1))
+
+
 def default_walkers(p: int) -> int:
     """Walkers of an ensemble for p free parameters: at least MIN_WALKERS and 4p, even."""
     w = max(MIN_WALKERS, 4 * p)
@@ -290,7 +297,7 @@ def sample(
         out[name] = {
             "estimate": float(est[k]),
             "median": float(np.median(flat[:, k])),
-            "std": _finite(flat[:, k].std(ddof=1)),
+            "std": _finite(_std(flat[:, k])),
             "intervals": entries,
             "autocorr_time": _finite(tau[k]),
             "effective_samples": _finite(walkers * kept / tau[k]) if tau[k] > 0 else None,
