@@ -289,6 +289,19 @@ def _check_group_files(run_dir: Path, saved: Any) -> None:
             )
 
 
+def _check_digest(run_dir: Path, prep: Any, summary: dict) -> str | None:
+    """Refuse a data file whose digest is not the one the run recorded; the recorded digest
+    (None: the run recorded none)."""
+    ds = prep.dataset
+    recorded = summary.get("data_digest")
+    if recorded is not None and ds.digest is not None and recorded != ds.digest:
+        raise ResumeError(
+            f"cannot resume {run_dir}: the data file {ds.source} changed since the run started "
+            f"(its digest is not the {recorded} recorded in {files.SUMMARY}); start a new run"
+        )
+    return recorded
+
+
 def _restore_grouped(
     run_dir: Path, prep: Any, summary: dict, saved: Any, same_optimizer: bool
 ) -> list[str]:
@@ -297,13 +310,7 @@ def _restore_grouped(
     optimizer's state is kept only when its config is unchanged and finite."""
     from fitcli.grouped_run import kind_of
 
-    ds = prep.dataset
-    recorded = summary.get("data_digest")
-    if recorded is not None and ds.digest is not None and recorded != ds.digest:
-        raise ResumeError(
-            f"cannot resume {run_dir}: the data file {ds.source} changed since the run started "
-            f"(its digest is not the {recorded} recorded in {files.SUMMARY}); start a new run"
-        )
+    _check_digest(run_dir, prep, summary)
     kind = kind_of(prep)
     if saved.kind != kind:
         raise ResumeError(
@@ -355,12 +362,7 @@ def _check_data(run_dir: Path, prep: Any, summary: dict) -> None:
     import numpy as np
 
     ds = prep.dataset
-    recorded = summary.get("data_digest")
-    if recorded is not None and ds.digest is not None and recorded != ds.digest:
-        raise ResumeError(
-            f"cannot resume {run_dir}: the data file {ds.source} changed since the run started "
-            f"(its digest is not the {recorded} recorded in {files.SUMMARY}); start a new run"
-        )
+    recorded = _check_digest(run_dir, prep, summary)
     if summary.get("data_file") is not None and recorded is not None:
         return  # the data file is the run's data (not copied), and its digest is the same
     from fitcli.rundir.reader import read_data
