@@ -25,7 +25,13 @@ import contextlib
 from fitcli.errors import FitcliError, RunDirError, RunStatus, exit_code_for
 from fitcli.prepare import Prepared
 from fitcli.rundir import files
-from fitcli.rundir.writer import RunWriter, base_summary, interruption_fields, versions
+from fitcli.rundir.writer import (
+    RunWriter,
+    base_summary,
+    failure_fields,
+    interruption_fields,
+    versions,
+)
 from fitcli.train import TrainResult, snapshot_epochs, train
 
 
@@ -127,17 +133,8 @@ def execute(
             files.write_json(run_dir / files.INTERVALS, summary["intervals"])
         files.write_json(run_dir / files.SUMMARY, summary)
     except BaseException as exc:
-        summary.update(
-            status=RunStatus.FAILED,
-            exit_code=int(exit_code_for(RunStatus.FAILED)),
-            converged=False,
-            params=prep.model.values(),
-            elapsed_s=time.perf_counter() - t0,
-            reason=str(exc) or type(exc).__name__,
-        )
-        if isinstance(exc, KeyboardInterrupt):
-            by = getattr(exc, "signal", None) or (stopped_by() if stopped_by else None)
-            summary.update(interruption_fields(by, "at once"))
+        summary.update(params=prep.model.values())
+        summary.update(failure_fields(exc, time.perf_counter() - t0, stopped_by))
         summary.pop("process", None)
         with contextlib.suppress(Exception):
             writer.flush()  # the last snapshot's state, as fitcli train would have left it

@@ -477,7 +477,12 @@ def execute_grouped(
     from fitcli.experiment import resolved_config_text
     from fitcli.rundir import files
     from fitcli.rundir.group_state import save_group_state
-    from fitcli.rundir.writer import base_summary, interruption_fields, tidy_snapshots
+    from fitcli.rundir.writer import (
+        base_summary,
+        failure_fields,
+        interruption_fields,
+        tidy_snapshots,
+    )
 
     t0 = time.perf_counter()
     ds = prep.dataset
@@ -572,16 +577,8 @@ def execute_grouped(
         summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         files.write_json(run_dir / files.SUMMARY, summary)
     except BaseException as exc:
-        summary.update(
-            status=RunStatus.FAILED,
-            exit_code=int(exit_code_for(RunStatus.FAILED)),
-            converged=False,
-            elapsed_s=time.perf_counter() - t0,
-            reason=str(exc) or type(exc).__name__,
-        )
-        if isinstance(exc, KeyboardInterrupt):  # a second stop signal: at once
-            by = getattr(exc, "signal", None) or (stopped_by() if stopped_by else None)
-            summary.update(interruption_fields(by, "at once"))
+        # A second stop signal (KeyboardInterrupt): interrupted at once.
+        summary.update(failure_fields(exc, time.perf_counter() - t0, stopped_by))
         summary.pop("process", None)
         with contextlib.suppress(FitcliError):
             files.write_json(run_dir / files.SUMMARY, summary)

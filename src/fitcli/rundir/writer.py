@@ -495,6 +495,23 @@ def interruption_fields(signal: str | None, when: str) -> Summary:
     return fields
 
 
+def failure_fields(exc: BaseException, elapsed_s: float, stopped_by: Any = None) -> Summary:
+    """The summary fields of a run that `exc` ended while it was being written: failed, or,
+    for a second stop signal (KeyboardInterrupt), interrupted at once by that signal
+    (`stopped_by()`: which signal asked for the stop, when the exception does not say)."""
+    fields: Summary = {
+        "status": RunStatus.FAILED,
+        "exit_code": int(exit_code_for(RunStatus.FAILED)),
+        "converged": False,
+        "elapsed_s": elapsed_s,
+        "reason": str(exc) or type(exc).__name__,
+    }
+    if isinstance(exc, KeyboardInterrupt):
+        by = getattr(exc, "signal", None) or (stopped_by() if stopped_by else None)
+        fields.update(interruption_fields(by, "at once"))
+    return fields
+
+
 def tidy_snapshots(run_dir: Path, epoch: int) -> None:
     """Remove snapshot pages and fitted curves past `epoch`, and temporary files.
 
