@@ -10,15 +10,21 @@ that changed). Resuming from it is `fitcli.resume`'s.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fitcli.errors import GroupStatus, ResumeError
-from fitcli.rundir import files
-from fitcli.rundir.state import INT_LIMIT, STATE_FILE, _bad, _short, decode, encode
+from fitcli.rundir.state import (
+    DECODE_ERRORS,
+    INT_LIMIT,
+    _bad,
+    _short,
+    decode,
+    encode,
+    read_state_doc,
+    write_state_doc,
+)
 
 FORMAT = "fitcli-group-state"
 VERSION = 1
@@ -67,7 +73,7 @@ def save_group_state(run_dir: Path, state: GroupState) -> None:
         "config": encode(state.config),
         "data_files": state.data_files,
     }
-    files.atomic_write(run_dir / STATE_FILE, json.dumps(doc, allow_nan=False) + "\n")
+    write_state_doc(run_dir, doc)
 
 
 def load_group_state(run_dir: Path) -> GroupState:
@@ -76,23 +82,16 @@ def load_group_state(run_dir: Path) -> GroupState:
     import numpy as np
     import torch
 
-    path = run_dir / STATE_FILE
-    if not os.path.lexists(path):
-        raise ResumeError(
-            f"{run_dir} has no saved state ({STATE_FILE}); it stopped before its fit began, so "
-            "it cannot be resumed"
-        )
-    raw = files.read_run_file(run_dir, STATE_FILE)
+    keys = ("kind", "epoch", "theta", "shared", "damping", "iterations", "done", "status")
+    path, doc = read_state_doc(
+        run_dir,
+        fmt=FORMAT,
+        version=VERSION,
+        keys=(*keys, "reason", "optimizer", "config"),
+        absent="stopped before its fit began, so it cannot be resumed",
+        foreign="not the state of a grouped fitcli run",
+    )
     try:
-        doc = json.loads(raw)
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise ValueError("not the state of a grouped fitcli run")
-        if doc.get("version") != VERSION:
-            raise ValueError(f"state format version {doc.get('version')!r} is not {VERSION}")
-        keys = ("kind", "epoch", "theta", "shared", "damping", "iterations", "done", "status")
-        missing = [k for k in (*keys, "reason", "optimizer", "config") if k not in doc]
-        if missing:
-            raise ValueError(f"{missing[0]}: missing")
         if doc["kind"] not in KINDS:
             raise ValueError(_bad("kind", f"{_short(doc['kind'])} is not one of {KINDS}"))
         epoch = doc["epoch"]
@@ -143,7 +142,7 @@ def load_group_state(run_dir: Path) -> GroupState:
             )
         ):
             raise ValueError(_bad("data_files", "is not a list of [path, digest] pairs"))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+    except DECODE_ERRORS as exc:
         raise ResumeError(f"cannot read the saved state {path}: {exc}") from None
     return GroupState(
         kind=doc["kind"],

@@ -203,6 +203,39 @@ class SavedState:
     config: dict
 
 
+# What decoding a state document can raise on bad content: each becomes a ResumeError.
+DECODE_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError)
+
+
+def write_state_doc(run_dir: Path, doc: dict) -> None:
+    """Write a state document as state.json, atomically."""
+    files.atomic_write(run_dir / STATE_FILE, json.dumps(doc, allow_nan=False) + "\n")
+
+
+def read_state_doc(
+    run_dir: Path, *, fmt: str, version: int, keys: tuple[str, ...], absent: str, foreign: str
+) -> tuple[Path, dict]:
+    """state.json's path and document, checked for its `fmt`, `version` and `keys` (and a
+    whole number of steps under "epoch"); a ResumeError when it is missing (`absent` says
+    why, after "it"), foreign (`foreign`) or lacks a key. Its fields are the caller's."""
+    path = run_dir / STATE_FILE
+    if not os.path.lexists(path):
+        raise ResumeError(f"{run_dir} has no saved state ({STATE_FILE}); it {absent}")
+    raw = files.read_run_file(run_dir, STATE_FILE)
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict) or doc.get("format") != fmt:
+            raise ValueError(foreign)
+        if doc.get("version") != version:
+            raise ValueError(f"state format version {doc.get('version')!r} is not {version}")
+        missing = [k for k in keys if k not in doc]
+        if missing:
+            raise ValueError(f"{missing[0]}: missing")
+    except DECODE_ERRORS as exc:
+        raise ResumeError(f"cannot read the saved state {path}: {exc}") from None
+    return path, doc
+
+
 def save_state(
     run_dir: Path, *, epoch: int, model: Any, stepper: Any, history: Any, config: dict
 ) -> None:
@@ -222,7 +255,7 @@ def save_state(
         },
         "config": encode(config),
     }
-    files.atomic_write(run_dir / STATE_FILE, json.dumps(doc, allow_nan=False) + "\n")
+    write_state_doc(run_dir, doc)
 
 
 def load_state(run_dir: Path) -> SavedState:
@@ -233,22 +266,16 @@ def load_state(run_dir: Path) -> SavedState:
 
     from fitcli.train import History
 
-    path = run_dir / STATE_FILE
-    if not os.path.lexists(path):
-        raise ResumeError(
-            f"{run_dir} has no saved state ({STATE_FILE}); it stopped before its first snapshot "
-            "or was made by an older fitcli, so it cannot be resumed"
-        )
-    raw_doc = files.read_run_file(run_dir, STATE_FILE)
+    path, doc = read_state_doc(
+        run_dir,
+        fmt=FORMAT,
+        version=VERSION,
+        keys=("epoch", "raw", "stepper", "history", "config"),
+        absent="stopped before its first snapshot or was made by an older fitcli, so it cannot "
+        "be resumed",
+        foreign="not a fitcli state file",
+    )
     try:
-        doc = json.loads(raw_doc)
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise ValueError("not a fitcli state file")
-        if doc.get("version") != VERSION:
-            raise ValueError(f"state format version {doc.get('version')!r} is not {VERSION}")
-        missing = [k for k in ("epoch", "raw", "stepper", "history", "config") if k not in doc]
-        if missing:
-            raise ValueError(f"{missing[0]}: missing")
         epoch = doc["epoch"]
         if type(epoch) is not int or not 0 <= epoch < INT_LIMIT:
             raise ValueError(_bad("epoch", f"{_short(epoch)} is not a number of epochs"))
@@ -281,7 +308,7 @@ def load_state(run_dir: Path) -> SavedState:
         config = decode(doc["config"], "config")
         if not isinstance(config, dict):
             raise ValueError(_bad("config", "is not a mapping"))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+    except DECODE_ERRORS as exc:
         raise ResumeError(f"cannot read the saved state {path}: {exc}") from None
     return SavedState(epoch, raw, stepper, history, config)
 
