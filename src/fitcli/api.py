@@ -578,24 +578,25 @@ class FitResult:
 
         spec = self.config.uncertainty
         method = method or (spec.method if spec.method != "covariance" else "profile")
-        if method not in ("profile", "bootstrap", "mcmc"):
-            raise InputError(f"method: {method!r} is not one of profile, bootstrap, mcmc")
+        if method not in intervals.COMPUTED:
+            raise InputError(f"method: {method!r} is not one of {', '.join(intervals.COMPUTED)}")
         intervals.check_loss(self.config.loss)
         model = self._float64_model()
         model.set_values(self.params)
         weights = None if self.sigma is None else torch.from_numpy(1.0 / self.sigma)
         prob = intervals.Problem(model, torch.from_numpy(self.x), torch.from_numpy(self.y), weights)
-        return intervals.compute(
+        return intervals.for_config(
             prob,
+            self.config,
             method,
-            spec.level if level is None else level,
-            samples=spec.samples if samples is None else samples,
-            resampling=spec.resampling if resampling is None else resampling,
-            seed=intervals.seed_of(self.config.seed, method) if seed is None else seed,
-            absolute=self.sigma is not None and self.config.data.absolute_sigma is not False,
-            walkers=spec.walkers if walkers is None else walkers,
-            steps=spec.steps if steps is None else steps,
-            burn=spec.burn if burn is None else burn,
+            weighted=self.sigma is not None,
+            level=level,
+            samples=samples,
+            resampling=resampling,
+            seed=seed,
+            walkers=walkers,
+            steps=steps,
+            burn=burn,
         )
 
     # -- presentation --
@@ -806,7 +807,7 @@ def ci_run(
     from fitcli import intervals, liveness
 
     path = Path(run_dir)
-    if method not in ("profile", "bootstrap", "mcmc"):
+    if method not in intervals.COMPUTED:
         raise InputError(f"--method {method!r}: give profile, bootstrap or mcmc")
     summary = files.read_summary(path)
     status = liveness.status_of(summary)

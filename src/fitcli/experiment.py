@@ -297,8 +297,7 @@ def finish_intervals(prep: Prepared, summary: dict[str, Any]) -> dict[str, Any]:
 
     from fitcli import intervals
 
-    spec = prep.cfg.uncertainty
-    method = spec.method
+    method = prep.cfg.uncertainty.method
     if summary["status"] != RunStatus.COMPLETED:
         return {"method": method, "error": f"not computed: the run is {summary['status']}"}
     ds, model = prep.dataset, prep.model
@@ -315,18 +314,7 @@ def finish_intervals(prep: Prepared, summary: dict[str, Any]) -> dict[str, Any]:
             torch.as_tensor(ds.y, dtype=f64).to(prep.device),
             weights,
         )
-        return intervals.compute(
-            prob,
-            method,
-            spec.level,
-            samples=spec.samples,
-            resampling=spec.resampling,
-            seed=intervals.seed_of(prep.cfg.seed, method),
-            absolute=ds.sigma is not None and prep.cfg.data.absolute_sigma is not False,
-            walkers=spec.walkers,
-            steps=spec.steps,
-            burn=spec.burn,
-        )
+        return intervals.for_config(prob, prep.cfg, method, weighted=ds.sigma is not None)
     except Exception as exc:  # intervals are a report, not the fit: say why they are missing
         return {"method": method, "error": f"not computed: {exc}"}
 

@@ -53,7 +53,9 @@ from fitcli.lm import SMALL_ROWS, HostModel, host_ok, one_thread, rowwise_ok
 from fitcli.lm_batch import LMOptions
 from fitcli.model import ExprModel, FitModel, model_function
 
-METHODS = ("covariance", "profile", "bootstrap", "mcmc")
+# The methods computed here (`compute`); covariance intervals are the run's error bars.
+COMPUTED = ("profile", "bootstrap", "mcmc")
+METHODS = ("covariance", *COMPUTED)
 RESAMPLING = ("residual", "case")
 # Lanes of one batched refit are sized so that its Jacobian ([lanes, n, p] float64) stays near
 # this many bytes; more lanes run as several batches one after another.
@@ -752,6 +754,42 @@ def compute(
     raise IntervalError(
         f"method: {method!r} is not one of profile, bootstrap, mcmc (covariance intervals are "
         "the error bars of summary.json)"
+    )
+
+
+def for_config(
+    prob: Problem,
+    cfg: Any,
+    method: str,
+    *,
+    weighted: bool,
+    level: float | Sequence[float] | None = None,
+    samples: int | None = None,
+    resampling: str | None = None,
+    seed: int | None = None,
+    walkers: int | None = None,
+    steps: int | None = None,
+    burn: int | None = None,
+) -> dict[str, Any]:
+    """`compute` with a config's settings: each given argument, or else the config's
+    `uncertainty` one; the seed from the config's seed (`seed_of`); the MCMC likelihood's noise
+    known where the data are `weighted` by a sigma column taken as absolute."""
+    spec = cfg.uncertainty
+
+    def given(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
+    return compute(
+        prob,
+        method,
+        given(level, spec.level),
+        samples=given(samples, spec.samples),
+        resampling=given(resampling, spec.resampling),
+        seed=given(seed, seed_of(cfg.seed, method)),
+        absolute=weighted and cfg.data.absolute_sigma is not False,
+        walkers=given(walkers, spec.walkers),
+        steps=given(steps, spec.steps),
+        burn=given(burn, spec.burn),
     )
 
 
