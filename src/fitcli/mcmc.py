@@ -209,12 +209,17 @@ def _autocorr(chain: np.ndarray) -> np.ndarray:
         log.disabled = was
 
 
+def _settled(rhat: np.ndarray, tau: np.ndarray) -> np.ndarray:
+    """Per parameter, whether its chains settled: a finite R-hat and autocorrelation time."""
+    return np.isfinite(rhat) & np.isfinite(tau)
+
+
 def _verdict(
     names: Sequence[str], tau: np.ndarray, rhat: np.ndarray, kept: int, chain: np.ndarray
 ) -> tuple[bool, str]:
     """Whether the chains can be trusted, and why not in words."""
     problems = []
-    wild = [k for k in range(len(names)) if not (np.isfinite(rhat[k]) and np.isfinite(tau[k]))]
+    wild = np.flatnonzero(~_settled(rhat, tau)).tolist()
     if wild:
         reach = ", ".join(f"{names[k]} reaches {np.max(np.abs(chain[..., k])):.3g}" for k in wild)
         problems.append(
@@ -305,7 +310,7 @@ def sample(
         }
     band = (
         credible_band(post, chain, levels)
-        if converged or np.isfinite(rhat).all()
+        if _settled(rhat, tau).all()
         else {"skipped": "the chains do not settle (see reason)"}
     )
     notes = [] if converged else [reason]
