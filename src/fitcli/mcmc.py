@@ -134,8 +134,10 @@ def _covariance(post: _Posterior, est: np.ndarray) -> np.ndarray:
     """The normal approximation's covariance at the estimate (external units), for the
     walkers' start: (J^T W J)^-1, times s^2 unless sigma is absolute; a pseudo-inverse, and a
     small diagonal where the problem is singular."""
+    from fitcli.bands import jacobian
+
     t = torch.as_tensor(est, dtype=torch.float64, device=post.wy.device)
-    jac = torch.func.jacrev(lambda v: post.curve(v[None, :])[0])(t)
+    jac = jacobian(post.model, t, post.x).detach()
     if post.weights is not None:
         jac = jac * post.weights[:, None]
     jac_np = jac.cpu().numpy()
