@@ -226,7 +226,7 @@ def _correlation(run: Run) -> tuple[list[str], list[list[float | None]]] | None:
     return [str(n) for n in names], matrix
 
 
-def _intervals_section(run: Run, fig: _Figures | None = None) -> str:
+def _intervals_section(run: Run, fig: _Figures) -> str:
     """The profile, bootstrap or MCMC intervals of summary.json (`fitcli ci`), ends as -/+ from
     the estimate so that an asymmetric interval shows as such (MCMC: with each parameter's
     R-hat, autocorrelation time and effective samples, and the chain's verdict in words); ""
@@ -274,7 +274,7 @@ def _intervals_section(run: Run, fig: _Figures | None = None) -> str:
     )
     band = doc.get("band")
     figure = ""
-    if mcmc and fig is not None and isinstance(band, dict) and "x" in band:
+    if mcmc and isinstance(band, dict) and "x" in band:
         d = run.data
         cf = plots.credible_band_figure(
             x=d["x"], y=d["y"], band=band, levels=list(doc.get("levels") or []), labels=labels(run)
