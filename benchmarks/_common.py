@@ -14,6 +14,14 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+def train_cmd(cfg: Path, run: Path) -> list[str]:
+    """`fitcli train CFG --run-dir RUN --progress none` with the Python running the script."""
+    return [
+        sys.executable, "-m", "fitcli.cli", "train", str(cfg),
+        "--run-dir", str(run), "--progress", "none",
+    ]  # fmt: skip
+
+
 def wall(cmd: list[str], **kw) -> float:
     """Seconds one whole process takes (stdout/stderr discarded); fails loudly on non-zero exit."""
     t = time.perf_counter()

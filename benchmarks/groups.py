@@ -32,7 +32,7 @@ import pandas as pd
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine, record  # noqa: E402
+from _common import ROOT, machine, record, train_cmd  # noqa: E402
 
 GAUSS1 = {
     "expr": "a*exp(-(x - c)**2/(2*s**2))",
@@ -113,17 +113,7 @@ def fitcli_train(cfg: Path, run: Path) -> dict:
     """One whole `fitcli train` process: its wall time, summary.json and groups.csv."""
     t = time.perf_counter()
     res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fitcli.cli",
-            "train",
-            str(cfg),
-            "--run-dir",
-            str(run),
-            "--progress",
-            "none",
-        ],
+        train_cmd(cfg, run),
         capture_output=True,
         text=True,
     )

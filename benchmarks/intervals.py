@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from _common import ROOT, machine, record  # noqa: E402
+from _common import ROOT, machine, record, train_cmd  # noqa: E402
 from nist_problems import load_suite  # noqa: E402
 
 import fitcli  # noqa: E402
@@ -243,17 +243,7 @@ def bootstrap_row(tmp: Path) -> dict:
     cfg.write_text(yaml.safe_dump(BOOT_CONFIG))
     run = tmp / "run"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fitcli.cli",
-            "train",
-            str(cfg),
-            "--run-dir",
-            str(run),
-            "--progress",
-            "none",
-        ],
+        train_cmd(cfg, run),
         check=True,
         capture_output=True,
     )
