@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fitcli import lm_batch
+from fitcli import lm_batch, lm_jit
 from fitcli.errors import GroupStatus
 from fitcli.lm import (
     MAX_DAMPING,
@@ -323,6 +323,59 @@ def _asker(
     return ask
 
 
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().numpy())
+
+
+def compiled(
+    model: FitModel, layout: Layout, data: Packed, theta: torch.Tensor
+) -> lm_jit.Program | None:
+    """The compiled fit of `model` over the groups of `data` (`fitcli.lm_jit`), where it
+    applies: on the CPU, no shared parameter, and the translation agrees with torch's autograd
+    on the first groups at theta [G, q] (J^T J, J^T r and the RSS, to rounding); else None."""
+    if data.w.device.type != "cpu" or layout.shared or not data.groups:
+        return None
+    program = lm_jit.compile_groups(model, data.w.dtype)
+    if program is None:
+        return None
+    few = data.take(torch.arange(min(4, data.groups)))
+    th = theta[: few.groups].detach()
+    a, _, r = jacobian(model, layout, few, th, torch.zeros(0, dtype=th.dtype), float64=True)
+    at = a.transpose(-1, -2)
+    ref = [0.5 * (r * r).sum(-1), at @ a, (at @ r[..., None])[..., 0]]
+    got = program.linearize(_numpy(few.x), _numpy(few.wy), _numpy(few.w), few.counts, _numpy(th))
+    rtol = 1e-9 if data.w.dtype == torch.float64 else 1e-4
+    for want, have in zip(ref, got, strict=True):
+        want = want.numpy()
+        if not np.array_equal(np.isfinite(want), np.isfinite(have)):
+            return None
+        fin = np.isfinite(want)
+        scale = np.abs(want[fin]).max(initial=0.0)
+        if not np.allclose(have[fin], want[fin], rtol=rtol, atol=rtol * scale):
+            return None
+    return program
+
+
+def _fit_compiled(
+    program: lm_jit.Program,
+    data: Packed,
+    theta: torch.Tensor,
+    lam: torch.Tensor,
+    opts: LMOptions,
+    should_stop: Callable[[], bool] | None,
+) -> dict[str, np.ndarray]:
+    return program.fit(
+        _numpy(data.x),
+        _numpy(data.wy),
+        _numpy(data.w),
+        data.counts,
+        _numpy(theta),
+        lam.numpy(),
+        opts,
+        should_stop,
+    )
+
+
 def _fit_independent(
     model: FitModel,
     layout: Layout,
@@ -353,16 +406,24 @@ def _fit_independent(
             chunk = max(1, BLOCK_BYTES // max(1, data.w.element_size() * length))
         else:
             chunk = max(1, CHUNK_BYTES // max(1, 8 * length * max(q, 1)))
-        sol = lm_batch.solve(
-            _GroupLanes(model, layout, data).take(keep),
-            theta[keep],
-            opts,
-            damping=lam[keep],
-            should_stop=_asker(on_iter, should_stop),
-            chunk=chunk,
-        )
-        theta[keep], lam[keep] = sol.theta, sol.damping
-        codes, n_it = sol.code.cpu().numpy(), sol.iterations.cpu().numpy()
+        sub = data.take(keep)
+        program = compiled(model, layout, sub, theta[keep])
+        if program is not None:
+            out = _fit_compiled(program, sub, theta[keep], lam[keep], opts, _asker(on_iter, should_stop))
+            theta[keep] = torch.from_numpy(out["theta"])
+            lam[keep] = torch.from_numpy(out["damping"])
+            codes, n_it = out["code"], out["iterations"]
+        else:
+            sol = lm_batch.solve(
+                _GroupLanes(model, layout, sub),
+                theta[keep],
+                opts,
+                damping=lam[keep],
+                should_stop=_asker(on_iter, should_stop),
+                chunk=chunk,
+            )
+            theta[keep], lam[keep] = sol.theta, sol.damping
+            codes, n_it = sol.code.cpu().numpy(), sol.iterations.cpu().numpy()
         for k, j in enumerate(keep.tolist()):
             status[j] = _outcome(_failed(int(codes[k])))
             reason[j] = lm_batch.reason(int(codes[k]), opts, int(n_it[k]))

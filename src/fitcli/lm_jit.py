@@ -1,0 +1,751 @@
+"""Levenberg-Marquardt on many independent groups as one compiled program (numba).
+
+`fitcli.lm_batch` runs thousands of small fits as one tensor program: every operation is a pass
+over a [groups, points] array, and on the CPU most of an iteration is torch's reverse pass
+through the expression and the traffic of those arrays through memory. Here the same fits run as
+compiled code, one group at a time on each CPU thread (Cpufit's design, for any expression): the
+checked expression tree of `fitcli.expr` is translated into straight-line forward-mode code (the
+value and its derivative in every parameter, one scalar each, per point), and one loop over a
+group's points accumulates J^T J, J^T r and the residual sum of squares without ever storing J.
+The steps, tests and stop codes are those of `fitcli.lm_batch` (Moré's scaling, Nielsen's
+damping update, MINPACK's tests, the polishing of nearly Gauss-Newton steps), so a group ends
+where a lane of `lm_batch.solve` ends, to rounding.
+
+`compile_groups(model)` returns the compiled program of a model, or None where this path does
+not apply, and `lm_batch` does the work: no numba, a function outside the table below, bounds,
+fixed values or ties (the model's free vector is not its parameter vector), more than
+`MAX_PARAMS` parameters. The translation is checked against torch's autograd on the first
+groups of every data set before it is used (`Program.agrees`).
+
+The generated module is written to a cache directory (``FITCLI_CACHE_DIR``, else
+``$XDG_CACHE_HOME/fitcli`` or ``~/.cache/fitcli``) under the hash of its source, so that numba's
+own cache keeps the machine code between processes: the first fit of a model compiles (about a
+second), later ones load it. Where that directory cannot be written, it compiles in memory.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import hashlib
+import importlib.util
+import math
+import operator
+import os
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fitcli.lm import MAX_DAMPING, MIN_DAMPING, POLISH_CONTRACTION, POLISH_DAMPING, POLISH_RTOL
+from fitcli.lm_batch import LMOptions, Stop
+
+# Beyond this many parameters per group the unrolled normal equations (p (p + 1) / 2 scalar
+# sums) make compiling slow and the batched tensor program is the better tool.
+MAX_PARAMS = 12
+# Groups per call of the compiled loop between two asks of `should_stop` (and per thread task).
+CHUNK_GROUPS = 4096
+
+
+class _Unsupported(Exception):
+    """The expression uses something the translation does not cover."""
+
+
+# name -> (value, derivative in u and the value v): numba's math, torch's formulas.
+_UNARY: dict[str, tuple[str, str]] = {
+    "sin": ("math.sin({u})", "math.cos({u})"),
+    "cos": ("math.cos({u})", "-math.sin({u})"),
+    "tan": ("math.tan({u})", "1.0 + {v} * {v}"),
+    "asin": ("math.asin({u})", "1.0 / math.sqrt(1.0 - {u} * {u})"),
+    "acos": ("math.acos({u})", "-1.0 / math.sqrt(1.0 - {u} * {u})"),
+    "atan": ("math.atan({u})", "1.0 / ({u} * {u} + 1.0)"),
+    "sinh": ("math.sinh({u})", "math.cosh({u})"),
+    "cosh": ("math.cosh({u})", "math.sinh({u})"),
+    "tanh": ("math.tanh({u})", "1.0 - {v} * {v}"),
+    "exp": ("math.exp({u})", "{v}"),
+    "log": ("_log({u})", "1.0 / {u}"),
+    "log10": ("_log({u}) * 0.4342944819032518", "1.0 / ({u} * 2.302585092994046)"),
+    "log2": ("_log({u}) * 1.4426950408889634", "1.0 / ({u} * 0.6931471805599453)"),
+    "sqrt": ("_sqrt({u})", "0.5 / {v}"),
+    "abs": ("abs({u})", "_sign({u})"),
+    "erf": ("math.erf({u})", "1.1283791670955126 * math.exp(-{u} * {u})"),
+    "erfc": ("math.erfc({u})", "-1.1283791670955126 * math.exp(-{u} * {u})"),
+    "log1p": ("_log1p({u})", "1.0 / ({u} + 1.0)"),
+}
+_ALIASES = {"arcsin": "asin", "arccos": "acos", "arctan": "atan"}
+_COMPARE = {operator.lt: "<", operator.le: "<=", operator.gt: ">", operator.ge: ">="}
+
+_PRELUDE = '''\
+import math
+
+import numpy as np
+from numba import njit
+
+T = np.{dtype}
+JIT = dict(cache={cache}, nogil=True, error_model="numpy", fastmath={{"nsz", "arcp", "contract", "reassoc"}})
+
+
+@njit(**JIT)
+def _log(u):
+    return math.log(u) if u > 0 else (-math.inf if u == 0 else math.nan)
+
+
+@njit(**JIT)
+def _log1p(u):
+    return math.log1p(u) if u > -1 else (-math.inf if u == -1 else math.nan)
+
+
+@njit(**JIT)
+def _sqrt(u):
+    return math.sqrt(u) if u >= 0 else math.nan
+
+
+@njit(**JIT)
+def _sign(u):
+    return 1.0 if u > 0 else (-1.0 if u < 0 else 0.0)
+'''
+
+# The LM of one group: `fitcli.lm_batch._solve_block` / `_iterate` / `_check` for one lane.
+_LM = '''
+
+@njit(**JIT)
+def _check(a, g, cost, scale2, code, first, gtol):
+    p = a.shape[0]
+    rss = 2.0 * cost
+    finite = math.isfinite(rss)
+    for i in range(p):
+        for j in range(p):
+            if not math.isfinite(a[i, j]):
+                finite = False
+    if not finite:
+        code[0] = {nonfinite_start} if first else {nonfinite}
+    cosine = 0.0
+    for k in range(p):
+        d = a[k, k]
+        scale2[k] = max(scale2[k], d if d > 0 else 1.0)
+        c = abs(g[k]) / math.sqrt(max(d, 1e-300) * rss)
+        if c > cosine or c != c:
+            cosine = c
+    if finite:
+        if rss == 0:
+            code[0] = {exact}
+        elif cosine <= gtol and code[0] == 0:
+            code[0] = {gtol_code}
+
+
+@njit(**JIT)
+def _jacobi_solve(m, rhs, z, work):
+    # z = pinv(m) rhs for a symmetric m (its null space dropped), by cyclic Jacobi rotations.
+    p = m.shape[0]
+    a = work[0]
+    v = work[1]
+    for i in range(p):
+        for j in range(p):
+            x = m[i, j]
+            a[i, j] = x if math.isfinite(x) else 0.0
+            v[i, j] = 1.0 if i == j else 0.0
+    for _sweep in range(60):
+        off = 0.0
+        for i in range(p):
+            for j in range(i + 1, p):
+                off += a[i, j] * a[i, j]
+        if off == 0.0:
+            break
+        for i in range(p):
+            for j in range(i + 1, p):
+                if a[i, j] == 0.0:
+                    continue
+                theta = (a[j, j] - a[i, i]) / (2.0 * a[i, j])
+                t = (1.0 if theta >= 0 else -1.0) / (abs(theta) + math.sqrt(theta * theta + 1.0))
+                c = 1.0 / math.sqrt(t * t + 1.0)
+                s = t * c
+                for k in range(p):
+                    aki = a[k, i]
+                    akj = a[k, j]
+                    a[k, i] = c * aki - s * akj
+                    a[k, j] = s * aki + c * akj
+                for k in range(p):
+                    aik = a[i, k]
+                    ajk = a[j, k]
+                    a[i, k] = c * aik - s * ajk
+                    a[j, k] = s * aik + c * ajk
+                for k in range(p):
+                    vki = v[k, i]
+                    vkj = v[k, j]
+                    v[k, i] = c * vki - s * vkj
+                    v[k, j] = s * vki + c * vkj
+    top = 0.0
+    for i in range(p):
+        top = max(top, abs(a[i, i]))
+    cutoff = max(top, 1e-300) * p * 2.2e-16
+    for i in range(p):
+        z[i] = 0.0
+    for k in range(p):
+        ev = a[k, k]
+        if ev > cutoff:
+            proj = 0.0
+            for i in range(p):
+                proj += v[i, k] * rhs[i]
+            proj /= ev
+            for i in range(p):
+                z[i] += v[i, k] * proj
+
+
+@njit(**JIT)
+def _damped_solve(m, rhs, lam, z, work):
+    # (m + lam I) z = rhs: Cholesky, or the pseudo-inverse where it fails (lm_batch's rule).
+    p = m.shape[0]
+    c = work[0]
+    ok = True
+    for i in range(p):
+        for j in range(i + 1):
+            s = m[i, j] + (lam if i == j else 0.0)
+            for k in range(j):
+                s -= c[i, k] * c[j, k]
+            if i == j:
+                if not (s > 0.0):
+                    ok = False
+                    break
+                c[i, i] = math.sqrt(s)
+            else:
+                c[i, j] = s / c[j, j]
+        if not ok:
+            break
+    if ok:
+        for i in range(p):
+            s = rhs[i]
+            for k in range(i):
+                s -= c[i, k] * z[k]
+            z[i] = s / c[i, i]
+        for i in range(p - 1, -1, -1):
+            s = z[i]
+            for k in range(i + 1, p):
+                s -= c[k, i] * z[k]
+            z[i] = s / c[i, i]
+        for i in range(p):
+            if not math.isfinite(z[i]):
+                ok = False
+    if not ok:
+        d = work[2]
+        for i in range(p):
+            for j in range(p):
+                d[i, j] = m[i, j] + (lam if i == j else 0.0)
+        _jacobi_solve(d, rhs, z, work)
+
+
+@njit(**JIT)
+def _fit(x, wy, w, n, th, lam0, max_iter, ftol, xtol, gtol, theta, jtj, jtr, mats, vecs):
+    # One group from th [p]: returns (code, iterations, damping, cost); theta, jtj and jtr
+    # get its final parameters and normal equations.
+    p = th.shape[0]
+    for k in range(p):
+        theta[k] = th[k]
+    work = mats[:3]
+    jtj_t = mats[3]
+    m = mats[4]
+    jtr_t = vecs[0]
+    trial = vecs[1]
+    delta = vecs[2]
+    scale2 = vecs[3]
+    rhs = vecs[4]
+    z = vecs[5]
+    code = np.zeros(1, dtype=np.int64)
+    cost = linearize(x, wy, w, n, theta, jtj, jtr)
+    lam = lam0
+    nu = 2.0
+    polish = math.nan
+    for k in range(p):
+        scale2[k] = 0.0
+    _check(jtj, jtr, cost, scale2, code, True, gtol)
+    iters = 0
+    for _it in range(max_iter):
+        if code[0] != 0:
+            break
+        iters += 1
+        for i in range(p):
+            di = math.sqrt(scale2[i])
+            rhs[i] = jtr[i] / di
+            for j in range(p):
+                v = jtj[i, j] / (di * math.sqrt(scale2[j]))
+                m[i, j] = v if math.isfinite(v) else 0.0
+        _damped_solve(m, rhs, lam, z, work)
+        step2 = 0.0
+        theta2 = 0.0
+        for i in range(p):
+            di = math.sqrt(scale2[i])
+            dl = z[i] / di
+            delta[i] = dl if math.isfinite(dl) else 0.0
+            step2 += (di * delta[i]) ** 2
+            theta2 += (di * theta[i]) ** 2
+        step_norm = math.sqrt(step2)
+        theta_norm = math.sqrt(theta2)
+        c = cost
+        lin = 0.0
+        quad = 0.0
+        for i in range(p):
+            lin += jtr[i] * delta[i]
+            s = 0.0
+            for j in range(p):
+                s += jtj[i, j] * delta[j]
+            quad += delta[i] * s
+        predicted = lin - 0.5 * quad
+        polishing = predicted <= {polish_rtol} * c and lam <= {polish_damping}
+        xsmall = step_norm <= xtol * (xtol + theta_norm)
+        polished = math.isfinite(polish)
+        rounding = polished and (step_norm > {polish_contraction} * polish or xsmall)
+        if rounding:
+            code[0] = {rounding_code}
+            break
+        for i in range(p):
+            trial[i] = T(theta[i] + delta[i])
+        new = linearize(x, wy, w, n, trial, jtj_t, jtr_t)
+        fin = math.isfinite(new)
+        actual = c - new if fin else -math.inf
+        rho = actual / predicted if predicted > 0 else -math.inf
+        pol_ok = polishing and actual >= -{polish_rtol} * c
+        if pol_ok:
+            rho = max(rho, 0.0)
+        accept = pol_ok or (rho > 0 and fin)
+        if accept:
+            for i in range(p):
+                theta[i] = trial[i]
+                jtr[i] = jtr_t[i]
+                for j in range(p):
+                    jtj[i, j] = jtj_t[i, j]
+            cost = new
+            factor = max(1.0 - (2.0 * rho - 1.0) ** 3, 1.0 / 3.0)
+            lam = max(lam * factor, {min_damping})
+            nu = 2.0
+            if pol_ok:
+                polish = step_norm
+            plain = not math.isfinite(polish)
+            if plain and actual <= ftol * c and predicted <= ftol * c:
+                code[0] = {ftol_code}
+            elif plain and xsmall:
+                code[0] = {xtol_code}
+            else:
+                _check(jtj, jtr, cost, scale2, code, False, gtol)
+        else:
+            lam = lam * nu
+            nu = nu * 2.0
+            if xsmall:
+                code[0] = {xtol_code}
+            elif lam > {max_damping}:
+                code[0] = {damping_code}
+    return code[0], iters, lam, cost
+
+
+@njit(**JIT)
+def fit_range(x, wy, w, counts, theta, lam, lo, hi, max_iter, ftol, xtol, gtol,
+              out_th, out_lam, out_iter, out_code, out_cost, out_jtj, out_jtr):
+    p = theta.shape[1]
+    mats = np.empty((5, p, p))
+    vecs = np.empty((6, p))
+    for g in range(lo, hi):
+        code, iters, lm, cost = _fit(
+            x[g], wy[g], w[g], counts[g], theta[g], lam[g], max_iter, ftol, xtol, gtol,
+            out_th[g], out_jtj[g], out_jtr[g], mats, vecs,
+        )
+        out_code[g] = code
+        out_iter[g] = iters
+        out_lam[g] = lm
+        out_cost[g] = cost
+
+
+@njit(**JIT)
+def linearize_range(x, wy, w, counts, theta, lo, hi, out_cost, out_jtj, out_jtr):
+    for g in range(lo, hi):
+        out_cost[g] = linearize(x[g], wy[g], w[g], counts[g], theta[g], out_jtj[g], out_jtr[g])
+'''
+
+
+@dataclass
+class _Gen:
+    """The straight-line code of one point: each node's value and its derivatives as locals."""
+
+    index: dict[str, int]
+    variables: tuple[str, ...]
+    lines: list[str]
+    count: int = 0
+
+    def new(self, expr: str) -> str:
+        self.count += 1
+        name = f"t{self.count}"
+        self.lines.append(f"{name} = {expr}")
+        return name
+
+    def node(self, node: tuple) -> tuple[str, dict[int, str]]:
+        tag = node[0]
+        if tag == "num":
+            value = float(node[1])
+            if not math.isfinite(value):
+                raise _Unsupported("a non-finite constant")
+            return f"T({value!r})", {}
+        if tag == "x":
+            return "xi", {}
+        if tag == "var":
+            return f"x_{node[1]}", {}
+        if tag == "param":
+            name = node[1]
+            return f"p_{name}", ({self.index[name]: "1.0"} if name in self.index else {})
+        if tag == "neg":
+            u, du = self.node(node[1])
+            return self.new(f"-{u}"), {k: self.new(f"-{d}") for k, d in du.items()}
+        if tag == "pow":
+            return self.power(node)
+        if tag == "chain":
+            return self.chain(node)
+        if tag == "call":
+            return self.call(node)
+        raise _Unsupported(tag)
+
+    def times(self, d: str, w: str) -> str:
+        if d == "1.0":
+            return w
+        return self.new(f"{d} * {w}")
+
+    def chain(self, node: tuple) -> tuple[str, dict[int, str]]:
+        v, t = self.node(node[1])
+        for op, child in node[2]:
+            w, tw = self.node(child)
+            if op is operator.add or op is operator.sub:
+                sym = "+" if op is operator.add else "-"
+                v = self.new(f"{v} {sym} {w}")
+                t = dict(t)
+                for k, d in tw.items():
+                    t[k] = self.new(f"{t[k]} {sym} {d}") if k in t else self.new(f"{sym}{d}")
+            elif op is operator.mul:
+                new = {k: self.times(d, w) for k, d in t.items()}
+                for k, d in tw.items():
+                    e = self.times(d, v)
+                    new[k] = self.new(f"{new[k]} + {e}") if k in new else e
+                v, t = self.new(f"{v} * {w}"), new
+            elif op is operator.truediv:
+                q = self.new(f"{v} / {w}")
+                new = dict(t)
+                for k, d in tw.items():
+                    e = self.times(d, q)
+                    new[k] = self.new(f"{new[k]} - {e}") if k in new else self.new(f"-{e}")
+                t = {k: self.new(f"{d} / {w}") for k, d in new.items()}
+                v = q
+            else:
+                raise _Unsupported("operator")
+        return v, t
+
+    def power(self, node: tuple) -> tuple[str, dict[int, str]]:
+        u, tu = self.node(node[1])
+        if node[2][0] == "num":
+            c = float(node[2][1])
+            if c == 2.0:
+                v = self.new(f"{u} * {u}")
+                g = self.new(f"T(2.0) * {u}") if tu else ""
+            elif c == 1.0:
+                return u, tu
+            else:
+                v = self.new(f"{u} ** T({c!r})")
+                if c == 0.0:
+                    return v, {k: "T(0.0)" for k in tu}
+                g = self.new(f"T({c!r}) * {u} ** T({c - 1.0!r})") if tu else ""
+            return v, {k: self.times(d, g) for k, d in tu.items()}
+        w, tw = self.node(node[2])
+        v = self.new(f"{u} ** {w}")
+        t: dict[int, str] = {}
+        if tu:
+            g = self.new(f"{w} * {u} ** ({w} - T(1.0))")
+            t = {k: self.times(d, g) for k, d in tu.items()}
+        if tw:
+            h = self.new(f"T(0.0) if ({u} == 0 and {w} >= 0) else {v} * _log({u})")
+            for k, d in tw.items():
+                e = self.times(d, h)
+                t[k] = self.new(f"{t[k]} + {e}") if k in t else e
+        return v, t
+
+    def call(self, node: tuple) -> tuple[str, dict[int, str]]:
+        name = _ALIASES.get(node[1], node[1])
+        args = node[2]
+        if name == "where":
+            test = self.condition(args[0])
+            (a, ta), (b, tb) = self.node(args[1]), self.node(args[2])
+            zero = "T(0.0)"
+            t = {
+                k: self.new(f"{ta.get(k, zero)} if {test} else {tb.get(k, zero)}")
+                for k in ta.keys() | tb.keys()
+            }
+            return self.new(f"{a} if {test} else {b}"), t
+        if name in ("min", "max"):
+            v, t = self.node(args[0])
+            for arg in args[1:]:
+                w, tw = self.node(arg)
+                sym = ">=" if name == "max" else "<="
+                first = self.new(f"({v} {sym} {w}) or ({v} != {v})")
+                v, t = self.select(first, (v, t), (w, tw))
+            return v, t
+        if name == "atan2":
+            (y, ty), (xx, tx) = self.node(args[0]), self.node(args[1])
+            v = self.new(f"math.atan2({y}, {xx})")
+            if not ty and not tx:
+                return v, {}
+            den = self.new(f"{xx} * {xx} + {y} * {y}")
+            t = {k: self.new(f"{d} * ({xx} / {den})") for k, d in ty.items()}
+            for k, d in tx.items():
+                e = self.new(f"{d} * (-{y} / {den})")
+                t[k] = self.new(f"{t[k]} + {e}") if k in t else e
+            return v, t
+        if name not in _UNARY or len(args) != 1:
+            raise _Unsupported(name)
+        value, derivative = _UNARY[name]
+        u, tu = self.node(args[0])
+        v = self.new(value.format(u=u))
+        if not tu:
+            return v, {}
+        g = self.new(derivative.format(u=u, v=v))
+        return v, {k: self.times(d, g) for k, d in tu.items()}
+
+    def select(
+        self, first: str, left: tuple[str, dict[int, str]], right: tuple[str, dict[int, str]]
+    ) -> tuple[str, dict[int, str]]:
+        (u, tu), (w, tw) = left, right
+        zero = "T(0.0)"
+        t = {
+            k: self.new(f"{tu.get(k, zero)} if {first} else {tw.get(k, zero)}")
+            for k in tu.keys() | tw.keys()
+        }
+        return self.new(f"{u} if {first} else {w}"), t
+
+    def condition(self, node: tuple) -> str:
+        if node[0] != "cmp":
+            raise _Unsupported("condition")
+        a, _ = self.node(node[1])
+        parts = []
+        for op, right in node[2]:
+            b, _ = self.node(right)
+            if op not in _COMPARE:
+                raise _Unsupported("comparison")
+            parts.append(f"({a} {_COMPARE[op]} {b})")
+            a = b
+        return self.new(" and ".join(parts))
+
+
+def _linearize_source(tree: tuple, names: tuple[str, ...], variables: tuple[str, ...]) -> str:
+    """The generated ``linearize(x, wy, w, n, th, jtj, jtr) -> 0.5 * RSS`` of one group."""
+    p = len(names)
+    gen = _Gen({name: k for k, name in enumerate(names)}, variables, [])
+    value, tangents = gen.node(tree)
+    body = ["    " + line for line in gen.lines]
+    sums = [(i, j) for i in range(p) for j in range(i + 1)]
+    out = ["", "", "@njit(**JIT)", "def linearize(x, wy, w, n, th, jtj, jtr):"]
+    out += [f"    p_{name} = T(th[{k}])" for k, name in enumerate(names)]
+    out += [f"    s{i}_{j} = 0.0" for i, j in sums]
+    out += [f"    g{i} = 0.0" for i in range(p)]
+    out += ["    rss = 0.0", "    for i in range(n):"]
+    if variables == ("x",):
+        out.append("        xi = x[i]")
+    else:
+        out += [f"        x_{v} = x[i, {j}]" for j, v in enumerate(variables)]
+    out += ["    " + line for line in body]
+    out += ["        wi = w[i]", f"        r = wy[i] - wi * {value}"]
+    for k in range(p):
+        d = tangents.get(k, "T(0.0)")
+        out.append(f"        j{k} = wi * {d}")
+    out += [f"        s{i}_{j} += j{i} * j{j}" for i, j in sums]
+    out += [f"        g{k} += j{k} * r" for k in range(p)]
+    out.append("        rss += r * r")
+    for i, j in sums:
+        out.append(f"    jtj[{i}, {j}] = s{i}_{j}")
+        if i != j:
+            out.append(f"    jtj[{j}, {i}] = s{i}_{j}")
+    out += [f"    jtr[{k}] = g{k}" for k in range(p)]
+    out.append("    return 0.5 * rss")
+    return "\n".join(out) + "\n"
+
+
+def _source(tree: tuple, names: tuple[str, ...], variables: tuple[str, ...], dtype: str) -> str:
+    constants = {
+        "nonfinite_start": int(Stop.NONFINITE_START),
+        "nonfinite": int(Stop.NONFINITE),
+        "exact": int(Stop.EXACT),
+        "gtol_code": int(Stop.GTOL),
+        "ftol_code": int(Stop.FTOL),
+        "xtol_code": int(Stop.XTOL),
+        "rounding_code": int(Stop.ROUNDING),
+        "damping_code": int(Stop.DAMPING),
+        "polish_rtol": repr(POLISH_RTOL),
+        "polish_damping": repr(POLISH_DAMPING),
+        "polish_contraction": repr(POLISH_CONTRACTION),
+        "min_damping": repr(MIN_DAMPING),
+        "max_damping": repr(MAX_DAMPING),
+    }
+    return (
+        _PRELUDE.format(dtype=dtype, cache="{cache}")
+        + _linearize_source(tree, names, variables)
+        + _LM.format(**constants)
+    )
+
+
+def cache_dir() -> Path:
+    """Where the generated modules and numba's machine code are kept."""
+    env = os.environ.get("FITCLI_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fitcli"
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+def _load(source: str) -> Any:
+    """The module of `source`: from a file in `cache_dir()` (numba caches its machine code next
+    to it), or compiled in memory where that directory cannot be written."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:24]
+    name = f"fitcli_kernel_{digest}"
+    with _LOAD_LOCK:
+        if name in sys.modules:
+            return sys.modules[name]
+        path = cache_dir() / "kernels" / f"{name}.py"
+        text = source.replace("{cache}", "True")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists() or path.read_text() != text:
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(text)
+                os.replace(tmp, path)
+            spec = importlib.util.spec_from_file_location(name, path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except OSError:
+            module = type(sys)(name)
+            exec(compile(source.replace("{cache}", "False"), name, "exec"), module.__dict__)  # noqa: S102
+        sys.modules[name] = module
+        return module
+
+
+def threads() -> int:
+    """CPU threads for the compiled fits: torch's (``torch.set_num_threads``, OMP_NUM_THREADS)."""
+    import torch
+
+    return max(1, int(torch.get_num_threads()))
+
+
+@dataclass
+class Program:
+    """A model's compiled group fit: `fit` and `linearize` over packed groups (numpy arrays:
+    x [G, L] or [G, L, k], wy and w [G, L], counts [G]; theta [G, p] in the model's order)."""
+
+    module: Any
+    dtype: np.dtype
+
+    def _run(self, task: Callable[[int, int], None], groups: int, chunk: int, asks) -> bool:
+        """Run `task(lo, hi)` over the groups, `chunk` at a time split over the threads;
+        `asks()` before each chunk. True if it said stop (the rest are not run)."""
+        n_threads = threads()
+        pool = concurrent.futures.ThreadPoolExecutor(n_threads) if n_threads > 1 else None
+        try:
+            for lo in range(0, groups, chunk):
+                if asks is not None and asks():
+                    return True
+                hi = min(groups, lo + chunk)
+                if pool is None:
+                    task(lo, hi)
+                    continue
+                step = -(-(hi - lo) // n_threads)
+                jobs = [pool.submit(task, a, min(hi, a + step)) for a in range(lo, hi, step)]
+                for job in jobs:
+                    job.result()
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        return False
+
+    def fit(
+        self,
+        x: np.ndarray,
+        wy: np.ndarray,
+        w: np.ndarray,
+        counts: np.ndarray,
+        theta: np.ndarray,
+        damping: np.ndarray,
+        opts: LMOptions,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """LM on every group from theta [G, p] (the model's dtype) and damping [G]: theta,
+        damping, iterations, code (`lm_batch.Stop`), cost (0.5 RSS), jtj, jtr per group. Groups
+        not reached when `should_stop` said so keep their start, code INTERRUPTED."""
+        g, p = theta.shape
+        out = {
+            "theta": theta.copy(),
+            "damping": damping.astype(np.float64, copy=True),
+            "iterations": np.zeros(g, dtype=np.int64),
+            "code": np.full(g, int(Stop.INTERRUPTED), dtype=np.int64),
+            "cost": np.full(g, math.nan),
+            "jtj": np.full((g, p, p), math.nan),
+            "jtr": np.full((g, p), math.nan),
+        }
+        counts = np.ascontiguousarray(counts, dtype=np.int64)
+        start = np.ascontiguousarray(theta)
+        lam0 = np.ascontiguousarray(damping, dtype=np.float64)
+        fit_range = self.module.fit_range
+
+        def task(lo: int, hi: int) -> None:
+            fit_range(
+                x, wy, w, counts, start, lam0, lo, hi, int(opts.max_iter),
+                float(opts.ftol), float(opts.xtol), float(opts.gtol),
+                out["theta"], out["damping"], out["iterations"], out["code"], out["cost"],
+                out["jtj"], out["jtr"],
+            )  # fmt: skip
+
+        self._run(task, g, CHUNK_GROUPS, should_stop)
+        return out
+
+    def linearize(
+        self, x: np.ndarray, wy: np.ndarray, w: np.ndarray, counts: np.ndarray, theta: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(0.5 RSS [G], J^T J [G, p, p], J^T r [G, p]) at theta, in float64."""
+        g, p = theta.shape
+        cost, jtj, jtr = np.empty(g), np.empty((g, p, p)), np.empty((g, p))
+        counts = np.ascontiguousarray(counts, dtype=np.int64)
+        theta = np.ascontiguousarray(theta)
+        run = self.module.linearize_range
+
+        def task(lo: int, hi: int) -> None:
+            run(x, wy, w, counts, theta, lo, hi, cost, jtj, jtr)
+
+        self._run(task, g, max(g, 1), None)
+        return cost, jtj, jtr
+
+
+def available() -> bool:
+    """Whether numba can be imported (the compiled path's one requirement)."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def compile_groups(model: Any, dtype: Any) -> Program | None:
+    """The compiled group fit of `model` (a `FitModel` with an expression) in `dtype` (torch's
+    float32 or float64), or None where this path does not apply (module doc)."""
+    expression = getattr(model, "expression", None)
+    if expression is None or not getattr(model, "_all_free_unbounded", False):
+        return None
+    if len(model.names) > MAX_PARAMS or not available():
+        return None
+    if os.environ.get("FITCLI_JIT", "1") == "0":
+        return None
+    import torch
+
+    name = {torch.float64: "float64", torch.float32: "float32"}.get(dtype)
+    if name is None:
+        return None
+    return _program(expression, tuple(model.names), name)
+
+
+@functools.lru_cache(maxsize=64)
+def _program(expression: Any, names: tuple[str, ...], dtype: str) -> Program | None:
+    try:
+        text = _source(expression._tree, names, expression.variables, dtype)
+    except _Unsupported:
+        return None
+    return Program(_load(text), np.dtype(dtype))
