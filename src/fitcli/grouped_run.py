@@ -126,6 +126,11 @@ def prepare_grouped(
             f"on {device}; fit the groups in several runs (split the data), or use float32"
         )
     packed = pack(dataset.x, dataset.y, dataset.sigma, dataset.group, n_groups, dtype, device)
+    if lm and not shared and device.type == "cpu":
+        from fitcli import lm_jit
+
+        # Compiled (or loaded from the cache) here, with the run's set-up: fit_s is fitting.
+        lm_jit.compile_groups(model, dtype)
     return GroupedPrepared(cfg, dataset, model, device, dtype, packed, layout, lm, per, shared)
 
 
@@ -423,25 +428,30 @@ def finish(prep: GroupedPrepared, result: Any) -> tuple[list[dict], dict, dict]:
     loss = resolve(prep.cfg.loss)
     from fitcli.groups import _model
 
-    with torch.no_grad():
-        m = _model(model, layout, data.x, False)(theta, result.shared) * data.w
-        point = torch.where(data.w > 0, loss.point(m, data.wy, torch), 0.0).to(torch.float64)
-        group_loss = (point.sum(-1) / torch.as_tensor(data.counts).clamp_min(1)).cpu().numpy()
-    rows = []
-    for j, label in enumerate(prep.labels):
-        row: dict[str, Any] = {
-            "group": label,
-            "status": status[j],
-            "reason": reason[j],
-            "iterations": int(result.iterations[j]),
-            "n_points": int(data.counts[j]),
-            "loss": float(group_loss[j]) if data.counts[j] else math.nan,
-            "rss": float(result.rss[j]),
-        }
-        for k, name in enumerate(prep.per_group):
-            row[name] = float(values[j, layout.per_group[k]])
-            row[f"{name}_stderr"] = float(se[j, k])
-        rows.append(row)
+    counts = np.maximum(data.counts, 1)
+    if loss.name == "mse" and bool(np.isfinite(result.rss).all()):
+        group_loss = np.asarray(result.rss, dtype=np.float64) / counts  # the mean squared residual
+    else:
+        with torch.no_grad():
+            m = _model(model, layout, data.x, False)(theta, result.shared) * data.w
+            point = torch.where(data.w > 0, loss.point(m, data.wy, torch), 0.0)
+            group_loss = point.to(torch.float64).sum(-1).cpu().numpy() / counts
+    group_loss = np.where(data.counts > 0, group_loss, math.nan)
+    # Columns as Python lists, then one dict per group (a per-cell numpy read is 10x slower).
+    names = ["group", "status", "reason", "iterations", "n_points", "loss", "rss"]
+    columns: list[list] = [
+        list(prep.labels),
+        status,
+        reason,
+        np.asarray(result.iterations, dtype=np.int64).tolist(),
+        np.asarray(data.counts, dtype=np.int64).tolist(),
+        group_loss.tolist(),
+        np.asarray(result.rss, dtype=np.float64).tolist(),
+    ]
+    for k, name in enumerate(prep.per_group):
+        names += [name, f"{name}_stderr"]
+        columns += [values[:, layout.per_group[k]].tolist(), se[:, k].tolist()]
+    rows = [dict(zip(names, cells, strict=True)) for cells in zip(*columns, strict=True)]
     shared_values = {
         n: float(values[0, layout.shared[k]]) if len(values) else math.nan
         for k, n in enumerate(prep.shared)

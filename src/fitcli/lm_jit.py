@@ -47,8 +47,9 @@ from fitcli.lm_batch import LMOptions, Stop
 # Beyond this many parameters per group the unrolled normal equations (p (p + 1) / 2 scalar
 # sums) make compiling slow and the batched tensor program is the better tool.
 MAX_PARAMS = 12
-# Groups per call of the compiled loop between two asks of `should_stop` (and per thread task).
-CHUNK_GROUPS = 4096
+# A block of groups holds about this many bytes of data per thread: its groups' points stay in
+# the core's caches over the block's iterations.
+BLOCK_BYTES = 1_000_000
 
 
 class _Unsupported(Exception):
@@ -79,14 +80,15 @@ _UNARY: dict[str, tuple[str, str]] = {
 _ALIASES = {"arcsin": "asin", "arccos": "acos", "arctan": "atan"}
 _COMPARE = {operator.lt: "<", operator.le: "<=", operator.gt: ">", operator.ge: ">="}
 
-_PRELUDE = '''\
+_PRELUDE = """\
 import math
 
 import numpy as np
 from numba import njit
 
 T = np.{dtype}
-JIT = dict(cache={cache}, nogil=True, error_model="numpy", fastmath={{"nsz", "arcp", "contract", "reassoc"}})
+FAST = {{"nsz", "arcp", "contract", "reassoc"}}  # never nnan / ninf: the tests read NaN and inf
+JIT = dict(cache={cache}, nogil=True, error_model="numpy", fastmath=FAST)
 
 
 @njit(**JIT)
@@ -107,10 +109,10 @@ def _sqrt(u):
 @njit(**JIT)
 def _sign(u):
     return 1.0 if u > 0 else (-1.0 if u < 0 else 0.0)
-'''
+"""
 
 # The LM of one group: `fitcli.lm_batch._solve_block` / `_iterate` / `_check` for one lane.
-_LM = '''
+_LM = """
 
 @njit(**JIT)
 def _check(a, g, cost, scale2, code, first, gtol):
@@ -238,31 +240,38 @@ def _damped_solve(m, rhs, lam, z, work):
 
 
 @njit(**JIT)
-def _fit(x, wy, w, n, th, lam0, max_iter, ftol, xtol, gtol, theta, jtj, jtr, mats, vecs):
-    # One group from th [p]: returns (code, iterations, damping, cost); theta, jtj and jtr
-    # get its final parameters and normal equations.
-    p = th.shape[0]
+def _start(x, wy, w, n, theta, jtj, jtr, scale2, gtol, code):
+    # The first linearization of a group and its tests; returns 0.5 RSS.
+    p = theta.shape[0]
+    cost = linearize(x, wy, w, n, theta, jtj, jtr)
     for k in range(p):
-        theta[k] = th[k]
+        scale2[k] = 0.0
+    _check(jtj, jtr, cost, scale2, code, True, gtol)
+    return cost
+
+
+@njit(**JIT)
+def _advance(
+    x, wy, w, n, steps, ftol, xtol, gtol, theta, jtj, jtr, scale2, state, code, mats, vecs
+):
+    # Up to `steps` LM iterations of one group from its state: theta [p], its linearization
+    # jtj, jtr, the scaling scale2 [p], state = [damping, nu, polish, cost, iterations] and
+    # code [1] (0 while running).
+    p = theta.shape[0]
     work = mats[:3]
     jtj_t = mats[3]
     m = mats[4]
     jtr_t = vecs[0]
     trial = vecs[1]
     delta = vecs[2]
-    scale2 = vecs[3]
-    rhs = vecs[4]
-    z = vecs[5]
-    code = np.zeros(1, dtype=np.int64)
-    cost = linearize(x, wy, w, n, theta, jtj, jtr)
-    lam = lam0
-    nu = 2.0
-    polish = math.nan
-    for k in range(p):
-        scale2[k] = 0.0
-    _check(jtj, jtr, cost, scale2, code, True, gtol)
+    rhs = vecs[3]
+    z = vecs[4]
+    lam = state[0]
+    nu = state[1]
+    polish = state[2]
+    cost = state[3]
     iters = 0
-    for _it in range(max_iter):
+    for _it in range(steps):
         if code[0] != 0:
             break
         iters += 1
@@ -336,31 +345,39 @@ def _fit(x, wy, w, n, th, lam0, max_iter, ftol, xtol, gtol, theta, jtj, jtr, mat
                 code[0] = {xtol_code}
             elif lam > {max_damping}:
                 code[0] = {damping_code}
-    return code[0], iters, lam, cost
+    state[0] = lam
+    state[1] = nu
+    state[2] = polish
+    state[3] = cost
+    state[4] += iters
 
 
 @njit(**JIT)
-def fit_range(x, wy, w, counts, theta, lam, lo, hi, max_iter, ftol, xtol, gtol,
-              out_th, out_lam, out_iter, out_code, out_cost, out_jtj, out_jtr):
+def start_range(x, wy, w, counts, lo, hi, gtol, theta, jtj, jtr, scale2, state, code):
+    for g in range(lo, hi):
+        state[g, 3] = _start(
+            x[g], wy[g], w[g], counts[g], theta[g], jtj[g], jtr[g], scale2[g], gtol, code[g:g + 1]
+        )
+
+
+@njit(**JIT)
+def step_range(
+    x, wy, w, counts, lo, hi, steps, ftol, xtol, gtol, theta, jtj, jtr, scale2, state, code
+):
     p = theta.shape[1]
     mats = np.empty((5, p, p))
-    vecs = np.empty((6, p))
+    vecs = np.empty((5, p))
     for g in range(lo, hi):
-        code, iters, lm, cost = _fit(
-            x[g], wy[g], w[g], counts[g], theta[g], lam[g], max_iter, ftol, xtol, gtol,
-            out_th[g], out_jtj[g], out_jtr[g], mats, vecs,
-        )
-        out_code[g] = code
-        out_iter[g] = iters
-        out_lam[g] = lm
-        out_cost[g] = cost
+        if code[g] == 0:
+            _advance(x[g], wy[g], w[g], counts[g], steps, ftol, xtol, gtol, theta[g], jtj[g],
+                     jtr[g], scale2[g], state[g], code[g:g + 1], mats, vecs)
 
 
 @njit(**JIT)
 def linearize_range(x, wy, w, counts, theta, lo, hi, out_cost, out_jtj, out_jtr):
     for g in range(lo, hi):
         out_cost[g] = linearize(x[g], wy[g], w[g], counts[g], theta[g], out_jtj[g], out_jtr[g])
-'''
+"""
 
 
 @dataclass
@@ -626,10 +643,17 @@ def _load(source: str) -> Any:
 
 
 def threads() -> int:
-    """CPU threads for the compiled fits: torch's (``torch.set_num_threads``, OMP_NUM_THREADS)."""
-    import torch
-
-    return max(1, int(torch.get_num_threads()))
+    """CPU threads for the compiled fits: the cores this process may run on, at most
+    OMP_NUM_THREADS where that is set (torch's own limit; torch itself runs a grouped fit on
+    one thread, `fitcli.groups._threads`, so its current setting does not say)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        n = min(n, int(env))
+    return max(1, n)
 
 
 @dataclass
@@ -639,28 +663,22 @@ class Program:
 
     module: Any
     dtype: np.dtype
+    params: int
+    shape: tuple[int, ...]  # () for one variable, (k,) for k of them
 
-    def _run(self, task: Callable[[int, int], None], groups: int, chunk: int, asks) -> bool:
-        """Run `task(lo, hi)` over the groups, `chunk` at a time split over the threads;
-        `asks()` before each chunk. True if it said stop (the rest are not run)."""
-        n_threads = threads()
-        pool = concurrent.futures.ThreadPoolExecutor(n_threads) if n_threads > 1 else None
-        try:
-            for lo in range(0, groups, chunk):
-                if asks is not None and asks():
-                    return True
-                hi = min(groups, lo + chunk)
-                if pool is None:
-                    task(lo, hi)
-                    continue
-                step = -(-(hi - lo) // n_threads)
-                jobs = [pool.submit(task, a, min(hi, a + step)) for a in range(lo, hi, step)]
-                for job in jobs:
-                    job.result()
-        finally:
-            if pool is not None:
-                pool.shutdown()
-        return False
+    def _run(self, task: Callable[[int, int], None], lo: int, hi: int, pool: Any) -> None:
+        """`task(a, b)` over [lo, hi) split evenly over the pool's threads (None: this one)."""
+        if pool is None or hi - lo < 2:
+            task(lo, hi)
+            return
+        n = pool._max_workers
+        step = -(-(hi - lo) // n)
+        for job in [pool.submit(task, a, min(hi, a + step)) for a in range(lo, hi, step)]:
+            job.result()
+
+    def _pool(self) -> Any:
+        n = threads()
+        return concurrent.futures.ThreadPoolExecutor(n) if n > 1 else None
 
     def fit(
         self,
@@ -674,33 +692,85 @@ class Program:
         should_stop: Callable[[], bool] | None = None,
     ) -> dict[str, np.ndarray]:
         """LM on every group from theta [G, p] (the model's dtype) and damping [G]: theta,
-        damping, iterations, code (`lm_batch.Stop`), cost (0.5 RSS), jtj, jtr per group. Groups
-        not reached when `should_stop` said so keep their start, code INTERRUPTED."""
+        damping, iterations, code (`lm_batch.Stop`), cost (0.5 RSS), jtj, jtr per group.
+
+        The groups run in blocks of about `BLOCK_BYTES` of data per thread, so that a block
+        stays in the caches over its iterations. `should_stop` is asked before each iteration
+        of each block, as `lm_batch.solve` asks it; on True the block's running groups stop
+        there (INTERRUPTED, their current values and damping) and later blocks do not start."""
         g, p = theta.shape
-        out = {
-            "theta": theta.copy(),
-            "damping": damping.astype(np.float64, copy=True),
-            "iterations": np.zeros(g, dtype=np.int64),
-            "code": np.full(g, int(Stop.INTERRUPTED), dtype=np.int64),
-            "cost": np.full(g, math.nan),
-            "jtj": np.full((g, p, p), math.nan),
-            "jtr": np.full((g, p), math.nan),
-        }
+        th = np.array(theta, dtype=self.dtype, order="C")
+        jtj = np.full((g, p, p), math.nan)
+        jtr = np.full((g, p), math.nan)
+        scale2 = np.zeros((g, p))
+        state = np.zeros((g, 5))
+        state[:, 0] = damping
+        state[:, 1] = 2.0
+        state[:, 2:4] = math.nan
+        code = np.zeros(g, dtype=np.int64)
         counts = np.ascontiguousarray(counts, dtype=np.int64)
-        start = np.ascontiguousarray(theta)
-        lam0 = np.ascontiguousarray(damping, dtype=np.float64)
-        fit_range = self.module.fit_range
+        ftol, xtol, gtol = float(opts.ftol), float(opts.xtol), float(opts.gtol)
+        mod = self.module
+        pool = self._pool()
+        n_threads = 1 if pool is None else pool._max_workers
+        per_group = (x[:1].nbytes + wy[:1].nbytes + w[:1].nbytes) or 1
+        block = max(16, n_threads * BLOCK_BYTES // per_group)
 
-        def task(lo: int, hi: int) -> None:
-            fit_range(
-                x, wy, w, counts, start, lam0, lo, hi, int(opts.max_iter),
-                float(opts.ftol), float(opts.xtol), float(opts.gtol),
-                out["theta"], out["damping"], out["iterations"], out["code"], out["cost"],
-                out["jtj"], out["jtr"],
-            )  # fmt: skip
+        def start(a: int, b: int) -> None:
+            mod.start_range(x, wy, w, counts, a, b, gtol, th, jtj, jtr, scale2, state, code)
 
-        self._run(task, g, CHUNK_GROUPS, should_stop)
-        return out
+        def step(steps: int) -> Callable[[int, int], None]:
+            def run(a: int, b: int) -> None:
+                mod.step_range(
+                    x, wy, w, counts, a, b, steps, ftol, xtol, gtol, th, jtj, jtr, scale2, state,
+                    code,
+                )  # fmt: skip
+
+            return run
+
+        interrupted = False
+        try:
+            for lo in range(0, g, block):
+                hi = min(g, lo + block)
+                if interrupted:
+                    code[lo:hi] = int(Stop.INTERRUPTED)
+                    continue
+                self._run(start, lo, hi, pool)
+                if should_stop is None:
+                    self._run(step(int(opts.max_iter)), lo, hi, pool)
+                else:
+                    one = step(1)
+                    for _ in range(int(opts.max_iter)):
+                        if not (code[lo:hi] == 0).any():
+                            break
+                        if should_stop():
+                            interrupted = True
+                            break
+                        self._run(one, lo, hi, pool)
+                left = code[lo:hi]
+                left[left == 0] = int(Stop.INTERRUPTED if interrupted else Stop.LIMIT)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        return {
+            "theta": th,
+            "damping": state[:, 0].copy(),
+            "iterations": state[:, 4].astype(np.int64),
+            "code": code,
+            "cost": state[:, 3].copy(),
+            "jtj": jtj,
+            "jtr": jtr,
+        }
+
+    def warm(self) -> None:
+        """Compile (or load from the cache) both entry points now, on one group of one point,
+        so that the first real call is all fitting."""
+        x1 = np.zeros((1, 1) + self.shape, dtype=self.dtype)
+        w1 = np.ones((1, 1), dtype=self.dtype)
+        th = np.zeros((1, self.params), dtype=self.dtype)
+        one = np.ones(1, dtype=np.int64)
+        self.fit(x1, w1, w1, one, th, np.full(1, 1e-3), LMOptions(max_iter=1))
+        self.linearize(x1, w1, w1, one, th)
 
     def linearize(
         self, x: np.ndarray, wy: np.ndarray, w: np.ndarray, counts: np.ndarray, theta: np.ndarray
@@ -715,7 +785,12 @@ class Program:
         def task(lo: int, hi: int) -> None:
             run(x, wy, w, counts, theta, lo, hi, cost, jtj, jtr)
 
-        self._run(task, g, max(g, 1), None)
+        pool = self._pool()
+        try:
+            self._run(task, 0, g, pool)
+        finally:
+            if pool is not None:
+                pool.shutdown()
         return cost, jtj, jtr
 
 
@@ -748,4 +823,8 @@ def _program(expression: Any, names: tuple[str, ...], dtype: str) -> Program | N
         text = _source(expression._tree, names, expression.variables, dtype)
     except _Unsupported:
         return None
-    return Program(_load(text), np.dtype(dtype))
+    variables = expression.variables
+    shape = () if variables == ("x",) else (len(variables),)
+    program = Program(_load(text), np.dtype(dtype), len(names), shape)
+    program.warm()
+    return program
