@@ -17,10 +17,13 @@ fixed values or ties (the model's free vector is not its parameter vector), more
 `MAX_PARAMS` parameters. The translation is checked against torch's autograd on the first
 groups of every data set before it is used (`Program.agrees`).
 
-The generated module is written to a cache directory (``FITCLI_CACHE_DIR``, else
+The generated module holds the model's ``linearize`` and the drivers that call it; the steps
+themselves are `fitcli.lm_kernels`, compiled once per machine and linked into every model's
+module. It is written to a cache directory (``FITCLI_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/fitcli`` or ``~/.cache/fitcli``) under the hash of its source, so that numba's
-own cache keeps the machine code between processes: the first fit of a model compiles (about a
-second), later ones load it. Where that directory cannot be written, it compiles in memory.
+own cache keeps its machine code between processes: the first run of a model compiles it (about
+two seconds), later ones load it (a third of a second, numba's start-up). Where that directory
+cannot be written, it compiles in memory.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ from typing import Any
 
 import numpy as np
 
-from fitcli.lm import MAX_DAMPING, MIN_DAMPING, POLISH_CONTRACTION, POLISH_DAMPING, POLISH_RTOL
 from fitcli.lm_batch import LMOptions, Stop
 
 # Beyond this many parameters per group the unrolled normal equations (p (p + 1) / 2 scalar
@@ -86,10 +88,9 @@ import math
 import numpy as np
 from numba import njit
 
+from fitcli.lm_kernels import FAST, check, propose, update  # source {kernels}
+
 T = np.{dtype}
-# Never nnan or ninf (the stopping tests read NaN and inf), nor nsz with reassoc: together they
-# make numba's math.isfinite true of NaN.
-FAST = {{"arcp", "contract", "reassoc"}}
 JIT = dict(cache={cache}, nogil=True, error_model="numpy", fastmath=FAST)
 
 
@@ -113,253 +114,19 @@ def _sign(u):
     return 1.0 if u > 0 else (-1.0 if u < 0 else 0.0)
 """
 
-# The LM of one group: `fitcli.lm_batch._solve_block` / `_iterate` / `_check` for one lane.
+# The drivers: each group's start, then its iterations (`fitcli.lm_kernels`' propose, this
+# model's linearize at the trial point, update).
 _LM = """
 
 @njit(**JIT)
-def _check(a, g, cost, scale2, code, first, gtol):
-    p = a.shape[0]
-    rss = 2.0 * cost
-    finite = math.isfinite(rss)
-    for i in range(p):
-        for j in range(p):
-            if not math.isfinite(a[i, j]):
-                finite = False
-    if not finite:
-        code[0] = {nonfinite_start} if first else {nonfinite}
-    cosine = 0.0
-    for k in range(p):
-        d = a[k, k]
-        scale2[k] = max(scale2[k], d if d > 0 else 1.0)
-        c = abs(g[k]) / math.sqrt(max(d, 1e-300) * rss)
-        if c > cosine or c != c:
-            cosine = c
-    if finite:
-        if rss == 0:
-            code[0] = {exact}
-        elif cosine <= gtol and code[0] == 0:
-            code[0] = {gtol_code}
-
-
-@njit(**JIT)
-def _jacobi_solve(m, rhs, z, work):
-    # z = pinv(m) rhs for a symmetric m (its null space dropped), by cyclic Jacobi rotations.
-    p = m.shape[0]
-    a = work[0]
-    v = work[1]
-    for i in range(p):
-        for j in range(p):
-            x = m[i, j]
-            a[i, j] = x if math.isfinite(x) else 0.0
-            v[i, j] = 1.0 if i == j else 0.0
-    for _sweep in range(60):
-        off = 0.0
-        for i in range(p):
-            for j in range(i + 1, p):
-                off += a[i, j] * a[i, j]
-        if off == 0.0:
-            break
-        for i in range(p):
-            for j in range(i + 1, p):
-                if a[i, j] == 0.0:
-                    continue
-                theta = (a[j, j] - a[i, i]) / (2.0 * a[i, j])
-                t = (1.0 if theta >= 0 else -1.0) / (abs(theta) + math.sqrt(theta * theta + 1.0))
-                c = 1.0 / math.sqrt(t * t + 1.0)
-                s = t * c
-                for k in range(p):
-                    aki = a[k, i]
-                    akj = a[k, j]
-                    a[k, i] = c * aki - s * akj
-                    a[k, j] = s * aki + c * akj
-                for k in range(p):
-                    aik = a[i, k]
-                    ajk = a[j, k]
-                    a[i, k] = c * aik - s * ajk
-                    a[j, k] = s * aik + c * ajk
-                for k in range(p):
-                    vki = v[k, i]
-                    vkj = v[k, j]
-                    v[k, i] = c * vki - s * vkj
-                    v[k, j] = s * vki + c * vkj
-    top = 0.0
-    for i in range(p):
-        top = max(top, abs(a[i, i]))
-    cutoff = max(top, 1e-300) * p * 2.2e-16
-    for i in range(p):
-        z[i] = 0.0
-    for k in range(p):
-        ev = a[k, k]
-        if ev > cutoff:
-            proj = 0.0
-            for i in range(p):
-                proj += v[i, k] * rhs[i]
-            proj /= ev
-            for i in range(p):
-                z[i] += v[i, k] * proj
-
-
-@njit(**JIT)
-def _damped_solve(m, rhs, lam, z, work):
-    # (m + lam I) z = rhs: Cholesky, or the pseudo-inverse where it fails (lm_batch's rule).
-    p = m.shape[0]
-    c = work[0]
-    ok = True
-    for i in range(p):
-        for j in range(i + 1):
-            s = m[i, j] + (lam if i == j else 0.0)
-            for k in range(j):
-                s -= c[i, k] * c[j, k]
-            if i == j:
-                if not (s > 0.0):
-                    ok = False
-                    break
-                c[i, i] = math.sqrt(s)
-            else:
-                c[i, j] = s / c[j, j]
-        if not ok:
-            break
-    if ok:
-        for i in range(p):
-            s = rhs[i]
-            for k in range(i):
-                s -= c[i, k] * z[k]
-            z[i] = s / c[i, i]
-        for i in range(p - 1, -1, -1):
-            s = z[i]
-            for k in range(i + 1, p):
-                s -= c[k, i] * z[k]
-            z[i] = s / c[i, i]
-        for i in range(p):
-            if not math.isfinite(z[i]):
-                ok = False
-    if not ok:
-        d = work[2]
-        for i in range(p):
-            for j in range(p):
-                d[i, j] = m[i, j] + (lam if i == j else 0.0)
-        _jacobi_solve(d, rhs, z, work)
-
-
-@njit(**JIT)
-def _start(x, wy, w, n, theta, jtj, jtr, scale2, gtol, code):
-    # The first linearization of a group and its tests; returns 0.5 RSS.
-    p = theta.shape[0]
-    cost = linearize(x, wy, w, n, theta, jtj, jtr)
-    for k in range(p):
-        scale2[k] = 0.0
-    _check(jtj, jtr, cost, scale2, code, True, gtol)
-    return cost
-
-
-@njit(**JIT)
-def _advance(
-    x, wy, w, n, steps, ftol, xtol, gtol, theta, jtj, jtr, scale2, state, code, mats, vecs
-):
-    # Up to `steps` LM iterations of one group from its state: theta [p], its linearization
-    # jtj, jtr, the scaling scale2 [p], state = [damping, nu, polish, cost, iterations] and
-    # code [1] (0 while running).
-    p = theta.shape[0]
-    work = mats[:3]
-    jtj_t = mats[3]
-    m = mats[4]
-    jtr_t = vecs[0]
-    trial = vecs[1]
-    delta = vecs[2]
-    rhs = vecs[3]
-    z = vecs[4]
-    lam = state[0]
-    nu = state[1]
-    polish = state[2]
-    cost = state[3]
-    iters = 0
-    for _it in range(steps):
-        if code[0] != 0:
-            break
-        iters += 1
-        for i in range(p):
-            di = math.sqrt(scale2[i])
-            rhs[i] = jtr[i] / di
-            for j in range(p):
-                v = jtj[i, j] / (di * math.sqrt(scale2[j]))
-                m[i, j] = v if math.isfinite(v) else 0.0
-        _damped_solve(m, rhs, lam, z, work)
-        step2 = 0.0
-        theta2 = 0.0
-        for i in range(p):
-            di = math.sqrt(scale2[i])
-            dl = z[i] / di
-            delta[i] = dl if math.isfinite(dl) else 0.0
-            step2 += (di * delta[i]) ** 2
-            theta2 += (di * theta[i]) ** 2
-        step_norm = math.sqrt(step2)
-        theta_norm = math.sqrt(theta2)
-        c = cost
-        lin = 0.0
-        quad = 0.0
-        for i in range(p):
-            lin += jtr[i] * delta[i]
-            s = 0.0
-            for j in range(p):
-                s += jtj[i, j] * delta[j]
-            quad += delta[i] * s
-        predicted = lin - 0.5 * quad
-        polishing = predicted <= {polish_rtol} * c and lam <= {polish_damping}
-        xsmall = step_norm <= xtol * (xtol + theta_norm)
-        polished = math.isfinite(polish)
-        rounding = polished and (step_norm > {polish_contraction} * polish or xsmall)
-        if rounding:
-            code[0] = {rounding_code}
-            break
-        for i in range(p):
-            trial[i] = T(theta[i] + delta[i])
-        new = linearize(x, wy, w, n, trial, jtj_t, jtr_t)
-        fin = math.isfinite(new)
-        actual = c - new if fin else -math.inf
-        rho = actual / predicted if predicted > 0 else -math.inf
-        pol_ok = polishing and actual >= -{polish_rtol} * c
-        if pol_ok:
-            rho = max(rho, 0.0)
-        accept = pol_ok or (rho > 0 and fin)
-        if accept:
-            for i in range(p):
-                theta[i] = trial[i]
-                jtr[i] = jtr_t[i]
-                for j in range(p):
-                    jtj[i, j] = jtj_t[i, j]
-            cost = new
-            factor = max(1.0 - (2.0 * rho - 1.0) ** 3, 1.0 / 3.0)
-            lam = max(lam * factor, {min_damping})
-            nu = 2.0
-            if pol_ok:
-                polish = step_norm
-            plain = not math.isfinite(polish)
-            if plain and actual <= ftol * c and predicted <= ftol * c:
-                code[0] = {ftol_code}
-            elif plain and xsmall:
-                code[0] = {xtol_code}
-            else:
-                _check(jtj, jtr, cost, scale2, code, False, gtol)
-        else:
-            lam = lam * nu
-            nu = nu * 2.0
-            if xsmall:
-                code[0] = {xtol_code}
-            elif lam > {max_damping}:
-                code[0] = {damping_code}
-    state[0] = lam
-    state[1] = nu
-    state[2] = polish
-    state[3] = cost
-    state[4] += iters
-
-
-@njit(**JIT)
 def start_range(x, wy, w, counts, lo, hi, gtol, theta, jtj, jtr, scale2, state, code):
+    p = theta.shape[1]
     for g in range(lo, hi):
-        state[g, 3] = _start(
-            x[g], wy[g], w[g], counts[g], theta[g], jtj[g], jtr[g], scale2[g], gtol, code[g:g + 1]
-        )
+        cost = linearize(x[g], wy[g], w[g], counts[g], theta[g], jtj[g], jtr[g])
+        for k in range(p):
+            scale2[g, k] = 0.0
+        state[g, 3] = cost
+        check(jtj[g], jtr[g], cost, scale2[g], code[g : g + 1], True, gtol)
 
 
 @njit(**JIT)
@@ -367,12 +134,26 @@ def step_range(
     x, wy, w, counts, lo, hi, steps, ftol, xtol, gtol, theta, jtj, jtr, scale2, state, code
 ):
     p = theta.shape[1]
-    mats = np.empty((5, p, p))
+    mats = np.empty((6, p, p))
     vecs = np.empty((5, p))
+    trial = np.empty(p, dtype=T)
+    jtj_t = mats[5]
+    jtr_t = vecs[0]
     for g in range(lo, hi):
-        if code[g] == 0:
-            _advance(x[g], wy[g], w[g], counts[g], steps, ftol, xtol, gtol, theta[g], jtj[g],
-                     jtr[g], scale2[g], state[g], code[g:g + 1], mats, vecs)
+        cg = code[g : g + 1]
+        for _ in range(steps):
+            if cg[0] != 0:
+                break
+            go, predicted, step_norm, xsmall, polishing = propose(
+                theta[g], jtj[g], jtr[g], scale2[g], state[g], cg, xtol, trial, mats, vecs
+            )
+            if not go:
+                break
+            new = linearize(x[g], wy[g], w[g], counts[g], trial, jtj_t, jtr_t)
+            update(
+                theta[g], jtj[g], jtr[g], scale2[g], state[g], cg, trial, jtj_t, jtr_t, new,
+                predicted, step_norm, xsmall, polishing, ftol, gtol,
+            )
 
 
 @njit(**JIT)
@@ -583,26 +364,19 @@ def _linearize_source(tree: tuple, names: tuple[str, ...], variables: tuple[str,
 
 
 def _source(tree: tuple, names: tuple[str, ...], variables: tuple[str, ...], dtype: str) -> str:
-    constants = {
-        "nonfinite_start": int(Stop.NONFINITE_START),
-        "nonfinite": int(Stop.NONFINITE),
-        "exact": int(Stop.EXACT),
-        "gtol_code": int(Stop.GTOL),
-        "ftol_code": int(Stop.FTOL),
-        "xtol_code": int(Stop.XTOL),
-        "rounding_code": int(Stop.ROUNDING),
-        "damping_code": int(Stop.DAMPING),
-        "polish_rtol": repr(POLISH_RTOL),
-        "polish_damping": repr(POLISH_DAMPING),
-        "polish_contraction": repr(POLISH_CONTRACTION),
-        "min_damping": repr(MIN_DAMPING),
-        "max_damping": repr(MAX_DAMPING),
-    }
     return (
-        _PRELUDE.format(dtype=dtype, cache="{cache}")
+        _PRELUDE.format(dtype=dtype, cache="{cache}", kernels=_kernels_digest())
         + _linearize_source(tree, names, variables)
-        + _LM.format(**constants)
+        + _LM
     )
+
+
+@functools.cache
+def _kernels_digest() -> str:
+    """The hash of `fitcli.lm_kernels`' source, in every generated module: numba's cache of a
+    module holds the kernels it linked, so a changed kernel must make a new module."""
+    path = Path(__file__).with_name("lm_kernels.py")
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def cache_dir() -> Path:
