@@ -24,7 +24,6 @@ from fitcli.lm_batch import Stop
 # Never nnan or ninf (the stopping tests read NaN and inf), nor nsz with reassoc: together they
 # make numba's math.isfinite true of NaN.
 FAST = {"arcp", "contract", "reassoc"}
-JIT = {"cache": True, "nogil": True, "error_model": "numpy", "fastmath": FAST}
 
 _NONFINITE_START = int(Stop.NONFINITE_START)
 _NONFINITE = int(Stop.NONFINITE)
@@ -36,7 +35,7 @@ _ROUNDING = int(Stop.ROUNDING)
 _DAMPING = int(Stop.DAMPING)
 
 
-@njit(**JIT)
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FAST)
 def check(a, g, cost, scale2, code, first, gtol):  # pragma: no cover - machine code
     """`lm_batch._check` for one group at a fresh linearization (a = J^T J, g = J^T r)."""
     p = a.shape[0]
@@ -62,7 +61,7 @@ def check(a, g, cost, scale2, code, first, gtol):  # pragma: no cover - machine 
             code[0] = _GTOL
 
 
-@njit(**JIT)
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FAST)
 def _jacobi_solve(m, rhs, z, work):  # pragma: no cover - machine code
     """z = pinv(m) rhs for a symmetric m, its null space dropped (`lm_batch._damped_solve`'s
     eigendecomposition), by cyclic Jacobi rotations."""
@@ -121,7 +120,7 @@ def _jacobi_solve(m, rhs, z, work):  # pragma: no cover - machine code
                 z[i] += v[i, k] * proj
 
 
-@njit(**JIT)
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FAST)
 def damped_solve(m, rhs, lam, z, work):  # pragma: no cover - machine code
     """(m + lam I) z = rhs: Cholesky, or the pseudo-inverse where it fails (lm_batch's rule)."""
     p = m.shape[0]
@@ -163,7 +162,7 @@ def damped_solve(m, rhs, lam, z, work):  # pragma: no cover - machine code
         _jacobi_solve(d, rhs, z, work)
 
 
-@njit(**JIT)
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FAST)
 def propose(theta, jtj, jtr, scale2, state, code, xtol, trial, mats, vecs):  # pragma: no cover
     """The next iteration's step from the group's state: writes the trial point into `trial`
     (in theta's dtype) and returns (go on, predicted decrease, scaled step norm, whether the
@@ -214,7 +213,7 @@ def propose(theta, jtj, jtr, scale2, state, code, xtol, trial, mats, vecs):  # p
     return True, predicted, step_norm, xsmall, polishing
 
 
-@njit(**JIT)
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FAST)
 def update(
     theta, jtj, jtr, scale2, state, code, trial, jtj_t, jtr_t, new, predicted, step_norm, xsmall,
     polishing, ftol, gtol,
