@@ -570,6 +570,21 @@ class Program:
         return cost, jtj, jtr
 
 
+# A run compiles its independent groups' fit from this many data cells (groups x the longest
+# group's points) on: below, the batched tensor program takes less time than numba's start-up
+# (a third of a second, BENCHMARKS.md), let alone a first compile.
+MIN_CELLS = 500_000
+
+
+def worth_it(cells: int) -> bool:
+    """Whether a run of this many cells compiles its fit: ``FITCLI_JIT=1`` always, ``0``
+    never, unset from `MIN_CELLS` on."""
+    env = os.environ.get("FITCLI_JIT", "")
+    if env in ("0", "1"):
+        return env == "1"
+    return cells >= MIN_CELLS
+
+
 def available() -> bool:
     """Whether numba can be imported (the compiled path's one requirement)."""
     return importlib.util.find_spec("numba") is not None
