@@ -312,3 +312,26 @@ def test_fitcli_train_with_the_compiled_fit_writes_the_batched_fits_results(tmp_
         np.testing.assert_allclose(
             [float(r[name]) for r in got], [float(r[name]) for r in want], rtol=1e-8
         )
+
+
+def test_a_compiled_run_needs_no_memory_for_the_jacobian(tmp_path, monkeypatch):
+    # Between the two estimates: the batched fit is refused with the figure, the compiled one
+    # (which never stores J) runs.
+    from test_groups import ALL_PER_GROUP, bad, config, write_wells
+    from typer.testing import CliRunner
+
+    import fitcli.grouped_run as gr
+    from fitcli.cli import app
+
+    write_wells(tmp_path / "wells.csv", groups=5, n=30)
+    counts = np.full(5, 30)
+    small = groups.packed_bytes(counts, 1, 3, 8, compiled=True)
+    big = groups.packed_bytes(counts, 1, 3, 8)
+    assert small < big / 2
+    monkeypatch.setattr(gr, "available_memory", lambda device: (small + big) // 2)
+    cfg = config(tmp_path, ALL_PER_GROUP)
+    monkeypatch.setenv("FITCLI_JIT", "0")
+    assert "GiB to fit, more than the" in bad(tmp_path, cfg)
+    monkeypatch.setenv("FITCLI_JIT", "1")
+    result = CliRunner().invoke(app, ["train", str(cfg), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output

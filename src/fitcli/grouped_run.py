@@ -118,7 +118,14 @@ def prepare_grouped(
     counts = np.bincount(dataset.group, minlength=n_groups)
     k = 1 if dataset.x.ndim == 1 else dataset.x.shape[1]
     itemsize = 8 if dtype == torch.float64 else 4
-    need = packed_bytes(counts, k, len(model.free_names), itemsize)
+    program = None
+    if lm and not shared and device.type == "cpu":
+        from fitcli import lm_jit
+
+        if lm_jit.worth_it(n_groups * int(counts.max(initial=0))):
+            # Compiled (or loaded from the cache) here, with the run's set-up: fit_s is fitting.
+            program = lm_jit.compile_groups(model, dtype)
+    need = packed_bytes(counts, k, len(model.free_names), itemsize, compiled=program is not None)
     have = available_memory(device)
     if need > have:
         raise DataError(
@@ -127,13 +134,6 @@ def prepare_grouped(
             f"on {device}; fit the groups in several runs (split the data), or use float32"
         )
     packed = pack(dataset.x, dataset.y, dataset.sigma, dataset.group, n_groups, dtype, device)
-    program = None
-    if lm and not shared and device.type == "cpu":
-        from fitcli import lm_jit
-
-        if lm_jit.worth_it(int(packed.w.numel())):
-            # Compiled (or loaded from the cache) here, with the run's set-up: fit_s is fitting.
-            program = lm_jit.compile_groups(model, dtype)
     return GroupedPrepared(
         cfg, dataset, model, device, dtype, packed, layout, lm, per, shared, program=program
     )

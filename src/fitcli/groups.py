@@ -86,11 +86,15 @@ class Packed:
         return Packed(self.x[idx], self.wy[idx], self.w[idx], self.counts[idx.cpu().numpy()])
 
 
-def packed_bytes(counts: np.ndarray, k: int, p: int, itemsize: int) -> int:
+def packed_bytes(counts: np.ndarray, k: int, p: int, itemsize: int, compiled: bool = False) -> int:
     """What packing and fitting these groups allocates at most, in bytes: the padded x, y, w
-    and the model's temporaries (about 8 arrays of G x L) plus the float64 Jacobian G x L x p."""
+    and the model's temporaries (about 8 arrays of G x L) plus the float64 Jacobian G x L x p;
+    for a compiled fit (`fitcli.lm_jit`, which never stores J) the padded arrays and each
+    group's state."""
     g, length = counts.size, int(counts.max()) if counts.size else 0
     cells = g * length
+    if compiled:
+        return cells * itemsize * (k + 2) + g * 8 * (2 * p * p + 4 * p + 16)
     return cells * (itemsize * (k + 2 + 8) + 8 * (p + 2))
 
 
