@@ -11,11 +11,13 @@ The steps, tests and stop codes are those of `fitcli.lm_batch` (Moré's scaling,
 damping update, MINPACK's tests, the polishing of nearly Gauss-Newton steps), so a group ends
 where a lane of `lm_batch.solve` ends, to rounding.
 
-`compile_groups(model)` returns the compiled program of a model, or None where this path does
-not apply, and `lm_batch` does the work: no numba, a function outside the table below, bounds,
-fixed values or ties (the model's free vector is not its parameter vector), more than
-`MAX_PARAMS` parameters. The translation is checked against torch's autograd on the first
-groups of every data set before it is used (`Program.agrees`).
+`compile_groups(model, dtype)` returns the compiled program of a model, or None where this path
+does not apply, and `lm_batch` does the work: no numba, a function outside `_UNARY` and the
+constructs `_Gen` translates, bounds, fixed values or ties (the model's free vector is not its
+parameter vector), more than `MAX_PARAMS` parameters. A run compiles only where it is worth it
+(`worth_it`: from `MIN_CELLS` data cells on, or as ``FITCLI_JIT`` says), and
+`fitcli.groups.compiled` checks the translation against torch's autograd on the first groups of
+every data set before using it.
 
 The generated module holds the model's ``linearize`` and the drivers that call it; the steps
 themselves are `fitcli.lm_kernels`, compiled once per machine and linked into every model's
