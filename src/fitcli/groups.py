@@ -436,6 +436,7 @@ def _fit_independent(
         reason[j] = _few_reason(int(data.counts[j]), q)
     keep = torch.as_tensor(np.flatnonzero(~few), device=dev)
     shared = torch.zeros(0, dtype=theta.dtype, device=dev)
+    known = np.full(g, math.nan)  # each group's sum(r**2), where the fit already has it
     if keep.numel():
         length = data.w.shape[1]
         if dev.type == "cpu":
@@ -451,6 +452,9 @@ def _fit_independent(
             theta[keep] = torch.from_numpy(out["theta"])
             lam[keep] = torch.from_numpy(out["damping"])
             codes, n_it = out["code"], out["iterations"]
+            # 0.5 RSS at each group's final values, from its last linearization (NaN for the
+            # groups an interruption left unstarted, computed below).
+            known[keep.numpy()] = 2.0 * out["cost"]
         else:
             sol = lm_batch.solve(
                 _GroupLanes(model, layout, sub),
@@ -469,9 +473,12 @@ def _fit_independent(
                 words[key] = (_outcome(_failed(code)), lm_batch.reason(code, opts, it))
             status[j], reason[j] = words[key]
         iters[keep.cpu().numpy()] = n_it
-    rss = residual_ss(model, layout, data, theta, shared, program).cpu().numpy()
-    rss[few] = math.nan
-    return GroupFit(theta, shared, status, reason, iters, rss, damping=lam.cpu().numpy())
+    missing = torch.as_tensor(np.flatnonzero(~np.isfinite(known)), device=dev)
+    if missing.numel():
+        part = residual_ss(model, layout, data.take(missing), theta[missing], shared, program)
+        known[missing.cpu().numpy()] = part.cpu().numpy()
+    known[few] = math.nan
+    return GroupFit(theta, shared, status, reason, iters, known, damping=lam.cpu().numpy())
 
 
 def _failed(code: int) -> bool | None:
