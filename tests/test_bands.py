@@ -27,7 +27,7 @@ from fitcli.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import coverage  # noqa: E402  (benchmarks/coverage.py)
+import band_coverage as coverage  # noqa: E402  (benchmarks/band_coverage.py)
 
 runner = CliRunner()
 

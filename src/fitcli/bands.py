@@ -1,6 +1,6 @@
 """Confidence and prediction bands of a fitted curve, by the delta method: the one place they
 are computed, for `FitResult.predict(x, band=...)`, a run directory's bands.csv, the snapshot and
-report figures, and the coverage benchmark (benchmarks/coverage.py).
+report figures, and the coverage benchmark (benchmarks/band_coverage.py).
 
 At a point x, with ``g(x) = d f(x; theta) / d theta`` the exact Jacobian of the model at the
 fitted parameters (by autograd) and C the fit's covariance of the free parameters::

@@ -1,6 +1,6 @@
 """Band coverage: how often fitcli's 95% confidence band holds the true curve, measured.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/coverage.py [--replicates 2000] [--write]
+    PYTHONPATH=src .venv/bin/python benchmarks/band_coverage.py [--replicates 2000] [--write]
 
 For each case, `replicates` data sets (seeded) of a known model with known Gaussian noise are
 fitted as one batched program: `fitcli.lm_batch.solve`, Levenberg-Marquardt with a leading
@@ -289,7 +289,7 @@ def main() -> None:
                 f"{wh.simultaneous:.2%} | {reps.seconds:.2f} s | {diff:.1e} |"
             )
             print(rows[-1], flush=True)
-    cmd = "PYTHONPATH=src .venv/bin/python benchmarks/coverage.py --write"
+    cmd = "PYTHONPATH=src .venv/bin/python benchmarks/band_coverage.py --write"
     if args.replicates != 2000 or args.grid != 1000 or args.seed != 0:
         cmd += f" --replicates {args.replicates} --grid {args.grid} --seed {args.seed}"
     head = (
