@@ -520,7 +520,8 @@ def execute_grouped(
                 ds.y_true,
                 ds.sigma,
                 ds.variables,
-                group=np.asarray(prep.labels, dtype=object)[ds.group],
+                group=ds.group,
+                group_labels=prep.labels,
             )
         else:
             tidy_snapshots(run_dir, prep.cfg.epochs)  # temporary files a kill left

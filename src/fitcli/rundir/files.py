@@ -440,10 +440,19 @@ def fmt(v: float) -> str:
     return repr(float(v))
 
 
-def write_data_csv(path: Path, x, y, y_true=None, sigma=None, variables=("x",), group=None) -> None:
+def write_data_csv(
+    path: Path,
+    x,
+    y,
+    y_true=None,
+    sigma=None,
+    variables=("x",),
+    group=None,
+    group_labels=None,
+) -> None:
     """data.csv: x,y (observed) plus y_true for synthetic data and sigma when given; with
     several variables (x n x k), their names' columns in place of x; with `group` (each row's
-    label), a last column `group`."""
+    label, or with `group_labels` each row's index into them), a last column `group`."""
     import numpy as np
 
     if getattr(x, "ndim", 1) == 2:
@@ -458,22 +467,55 @@ def write_data_csv(path: Path, x, y, y_true=None, sigma=None, variables=("x",), 
     arrays = [np.asarray(v, dtype=np.float64) for _, v in cols]
     # %.17g round-trips every float64 exactly. Streamed in blocks of DATA_CSV_ROWS rows, each
     # formatted by one `%` over the block, so memory stays flat however many rows (10^8 rows
-    # are about 6 GB of text) and the file is written faster than by np.savetxt.
-    row_fmt = ",".join(["%.17g"] * len(arrays)) + "\n"
-    labels = None
+    # are about 6 GB of text) and the file is written faster than by np.savetxt. A column
+    # with few distinct values (a shared x grid) is formatted once per value (`_few_values`).
+    few = [_few_values(a) for a in arrays]
+    fmts = ["%.17g" if f is None else "%s" for f in few]
+    labels = codes = None
     if group is not None:
         header = header[:-1] + ",group\n"
-        row_fmt = row_fmt[:-1] + ",%s\n"
-        labels = np.asarray([_csv_cell(str(v)) for v in group], dtype=object)
+        fmts.append("%s")
+        if group_labels is None:
+            group_labels, codes = group, np.arange(len(group))
+        else:
+            codes = np.asarray(group)
+        # One cell per distinct label, then each row's by its index: no Python call per row.
+        labels = np.asarray([_csv_cell(str(v)) for v in group_labels], dtype=object)
+    row_fmt = ",".join(fmts) + "\n"
+    width = len(fmts)
     with _replacing(path, "w", encoding="utf-8", newline="\n") as fh:
         fh.write(header)
         for start in range(0, arrays[0].shape[0], DATA_CSV_ROWS):
-            block = np.column_stack([a[start : start + DATA_CSV_ROWS] for a in arrays])
-            if labels is not None:
-                block = np.column_stack(
-                    [block.astype(object), labels[start : start + DATA_CSV_ROWS]]
-                )
-            fh.write((row_fmt * block.shape[0]) % tuple(block.ravel().tolist()))
+            sl = slice(start, start + DATA_CSV_ROWS)
+            n = arrays[0][sl].shape[0]
+            cells: list = [None] * (n * width)
+            for j, a in enumerate(arrays):
+                f = few[j]
+                cells[j::width] = (a[sl] if f is None else f[0][f[1][sl]]).tolist()
+            if labels is not None and codes is not None:
+                cells[width - 1 :: width] = labels[codes[sl]].tolist()
+            fh.write((row_fmt * n) % tuple(cells))
+
+
+def _few_values(a):
+    """(each distinct value's %.17g text, each row's index into them) for a column with few
+    distinct values (told by their bits: -0.0 is not 0.0), else None: formatting a value is
+    most of data.csv's cost, and a grid shared by the groups repeats its values."""
+    import numpy as np
+    import pandas as pd
+
+    n = a.shape[0]
+    if n < 4 * DATA_CSV_ROWS:
+        return None
+    bits = np.ascontiguousarray(a).view(np.int64)
+    if pd.unique(bits[:DATA_CSV_ROWS]).size > DATA_CSV_ROWS // 8:
+        return None
+    codes, uniq = pd.factorize(bits)
+    if uniq.size > n // 8:
+        return None
+    values = uniq.view(np.float64).tolist()
+    text = np.asarray((("%.17g\n" * len(values)) % tuple(values)).split("\n")[:-1], dtype=object)
+    return text, codes
 
 
 def _csv_cell(text: str) -> str:
