@@ -701,8 +701,17 @@ def _read_fast(
             while a < body_end:
                 b = mm.find(b"\n", min(a + READ_BLOCK, body_end), body_end)
                 b = body_end if b < 0 else b
-                block = mm[a:b]
+                whole = mm[a:b]
                 a = b + 1
+                lines_in = whole.count(b"\n") + 1
+                # Blank lines at either end of a block (they would set the parser's width).
+                i, lead = _blank_head(whole)
+                j = _blank_tail(whole, i)
+                if i >= j:
+                    line_at += lines_in
+                    continue
+                block = whole if (i, j) == (0, len(whole)) else whole[i:j]
+                line_at += lead
                 parsed = _parse_block(block, delimiter, ti, omit_nan, ncols)
                 if parsed.ndim != 2 or parsed.shape[1] != ncols:
                     return None
@@ -717,6 +726,8 @@ def _read_fast(
                 keep = None
                 if bad.any():
                     keep = np.ones(k, dtype=bool)
+                    table = np.array(table)  # pandas may hand out read-only views
+                    cells = None if cells is None else np.array(cells)
                     starts = np.concatenate(
                         [[0], np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10) + 1]
                     )
@@ -750,7 +761,7 @@ def _read_fast(
                     if not labels.add(cells, row, lines):
                         return None
                 row += n_kept
-                line_at += k
+                line_at += lines_in - lead
                 done = a - a % mmap.PAGESIZE
                 _release(mm, released, done)
                 released = max(released, done)
@@ -761,6 +772,33 @@ def _read_fast(
     return _FastTable(
         [col[:row] for col in out], omitted, None if labels is None else labels.done(row)
     )
+
+
+def _blank_head(block: bytes) -> tuple[int, int]:
+    """(bytes, lines) of the blank lines (\\n or \\r\\n alone) that start `block`."""
+    i = lines = 0
+    while True:
+        if block.startswith(b"\n", i):
+            i += 1
+        elif block.startswith(b"\r\n", i):
+            i += 2
+        else:
+            return i, lines
+        lines += 1
+
+
+def _blank_tail(block: bytes, start: int) -> int:
+    """Where `block` ends without the blank lines that end it (its last line ends at the
+    newline after it)."""
+    j = len(block)
+    while j > start:
+        if block.endswith(b"\n", start, j):
+            j -= 1
+        elif block.endswith(b"\n\r", start, j):
+            j -= 2
+        else:
+            break
+    return j
 
 
 def _check_row(
