@@ -192,3 +192,62 @@ def test_data_csv_of_several_variables_equals_a_row_by_row_writer(tmp_path):
     files.write_data_csv(path, x, y, None, None, ("T", "P"), group=codes, group_labels="abc")
     ref = reference_data_csv(x, y, None, ["abc"[c] for c in codes], ("T", "P"))
     assert path.read_bytes() == ref
+
+
+def tricky_floats(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Values at every edge of the compiled %.17g: ties at the 17th digit, powers of ten and
+    their neighbours, the kernel's range ends, zeros, infinities, NaN, subnormals."""
+    p = 10.0 ** np.arange(-12, 18)
+    edges = [
+        p,
+        np.nextafter(p, 0),
+        np.nextafter(p, np.inf),
+        [1125899906842623.75, 1125899906842624.25, 4503599627370495.5, 2.0**53, 2.0**53 - 1],
+        [1e-10, np.nextafter(1e-10, 0), 0.0, -0.0, np.inf, -np.inf, np.nan, 5e-324, 2.2e-308],
+        [1.7976931348623157e308, 0.1, 0.5, 1e-5, 9.99999999999999e-5, 123456789012345678.0],
+    ]
+    rand = [
+        rng.normal(size=n) * 10.0 ** rng.integers(-14, 19, n),
+        rng.integers(1, 2**53, n) / 2.0 ** rng.integers(1, 60, n),  # exact binary fractions
+    ]
+    vals = np.concatenate([np.asarray(e, dtype=np.float64) for e in edges] + rand)
+    return np.concatenate([vals, -vals])
+
+
+def test_compiled_rows_equal_percent_17g():
+    pytest.importorskip("numba")
+    from fitcli.rundir import csvrows
+
+    values = tricky_floats(np.random.default_rng(11), 50_000)
+    got = csvrows.rows([values])
+    assert got == (("%.17g\n" * values.size) % tuple(values.tolist())).encode()
+    labels = csvrows.labels_table([b"a", b'"b,c"', "é".encode()])
+    codes = np.arange(values.size) % 3
+    got = csvrows.rows([values, values[::-1]], codes, labels)
+    cells = ["a", '"b,c"', "é"]
+    ref = "".join(
+        f"{u:.17g},{v:.17g},{cells[c]}\n"
+        for u, v, c in zip(values.tolist(), values[::-1].tolist(), codes.tolist(), strict=True)
+    )
+    assert got == ref.encode()
+
+
+def test_data_csv_from_the_compiled_writer_equals_a_row_by_row_writer(tmp_path, monkeypatch):
+    """Blocks of 1000 rows through `csvrows.rows` (numba), with values it leaves to Python."""
+    pytest.importorskip("numba")
+    monkeypatch.setattr(files, "COMPILED_ROWS", 1000)
+    rng = np.random.default_rng(12)
+    y = tricky_floats(rng, 2000)
+    n = y.size
+    x = np.tile(np.linspace(-5, 5, 100), n // 100 + 1)[:n]
+    sigma = rng.uniform(0.1, 2, n)
+    names = ['well "1", left', "w2", "é"]
+    codes = rng.integers(0, 3, n)
+    path = tmp_path / "data.csv"
+    files.write_data_csv(path, x, y, None, sigma, group=codes, group_labels=names)
+    assert path.read_bytes() == reference_data_csv(x, y, sigma, [names[c] for c in codes])
+    files.write_data_csv(path, x, y)  # no group column, the ungrouped run's data.csv
+    ref = "x,y\n" + "".join(
+        f"{u:.17g},{v:.17g}\n" for u, v in zip(x.tolist(), y.tolist(), strict=True)
+    )
+    assert path.read_text(encoding="utf-8") == ref

@@ -427,21 +427,24 @@ def finish(prep: GroupedPrepared, result: Any) -> tuple[list[dict], dict, dict]:
         m = _model(model, layout, data.x, False)(theta, result.shared) * data.w
         point = torch.where(data.w > 0, loss.point(m, data.wy, torch), 0.0).to(torch.float64)
         group_loss = (point.sum(-1) / torch.as_tensor(data.counts).clamp_min(1)).cpu().numpy()
-    rows = []
-    for j, label in enumerate(prep.labels):
-        row: dict[str, Any] = {
-            "group": label,
-            "status": status[j],
-            "reason": reason[j],
-            "iterations": int(result.iterations[j]),
-            "n_points": int(data.counts[j]),
-            "loss": float(group_loss[j]) if data.counts[j] else math.nan,
-            "rss": float(result.rss[j]),
-        }
-        for k, name in enumerate(prep.per_group):
-            row[name] = float(values[j, layout.per_group[k]])
-            row[f"{name}_stderr"] = float(se[j, k])
-        rows.append(row)
+    # Each column at once (tolist gives Python ints and floats), then a dict per group.
+    counts = np.asarray(data.counts)
+    columns: dict[str, list] = {
+        "group": list(prep.labels),
+        "status": status,
+        "reason": reason,
+        "iterations": np.asarray(result.iterations).astype(np.int64).tolist(),
+        "n_points": counts.astype(np.int64).tolist(),
+        "loss": np.where(counts != 0, np.asarray(group_loss, dtype=np.float64), math.nan).tolist(),
+        "rss": np.asarray(result.rss, dtype=np.float64).tolist(),
+    }
+    for k, name in enumerate(prep.per_group):
+        columns[name] = np.asarray(values[:, layout.per_group[k]], dtype=np.float64).tolist()
+        columns[f"{name}_stderr"] = np.asarray(se[:, k], dtype=np.float64).tolist()
+    keys = list(columns)
+    rows: list[dict[str, Any]] = [
+        dict(zip(keys, cells, strict=True)) for cells in zip(*columns.values(), strict=True)
+    ]
     shared_values = {
         n: float(values[0, layout.shared[k]]) if len(values) else math.nan
         for k, n in enumerate(prep.shared)
@@ -454,10 +457,12 @@ def write_groups_csv(path: Path, rows: list[dict]) -> None:
     from fitcli.rundir import files
 
     header = list(rows[0]) if rows else ["group", "status", "reason"]
-    out = []
-    for row in rows:
-        out.append([files.fmt(v) if isinstance(v, float) else v for v in row.values()])
-    files.write_csv(path, header, out)
+    # Column by column (a row per group: 10^5 and more): a float as `files.fmt` writes it.
+    columns = []
+    for key in header:
+        cells = [row[key] for row in rows]
+        columns.append([repr(float(v)) if isinstance(v, float) else v for v in cells])
+    files.write_csv(path, header, zip(*columns, strict=True))
 
 
 def execute_grouped(
