@@ -182,10 +182,12 @@ def rows(
     arrays: list[np.ndarray],
     codes: np.ndarray | None = None,
     labels: tuple[np.ndarray, np.ndarray] | None = None,
+    known: list[tuple[list[bytes], np.ndarray] | None] | None = None,
 ) -> bytes | None:
     """The data.csv lines of these rows (each array a column, then each row's label cell by its
     code into `labels`, a `labels_table`), exactly as ``"%.17g"`` and the label cells write
-    them; None without numba."""
+    them; None without numba. `known[j]`, where given, is column j's text already made: its
+    distinct values' texts and each row's index into them (a grid shared by the groups)."""
     if njit is None:
         return None
     block = np.stack([np.asarray(a, dtype=np.float64) for a in arrays])
@@ -193,10 +195,17 @@ def rows(
     mag = np.abs(block)
     outside = ~((mag >= LO) & (mag < HI))  # zero, tiny, huge, inf, nan: Python formats them
     side = np.full(block.shape, -1, dtype=np.int64)
+    for j, made in enumerate(known or []):
+        if made is not None:
+            outside[j] = False
     at = np.flatnonzero(outside.ravel())
     vals = block.ravel()[at].tolist()
     texts = (("%.17g\n" * len(vals)) % tuple(vals)).encode().split(b"\n")[:-1]
     side.ravel()[at] = np.arange(at.size)
+    for j, made in enumerate(known or []):
+        if made is not None:
+            side[j] = made[1] + len(texts)
+            texts += made[0]
     side_text, side_at = labels_table(texts)
     grouped = labels is not None and codes is not None
     if labels is not None and codes is not None:

@@ -473,7 +473,7 @@ def write_data_csv(
     # bytes, 3x faster), any block it declines by `%`.
     n_rows = arrays[0].shape[0]
     compiled = _compiled_rows() if n_rows >= COMPILED_ROWS else None
-    few = [None if compiled else _few_values(a) for a in arrays]
+    few = [_few_values(a) for a in arrays]
     fmts = ["%.17g" if f is None else "%s" for f in few]
     labels = codes = None
     if group is not None:
@@ -504,10 +504,15 @@ def write_data_csv(
             from fitcli.rundir.csvrows import labels_table
 
             table = None if labels is None else labels_table([c.encode() for c in labels])
+            # A column of few values: their texts once, each row's index per block.
+            texts = [None if f is None else [t.encode() for t in f[0].tolist()] for f in few]
             for start in range(0, n_rows, COMPILED_ROWS):
                 sl = slice(start, start + COMPILED_ROWS)
+                known = [
+                    None if f is None else (t, f[1][sl]) for f, t in zip(few, texts, strict=True)
+                ]
                 chunk = compiled(
-                    [a[sl] for a in arrays], None if codes is None else codes[sl], table
+                    [a[sl] for a in arrays], None if codes is None else codes[sl], table, known
                 )
                 if chunk is None:  # a value the kernel does not take: this block by `%`
                     stop = min(sl.stop, n_rows)
