@@ -703,12 +703,11 @@ def _read_fast(
                 b = body_end if b < 0 else b
                 whole = mm[a:b]
                 a = b + 1
-                lines_in = whole.count(b"\n") + 1
                 # Blank lines at either end of a block (they would set the parser's width).
                 i, lead = _blank_head(whole)
-                j = _blank_tail(whole, i)
+                j, tail = _blank_tail(whole, i)
                 if i >= j:
-                    line_at += lines_in
+                    line_at += whole.count(b"\n") + 1
                     continue
                 block = whole if (i, j) == (0, len(whole)) else whole[i:j]
                 line_at += lead
@@ -716,8 +715,11 @@ def _read_fast(
                 if parsed.ndim != 2 or parsed.shape[1] != ncols:
                     return None
                 k = parsed.shape[0]
-                if k != block.count(b"\n") + 1:
-                    return None  # a line break other than \n (or \r\n) split a row
+                # One row per line: a line break other than \n (or \r\n) splitting a row
+                # shows in the total of rows (checked at the end); a whitespace table's
+                # parser may also drop a line, so there each block is counted.
+                if delimiter is None and k != block.count(b"\n") + 1:
+                    return None
                 table = parsed.iloc[:, wanted].to_numpy(dtype=np.float64)
                 cells = None if ti is None else parsed.iloc[:, ti].to_numpy(dtype=object)
                 bad = ~np.isfinite(table).all(axis=1)
@@ -731,6 +733,8 @@ def _read_fast(
                     starts = np.concatenate(
                         [[0], np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10) + 1]
                     )
+                    if starts.size != k:
+                        return None  # rows and lines do not line up: let the precise reader
                     for r in np.flatnonzero(bad).tolist():
                         stop = starts[r + 1] - 1 if r + 1 < k else len(block)
                         text_line = block[starts[r] : stop].decode("utf-8")
@@ -761,7 +765,7 @@ def _read_fast(
                     if not labels.add(cells, row, lines):
                         return None
                 row += n_kept
-                line_at += lines_in - lead
+                line_at += k + tail
                 done = a - a % mmap.PAGESIZE
                 _release(mm, released, done)
                 released = max(released, done)
@@ -787,10 +791,10 @@ def _blank_head(block: bytes) -> tuple[int, int]:
         lines += 1
 
 
-def _blank_tail(block: bytes, start: int) -> int:
-    """Where `block` ends without the blank lines that end it (its last line ends at the
-    newline after it)."""
-    j = len(block)
+def _blank_tail(block: bytes, start: int) -> tuple[int, int]:
+    """(where `block` ends without the blank lines that end it, how many): its last line ends
+    at the newline after it."""
+    j, lines = len(block), 0
     while j > start:
         if block.endswith(b"\n", start, j):
             j -= 1
@@ -798,7 +802,8 @@ def _blank_tail(block: bytes, start: int) -> int:
             j -= 2
         else:
             break
-    return j
+        lines += 1
+    return j, lines
 
 
 def _check_row(
