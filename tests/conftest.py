@@ -6,10 +6,15 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
+
+# The compiled group fits (fitcli.lm_jit) keep their machine code in a cache directory: the
+# tests', and their subprocesses', is one of their own, never the user's.
+os.environ.setdefault("FITCLI_CACHE_DIR", tempfile.mkdtemp(prefix="fitcli-test-cache-"))
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"

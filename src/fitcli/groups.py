@@ -29,6 +29,7 @@ the trust region of `fitcli.lm`, and losses other than least squares for LM.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -216,6 +217,10 @@ def residual_ss(
     model: FitModel, layout: Layout, data: Packed, theta: torch.Tensor, shared: torch.Tensor
 ) -> torch.Tensor:
     """Each group's ``sum(r**2)`` [G] in float64 (no Jacobian)."""
+    program = None if shared.numel() else compiled(model, layout, data, theta)
+    if program is not None:
+        cost = program.linearize(*_arrays(data), _numpy(theta))[0]
+        return torch.from_numpy(2.0 * cost)
     fn = _model(model, layout, data.x, False)
     with torch.no_grad():
         r = (data.wy - fn(theta, shared) * data.w).to(torch.float64)  # 0 at the pads
@@ -327,6 +332,11 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().numpy())
 
 
+def _arrays(data: Packed) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """x, w y, w and the counts of `data` as the compiled fit's numpy arrays (no copy)."""
+    return _numpy(data.x), _numpy(data.wy), _numpy(data.w), data.counts
+
+
 def compiled(
     model: FitModel, layout: Layout, data: Packed, theta: torch.Tensor
 ) -> lm_jit.Program | None:
@@ -340,20 +350,39 @@ def compiled(
         return None
     few = data.take(torch.arange(min(4, data.groups)))
     th = theta[: few.groups].detach()
+    digest = hashlib.sha256()
+    for part in _arrays(few):
+        digest.update(part.tobytes())
+    key = (id(program), digest.hexdigest())
+    if key not in _AGREES:
+        if len(_AGREES) > 256:
+            _AGREES.clear()
+        _AGREES[key] = _agrees(program, model, layout, few, th)
+    return program if _AGREES[key] else None
+
+
+# Verdicts of `_agrees` by (program, the first groups' data): a run asks at the fit, the
+# residuals and the error bars, on the same groups (at the parameters of its first ask).
+_AGREES: dict[tuple[int, str], bool] = {}
+
+
+def _agrees(
+    program: lm_jit.Program, model: FitModel, layout: Layout, few: Packed, th: torch.Tensor
+) -> bool:
     a, _, r = jacobian(model, layout, few, th, torch.zeros(0, dtype=th.dtype), float64=True)
     at = a.transpose(-1, -2)
     ref = [0.5 * (r * r).sum(-1), at @ a, (at @ r[..., None])[..., 0]]
-    got = program.linearize(_numpy(few.x), _numpy(few.wy), _numpy(few.w), few.counts, _numpy(th))
-    rtol = 1e-9 if data.w.dtype == torch.float64 else 1e-4
-    for want, have in zip(ref, got, strict=True):
-        want = want.numpy()
+    got = program.linearize(*_arrays(few), _numpy(th))
+    rtol = 1e-9 if few.w.dtype == torch.float64 else 1e-4
+    for reference, have in zip(ref, got, strict=True):
+        want = reference.numpy()
         if not np.array_equal(np.isfinite(want), np.isfinite(have)):
-            return None
+            return False
         fin = np.isfinite(want)
         scale = np.abs(want[fin]).max(initial=0.0)
         if not np.allclose(have[fin], want[fin], rtol=rtol, atol=rtol * scale):
-            return None
-    return program
+            return False
+    return True
 
 
 def _fit_compiled(
@@ -364,16 +393,7 @@ def _fit_compiled(
     opts: LMOptions,
     should_stop: Callable[[], bool] | None,
 ) -> dict[str, np.ndarray]:
-    return program.fit(
-        _numpy(data.x),
-        _numpy(data.wy),
-        _numpy(data.w),
-        data.counts,
-        _numpy(theta),
-        lam.numpy(),
-        opts,
-        should_stop,
-    )
+    return program.fit(*_arrays(data), _numpy(theta), lam.numpy(), opts, should_stop)
 
 
 def _fit_independent(
@@ -409,7 +429,9 @@ def _fit_independent(
         sub = data.take(keep)
         program = compiled(model, layout, sub, theta[keep])
         if program is not None:
-            out = _fit_compiled(program, sub, theta[keep], lam[keep], opts, _asker(on_iter, should_stop))
+            out = _fit_compiled(
+                program, sub, theta[keep], lam[keep], opts, _asker(on_iter, should_stop)
+            )
             theta[keep] = torch.from_numpy(out["theta"])
             lam[keep] = torch.from_numpy(out["damping"])
             codes, n_it = out["code"], out["iterations"]
@@ -424,9 +446,12 @@ def _fit_independent(
             )
             theta[keep], lam[keep] = sol.theta, sol.damping
             codes, n_it = sol.code.cpu().numpy(), sol.iterations.cpu().numpy()
-        for k, j in enumerate(keep.tolist()):
-            status[j] = _outcome(_failed(int(codes[k])))
-            reason[j] = lm_batch.reason(int(codes[k]), opts, int(n_it[k]))
+        words: dict[tuple[int, int], tuple[str, str]] = {}  # (code, iterations) -> words
+        for j, code, it in zip(keep.tolist(), codes.tolist(), n_it.tolist(), strict=True):
+            key = (code, it if code == lm_batch.Stop.INTERRUPTED else 0)
+            if key not in words:
+                words[key] = (_outcome(_failed(code)), lm_batch.reason(code, opts, it))
+            status[j], reason[j] = words[key]
         iters[keep.cpu().numpy()] = n_it
     rss = residual_ss(model, layout, data, theta, shared).cpu().numpy()
     rss[few] = math.nan
@@ -655,15 +680,21 @@ def _stderr_independent(
     sing = np.zeros(g, dtype=bool)
     length = data.w.shape[1]
     chunk = max(1, CHUNK_BYTES // max(1, 8 * length * max(q, 1)))
+    program = compiled(model, layout, data, free)  # unbounded: its values are theta's
     for lo in range(0, g, chunk):
         idx = torch.arange(lo, min(g, lo + chunk), device=theta.device)
-        a, _, r = jacobian(model, layout, data.take(idx), free[idx], shared, external=True)
-        jtj = a.transpose(-1, -2) @ a
+        part = data.take(idx)
+        if program is not None:
+            cost, jtj_np, _ = program.linearize(*_arrays(part), _numpy(free[idx]))
+            jtj, rss = torch.from_numpy(jtj_np), torch.from_numpy(2.0 * cost)
+        else:
+            a, _, r = jacobian(model, layout, part, free[idx], shared, external=True)
+            jtj, rss = a.transpose(-1, -2) @ a, (r * r).sum(-1)
         s = _singular(jtj)
         cov = torch.linalg.pinv(torch.nan_to_num(jtj), hermitian=True)
         n = torch.as_tensor(data.counts[idx.cpu().numpy()], dtype=torch.float64)
         dof = (n - q).clamp_min(1).to(cov.device)
-        s2 = (r * r).sum(-1) / dof if scale else torch.ones_like(dof)
+        s2 = rss / dof if scale else torch.ones_like(dof)
         var = torch.diagonal(cov, dim1=-2, dim2=-1) * s2[:, None]
         out[lo : lo + idx.numel()] = torch.sqrt(var).cpu().numpy()
         sing[lo : lo + idx.numel()] = s.cpu().numpy()

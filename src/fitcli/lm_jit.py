@@ -17,10 +17,13 @@ fixed values or ties (the model's free vector is not its parameter vector), more
 `MAX_PARAMS` parameters. The translation is checked against torch's autograd on the first
 groups of every data set before it is used (`Program.agrees`).
 
-The generated module is written to a cache directory (``FITCLI_CACHE_DIR``, else
+The generated module holds the model's ``linearize`` and the drivers that call it; the steps
+themselves are `fitcli.lm_kernels`, compiled once per machine and linked into every model's
+module. It is written to a cache directory (``FITCLI_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/fitcli`` or ``~/.cache/fitcli``) under the hash of its source, so that numba's
-own cache keeps the machine code between processes: the first fit of a model compiles (about a
-second), later ones load it. Where that directory cannot be written, it compiles in memory.
+own cache keeps its machine code between processes: the first run of a model compiles it (about
+two seconds), later ones load it (a third of a second, numba's start-up). Where that directory
+cannot be written, it compiles in memory.
 """
 
 from __future__ import annotations
@@ -41,14 +44,14 @@ from typing import Any
 
 import numpy as np
 
-from fitcli.lm import MAX_DAMPING, MIN_DAMPING, POLISH_CONTRACTION, POLISH_DAMPING, POLISH_RTOL
 from fitcli.lm_batch import LMOptions, Stop
 
 # Beyond this many parameters per group the unrolled normal equations (p (p + 1) / 2 scalar
 # sums) make compiling slow and the batched tensor program is the better tool.
 MAX_PARAMS = 12
-# Groups per call of the compiled loop between two asks of `should_stop` (and per thread task).
-CHUNK_GROUPS = 4096
+# A block of groups holds about this many bytes of data per thread: its groups' points stay in
+# the core's caches over the block's iterations.
+BLOCK_BYTES = 1_000_000
 
 
 class _Unsupported(Exception):
@@ -79,14 +82,16 @@ _UNARY: dict[str, tuple[str, str]] = {
 _ALIASES = {"arcsin": "asin", "arccos": "acos", "arctan": "atan"}
 _COMPARE = {operator.lt: "<", operator.le: "<=", operator.gt: ">", operator.ge: ">="}
 
-_PRELUDE = '''\
+_PRELUDE = """\
 import math
 
 import numpy as np
 from numba import njit
 
+from fitcli.lm_kernels import FAST, check, propose, update  # source {kernels}
+
 T = np.{dtype}
-JIT = dict(cache={cache}, nogil=True, error_model="numpy", fastmath={{"nsz", "arcp", "contract", "reassoc"}})
+JIT = dict(cache={cache}, nogil=True, error_model="numpy", fastmath=FAST)
 
 
 @njit(**JIT)
@@ -107,260 +112,55 @@ def _sqrt(u):
 @njit(**JIT)
 def _sign(u):
     return 1.0 if u > 0 else (-1.0 if u < 0 else 0.0)
-'''
+"""
 
-# The LM of one group: `fitcli.lm_batch._solve_block` / `_iterate` / `_check` for one lane.
-_LM = '''
-
-@njit(**JIT)
-def _check(a, g, cost, scale2, code, first, gtol):
-    p = a.shape[0]
-    rss = 2.0 * cost
-    finite = math.isfinite(rss)
-    for i in range(p):
-        for j in range(p):
-            if not math.isfinite(a[i, j]):
-                finite = False
-    if not finite:
-        code[0] = {nonfinite_start} if first else {nonfinite}
-    cosine = 0.0
-    for k in range(p):
-        d = a[k, k]
-        scale2[k] = max(scale2[k], d if d > 0 else 1.0)
-        c = abs(g[k]) / math.sqrt(max(d, 1e-300) * rss)
-        if c > cosine or c != c:
-            cosine = c
-    if finite:
-        if rss == 0:
-            code[0] = {exact}
-        elif cosine <= gtol and code[0] == 0:
-            code[0] = {gtol_code}
-
+# The drivers: each group's start, then its iterations (`fitcli.lm_kernels`' propose, this
+# model's linearize at the trial point, update).
+_LM = """
 
 @njit(**JIT)
-def _jacobi_solve(m, rhs, z, work):
-    # z = pinv(m) rhs for a symmetric m (its null space dropped), by cyclic Jacobi rotations.
-    p = m.shape[0]
-    a = work[0]
-    v = work[1]
-    for i in range(p):
-        for j in range(p):
-            x = m[i, j]
-            a[i, j] = x if math.isfinite(x) else 0.0
-            v[i, j] = 1.0 if i == j else 0.0
-    for _sweep in range(60):
-        off = 0.0
-        for i in range(p):
-            for j in range(i + 1, p):
-                off += a[i, j] * a[i, j]
-        if off == 0.0:
-            break
-        for i in range(p):
-            for j in range(i + 1, p):
-                if a[i, j] == 0.0:
-                    continue
-                theta = (a[j, j] - a[i, i]) / (2.0 * a[i, j])
-                t = (1.0 if theta >= 0 else -1.0) / (abs(theta) + math.sqrt(theta * theta + 1.0))
-                c = 1.0 / math.sqrt(t * t + 1.0)
-                s = t * c
-                for k in range(p):
-                    aki = a[k, i]
-                    akj = a[k, j]
-                    a[k, i] = c * aki - s * akj
-                    a[k, j] = s * aki + c * akj
-                for k in range(p):
-                    aik = a[i, k]
-                    ajk = a[j, k]
-                    a[i, k] = c * aik - s * ajk
-                    a[j, k] = s * aik + c * ajk
-                for k in range(p):
-                    vki = v[k, i]
-                    vkj = v[k, j]
-                    v[k, i] = c * vki - s * vkj
-                    v[k, j] = s * vki + c * vkj
-    top = 0.0
-    for i in range(p):
-        top = max(top, abs(a[i, i]))
-    cutoff = max(top, 1e-300) * p * 2.2e-16
-    for i in range(p):
-        z[i] = 0.0
-    for k in range(p):
-        ev = a[k, k]
-        if ev > cutoff:
-            proj = 0.0
-            for i in range(p):
-                proj += v[i, k] * rhs[i]
-            proj /= ev
-            for i in range(p):
-                z[i] += v[i, k] * proj
-
-
-@njit(**JIT)
-def _damped_solve(m, rhs, lam, z, work):
-    # (m + lam I) z = rhs: Cholesky, or the pseudo-inverse where it fails (lm_batch's rule).
-    p = m.shape[0]
-    c = work[0]
-    ok = True
-    for i in range(p):
-        for j in range(i + 1):
-            s = m[i, j] + (lam if i == j else 0.0)
-            for k in range(j):
-                s -= c[i, k] * c[j, k]
-            if i == j:
-                if not (s > 0.0):
-                    ok = False
-                    break
-                c[i, i] = math.sqrt(s)
-            else:
-                c[i, j] = s / c[j, j]
-        if not ok:
-            break
-    if ok:
-        for i in range(p):
-            s = rhs[i]
-            for k in range(i):
-                s -= c[i, k] * z[k]
-            z[i] = s / c[i, i]
-        for i in range(p - 1, -1, -1):
-            s = z[i]
-            for k in range(i + 1, p):
-                s -= c[k, i] * z[k]
-            z[i] = s / c[i, i]
-        for i in range(p):
-            if not math.isfinite(z[i]):
-                ok = False
-    if not ok:
-        d = work[2]
-        for i in range(p):
-            for j in range(p):
-                d[i, j] = m[i, j] + (lam if i == j else 0.0)
-        _jacobi_solve(d, rhs, z, work)
-
-
-@njit(**JIT)
-def _fit(x, wy, w, n, th, lam0, max_iter, ftol, xtol, gtol, theta, jtj, jtr, mats, vecs):
-    # One group from th [p]: returns (code, iterations, damping, cost); theta, jtj and jtr
-    # get its final parameters and normal equations.
-    p = th.shape[0]
-    for k in range(p):
-        theta[k] = th[k]
-    work = mats[:3]
-    jtj_t = mats[3]
-    m = mats[4]
-    jtr_t = vecs[0]
-    trial = vecs[1]
-    delta = vecs[2]
-    scale2 = vecs[3]
-    rhs = vecs[4]
-    z = vecs[5]
-    code = np.zeros(1, dtype=np.int64)
-    cost = linearize(x, wy, w, n, theta, jtj, jtr)
-    lam = lam0
-    nu = 2.0
-    polish = math.nan
-    for k in range(p):
-        scale2[k] = 0.0
-    _check(jtj, jtr, cost, scale2, code, True, gtol)
-    iters = 0
-    for _it in range(max_iter):
-        if code[0] != 0:
-            break
-        iters += 1
-        for i in range(p):
-            di = math.sqrt(scale2[i])
-            rhs[i] = jtr[i] / di
-            for j in range(p):
-                v = jtj[i, j] / (di * math.sqrt(scale2[j]))
-                m[i, j] = v if math.isfinite(v) else 0.0
-        _damped_solve(m, rhs, lam, z, work)
-        step2 = 0.0
-        theta2 = 0.0
-        for i in range(p):
-            di = math.sqrt(scale2[i])
-            dl = z[i] / di
-            delta[i] = dl if math.isfinite(dl) else 0.0
-            step2 += (di * delta[i]) ** 2
-            theta2 += (di * theta[i]) ** 2
-        step_norm = math.sqrt(step2)
-        theta_norm = math.sqrt(theta2)
-        c = cost
-        lin = 0.0
-        quad = 0.0
-        for i in range(p):
-            lin += jtr[i] * delta[i]
-            s = 0.0
-            for j in range(p):
-                s += jtj[i, j] * delta[j]
-            quad += delta[i] * s
-        predicted = lin - 0.5 * quad
-        polishing = predicted <= {polish_rtol} * c and lam <= {polish_damping}
-        xsmall = step_norm <= xtol * (xtol + theta_norm)
-        polished = math.isfinite(polish)
-        rounding = polished and (step_norm > {polish_contraction} * polish or xsmall)
-        if rounding:
-            code[0] = {rounding_code}
-            break
-        for i in range(p):
-            trial[i] = T(theta[i] + delta[i])
-        new = linearize(x, wy, w, n, trial, jtj_t, jtr_t)
-        fin = math.isfinite(new)
-        actual = c - new if fin else -math.inf
-        rho = actual / predicted if predicted > 0 else -math.inf
-        pol_ok = polishing and actual >= -{polish_rtol} * c
-        if pol_ok:
-            rho = max(rho, 0.0)
-        accept = pol_ok or (rho > 0 and fin)
-        if accept:
-            for i in range(p):
-                theta[i] = trial[i]
-                jtr[i] = jtr_t[i]
-                for j in range(p):
-                    jtj[i, j] = jtj_t[i, j]
-            cost = new
-            factor = max(1.0 - (2.0 * rho - 1.0) ** 3, 1.0 / 3.0)
-            lam = max(lam * factor, {min_damping})
-            nu = 2.0
-            if pol_ok:
-                polish = step_norm
-            plain = not math.isfinite(polish)
-            if plain and actual <= ftol * c and predicted <= ftol * c:
-                code[0] = {ftol_code}
-            elif plain and xsmall:
-                code[0] = {xtol_code}
-            else:
-                _check(jtj, jtr, cost, scale2, code, False, gtol)
-        else:
-            lam = lam * nu
-            nu = nu * 2.0
-            if xsmall:
-                code[0] = {xtol_code}
-            elif lam > {max_damping}:
-                code[0] = {damping_code}
-    return code[0], iters, lam, cost
-
-
-@njit(**JIT)
-def fit_range(x, wy, w, counts, theta, lam, lo, hi, max_iter, ftol, xtol, gtol,
-              out_th, out_lam, out_iter, out_code, out_cost, out_jtj, out_jtr):
+def start_range(x, wy, w, counts, lo, hi, gtol, theta, jtj, jtr, scale2, state, code):
     p = theta.shape[1]
-    mats = np.empty((5, p, p))
-    vecs = np.empty((6, p))
     for g in range(lo, hi):
-        code, iters, lm, cost = _fit(
-            x[g], wy[g], w[g], counts[g], theta[g], lam[g], max_iter, ftol, xtol, gtol,
-            out_th[g], out_jtj[g], out_jtr[g], mats, vecs,
-        )
-        out_code[g] = code
-        out_iter[g] = iters
-        out_lam[g] = lm
-        out_cost[g] = cost
+        cost = linearize(x[g], wy[g], w[g], counts[g], theta[g], jtj[g], jtr[g])
+        for k in range(p):
+            scale2[g, k] = 0.0
+        state[g, 3] = cost
+        check(jtj[g], jtr[g], cost, scale2[g], code[g : g + 1], True, gtol)
+
+
+@njit(**JIT)
+def step_range(
+    x, wy, w, counts, lo, hi, steps, ftol, xtol, gtol, theta, jtj, jtr, scale2, state, code
+):
+    p = theta.shape[1]
+    mats = np.empty((6, p, p))
+    vecs = np.empty((5, p))
+    trial = np.empty(p, dtype=T)
+    jtj_t = mats[5]
+    jtr_t = vecs[0]
+    for g in range(lo, hi):
+        cg = code[g : g + 1]
+        for _ in range(steps):
+            if cg[0] != 0:
+                break
+            go, predicted, step_norm, xsmall, polishing = propose(
+                theta[g], jtj[g], jtr[g], scale2[g], state[g], cg, xtol, trial, mats, vecs
+            )
+            if not go:
+                break
+            new = linearize(x[g], wy[g], w[g], counts[g], trial, jtj_t, jtr_t)
+            update(
+                theta[g], jtj[g], jtr[g], scale2[g], state[g], cg, trial, jtj_t, jtr_t, new,
+                predicted, step_norm, xsmall, polishing, ftol, gtol,
+            )
 
 
 @njit(**JIT)
 def linearize_range(x, wy, w, counts, theta, lo, hi, out_cost, out_jtj, out_jtr):
     for g in range(lo, hi):
         out_cost[g] = linearize(x[g], wy[g], w[g], counts[g], theta[g], out_jtj[g], out_jtr[g])
-'''
+"""
 
 
 @dataclass
@@ -564,26 +364,19 @@ def _linearize_source(tree: tuple, names: tuple[str, ...], variables: tuple[str,
 
 
 def _source(tree: tuple, names: tuple[str, ...], variables: tuple[str, ...], dtype: str) -> str:
-    constants = {
-        "nonfinite_start": int(Stop.NONFINITE_START),
-        "nonfinite": int(Stop.NONFINITE),
-        "exact": int(Stop.EXACT),
-        "gtol_code": int(Stop.GTOL),
-        "ftol_code": int(Stop.FTOL),
-        "xtol_code": int(Stop.XTOL),
-        "rounding_code": int(Stop.ROUNDING),
-        "damping_code": int(Stop.DAMPING),
-        "polish_rtol": repr(POLISH_RTOL),
-        "polish_damping": repr(POLISH_DAMPING),
-        "polish_contraction": repr(POLISH_CONTRACTION),
-        "min_damping": repr(MIN_DAMPING),
-        "max_damping": repr(MAX_DAMPING),
-    }
     return (
-        _PRELUDE.format(dtype=dtype, cache="{cache}")
+        _PRELUDE.format(dtype=dtype, cache="{cache}", kernels=_kernels_digest())
         + _linearize_source(tree, names, variables)
-        + _LM.format(**constants)
+        + _LM
     )
+
+
+@functools.cache
+def _kernels_digest() -> str:
+    """The hash of `fitcli.lm_kernels`' source, in every generated module: numba's cache of a
+    module holds the kernels it linked, so a changed kernel must make a new module."""
+    path = Path(__file__).with_name("lm_kernels.py")
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def cache_dir() -> Path:
@@ -626,10 +419,17 @@ def _load(source: str) -> Any:
 
 
 def threads() -> int:
-    """CPU threads for the compiled fits: torch's (``torch.set_num_threads``, OMP_NUM_THREADS)."""
-    import torch
-
-    return max(1, int(torch.get_num_threads()))
+    """CPU threads for the compiled fits: the cores this process may run on, at most
+    OMP_NUM_THREADS where that is set (torch's own limit; torch itself runs a grouped fit on
+    one thread, `fitcli.groups._threads`, so its current setting does not say)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        n = min(n, int(env))
+    return max(1, n)
 
 
 @dataclass
@@ -639,28 +439,22 @@ class Program:
 
     module: Any
     dtype: np.dtype
+    params: int
+    shape: tuple[int, ...]  # () for one variable, (k,) for k of them
 
-    def _run(self, task: Callable[[int, int], None], groups: int, chunk: int, asks) -> bool:
-        """Run `task(lo, hi)` over the groups, `chunk` at a time split over the threads;
-        `asks()` before each chunk. True if it said stop (the rest are not run)."""
-        n_threads = threads()
-        pool = concurrent.futures.ThreadPoolExecutor(n_threads) if n_threads > 1 else None
-        try:
-            for lo in range(0, groups, chunk):
-                if asks is not None and asks():
-                    return True
-                hi = min(groups, lo + chunk)
-                if pool is None:
-                    task(lo, hi)
-                    continue
-                step = -(-(hi - lo) // n_threads)
-                jobs = [pool.submit(task, a, min(hi, a + step)) for a in range(lo, hi, step)]
-                for job in jobs:
-                    job.result()
-        finally:
-            if pool is not None:
-                pool.shutdown()
-        return False
+    def _run(self, task: Callable[[int, int], None], lo: int, hi: int, pool: Any) -> None:
+        """`task(a, b)` over [lo, hi) split evenly over the pool's threads (None: this one)."""
+        if pool is None or hi - lo < 2:
+            task(lo, hi)
+            return
+        n = pool._max_workers
+        step = -(-(hi - lo) // n)
+        for job in [pool.submit(task, a, min(hi, a + step)) for a in range(lo, hi, step)]:
+            job.result()
+
+    def _pool(self) -> Any:
+        n = threads()
+        return concurrent.futures.ThreadPoolExecutor(n) if n > 1 else None
 
     def fit(
         self,
@@ -674,33 +468,85 @@ class Program:
         should_stop: Callable[[], bool] | None = None,
     ) -> dict[str, np.ndarray]:
         """LM on every group from theta [G, p] (the model's dtype) and damping [G]: theta,
-        damping, iterations, code (`lm_batch.Stop`), cost (0.5 RSS), jtj, jtr per group. Groups
-        not reached when `should_stop` said so keep their start, code INTERRUPTED."""
+        damping, iterations, code (`lm_batch.Stop`), cost (0.5 RSS), jtj, jtr per group.
+
+        The groups run in blocks of about `BLOCK_BYTES` of data per thread, so that a block
+        stays in the caches over its iterations. `should_stop` is asked before each iteration
+        of each block, as `lm_batch.solve` asks it; on True the block's running groups stop
+        there (INTERRUPTED, their current values and damping) and later blocks do not start."""
         g, p = theta.shape
-        out = {
-            "theta": theta.copy(),
-            "damping": damping.astype(np.float64, copy=True),
-            "iterations": np.zeros(g, dtype=np.int64),
-            "code": np.full(g, int(Stop.INTERRUPTED), dtype=np.int64),
-            "cost": np.full(g, math.nan),
-            "jtj": np.full((g, p, p), math.nan),
-            "jtr": np.full((g, p), math.nan),
-        }
+        th = np.array(theta, dtype=self.dtype, order="C")
+        jtj = np.full((g, p, p), math.nan)
+        jtr = np.full((g, p), math.nan)
+        scale2 = np.zeros((g, p))
+        state = np.zeros((g, 5))
+        state[:, 0] = damping
+        state[:, 1] = 2.0
+        state[:, 2:4] = math.nan
+        code = np.zeros(g, dtype=np.int64)
         counts = np.ascontiguousarray(counts, dtype=np.int64)
-        start = np.ascontiguousarray(theta)
-        lam0 = np.ascontiguousarray(damping, dtype=np.float64)
-        fit_range = self.module.fit_range
+        ftol, xtol, gtol = float(opts.ftol), float(opts.xtol), float(opts.gtol)
+        mod = self.module
+        pool = self._pool()
+        n_threads = 1 if pool is None else pool._max_workers
+        per_group = (x[:1].nbytes + wy[:1].nbytes + w[:1].nbytes) or 1
+        block = max(16, n_threads * BLOCK_BYTES // per_group)
 
-        def task(lo: int, hi: int) -> None:
-            fit_range(
-                x, wy, w, counts, start, lam0, lo, hi, int(opts.max_iter),
-                float(opts.ftol), float(opts.xtol), float(opts.gtol),
-                out["theta"], out["damping"], out["iterations"], out["code"], out["cost"],
-                out["jtj"], out["jtr"],
-            )  # fmt: skip
+        def start(a: int, b: int) -> None:
+            mod.start_range(x, wy, w, counts, a, b, gtol, th, jtj, jtr, scale2, state, code)
 
-        self._run(task, g, CHUNK_GROUPS, should_stop)
-        return out
+        def step(steps: int) -> Callable[[int, int], None]:
+            def run(a: int, b: int) -> None:
+                mod.step_range(
+                    x, wy, w, counts, a, b, steps, ftol, xtol, gtol, th, jtj, jtr, scale2, state,
+                    code,
+                )  # fmt: skip
+
+            return run
+
+        interrupted = False
+        try:
+            for lo in range(0, g, block):
+                hi = min(g, lo + block)
+                if interrupted:
+                    code[lo:hi] = int(Stop.INTERRUPTED)
+                    continue
+                self._run(start, lo, hi, pool)
+                if should_stop is None:
+                    self._run(step(int(opts.max_iter)), lo, hi, pool)
+                else:
+                    one = step(1)
+                    for _ in range(int(opts.max_iter)):
+                        if not (code[lo:hi] == 0).any():
+                            break
+                        if should_stop():
+                            interrupted = True
+                            break
+                        self._run(one, lo, hi, pool)
+                left = code[lo:hi]
+                left[left == 0] = int(Stop.INTERRUPTED if interrupted else Stop.LIMIT)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        return {
+            "theta": th,
+            "damping": state[:, 0].copy(),
+            "iterations": state[:, 4].astype(np.int64),
+            "code": code,
+            "cost": state[:, 3].copy(),
+            "jtj": jtj,
+            "jtr": jtr,
+        }
+
+    def warm(self) -> None:
+        """Compile (or load from the cache) both entry points now, on one group of one point,
+        so that the first real call is all fitting."""
+        x1 = np.zeros((1, 1) + self.shape, dtype=self.dtype)
+        w1 = np.ones((1, 1), dtype=self.dtype)
+        th = np.zeros((1, self.params), dtype=self.dtype)
+        one = np.ones(1, dtype=np.int64)
+        self.fit(x1, w1, w1, one, th, np.full(1, 1e-3), LMOptions(max_iter=1))
+        self.linearize(x1, w1, w1, one, th)
 
     def linearize(
         self, x: np.ndarray, wy: np.ndarray, w: np.ndarray, counts: np.ndarray, theta: np.ndarray
@@ -715,7 +561,12 @@ class Program:
         def task(lo: int, hi: int) -> None:
             run(x, wy, w, counts, theta, lo, hi, cost, jtj, jtr)
 
-        self._run(task, g, max(g, 1), None)
+        pool = self._pool()
+        try:
+            self._run(task, 0, g, pool)
+        finally:
+            if pool is not None:
+                pool.shutdown()
         return cost, jtj, jtr
 
 
@@ -748,4 +599,8 @@ def _program(expression: Any, names: tuple[str, ...], dtype: str) -> Program | N
         text = _source(expression._tree, names, expression.variables, dtype)
     except _Unsupported:
         return None
-    return Program(_load(text), np.dtype(dtype))
+    variables = expression.variables
+    shape = () if variables == ("x",) else (len(variables),)
+    program = Program(_load(text), np.dtype(dtype), len(names), shape)
+    program.warm()
+    return program

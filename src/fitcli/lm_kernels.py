@@ -1,0 +1,260 @@
+"""The model-independent machine code of `fitcli.lm_jit`: one group's LM step, its tests and its
+damped solve, compiled by numba once per machine (numba's cache, next to this file or in numba's
+user-wide cache directory) and linked into every model's generated module.
+
+One LM iteration of a group is `propose` (the damped Gauss-Newton step and its tests before the
+model is evaluated), the model's generated ``linearize`` at the trial point, then `update` (accept
+or reject, Nielsen's damping update, MINPACK's tests): the steps of `fitcli.lm_batch._iterate`
+and `_check` for one lane. A group's state is its parameters theta [p], the normal equations
+jtj [p, p] and jtr [p] at theta, Moré's scaling scale2 [p] (the running maximum of diag(J^T J)),
+``state = [damping, nu, polish, cost, iterations]`` and its stop code (0 while running).
+
+Imported only where a model is compiled: importing it imports numba.
+"""
+
+from __future__ import annotations
+
+import math
+
+from numba import njit
+
+from fitcli.lm import MAX_DAMPING, MIN_DAMPING, POLISH_CONTRACTION, POLISH_DAMPING, POLISH_RTOL
+from fitcli.lm_batch import Stop
+
+# Never nnan or ninf (the stopping tests read NaN and inf), nor nsz with reassoc: together they
+# make numba's math.isfinite true of NaN.
+FAST = {"arcp", "contract", "reassoc"}
+
+_NONFINITE_START = int(Stop.NONFINITE_START)
+_NONFINITE = int(Stop.NONFINITE)
+_EXACT = int(Stop.EXACT)
+_GTOL = int(Stop.GTOL)
+_FTOL = int(Stop.FTOL)
+_XTOL = int(Stop.XTOL)
+_ROUNDING = int(Stop.ROUNDING)
+_DAMPING = int(Stop.DAMPING)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FAST)
+def check(a, g, cost, scale2, code, first, gtol):  # pragma: no cover - machine code
+    """`lm_batch._check` for one group at a fresh linearization (a = J^T J, g = J^T r)."""
+    p = a.shape[0]
+    rss = 2.0 * cost
+    finite = math.isfinite(rss)
+    for i in range(p):
+        for j in range(p):
+            if not math.isfinite(a[i, j]):
+                finite = False
+    if not finite:
+        code[0] = _NONFINITE_START if first else _NONFINITE
+    cosine = 0.0
+    for k in range(p):
+        d = a[k, k]
+        scale2[k] = max(scale2[k], d if d > 0 else 1.0)
+        c = abs(g[k]) / math.sqrt(max(d, 1e-300) * rss)
+        if c > cosine or c != c:
+            cosine = c
+    if finite:
+        if rss == 0:
+            code[0] = _EXACT
+        elif cosine <= gtol and code[0] == 0:
+            code[0] = _GTOL
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FAST)
+def _jacobi_solve(m, rhs, z, work):  # pragma: no cover - machine code
+    """z = pinv(m) rhs for a symmetric m, its null space dropped (`lm_batch._damped_solve`'s
+    eigendecomposition), by cyclic Jacobi rotations."""
+    p = m.shape[0]
+    a = work[0]
+    v = work[1]
+    for i in range(p):
+        for j in range(p):
+            x = m[i, j]
+            a[i, j] = x if math.isfinite(x) else 0.0
+            v[i, j] = 1.0 if i == j else 0.0
+    for _sweep in range(60):
+        off = 0.0
+        for i in range(p):
+            for j in range(i + 1, p):
+                off += a[i, j] * a[i, j]
+        if off == 0.0:
+            break
+        for i in range(p):
+            for j in range(i + 1, p):
+                if a[i, j] == 0.0:
+                    continue
+                theta = (a[j, j] - a[i, i]) / (2.0 * a[i, j])
+                t = (1.0 if theta >= 0 else -1.0) / (abs(theta) + math.sqrt(theta * theta + 1.0))
+                c = 1.0 / math.sqrt(t * t + 1.0)
+                s = t * c
+                for k in range(p):
+                    aki = a[k, i]
+                    akj = a[k, j]
+                    a[k, i] = c * aki - s * akj
+                    a[k, j] = s * aki + c * akj
+                for k in range(p):
+                    aik = a[i, k]
+                    ajk = a[j, k]
+                    a[i, k] = c * aik - s * ajk
+                    a[j, k] = s * aik + c * ajk
+                for k in range(p):
+                    vki = v[k, i]
+                    vkj = v[k, j]
+                    v[k, i] = c * vki - s * vkj
+                    v[k, j] = s * vki + c * vkj
+    top = 0.0
+    for i in range(p):
+        top = max(top, abs(a[i, i]))
+    cutoff = max(top, 1e-300) * p * 2.2e-16
+    for i in range(p):
+        z[i] = 0.0
+    for k in range(p):
+        ev = a[k, k]
+        if ev > cutoff:
+            proj = 0.0
+            for i in range(p):
+                proj += v[i, k] * rhs[i]
+            proj /= ev
+            for i in range(p):
+                z[i] += v[i, k] * proj
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FAST)
+def damped_solve(m, rhs, lam, z, work):  # pragma: no cover - machine code
+    """(m + lam I) z = rhs: Cholesky, or the pseudo-inverse where it fails (lm_batch's rule)."""
+    p = m.shape[0]
+    c = work[0]
+    ok = True
+    for i in range(p):
+        for j in range(i + 1):
+            s = m[i, j] + (lam if i == j else 0.0)
+            for k in range(j):
+                s -= c[i, k] * c[j, k]
+            if i == j:
+                if not (s > 0.0):
+                    ok = False
+                    break
+                c[i, i] = math.sqrt(s)
+            else:
+                c[i, j] = s / c[j, j]
+        if not ok:
+            break
+    if ok:
+        for i in range(p):
+            s = rhs[i]
+            for k in range(i):
+                s -= c[i, k] * z[k]
+            z[i] = s / c[i, i]
+        for i in range(p - 1, -1, -1):
+            s = z[i]
+            for k in range(i + 1, p):
+                s -= c[k, i] * z[k]
+            z[i] = s / c[i, i]
+        for i in range(p):
+            if not math.isfinite(z[i]):
+                ok = False
+    if not ok:
+        d = work[2]
+        for i in range(p):
+            for j in range(p):
+                d[i, j] = m[i, j] + (lam if i == j else 0.0)
+        _jacobi_solve(d, rhs, z, work)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FAST)
+def propose(theta, jtj, jtr, scale2, state, code, xtol, trial, mats, vecs):  # pragma: no cover
+    """The next iteration's step from the group's state: writes the trial point into `trial`
+    (in theta's dtype) and returns (go on, predicted decrease, scaled step norm, whether the
+    step is small by xtol, whether it is a polishing step); go on is False where the polishing
+    has reached rounding level (code ROUNDING, no trial to evaluate)."""
+    p = theta.shape[0]
+    m = mats[4]
+    delta = vecs[2]
+    rhs = vecs[3]
+    z = vecs[4]
+    lam = state[0]
+    polish = state[2]
+    cost = state[3]
+    state[4] += 1.0
+    for i in range(p):
+        di = math.sqrt(scale2[i])
+        rhs[i] = jtr[i] / di
+        for j in range(p):
+            v = jtj[i, j] / (di * math.sqrt(scale2[j]))
+            m[i, j] = v if math.isfinite(v) else 0.0
+    damped_solve(m, rhs, lam, z, mats[:3])
+    step2 = 0.0
+    theta2 = 0.0
+    for i in range(p):
+        di = math.sqrt(scale2[i])
+        dl = z[i] / di
+        delta[i] = dl if math.isfinite(dl) else 0.0
+        step2 += (di * delta[i]) ** 2
+        theta2 += (di * theta[i]) ** 2
+    step_norm = math.sqrt(step2)
+    theta_norm = math.sqrt(theta2)
+    lin = 0.0
+    quad = 0.0
+    for i in range(p):
+        lin += jtr[i] * delta[i]
+        s = 0.0
+        for j in range(p):
+            s += jtj[i, j] * delta[j]
+        quad += delta[i] * s
+    predicted = lin - 0.5 * quad
+    polishing = predicted <= POLISH_RTOL * cost and lam <= POLISH_DAMPING
+    xsmall = step_norm <= xtol * (xtol + theta_norm)
+    if math.isfinite(polish) and (step_norm > POLISH_CONTRACTION * polish or xsmall):
+        code[0] = _ROUNDING
+        return False, predicted, step_norm, xsmall, polishing
+    for i in range(p):
+        trial[i] = theta[i] + delta[i]
+    return True, predicted, step_norm, xsmall, polishing
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FAST)
+def update(
+    theta, jtj, jtr, scale2, state, code, trial, jtj_t, jtr_t, new, predicted, step_norm, xsmall,
+    polishing, ftol, gtol,
+):  # fmt: skip  # pragma: no cover - machine code
+    """Accept or reject the trial point (its 0.5 RSS `new` and normal equations jtj_t, jtr_t),
+    update the damping and run the tests (`lm_batch._iterate`)."""
+    p = theta.shape[0]
+    lam = state[0]
+    nu = state[1]
+    polish = state[2]
+    c = state[3]
+    fin = math.isfinite(new)
+    actual = c - new if fin else -math.inf
+    rho = actual / predicted if predicted > 0 else -math.inf
+    pol_ok = polishing and actual >= -POLISH_RTOL * c
+    if pol_ok:
+        rho = max(rho, 0.0)
+    if pol_ok or (rho > 0 and fin):
+        for i in range(p):
+            theta[i] = trial[i]
+            jtr[i] = jtr_t[i]
+            for j in range(p):
+                jtj[i, j] = jtj_t[i, j]
+        state[3] = new
+        factor = max(1.0 - (2.0 * rho - 1.0) ** 3, 1.0 / 3.0)
+        state[0] = max(lam * factor, MIN_DAMPING)
+        state[1] = 2.0
+        if pol_ok:
+            state[2] = step_norm
+            polish = step_norm
+        plain = not math.isfinite(polish)
+        if plain and actual <= ftol * c and predicted <= ftol * c:
+            code[0] = _FTOL
+        elif plain and xsmall:
+            code[0] = _XTOL
+        else:
+            check(jtj, jtr, new, scale2, code, False, gtol)
+    else:
+        state[0] = lam * nu
+        state[1] = nu * 2.0
+        if xsmall:
+            code[0] = _XTOL
+        elif lam * nu > MAX_DAMPING:
+            code[0] = _DAMPING

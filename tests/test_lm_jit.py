@@ -1,0 +1,274 @@
+"""The compiled fit of independent groups (`fitcli.lm_jit`): its translation of expressions
+against torch's autograd, its steps against `fitcli.lm_batch` lane by lane, and its fallbacks."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import curve_fit
+
+from fitcli import groups, lm_batch, lm_jit
+from fitcli.expr import parse_expression
+from fitcli.lm_batch import LMOptions, Stop
+from fitcli.model import ExprModel, ParamInfo
+
+pytestmark = pytest.mark.skipif(not lm_jit.available(), reason="numba is not installed")
+
+
+def make_model(expr: str, values: dict[str, float], variables=("x",), dtype=torch.float64, **info):
+    expression = parse_expression(expr, allow_params=True, variables=variables)
+    infos = [ParamInfo(n, float(values.get(n, 1.0)), **info.get(n, {})) for n in expression.params]
+    return ExprModel(expression, infos, dtype)
+
+
+def packed(x: np.ndarray, y: np.ndarray, dtype=torch.float64, sigma=None) -> groups.Packed:
+    """Groups of equal size: x [G, n] (or [G, n, k]) and y [G, n]."""
+    g, n = y.shape
+    flat_x = x.reshape(g * n, *x.shape[2:])
+    label = np.repeat(np.arange(g), n)
+    s = None if sigma is None else sigma.reshape(-1)
+    return groups.pack(flat_x, y.reshape(-1), s, label, g, dtype, torch.device("cpu"))
+
+
+def all_per_group(model) -> groups.Layout:
+    return groups.Layout(list(range(len(model.free_names))), [])
+
+
+def start(model, g: int) -> torch.Tensor:
+    return model.raw.detach().expand(g, len(model.free_names)).clone()
+
+
+# One expression per function and construct the translation covers, with x where it is defined.
+CASES = [
+    ("a*sin(b*x) + c*cos(x) + tan(0.3*x)*c", (-1.0, 1.0)),
+    ("a*asin(b*x) + c*acos(0.5*x) + arcsin(0.2*x)*c", (-0.9, 0.9)),
+    ("a*atan(b*x) + arctan(c*x) + arccos(0.1*x)", (-3.0, 3.0)),
+    ("a*sinh(b*x) + c*cosh(x/2) + tanh(c*x)", (-2.0, 2.0)),
+    ("a*exp(-b*x) + c*log(x) + log10(b*x) + log2(c*x)", (0.5, 4.0)),
+    ("a*sqrt(b*x) + abs(x - c) + log1p(b*x)", (0.1, 3.0)),
+    ("a*erf(b*x) + c*erfc(x - c)", (-2.0, 2.0)),
+    ("a*x**b + c**x + (x - c)**2 + x**3 * a + x**0 * b - (b*x)**-1.5", (0.5, 2.0)),
+    ("-a*x/(b + x**2) / c - (a - b*x)/(c*x + 3)", (0.1, 2.0)),
+    ("where(x < b, a*x, c*x + a) + max(a*x, b, c) + min(x, c*x)", (-2.0, 2.0)),
+    ("where(0 < x <= b, a*exp(x), c) + atan2(a*x, b + x**2)", (-1.0, 2.0)),
+]
+VALUES = {"a": 1.3, "b": 0.7, "c": 0.4}
+
+
+@pytest.mark.parametrize(("expr", "domain"), CASES, ids=[c[0][:30] for c in CASES])
+def test_the_translation_equals_autograd_on_every_function(expr, domain):
+    # J^T J, J^T r and the RSS of each group, as torch's autograd gives them (groups.jacobian).
+    model = make_model(expr, VALUES)
+    rng = np.random.default_rng(0)
+    x = np.sort(rng.uniform(*domain, (3, 40)), axis=1)
+    y = rng.normal(0, 1, (3, 40))
+    data = packed(x, y, sigma=rng.uniform(0.5, 2.0, (3, 40)))
+    theta = start(model, 3) * torch.tensor([[1.0], [0.9], [1.1]], dtype=torch.float64)
+    program = lm_jit.compile_groups(model, torch.float64)
+    assert program is not None, expr
+    cost, jtj, jtr = program.linearize(*groups._arrays(data), theta.numpy())
+    a, _, r = groups.jacobian(model, all_per_group(model), data, theta, torch.zeros(0))
+    at = a.transpose(-1, -2)
+    np.testing.assert_allclose(cost, 0.5 * (r * r).sum(-1).numpy(), rtol=1e-11)
+    np.testing.assert_allclose(jtj, (at @ a).numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(jtr, (at @ r[..., None])[..., 0].numpy(), rtol=1e-10, atol=1e-12)
+    assert groups.compiled(model, all_per_group(model), data, theta) is program
+
+
+def gaussians(g: int, seed: int = 0, n: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = np.tile(np.linspace(-4, 4, n), (g, 1))
+    truth = np.array([5.0, 0.0, 1.0]) + rng.uniform(-1, 1, (g, 3)) * [1.0, 0.5, 0.2]
+    y = truth[:, :1] * np.exp(-((x - truth[:, 1:2]) ** 2) / (2 * truth[:, 2:3] ** 2))
+    return x, y + rng.normal(0, 0.1, y.shape)
+
+
+GAUSS = "a*exp(-(x - c)**2/(2*s**2))"
+
+
+def lm_batch_fit(model, data, theta, opts):
+    lanes = groups._GroupLanes(model, all_per_group(model), data)
+    damping = torch.full((data.groups,), opts.damping, dtype=torch.float64)
+    return lm_batch.solve(lanes, theta, opts, damping=damping)
+
+
+def test_each_group_takes_the_steps_of_lm_batch_and_stops_alike():
+    # Ordinary groups, one whose data hold a NaN (non-finite start), an inf, a flat group whose
+    # centre and width are not determined, and a run at the iteration limit.
+    model = make_model(GAUSS, {"a": 4.0, "c": 0.2, "s": 1.2})
+    x, y = gaussians(12)
+    y[3, 7] = math.nan
+    y[5, 0] = math.inf
+    y[8] = 0.0
+    data = packed(x, y)
+    theta = start(model, 12)
+    for opts in (LMOptions(max_iter=200), LMOptions(max_iter=3)):
+        program = lm_jit.compile_groups(model, torch.float64)
+        assert program is not None
+        got = program.fit(*groups._arrays(data), theta.numpy(), np.full(12, 1e-3), opts)
+        want = lm_batch_fit(model, data, theta, opts)
+        # The same stop, except between two convergence tests decided at rounding level (the
+        # gradient cosine against gtol = 1e-15, say), where the iteration may differ by one.
+        conv = np.isin(want.code.numpy(), lm_batch.CONVERGED)
+        assert np.isin(got["code"][conv], lm_batch.CONVERGED).all()
+        assert got["code"][~conv].tolist() == want.code.numpy()[~conv].tolist()
+        gap = np.abs(got["iterations"] - want.iterations.numpy())
+        assert (gap[~conv] == 0).all() and (gap[conv] <= 1).all()
+        fin = np.isfinite(want.theta.numpy())
+        np.testing.assert_allclose(
+            got["theta"][fin], want.theta.numpy()[fin], rtol=1e-9, atol=1e-12
+        )
+        # Near a minimum the damping follows ratios of rounding-level decrements; before, the same.
+        np.testing.assert_allclose(got["damping"][~conv], want.damping.numpy()[~conv], rtol=1e-9)
+    assert got["code"][3] == got["code"][5] == Stop.NONFINITE_START
+    assert set(got["code"].tolist()) >= {Stop.LIMIT}
+
+
+def test_an_exact_fit_stops_at_once():
+    # Integers throughout: the residuals are exactly zero in any order of the arithmetic.
+    model = make_model("a + b*x", {"a": 2.0, "b": 3.0})
+    x = np.tile(np.arange(8.0), (3, 1))
+    y = 2.0 + 3.0 * x
+    y[1] += 1.0
+    program = lm_jit.compile_groups(model, torch.float64)
+    assert program is not None
+    got = program.fit(*groups._arrays(packed(x, y)), start(model, 3).numpy(), np.full(3, 1e-3),
+                      LMOptions())  # fmt: skip
+    assert got["code"][0] == got["code"][2] == Stop.EXACT
+    assert got["iterations"][0] == 0 and got["code"][1] in lm_batch.CONVERGED
+    np.testing.assert_allclose(got["theta"][1], [3.0, 3.0], rtol=1e-12)
+
+
+def test_compiled_groups_equal_a_curve_fit_loop_in_float64_and_float32():
+    x, y = gaussians(40, seed=1)
+    ref = np.array(
+        [curve_fit(lambda t, a, c, s: a * np.exp(-((t - c) ** 2) / (2 * s**2)), x[j], y[j],
+                   p0=[4.0, 0.2, 1.2], method="lm", xtol=1e-14, ftol=1e-14)[0] for j in range(40)]
+    )  # fmt: skip
+    for dtype, rtol in ((torch.float64, 1e-8), (torch.float32, 2e-4)):
+        model = make_model(GAUSS, {"a": 4.0, "c": 0.2, "s": 1.2}, dtype=dtype)
+        data = packed(x, y, dtype=dtype)
+        layout = all_per_group(model)
+        fit = groups.fit_independent(model, layout, data, start(model, 40), LMOptions())
+        assert groups.compiled(model, layout, data, start(model, 40)) is not None
+        assert set(fit.status) == {"converged"}
+        np.testing.assert_allclose(fit.theta.double().numpy(), ref, rtol=rtol, atol=rtol)
+
+
+def test_a_fit_that_can_be_compiled_never_reaches_lm_batch(monkeypatch):
+    # The benchmark's models take the compiled path: the batched tensor program is not called.
+    def refuse(*args, **kwargs):
+        raise AssertionError("lm_batch.solve called")
+
+    monkeypatch.setattr(lm_batch, "solve", refuse)
+    model = make_model(
+        "a*exp(-((u - xc)**2 + (v - yc)**2)/(2*s**2)) + b",
+        {"a": 50, "xc": 3, "yc": 3, "s": 1.5, "b": 2},
+        variables=("u", "v"),
+    )
+    u, v = (m.ravel() for m in np.meshgrid(np.arange(7.0), np.arange(7.0), indexing="ij"))
+    rng = np.random.default_rng(2)
+    uv = np.tile(np.stack([u, v], axis=1), (5, 1, 1))
+    z = 50 * np.exp(-((u - 3.2) ** 2 + (v - 2.9) ** 2) / (2 * 1.4**2)) + 2
+    data = packed(uv, z + rng.normal(0, 0.5, (5, u.size)))
+    fit = groups.fit_independent(model, all_per_group(model), data, start(model, 5), LMOptions())
+    assert set(fit.status) == {"converged"}
+    np.testing.assert_allclose(fit.theta[:, 1].numpy(), 3.2, atol=0.2)
+
+
+def test_models_outside_the_translation_use_lm_batch_with_the_same_answers(monkeypatch):
+    # A function the translation lacks (gamma), and bounds (the free vector is not the values).
+    gamma = make_model("a*exp(-(x - c)**2/(2*s**2)) + 0*gamma(s + 3)", {"a": 4, "c": 0.2, "s": 1.2})
+    bounded = make_model(GAUSS, {"a": 4, "c": 0.2, "s": 1.2}, s={"min": 0.1, "max": 5.0})
+    assert lm_jit.compile_groups(gamma, torch.float64) is None
+    assert lm_jit.compile_groups(bounded, torch.float64) is None
+    x, y = gaussians(6, seed=3)
+    plain = make_model(GAUSS, {"a": 4, "c": 0.2, "s": 1.2})
+    data = packed(x, y)
+    want = groups.fit_independent(plain, all_per_group(plain), data, start(plain, 6), LMOptions())
+    for model in (gamma, bounded):
+        got = groups.fit_independent(
+            model, all_per_group(model), data, start(model, 6), LMOptions()
+        )
+        values = groups.external_values(model, all_per_group(model), got.theta, torch.zeros(0))
+        np.testing.assert_allclose(values.numpy(), want.theta.numpy(), rtol=1e-7)
+
+
+def test_a_translation_that_disagrees_with_autograd_is_not_used(monkeypatch):
+    model = make_model(GAUSS, {"a": 4, "c": 0.2, "s": 1.2})
+    x, y = gaussians(4, seed=4)
+    data = packed(x, y)
+    program = lm_jit.compile_groups(model, torch.float64)
+    assert program is not None
+    honest = program.linearize
+
+    def off(*args):
+        cost, jtj, jtr = honest(*args)
+        return cost, jtj * (1 + 1e-6), jtr
+
+    monkeypatch.setattr(program, "linearize", off)
+    monkeypatch.setattr(groups, "_AGREES", {})
+    assert groups.compiled(model, all_per_group(model), data, start(model, 4)) is None
+
+
+def test_should_stop_interrupts_and_a_second_call_continues():
+    model = make_model(GAUSS, {"a": 4.0, "c": 0.2, "s": 1.2})
+    x, y = gaussians(6, seed=5)
+    data = packed(x, y)
+    program = lm_jit.compile_groups(model, torch.float64)
+    assert program is not None
+    asks = iter(range(100))
+    arrays = groups._arrays(data)
+    first = program.fit(
+        *arrays, start(model, 6).numpy(), np.full(6, 1e-3), LMOptions(), lambda: next(asks) >= 2
+    )
+    assert first["code"].tolist() == [Stop.INTERRUPTED] * 6
+    assert first["iterations"].tolist() == [2] * 6
+    again = program.fit(*arrays, first["theta"], first["damping"], LMOptions())
+    whole = program.fit(*arrays, start(model, 6).numpy(), np.full(6, 1e-3), LMOptions())
+    assert set(again["code"].tolist()) <= set(lm_batch.CONVERGED)
+    np.testing.assert_allclose(again["theta"], whole["theta"], rtol=1e-7)
+
+
+def test_an_unwritable_cache_directory_compiles_in_memory(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("FITCLI_CACHE_DIR", str(blocker))
+    lm_jit._program.cache_clear()
+    model = make_model("a*exp(-b*x) + c + 0*x**4", {"a": 2, "b": 0.5, "c": 0.1})
+    for name in [m for m in sys.modules if m.startswith("fitcli_kernel_")]:
+        monkeypatch.delitem(sys.modules, name)
+    try:
+        program = lm_jit.compile_groups(model, torch.float64)
+        assert program is not None
+        x = np.tile(np.linspace(0, 5, 30), (2, 1))
+        y = 2 * np.exp(-0.5 * x) + 0.1
+        got = program.fit(*groups._arrays(packed(x, y)), start(model, 2).numpy(), np.full(2, 1e-3),
+                          LMOptions())  # fmt: skip
+        np.testing.assert_allclose(got["theta"], [[2, 0.5, 0.1]] * 2, rtol=1e-9)
+        assert not any(blocker.parent.glob("**/*.py"))
+    finally:
+        lm_jit._program.cache_clear()
+
+
+def test_the_kernel_cache_lives_in_the_cache_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("FITCLI_CACHE_DIR", str(tmp_path / "cache"))
+    lm_jit._program.cache_clear()
+    try:
+        model = make_model("a*x + b*x**2 + c*sin(x) + 0*cosh(x/9)", {"a": 1, "b": 2, "c": 3})
+        assert lm_jit.compile_groups(model, torch.float64) is not None
+        files = list((tmp_path / "cache" / "kernels").glob("fitcli_kernel_*.py"))
+        assert len(files) == 1
+        assert any((tmp_path / "cache" / "kernels" / "__pycache__").glob("*.nbi"))
+    finally:
+        lm_jit._program.cache_clear()
+
+
+def test_fitcli_jit_0_turns_the_compiled_path_off(monkeypatch):
+    monkeypatch.setenv("FITCLI_JIT", "0")
+    model = make_model(GAUSS, {"a": 4.0, "c": 0.2, "s": 1.2})
+    assert lm_jit.compile_groups(model, torch.float64) is None
