@@ -468,35 +468,40 @@ def write_data_csv(
     # %.17g round-trips every float64 exactly. Streamed in blocks of DATA_CSV_ROWS rows, each
     # formatted by one `%` over the block, so memory stays flat however many rows (10^8 rows
     # are about 6 GB of text) and the file is written faster than by np.savetxt. A column
-    # with few distinct values (a shared x grid) is formatted once per value (`_few_values`).
+    # with few distinct values (a shared x grid) is formatted once per value (`_FewValues`).
     # Many rows, where numba imports: blocks of COMPILED_ROWS by `csvrows.rows` (the same
     # bytes, 3x faster), any block it declines by `%`.
     n_rows = arrays[0].shape[0]
     compiled = _compiled_rows() if n_rows >= COMPILED_ROWS else None
-    few = [_few_values(a) for a in arrays]
-    fmts = ["%.17g" if f is None else "%s" for f in few]
+    few = [_FewValues.of(a) for a in arrays]
     labels = codes = None
     if group is not None:
         header = header[:-1] + ",group\n"
-        fmts.append("%s")
         if group_labels is None:
             group_labels, codes = group, np.arange(len(group))
         else:
             codes = np.asarray(group)
         # One cell per distinct label, then each row's by its index: no Python call per row.
         labels = np.asarray([_csv_cell(str(v)) for v in group_labels], dtype=object)
-    row_fmt = ",".join(fmts) + "\n"
-    width = len(fmts)
+    width = len(arrays) + (labels is not None)
 
     def block_text(sl: slice) -> bytes:
         n = arrays[0][sl].shape[0]
         cells: list = [None] * (n * width)
+        fmts = []
         for j, a in enumerate(arrays):
             f = few[j]
-            cells[j::width] = (a[sl] if f is None else f[0][f[1][sl]]).tolist()
+            made = None if f is None else f.block(sl)
+            if made is None:
+                cells[j::width] = a[sl].tolist()
+                fmts.append("%.17g")
+            else:
+                cells[j::width] = np.asarray(made[0], dtype=object)[made[1]].tolist()
+                fmts.append("%s")
         if labels is not None and codes is not None:
             cells[width - 1 :: width] = labels[codes[sl]].tolist()
-        return ((row_fmt * n) % tuple(cells)).encode("utf-8")
+            fmts.append("%s")
+        return (((",".join(fmts) + "\n") * n) % tuple(cells)).encode("utf-8")
 
     with _replacing(path, "wb") as fh:
         fh.write(header.encode("utf-8"))
@@ -504,13 +509,9 @@ def write_data_csv(
             from fitcli.rundir.csvrows import labels_table
 
             table = None if labels is None else labels_table([c.encode() for c in labels])
-            # A column of few values: their texts once, each row's index per block.
-            texts = [None if f is None else [t.encode() for t in f[0].tolist()] for f in few]
             for start in range(0, n_rows, COMPILED_ROWS):
                 sl = slice(start, start + COMPILED_ROWS)
-                known = [
-                    None if f is None else (t, f[1][sl]) for f, t in zip(few, texts, strict=True)
-                ]
+                known = [None if f is None else f.block(sl, encoded=True) for f in few]
                 chunk = compiled(
                     [a[sl] for a in arrays], None if codes is None else codes[sl], table, known
                 )
@@ -536,25 +537,44 @@ def _compiled_rows():
     return csvrows.rows if csvrows.njit is not None else None
 
 
-def _few_values(a):
-    """(each distinct value's %.17g text, each row's index into them) for a column with few
-    distinct values (told by their bits: -0.0 is not 0.0), else None: formatting a value is
-    most of data.csv's cost, and a grid shared by the groups repeats its values."""
-    n = a.shape[0]
-    if n < 4 * DATA_CSV_ROWS:
-        return None
-    import numpy as np
-    import pandas as pd
+class _FewValues:
+    """A data.csv column with few distinct values (told by their bits: -0.0 is not 0.0), such
+    as a grid shared by the groups: each value's %.17g text made once, and block by block each
+    row's index into a block's values (memory: one block's). Formatting a value is most of
+    data.csv's cost."""
 
-    bits = np.ascontiguousarray(a).view(np.int64)
-    if pd.unique(bits[:DATA_CSV_ROWS]).size > DATA_CSV_ROWS // 8:
-        return None
-    codes, uniq = pd.factorize(bits)
-    if uniq.size > n // 8:
-        return None
-    values = uniq.view(np.float64).tolist()
-    text = np.asarray((("%.17g\n" * len(values)) % tuple(values)).split("\n")[:-1], dtype=object)
-    return text, codes
+    def __init__(self, a: Any) -> None:
+        import numpy as np
+
+        self.bits = np.ascontiguousarray(a).view(np.int64)
+        self.texts: dict[int, str] = {}
+
+    @classmethod
+    def of(cls, a: Any) -> _FewValues | None:
+        """The column's, where its first DATA_CSV_ROWS rows hold at most one value in 8."""
+        if a.shape[0] < 4 * DATA_CSV_ROWS:
+            return None
+        import pandas as pd
+
+        few = cls(a)
+        return few if pd.unique(few.bits[:DATA_CSV_ROWS]).size <= DATA_CSV_ROWS // 8 else None
+
+    def block(self, sl: slice, encoded: bool = False) -> tuple[list, Any] | None:
+        """(the texts of the block's distinct values, as bytes if `encoded`, each row's index
+        into them), or None where this block holds more than one value in 8."""
+        import numpy as np
+        import pandas as pd
+
+        codes, uniq = pd.factorize(self.bits[sl])
+        if uniq.size > max(codes.size // 8, 1):
+            return None
+        new = [b for b in uniq.tolist() if b not in self.texts]
+        if new:
+            values = np.asarray(new, dtype=np.int64).view(np.float64).tolist()
+            made = (("%.17g\n" * len(values)) % tuple(values)).split("\n")[:-1]
+            self.texts.update(zip(new, made, strict=True))
+        texts = [self.texts[b] for b in uniq.tolist()]
+        return ([t.encode() for t in texts] if encoded else texts), codes
 
 
 def _csv_cell(text: str) -> str:
