@@ -252,3 +252,23 @@ def test_data_csv_from_the_compiled_writer_equals_a_row_by_row_writer(tmp_path, 
         f"{u:.17g},{v:.17g}\n" for u, v in zip(x.tolist(), y.tolist(), strict=True)
     )
     assert path.read_text(encoding="utf-8") == ref
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["python", "compiled"])
+def test_data_csv_with_a_grid_column_that_stops_repeating(tmp_path, monkeypatch, compiled):
+    """A column of few values (formatted once per value) whose later blocks hold many: each
+    block takes the way that fits it, and the file is the row-by-row writer's."""
+    if compiled:
+        pytest.importorskip("numba")
+    monkeypatch.setattr(files, "DATA_CSV_ROWS", 64)
+    monkeypatch.setattr(files, "COMPILED_ROWS", 1000 if compiled else 10**9)
+    rng = np.random.default_rng(13)
+    n = 6000
+    x = np.tile(np.array([-0.0, 0.0, 0.1, 1e-300, 2.5, -7.25]), n // 6)
+    x[4000:] = rng.normal(size=n - 4000)
+    y = rng.normal(size=n)
+    codes = np.repeat(np.arange(60), 100)
+    names = [f"g{k}" if k % 2 else f'"{k}",x' for k in range(60)]
+    path = tmp_path / "data.csv"
+    files.write_data_csv(path, x, y, None, None, group=codes, group_labels=names)
+    assert path.read_bytes() == reference_data_csv(x, y, None, [names[c] for c in codes])
