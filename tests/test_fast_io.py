@@ -1,12 +1,14 @@
 """The vectorised readers and writers of a grouped run, each against the line-by-line code it
 replaces: a grouped file's labels read with the table (`groups_data.load_grouped_table`)
 against the precise reader plus `attach_group_column`, the fast reader's NaN and blank-line
-handling against `_read_precise`, and data.csv against a row-by-row csv-module writer."""
+handling against `_read_precise`, data.csv and groups.csv against
+row-by-row csv-module writers."""
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -272,3 +274,33 @@ def test_data_csv_with_a_grid_column_that_stops_repeating(tmp_path, monkeypatch,
     path = tmp_path / "data.csv"
     files.write_data_csv(path, x, y, None, None, group=codes, group_labels=names)
     assert path.read_bytes() == reference_data_csv(x, y, None, [names[c] for c in codes])
+
+
+def test_groups_csv_equals_a_row_by_row_writer(tmp_path):
+    """groups.csv column by column against the csv module row by row (floats by repr, numpy
+    floats as Python floats, text quoted where it needs to be)."""
+    from fitcli.grouped_run import write_groups_csv
+
+    rng = np.random.default_rng(14)
+    rows = [
+        {
+            "group": ['a,"b"', "g2", "é"][k % 3],
+            "status": "failed" if k % 5 == 0 else "converged",
+            "reason": "too few points: 1, for 3" if k % 5 == 0 else "ran 9 epochs",
+            "iterations": k,
+            "n_points": 100,
+            "loss": math.nan if k % 7 == 0 else float(rng.normal()),
+            "rss": math.inf if k == 3 else float(rng.normal()) * 1e-300,
+            "a": np.float64(rng.normal()),
+            "a_stderr": -0.0,
+        }
+        for k in range(50)
+    ]
+    path = tmp_path / "groups.csv"
+    write_groups_csv(path, rows)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(list(rows[0]))
+    for row in rows:
+        w.writerow([repr(float(v)) if isinstance(v, float) else v for v in row.values()])
+    assert path.read_text(encoding="utf-8") == buf.getvalue()
