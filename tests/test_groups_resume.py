@@ -34,7 +34,18 @@ KINDS = {
     "independent": (ALL_PER_GROUP, {"epochs": 40, "snapshots": 4}),
     "global": (GLOBAL, {"epochs": 40, "snapshots": 4}),
     "adam": (GLOBAL, {"epochs": 300, "snapshots": 3, "optimizer": {"name": "Adam", "lr": 0.05}}),
+    # Independent fits by the compiled kernel (fitcli.lm_jit), forced on for these few groups.
+    "compiled": (ALL_PER_GROUP, {"epochs": 40, "snapshots": 4}),
 }
+
+
+@pytest.fixture(autouse=True)
+def _compiled_kind(request, monkeypatch):
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("kind") == "compiled":
+        monkeypatch.setenv("FITCLI_JIT", "1")
+
+
 # The summary fields that say what a run found (not when or how long it ran).
 RESULT_FIELDS = (
     "status", "exit_code", "epochs_run", "groups", "groups_converged", "groups_failed",
@@ -137,7 +148,7 @@ def gone_process() -> dict:
     return {**liveness.identity(), "pid": proc.pid}
 
 
-@pytest.mark.parametrize("kind", ["independent", "global"])
+@pytest.mark.parametrize("kind", ["independent", "global", "compiled"])
 def test_a_grouped_run_killed_at_any_write_resumes_exactly(tmp_path, monkeypatch, kind):
     """Killed before each file write in turn: resumed from its last saved state, the run
     writes exactly what the uninterrupted run wrote (the state is saved at the checkpoints

@@ -76,7 +76,7 @@ def test_the_translation_equals_autograd_on_every_function(expr, domain):
     np.testing.assert_allclose(cost, 0.5 * (r * r).sum(-1).numpy(), rtol=1e-11)
     np.testing.assert_allclose(jtj, (at @ a).numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(jtr, (at @ r[..., None])[..., 0].numpy(), rtol=1e-10, atol=1e-12)
-    assert groups.compiled(model, all_per_group(model), data, theta) is program
+    assert groups.compiled(program, model, all_per_group(model), data, theta) is program
 
 
 def gaussians(g: int, seed: int = 0, n: int = 60) -> tuple[np.ndarray, np.ndarray]:
@@ -153,13 +153,16 @@ def test_compiled_groups_equal_a_curve_fit_loop_in_float64_and_float32():
         model = make_model(GAUSS, {"a": 4.0, "c": 0.2, "s": 1.2}, dtype=dtype)
         data = packed(x, y, dtype=dtype)
         layout = all_per_group(model)
-        fit = groups.fit_independent(model, layout, data, start(model, 40), LMOptions())
-        assert groups.compiled(model, layout, data, start(model, 40)) is not None
+        program = lm_jit.compile_groups(model, dtype)
+        assert groups.compiled(program, model, layout, data, start(model, 40)) is program
+        fit = groups.fit_independent(
+            model, layout, data, start(model, 40), LMOptions(), program=program
+        )
         assert set(fit.status) == {"converged"}
         np.testing.assert_allclose(fit.theta.double().numpy(), ref, rtol=rtol, atol=rtol)
 
 
-def test_a_fit_that_can_be_compiled_never_reaches_lm_batch(monkeypatch):
+def test_a_fit_that_is_compiled_never_reaches_lm_batch(monkeypatch):
     # The benchmark's models take the compiled path: the batched tensor program is not called.
     def refuse(*args, **kwargs):
         raise AssertionError("lm_batch.solve called")
@@ -175,7 +178,10 @@ def test_a_fit_that_can_be_compiled_never_reaches_lm_batch(monkeypatch):
     uv = np.tile(np.stack([u, v], axis=1), (5, 1, 1))
     z = 50 * np.exp(-((u - 3.2) ** 2 + (v - 2.9) ** 2) / (2 * 1.4**2)) + 2
     data = packed(uv, z + rng.normal(0, 0.5, (5, u.size)))
-    fit = groups.fit_independent(model, all_per_group(model), data, start(model, 5), LMOptions())
+    program = lm_jit.compile_groups(model, torch.float64)
+    fit = groups.fit_independent(
+        model, all_per_group(model), data, start(model, 5), LMOptions(), program=program
+    )
     assert set(fit.status) == {"converged"}
     np.testing.assert_allclose(fit.theta[:, 1].numpy(), 3.2, atol=0.2)
 
@@ -212,7 +218,7 @@ def test_a_translation_that_disagrees_with_autograd_is_not_used(monkeypatch):
 
     monkeypatch.setattr(program, "linearize", off)
     monkeypatch.setattr(groups, "_AGREES", {})
-    assert groups.compiled(model, all_per_group(model), data, start(model, 4)) is None
+    assert groups.compiled(program, model, all_per_group(model), data, start(model, 4)) is None
 
 
 def test_should_stop_interrupts_and_a_second_call_continues():
@@ -268,7 +274,64 @@ def test_the_kernel_cache_lives_in_the_cache_directory(tmp_path, monkeypatch):
         lm_jit._program.cache_clear()
 
 
-def test_fitcli_jit_0_turns_the_compiled_path_off(monkeypatch):
+def test_runs_compile_from_a_size_on_and_fitcli_jit_decides_otherwise(monkeypatch):
+    monkeypatch.delenv("FITCLI_JIT", raising=False)
+    assert not lm_jit.worth_it(lm_jit.MIN_CELLS - 1) and lm_jit.worth_it(lm_jit.MIN_CELLS)
+    monkeypatch.setenv("FITCLI_JIT", "1")
+    assert lm_jit.worth_it(10)
     monkeypatch.setenv("FITCLI_JIT", "0")
+    assert not lm_jit.worth_it(10**9)
     model = make_model(GAUSS, {"a": 4.0, "c": 0.2, "s": 1.2})
     assert lm_jit.compile_groups(model, torch.float64) is None
+
+
+def test_fitcli_train_with_the_compiled_fit_writes_the_batched_fits_results(tmp_path, monkeypatch):
+    # The whole run, both ways: groups.csv agrees to rounding, and the compiled run never calls
+    # lm_batch.solve.
+    from test_groups import ALL_PER_GROUP, config, read_groups, write_wells
+    from typer.testing import CliRunner
+
+    from fitcli.cli import app
+
+    def train(run: str) -> list[dict]:
+        result = CliRunner().invoke(app, ["train", str(cfg), "--run-dir", str(tmp_path / run)])
+        assert result.exit_code == 0, result.output
+        return read_groups(tmp_path / run)
+
+    write_wells(tmp_path / "wells.csv", groups=8, n=30)
+    cfg = config(tmp_path, ALL_PER_GROUP)
+    monkeypatch.setenv("FITCLI_JIT", "0")
+    want = train("batched")
+    monkeypatch.setenv("FITCLI_JIT", "1")
+    solve = lm_batch.solve
+    monkeypatch.setattr(lm_batch, "solve", None)
+    got = train("compiled")
+    monkeypatch.setattr(lm_batch, "solve", solve)
+    assert [r["status"] for r in got] == [r["status"] for r in want]
+    for name in ("a", "b", "c", "a_stderr", "b_stderr", "c_stderr", "rss", "loss"):
+        np.testing.assert_allclose(
+            [float(r[name]) for r in got], [float(r[name]) for r in want], rtol=1e-8
+        )
+
+
+def test_a_compiled_run_needs_no_memory_for_the_jacobian(tmp_path, monkeypatch):
+    # Between the two estimates: the batched fit is refused with the figure, the compiled one
+    # (which never stores J) runs.
+    from test_groups import ALL_PER_GROUP, bad, config, write_wells
+    from typer.testing import CliRunner
+
+    import fitcli.grouped_run as gr
+    from fitcli.cli import app
+
+    write_wells(tmp_path / "wells.csv", groups=5, n=30)
+    counts = np.full(5, 30)
+    small = groups.packed_bytes(counts, 1, 3, 8, compiled=True)
+    big = groups.packed_bytes(counts, 1, 3, 8)
+    assert small < big / 2
+    monkeypatch.setattr(gr, "available_memory", lambda device: (small + big) // 2)
+    cfg = config(tmp_path, ALL_PER_GROUP)
+    monkeypatch.setenv("FITCLI_JIT", "0")
+    assert "GiB to fit, more than the" in bad(tmp_path, cfg)
+    monkeypatch.setenv("FITCLI_JIT", "1")
+    result = CliRunner().invoke(app, ["train", str(cfg), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output

@@ -79,6 +79,7 @@ class GroupedPrepared:
     shared: list[str]  # the free shared ones
     starts: dict | None = None
     grouped: bool = True
+    program: Any = None  # the compiled fit of independent groups (`fitcli.lm_jit`), or None
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -117,7 +118,14 @@ def prepare_grouped(
     counts = np.bincount(dataset.group, minlength=n_groups)
     k = 1 if dataset.x.ndim == 1 else dataset.x.shape[1]
     itemsize = 8 if dtype == torch.float64 else 4
-    need = packed_bytes(counts, k, len(model.free_names), itemsize)
+    program = None
+    if lm and not shared and device.type == "cpu":
+        from fitcli import lm_jit
+
+        if lm_jit.worth_it(n_groups * int(counts.max(initial=0))):
+            # Compiled (or loaded from the cache) here, with the run's set-up: fit_s is fitting.
+            program = lm_jit.compile_groups(model, dtype)
+    need = packed_bytes(counts, k, len(model.free_names), itemsize, compiled=program is not None)
     have = available_memory(device)
     if need > have:
         raise DataError(
@@ -126,12 +134,9 @@ def prepare_grouped(
             f"on {device}; fit the groups in several runs (split the data), or use float32"
         )
     packed = pack(dataset.x, dataset.y, dataset.sigma, dataset.group, n_groups, dtype, device)
-    if lm and not shared and device.type == "cpu":
-        from fitcli import lm_jit
-
-        # Compiled (or loaded from the cache) here, with the run's set-up: fit_s is fitting.
-        lm_jit.compile_groups(model, dtype)
-    return GroupedPrepared(cfg, dataset, model, device, dtype, packed, layout, lm, per, shared)
+    return GroupedPrepared(
+        cfg, dataset, model, device, dtype, packed, layout, lm, per, shared, program=program
+    )
 
 
 def _lm_options(cfg: Any) -> LMOptions:
@@ -261,7 +266,14 @@ def _fit_lm(
         else:
             lam = torch.as_tensor(state.damping[lanes], dtype=torch.float64)
             part = fit_independent(
-                model, layout, sub, state.theta[idx], stretch, damping=lam, should_stop=should_stop
+                model,
+                layout,
+                sub,
+                state.theta[idx],
+                stretch,
+                damping=lam,
+                should_stop=should_stop,
+                program=prep.program,
             )
         stopped = bool(asked["stop"])
         state.theta[idx] = part.theta
@@ -291,7 +303,7 @@ def _group_fit(prep: GroupedPrepared, state: GroupState, history: list | None = 
 
     data = prep.packed
     with torch.no_grad():
-        rss = residual_ss(prep.model, prep.layout, data, state.theta, state.shared)
+        rss = residual_ss(prep.model, prep.layout, data, state.theta, state.shared, prep.program)
     rss_np = rss.cpu().numpy()
     rss_np[too_few(data.counts, len(prep.per_group))] = math.nan
     return GroupFit(
@@ -413,7 +425,7 @@ def finish(prep: GroupedPrepared, result: Any) -> tuple[list[dict], dict, dict]:
     ok = np.array([s != GroupStatus.FAILED for s in status])
     theta = result.theta
     if not prep.shared:
-        se, singular = stderr_independent(model, layout, data, theta, scale)
+        se, singular = stderr_independent(model, layout, data, theta, scale, prep.program)
         se_shared: np.ndarray = np.zeros(0)
     else:
         se, se_shared, sing = stderr_global(model, layout, data, theta, result.shared, ok, scale)

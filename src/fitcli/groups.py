@@ -86,11 +86,15 @@ class Packed:
         return Packed(self.x[idx], self.wy[idx], self.w[idx], self.counts[idx.cpu().numpy()])
 
 
-def packed_bytes(counts: np.ndarray, k: int, p: int, itemsize: int) -> int:
+def packed_bytes(counts: np.ndarray, k: int, p: int, itemsize: int, compiled: bool = False) -> int:
     """What packing and fitting these groups allocates at most, in bytes: the padded x, y, w
-    and the model's temporaries (about 8 arrays of G x L) plus the float64 Jacobian G x L x p."""
+    and the model's temporaries (about 8 arrays of G x L) plus the float64 Jacobian G x L x p;
+    for a compiled fit (`fitcli.lm_jit`, which never stores J) the padded arrays and each
+    group's state."""
     g, length = counts.size, int(counts.max()) if counts.size else 0
     cells = g * length
+    if compiled:
+        return cells * itemsize * (k + 2) + g * 8 * (2 * p * p + 4 * p + 16)
     return cells * (itemsize * (k + 2 + 8) + 8 * (p + 2))
 
 
@@ -214,12 +218,17 @@ def jacobian(
 
 
 def residual_ss(
-    model: FitModel, layout: Layout, data: Packed, theta: torch.Tensor, shared: torch.Tensor
+    model: FitModel,
+    layout: Layout,
+    data: Packed,
+    theta: torch.Tensor,
+    shared: torch.Tensor,
+    program: lm_jit.Program | None = None,
 ) -> torch.Tensor:
-    """Each group's ``sum(r**2)`` [G] in float64 (no Jacobian)."""
-    program = None if shared.numel() else compiled(model, layout, data, theta)
-    if program is not None:
-        cost = program.linearize(*_arrays(data), _numpy(theta))[0]
+    """Each group's ``sum(r**2)`` [G] in float64 (no Jacobian; by `program` where it may)."""
+    jit = None if shared.numel() else compiled(program, model, layout, data, theta)
+    if jit is not None:
+        cost = jit.linearize(*_arrays(data), _numpy(theta))[0]
         return torch.from_numpy(2.0 * cost)
     fn = _model(model, layout, data.x, False)
     with torch.no_grad():
@@ -289,14 +298,19 @@ def fit_independent(
     *,
     damping: torch.Tensor | None = None,
     should_stop: Callable[[], bool] | None = None,
+    program: lm_jit.Program | None = None,
 ) -> GroupFit:
-    """Every group its own LM fit (no shared parameter): one `fitcli.lm_batch.solve` over the
-    groups with enough points, from theta0 [G, q] and, per group, the start `damping` [G]
-    (None: ``opts.damping``). `on_iter(it)` and `should_stop()` are asked once per iteration;
-    on True the groups still running stop with their current values and damping (completed,
-    "interrupted"), which a later call can continue from (`GroupFit.theta`, `.damping`)."""
+    """Every group its own LM fit (no shared parameter) over the groups with enough points,
+    from theta0 [G, q] and, per group, the start `damping` [G] (None: ``opts.damping``): by
+    `program` (the model's compiled fit, `fitcli.lm_jit`) where `compiled` lets it, else one
+    `fitcli.lm_batch.solve`; the same steps either way. `on_iter(it)` and `should_stop()` are
+    asked once per iteration (of each block of groups); on True the groups still running stop
+    with their current values and damping (completed, "interrupted"), which a later call can
+    continue from (`GroupFit.theta`, `.damping`)."""
     with _threads(theta0.device):
-        return _fit_independent(model, layout, data, theta0, opts, on_iter, damping, should_stop)
+        return _fit_independent(
+            model, layout, data, theta0, opts, on_iter, damping, should_stop, program
+        )
 
 
 class _GroupLanes:
@@ -338,15 +352,16 @@ def _arrays(data: Packed) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
 
 
 def compiled(
-    model: FitModel, layout: Layout, data: Packed, theta: torch.Tensor
+    program: lm_jit.Program | None,
+    model: FitModel,
+    layout: Layout,
+    data: Packed,
+    theta: torch.Tensor,
 ) -> lm_jit.Program | None:
-    """The compiled fit of `model` over the groups of `data` (`fitcli.lm_jit`), where it
-    applies: on the CPU, no shared parameter, and the translation agrees with torch's autograd
-    on the first groups at theta [G, q] (J^T J, J^T r and the RSS, to rounding); else None."""
-    if data.w.device.type != "cpu" or layout.shared or not data.groups:
-        return None
-    program = lm_jit.compile_groups(model, data.w.dtype)
-    if program is None:
+    """`program` (a run's compiled fit, `fitcli.lm_jit`) where it may fit these groups: on the
+    CPU, no shared parameter, and its translation agrees with torch's autograd on the first
+    groups (J^T J, J^T r and the RSS, to rounding); else None (`lm_batch` fits them)."""
+    if program is None or data.w.device.type != "cpu" or layout.shared or not data.groups:
         return None
     few = data.take(torch.arange(min(4, data.groups)))
     th = theta[: few.groups].detach()
@@ -405,6 +420,7 @@ def _fit_independent(
     on_iter: Callable[[int], bool] | None = None,
     damping: torch.Tensor | None = None,
     should_stop: Callable[[], bool] | None = None,
+    program: lm_jit.Program | None = None,
 ) -> GroupFit:
     g, q = theta0.shape
     dev = theta0.device
@@ -420,6 +436,7 @@ def _fit_independent(
         reason[j] = _few_reason(int(data.counts[j]), q)
     keep = torch.as_tensor(np.flatnonzero(~few), device=dev)
     shared = torch.zeros(0, dtype=theta.dtype, device=dev)
+    known = np.full(g, math.nan)  # each group's sum(r**2), where the fit already has it
     if keep.numel():
         length = data.w.shape[1]
         if dev.type == "cpu":
@@ -427,14 +444,17 @@ def _fit_independent(
         else:
             chunk = max(1, CHUNK_BYTES // max(1, 8 * length * max(q, 1)))
         sub = data.take(keep)
-        program = compiled(model, layout, sub, theta[keep])
-        if program is not None:
+        jit = compiled(program, model, layout, sub, theta[keep])
+        if jit is not None:
             out = _fit_compiled(
-                program, sub, theta[keep], lam[keep], opts, _asker(on_iter, should_stop)
+                jit, sub, theta[keep], lam[keep], opts, _asker(on_iter, should_stop)
             )
             theta[keep] = torch.from_numpy(out["theta"])
             lam[keep] = torch.from_numpy(out["damping"])
             codes, n_it = out["code"], out["iterations"]
+            # 0.5 RSS at each group's final values, from its last linearization (NaN for the
+            # groups an interruption left unstarted, computed below).
+            known[keep.numpy()] = 2.0 * out["cost"]
         else:
             sol = lm_batch.solve(
                 _GroupLanes(model, layout, sub),
@@ -453,9 +473,12 @@ def _fit_independent(
                 words[key] = (_outcome(_failed(code)), lm_batch.reason(code, opts, it))
             status[j], reason[j] = words[key]
         iters[keep.cpu().numpy()] = n_it
-    rss = residual_ss(model, layout, data, theta, shared).cpu().numpy()
-    rss[few] = math.nan
-    return GroupFit(theta, shared, status, reason, iters, rss, damping=lam.cpu().numpy())
+    missing = torch.as_tensor(np.flatnonzero(~np.isfinite(known)), device=dev)
+    if missing.numel():
+        part = residual_ss(model, layout, data.take(missing), theta[missing], shared, program)
+        known[missing.cpu().numpy()] = part.cpu().numpy()
+    known[few] = math.nan
+    return GroupFit(theta, shared, status, reason, iters, known, damping=lam.cpu().numpy())
 
 
 def _failed(code: int) -> bool | None:
@@ -660,17 +683,27 @@ def split_external(layout: Layout, free: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def stderr_independent(
-    model: FitModel, layout: Layout, data: Packed, theta: torch.Tensor, scale: bool
+    model: FitModel,
+    layout: Layout,
+    data: Packed,
+    theta: torch.Tensor,
+    scale: bool,
+    program: lm_jit.Program | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each group's standard errors [G, q] as fitting that group alone gives (curve_fit):
     sqrt(diag((J^T J)^-1) * s^2), s^2 = rss / (n_g - q) (or 1 with `scale` False: absolute
     sigma), J with respect to the parameters' values. Also whether J^T J is singular [G]."""
     with _threads(theta.device):
-        return _stderr_independent(model, layout, data, theta, scale)
+        return _stderr_independent(model, layout, data, theta, scale, program)
 
 
 def _stderr_independent(
-    model: FitModel, layout: Layout, data: Packed, theta: torch.Tensor, scale: bool
+    model: FitModel,
+    layout: Layout,
+    data: Packed,
+    theta: torch.Tensor,
+    scale: bool,
+    program: lm_jit.Program | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     shared = torch.zeros(0, dtype=theta.dtype, device=theta.device)
     free = external_values(model, layout, theta, shared).to(theta.dtype)
@@ -680,12 +713,12 @@ def _stderr_independent(
     sing = np.zeros(g, dtype=bool)
     length = data.w.shape[1]
     chunk = max(1, CHUNK_BYTES // max(1, 8 * length * max(q, 1)))
-    program = compiled(model, layout, data, free)  # unbounded: its values are theta's
+    jit = compiled(program, model, layout, data, free)  # unbounded: its values are theta's
     for lo in range(0, g, chunk):
         idx = torch.arange(lo, min(g, lo + chunk), device=theta.device)
         part = data.take(idx)
-        if program is not None:
-            cost, jtj_np, _ = program.linearize(*_arrays(part), _numpy(free[idx]))
+        if jit is not None:
+            cost, jtj_np, _ = jit.linearize(*_arrays(part), _numpy(free[idx]))
             jtj, rss = torch.from_numpy(jtj_np), torch.from_numpy(2.0 * cost)
         else:
             a, _, r = jacobian(model, layout, part, free[idx], shared, external=True)

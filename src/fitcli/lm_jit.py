@@ -11,11 +11,13 @@ The steps, tests and stop codes are those of `fitcli.lm_batch` (Moré's scaling,
 damping update, MINPACK's tests, the polishing of nearly Gauss-Newton steps), so a group ends
 where a lane of `lm_batch.solve` ends, to rounding.
 
-`compile_groups(model)` returns the compiled program of a model, or None where this path does
-not apply, and `lm_batch` does the work: no numba, a function outside the table below, bounds,
-fixed values or ties (the model's free vector is not its parameter vector), more than
-`MAX_PARAMS` parameters. The translation is checked against torch's autograd on the first
-groups of every data set before it is used (`Program.agrees`).
+`compile_groups(model, dtype)` returns the compiled program of a model, or None where this path
+does not apply, and `lm_batch` does the work: no numba, a function outside `_UNARY` and the
+constructs `_Gen` translates, bounds, fixed values or ties (the model's free vector is not its
+parameter vector), more than `MAX_PARAMS` parameters. A run compiles only where it is worth it
+(`worth_it`: from `MIN_CELLS` data cells on, or as ``FITCLI_JIT`` says), and
+`fitcli.groups.compiled` checks the translation against torch's autograd on the first groups of
+every data set before using it.
 
 The generated module holds the model's ``linearize`` and the drivers that call it; the steps
 themselves are `fitcli.lm_kernels`, compiled once per machine and linked into every model's
@@ -568,6 +570,21 @@ class Program:
             if pool is not None:
                 pool.shutdown()
         return cost, jtj, jtr
+
+
+# A run compiles its independent groups' fit from this many data cells (groups x the longest
+# group's points) on: below, the batched tensor program takes less time than numba's start-up
+# (a third of a second, BENCHMARKS.md), let alone a first compile.
+MIN_CELLS = 500_000
+
+
+def worth_it(cells: int) -> bool:
+    """Whether a run of this many cells compiles its fit: ``FITCLI_JIT=1`` always, ``0``
+    never, unset from `MIN_CELLS` on."""
+    env = os.environ.get("FITCLI_JIT", "")
+    if env in ("0", "1"):
+        return env == "1"
+    return cells >= MIN_CELLS
 
 
 def available() -> bool:
