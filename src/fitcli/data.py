@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import math
 import mmap
 import re
@@ -132,11 +133,15 @@ def make_dataset(cfg: Config) -> Dataset:
         ds = load_files(data.files, data.columns, omit_nan=data.nan_policy == "omit")
         return restrict(ds, data.range) if data.range is not None else ds
     if data.file is not None:
-        ds = load_table(Path(data.file), data.columns, omit_nan=data.nan_policy == "omit")
+        omit = data.nan_policy == "omit"
         if data.columns is not None and data.columns.group is not None:
-            from fitcli.groups_data import attach_group_column
+            from fitcli.groups_data import load_grouped_table
 
-            attach_group_column(ds, Path(data.file), data.columns.group)
+            ds = load_grouped_table(
+                Path(data.file), data.columns, data.columns.group, omit_nan=omit
+            )
+        else:
+            ds = load_table(Path(data.file), data.columns, omit_nan=omit)
         return restrict(ds, data.range) if data.range is not None else ds
     from fitcli.expr import parse_expression
 
@@ -418,12 +423,22 @@ def load_table(
     (counted in `Dataset.rows`, its line in `omitted_lines`).
 
     Two readers, one result. The fast one (`_read_fast`) maps the file and hands blocks of
-    rows to numpy's C parser (`np.loadtxt`), converting only the wanted columns, straight into
-    the output arrays: no Python object per cell or line, and nothing held beyond the output
-    but one block. Whenever it meets anything unusual (comments or blank lines in the body, a
-    ragged row, a bad or non-finite cell, non-ASCII bytes) it gives up, and the precise reader
-    (`_read_precise`) reads the file line by line and names the line and column at fault.
+    rows to pandas' C parser, converting the columns straight into the output arrays: no
+    Python object per cell or line (but for the few rows with a NaN or blank line, read again),
+    and nothing held beyond the output but one block. Whenever it meets anything unusual
+    (comments, a ragged row, a bad or infinite cell, NaN without `omit_nan`, other line breaks)
+    it gives up, and the precise reader (`_read_precise`) reads the file line by line and names
+    the line and column at fault.
     """
+    return load_table_text(path, columns, None, omit_nan=omit_nan)[0]
+
+
+def load_table_text(
+    path: Path, columns: ColumnsSpec | None, text: str | int | None, *, omit_nan: bool = False
+) -> tuple[Dataset, TextColumn | None]:
+    """`load_table`, and with `text` (a column name or 0-based index) that column's cells as
+    labels, read in the same pass, where the fast reader can read them exactly as a
+    line-by-line split would (else None: the caller reads them itself)."""
     if not path.exists():
         raise DataError(f"data.file: {path} does not exist")
     if not path.is_file():
@@ -432,17 +447,18 @@ def load_table(
     if size > MAX_FILE_BYTES:
         raise DataError(f"data.file: {path} is larger than {MAX_FILE_BYTES // 1024**3} GiB")
     _check_text(path)
-    table = _read_fast(path, columns) if size else None
-    if table is None:
+    fast = _read_fast(path, columns, omit_nan, text) if size else None
+    if fast is None and text is not None and size:
+        fast = _read_fast(path, columns, omit_nan)  # the numbers alone, as without `text`
+    if fast is None:
         ds = _read_precise(path, columns, omit_nan)
     else:
-        ds = _dataset(path, table, columns)
+        ds = _dataset(path, fast.table, columns)
         if omit_nan:
-            ds.rows = {"read": ds.n, "used": ds.n, "omitted_nan": 0, "outside_range": 0}
-            ds.omitted_lines = []
+            _note_omitted(ds, fast.omitted, len(fast.table))
     ds.digest, ds.size = file_digest(path), size
     ds.names = column_names(path, columns)
-    return ds
+    return ds, None if fast is None else fast.text
 
 
 def column_names(path: Path, columns: ColumnsSpec | None = None) -> dict[str, str] | None:
@@ -588,14 +604,54 @@ def _layout(
     return header, delimiter, ncols, wanted
 
 
-def _read_fast(path: Path, columns: ColumnsSpec | None) -> list[np.ndarray] | None:
-    """The wanted columns as contiguous float64 arrays, or None to leave it to `_read_precise`.
+@dataclass
+class TextColumn:
+    """A text column read along with the table (the group labels): each kept row's code, an
+    index into `texts` (the distinct cells, stripped, in order of first appearance), and the
+    1-based line of the first kept row whose cell is empty (None when none is)."""
+
+    codes: np.ndarray
+    texts: list[str]
+    empty_line: int | None
+
+
+@dataclass
+class _FastTable:
+    """What `_read_fast` read: the wanted columns of the kept rows, the rows left out for NaN
+    or empty cells (`omit_nan`: 1-based line, wanted values), and the text column if asked."""
+
+    table: list[np.ndarray]
+    omitted: list[tuple[int, list[float]]]
+    text: TextColumn | None
+
+
+def _text_index(spec: str | int, header: list[str] | None, ncols: int) -> int | None:
+    """The 0-based index of the text column `spec` (a name or an index), or None where the
+    file does not have it (the caller's own reader then says why)."""
+    if isinstance(spec, int):
+        return spec if 0 <= spec < ncols else None
+    if header is None or spec not in header:
+        return None
+    return header.index(spec)
+
+
+def _read_fast(
+    path: Path,
+    columns: ColumnsSpec | None,
+    omit_nan: bool = False,
+    text: str | int | None = None,
+) -> _FastTable | None:
+    """The wanted columns as contiguous float64 arrays (and, with `text`, that column's cells
+    as labels), or None to leave it to `_read_precise`.
 
     The body's newlines are counted once for its number of rows, then blocks of whole lines
-    (READ_BLOCK bytes) are parsed by `_parse_block` into preallocated arrays. Anything that is
-    not a plain numeric table gives up here: a comment, text or non-ASCII cell does not parse, a
-    blank line or empty cell is not finite, a ragged row changes the width or fails to parse,
-    and a count of rows that differs from the newline count is caught at the end.
+    (READ_BLOCK bytes) are parsed by `_parse_block` into preallocated arrays, one row per line.
+    A row with a non-finite value (or an empty text cell) is looked at again as text by
+    `_check_row`, with the precise reader's rules: a blank line is skipped, a row with a NaN or
+    empty cell is left out under `omit_nan`. Anything else that is not a plain table gives up
+    here: a comment or text cell does not parse, a ragged row changes the width or fails to
+    parse, a NaN not left out or an infinite cell is refused by `_check_row`, and a block whose
+    rows do not match its newlines (other line breaks) is caught at once.
     """
     with open(path, "rb") as fh:
         try:
@@ -622,7 +678,11 @@ def _read_fast(path: Path, columns: ColumnsSpec | None) -> list[np.ndarray] | No
                 return None
             pos = end + 1
         header, delimiter, ncols, wanted = _layout(line, lineno, path, columns)
+        ti = None if text is None else _text_index(text, header, ncols)
+        if text is not None and (ti is None or ti in wanted):
+            return None
         body_start = end + 1 if header is not None else pos
+        line_at = lineno + 1 if header is not None else lineno  # the line of the next row
         body_end = len(mm)
         while body_end > body_start and mm[body_end - 1] in b" \t\r\n":
             body_end -= 1
@@ -633,64 +693,243 @@ def _read_fast(path: Path, columns: ColumnsSpec | None) -> list[np.ndarray] | No
         nrows = 1 + _count_newlines(mm, body_start, body_end)
         released = 0
         out = [np.empty(nrows, dtype=np.float64) for _ in wanted]
+        labels = _Labels(nrows, delimiter) if ti is not None else None
+        omitted: list[tuple[int, list[float]]] = []
         row = 0
         a = body_start
         try:
             while a < body_end:
                 b = mm.find(b"\n", min(a + READ_BLOCK, body_end), body_end)
                 b = body_end if b < 0 else b
-                block = mm[a:b]
+                whole = mm[a:b]
                 a = b + 1
-                table = _parse_block(block, delimiter)
-                if table.ndim != 2 or table.shape[1] != ncols:
+                # Blank lines at either end of a block (they would set the parser's width).
+                i, lead = _blank_head(whole)
+                j, tail = _blank_tail(whole, i)
+                if i >= j:
+                    line_at += whole.count(b"\n") + 1
+                    continue
+                block = whole if (i, j) == (0, len(whole)) else whole[i:j]
+                line_at += lead
+                parsed = _parse_block(block, delimiter, ti, omit_nan, ncols)
+                if parsed.ndim != 2 or parsed.shape[1] != ncols:
                     return None
-                table = table[:, wanted]
-                k = table.shape[0]
-                if row + k > nrows or not np.isfinite(table).all():
+                k = parsed.shape[0]
+                # One row per line: a line break other than \n (or \r\n) splitting a row
+                # shows in the total of rows (checked at the end); a whitespace table's
+                # parser may also drop a line, so there each block is counted.
+                if delimiter is None and k != block.count(b"\n") + 1:
+                    return None
+                table = parsed.iloc[:, wanted].to_numpy(dtype=np.float64)
+                cells = None if ti is None else parsed.iloc[:, ti].to_numpy(dtype=object)
+                bad = ~np.isfinite(table).all(axis=1)
+                if cells is not None:
+                    bad |= _missing(cells, omit_nan)  # an empty cell (or a short row)
+                keep = None
+                if bad.any():
+                    keep = np.ones(k, dtype=bool)
+                    table = np.array(table)  # pandas may hand out read-only views
+                    cells = None if cells is None else np.array(cells)
+                    starts = np.concatenate(
+                        [[0], np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10) + 1]
+                    )
+                    if starts.size != k:
+                        return None  # rows and lines do not line up: let the precise reader
+                    for r in np.flatnonzero(bad).tolist():
+                        stop = starts[r + 1] - 1 if r + 1 < k else len(block)
+                        text_line = block[starts[r] : stop].decode("utf-8")
+                        if text_line.endswith("\r"):
+                            text_line = text_line[:-1]
+                        checked = _check_row(text_line, delimiter, ncols, wanted, ti, omit_nan)
+                        if checked is None:
+                            return None
+                        what, values, cell = checked
+                        if what != "keep":
+                            keep[r] = False
+                            if what == "omit":
+                                omitted.append((line_at + r, values))
+                            continue
+                        table[r] = values
+                        if cells is not None:
+                            cells[r] = cell
+                    table = table[keep]
+                    if cells is not None:
+                        cells = cells[keep]
+                n_kept = table.shape[0]
+                if row + n_kept > nrows:
                     return None
                 for j, col in enumerate(out):
-                    col[row : row + k] = table[:, j]
-                row += k
+                    col[row : row + n_kept] = table[:, j]
+                if labels is not None and cells is not None:
+                    lines = line_at + (np.arange(k) if keep is None else np.flatnonzero(keep))
+                    if not labels.add(cells, row, lines):
+                        return None
+                row += n_kept
+                line_at += k + tail
                 done = a - a % mmap.PAGESIZE
                 _release(mm, released, done)
                 released = max(released, done)
-        except (ValueError, UnicodeDecodeError, IndexError, TypeError):
+        except (ValueError, UnicodeDecodeError, IndexError, TypeError, KeyError):
             return None
-    if row != nrows:
+    if line_at - (lineno + 1 if header is not None else lineno) != nrows:
         return None
-    return out
+    return _FastTable(
+        [col[:row] for col in out], omitted, None if labels is None else labels.done(row)
+    )
 
 
-def _parse_block(block: bytes, delimiter: str | None) -> np.ndarray:
-    """A block of plain numeric lines as a float64 table (rows x all columns).
+def _blank_head(block: bytes) -> tuple[int, int]:
+    """(bytes, lines) of the blank lines (\\n or \\r\\n alone) that start `block`."""
+    i = lines = 0
+    while True:
+        if block.startswith(b"\n", i):
+            i += 1
+        elif block.startswith(b"\r\n", i):
+            i += 2
+        else:
+            return i, lines
+        lines += 1
+
+
+def _blank_tail(block: bytes, start: int) -> tuple[int, int]:
+    """(where `block` ends without the blank lines that end it, how many): its last line ends
+    at the newline after it."""
+    j, lines = len(block), 0
+    while j > start:
+        if block.endswith(b"\n", start, j):
+            j -= 1
+        elif block.endswith(b"\n\r", start, j):
+            j -= 2
+        else:
+            break
+        lines += 1
+    return j, lines
+
+
+def _check_row(
+    line: str,
+    delimiter: str | None,
+    ncols: int,
+    wanted: list[int],
+    text: int | None,
+    omit_nan: bool,
+) -> tuple[str, list[float], str] | None:
+    """A row the block parser found non-finite (or with an empty text cell), read as the
+    precise reader reads it: ("skip", ...) for a blank line, ("omit", values) for a row with a
+    NaN or empty cell under `omit_nan`, ("keep", values, text cell) for a good row; None for
+    anything the precise reader refuses (it names the fault)."""
+    if _is_skipped(line):
+        return "skip", [], ""
+    cells = _split(line, delimiter)
+    if len(cells) != ncols:
+        return None
+    values: list[float] = []
+    missing = False
+    for col in wanted:
+        cell = cells[col]
+        if omit_nan and (cell == "" or cell.lower() in _NAN_CELLS):
+            missing = True
+            values.append(math.nan)
+            continue
+        try:
+            value = float(cell)
+        except ValueError:
+            return None
+        if not math.isfinite(value):
+            return None
+        values.append(value)
+    if missing:
+        return "omit", values, ""
+    return "keep", values, "" if text is None else cells[text]
+
+
+def _missing(cells: np.ndarray, omit_nan: bool) -> np.ndarray:
+    """Which text cells are empty: "" (a short row's missing cell is one too), or NaN where
+    `omit_nan` made the parser read "" and the NaN spellings as NaN."""
+    empty = np.asarray(cells == "", dtype=bool)
+    if omit_nan:
+        import pandas as pd
+
+        empty |= np.asarray(pd.isna(cells), dtype=bool)
+    return empty
+
+
+class _Labels:
+    """The text column's cells, block by block: codes in order of first appearance of the
+    stripped cell (what `str.strip` after splitting the line gives), as `_split` would."""
+
+    def __init__(self, nrows: int, delimiter: str | None) -> None:
+        self.codes = np.empty(nrows, dtype=np.int64)
+        self.index: dict[str, int] = {}
+        self.empty_line: int | None = None
+        self.delimiter = delimiter
+
+    def add(self, cells: np.ndarray, row: int, lines: np.ndarray) -> bool:
+        """Code the block's kept cells (`lines`: their 1-based lines); False where a cell holds
+        what the line-by-line reader would split differently."""
+        import pandas as pd
+
+        codes, uniques = pd.factorize(cells)
+        if codes.size and int(codes.min()) < 0:
+            return False
+        mapped = np.empty(len(uniques), dtype=np.int64)
+        for j, raw in enumerate(uniques.tolist()):
+            if any(c in _OTHER_LINE_BREAKS or c == "\0" for c in raw):
+                return False  # str.splitlines would break this line (numpy drops a NUL)
+            if self.delimiter is None and any(c.isspace() for c in raw):
+                return False  # str.split would split this cell
+            mapped[j] = self.index.setdefault(raw.strip(), len(self.index))
+        block = mapped[codes]
+        self.codes[row : row + block.size] = block
+        empty = self.index.get("")
+        if self.empty_line is None and empty is not None:
+            hit = np.flatnonzero(block == empty)
+            if hit.size:
+                self.empty_line = int(lines[hit[0]])
+        return True
+
+    def done(self, rows: int) -> TextColumn:
+        return TextColumn(self.codes[:rows], list(self.index), self.empty_line)
+
+
+def _parse_block(
+    block: bytes,
+    delimiter: str | None,
+    text: int | None = None,
+    omit_nan: bool = False,
+    ncols: int = 0,
+) -> Any:
+    """A block of plain lines as a DataFrame, one row per line (a blank line is a row of NaN):
+    every column float64 but the `text` column (str cells).
 
     pandas' C tokenizer and float parser read a block several times faster than
     numpy.loadtxt, with the same bits (both round-trip every float64 written with 17 digits).
     Strict: the first line fixes the width, a longer line is a ParserError (a ValueError), a
-    shorter one or an empty cell is not a number; any of these sends the caller to the precise
-    reader, which names the line.
+    text cell in a number column is a ValueError; any of these sends the caller to the precise
+    reader, which names the line. With `omit_nan`, an empty cell and the precise reader's NaN
+    spellings parse as NaN (the caller reads those rows again); without it they do not parse.
+    With a text column, quotes are plain characters, as the precise reader takes them.
     """
-    try:
-        import pandas as pd
-    except ImportError:  # pragma: no cover - pandas is a dependency; keep working without it
-        return np.loadtxt(
-            io.BytesIO(block),
-            dtype=np.float64,
-            delimiter=delimiter,
-            comments=None,
-            ndmin=2,
-            encoding="latin1",
-        )
+    import csv
+
+    import pandas as pd
+
+    dtype: Any = np.float64
+    if text is not None:
+        dtype = {j: object if j == text else np.float64 for j in range(ncols)}
     frame = pd.read_csv(
         io.BytesIO(block),
         sep=delimiter if delimiter is not None else r"\s+",
         header=None,
-        dtype=np.float64,
+        dtype=dtype,
         engine="c",
-        na_filter=False,  # "nan", "NA", "": not numbers here; the precise reader says so
+        na_filter=omit_nan,  # else "nan", "NA", "": not numbers here; the precise reader says so
+        na_values=_NAN_SPELLINGS if omit_nan else None,
+        keep_default_na=False,
         skip_blank_lines=False,
+        quoting=csv.QUOTE_NONE if text is not None else csv.QUOTE_MINIMAL,
     )
-    return frame.to_numpy(dtype=np.float64)
+    return frame
 
 
 _OTHER_LINE_BREAKS = frozenset("\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
@@ -739,22 +978,28 @@ def _read_precise(path: Path, columns: ColumnsSpec | None, omit_nan: bool = Fals
     table = _parse_body(lines, body_start, delimiter, ncols, path, wanted, omitted)
     ds = _dataset(path, [np.ascontiguousarray(table[:, j]) for j in range(len(wanted))], columns)
     if omitted is not None:
-        k = len(ds.variables)
-        dropped = np.array([v for _, v in omitted], dtype=np.float64).reshape(-1, len(wanted))
-        ds.rows = {
-            "read": ds.n + len(omitted),
-            "used": ds.n,
-            "omitted_nan": len(omitted),
-            "outside_range": 0,
-        }
-        ds.omitted_lines = [line for line, _ in omitted]
-        if omitted:
-            ds.left_out = LeftOut(
-                dropped[:, 0] if k == 1 else dropped[:, :k],
-                dropped[:, k],
-                np.full(len(omitted), "nan"),
-            )
+        _note_omitted(ds, omitted, len(wanted))
     return ds
+
+
+def _note_omitted(ds: Dataset, omitted: list[tuple[int, list[float]]], width: int) -> None:
+    """`rows`, `omitted_lines` and `left_out` of the rows left out for NaN or empty cells
+    (1-based line, their `width` wanted values with NaN for those cells)."""
+    k = len(ds.variables)
+    dropped = np.array([v for _, v in omitted], dtype=np.float64).reshape(-1, width)
+    ds.rows = {
+        "read": ds.n + len(omitted),
+        "used": ds.n,
+        "omitted_nan": len(omitted),
+        "outside_range": 0,
+    }
+    ds.omitted_lines = [line for line, _ in omitted]
+    if omitted:
+        ds.left_out = LeftOut(
+            dropped[:, 0] if k == 1 else dropped[:, :k],
+            dropped[:, k],
+            np.full(len(omitted), "nan"),
+        )
 
 
 def _parse_body(
@@ -810,3 +1055,12 @@ def _parse_body(
 
 
 _NAN_CELLS = frozenset({"nan", "+nan", "-nan"})
+# Every spelling of those (any case): what the block parser reads as NaN under omit_nan.
+_NAN_SPELLINGS = sorted(
+    {
+        "".join(c)
+        for w in _NAN_CELLS
+        for c in itertools.product(*({ch.lower(), ch.upper()} for ch in w))
+    }
+    | {""}
+)

@@ -476,10 +476,12 @@ def write_groups_csv(path: Path, rows: list[dict]) -> None:
     from fitcli.rundir import files
 
     header = list(rows[0]) if rows else ["group", "status", "reason"]
-    out = []
-    for row in rows:
-        out.append([files.fmt(v) if isinstance(v, float) else v for v in row.values()])
-    files.write_csv(path, header, out)
+    # Column by column (a row per group: 10^5 and more): a float as `files.fmt` writes it.
+    columns = []
+    for key in header:
+        cells = [row[key] for row in rows]
+        columns.append([repr(float(v)) if isinstance(v, float) else v for v in cells])
+    files.write_csv(path, header, zip(*columns, strict=True))
 
 
 def execute_grouped(
@@ -542,7 +544,8 @@ def execute_grouped(
                 ds.y_true,
                 ds.sigma,
                 ds.variables,
-                group=np.asarray(prep.labels, dtype=object)[ds.group],
+                group=ds.group,
+                group_labels=prep.labels,
             )
         else:
             tidy_snapshots(run_dir, prep.cfg.epochs)  # temporary files a kill left

@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fitcli.data import Dataset, _check_text, _is_number, _is_skipped, _split, load_table
+from fitcli.data import (
+    Dataset,
+    _check_text,
+    _is_number,
+    _is_skipped,
+    _split,
+    load_table,
+    load_table_text,
+)
 from fitcli.errors import DataError
 
 if TYPE_CHECKING:
@@ -37,6 +45,23 @@ def _head(path: Path) -> tuple[list[str], int, str | None, bool, list[str]]:
     cells = _split(line, delimiter)
     header = not all(_is_number(c) for c in cells)
     return lines, first, delimiter, header, cells
+
+
+def load_grouped_table(
+    path: Path, columns: ColumnsSpec, spec: str | int, *, omit_nan: bool = False
+) -> Dataset:
+    """`load_table` with each row's group from the file's group column `spec`, read in the same
+    pass where the fast reader can (else by `attach_group_column`): the same result either way."""
+    ds, text = load_table_text(path, columns, spec, omit_nan=omit_nan)
+    if text is None:
+        attach_group_column(ds, path, spec)
+        return ds
+    if text.empty_line is not None:
+        raise DataError(
+            f"data.columns.group: {path} line {text.empty_line}: the group cell is empty"
+        )
+    _set_groups(ds, path, spec, text.codes, text.texts)
+    return ds
 
 
 def attach_group_column(ds: Dataset, path: Path, spec: str | int) -> None:
@@ -72,9 +97,17 @@ def attach_group_column(ds: Dataset, path: Path, spec: str | int) -> None:
         if cell == "":
             raise DataError(f"{key}: {path} line {k + 1}: the group cell is empty")
         labels.append(cell)
-    if len(labels) != ds.n:  # the readers agree on rows; a mismatch is a bug, said plainly
-        raise DataError(f"{key}: {path}: {len(labels)} group cells for {ds.n} data rows")
     codes, uniq = _codes(labels)
+    _set_groups(ds, path, spec, codes, uniq)
+
+
+def _set_groups(
+    ds: Dataset, path: Path, spec: str | int, codes: np.ndarray, uniq: list[str]
+) -> None:
+    """Each row's group (`codes` into the labels `uniq`), refusing one group only."""
+    key = "data.columns.group"
+    if len(codes) != ds.n:  # the readers agree on rows; a mismatch is a bug, said plainly
+        raise DataError(f"{key}: {path}: {len(codes)} group cells for {ds.n} data rows")
     if len(uniq) < 2:
         raise DataError(
             f"{key}: column {spec!r} of {path} holds one group ({uniq[0]!r}); grouping needs "
