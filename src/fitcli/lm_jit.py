@@ -92,7 +92,11 @@ from numba import njit
 
 from fitcli.lm_kernels import FAST, check, propose, update  # source {kernels}
 
-T = np.{dtype}
+# Arithmetic in float64 whatever the run's dtype; S is how parameters are stored (a float32
+# run's values stay float32, each trial point rounded to it): a float32 fit then stops where
+# float32 parameters stop improving, rather than iterating in float32 arithmetic's noise.
+T = np.float64
+S = np.{dtype}
 JIT = dict(cache={cache}, nogil=True, error_model="numpy", fastmath=FAST)
 
 
@@ -138,7 +142,7 @@ def step_range(
     p = theta.shape[1]
     mats = np.empty((6, p, p))
     vecs = np.empty((5, p))
-    trial = np.empty(p, dtype=T)
+    trial = np.empty(p, dtype=S)
     jtj_t = mats[5]
     jtr_t = vecs[0]
     for g in range(lo, hi):
@@ -349,10 +353,11 @@ def _linearize_source(tree: tuple, names: tuple[str, ...], variables: tuple[str,
     else:
         out += [f"        x_{v} = x[i, {j}]" for j, v in enumerate(variables)]
     out += ["    " + line for line in body]
-    out += ["        wi = w[i]", f"        r = wy[i] - wi * {value}"]
+    # The sums are float64 whatever T is: each term is converted once, not each product.
+    out += ["        wi = w[i]", f"        r = np.float64(wy[i] - wi * {value})"]
     for k in range(p):
         d = tangents.get(k, "T(0.0)")
-        out.append(f"        j{k} = wi * {d}")
+        out.append(f"        j{k} = np.float64(wi * {d})")
     out += [f"        s{i}_{j} += j{i} * j{j}" for i, j in sums]
     out += [f"        g{k} += j{k} * r" for k in range(p)]
     out.append("        rss += r * r")
