@@ -35,8 +35,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine, record, train_cmd  # noqa: E402
 
-sys.path.insert(0, str(ROOT / "src"))
-from fitcli.lm_jit import MIN_CELLS  # noqa: E402
+# fitcli.lm_jit.MIN_CELLS, read in `main` (the loop's own process must not import fitcli).
+MIN_CELLS = 0
 
 GAUSS1 = {
     "expr": "a*exp(-(x - c)**2/(2*s**2))",
@@ -381,6 +381,9 @@ def global_fit(groups: int, lm_groups: list[int], tmp: Path, lines: list[str]) -
 
 
 def main() -> None:
+    global MIN_CELLS
+    from fitcli.lm_jit import MIN_CELLS
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--big", action="store_true", help="also 10^5 groups of the 1-D Gaussian")
     ap.add_argument("--groups", type=int, nargs="*", default=[1000, 10000])
