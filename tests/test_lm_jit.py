@@ -340,3 +340,22 @@ def test_a_compiled_run_needs_no_memory_for_the_jacobian(tmp_path, monkeypatch):
     monkeypatch.setenv("FITCLI_JIT", "1")
     result = CliRunner().invoke(app, ["train", str(cfg), "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
+
+
+def test_compiled_error_bars_and_singular_groups_equal_the_batched_ones():
+    # A group measured at one x only: its amplitude, rate and offset are not determined.
+    model = make_model("a*exp(-b*x) + c", {"a": 2.0, "b": 0.5, "c": 0.1})
+    rng = np.random.default_rng(8)
+    x = np.tile(np.linspace(0, 6, 40), (4, 1))
+    x[2] = 1.0
+    y = 2.0 * np.exp(-0.5 * x) + 0.1 + rng.normal(0, 0.02, x.shape)
+    data = packed(x, y)
+    layout = all_per_group(model)
+    program = lm_jit.compile_groups(model, torch.float64)
+    fit = groups.fit_independent(model, layout, data, start(model, 4), LMOptions(), program=program)
+    for scale in (True, False):
+        got, got_sing = groups.stderr_independent(model, layout, data, fit.theta, scale, program)
+        want, want_sing = groups.stderr_independent(model, layout, data, fit.theta, scale)
+        assert got_sing.tolist() == want_sing.tolist() == [False, False, True, False]
+        ok = ~want_sing
+        np.testing.assert_allclose(got[ok], want[ok], rtol=1e-8)

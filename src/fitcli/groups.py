@@ -712,17 +712,20 @@ def _stderr_independent(
     out = np.full((g, q), math.nan)
     sing = np.zeros(g, dtype=bool)
     length = data.w.shape[1]
-    chunk = max(1, CHUNK_BYTES // max(1, 8 * length * max(q, 1)))
     jit = compiled(program, model, layout, data, free)  # unbounded: its values are theta's
+    if jit is not None:
+        # All groups at once (no Jacobian is stored), the covariance compiled too.
+        cost, jtj_np, _ = jit.linearize(*_arrays(data), _numpy(free))
+        diag, flags = jit.covariance(jtj_np, SINGULAR_RCOND)
+        scale2 = 2.0 * cost / np.maximum(data.counts - q, 1) if scale else np.ones(g)
+        with np.errstate(invalid="ignore"):
+            return np.sqrt(diag * scale2[:, None]), flags
+    chunk = max(1, CHUNK_BYTES // max(1, 8 * length * max(q, 1)))
     for lo in range(0, g, chunk):
         idx = torch.arange(lo, min(g, lo + chunk), device=theta.device)
         part = data.take(idx)
-        if jit is not None:
-            cost, jtj_np, _ = jit.linearize(*_arrays(part), _numpy(free[idx]))
-            jtj, rss = torch.from_numpy(jtj_np), torch.from_numpy(2.0 * cost)
-        else:
-            a, _, r = jacobian(model, layout, part, free[idx], shared, external=True)
-            jtj, rss = a.transpose(-1, -2) @ a, (r * r).sum(-1)
+        a, _, r = jacobian(model, layout, part, free[idx], shared, external=True)
+        jtj, rss = a.transpose(-1, -2) @ a, (r * r).sum(-1)
         s = _singular(jtj)
         cov = torch.linalg.pinv(torch.nan_to_num(jtj), hermitian=True)
         n = torch.as_tensor(data.counts[idx.cpu().numpy()], dtype=torch.float64)

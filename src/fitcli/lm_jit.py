@@ -563,6 +563,28 @@ class Program:
             "jtr": jtr,
         }
 
+    def covariance(self, jtj: np.ndarray, rcond: float) -> tuple[np.ndarray, np.ndarray]:
+        """Per group of jtj [G, p, p] (float64): the diagonal of pinv(J^T J) [G, p] and whether
+        the column-scaled J^T J is singular at `rcond` [G] (`fitcli.lm_kernels.covariance_range`:
+        torch's pinv and `fitcli.groups._singular`, computed here)."""
+        from fitcli.lm_kernels import covariance_range
+
+        g, p = jtj.shape[0], jtj.shape[1]
+        var = np.empty((g, p))
+        singular = np.zeros(g, dtype=np.bool_)
+        jtj = np.ascontiguousarray(jtj, dtype=np.float64)
+
+        def task(lo: int, hi: int) -> None:
+            covariance_range(jtj, lo, hi, rcond, var, singular, np.empty((4, p, p)))
+
+        pool = self._pool()
+        try:
+            self._run(task, 0, g, pool)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        return var, singular
+
     def warm(self) -> None:
         """Compile (or load from the cache) both entry points now, on one group of one point,
         so that the first real call is all fitting."""
@@ -572,6 +594,7 @@ class Program:
         one = np.ones(1, dtype=np.int64)
         self.fit(x1, w1, w1, one, th, np.full(1, 1e-3), LMOptions(max_iter=1))
         self.linearize(x1, w1, w1, one, th)
+        self.covariance(np.eye(self.params)[None], 1e-13)
 
     def linearize(
         self, x: np.ndarray, wy: np.ndarray, w: np.ndarray, counts: np.ndarray, theta: np.ndarray

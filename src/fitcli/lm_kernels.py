@@ -64,45 +64,15 @@ def check(a, g, cost, scale2, code, first, gtol):  # pragma: no cover - machine 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=FAST)
 def _jacobi_solve(m, rhs, z, work):  # pragma: no cover - machine code
     """z = pinv(m) rhs for a symmetric m, its null space dropped (`lm_batch._damped_solve`'s
-    eigendecomposition), by cyclic Jacobi rotations."""
+    eigendecomposition); m is overwritten (non-finite entries as 0)."""
     p = m.shape[0]
     a = work[0]
     v = work[1]
     for i in range(p):
         for j in range(p):
-            x = m[i, j]
-            a[i, j] = x if math.isfinite(x) else 0.0
-            v[i, j] = 1.0 if i == j else 0.0
-    for _sweep in range(60):
-        off = 0.0
-        for i in range(p):
-            for j in range(i + 1, p):
-                off += a[i, j] * a[i, j]
-        if off == 0.0:
-            break
-        for i in range(p):
-            for j in range(i + 1, p):
-                if a[i, j] == 0.0:
-                    continue
-                theta = (a[j, j] - a[i, i]) / (2.0 * a[i, j])
-                t = (1.0 if theta >= 0 else -1.0) / (abs(theta) + math.sqrt(theta * theta + 1.0))
-                c = 1.0 / math.sqrt(t * t + 1.0)
-                s = t * c
-                for k in range(p):
-                    aki = a[k, i]
-                    akj = a[k, j]
-                    a[k, i] = c * aki - s * akj
-                    a[k, j] = s * aki + c * akj
-                for k in range(p):
-                    aik = a[i, k]
-                    ajk = a[j, k]
-                    a[i, k] = c * aik - s * ajk
-                    a[j, k] = s * aik + c * ajk
-                for k in range(p):
-                    vki = v[k, i]
-                    vkj = v[k, j]
-                    v[k, i] = c * vki - s * vkj
-                    v[k, j] = s * vki + c * vkj
+            if not math.isfinite(m[i, j]):
+                m[i, j] = 0.0
+    _eigen(m, a, v)
     top = 0.0
     for i in range(p):
         top = max(top, abs(a[i, i]))
@@ -258,3 +228,89 @@ def update(
             code[0] = _XTOL
         elif lam * nu > MAX_DAMPING:
             code[0] = _DAMPING
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FAST)
+def covariance_range(jtj, lo, hi, rcond, var, singular, work):  # pragma: no cover
+    """For the groups [lo, hi) of jtj [G, p, p]: the diagonal of pinv(J^T J) into var [G, p]
+    (eigenvalues at most p eps of the largest dropped, as ``torch.linalg.pinv(hermitian=True)``)
+    and into singular [G] whether the column-scaled J^T J has an eigenvalue at most `rcond` of
+    its largest (`fitcli.groups._singular`). work [4, p, p]."""
+    p = jtj.shape[1]
+    a = work[0]
+    v = work[1]
+    eps = 2.220446049250313e-16
+    for g in range(lo, hi):
+        m = jtj[g]
+        # Column-scaled: the singularity test.
+        for i in range(p):
+            di = math.sqrt(max(m[i, i], 1e-300))
+            for j in range(p):
+                dj = math.sqrt(max(m[j, j], 1e-300))
+                x = m[i, j] / (di * dj)
+                work[2][i, j] = x if math.isfinite(x) else 0.0
+        _eigen(work[2], a, v)
+        top = -math.inf
+        bottom = math.inf
+        for k in range(p):
+            top = max(top, a[k, k])
+            bottom = min(bottom, a[k, k])
+        singular[g] = bottom <= rcond * max(top, 1e-300)
+        # Unscaled: the pseudo-inverse's diagonal.
+        for i in range(p):
+            for j in range(p):
+                x = m[i, j]
+                work[3][i, j] = x if math.isfinite(x) else 0.0
+        _eigen(work[3], a, v)
+        top = 0.0
+        for k in range(p):
+            top = max(top, abs(a[k, k]))
+        cutoff = p * eps * top
+        for i in range(p):
+            s = 0.0
+            for k in range(p):
+                ev = a[k, k]
+                if abs(ev) > cutoff and ev != 0.0:
+                    s += v[i, k] * v[i, k] / ev
+            var[g, i] = s
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=FAST)
+def _eigen(m, a, v):  # pragma: no cover - machine code
+    """The eigendecomposition of a symmetric m by cyclic Jacobi rotations: the eigenvalues on
+    a's diagonal, the eigenvectors in v's columns."""
+    p = m.shape[0]
+    for i in range(p):
+        for j in range(p):
+            a[i, j] = m[i, j]
+            v[i, j] = 1.0 if i == j else 0.0
+    for _sweep in range(60):
+        off = 0.0
+        for i in range(p):
+            for j in range(i + 1, p):
+                off += a[i, j] * a[i, j]
+        if off == 0.0:
+            break
+        for i in range(p):
+            for j in range(i + 1, p):
+                if a[i, j] == 0.0:
+                    continue
+                theta = (a[j, j] - a[i, i]) / (2.0 * a[i, j])
+                t = (1.0 if theta >= 0 else -1.0) / (abs(theta) + math.sqrt(theta * theta + 1.0))
+                c = 1.0 / math.sqrt(t * t + 1.0)
+                s = t * c
+                for k in range(p):
+                    aki = a[k, i]
+                    akj = a[k, j]
+                    a[k, i] = c * aki - s * akj
+                    a[k, j] = s * aki + c * akj
+                for k in range(p):
+                    aik = a[i, k]
+                    ajk = a[j, k]
+                    a[i, k] = c * aik - s * ajk
+                    a[j, k] = s * aik + c * ajk
+                for k in range(p):
+                    vki = v[k, i]
+                    vkj = v[k, j]
+                    v[k, i] = c * vki - s * vkj
+                    v[k, j] = s * vki + c * vkj
