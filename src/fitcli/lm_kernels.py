@@ -286,10 +286,14 @@ def _eigen(m, a, v):  # pragma: no cover - machine code
             v[i, j] = 1.0 if i == j else 0.0
     for _sweep in range(60):
         off = 0.0
+        on = 0.0
         for i in range(p):
+            on += a[i, i] * a[i, i]
             for j in range(i + 1, p):
                 off += a[i, j] * a[i, j]
-        if off == 0.0:
+        # Converged when the off-diagonal is below rounding of the diagonal (quadratically:
+        # some six sweeps); exactly zero is seldom reached.
+        if off <= 1e-34 * on:
             break
         for i in range(p):
             for j in range(i + 1, p):
