@@ -577,16 +577,11 @@ class Program:
         def task(lo: int, hi: int) -> None:
             covariance_range(jtj, lo, hi, rcond, var, singular, np.empty((4, p, p)))
 
-        pool = self._pool()
-        try:
-            self._run(task, 0, g, pool)
-        finally:
-            if pool is not None:
-                pool.shutdown()
+        self._over_groups(task, g)
         return var, singular
 
     def warm(self) -> None:
-        """Compile (or load from the cache) both entry points now, on one group of one point,
+        """Compile (or load from the cache) every entry point now, on one group of one point,
         so that the first real call is all fitting."""
         x1 = np.zeros((1, 1) + self.shape, dtype=self.dtype)
         w1 = np.ones((1, 1), dtype=self.dtype)
@@ -609,13 +604,17 @@ class Program:
         def task(lo: int, hi: int) -> None:
             run(x, wy, w, counts, theta, lo, hi, cost, jtj, jtr)
 
+        self._over_groups(task, g)
+        return cost, jtj, jtr
+
+    def _over_groups(self, task: Callable[[int, int], None], g: int) -> None:
+        """`task(lo, hi)` once over all g groups, split over the threads."""
         pool = self._pool()
         try:
             self._run(task, 0, g, pool)
         finally:
             if pool is not None:
                 pool.shutdown()
-        return cost, jtj, jtr
 
 
 # A run compiles its independent groups' fit from this many data cells (groups x the longest
