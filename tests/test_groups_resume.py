@@ -131,7 +131,8 @@ def test_a_stopped_grouped_run_resumes_to_the_uninterrupted_result(tmp_path, kin
     assert again["status"] == "interrupted" and again["epochs_run"] == second
     result = cli("train", "--resume", str(run), "--json")
     assert result.exit_code == 0, result.output
-    assert_same_result(run, reference, exact=kind == "adam", stops=(first, second))
+    # Exact but for the global fit, whose LM restarts its step scaling where it resumes.
+    assert_same_result(run, reference, exact=kind != "global", stops=(first, second))
     assert [r["from_epoch"] for r in summary(run)["resumes"]] == [first, second]
 
 
@@ -278,3 +279,26 @@ def test_sigterm_stops_a_grouped_run_which_resumes_once_its_process_is_gone(tmp_
     result = cli("train", "--resume", str(run))
     assert result.exit_code == 0, result.output
     assert_same_result(run, reference, exact=True, stops=(stopped["epochs_run"],))
+
+
+def test_a_state_without_the_lm_carry_resumes_and_a_bad_one_is_named(tmp_path):
+    # state.json from before the LM's carried state (no nu, scale2, polish) still resumes, from
+    # the start's scaling; a carried state of the wrong shape is refused naming the field.
+    from fitcli.errors import ResumeError
+    from fitcli.rundir.group_state import load_group_state
+
+    cfg = make_config(tmp_path, "independent")
+    run = tmp_path / "run"
+    stopped_at(cfg, run, 4)
+    doc = json.loads((run / "state.json").read_text())
+    assert {"nu", "scale2", "polish"} <= set(doc)
+    old = {k: v for k, v in doc.items() if k not in ("nu", "scale2", "polish")}
+    (run / "state.json").write_text(json.dumps(old))
+    assert load_group_state(run).nu is None
+    result = cli("train", "--resume", str(run), "--json")
+    assert result.exit_code == 0, result.output
+    assert summary(run)["groups_converged"] == 12
+    bad = dict(doc, scale2=doc["nu"])
+    (run / "state.json").write_text(json.dumps(bad))
+    with pytest.raises(ResumeError, match="scale2"):
+        load_group_state(run)

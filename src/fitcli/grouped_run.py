@@ -7,14 +7,14 @@ plus shared ones, which the single-fit writer and snapshots do not hold.
 
 Resume: the fit runs from checkpoint to checkpoint (the iterations of the snapshot schedule,
 `train.snapshot_epochs`), and its state (`rundir.group_state.GroupState`: per group its values,
-LM damping, iterations and whether it is done) goes out through `on_checkpoint` after each
-stretch, and when a stop signal ends the fit; `execute_grouped` writes it (state.json).
-Resumed (`resume.prepare_resume`), the groups already done are not fitted again and the others
-continue from their saved values, damping and iterations. A run resumed from a checkpoint runs
-the same stretches as the run uninterrupted and ends with exactly its results; from a stop
-signal between checkpoints, LM restarts its step scaling there (`fitcli.groups` saves values
-and damping, not the scaling), so the results agree to the fit's tolerances. A gradient
-optimizer's state is saved whole: exact either way.
+LM damping, iterations and whether it is done; for independent LM fits the rest of each
+group's LM state, `lm_batch.Carry`) goes out through `on_checkpoint` after each stretch, and
+when a stop signal ends the fit; `execute_grouped` writes it (state.json). Resumed
+(`resume.prepare_resume`), the groups already done are not fitted again and the others continue
+from their saved state, so the run ends with exactly the results of the run uninterrupted. The
+exception: a global fit stopped by a signal between checkpoints restarts its LM's step scaling
+there (it saves values and damping only), so its results agree to the fit's tolerances. A
+gradient optimizer's state is saved whole: exact either way.
 """
 
 from __future__ import annotations
@@ -274,7 +274,9 @@ def _fit_lm(
                 damping=lam,
                 should_stop=should_stop,
                 program=prep.program,
+                carry=_carry(state, lanes),
             )
+            _keep_carry(state, lanes, part.carry)
         stopped = bool(asked["stop"])
         state.theta[idx] = part.theta
         assert part.damping is not None
@@ -294,6 +296,30 @@ def _fit_lm(
         if on_checkpoint is not None:
             on_checkpoint(state)
     return _group_fit(prep, state), stopped
+
+
+def _carry(state: GroupState, lanes: np.ndarray) -> Any:
+    """The LM state of the groups `lanes` besides values and damping (`lm_batch.Carry`):
+    saved, or the start's where the state holds none."""
+    from fitcli.lm_batch import Carry
+
+    if state.nu is None:
+        return None
+    return Carry(*(torch.as_tensor(getattr(state, k)[lanes]) for k in ("nu", "scale2", "polish")))
+
+
+def _keep_carry(state: GroupState, lanes: np.ndarray, carry: Any) -> None:
+    """Store the groups' LM state after a stretch, so the next one (or a resume) goes on."""
+    if carry is None:
+        return
+    g, q = state.theta.shape
+    if state.nu is None:
+        state.nu = np.full(g, 2.0)
+        state.scale2 = np.zeros((g, q))
+        state.polish = np.full(g, math.nan)
+    state.nu[lanes] = carry.nu.numpy()
+    state.scale2[lanes] = carry.scale2.numpy()
+    state.polish[lanes] = carry.polish.numpy()
 
 
 def _group_fit(prep: GroupedPrepared, state: GroupState, history: list | None = None) -> Any:

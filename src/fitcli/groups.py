@@ -268,6 +268,7 @@ class GroupFit:
     rss: np.ndarray
     history: list[float] = field(default_factory=list)  # total cost per iteration
     damping: np.ndarray | None = None  # [G] each group's damping at the end (independent fits)
+    carry: lm_batch.Carry | None = None  # the rest of each group's LM state (independent fits)
 
 
 def _threads(device: torch.device) -> contextlib.AbstractContextManager:
@@ -299,6 +300,7 @@ def fit_independent(
     damping: torch.Tensor | None = None,
     should_stop: Callable[[], bool] | None = None,
     program: lm_jit.Program | None = None,
+    carry: lm_batch.Carry | None = None,
 ) -> GroupFit:
     """Every group its own LM fit (no shared parameter) over the groups with enough points,
     from theta0 [G, q] and, per group, the start `damping` [G] (None: ``opts.damping``): by
@@ -306,10 +308,10 @@ def fit_independent(
     `fitcli.lm_batch.solve`; the same steps either way. `on_iter(it)` and `should_stop()` are
     asked once per iteration (of each block of groups); on True the groups still running stop
     with their current values and damping (completed, "interrupted"), which a later call can
-    continue from (`GroupFit.theta`, `.damping`)."""
+    continue from exactly (`GroupFit.theta`, `.damping`, and `.carry` as `carry`)."""
     with _threads(theta0.device):
         return _fit_independent(
-            model, layout, data, theta0, opts, on_iter, damping, should_stop, program
+            model, layout, data, theta0, opts, on_iter, damping, should_stop, program, carry
         )
 
 
@@ -407,8 +409,9 @@ def _fit_compiled(
     lam: torch.Tensor,
     opts: LMOptions,
     should_stop: Callable[[], bool] | None,
+    carry: tuple[np.ndarray, np.ndarray, np.ndarray],
 ) -> dict[str, np.ndarray]:
-    return program.fit(*_arrays(data), _numpy(theta), lam.numpy(), opts, should_stop)
+    return program.fit(*_arrays(data), _numpy(theta), lam.numpy(), opts, should_stop, carry)
 
 
 def _fit_independent(
@@ -421,6 +424,7 @@ def _fit_independent(
     damping: torch.Tensor | None = None,
     should_stop: Callable[[], bool] | None = None,
     program: lm_jit.Program | None = None,
+    carry: lm_batch.Carry | None = None,
 ) -> GroupFit:
     g, q = theta0.shape
     dev = theta0.device
@@ -437,6 +441,10 @@ def _fit_independent(
     keep = torch.as_tensor(np.flatnonzero(~few), device=dev)
     shared = torch.zeros(0, dtype=theta.dtype, device=dev)
     known = np.full(g, math.nan)  # each group's sum(r**2), where the fit already has it
+    state = lm_batch.Carry.start(g, q) if carry is None else carry
+    state = lm_batch.Carry(
+        *(t.detach().cpu().clone() for t in (state.nu, state.scale2, state.polish))
+    )
     if keep.numel():
         length = data.w.shape[1]
         if dev.type == "cpu":
@@ -446,11 +454,21 @@ def _fit_independent(
         sub = data.take(keep)
         jit = compiled(program, model, layout, sub, theta[keep])
         if jit is not None:
+            kept = keep.cpu()
             out = _fit_compiled(
-                jit, sub, theta[keep], lam[keep], opts, _asker(on_iter, should_stop)
+                jit,
+                sub,
+                theta[keep],
+                lam[keep],
+                opts,
+                _asker(on_iter, should_stop),
+                (state.nu[kept].numpy(), state.scale2[kept].numpy(), state.polish[kept].numpy()),
             )
             theta[keep] = torch.from_numpy(out["theta"])
             lam[keep] = torch.from_numpy(out["damping"])
+            state.nu[kept] = torch.from_numpy(out["nu"])
+            state.scale2[kept] = torch.from_numpy(out["scale2"])
+            state.polish[kept] = torch.from_numpy(out["polish"])
             codes, n_it = out["code"], out["iterations"]
             # 0.5 RSS at each group's final values, from its last linearization (NaN for the
             # groups an interruption left unstarted, computed below).
@@ -463,8 +481,14 @@ def _fit_independent(
                 damping=lam[keep],
                 should_stop=_asker(on_iter, should_stop),
                 chunk=chunk,
+                carry=lm_batch.Carry(
+                    *(t[keep.cpu()] for t in (state.nu, state.scale2, state.polish))
+                ),
             )
             theta[keep], lam[keep] = sol.theta, sol.damping
+            kept = keep.cpu()
+            state.nu[kept], state.scale2[kept] = sol.nu.cpu(), sol.scale2.cpu()
+            state.polish[kept] = sol.polish.cpu()
             codes, n_it = sol.code.cpu().numpy(), sol.iterations.cpu().numpy()
         words: dict[tuple[int, int], tuple[str, str]] = {}  # (code, iterations) -> words
         for j, code, it in zip(keep.tolist(), codes.tolist(), n_it.tolist(), strict=True):
@@ -478,7 +502,9 @@ def _fit_independent(
         part = residual_ss(model, layout, data.take(missing), theta[missing], shared, program)
         known[missing.cpu().numpy()] = part.cpu().numpy()
     known[few] = math.nan
-    return GroupFit(theta, shared, status, reason, iters, known, damping=lam.cpu().numpy())
+    return GroupFit(
+        theta, shared, status, reason, iters, known, damping=lam.cpu().numpy(), carry=state
+    )
 
 
 def _failed(code: int) -> bool | None:

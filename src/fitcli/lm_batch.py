@@ -271,7 +271,8 @@ class Solution:
     """Per lane: the final parameters [B, p] (theta's dtype), damping [B], iterations [B] of
     this call, stop code [B] (`Stop`), 0.5 * RSS [B], and the normal equations J^T J [B, p, p]
     and J^T r [B, p] of all parameters (held ones included) at the final parameters (float64;
-    NaN where a lane never had a finite linearization)."""
+    NaN where a lane never had a finite linearization); and the rest of each lane's LM state
+    (nu, scale2, polish: a `Carry` for a later call to continue exactly)."""
 
     theta: torch.Tensor
     damping: torch.Tensor
@@ -280,10 +281,36 @@ class Solution:
     cost: torch.Tensor
     jtj: torch.Tensor
     jtr: torch.Tensor
+    nu: torch.Tensor
+    scale2: torch.Tensor
+    polish: torch.Tensor
 
     def converged(self) -> torch.Tensor:
         """Lanes stopped at a minimum by one of the convergence tests [B] bool."""
         return (self.code >= min(CONVERGED)) & (self.code <= max(CONVERGED))
+
+
+@dataclass
+class Carry:
+    """The LM state of each lane besides its parameters and damping: the growth of the damping
+    after rejections nu [B], Moré's scaling (the running maximum of diag(J^T J)) scale2 [B, p],
+    and the scaled length of the last polishing step polish [B] (NaN before polishing). A call
+    given a lane's carry (and its damping) continues where the call that returned it stopped,
+    as one uninterrupted call would."""
+
+    nu: torch.Tensor
+    scale2: torch.Tensor
+    polish: torch.Tensor
+
+    @staticmethod
+    def start(b: int, p: int) -> Carry:
+        """The state of lanes that have not started: nu 2, no scaling, no polishing."""
+        f64 = torch.float64
+        return Carry(
+            torch.full((b,), 2.0, dtype=f64),
+            torch.zeros((b, p), dtype=f64),
+            torch.full((b,), math.nan, dtype=f64),
+        )
 
 
 def damped_solve(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -336,6 +363,7 @@ def solve(
     decrement_tol: torch.Tensor | None = None,
     should_stop: Callable[[], bool] | None = None,
     chunk: int | None = None,
+    carry: Carry | None = None,
 ) -> Solution:
     """Levenberg-Marquardt on every lane of `lanes` from theta0 [B, p] (module doc).
 
@@ -344,7 +372,9 @@ def solve(
     previous call returned, to continue it. `decrement_tol` [B]: a lane also stops (DECREMENT)
     where its Gauss-Newton step would lower 0.5 * RSS by at most this. `should_stop` is called
     once per iteration; on True the call returns at once, the lanes still running stopped as
-    INTERRUPTED with their current values and damping. `chunk`: lanes per block (None: all)."""
+    INTERRUPTED with their current values and damping. `chunk`: lanes per block (None: all).
+    `carry`: each lane's state from a previous call (its Solution's nu, scale2 and polish; None:
+    the start's)."""
     nb, p = theta0.shape
     dev = theta0.device
     f64 = torch.float64
@@ -359,6 +389,7 @@ def solve(
     )
     tol = None if decrement_tol is None else arr(decrement_tol.to(device=dev, dtype=f64))
     i64 = torch.int64
+    start = Carry.start(nb, p) if carry is None else carry
     out = Solution(
         theta,
         lam,
@@ -367,6 +398,7 @@ def solve(
         ops.full((nb,), math.nan),
         ops.full((nb, p, p), math.nan),
         ops.full((nb, p), math.nan),
+        *(arr(t.to(device=dev, dtype=f64)) for t in (start.nu, start.scale2, start.polish)),
     )
     size = nb if chunk is None else max(1, int(chunk))
     interrupted = False
@@ -414,6 +446,11 @@ class _Block:
         out.theta[i], out.damping[i], out.cost[i] = map(pick, (self.theta, self.lam, self.cost))
         out.jtj[i], out.jtr[i] = pick(self.jtj), pick(self.jtr)
         out.code[i], out.iterations[i] = pick(self.code), pick(self.iters)
+        out.nu[i], out.scale2[i], out.polish[i] = (
+            pick(self.nu),
+            pick(self.scale2),
+            pick(self.polish),
+        )
 
     def keep(self, sel: torch.Tensor) -> _Block:
         """The lanes at the block positions `sel` (a long tensor) only, problems included."""
@@ -474,7 +511,7 @@ def _solve_block(
     should_stop: Callable[[], bool] | None,
 ) -> bool:
     """LM on the lanes `idx` of `out` (written back there); True if interrupted."""
-    b, p = idx.shape[0], out.theta.shape[1]
+    b = idx.shape[0]
     theta = out.theta[idx]
     r, jac = lanes.linearize(theta)
     rows = r.shape[-1]
@@ -487,10 +524,10 @@ def _solve_block(
         lanes,
         theta,
         out.damping[idx],
-        ops.full((b,), 2.0),
-        ops.zeros((b, p)),
+        out.nu[idx],
+        out.scale2[idx],
         cost,
-        ops.full((b,), math.nan),
+        out.polish[idx],
         jtj,
         jtr,
         masked[0],

@@ -128,11 +128,8 @@ _LM = """
 
 @njit(**JIT)
 def start_range(x, wy, w, counts, lo, hi, gtol, theta, jtj, jtr, scale2, state, code):
-    p = theta.shape[1]
     for g in range(lo, hi):
         cost = linearize(x[g], wy[g], w[g], counts[g], theta[g], jtj[g], jtr[g])
-        for k in range(p):
-            scale2[g, k] = 0.0
         state[g, 3] = cost
         check(jtj[g], jtr[g], cost, scale2[g], code[g : g + 1], True, gtol)
 
@@ -490,9 +487,12 @@ class Program:
         damping: np.ndarray,
         opts: LMOptions,
         should_stop: Callable[[], bool] | None = None,
+        carry: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
-        """LM on every group from theta [G, p] (the model's dtype) and damping [G]: theta,
-        damping, iterations, code (`lm_batch.Stop`), cost (0.5 RSS), jtj, jtr per group.
+        """LM on every group from theta [G, p] (the model's dtype), damping [G] and `carry`
+        (nu [G], scale2 [G, p], polish [G] of `lm_batch.Carry`; None: the start's): theta,
+        damping, iterations, code (`lm_batch.Stop`), cost (0.5 RSS), jtj, jtr, nu, scale2 and
+        polish per group.
 
         The groups run in blocks of about `BLOCK_BYTES` of data per thread, a block's running
         groups dealt to the threads at each iteration. `should_stop` is asked before each iteration
@@ -502,11 +502,15 @@ class Program:
         th = np.array(theta, dtype=self.dtype, order="C")
         jtj = np.full((g, p, p), math.nan)
         jtr = np.full((g, p), math.nan)
-        scale2 = np.zeros((g, p))
         state = np.zeros((g, 5))
         state[:, 0] = damping
-        state[:, 1] = 2.0
-        state[:, 2:4] = math.nan
+        state[:, 3] = math.nan
+        if carry is None:
+            scale2 = np.zeros((g, p))
+            state[:, 1], state[:, 2] = 2.0, math.nan
+        else:
+            scale2 = np.array(carry[1], dtype=np.float64, order="C")
+            state[:, 1], state[:, 2] = carry[0], carry[2]
         code = np.zeros(g, dtype=np.int64)
         counts = np.ascontiguousarray(counts, dtype=np.int64)
         ftol, xtol, gtol = float(opts.ftol), float(opts.xtol), float(opts.gtol)
@@ -561,6 +565,9 @@ class Program:
             "cost": state[:, 3].copy(),
             "jtj": jtj,
             "jtr": jtr,
+            "nu": state[:, 1].copy(),
+            "scale2": scale2,
+            "polish": state[:, 2].copy(),
         }
 
     def covariance(self, jtj: np.ndarray, rcond: float) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,8 @@
 cannot run code (the tagged values of `fitcli.rundir.state`).
 
 A grouped run (`fitcli.grouped_run`) saves, per group, its internal per-group values, its LM
-damping, its iterations and whether its fit has ended (with its status and reason), the shared
+damping (and for independent fits the rest of its LM state: nu, the scaling, the polishing),
+its iterations and whether its fit has ended (with its status and reason), the shared
 values, and for a gradient optimizer the optimizer's and scheduler's state; with the config
 that produced it and, for `data.files`, each file's path and digest (resume names the file
 that changed). Resuming from it is `fitcli.resume`'s.
@@ -51,6 +52,11 @@ class GroupState:
     optimizer: dict | None = None
     config: dict = field(default_factory=dict)
     data_files: list[list[str]] | None = None  # [[path, digest], ...] of data.files
+    # An independent LM fit's other per-group state (`fitcli.lm_batch.Carry`): nu [G], scale2
+    # [G, q] and polish [G] float64; None: every group's start (a state saved before these).
+    nu: Any = None
+    scale2: Any = None
+    polish: Any = None
 
 
 def save_group_state(run_dir: Path, state: GroupState) -> None:
@@ -73,6 +79,10 @@ def save_group_state(run_dir: Path, state: GroupState) -> None:
         "config": encode(state.config),
         "data_files": state.data_files,
     }
+    for key in ("nu", "scale2", "polish"):
+        value = getattr(state, key)
+        if value is not None:
+            doc[key] = encode(torch.as_tensor(value, dtype=torch.float64))
     write_state_doc(run_dir, doc)
 
 
@@ -133,6 +143,16 @@ def load_group_state(run_dir: Path) -> GroupState:
         config = decode(doc["config"], "config")
         if not isinstance(config, dict):
             raise ValueError(_bad("config", "is not a mapping"))
+        carry = {}
+        for key, shape in (("nu", (g,)), ("scale2", (g, theta.shape[1])), ("polish", (g,))):
+            if doc.get(key) is None:
+                continue
+            t = decode(doc[key], key)
+            if not (
+                isinstance(t, torch.Tensor) and t.dtype == torch.float64 and tuple(t.shape) == shape
+            ):
+                raise ValueError(_bad(key, f"is not a float64 table of shape {shape}"))
+            carry[key] = t.numpy().copy()
         data_files = doc.get("data_files")
         if data_files is not None and not (
             isinstance(data_files, list)
@@ -157,6 +177,7 @@ def load_group_state(run_dir: Path) -> GroupState:
         optimizer=optimizer,
         config=config,
         data_files=data_files,
+        **carry,
     )
 
 
