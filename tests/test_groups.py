@@ -345,3 +345,30 @@ def test_the_terminal_summary_of_groups_counts_them_instead_of_an_empty_table(tm
     line = next(ln for ln in result.output.splitlines() if ln.startswith("groups "))
     assert line.split(None, 1)[1] == ("4: 3 converged, 1 failed; per group (a, b, c) in groups.csv")
     assert "parameter" not in result.output  # no table without shared parameters
+
+
+def test_fitcli_plot_rebuilds_a_grouped_runs_pages_as_train_wrote_them(tmp_path):
+    # `fitcli plot RUN_DIR` of a grouped run said its data.csv was garbled; it now draws the
+    # report and snapshots again from the run directory, byte for byte what train wrote.
+    write_wells(tmp_path / "wells.csv", groups=6, n=25, seed=3)
+    for params in (ALL_PER_GROUP, {"a": {"value": 2, "per_group": True}, "b": 0.8, "c": 0.2}):
+        result, run = train(config(tmp_path, params), tmp_path, "--overwrite")
+        assert result.exit_code == 0, result.output
+        pages = sorted(p.relative_to(run) for p in run.rglob("*.html"))
+        before = {p: (run / p).read_bytes() for p in pages}
+        for p in pages:
+            (run / p).unlink()
+        plotted = runner.invoke(app, ["plot", str(run)])
+        assert plotted.exit_code == 0, plotted.output
+        assert sorted(p.relative_to(run) for p in run.rglob("*.html")) == pages
+        assert {p: (run / p).read_bytes() for p in pages} == before
+        elsewhere = tmp_path / "out" / "page.html"
+        elsewhere.parent.mkdir(exist_ok=True)
+        plotted = runner.invoke(app, ["plot", str(run), "--out", str(elsewhere)])
+        assert plotted.exit_code == 0, plotted.output
+        assert elsewhere.read_bytes() == before[Path("report.html")]
+        assert (elsewhere.parent / "plotly.min.js").is_file()
+        elsewhere.unlink()
+    # Comparisons and static figures take single runs: said plainly, exit 2.
+    compared = runner.invoke(app, ["plot", str(run), str(run), "--out", str(tmp_path / "c.html")])
+    assert compared.exit_code == 2 and "grouped run" in compared.output

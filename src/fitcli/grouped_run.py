@@ -650,11 +650,67 @@ def group_file_digests(cfg: Any) -> list[list[str]] | None:
     return [[str(p), file_digest(p)] for p in expand_files(cfg.data.files)]
 
 
+def rebuild_report(run_dir: Path, *, out: Path | None = None, plotlyjs: str = "directory") -> Any:
+    """`fitcli plot` of a grouped run: its pages drawn again from what the run directory holds
+    (config.yaml, data.csv, groups.csv, summary.json's shared values), as `execute_grouped`
+    drew them; the report at `out` (default RUN_DIR/report.html). Everything is read and built
+    before the first byte is written. Returns `report.Written`."""
+    from types import SimpleNamespace
+
+    from fitcli.model import build_model, to_internal
+    from fitcli.report import Written
+    from fitcli.rundir import files
+    from fitcli.rundir.reader import read_grouped
+
+    run = read_grouped(run_dir)
+    cfg, ds, rows = run.cfg, run.dataset, run.rows
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    model = build_model(cfg.model, cfg.seed, dtype, ds.variables)
+    per = [n for n in run.summary["per_group_params"] if n in model.free_names]
+    shared = [n for n in model.free_names if n not in per]
+    layout = Layout(
+        [model.free_names.index(n) for n in per], [model.free_names.index(n) for n in shared]
+    )
+    assert ds.group is not None and ds.group_labels is not None
+    n_groups = len(ds.group_labels)
+    packed = pack(ds.x, ds.y, ds.sigma, ds.group, n_groups, dtype, torch.device("cpu"))
+    prep = GroupedPrepared(
+        cfg, ds, model, torch.device("cpu"), dtype, packed, layout, True, per, shared
+    )
+    infos = {i.name: i for i in model.infos}
+    values = run.summary.get("params") or {}
+    theta = torch.tensor(
+        [[to_internal(infos[n], r[n]) for n in per] for r in rows], dtype=dtype
+    ).reshape(n_groups, len(per))
+    shared_t = torch.tensor([to_internal(infos[n], values[n]) for n in shared], dtype=dtype)
+    page = Path(out) if out is not None else run.path / files.REPORT
+    files.check_output_file(page, "--out")
+    pages = _pages(prep, rows, SimpleNamespace(theta=theta, shared=shared_t), plotlyjs)
+    if plotlyjs == "directory" and page.parent.resolve() != run.path.resolve():
+        files.copy_plotly_js(page.parent)
+    written = []
+    for rel, text in pages.items():
+        if rel != files.REPORT:
+            files.atomic_write(run.path / rel, text)
+            written.append(run.path / rel)
+    files.atomic_write(page, pages[files.REPORT])
+    return Written(page, written)
+
+
 def _write_pages(
     prep: GroupedPrepared, run_dir: Path, rows: list[dict], result: Any, plotlyjs: str
 ) -> None:
     """report.html (small multiples and histograms) and the two snapshot pages: the start and
     the fit, both as small multiples."""
+    from fitcli.rundir import files
+
+    for rel, text in _pages(prep, rows, result, plotlyjs).items():
+        files.atomic_write(run_dir / rel, text)
+
+
+def _pages(prep: GroupedPrepared, rows: list[dict], result: Any, plotlyjs: str) -> dict[str, str]:
+    """The grouped run's pages by their paths in the run directory: report.html and the two
+    snapshots."""
     from fitcli.plots import group_histograms, group_small_multiples, groups_page
     from fitcli.rundir import files
 
@@ -666,15 +722,12 @@ def _write_pages(
     hist = group_histograms(rows, prep.per_group)
     width = len(str(prep.cfg.epochs))
     last = int(max((r["iterations"] for r in rows), default=0))
-    snaps = run_dir / files.SNAPSHOTS
-    js = plotlyjs
-    files.atomic_write(
-        snaps / f"epoch-{0:0{width}d}.html", groups_page([fig_start], js, 1, prep.cfg.name)
-    )
-    files.atomic_write(
-        snaps / f"epoch-{last:0{width}d}.html", groups_page([fig_fit], js, 1, prep.cfg.name)
-    )
-    files.atomic_write(run_dir / files.REPORT, groups_page([fig_fit, hist], js, 0, prep.cfg.name))
+    js, name = plotlyjs, prep.cfg.name
+    return {
+        f"{files.SNAPSHOTS}/epoch-{0:0{width}d}.html": groups_page([fig_start], js, 1, name),
+        f"{files.SNAPSHOTS}/epoch-{last:0{width}d}.html": groups_page([fig_fit], js, 1, name),
+        files.REPORT: groups_page([fig_fit, hist], js, 0, name),
+    }
 
 
 def _curves(prep: GroupedPrepared, theta: torch.Tensor, shared: torch.Tensor, rows: list[dict]):

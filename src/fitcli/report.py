@@ -629,6 +629,13 @@ def write_report(run_dir: Path, *, out: Path | None = None, plotlyjs: str = "dir
 
     Everything is read, checked and built before the first byte is written.
     """
+    from fitcli.rundir.reader import is_grouped
+
+    if Path(run_dir).is_dir() and is_grouped(Path(run_dir)):
+        from fitcli.grouped_run import rebuild_report
+
+        rebuilt: Written = rebuild_report(Path(run_dir), out=out, plotlyjs=plotlyjs)
+        return rebuilt
     run = read_run(Path(run_dir))
     page_path = Path(out) if out is not None else run.path / REPORT
     if plotlyjs == "directory":

@@ -409,6 +409,11 @@ def read_run(run_dir: Path) -> Run:
         what = "does not exist" if not run_dir.exists() else "is not a directory"
         raise RunFileError(f"{run_dir}: {what}; expected a fitcli run directory")
     summary = _check_summary(run_dir, files.read_summary(run_dir))
+    if "groups" in summary:
+        raise RunFileError(
+            f"{run_dir}: a grouped run ({summary['groups']} groups): `fitcli plot {run_dir}` "
+            "rebuilds its report; comparisons and --format figures take single runs"
+        )
     status = summary["status"]
     names = list(summary["params"])
     config_text, cfg = _check_config(run_dir, summary)
@@ -652,3 +657,97 @@ def summary_problem(summary: Any) -> str | None:
 def _short_json(value: Any) -> str:
     text = json.dumps(value) if not isinstance(value, float) else repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+# -- grouped runs --------------------------------------------------------------------------------
+
+
+@dataclass
+class GroupedRun:
+    """What `fitcli plot` reads back of a grouped run: its summary, config, observations (with
+    each row's group) and groups.csv's rows (typed as the run wrote them)."""
+
+    path: Path
+    summary: dict
+    cfg: Any
+    dataset: Any  # fitcli.data.Dataset, group and group_labels set
+    rows: list[dict]
+
+
+def is_grouped(run_dir: Path) -> bool:
+    """Whether a run directory holds a grouped run (its summary.json counts groups)."""
+    summary = files.read_summary(Path(run_dir))
+    return isinstance(summary, dict) and "groups" in summary
+
+
+def read_grouped(run_dir: Path) -> GroupedRun:
+    """A grouped run's data.csv (its variables, y, sigma and group columns), groups.csv and
+    config; a missing, truncated or garbled file is a RunFileError naming it (exit 2)."""
+    import pandas as pd
+
+    from fitcli.data import Dataset
+
+    run_dir = Path(run_dir)
+    summary = files.read_summary(run_dir)
+    _, cfg = _check_config(run_dir, summary)
+    x_cols = _x_columns(summary)
+    frames = {}
+    for rel in (files.DATA, "groups.csv"):
+        path = run_dir / rel
+        text = _read_text(run_dir, rel)
+        if not text.endswith("\n"):
+            raise RunFileError(f"{path}: truncated (its last line is incomplete)")
+        try:
+            text_cols = ["group", "status", "reason"]
+            frames[rel] = pd.read_csv(
+                io.StringIO(text), dtype={c: str for c in text_cols}, keep_default_na=False
+            )
+        except (ValueError, pd.errors.ParserError) as exc:
+            raise RunFileError(f"{path}: garbled ({exc})") from None
+    data, groups = frames[files.DATA], frames["groups.csv"]
+    need = [*x_cols, "y", "group"]
+    per = summary.get("per_group_params")
+    if not isinstance(per, list):
+        raise RunFileError(f"{run_dir / files.SUMMARY}: no per_group_params list")
+    columns = ["group", "status", "reason", "iterations", "n_points", "loss", "rss"]
+    for rel, frame, cols in (
+        (files.DATA, data, need),
+        ("groups.csv", groups, columns + [c for n in per for c in (n, f"{n}_stderr")]),
+    ):
+        missing = [c for c in cols if c not in frame.columns]
+        if missing:
+            raise RunFileError(f"{run_dir / rel}: no column {missing[0]!r} (garbled?)")
+    labels = tuple(groups["group"].tolist())
+    index = {label: k for k, label in enumerate(labels)}
+    codes = data["group"].map(index)
+    if codes.isna().any() or len(index) != len(labels):
+        raise RunFileError(
+            f"{run_dir / files.DATA}: its group labels are not groups.csv's (garbled?)"
+        )
+    try:
+        numbers = {c: data[c].to_numpy(dtype=np.float64) for c in [*x_cols, "y"]}
+        sigma = data["sigma"].to_numpy(dtype=np.float64) if "sigma" in data.columns else None
+        rows = [
+            {
+                **{c: str(r[c]) for c in ("group", "status", "reason")},
+                "iterations": int(r["iterations"]),
+                "n_points": int(r["n_points"]),
+                **{c: float(r[c]) for c in groups.columns if c not in columns[:5]},
+            }
+            for r in groups.to_dict("records")
+        ]
+    except (TypeError, ValueError) as exc:
+        raise RunFileError(
+            f"{run_dir}: data.csv or groups.csv holds a non-number ({exc})"
+        ) from None
+    x = numbers[x_cols[0]] if len(x_cols) == 1 else np.column_stack([numbers[c] for c in x_cols])
+    dataset = Dataset(
+        x,
+        numbers["y"],
+        sigma=sigma,
+        source=str(run_dir / files.DATA),
+        variables=tuple(x_cols) if len(x_cols) > 1 else ("x",),
+        group=codes.to_numpy(dtype=np.int64),
+        group_labels=labels,
+    )
+    return GroupedRun(run_dir, summary, cfg, dataset, rows)
