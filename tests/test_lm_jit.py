@@ -192,21 +192,51 @@ def test_a_fit_that_is_compiled_never_reaches_lm_batch(monkeypatch):
 
 
 def test_models_outside_the_translation_use_lm_batch_with_the_same_answers(monkeypatch):
-    # A function the translation lacks (gamma), and bounds (the free vector is not the values).
+    # A function the translation lacks (gamma), and a tie.
     gamma = make_model("a*exp(-(x - c)**2/(2*s**2)) + 0*gamma(s + 3)", {"a": 4, "c": 0.2, "s": 1.2})
-    bounded = make_model(GAUSS, {"a": 4, "c": 0.2, "s": 1.2}, s={"min": 0.1, "max": 5.0})
+    tied = make_model(GAUSS + " + b", {"a": 4, "c": 0.2, "s": 1.2}, b={"expr": "0*a"})
     assert lm_jit.compile_groups(gamma, torch.float64) is None
-    assert lm_jit.compile_groups(bounded, torch.float64) is None
+    assert lm_jit.compile_groups(tied, torch.float64) is None
     x, y = gaussians(6, seed=3)
     plain = make_model(GAUSS, {"a": 4, "c": 0.2, "s": 1.2})
     data = packed(x, y)
     want = groups.fit_independent(plain, all_per_group(plain), data, start(plain, 6), LMOptions())
-    for model in (gamma, bounded):
+    for model in (gamma, tied):
         got = groups.fit_independent(
             model, all_per_group(model), data, start(model, 6), LMOptions()
         )
         values = groups.external_values(model, all_per_group(model), got.theta, torch.zeros(0))
         np.testing.assert_allclose(values.numpy(), want.theta.numpy(), rtol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        {"s": {"min": 0.1, "max": 5.0}, "c": {"min": -2.0}},
+        {"a": {"max": 50.0}, "s": {"min": 0.05}},
+        {"b": {"vary": False}, "s": {"min": 0.05}},
+    ],
+    ids=["both-and-lower", "upper-and-lower", "fixed"],
+)
+def test_bounded_and_fixed_parameters_compile_to_the_batched_fits_answers(info):
+    # Internal values through torch's sigmoid / softplus (threshold 20), and fixed values as
+    # constants: the compiled steps, values and error bars are the batched program's.
+    model = make_model(GAUSS + " + b", {"a": 4, "c": 0.2, "s": 1.2, "b": 0.0}, **info)
+    program = lm_jit.compile_groups(model, torch.float64)
+    assert program is not None
+    x, y = gaussians(8, seed=9)
+    data = packed(x, y)
+    layout = all_per_group(model)
+    theta0 = start(model, 8)
+    assert groups.compiled(program, model, layout, data, theta0) is program
+    got = groups.fit_independent(model, layout, data, theta0, LMOptions(), program=program)
+    want = groups.fit_independent(model, layout, data, theta0, LMOptions())
+    assert set(got.status) == set(want.status) == {"converged"}
+    values = [groups.external_values(model, layout, f.theta, torch.zeros(0)) for f in (got, want)]
+    np.testing.assert_allclose(values[0].numpy(), values[1].numpy(), rtol=1e-7, atol=1e-9)
+    se_got, _ = groups.stderr_independent(model, layout, data, got.theta, True, program)
+    se_want, _ = groups.stderr_independent(model, layout, data, want.theta, True)
+    np.testing.assert_allclose(se_got, se_want, rtol=1e-6)
 
 
 def test_a_translation_that_disagrees_with_autograd_is_not_used(monkeypatch):

@@ -738,10 +738,10 @@ def _stderr_independent(
     out = np.full((g, q), math.nan)
     sing = np.zeros(g, dtype=bool)
     length = data.w.shape[1]
-    jit = compiled(program, model, layout, data, free)  # unbounded: its values are theta's
+    jit = compiled(program, model, layout, data, free)
     if jit is not None:
         # All groups at once (no Jacobian is stored), the covariance compiled too.
-        cost, jtj_np, _ = jit.linearize(*_arrays(data), _numpy(free))
+        cost, jtj_np, _ = jit.linearize(*_arrays(data), _numpy(free), external=True)
         diag, flags = jit.covariance(jtj_np, SINGULAR_RCOND)
         scale2 = 2.0 * cost / np.maximum(data.counts - q, 1) if scale else np.ones(g)
         with np.errstate(invalid="ignore"):

@@ -13,8 +13,8 @@ where a lane of `lm_batch.solve` ends, to rounding.
 
 `compile_groups(model, dtype)` returns the compiled program of a model, or None where this path
 does not apply, and `lm_batch` does the work: no numba, a function outside `_UNARY` and the
-constructs `_Gen` translates, bounds, fixed values or ties (the model's free vector is not its
-parameter vector), more than `MAX_PARAMS` parameters. A run compiles only where it is worth it
+constructs `_Gen` translates, ties, more than `MAX_PARAMS` free parameters. Bounds are torch's
+transforms of the internal values (`_transform`), fixed values constants. A run compiles only where it is worth it
 (`worth_it`: from `MIN_CELLS` data cells on, or as ``FITCLI_JIT`` says), and
 `fitcli.groups.compiled` checks the translation against torch's autograd on the first groups of
 every data set before using it.
@@ -129,7 +129,7 @@ _LM = """
 @njit(**JIT)
 def start_range(x, wy, w, counts, lo, hi, gtol, theta, jtj, jtr, scale2, state, code):
     for g in range(lo, hi):
-        cost = linearize(x[g], wy[g], w[g], counts[g], theta[g], jtj[g], jtr[g])
+        cost = linearize(x[g], wy[g], w[g], counts[g], theta[g], jtj[g], jtr[g], False)
         state[g, 3] = cost
         check(jtj[g], jtr[g], cost, scale2[g], code[g : g + 1], True, gtol)
 
@@ -154,7 +154,7 @@ def step_index(
             )
             if not go:
                 break
-            new = linearize(x[g], wy[g], w[g], counts[g], trial, jtj_t, jtr_t)
+            new = linearize(x[g], wy[g], w[g], counts[g], trial, jtj_t, jtr_t, False)
             update(
                 theta[g], jtj[g], jtr[g], scale2[g], state[g], cg, trial, jtj_t, jtr_t, new,
                 predicted, step_norm, xsmall, polishing, ftol, gtol,
@@ -162,9 +162,11 @@ def step_index(
 
 
 @njit(**JIT)
-def linearize_range(x, wy, w, counts, theta, lo, hi, out_cost, out_jtj, out_jtr):
+def linearize_range(x, wy, w, counts, theta, lo, hi, out_cost, out_jtj, out_jtr, external):
     for g in range(lo, hi):
-        out_cost[g] = linearize(x[g], wy[g], w[g], counts[g], theta[g], out_jtj[g], out_jtr[g])
+        out_cost[g] = linearize(
+            x[g], wy[g], w[g], counts[g], theta[g], out_jtj[g], out_jtr[g], external
+        )
 """
 
 
@@ -335,15 +337,56 @@ class _Gen:
         return self.new(" and ".join(parts))
 
 
-def _linearize_source(tree: tuple, names: tuple[str, ...], variables: tuple[str, ...]) -> str:
-    """The generated ``linearize(x, wy, w, n, th, jtj, jtr) -> 0.5 * RSS`` of one group."""
-    p = len(names)
-    gen = _Gen({name: k for k, name in enumerate(names)}, variables, [])
+# A parameter of the generated code: (name, bound kind, lower, upper, fixed value). The kinds
+# are `fitcli.model.FitModel.external`'s: free and unbounded, both bounds (lo + (hi - lo)
+# sigmoid(u)), a lower one (lo + softplus(u)), an upper one (hi - softplus(u)); or fixed.
+FREE, BOTH, LOWER, UPPER, FIXED = range(5)
+Spec = tuple[tuple[str, int, float, float, float], ...]
+
+
+def _transform(k: int, kind: int, lo: float, hi: float) -> list[str]:
+    """Lines giving p (the value) and c{k} (d value / d internal) of free parameter k from its
+    internal value u = th[k]; torch's sigmoid and softplus (threshold 20) and their gradients.
+    With `external`, th holds the values themselves (the error bars' Jacobian)."""
+    if kind == FREE:
+        return [f"    c{k} = 1.0", f"    v{k} = T(th[{k}])"]
+    lines = [
+        f"    u{k} = T(th[{k}])",
+        "    if external:",
+        f"        v{k} = u{k}",
+        f"        c{k} = 1.0",
+    ]
+    lines.append("    else:")
+    if kind == BOTH:
+        lines += [
+            f"        e{k} = 1.0 / (1.0 + math.exp(-u{k}))",
+            f"        v{k} = {lo!r} + ({hi!r} - {lo!r}) * e{k}",
+            f"        c{k} = ({hi!r} - {lo!r}) * e{k} * (1.0 - e{k})",
+        ]
+    else:
+        sign, base = ("", lo) if kind == LOWER else ("-", hi)
+        lines += [
+            f"        sp{k} = u{k} if u{k} > 20.0 else math.log1p(math.exp(u{k}))",
+            f"        v{k} = {base!r} {'+' if kind == LOWER else '-'} sp{k}",
+            f"        c{k} = {sign}(1.0 if u{k} > 20.0 else 1.0 / (1.0 + math.exp(-u{k})))",
+        ]
+    return lines
+
+
+def _linearize_source(tree: tuple, spec: Spec, variables: tuple[str, ...]) -> str:
+    """The generated ``linearize(x, wy, w, n, th, jtj, jtr, external) -> 0.5 * RSS`` of one
+    group, th its free parameters' internal values (`external`: their values)."""
+    free = [s for s in spec if s[1] != FIXED]
+    p = len(free)
+    gen = _Gen({s[0]: k for k, s in enumerate(free)}, variables, [])
     value, tangents = gen.node(tree)
     body = ["    " + line for line in gen.lines]
     sums = [(i, j) for i in range(p) for j in range(i + 1)]
-    out = ["", "", "@njit(**JIT)", "def linearize(x, wy, w, n, th, jtj, jtr):"]
-    out += [f"    p_{name} = T(th[{k}])" for k, name in enumerate(names)]
+    out = ["", "", "@njit(**JIT)", "def linearize(x, wy, w, n, th, jtj, jtr, external):"]
+    for k, (name, kind, lo, hi, _) in enumerate(free):
+        out += _transform(k, kind, lo, hi)
+        out.append(f"    p_{name} = v{k}")
+    out += [f"    p_{name} = T({fixed!r})" for name, kind, _, _, fixed in spec if kind == FIXED]
     out += [f"    s{i}_{j} = 0.0" for i, j in sums]
     out += [f"    g{i} = 0.0" for i in range(p)]
     out += ["    rss = 0.0", "    for i in range(n):"]
@@ -356,7 +399,7 @@ def _linearize_source(tree: tuple, names: tuple[str, ...], variables: tuple[str,
     out += ["        wi = w[i]", f"        r = np.float64(wy[i] - wi * {value})"]
     for k in range(p):
         d = tangents.get(k, "T(0.0)")
-        out.append(f"        j{k} = np.float64(wi * {d})")
+        out.append(f"        j{k} = np.float64(wi * {d}) * c{k}")
     out += [f"        s{i}_{j} += j{i} * j{j}" for i, j in sums]
     out += [f"        g{k} += j{k} * r" for k in range(p)]
     out.append("        rss += r * r")
@@ -369,10 +412,10 @@ def _linearize_source(tree: tuple, names: tuple[str, ...], variables: tuple[str,
     return "\n".join(out) + "\n"
 
 
-def _source(tree: tuple, names: tuple[str, ...], variables: tuple[str, ...], dtype: str) -> str:
+def _source(tree: tuple, spec: Spec, variables: tuple[str, ...], dtype: str) -> str:
     return (
         _PRELUDE.format(dtype=dtype, cache="{cache}", kernels=_kernels_digest())
-        + _linearize_source(tree, names, variables)
+        + _linearize_source(tree, spec, variables)
         + _LM
     )
 
@@ -596,12 +639,20 @@ class Program:
         one = np.ones(1, dtype=np.int64)
         self.fit(x1, w1, w1, one, th, np.full(1, 1e-3), LMOptions(max_iter=1))
         self.linearize(x1, w1, w1, one, th)
+        self.linearize(x1, w1, w1, one, th, external=True)
         self.covariance(np.eye(self.params)[None], 1e-13)
 
     def linearize(
-        self, x: np.ndarray, wy: np.ndarray, w: np.ndarray, counts: np.ndarray, theta: np.ndarray
+        self,
+        x: np.ndarray,
+        wy: np.ndarray,
+        w: np.ndarray,
+        counts: np.ndarray,
+        theta: np.ndarray,
+        external: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(0.5 RSS [G], J^T J [G, p, p], J^T r [G, p]) at theta, in float64."""
+        """(0.5 RSS [G], J^T J [G, p, p], J^T r [G, p]) at theta (the internal values; with
+        `external`, the values themselves and J with respect to them), in float64."""
         g, p = theta.shape
         cost, jtj, jtr = np.empty(g), np.empty((g, p, p)), np.empty((g, p))
         counts = np.ascontiguousarray(counts, dtype=np.int64)
@@ -609,7 +660,7 @@ class Program:
         run = self.module.linearize_range
 
         def task(lo: int, hi: int) -> None:
-            run(x, wy, w, counts, theta, lo, hi, cost, jtj, jtr)
+            run(x, wy, w, counts, theta, lo, hi, cost, jtj, jtr, bool(external))
 
         self._over_groups(task, g)
         return cost, jtj, jtr
@@ -648,9 +699,9 @@ def compile_groups(model: Any, dtype: Any) -> Program | None:
     """The compiled group fit of `model` (a `FitModel` with an expression) in `dtype` (torch's
     float32 or float64), or None where this path does not apply (module doc)."""
     expression = getattr(model, "expression", None)
-    if expression is None or not getattr(model, "_all_free_unbounded", False):
+    if expression is None or getattr(model, "_ties", None) or not available():
         return None
-    if len(model.names) > MAX_PARAMS or not available():
+    if len(model.free_names) > MAX_PARAMS:
         return None
     if os.environ.get("FITCLI_JIT", "1") == "0":
         return None
@@ -659,17 +710,36 @@ def compile_groups(model: Any, dtype: Any) -> Program | None:
     name = {torch.float64: "float64", torch.float32: "float32"}.get(dtype)
     if name is None:
         return None
-    return _program(expression, tuple(model.names), name)
+    return _program(expression, _spec(model), name)
+
+
+def _spec(model: Any) -> Spec:
+    """Each parameter of the model in declaration order: name, bound kind, bounds, fixed value."""
+    out = []
+    for info in model.infos:
+        lo, hi = info.min, info.max
+        if not info.free:
+            out.append((info.name, FIXED, 0.0, 0.0, float(info.value)))
+        elif lo is not None and hi is not None:
+            out.append((info.name, BOTH, float(lo), float(hi), 0.0))
+        elif lo is not None:
+            out.append((info.name, LOWER, float(lo), 0.0, 0.0))
+        elif hi is not None:
+            out.append((info.name, UPPER, 0.0, float(hi), 0.0))
+        else:
+            out.append((info.name, FREE, 0.0, 0.0, 0.0))
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=64)
-def _program(expression: Any, names: tuple[str, ...], dtype: str) -> Program | None:
+def _program(expression: Any, spec: Spec, dtype: str) -> Program | None:
     try:
-        text = _source(expression._tree, names, expression.variables, dtype)
+        text = _source(expression._tree, spec, expression.variables, dtype)
     except _Unsupported:
         return None
     variables = expression.variables
     shape = () if variables == ("x",) else (len(variables),)
-    program = Program(_load(text), np.dtype(dtype), len(names), shape)
+    free = sum(1 for s in spec if s[1] != FIXED)
+    program = Program(_load(text), np.dtype(dtype), free, shape)
     program.warm()
     return program
