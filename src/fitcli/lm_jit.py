@@ -14,10 +14,10 @@ where a lane of `lm_batch.solve` ends, to rounding.
 `compile_groups(model, dtype)` returns the compiled program of a model, or None where this path
 does not apply, and `lm_batch` does the work: no numba, a function outside `_UNARY` and the
 constructs `_Gen` translates, ties, more than `MAX_PARAMS` free parameters. Bounds are torch's
-transforms of the internal values (`_transform`), fixed values constants. A run compiles only where it is worth it
-(`worth_it`: from `MIN_CELLS` data cells on, or as ``FITCLI_JIT`` says), and
-`fitcli.groups.compiled` checks the translation against torch's autograd on the first groups of
-every data set before using it.
+transforms of the internal values (`_transform`), fixed values constants. A run compiles only
+where it is worth it (`worth_it`: from `MIN_CELLS` data cells on, or as ``FITCLI_JIT`` says),
+and `fitcli.groups.compiled` checks the translation against torch's autograd on the first
+groups of every data set before using it.
 
 The generated module holds the model's ``linearize`` and the drivers that call it; the steps
 themselves are `fitcli.lm_kernels`, compiled once per machine and linked into every model's
