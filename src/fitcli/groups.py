@@ -67,7 +67,11 @@ POLISH_STRIKES = 3
 @dataclass
 class Packed:
     """Grouped observations padded to the longest group: x [G, L] (or [G, L, k]), the weighted
-    y ``w * y`` and the weights w [G, L] (0 at a pad), and each group's number of points."""
+    y ``w * y`` and the weights w [G, L] (0 at a pad), and each group's number of points.
+
+    Several variables are stored variable by variable ([G, k, L] in memory, x a transposed view
+    of it): each variable's column ``x[..., j]`` of a group is contiguous, which the batched
+    program reads as it is and the compiled fit's loop over points vectorizes on."""
 
     x: torch.Tensor
     wy: torch.Tensor
@@ -83,7 +87,8 @@ class Packed:
             (idx == torch.arange(self.groups, device=idx.device)).all()
         ):
             return self  # every group, in order: no copy
-        return Packed(self.x[idx], self.wy[idx], self.w[idx], self.counts[idx.cpu().numpy()])
+        x = self.x[idx] if self.x.ndim == 2 else self.x.transpose(1, 2)[idx].transpose(1, 2)
+        return Packed(x, self.wy[idx], self.w[idx], self.counts[idx.cpu().numpy()])
 
 
 def packed_bytes(counts: np.ndarray, k: int, p: int, itemsize: int, compiled: bool = False) -> int:
@@ -117,18 +122,19 @@ def pack(
     # A pad repeats its group's first point (an empty group: the first row of all).
     first = np.where(counts > 0, order[np.minimum(starts, group.size - 1)], 0)
     xs = x[first]
-    xp = (
-        np.repeat(xs[:, None], length, axis=1)
-        if x.ndim == 1
-        else np.repeat(xs[:, None, :], length, axis=1)
-    )
-    xp[g_sorted, pos] = x[order]
+    if x.ndim == 1:
+        xp = np.repeat(xs[:, None], length, axis=1)
+        xp[g_sorted, pos] = x[order]
+    else:  # variable by variable in memory (`Packed`)
+        xp = np.repeat(xs[:, :, None], length, axis=2)
+        xp[g_sorted, :, pos] = x[order]
     w = np.zeros((n_groups, length))
     w[g_sorted, pos] = 1.0 if sigma is None else 1.0 / sigma[order]
     yp = np.zeros((n_groups, length))
     yp[g_sorted, pos] = y[order]
     t = lambda a: torch.as_tensor(a, dtype=dtype).to(device)  # noqa: E731
-    return Packed(t(xp), t(yp * w), t(w), counts)
+    xt = t(xp) if x.ndim == 1 else t(xp).transpose(1, 2)
+    return Packed(xt, t(yp * w), t(w), counts)
 
 
 @dataclass
@@ -349,8 +355,10 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def _arrays(data: Packed) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """x, w y, w and the counts of `data` as the compiled fit's numpy arrays (no copy)."""
-    return _numpy(data.x), _numpy(data.wy), _numpy(data.w), data.counts
+    """x, w y, w and the counts of `data` as the compiled fit's numpy arrays (no copy): x [G, L],
+    or [G, k, L] for several variables (`Packed`'s memory)."""
+    x = data.x if data.x.ndim == 2 else data.x.transpose(1, 2)
+    return _numpy(x), _numpy(data.wy), _numpy(data.w), data.counts
 
 
 def compiled(

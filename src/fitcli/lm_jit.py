@@ -73,14 +73,14 @@ _UNARY: dict[str, tuple[str, str]] = {
     "sinh": ("math.sinh({u})", "math.cosh({u})"),
     "cosh": ("math.cosh({u})", "math.sinh({u})"),
     "tanh": ("math.tanh({u})", "1.0 - {v} * {v}"),
-    "exp": ("math.exp({u})", "{v}"),
+    "exp": ("_exp({u})", "{v}"),
     "log": ("_log({u})", "1.0 / {u}"),
     "log10": ("_log({u}) * 0.4342944819032518", "1.0 / ({u} * 2.302585092994046)"),
     "log2": ("_log({u}) * 1.4426950408889634", "1.0 / ({u} * 0.6931471805599453)"),
     "sqrt": ("_sqrt({u})", "0.5 / {v}"),
     "abs": ("abs({u})", "_sign({u})"),
-    "erf": ("math.erf({u})", "1.1283791670955126 * math.exp(-{u} * {u})"),
-    "erfc": ("math.erfc({u})", "-1.1283791670955126 * math.exp(-{u} * {u})"),
+    "erf": ("math.erf({u})", "1.1283791670955126 * _exp(-{u} * {u})"),
+    "erfc": ("math.erfc({u})", "-1.1283791670955126 * _exp(-{u} * {u})"),
     "log1p": ("_log1p({u})", "1.0 / ({u} + 1.0)"),
 }
 _ALIASES = {"arcsin": "asin", "arccos": "acos", "arctan": "atan"}
@@ -92,14 +92,15 @@ import math
 import numpy as np
 from numba import njit
 
-from fitcli.lm_kernels import FAST, check, propose, update  # source {kernels}
+from fitcli.lm_kernels import JIT, check, propose, update  # source {kernels}
+from fitcli.lm_kernels import exp as _exp
 
 # Arithmetic in float64 whatever the run's dtype; S is how parameters are stored (a float32
 # run's values stay float32, each trial point rounded to it): a float32 fit then stops where
 # float32 parameters stop improving, rather than iterating in float32 arithmetic's noise.
 T = np.float64
 S = np.{dtype}
-JIT = dict(cache={cache}, nogil=True, error_model="numpy", fastmath=FAST)
+JIT = dict(JIT, cache={cache})
 
 
 @njit(**JIT)
@@ -136,12 +137,9 @@ def start_range(x, wy, w, counts, lo, hi, gtol, theta, jtj, jtr, scale2, state, 
 
 @njit(**JIT)
 def step_index(
-    x, wy, w, counts, idx, steps, ftol, xtol, gtol, theta, jtj, jtr, scale2, state, code
-):
-    p = theta.shape[1]
-    mats = np.empty((6, p, p))
-    vecs = np.empty((5, p))
-    trial = np.empty(p, dtype=S)
+    x, wy, w, counts, idx, steps, ftol, xtol, gtol, theta, jtj, jtr, scale2, state, code,
+    mats, vecs, trial,
+):  # fmt: skip
     jtj_t = mats[5]
     jtr_t = vecs[0]
     for g in idx:
@@ -393,7 +391,7 @@ def _linearize_source(tree: tuple, spec: Spec, variables: tuple[str, ...]) -> st
     if variables == ("x",):
         out.append("        xi = x[i]")
     else:
-        out += [f"        x_{v} = x[i, {j}]" for j, v in enumerate(variables)]
+        out += [f"        x_{v} = x[{j}, i]" for j, v in enumerate(variables)]
     out += ["    " + line for line in body]
     # The sums are float64 whatever T is: each term is converted once, not each product.
     out += ["        wi = w[i]", f"        r = np.float64(wy[i] - wi * {value})"]
@@ -484,7 +482,8 @@ def threads() -> int:
 @dataclass
 class Program:
     """A model's compiled group fit: `fit` and `linearize` over packed groups (numpy arrays:
-    x [G, L] or [G, L, k], wy and w [G, L], counts [G]; theta [G, p] in the model's order)."""
+    x [G, L], or [G, k, L] for k variables, wy and w [G, L], counts [G]; theta [G, p] in the
+    model's order)."""
 
     module: Any
     dtype: np.dtype
@@ -568,9 +567,11 @@ class Program:
 
         def step(steps: int) -> Callable[[np.ndarray], None]:
             def run(idx: np.ndarray) -> None:
+                # Each call's work arrays (`lm_kernels.propose`'s); the kernels do not allocate.
+                mats, vecs, trial = np.empty((6, p, p)), np.empty((5, p)), np.empty(p, th.dtype)
                 mod.step_index(
                     x, wy, w, counts, idx, steps, ftol, xtol, gtol, th, jtj, jtr, scale2, state,
-                    code,
+                    code, mats, vecs, trial,
                 )  # fmt: skip
 
             return run
@@ -633,7 +634,7 @@ class Program:
     def warm(self) -> None:
         """Compile (or load from the cache) every entry point now, on one group of one point,
         so that the first real call is all fitting."""
-        x1 = np.zeros((1, 1) + self.shape, dtype=self.dtype)
+        x1 = np.zeros((1, *self.shape, 1), dtype=self.dtype)
         w1 = np.ones((1, 1), dtype=self.dtype)
         th = np.zeros((1, self.params), dtype=self.dtype)
         one = np.ones(1, dtype=np.int64)
