@@ -79,8 +79,9 @@ def exp(x):  # pragma: no cover - machine code
         q = q * r + c[i]
     n = np.int64(k)
     half = n >> 1
-    two_k = _bits_double((half + 1023) << 52) * _bits_double((n - half + 1023) << 52)  # type: ignore[call-arg,var-annotated]
-    q = q * two_k
+    # q 2^h first, then 2^(n - h): 2^n itself overflows for n = 1024.
+    q = q * _bits_double((half + 1023) << 52)  # type: ignore[call-arg]
+    q = q * _bits_double((n - half + 1023) << 52)
     return q if x == x else x
 
 
