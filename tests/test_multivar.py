@@ -4,6 +4,7 @@ per-variable snapshot panels, and name errors; fits checked against scipy's curv
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -281,3 +282,60 @@ def test_overrides_reach_each_grid_variable_and_still_catch_typos(tmp_path):
     # A variable the config does not have is still an unknown key, with the names it has.
     with pytest.raises(Exception, match=r"unknown key 'data.x.w'.*did you mean|valid keys"):
         load_config(shipped, ["data.x.w.num=7"])
+
+
+def _nelson() -> tuple[dict[str, list[float]], np.ndarray]:
+    # NIST's Nelson.dat: b lines (start 1, start 2, certified value, certified stderr), then the
+    # rows y x1 x2 after its "Data:   y  x1  x2" line.
+    from nist_problems import _PARAM_LINE
+
+    lines = (Path(__file__).parent / "data" / "nist" / "Nelson.dat").read_text().splitlines()
+    params = [m.groups()[1:] for m in map(_PARAM_LINE.match, lines) if m]
+    cols = ("start1", "start2", "certified", "stderr")
+    spec = {c: [float(p[k]) for p in params] for k, c in enumerate(cols)}
+    head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["Data:", "y"])
+    return spec, np.array([[float(v) for v in line.split()] for line in lines[head + 1 :]])
+
+
+@pytest.mark.parametrize("start", ["start1", "start2"])
+def test_nist_nelson_reaches_the_certified_values_from_both_starts(runner, tmp_path, start):
+    # NIST StRD's two-predictor problem: log(y) = b1 - b2*x1*exp(-b3*x2), 128 observations;
+    # parameters and standard errors against NIST's certified values (LRE, as the NIST suite).
+    from nist_problems import worst_lre
+
+    spec, rows = _nelson()
+    assert rows.shape == (128, 3)
+    path = tmp_path / "nelson.csv"
+    text = "\n".join(f"{x1!r},{x2!r},{math.log(y)!r}" for y, x1, x2 in rows.tolist())
+    path.write_text("x1,x2,logy\n" + text + "\n")
+    b = dict(zip(("b1", "b2", "b3"), spec[start], strict=True))
+    result, run_dir = _train(
+        runner,
+        tmp_path,
+        f"""
+epochs: 1000
+snapshots: 2
+data:
+  file: {path}
+  columns: {{x: [x1, x2], y: logy}}
+model:
+  expr: "b1 - b2*x1*exp(-b3*x2)"
+  params: {{b1: {b["b1"]!r}, b2: {b["b2"]!r}, b3: {b["b3"]!r}}}
+optimizer: {{name: LM}}
+""",
+    )
+    assert result.exit_code == 0, result.output
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["converged"] is True
+    assert worst_lre([s["params"][k] for k in b], spec["certified"]) >= 7
+    assert worst_lre([s["stderr"][k] for k in b], spec["stderr"]) >= 6
+    assert s["rss"] == pytest.approx(3.7976833176, rel=1e-9)
+
+
+def test_the_shipped_nelson_data_are_nists_log_y():
+    _, rows = _nelson()
+    shipped = np.loadtxt(
+        Path(__file__).parents[1] / "configs" / "data" / "nelson.csv", delimiter=",", skiprows=1
+    )
+    np.testing.assert_array_equal(shipped[:, :2], rows[:, 1:])
+    np.testing.assert_allclose(shipped[:, 2], np.log(rows[:, 0]), rtol=1e-15)
