@@ -454,3 +454,45 @@ def test_several_variables_of_unequal_groups_fit_as_curve_fit_does_and_subsets_a
         model, all_per_group(model), data.take(idx), start(model, 3), LMOptions(), program=program
     )
     np.testing.assert_allclose(part.theta.numpy(), fit.theta[idx].numpy(), rtol=1e-13)
+
+
+def test_compiled_covariance_equals_the_exact_inverse_well_or_ill_conditioned():
+    # lm_kernels.covariance_range: a Cholesky path where the condition provably allows it, the
+    # eigendecomposition otherwise. Against mpmath's inverse and numpy's eigenvalues for the
+    # column-scaled singularity test at rcond.
+    import mpmath
+
+    from fitcli.lm_kernels import _covariance_cholesky, covariance_range
+
+    mpmath.mp.dps = 50
+    rng = np.random.default_rng(11)
+    p, rcond = 4, 1e-13
+    mats = []
+    for k in range(60):
+        a = rng.normal(size=(30, p)) * np.logspace(0, 1.5 * (k % 4), p)  # columns scaled
+        if k % 5 == 1:
+            a[:, 3] = a[:, 0] * 2.0 + a[:, 1] * 1e-3  # exactly dependent: singular
+        if k % 5 == 2:  # nearly dependent: condition 1e8 to 1e13, not singular
+            a[:, 3] = a[:, 0] + 3e-5 * np.abs(a[:, 0]).max() * rng.normal(size=30)
+        mats.append(a.T @ a)
+    jtj = np.array(mats)
+    var, singular = np.empty((60, p)), np.zeros(60, dtype=bool)
+    covariance_range(jtj, 0, 60, rcond, var, singular, np.empty((5, p, p)))
+    paths = []
+    for k, m in enumerate(jtj):
+        d = np.sqrt(np.diag(m))
+        ev = np.linalg.eigvalsh(m / d[:, None] / d[None, :])
+        want_singular = ev[0] <= rcond * ev[-1]
+        assert singular[k] == want_singular, k
+        out = np.full(p, np.nan)
+        paths.append(_covariance_cholesky(m, rcond, out, np.empty((5, p, p))))
+        if paths[-1]:
+            assert ev[-1] / ev[0] < 1e8 and not want_singular
+            np.testing.assert_array_equal(out, var[k])
+        if not want_singular:  # the exact inverse (50 digits) of the rounded matrix
+            exact = mpmath.mp.matrix(m.tolist()) ** -1
+            want = np.array([float(exact[i, i]) for i in range(p)])
+            cond = ev[-1] / ev[0]  # the eigendecomposition's error grows with it
+            np.testing.assert_allclose(var[k], want, rtol=1e-11 * max(1.0, cond))
+    assert singular.sum() == 12 and sum(paths) >= 30
+    assert not any(paths[k] for k in range(60) if k % 5 in (1, 2))  # the eigendecomposition's

@@ -231,6 +231,11 @@ def _fit_lm(
     marks = _checkpoints(prep.cfg)
     model, layout, packed = prep.model, prep.layout, prep.packed
     stopped = False
+    # Each independent group's sum(r**2) at its values, from its fit (NaN: not fitted yet,
+    # computed at the end), kept in the state so that a resumed run reports the same numbers; a
+    # global fit's change with the shared values, and are computed at the end.
+    if not prep.shared and state.rss is None:
+        state.rss = np.full(packed.groups, math.nan)
     while not stopped:
         left = np.flatnonzero(~state.done)
         if not left.size:
@@ -277,25 +282,37 @@ def _fit_lm(
                 carry=_carry(state, lanes),
             )
             _keep_carry(state, lanes, part.carry)
+            state.rss[lanes] = part.rss
         stopped = bool(asked["stop"])
         state.theta[idx] = part.theta
         assert part.damping is not None
         state.damping[lanes] = part.damping
         state.iterations[lanes] += part.iterations
-        for j, lane in enumerate(lanes.tolist()):
-            status, done = part.status[j], int(state.iterations[lane])
-            state.status[lane], state.reason[lane] = status, part.reason[j]
-            if status != GroupStatus.COMPLETED:
-                state.done[lane] = True  # converged or failed
-            elif done >= epochs:  # at the run's iteration limit, not this stretch's
-                state.done[lane] = True
-                state.reason[lane] = f"iteration limit: not converged in {epochs} iterations"
+        # Converged or failed groups are done, and completed ones at the run's iteration limit
+        # (not this stretch's); the other completed ones were interrupted.
+        completed = np.array([st == GroupStatus.COMPLETED for st in part.status], dtype=bool)
+        done = state.iterations[lanes]
+        at_limit = done >= epochs
+        state.done[lanes[~completed | at_limit]] = True
+        limit = f"iteration limit: not converged in {epochs} iterations"
+        for lane, st, why, stop, full, n in zip(
+            lanes.tolist(),
+            part.status,
+            part.reason,
+            completed.tolist(),
+            at_limit.tolist(),
+            done.tolist(),
+            strict=True,
+        ):
+            state.status[lane] = st
+            if not stop:
+                state.reason[lane] = why
             else:
-                state.reason[lane] = f"interrupted after {done} iterations"
+                state.reason[lane] = limit if full else f"interrupted after {n} iterations"
         state.epoch = int(state.iterations.max())
         if on_checkpoint is not None:
             on_checkpoint(state)
-    return _group_fit(prep, state), stopped
+    return _group_fit(prep, state, known=None if prep.shared else state.rss), stopped
 
 
 def _carry(state: GroupState, lanes: np.ndarray) -> Any:
@@ -322,15 +339,32 @@ def _keep_carry(state: GroupState, lanes: np.ndarray, carry: Any) -> None:
     state.polish[lanes] = carry.polish.numpy()
 
 
-def _group_fit(prep: GroupedPrepared, state: GroupState, history: list | None = None) -> Any:
+def _group_fit(
+    prep: GroupedPrepared,
+    state: GroupState,
+    history: list | None = None,
+    known: np.ndarray | None = None,
+) -> Any:
     """The `groups.GroupFit` of a fit's state; each group's ``sum(r**2)`` at its values (NaN
-    for a group with too few points, left out of the fit)."""
+    for a group with too few points, left out of the fit): `known` where it is finite (the
+    fit's own, from the same linearization), computed for the others."""
     from fitcli.groups import GroupFit, residual_ss, too_few
 
     data = prep.packed
-    with torch.no_grad():
-        rss = residual_ss(prep.model, prep.layout, data, state.theta, state.shared, prep.program)
-    rss_np = rss.cpu().numpy()
+    rss_np = np.full(data.groups, math.nan) if known is None else known.copy()
+    todo = np.flatnonzero(~np.isfinite(rss_np))
+    if todo.size:
+        idx = torch.as_tensor(todo, device=state.theta.device)
+        with torch.no_grad():
+            part = residual_ss(
+                prep.model,
+                prep.layout,
+                data.take(idx),
+                state.theta[idx],
+                state.shared,
+                prep.program,
+            )
+        rss_np[todo] = part.cpu().numpy()
     rss_np[too_few(data.counts, len(prep.per_group))] = math.nan
     return GroupFit(
         state.theta,
@@ -439,11 +473,20 @@ def _fit_gradient(
     return _group_fit(prep, state, history), stopped
 
 
-def finish(prep: GroupedPrepared, result: Any) -> tuple[list[dict], dict, dict]:
-    """Error bars and each group's row: (rows, shared values, shared stderrs). A group whose
-    J^T J is singular fails with that reason (its errors are not determined)."""
-    from fitcli.groups import external_values, stderr_global, stderr_independent
-    from fitcli.losses import resolve
+@dataclass
+class ErrorBars:
+    """A grouped fit's error bars, and the statuses they change (`error_bars`)."""
+
+    status: list[str]
+    reason: list[str]
+    se: np.ndarray  # [G, per-group parameters]
+    se_shared: np.ndarray  # [shared parameters]
+
+
+def error_bars(prep: GroupedPrepared, result: Any) -> ErrorBars:
+    """Each group's standard errors (and the shared ones). A group whose J^T J is singular
+    fails with that reason (its errors are not determined)."""
+    from fitcli.groups import stderr_global, stderr_independent
 
     data, layout, model = prep.packed, prep.layout, prep.model
     scale = not (prep.dataset.sigma is not None and prep.cfg.data.absolute_sigma is not False)
@@ -462,6 +505,18 @@ def finish(prep: GroupedPrepared, result: Any) -> tuple[list[dict], dict, dict]:
             f"{reason[bad]}; singular: J^T J has a null space, the group's data do not determine "
             "its parameters"
         )
+    return ErrorBars(status, reason, se, se_shared)
+
+
+def finish(prep: GroupedPrepared, result: Any, bars: ErrorBars) -> tuple[list[dict], dict, dict]:
+    """Each group's row from the fit and its error bars: (rows, shared values, shared
+    stderrs)."""
+    from fitcli.groups import external_values
+    from fitcli.losses import resolve
+
+    data, layout, model = prep.packed, prep.layout, prep.model
+    status, reason, se, se_shared = bars.status, bars.reason, bars.se, bars.se_shared
+    theta = result.theta
     values = external_values(model, layout, theta, result.shared).cpu().numpy()
     loss = resolve(prep.cfg.loss)
     from fitcli.groups import _model
@@ -586,8 +641,10 @@ def execute_grouped(
         t_fit = time.perf_counter()
         saving[0] = 0.0
         result, stopped = fit(prep, on_iter, state=state, on_checkpoint=on_checkpoint)
-        rows, shared_values, shared_se = finish(prep, result)
+        bars = error_bars(prep, result)
+        # The fit and its error bars (what a curve_fit call does), not the rows built from them.
         fit_s = time.perf_counter() - t_fit - saving[0]
+        rows, shared_values, shared_se = finish(prep, result, bars)
         statuses = [r["status"] for r in rows]
         status = RunStatus.INTERRUPTED if stopped else grouped_run_status(statuses)
         failed = sum(s == GroupStatus.FAILED for s in statuses)

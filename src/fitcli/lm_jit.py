@@ -626,7 +626,7 @@ class Program:
         jtj = np.ascontiguousarray(jtj, dtype=np.float64)
 
         def task(lo: int, hi: int) -> None:
-            covariance_range(jtj, lo, hi, rcond, var, singular, np.empty((4, p, p)))
+            covariance_range(jtj, lo, hi, rcond, var, singular, np.empty((5, p, p)))
 
         self._over_groups(task, g)
         return var, singular

@@ -284,18 +284,96 @@ def update(
             code[0] = _DAMPING
 
 
+# The Cholesky path's bound on the scaled J^T J's condition number: below it the inverse is
+# accurate to about 1e-8 relative at worst, and far from `fitcli.lm.SINGULAR_RCOND` (1e-13).
+_CHOLESKY_CONDITION = 1e8
+
+
+@njit(**JIT)
+def _covariance_cholesky(m, rcond, out, work):  # pragma: no cover - machine code
+    """diag(inv(m)) into `out` by a Cholesky factorization of the column-scaled m, where that
+    provably equals `covariance_range`'s eigendecomposition answer: the scaled matrix S is
+    positive definite with lambda_max / lambda_min <= trace(S) trace(S^-1) under
+    `_CHOLESKY_CONDITION` and under 1 / (2 rcond) (so not singular at rcond), and m's own bound trace(m) trace(m^-1)
+    keeps every eigenvalue far above the pseudo-inverse's cutoff (p eps of the largest).
+    Returns False (out untouched) where it cannot say so: non-finite or non-positive pivots, or
+    a worse condition; the eigendecomposition decides those groups. work [5, p, p]."""
+    p = m.shape[0]
+    s = work[2]
+    c = work[3]
+    w = work[4]
+    d = w[0]  # w's first row holds the scales until w is formed, from its second column on
+    trace_m = 0.0
+    for i in range(p):
+        mi = m[i, i]
+        if not (mi > 0.0 and math.isfinite(mi)):
+            return False
+        d[i] = math.sqrt(mi)
+        trace_m += mi
+    trace_s = 0.0
+    for i in range(p):
+        for j in range(p):
+            x = m[i, j] / (d[i] * d[j])
+            if not math.isfinite(x):
+                return False
+            s[i, j] = x
+        trace_s += s[i, i]
+    for i in range(p):
+        for j in range(i + 1):
+            acc = s[i, j]
+            for k in range(j):
+                acc -= c[i, k] * c[j, k]
+            if i == j:
+                if not (acc > 0.0):
+                    return False
+                c[i, i] = math.sqrt(acc)
+            else:
+                c[i, j] = acc / c[j, j]
+    # The scales move to s's diagonal (no longer needed there) before w = inv(L) overwrites d.
+    for i in range(p):
+        s[i, i] = d[i]
+    for j in range(p):
+        w[j, j] = 1.0 / c[j, j]
+        for i in range(j + 1, p):
+            acc = 0.0
+            for k in range(j, i):
+                acc += c[i, k] * w[k, j]
+            w[i, j] = -acc / c[i, i]
+    trace_inv = 0.0
+    trace_minv = 0.0
+    for i in range(p):
+        di = 0.0
+        for k in range(i, p):
+            di += w[k, i] * w[k, i]
+        trace_inv += di
+        trace_minv += di / (s[i, i] * s[i, i])
+    if not (trace_s * trace_inv < _CHOLESKY_CONDITION and trace_s * trace_inv * rcond < 0.5):
+        return False
+    if not (trace_m * trace_minv * p * 2.220446049250313e-16 < 1e-3):
+        return False
+    for i in range(p):
+        di = 0.0
+        for k in range(i, p):
+            di += w[k, i] * w[k, i]
+        out[i] = di / (s[i, i] * s[i, i])
+    return True
+
+
 @njit(**JIT)
 def covariance_range(jtj, lo, hi, rcond, var, singular, work):  # pragma: no cover
     """For the groups [lo, hi) of jtj [G, p, p]: the diagonal of pinv(J^T J) into var [G, p]
     (eigenvalues at most p eps of the largest dropped, as ``torch.linalg.pinv(hermitian=True)``)
     and into singular [G] whether the column-scaled J^T J has an eigenvalue at most `rcond` of
-    its largest (`fitcli.groups._singular`). work [4, p, p]."""
+    its largest (`fitcli.groups._singular`). work [5, p, p]."""
     p = jtj.shape[1]
     a = work[0]
     v = work[1]
     eps = 2.220446049250313e-16
     for g in range(lo, hi):
         m = jtj[g]
+        if _covariance_cholesky(m, rcond, var[g], work):
+            singular[g] = False
+            continue
         # Column-scaled: the singularity test.
         for i in range(p):
             di = math.sqrt(max(m[i, i], 1e-300))

@@ -57,6 +57,9 @@ class GroupState:
     nu: Any = None
     scale2: Any = None
     polish: Any = None
+    # Each independent group's sum(r**2) at its values as its fit computed it [G] float64 (NaN:
+    # not fitted yet); None in a state saved before it (computed again at the end).
+    rss: Any = None
 
 
 def save_group_state(run_dir: Path, state: GroupState) -> None:
@@ -79,7 +82,7 @@ def save_group_state(run_dir: Path, state: GroupState) -> None:
         "config": encode(state.config),
         "data_files": state.data_files,
     }
-    for key in ("nu", "scale2", "polish"):
+    for key in ("nu", "scale2", "polish", "rss"):
         value = getattr(state, key)
         if value is not None:
             doc[key] = encode(torch.as_tensor(value, dtype=torch.float64))
@@ -144,7 +147,8 @@ def load_group_state(run_dir: Path) -> GroupState:
         if not isinstance(config, dict):
             raise ValueError(_bad("config", "is not a mapping"))
         carry = {}
-        for key, shape in (("nu", (g,)), ("scale2", (g, theta.shape[1])), ("polish", (g,))):
+        shapes = (("nu", (g,)), ("scale2", (g, theta.shape[1])), ("polish", (g,)), ("rss", (g,)))
+        for key, shape in shapes:
             if doc.get(key) is None:
                 continue
             t = decode(doc[key], key)
