@@ -294,8 +294,9 @@ def _covariance_cholesky(m, rcond, out, work):  # pragma: no cover - machine cod
     """diag(inv(m)) into `out` by a Cholesky factorization of the column-scaled m, where that
     provably equals `covariance_range`'s eigendecomposition answer: the scaled matrix S is
     positive definite with lambda_max / lambda_min <= trace(S) trace(S^-1) under
-    `_CHOLESKY_CONDITION` and under 1 / (2 rcond) (so not singular at rcond), and m's own bound trace(m) trace(m^-1)
-    keeps every eigenvalue far above the pseudo-inverse's cutoff (p eps of the largest).
+    `_CHOLESKY_CONDITION` and under 1 / (2 rcond) (so not singular at rcond), and m's own
+    bound trace(m) trace(m^-1) keeps every eigenvalue far above the pseudo-inverse's cutoff
+    (p eps of the largest).
     Returns False (out untouched) where it cannot say so: non-finite or non-positive pivots, or
     a worse condition; the eigendecomposition decides those groups. work [5, p, p]."""
     p = m.shape[0]
