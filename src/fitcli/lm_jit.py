@@ -31,6 +31,7 @@ cannot be written, it compiles in memory.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -92,7 +93,7 @@ import math
 import numpy as np
 from numba import njit
 
-from fitcli.lm_kernels import JIT, check, propose, update  # source {kernels}
+from fitcli.lm_kernels import JIT, check, propose, update  # source {kernels}, vectors {lanes}
 from fitcli.lm_kernels import exp as _exp
 
 # Arithmetic in float64 whatever the run's dtype; S is how parameters are stored (a float32
@@ -412,10 +413,40 @@ def _linearize_source(tree: tuple, spec: Spec, variables: tuple[str, ...]) -> st
 
 def _source(tree: tuple, spec: Spec, variables: tuple[str, ...], dtype: str) -> str:
     return (
-        _PRELUDE.format(dtype=dtype, cache="{cache}", kernels=_kernels_digest())
+        _PRELUDE.format(dtype=dtype, cache="{cache}", kernels=_kernels_digest(), lanes=_lanes())
         + _linearize_source(tree, spec, variables)
         + _LM
     )
+
+
+@functools.cache
+def _lanes() -> int:
+    """How many float64 lanes LLVM's loop vectorizer is told to use in a model's loop over
+    points: 8 where the CPU has AVX-512 (LLVM's tuning for those CPUs keeps to 256-bit vectors,
+    4 lanes: the 2-D Gaussian's compiled fit took 1.35x as long so, BENCHMARKS.md), else 0,
+    LLVM's own choice. Also 0 where numba is told to compile for another CPU than this one."""
+    import llvmlite.binding as llvm  # type: ignore[import-untyped]
+    from numba.core import config
+
+    if getattr(config, "CPU_NAME", None) or getattr(config, "CPU_FEATURES", None):
+        return 0
+    return 8 if llvm.get_host_cpu_features().get("avx512f") else 0
+
+
+@contextlib.contextmanager
+def _vectorizing(lanes: int) -> Any:
+    """LLVM's ``-force-vector-width`` set to `lanes` while a model compiles, and reset after
+    (the option is the process's: other numba code keeps LLVM's choice)."""
+    if not lanes:
+        yield
+        return
+    import llvmlite.binding as llvm
+
+    llvm.set_option("fitcli", f"-force-vector-width={lanes}")
+    try:
+        yield
+    finally:
+        llvm.set_option("fitcli", "-force-vector-width=0")
 
 
 @functools.cache
@@ -741,6 +772,7 @@ def _program(expression: Any, spec: Spec, dtype: str) -> Program | None:
     variables = expression.variables
     shape = () if variables == ("x",) else (len(variables),)
     free = sum(1 for s in spec if s[1] != FIXED)
-    program = Program(_load(text), np.dtype(dtype), free, shape)
-    program.warm()
+    with _vectorizing(_lanes()):  # compiled (or loaded from numba's cache) here
+        program = Program(_load(text), np.dtype(dtype), free, shape)
+        program.warm()
     return program
