@@ -115,6 +115,26 @@ def pack(
     """Pad each group's rows (in file order) to the longest group."""
     counts = np.bincount(group, minlength=n_groups)
     length = max(int(counts.max()), 1)
+    t = lambda a: torch.as_tensor(a, dtype=dtype).to(device)  # noqa: E731
+    if group.size == n_groups * length and bool((group[1:] >= group[:-1]).all()):
+        # Every group has `length` rows, one group after another: the table already is
+        # [G, L] (what the general path below builds, without its scatter of every row).
+        if x.ndim == 1:
+            xt = t(x.reshape(n_groups, length))
+        else:
+            xt = t(np.ascontiguousarray(x.reshape(n_groups, length, -1).transpose(0, 2, 1)))
+            xt = xt.transpose(1, 2)
+        yr = y.reshape(n_groups, length)
+        if sigma is None:
+            return Packed(xt, t(yr), t(np.ones((n_groups, length))), counts)
+        w = 1.0 / sigma.reshape(n_groups, length)
+        return Packed(xt, t(yr * w), t(w), counts)
+    return _pack_rows(x, y, sigma, group, counts, length, t)
+
+
+def _pack_rows(x, y, sigma, group, counts, length, t) -> Packed:
+    """`pack` of any grouping: each row scattered to its group's next place."""
+    n_groups = counts.size
     order = np.argsort(group, kind="stable")
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     pos = np.arange(group.size) - np.repeat(starts, counts)
@@ -132,7 +152,6 @@ def pack(
     w[g_sorted, pos] = 1.0 if sigma is None else 1.0 / sigma[order]
     yp = np.zeros((n_groups, length))
     yp[g_sorted, pos] = y[order]
-    t = lambda a: torch.as_tensor(a, dtype=dtype).to(device)  # noqa: E731
     xt = t(xp) if x.ndim == 1 else t(xp).transpose(1, 2)
     return Packed(xt, t(yp * w), t(w), counts)
 
