@@ -378,21 +378,24 @@ def test_fitcli_plot_rebuilds_a_grouped_runs_pages_as_train_wrote_them(tmp_path)
 
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("with_sigma", [False, True])
-def test_packing_groups_of_equal_size_in_order_equals_the_general_packing(k, with_sigma):
+@pytest.mark.parametrize("length", [None, 16])
+def test_packing_groups_of_equal_size_in_order_equals_the_general_packing(k, with_sigma, length):
     # Rows already grouped, every group the same size: `pack` reshapes instead of scattering
-    # each row; the result is the general path's, bit for bit (one and two variables).
+    # each row; the result is the general path's, bit for bit (one and two variables, with
+    # pads to a longer length or none).
     rng = np.random.default_rng(4)
     g, n = 7, 13
     x = rng.normal(size=(g * n, k)) if k > 1 else rng.normal(size=g * n)
     y = rng.normal(size=g * n)
     sigma = rng.uniform(0.5, 2.0, g * n) if with_sigma else None
     label = np.repeat(np.arange(g), n)
-    fast = groups.pack(x, y, sigma, label, g, torch.float64, torch.device("cpu"))
+    fast = groups.pack(x, y, sigma, label, g, torch.float64, torch.device("cpu"), length)
     counts = np.bincount(label, minlength=g)
     t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
-    general = groups._pack_rows(x, y, sigma, label, counts, n, t)
+    general = groups._pack_rows(x, y, sigma, label, counts, length or n, t)
+    assert fast.w.shape == (g, length or n)
     for a, b in ((fast.x, general.x), (fast.wy, general.wy), (fast.w, general.w)):
         assert a.shape == b.shape and torch.equal(a, b)
     np.testing.assert_array_equal(fast.counts, general.counts)
     # and the layout the compiled fit reads: each variable's column contiguous
-    assert groups._arrays(fast)[0].shape == ((g, n) if k == 1 else (g, k, n))
+    assert groups._arrays(fast)[0].shape == ((g, length or n) if k == 1 else (g, k, length or n))

@@ -496,3 +496,29 @@ def test_compiled_covariance_equals_the_exact_inverse_well_or_ill_conditioned():
             np.testing.assert_allclose(var[k], want, rtol=1e-11 * max(1.0, cond))
     assert singular.sum() == 12 and sum(paths) >= 30
     assert not any(paths[k] for k in range(60) if k % 5 in (1, 2))  # the eigendecomposition's
+
+
+def test_padding_groups_to_the_vector_lanes_changes_nothing_but_rounding():
+    # A compiled run packs groups to a multiple of lm_jit.LANES points where that adds at most
+    # an eighth (pads weigh 0 and add exact zeros): same stops, same iterations, values to
+    # rounding, for groups of equal and of unequal size.
+    assert [lm_jit.padded_length(n) for n in (100, 10, 225, 56, 57, 8)] == [104, 10, 232, 56, 64, 8]
+    rng = np.random.default_rng(3)
+    x, y = gaussians(30, seed=4)
+    label = np.repeat(np.arange(30), x.shape[1])
+    keep = rng.uniform(size=label.size) > 0.15  # unequal groups too
+    model = make_model(GAUSS, {"a": 4.0, "c": 0.2, "s": 1.2})
+    program = lm_jit.compile_groups(model, torch.float64)
+    for rows in (np.ones(label.size, dtype=bool), keep):
+        fits = []
+        for length in (None, lm_jit.padded_length(x.shape[1]) + 8):
+            data = groups.pack(x.reshape(-1)[rows], y.reshape(-1)[rows], None, label[rows], 30,
+                               torch.float64, torch.device("cpu"), length)  # fmt: skip
+            fits.append(program.fit(*groups._arrays(data), start(model, 30).numpy(),
+                                    np.full(30, 1e-3), LMOptions()))  # fmt: skip
+        plain, padded = fits
+        assert padded is not plain
+        np.testing.assert_array_equal(plain["code"], padded["code"])
+        np.testing.assert_array_equal(plain["iterations"], padded["iterations"])
+        np.testing.assert_allclose(padded["theta"], plain["theta"], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(padded["cost"], plain["cost"], rtol=1e-12)

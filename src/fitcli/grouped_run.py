@@ -133,7 +133,11 @@ def prepare_grouped(
             f"{need / 2**30:.1f} GiB to fit, more than the {have / 2**30:.1f} GiB available "
             f"on {device}; fit the groups in several runs (split the data), or use float32"
         )
-    packed = pack(dataset.x, dataset.y, dataset.sigma, dataset.group, n_groups, dtype, device)
+    most = int(counts.max(initial=0))
+    length = lm_jit.padded_length(most) if program is not None else most
+    packed = pack(
+        dataset.x, dataset.y, dataset.sigma, dataset.group, n_groups, dtype, device, length
+    )
     return GroupedPrepared(
         cfg, dataset, model, device, dtype, packed, layout, lm, per, shared, program=program
     )

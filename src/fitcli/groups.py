@@ -97,6 +97,8 @@ def packed_bytes(counts: np.ndarray, k: int, p: int, itemsize: int, compiled: bo
     for a compiled fit (`fitcli.lm_jit`, which never stores J) the padded arrays and each
     group's state."""
     g, length = counts.size, int(counts.max()) if counts.size else 0
+    if compiled:
+        length = lm_jit.padded_length(length)
     cells = g * length
     if compiled:
         return cells * itemsize * (k + 2) + g * 8 * (2 * p * p + 4 * p + 16)
@@ -111,23 +113,37 @@ def pack(
     n_groups: int,
     dtype: torch.dtype,
     device: torch.device,
+    length: int | None = None,
 ) -> Packed:
-    """Pad each group's rows (in file order) to the longest group."""
+    """Pad each group's rows (in file order) to the longest group, or to `length` points (at
+    least the longest group's: the compiled fit's `lm_jit.padded_length`)."""
     counts = np.bincount(group, minlength=n_groups)
-    length = max(int(counts.max()), 1)
-    t = lambda a: torch.as_tensor(a, dtype=dtype).to(device)  # noqa: E731
-    if group.size == n_groups * length and bool((group[1:] >= group[:-1]).all()):
-        # Every group has `length` rows, one group after another: the table already is
-        # [G, L] (what the general path below builds, without its scatter of every row).
+    most = max(int(counts.max()), 1)
+    length = most if length is None else max(length, most)
+
+    def t(a: np.ndarray) -> torch.Tensor:  # a read-only array (a dataset's) is copied
+        return torch.as_tensor(a if a.flags.writeable else a.copy(), dtype=dtype).to(device)
+
+    if group.size == n_groups * most and bool((group[1:] >= group[:-1]).all()):
+        # Every group has `most` rows, one group after another: the table already is [G, most]
+        # (what the general path below builds, without its scatter of every row).
+        shape = (n_groups, most)
+        xs = x.reshape(*shape, *x.shape[1:])
+        yr = y.reshape(shape)
+        w = None if sigma is None else 1.0 / sigma.reshape(shape)
+        if length > most:  # pads: each group's first point, weight 0
+            pad = np.repeat(xs[:, :1], length - most, axis=1)
+            xs = np.concatenate([xs, pad], axis=1)
+            yr = np.concatenate([yr, np.zeros((n_groups, length - most))], axis=1)
+            w = np.concatenate(
+                [np.ones(shape) if w is None else w, np.zeros((n_groups, length - most))], axis=1
+            )
         if x.ndim == 1:
-            xt = t(x.reshape(n_groups, length))
-        else:
-            xt = t(np.ascontiguousarray(x.reshape(n_groups, length, -1).transpose(0, 2, 1)))
-            xt = xt.transpose(1, 2)
-        yr = y.reshape(n_groups, length)
-        if sigma is None:
-            return Packed(xt, t(yr), t(np.ones((n_groups, length))), counts)
-        w = 1.0 / sigma.reshape(n_groups, length)
+            xt = t(xs)
+        else:  # variable by variable in memory (`Packed`)
+            xt = t(np.ascontiguousarray(xs.transpose(0, 2, 1))).transpose(1, 2)
+        if w is None:
+            return Packed(xt, t(yr), t(np.ones(shape)), counts)
         return Packed(xt, t(yr * w), t(w), counts)
     return _pack_rows(x, y, sigma, group, counts, length, t)
 

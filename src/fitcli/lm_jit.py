@@ -129,9 +129,17 @@ def _sign(u):
 _LM = """
 
 @njit(**JIT)
+def _span(n, length):
+    # A group's points and its pads up to a multiple of the vector lanes, within the packing.
+    return min(length, (n + {lanes_minus_1}) // {lanes} * {lanes})
+
+
+@njit(**JIT)
 def start_range(x, wy, w, counts, lo, hi, gtol, theta, jtj, jtr, scale2, state, code):
+    length = w.shape[1]
     for g in range(lo, hi):
-        cost = linearize(x[g], wy[g], w[g], counts[g], theta[g], jtj[g], jtr[g], False)
+        n = _span(counts[g], length)
+        cost = linearize(x[g], wy[g], w[g], n, theta[g], jtj[g], jtr[g], False)
         state[g, 3] = cost
         check(jtj[g], jtr[g], cost, scale2[g], code[g : g + 1], True, gtol)
 
@@ -143,7 +151,9 @@ def step_index(
 ):  # fmt: skip
     jtj_t = mats[5]
     jtr_t = vecs[0]
+    length = w.shape[1]
     for g in idx:
+        n = _span(counts[g], length)
         cg = code[g : g + 1]
         for _ in range(steps):
             if cg[0] != 0:
@@ -153,7 +163,7 @@ def step_index(
             )
             if not go:
                 break
-            new = linearize(x[g], wy[g], w[g], counts[g], trial, jtj_t, jtr_t, False)
+            new = linearize(x[g], wy[g], w[g], n, trial, jtj_t, jtr_t, False)
             update(
                 theta[g], jtj[g], jtr[g], scale2[g], state[g], cg, trial, jtj_t, jtr_t, new,
                 predicted, step_norm, xsmall, polishing, ftol, gtol,
@@ -162,9 +172,11 @@ def step_index(
 
 @njit(**JIT)
 def linearize_range(x, wy, w, counts, theta, lo, hi, out_cost, out_jtj, out_jtr, external):
+    length = w.shape[1]
     for g in range(lo, hi):
         out_cost[g] = linearize(
-            x[g], wy[g], w[g], counts[g], theta[g], out_jtj[g], out_jtr[g], external
+            x[g], wy[g], w[g], _span(counts[g], length), theta[g], out_jtj[g], out_jtr[g],
+            external,
         )
 """
 
@@ -415,7 +427,7 @@ def _source(tree: tuple, spec: Spec, variables: tuple[str, ...], dtype: str) -> 
     return (
         _PRELUDE.format(dtype=dtype, cache="{cache}", kernels=_kernels_digest(), lanes=_lanes())
         + _linearize_source(tree, spec, variables)
-        + _LM
+        + _LM.replace("{lanes_minus_1}", str(LANES - 1)).replace("{lanes}", str(LANES))
     )
 
 
@@ -705,6 +717,20 @@ class Program:
         finally:
             if pool is not None:
                 pool.shutdown()
+
+
+# float64 lanes of the vector units the compiled loop over points is written for (AVX-512's;
+# AVX2's 4 divide it): a group's loop runs over its pads (weight 0: they add exact zeros) up to
+# a multiple of LANES where the packing has them, and so has no scalar remainder (10^4 groups of
+# 100 points: 15% less time at 104).
+LANES = 8
+
+
+def padded_length(points: int) -> int:
+    """The packed length for groups of at most `points` points: rounded up to a multiple of
+    `LANES` where that adds at most an eighth."""
+    up = -(-points // LANES) * LANES
+    return up if (up - points) * 8 <= points else points
 
 
 # A run compiles its independent groups' fit from this many data cells (groups x the longest
