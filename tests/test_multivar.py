@@ -40,23 +40,26 @@ def _nelson_like(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     return path, np.column_stack([x1, x2]), y
 
 
-def test_two_predictor_model_matches_curve_fit(runner, tmp_path):
-    path, x, y = _nelson_like(tmp_path)
-    result, run_dir = _train(
-        runner,
-        tmp_path,
-        f"""
-epochs: 200
+def _train_nelson(runner, tmp_path: Path, path: Path, start: dict, epochs: int = 200):
+    # Nelson's model by LM on a CSV of x1, x2 and logy.
+    params = ", ".join(f"{k}: {v!r}" for k, v in start.items())
+    text = f"""
+epochs: {epochs}
 snapshots: 2
 data:
   file: {path}
   columns: {{x: [x1, x2], y: logy}}
 model:
   expr: "b1 - b2*x1*exp(-b3*x2)"
-  params: {{b1: 2.5, b2: 5.0e-9, b3: -0.06}}
+  params: {{{params}}}
 optimizer: {{name: LM}}
-""",
-    )
+"""
+    return _train(runner, tmp_path, text)
+
+
+def test_two_predictor_model_matches_curve_fit(runner, tmp_path):
+    path, x, y = _nelson_like(tmp_path)
+    result, run_dir = _train_nelson(runner, tmp_path, path, {"b1": 2.5, "b2": 5.0e-9, "b3": -0.06})
     assert result.exit_code == 0, result.output
     s = json.loads((run_dir / "summary.json").read_text())
 
@@ -309,21 +312,7 @@ def test_nist_nelson_reaches_the_certified_values_from_both_starts(runner, tmp_p
     text = "\n".join(f"{x1!r},{x2!r},{math.log(y)!r}" for y, x1, x2 in rows.tolist())
     path.write_text("x1,x2,logy\n" + text + "\n")
     b = dict(zip(("b1", "b2", "b3"), spec[start], strict=True))
-    result, run_dir = _train(
-        runner,
-        tmp_path,
-        f"""
-epochs: 1000
-snapshots: 2
-data:
-  file: {path}
-  columns: {{x: [x1, x2], y: logy}}
-model:
-  expr: "b1 - b2*x1*exp(-b3*x2)"
-  params: {{b1: {b["b1"]!r}, b2: {b["b2"]!r}, b3: {b["b3"]!r}}}
-optimizer: {{name: LM}}
-""",
-    )
+    result, run_dir = _train_nelson(runner, tmp_path, path, b, epochs=1000)
     assert result.exit_code == 0, result.output
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["converged"] is True
