@@ -126,25 +126,27 @@ def pack(
 
     if group.size == n_groups * most and bool((group[1:] >= group[:-1]).all()):
         # Every group has `most` rows, one group after another: the table already is [G, most]
-        # (what the general path below builds, without its scatter of every row).
-        shape = (n_groups, most)
-        xs = x.reshape(*shape, *x.shape[1:])
-        yr = y.reshape(shape)
-        w = None if sigma is None else 1.0 / sigma.reshape(shape)
-        if length > most:  # pads: each group's first point, weight 0
-            pad = np.repeat(xs[:, :1], length - most, axis=1)
-            xs = np.concatenate([xs, pad], axis=1)
-            yr = np.concatenate([yr, np.zeros((n_groups, length - most))], axis=1)
-            w = np.concatenate(
-                [np.ones(shape) if w is None else w, np.zeros((n_groups, length - most))], axis=1
-            )
+        # (what the general path below builds, without its scatter of every row), copied once
+        # into the padded arrays; pads repeat each group's first point, with weight 0.
+        xs = x.reshape(n_groups, most, *x.shape[1:])
         if x.ndim == 1:
-            xt = t(xs)
+            xp = np.empty((n_groups, length))
+            xp[:, :most] = xs
+            xp[:, most:] = xs[:, :1]
         else:  # variable by variable in memory (`Packed`)
-            xt = t(np.ascontiguousarray(xs.transpose(0, 2, 1))).transpose(1, 2)
-        if w is None:
-            return Packed(xt, t(yr), t(np.ones(shape)), counts)
-        return Packed(xt, t(yr * w), t(w), counts)
+            xp = np.empty((n_groups, x.shape[1], length))
+            xp[:, :, :most] = xs.transpose(0, 2, 1)
+            xp[:, :, most:] = xs[:, :1].transpose(0, 2, 1)
+        w = np.zeros((n_groups, length))
+        yp = np.zeros((n_groups, length))
+        if sigma is None:
+            w[:, :most] = 1.0
+            yp[:, :most] = y.reshape(n_groups, most)
+        else:
+            w[:, :most] = 1.0 / sigma.reshape(n_groups, most)
+            yp[:, :most] = y.reshape(n_groups, most) * w[:, :most]
+        xt = t(xp) if x.ndim == 1 else t(xp).transpose(1, 2)
+        return Packed(xt, t(yp), t(w), counts)
     return _pack_rows(x, y, sigma, group, counts, length, t)
 
 
