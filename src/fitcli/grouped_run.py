@@ -236,8 +236,8 @@ def _fit_lm(
     model, layout, packed = prep.model, prep.layout, prep.packed
     stopped = False
     # Each independent group's sum(r**2) at its values, from its fit (NaN: not fitted yet,
-    # computed at the end), kept in the state so that a resumed run reports the same numbers; a
-    # global fit's change with the shared values, and are computed at the end.
+    # computed at the end), kept in the state so that a resumed run reports the same numbers. A
+    # global fit's change with the shared values: they are all computed at the end.
     if not prep.shared and state.rss is None:
         state.rss = np.full(packed.groups, math.nan)
     while not stopped:

@@ -98,10 +98,9 @@ def packed_bytes(counts: np.ndarray, k: int, p: int, itemsize: int, compiled: bo
     group's state."""
     g, length = counts.size, int(counts.max()) if counts.size else 0
     if compiled:
-        length = lm_jit.padded_length(length)
-    cells = g * length
-    if compiled:
+        cells = g * lm_jit.padded_length(length)
         return cells * itemsize * (k + 2) + g * 8 * (2 * p * p + 4 * p + 16)
+    cells = g * length
     return cells * (itemsize * (k + 2 + 8) + 8 * (p + 2))
 
 

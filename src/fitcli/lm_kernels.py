@@ -197,20 +197,17 @@ def propose(theta, jtj, jtr, scale2, state, code, xtol, trial, mats, vecs):  # p
     polish = state[2]
     cost = state[3]
     state[4] += 1.0
-    root = vecs[1]
     for i in range(p):
-        root[i] = math.sqrt(scale2[i])
-    for i in range(p):
-        di = root[i]
+        di = math.sqrt(scale2[i])
         rhs[i] = jtr[i] / di
         for j in range(p):
-            v = jtj[i, j] / (di * root[j])
+            v = jtj[i, j] / (di * math.sqrt(scale2[j]))
             m[i, j] = v if math.isfinite(v) else 0.0
     damped_solve(m, rhs, lam, z, mats[:3])
     step2 = 0.0
     theta2 = 0.0
     for i in range(p):
-        di = root[i]
+        di = math.sqrt(scale2[i])
         dl = z[i] / di
         delta[i] = dl if math.isfinite(dl) else 0.0
         step2 += (di * delta[i]) ** 2
@@ -261,8 +258,7 @@ def update(
             for j in range(p):
                 jtj[i, j] = jtj_t[i, j]
         state[3] = new
-        t = 2.0 * rho - 1.0
-        factor = max(1.0 - t * t * t, 1.0 / 3.0)
+        factor = max(1.0 - (2.0 * rho - 1.0) ** 3, 1.0 / 3.0)
         state[0] = max(lam * factor, MIN_DAMPING)
         state[1] = 2.0
         if pol_ok:
@@ -297,8 +293,9 @@ def _covariance_cholesky(m, rcond, out, work):  # pragma: no cover - machine cod
     `_CHOLESKY_CONDITION` and under 1 / (2 rcond) (so not singular at rcond), and m's own
     bound trace(m) trace(m^-1) keeps every eigenvalue far above the pseudo-inverse's cutoff
     (p eps of the largest).
-    Returns False (out untouched) where it cannot say so: non-finite or non-positive pivots, or
-    a worse condition; the eigendecomposition decides those groups. work [5, p, p]."""
+    Returns False where it cannot say so (non-finite or non-positive pivots, or a worse
+    condition; out may hold partial values): the eigendecomposition decides those groups and
+    writes their out. work [5, p, p]."""
     p = m.shape[0]
     s = work[2]
     c = work[3]
@@ -347,17 +344,11 @@ def _covariance_cholesky(m, rcond, out, work):  # pragma: no cover - machine cod
         for k in range(i, p):
             di += w[k, i] * w[k, i]
         trace_inv += di
-        trace_minv += di / (s[i, i] * s[i, i])
+        out[i] = di / (s[i, i] * s[i, i])
+        trace_minv += out[i]
     if not (trace_s * trace_inv < _CHOLESKY_CONDITION and trace_s * trace_inv * rcond < 0.5):
         return False
-    if not (trace_m * trace_minv * p * 2.220446049250313e-16 < 1e-3):
-        return False
-    for i in range(p):
-        di = 0.0
-        for k in range(i, p):
-            di += w[k, i] * w[k, i]
-        out[i] = di / (s[i, i] * s[i, i])
-    return True
+    return trace_m * trace_minv * p * 2.220446049250313e-16 < 1e-3
 
 
 @njit(**JIT)
