@@ -302,13 +302,15 @@ def test_adam_global_fit_reaches_the_lm_optimum(tmp_path):
     result, run = train(config(tmp_path, params), tmp_path)
     assert result.exit_code == 0, result.output
     lm = json.loads((run / "summary.json").read_text())
-    path = config(tmp_path, params, optimizer={"name": "Adam", "lr": 0.02}, epochs=3000)
+    # 3000 epochs left c 2.5e-3 short of the optimum (Adam still creeping along its valley);
+    # 6000 reach it to about 1e-11.
+    path = config(tmp_path, params, optimizer={"name": "Adam", "lr": 0.02}, epochs=6000)
     result, run = train(path, tmp_path, "--overwrite")
     assert result.exit_code == 0, result.output
     adam = json.loads((run / "summary.json").read_text())
     assert {r["status"] for r in read_groups(run)} == {"completed"}
     for k in ("b", "c"):
-        assert abs(adam["params"][k] - lm["params"][k]) < 2e-3
+        assert abs(adam["params"][k] - lm["params"][k]) < 1e-6
     assert adam["rss"] <= lm["rss"] * 1.001
 
 

@@ -522,3 +522,21 @@ def test_padding_groups_to_the_vector_lanes_changes_nothing_but_rounding():
         np.testing.assert_array_equal(plain["iterations"], padded["iterations"])
         np.testing.assert_allclose(padded["theta"], plain["theta"], rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(padded["cost"], plain["cost"], rtol=1e-12)
+
+
+def test_compiling_a_model_writes_nothing_to_stderr(tmp_path, monkeypatch, capfd):
+    # LLVM reports every loop it was told to vectorize and could not ("remark: ... loop not
+    # vectorized") on the process's own stderr: a first compile printed some twenty such lines
+    # into a user's terminal.
+    monkeypatch.setenv("FITCLI_CACHE_DIR", str(tmp_path / "cache"))
+    lm_jit._program.cache_clear()
+    try:
+        # A model no other test compiles, so that it compiles here.
+        model = make_model("a*exp(-b*x)*cos(c*x) + 0*x**5", {"a": 1, "b": 0.5, "c": 2})
+        capfd.readouterr()
+        assert lm_jit.compile_groups(model, torch.float64) is not None
+        assert any((tmp_path / "cache" / "kernels" / "__pycache__").glob("*.nbi"))
+        err = capfd.readouterr().err
+        assert "remark" not in err and "vectorized" not in err, err[:500]
+    finally:
+        lm_jit._program.cache_clear()

@@ -38,7 +38,9 @@ import importlib.util
 import math
 import operator
 import os
+import re
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,10 +54,9 @@ from fitcli.lm_batch import LMOptions, Stop
 # Beyond this many parameters per group the unrolled normal equations (p (p + 1) / 2 scalar
 # sums) make compiling slow and the batched tensor program is the better tool.
 MAX_PARAMS = 12
-# A block of groups holds about this many bytes of data per thread. Its iterations are one
-# round each (should_stop is asked before each), and a round's thread hand-offs cost more than
-# reading a block from the outer caches: 10^4 2-D Gaussians asked each iteration took 1.6x the
-# time of a fit without asking at 1 MB, 1.3x at 4 MB and 1.1x at 16 MB (a round of some 10 ms).
+# A block of groups holds about this many bytes of data per thread: the groups a stop can
+# leave at different iterations (a stopped block's running groups all stop at the same one;
+# later blocks do not start).
 BLOCK_BYTES = 16_000_000
 
 
@@ -128,6 +129,10 @@ def _sign(u):
 # model's linearize at the trial point, update).
 _LM = """
 
+# The model's free parameters: a constant, so the inlined steps' loops over them unroll.
+P = {params}
+
+
 @njit(**JIT)
 def _span(n, length):
     # A group's points and its pads up to a multiple of the vector lanes, within the packing.
@@ -141,7 +146,7 @@ def start_range(x, wy, w, counts, lo, hi, gtol, theta, jtj, jtr, scale2, state, 
         n = _span(counts[g], length)
         cost = linearize(x[g], wy[g], w[g], n, theta[g], jtj[g], jtr[g], False)
         state[g, 3] = cost
-        check(jtj[g], jtr[g], cost, scale2[g], code[g : g + 1], True, gtol)
+        check(jtj[g], jtr[g], cost, scale2[g], code[g : g + 1], True, gtol, P)
 
 
 @njit(**JIT)
@@ -159,14 +164,14 @@ def step_index(
             if cg[0] != 0:
                 break
             go, predicted, step_norm, xsmall, polishing = propose(
-                theta[g], jtj[g], jtr[g], scale2[g], state[g], cg, xtol, trial, mats, vecs
+                theta[g], jtj[g], jtr[g], scale2[g], state[g], cg, xtol, trial, mats, vecs, P
             )
             if not go:
                 break
             new = linearize(x[g], wy[g], w[g], n, trial, jtj_t, jtr_t, False)
             update(
                 theta[g], jtj[g], jtr[g], scale2[g], state[g], cg, trial, jtj_t, jtr_t, new,
-                predicted, step_norm, xsmall, polishing, ftol, gtol,
+                predicted, step_norm, xsmall, polishing, ftol, gtol, P,
             )
 
 
@@ -427,7 +432,9 @@ def _source(tree: tuple, spec: Spec, variables: tuple[str, ...], dtype: str) -> 
     return (
         _PRELUDE.format(dtype=dtype, cache="{cache}", kernels=_kernels_digest(), lanes=_lanes())
         + _linearize_source(tree, spec, variables)
-        + _LM.replace("{lanes_minus_1}", str(LANES - 1)).replace("{lanes}", str(LANES))
+        + _LM.replace("{lanes_minus_1}", str(LANES - 1))
+        .replace("{lanes}", str(LANES))
+        .replace("{params}", str(sum(1 for s in spec if s[1] != FIXED)))
     )
 
 
@@ -456,9 +463,41 @@ def _vectorizing(lanes: int) -> Any:
 
     llvm.set_option("fitcli", f"-force-vector-width={lanes}")
     try:
-        yield
+        with _without_remarks():
+            yield
     finally:
         llvm.set_option("fitcli", "-force-vector-width=0")
+
+
+# LLVM's line for a loop it was told to vectorize and could not (the steps' short loops).
+_REMARK = re.compile(r"remark: .*loop not vectorized")
+
+
+@contextlib.contextmanager
+def _without_remarks() -> Any:
+    """The process's stderr (file descriptor 2, where LLVM writes) captured inside the block
+    and passed on after it without LLVM's "loop not vectorized" remarks: with the vector width
+    forced, LLVM reports every loop it leaves scalar, some twenty lines per compiled model."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # pragma: no cover - no stderr to capture
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        sys.stderr.flush()
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            text = held.read().decode(errors="replace")
+            rest = [line for line in text.splitlines(keepends=True) if not _REMARK.search(line)]
+            if rest:
+                sys.stderr.write("".join(rest))
+                sys.stderr.flush()
 
 
 @functools.cache
@@ -580,9 +619,10 @@ class Program:
         polish per group.
 
         The groups run in blocks of about `BLOCK_BYTES` of data per thread, a block's running
-        groups dealt to the threads at each iteration. `should_stop` is asked before each iteration
-        of each block, as `lm_batch.solve` asks it; on True the block's running groups stop
-        there (INTERRUPTED, their current values and damping) and later blocks do not start."""
+        groups dealt to the threads. `should_stop` is asked before each iteration of each block,
+        as `lm_batch.solve` asks it (in rounds, `_rounds`); on True the block's running groups
+        stop there (INTERRUPTED, their current values and damping) and later blocks do not
+        start."""
         g, p = theta.shape
         th = np.array(theta, dtype=self.dtype, order="C")
         jtj = np.full((g, p, p), math.nan)
@@ -630,15 +670,9 @@ class Program:
                 if should_stop is None:
                     self._each(step(int(opts.max_iter)), np.arange(lo, hi), pool)
                 else:
-                    one = step(1)
-                    for _ in range(int(opts.max_iter)):
-                        running = lo + np.flatnonzero(code[lo:hi] == 0)
-                        if not running.size:
-                            break
-                        if should_stop():
-                            interrupted = True
-                            break
-                        self._each(one, running, pool)
+                    interrupted = self._rounds(
+                        step, lo, hi, code, int(opts.max_iter), should_stop, pool
+                    )
                 left = code[lo:hi]
                 left[left == 0] = int(Stop.INTERRUPTED if interrupted else Stop.LIMIT)
         finally:
@@ -656,6 +690,42 @@ class Program:
             "scale2": scale2,
             "polish": state[:, 2].copy(),
         }
+
+    def _rounds(
+        self,
+        step: Callable[[int], Callable[[np.ndarray], None]],
+        lo: int,
+        hi: int,
+        code: np.ndarray,
+        max_iter: int,
+        should_stop: Callable[[], bool],
+        pool: Any,
+    ) -> bool:
+        """The iterations of the block [lo, hi) in rounds of up to `ASK_AHEAD`: before a
+        round, `should_stop` is asked once for each of its iterations, in order, and the round
+        ends before the first True; each running group then runs the round's iterations back
+        to back, its data staying in the core's cache (one pass over the block per iteration
+        made the fit of 10^4 groups of 100 points 1.6x as slow). Every group still running has
+        run the same iterations, so a stop leaves them all where `should_stop` said. Returns
+        whether it said stop."""
+        done = 0
+        while done < max_iter:
+            running = lo + np.flatnonzero(code[lo:hi] == 0)
+            if not running.size:
+                return False
+            steps = 0
+            stop = False
+            while steps < min(ASK_AHEAD, max_iter - done):
+                if should_stop():
+                    stop = True
+                    break
+                steps += 1
+            if steps:
+                self._each(step(steps), running, pool)
+            done += steps
+            if stop:
+                return True
+        return False
 
     def covariance(self, jtj: np.ndarray, rcond: float) -> tuple[np.ndarray, np.ndarray]:
         """Per group of jtj [G, p, p] (float64): the diagonal of pinv(J^T J) [G, p] and whether
@@ -717,6 +787,12 @@ class Program:
         finally:
             if pool is not None:
                 pool.shutdown()
+
+
+# Iterations a block of groups runs per round when the fit can be stopped (`Program._rounds`):
+# `should_stop` is asked for up to this many at once, so a stop arrives at most one round of
+# a block (milliseconds) after it is asked for.
+ASK_AHEAD = 8
 
 
 # float64 lanes of the vector units the compiled loop over points is written for (AVX-512's;
