@@ -294,25 +294,20 @@ def _fit_lm(
         state.iterations[lanes] += part.iterations
         # Converged or failed groups are done, and completed ones at the run's iteration limit
         # (not this stretch's); the other completed ones were interrupted.
-        completed = np.array([st == GroupStatus.COMPLETED for st in part.status], dtype=bool)
+        words = np.array(part.status, dtype=object)
+        completed = words == GroupStatus.COMPLETED.value
         done = state.iterations[lanes]
         at_limit = done >= epochs
         state.done[lanes[~completed | at_limit]] = True
-        limit = f"iteration limit: not converged in {epochs} iterations"
-        for lane, st, why, stop, full, n in zip(
-            lanes.tolist(),
-            part.status,
-            part.reason,
-            completed.tolist(),
-            at_limit.tolist(),
-            done.tolist(),
-            strict=True,
-        ):
-            state.status[lane] = st
-            if not stop:
-                state.reason[lane] = why
-            else:
-                state.reason[lane] = limit if full else f"interrupted after {n} iterations"
+        status = np.array(state.status, dtype=object)
+        status[lanes] = words
+        reason = np.array(state.reason, dtype=object)
+        why = np.array(part.reason, dtype=object)
+        why[completed & at_limit] = f"iteration limit: not converged in {epochs} iterations"
+        cut = completed & ~at_limit
+        why[cut] = [f"interrupted after {n} iterations" for n in done[cut].tolist()]
+        reason[lanes] = why
+        state.status, state.reason = status.tolist(), reason.tolist()
         state.epoch = int(state.iterations.max())
         if on_checkpoint is not None:
             on_checkpoint(state)
@@ -495,7 +490,7 @@ def error_bars(prep: GroupedPrepared, result: Any) -> ErrorBars:
     data, layout, model = prep.packed, prep.layout, prep.model
     scale = not (prep.dataset.sigma is not None and prep.cfg.data.absolute_sigma is not False)
     status, reason = list(result.status), list(result.reason)
-    ok = np.array([s != GroupStatus.FAILED for s in status])
+    ok = np.array(status, dtype=object) != GroupStatus.FAILED.value
     theta = result.theta
     if not prep.shared:
         se, singular = stderr_independent(model, layout, data, theta, scale, prep.program)

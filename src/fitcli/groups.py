@@ -534,21 +534,49 @@ def _fit_independent(
             state.nu[kept], state.scale2[kept] = sol.nu.cpu(), sol.scale2.cpu()
             state.polish[kept] = sol.polish.cpu()
             codes, n_it = sol.code.cpu().numpy(), sol.iterations.cpu().numpy()
-        words: dict[tuple[int, int], tuple[str, str]] = {}  # (code, iterations) -> words
-        for j, code, it in zip(keep.tolist(), codes.tolist(), n_it.tolist(), strict=True):
-            key = (code, it if code == lm_batch.Stop.INTERRUPTED else 0)
-            if key not in words:
-                words[key] = (_outcome(_failed(code)), lm_batch.reason(code, opts, it))
-            status[j], reason[j] = words[key]
-        iters[keep.cpu().numpy()] = n_it
+        kept_np = keep.cpu().numpy()
+        status, reason = _stop_words(status, reason, kept_np, codes, n_it, opts)
+        iters[kept_np] = n_it
     missing = torch.as_tensor(np.flatnonzero(~np.isfinite(known)), device=dev)
     if missing.numel():
         part = residual_ss(model, layout, data.take(missing), theta[missing], shared, program)
         known[missing.cpu().numpy()] = part.cpu().numpy()
     known[few] = math.nan
     return GroupFit(
-        theta, shared, status, reason, iters, known, damping=lam.cpu().numpy(), carry=state
+        theta,
+        shared,
+        status,
+        reason,
+        iters,
+        known,
+        damping=lam.cpu().numpy(),
+        carry=state,
     )
+
+
+def _stop_words(
+    status: list[str],
+    reason: list[str],
+    lanes: np.ndarray,
+    codes: np.ndarray,
+    iterations: np.ndarray,
+    opts: LMOptions,
+) -> tuple[list[str], list[str]]:
+    """`status` and `reason` with the groups `lanes` given the words of their stop codes (an
+    interruption's reason names its iterations): each distinct stop worded once."""
+    codes = np.asarray(codes, dtype=np.int64)
+    iterations = np.asarray(iterations, dtype=np.int64)
+    interrupted = codes == int(lm_batch.Stop.INTERRUPTED)
+    key = np.where(interrupted, iterations + 1, 0) * (max(lm_batch.Stop) + 1) + codes
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    words = [
+        (_outcome(_failed(int(codes[j]))), lm_batch.reason(int(codes[j]), opts, int(iterations[j])))
+        for j in first.tolist()
+    ]
+    st, rs = np.array(status, dtype=object), np.array(reason, dtype=object)
+    st[lanes] = np.array([w[0] for w in words], dtype=object)[inverse]
+    rs[lanes] = np.array([w[1] for w in words], dtype=object)[inverse]
+    return st.tolist(), rs.tolist()
 
 
 def _failed(code: int) -> bool | None:
@@ -762,7 +790,12 @@ def stderr_independent(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each group's standard errors [G, q] as fitting that group alone gives (curve_fit):
     sqrt(diag((J^T J)^-1) * s^2), s^2 = rss / (n_g - q) (or 1 with `scale` False: absolute
-    sigma), J with respect to the parameters' values. Also whether J^T J is singular [G]."""
+    sigma), J with respect to the parameters' values. Also whether J^T J is singular [G].
+
+    The compiled fit's own J^T J at the final values is not reused: numba inlines the model's
+    linearization into each driver, and LLVM's vectorized sums there need not add in the same
+    order (a group's last J^T J from a stretch's start differed in the last bits), so error
+    bars from it would depend on where a resumed run's stretches began."""
     with _threads(theta.device):
         return _stderr_independent(model, layout, data, theta, scale, program)
 

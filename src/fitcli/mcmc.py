@@ -87,6 +87,14 @@ def default_burn(steps: int) -> int:
     return steps // 4
 
 
+# The flat prior of a parameter without bounds stops at +-1e150: walkers drifting where the
+# data do not pin a parameter down (an improper posterior) stay finite there, and the verdict
+# says so; beyond, emcee's stretch moves overflowed to inf and it raised an error.
+FLAT_LIMIT = 1e150
+# A walker beyond this has run off: no fitted quantity is this large.
+RUNAWAY = 1e100
+
+
 class _Posterior:
     """log p(theta | y) for a batch of external parameter vectors [W, p] (numpy)."""
 
@@ -101,7 +109,9 @@ class _Posterior:
         self.hi = np.array([np.inf if i.max is None else i.max for i in infos])
 
     def inside(self, theta: np.ndarray) -> np.ndarray:
-        return np.all((theta >= self.lo) & (theta <= self.hi), axis=-1)
+        """Within the bounds, and within +-`FLAT_LIMIT` (the flat prior's reach)."""
+        inside = (theta >= self.lo) & (theta <= self.hi) & (np.abs(theta) <= FLAT_LIMIT)
+        return np.all(inside, axis=-1)
 
     def curve(self, theta: np.ndarray, x: torch.Tensor | None = None) -> torch.Tensor:
         """The model at x (the data's by default) for each row of theta: [W, len(x)]."""
@@ -211,9 +221,12 @@ def _autocorr(chain: np.ndarray) -> np.ndarray:
         log.disabled = was
 
 
-def _settled(rhat: np.ndarray, tau: np.ndarray) -> np.ndarray:
-    """Per parameter, whether its chains settled: a finite R-hat and autocorrelation time."""
-    return np.isfinite(rhat) & np.isfinite(tau)
+def _settled(rhat: np.ndarray, tau: np.ndarray, chain: np.ndarray) -> np.ndarray:
+    """Per parameter, whether its chains settled: a finite R-hat and autocorrelation time, and
+    no walker beyond +-`RUNAWAY` (walkers that ran off pile up at the flat prior's limit,
+    where their statistics look tame)."""
+    reach = np.max(np.abs(chain), axis=(0, 1)) if chain.size else np.zeros(chain.shape[-1])
+    return np.isfinite(rhat) & np.isfinite(tau) & (reach <= RUNAWAY)
 
 
 def _verdict(
@@ -221,7 +234,7 @@ def _verdict(
 ) -> tuple[bool, str]:
     """Whether the chains can be trusted, and why not in words."""
     problems = []
-    wild = np.flatnonzero(~_settled(rhat, tau)).tolist()
+    wild = np.flatnonzero(~_settled(rhat, tau, chain)).tolist()
     if wild:
         reach = ", ".join(f"{names[k]} reaches {np.max(np.abs(chain[..., k])):.3g}" for k in wild)
         problems.append(
@@ -312,7 +325,7 @@ def sample(
         }
     band = (
         credible_band(post, chain, levels)
-        if _settled(rhat, tau).all()
+        if _settled(rhat, tau, chain).all()
         else {"skipped": "the chains do not settle (see reason)"}
     )
     notes = [] if converged else [reason]
