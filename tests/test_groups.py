@@ -378,6 +378,59 @@ def test_fitcli_plot_rebuilds_a_grouped_runs_pages_as_train_wrote_them(tmp_path)
     assert compared.exit_code == 2 and "grouped run" in compared.output
 
 
+def test_a_large_grouped_data_file_is_referenced_not_copied(tmp_path, monkeypatch):
+    # As for single runs: above files.DATA_CSV_MAX_ROWS rows (here lowered to 50) the data file
+    # is the run's data, named in summary.json with its size and digest; `fitcli plot` reads it
+    # again and draws the pages train wrote; --copy-data copies it into data.csv; a changed or
+    # missing file is named (exit 2), and resume keeps the form.
+    from fitcli.config import load_config
+    from fitcli.experiment import execute
+    from fitcli.prepare import prepare
+    from fitcli.rundir import files as store
+
+    monkeypatch.setattr(store, "DATA_CSV_MAX_ROWS", 50)
+    data = tmp_path / "wells.csv"
+    write_wells(data, groups=4, n=20, seed=2)
+    cfg = config(tmp_path, ALL_PER_GROUP)
+    result, run = train(cfg, tmp_path)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert not (run / "data.csv").exists()
+    assert summary["data_file"] == {"path": str(data.resolve()), "size": data.stat().st_size}
+    assert summary["data_digest"].startswith("sha256:")
+    copied = tmp_path / "copied"
+    again = runner.invoke(app, ["train", str(cfg), "--run-dir", str(copied), "--copy-data"])
+    assert again.exit_code == 0, again.output
+    assert (copied / "data.csv").is_file()
+    assert "data_file" not in json.loads((copied / "summary.json").read_text())
+    assert read_groups(copied) == read_groups(run)
+    pages = sorted(p.relative_to(run) for p in run.rglob("*.html"))
+    before = {p: (run / p).read_bytes() for p in pages}
+    for p in pages:
+        (run / p).unlink()
+    plotted = runner.invoke(app, ["plot", str(run)])
+    assert plotted.exit_code == 0, plotted.output
+    assert {p: (run / p).read_bytes() for p in pages} == before
+    text = data.read_text()
+    data.write_text(text.replace("w3", "w9"))  # the same size, other content
+    plotted = runner.invoke(app, ["plot", str(run)])
+    assert plotted.exit_code == 2 and "changed since the run read it" in plotted.output
+    assert str(data.resolve()) in plotted.output
+    data.unlink()
+    plotted = runner.invoke(app, ["plot", str(run)])
+    assert plotted.exit_code == 2 and "missing; put it back" in plotted.output
+    data.write_text(text)
+    stopped = tmp_path / "stopped"
+    prep = prepare(load_config(cfg))
+    stopped.mkdir()
+    execute(prep, stopped, command=["test"], on_epoch=lambda epoch, loss: epoch >= 2)
+    resumed = runner.invoke(app, ["train", "--resume", str(stopped), "--copy-data"])
+    assert resumed.exit_code == 0, resumed.output
+    assert not (stopped / "data.csv").exists()
+    assert "data_file" in json.loads((stopped / "summary.json").read_text())
+    assert read_groups(stopped) == read_groups(run)
+
+
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("with_sigma", [False, True])
 @pytest.mark.parametrize("length", [None, 16])

@@ -258,8 +258,8 @@ def train(
         typer.Option(
             "--copy-data",
             help="Copy a data file of more than 100,000 rows into the run directory "
-            "(data.npz) instead of recording its path, size and digest (a resumed run keeps "
-            "its own).",
+            "(data.npz; data.csv for grouped data) instead of recording its path, size and "
+            "digest (a resumed run keeps its own).",
         ),
     ] = False,
     strict: StrictOpt = False,

@@ -84,6 +84,7 @@ def execute(
             on_epoch=on_epoch,
             stopped_by=stopped_by,
             resume=resume,
+            copy_data=copy_data,
         )
     cfg = prep.cfg
     t0 = time.perf_counter()

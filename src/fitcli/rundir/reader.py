@@ -371,25 +371,9 @@ def _read_data_file(run_dir: Path, summary: dict, cfg: Any) -> tuple[Path, dict]
     from fitcli.data import load_table
     from fitcli.errors import DataError
 
-    ref, digest = summary.get("data_file"), summary.get("data_digest")
-    if (
-        not isinstance(ref, dict)
-        or not isinstance(ref.get("path"), str)
-        or type(ref.get("size")) is not int
-        or not isinstance(digest, str)
-    ):
-        raise RunFileError(
-            f"{run_dir / files.SUMMARY}: garbled (data_file and data_digest do not name a file, "
-            "its size and digest)"
-        )
-    path = Path(ref["path"])
-    what = f"{path}, the data file of {run_dir} (not copied into it; {files.SUMMARY} names it)"
-    if not path.is_file():
-        raise RunFileError(f"{what}: missing; put it back where it was to read this run")
-    size = path.stat().st_size
+    path, what = _referenced_file(run_dir, summary)
+    digest = summary["data_digest"]
     changed = f"{what}: changed since the run read it"
-    if size != ref["size"]:
-        raise RunFileError(f"{changed} ({size} bytes, the run read {ref['size']})")
     try:
         ds = load_table(path, cfg.data.columns)
     except DataError as exc:
@@ -681,52 +665,26 @@ def is_grouped(run_dir: Path) -> bool:
 
 
 def read_grouped(run_dir: Path) -> GroupedRun:
-    """A grouped run's data.csv (its variables, y, sigma and group columns), groups.csv and
-    config; a missing, truncated or garbled file is a RunFileError naming it (exit 2)."""
-    import pandas as pd
-
-    from fitcli.data import Dataset
-
+    """A grouped run's data (data.csv: its variables, y, sigma and group columns; or the large
+    data file summary.json's `data_file` names, not copied), groups.csv and config; a missing,
+    truncated, garbled or changed file is a RunFileError naming it (exit 2)."""
     run_dir = Path(run_dir)
     summary = files.read_summary(run_dir)
     _, cfg = _check_config(run_dir, summary)
     x_cols = _x_columns(summary)
-    frames = {}
-    for rel in (files.DATA, "groups.csv"):
-        path = run_dir / rel
-        text = _read_text(run_dir, rel)
-        if not text.endswith("\n"):
-            raise RunFileError(f"{path}: truncated (its last line is incomplete)")
-        try:
-            text_cols = ["group", "status", "reason"]
-            frames[rel] = pd.read_csv(
-                io.StringIO(text), dtype={c: str for c in text_cols}, keep_default_na=False
-            )
-        except (ValueError, pd.errors.ParserError) as exc:
-            raise RunFileError(f"{path}: garbled ({exc})") from None
-    data, groups = frames[files.DATA], frames["groups.csv"]
-    need = [*x_cols, "y", "group"]
+    referenced = summary.get("data_file") is not None and not os.path.lexists(run_dir / files.DATA)
+    groups = _read_frame(run_dir, "groups.csv")
     per = summary.get("per_group_params")
     if not isinstance(per, list):
         raise RunFileError(f"{run_dir / files.SUMMARY}: no per_group_params list")
     columns = ["group", "status", "reason", "iterations", "n_points", "loss", "rss"]
-    for rel, frame, cols in (
-        (files.DATA, data, need),
-        ("groups.csv", groups, columns + [c for n in per for c in (n, f"{n}_stderr")]),
-    ):
-        missing = [c for c in cols if c not in frame.columns]
-        if missing:
-            raise RunFileError(f"{run_dir / rel}: no column {missing[0]!r} (garbled?)")
+    _need_columns(
+        run_dir / "groups.csv", groups, columns + [c for n in per for c in (n, f"{n}_stderr")]
+    )
     labels = tuple(groups["group"].tolist())
-    index = {label: k for k, label in enumerate(labels)}
-    codes = data["group"].map(index)
-    if codes.isna().any() or len(index) != len(labels):
-        raise RunFileError(
-            f"{run_dir / files.DATA}: its group labels are not groups.csv's (garbled?)"
-        )
+    if len(set(labels)) != len(labels):
+        raise RunFileError(f"{run_dir / 'groups.csv'}: a group appears twice (garbled?)")
     try:
-        numbers = {c: data[c].to_numpy(dtype=np.float64) for c in [*x_cols, "y"]}
-        sigma = data["sigma"].to_numpy(dtype=np.float64) if "sigma" in data.columns else None
         rows = [
             {
                 **{c: str(r[c]) for c in ("group", "status", "reason")},
@@ -737,11 +695,56 @@ def read_grouped(run_dir: Path) -> GroupedRun:
             for r in groups.to_dict("records")
         ]
     except (TypeError, ValueError) as exc:
+        raise RunFileError(f"{run_dir / 'groups.csv'}: holds a non-number ({exc})") from None
+    if referenced:
+        dataset = _read_grouped_file(run_dir, summary, cfg, labels)
+    else:
+        dataset = _read_grouped_csv(run_dir, x_cols, labels)
+    return GroupedRun(run_dir, summary, cfg, dataset, rows)
+
+
+def _read_frame(run_dir: Path, rel: str) -> Any:
+    """A CSV file of the run directory as a pandas frame, its label columns as text."""
+    import pandas as pd
+
+    path = run_dir / rel
+    text = _read_text(run_dir, rel)
+    if not text.endswith("\n"):
+        raise RunFileError(f"{path}: truncated (its last line is incomplete)")
+    try:
+        text_cols = ["group", "status", "reason"]
+        return pd.read_csv(
+            io.StringIO(text), dtype={c: str for c in text_cols}, keep_default_na=False
+        )
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise RunFileError(f"{path}: garbled ({exc})") from None
+
+
+def _need_columns(path: Path, frame: Any, cols: list[str]) -> None:
+    missing = [c for c in cols if c not in frame.columns]
+    if missing:
+        raise RunFileError(f"{path}: no column {missing[0]!r} (garbled?)")
+
+
+def _read_grouped_csv(run_dir: Path, x_cols: list[str], labels: tuple[str, ...]) -> Any:
+    """data.csv of a grouped run as its `Dataset`, each row's group checked against groups.csv."""
+    from fitcli.data import Dataset
+
+    data = _read_frame(run_dir, files.DATA)
+    _need_columns(run_dir / files.DATA, data, [*x_cols, "y", "group"])
+    index = {label: k for k, label in enumerate(labels)}
+    codes = data["group"].map(index)
+    if codes.isna().any():
         raise RunFileError(
-            f"{run_dir}: data.csv or groups.csv holds a non-number ({exc})"
-        ) from None
+            f"{run_dir / files.DATA}: its group labels are not groups.csv's (garbled?)"
+        )
+    try:
+        numbers = {c: data[c].to_numpy(dtype=np.float64) for c in [*x_cols, "y"]}
+        sigma = data["sigma"].to_numpy(dtype=np.float64) if "sigma" in data.columns else None
+    except (TypeError, ValueError) as exc:
+        raise RunFileError(f"{run_dir / files.DATA}: holds a non-number ({exc})") from None
     x = numbers[x_cols[0]] if len(x_cols) == 1 else np.column_stack([numbers[c] for c in x_cols])
-    dataset = Dataset(
+    return Dataset(
         x,
         numbers["y"],
         sigma=sigma,
@@ -750,4 +753,51 @@ def read_grouped(run_dir: Path) -> GroupedRun:
         group=codes.to_numpy(dtype=np.int64),
         group_labels=labels,
     )
-    return GroupedRun(run_dir, summary, cfg, dataset, rows)
+
+
+def _read_grouped_file(run_dir: Path, summary: dict, cfg: Any, labels: tuple[str, ...]) -> Any:
+    """The large data file a grouped run read and did not copy, read again as the run read it
+    (its config's data section), if it is still the one it read and its groups are
+    groups.csv's."""
+    from fitcli.data import make_dataset
+    from fitcli.errors import ConfigError, DataError
+
+    path, what = _referenced_file(run_dir, summary)
+    try:
+        ds = make_dataset(cfg)
+    except (DataError, ConfigError) as exc:
+        raise RunFileError(f"{what}: changed since the run read it: {exc}") from None
+    if ds.digest != summary.get("data_digest"):
+        raise RunFileError(
+            f"{what}: changed since the run read it (its digest is not the "
+            f"{summary.get('data_digest')} recorded)"
+        )
+    if ds.group_labels is None or tuple(str(g) for g in ds.group_labels) != labels:
+        raise RunFileError(f"{run_dir / 'groups.csv'}: its groups are not {path}'s (garbled?)")
+    return ds
+
+
+def _referenced_file(run_dir: Path, summary: dict) -> tuple[Path, str]:
+    """The path summary.json's `data_file` names, present and of the size recorded, and the
+    words that name it in messages."""
+    ref, digest = summary.get("data_file"), summary.get("data_digest")
+    if (
+        not isinstance(ref, dict)
+        or not isinstance(ref.get("path"), str)
+        or type(ref.get("size")) is not int
+        or not isinstance(digest, str)
+    ):
+        raise RunFileError(
+            f"{run_dir / files.SUMMARY}: garbled (data_file and data_digest do not name a file, "
+            "its size and digest)"
+        )
+    path = Path(ref["path"])
+    what = f"{path}, the data file of {run_dir} (not copied into it; {files.SUMMARY} names it)"
+    if not path.is_file():
+        raise RunFileError(f"{what}: missing; put it back where it was to read this run")
+    size = path.stat().st_size
+    if size != ref["size"]:
+        raise RunFileError(
+            f"{what}: changed since the run read it ({size} bytes, the run read {ref['size']})"
+        )
+    return path, what
