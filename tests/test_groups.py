@@ -351,6 +351,20 @@ def test_the_terminal_summary_of_groups_counts_them_instead_of_an_empty_table(tm
     assert "parameter" not in result.output  # no table without shared parameters
 
 
+def assert_plot_redraws(run: Path) -> dict:
+    """`fitcli plot RUN_DIR` after the run's pages are deleted draws them again byte for byte;
+    returns them (path relative to the run: bytes)."""
+    pages = sorted(p.relative_to(run) for p in run.rglob("*.html"))
+    before = {p: (run / p).read_bytes() for p in pages}
+    for p in pages:
+        (run / p).unlink()
+    plotted = runner.invoke(app, ["plot", str(run)])
+    assert plotted.exit_code == 0, plotted.output
+    assert sorted(p.relative_to(run) for p in run.rglob("*.html")) == pages
+    assert {p: (run / p).read_bytes() for p in pages} == before
+    return before
+
+
 def test_fitcli_plot_rebuilds_a_grouped_runs_pages_as_train_wrote_them(tmp_path):
     # `fitcli plot RUN_DIR` of a grouped run said its data.csv was garbled; it now draws the
     # report and snapshots again from the run directory, byte for byte what train wrote.
@@ -358,14 +372,7 @@ def test_fitcli_plot_rebuilds_a_grouped_runs_pages_as_train_wrote_them(tmp_path)
     for params in (ALL_PER_GROUP, {"a": {"value": 2, "per_group": True}, "b": 0.8, "c": 0.2}):
         result, run = train(config(tmp_path, params), tmp_path, "--overwrite")
         assert result.exit_code == 0, result.output
-        pages = sorted(p.relative_to(run) for p in run.rglob("*.html"))
-        before = {p: (run / p).read_bytes() for p in pages}
-        for p in pages:
-            (run / p).unlink()
-        plotted = runner.invoke(app, ["plot", str(run)])
-        assert plotted.exit_code == 0, plotted.output
-        assert sorted(p.relative_to(run) for p in run.rglob("*.html")) == pages
-        assert {p: (run / p).read_bytes() for p in pages} == before
+        before = assert_plot_redraws(run)
         elsewhere = tmp_path / "out" / "page.html"
         elsewhere.parent.mkdir(exist_ok=True)
         plotted = runner.invoke(app, ["plot", str(run), "--out", str(elsewhere)])
@@ -404,13 +411,7 @@ def test_a_large_grouped_data_file_is_referenced_not_copied(tmp_path, monkeypatc
     assert (copied / "data.csv").is_file()
     assert "data_file" not in json.loads((copied / "summary.json").read_text())
     assert read_groups(copied) == read_groups(run)
-    pages = sorted(p.relative_to(run) for p in run.rglob("*.html"))
-    before = {p: (run / p).read_bytes() for p in pages}
-    for p in pages:
-        (run / p).unlink()
-    plotted = runner.invoke(app, ["plot", str(run)])
-    assert plotted.exit_code == 0, plotted.output
-    assert {p: (run / p).read_bytes() for p in pages} == before
+    assert_plot_redraws(run)
     text = data.read_text()
     data.write_text(text.replace("w3", "w9"))  # the same size, other content
     plotted = runner.invoke(app, ["plot", str(run)])
