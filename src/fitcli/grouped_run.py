@@ -715,8 +715,7 @@ def grouped_data_form(prep: GroupedPrepared, copy_data: bool = False) -> str:
     from fitcli.rundir import files
 
     ds = prep.dataset
-    one_file = prep.cfg.data.file is not None and prep.cfg.data.files is None
-    if copy_data or not one_file or ds.digest is None or ds.size is None:
+    if copy_data or prep.cfg.data.file is None or ds.digest is None or ds.size is None:
         return "csv"
     return "file" if ds.n > files.DATA_CSV_MAX_ROWS else "csv"
 

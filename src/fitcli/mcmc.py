@@ -230,11 +230,16 @@ def _settled(rhat: np.ndarray, tau: np.ndarray, chain: np.ndarray) -> np.ndarray
 
 
 def _verdict(
-    names: Sequence[str], tau: np.ndarray, rhat: np.ndarray, kept: int, chain: np.ndarray
+    names: Sequence[str],
+    tau: np.ndarray,
+    rhat: np.ndarray,
+    kept: int,
+    chain: np.ndarray,
+    settled: np.ndarray,
 ) -> tuple[bool, str]:
-    """Whether the chains can be trusted, and why not in words."""
+    """Whether the chains can be trusted, and why not in words (`settled`: `_settled`'s)."""
     problems = []
-    wild = np.flatnonzero(~_settled(rhat, tau, chain)).tolist()
+    wild = np.flatnonzero(~settled).tolist()
     if wild:
         reach = ", ".join(f"{names[k]} reaches {np.max(np.abs(chain[..., k])):.3g}" for k in wild)
         problems.append(
@@ -307,7 +312,8 @@ def sample(
     flat = chain.reshape(-1, p)
     tau = _autocorr(chain)
     rhat = split_rhat(chain)
-    converged, reason = _verdict(names, tau, rhat, kept, chain)
+    settled = _settled(rhat, tau, chain)
+    converged, reason = _verdict(names, tau, rhat, kept, chain, settled)
     out: dict[str, Any] = {}
     for k, name in enumerate(names):
         entries = []
@@ -325,7 +331,7 @@ def sample(
         }
     band = (
         credible_band(post, chain, levels)
-        if _settled(rhat, tau, chain).all()
+        if settled.all()
         else {"skipped": "the chains do not settle (see reason)"}
     )
     notes = [] if converged else [reason]
