@@ -432,6 +432,26 @@ def test_a_large_grouped_data_file_is_referenced_not_copied(tmp_path, monkeypatc
     assert read_groups(stopped) == read_groups(run)
 
 
+@pytest.mark.parametrize("agrees", [True, False])
+def test_a_run_checks_its_compiled_fit_at_the_set_up(tmp_path, monkeypatch, agrees):
+    # The translation's check against autograd is part of preparing a run (not of fit_s): a
+    # program that disagrees is dropped there, and the groups are fitted by the batched program.
+    from fitcli import lm_jit
+    from fitcli.config import load_config
+    from fitcli.prepare import prepare
+
+    if not lm_jit.available():
+        pytest.skip("numba is not installed")
+    monkeypatch.setenv("FITCLI_JIT", "1")
+    monkeypatch.setattr(groups, "_AGREES", {})
+    if not agrees:
+        monkeypatch.setattr(groups, "_agrees", lambda *args: False)
+    write_wells(tmp_path / "wells.csv", groups=4, n=20, seed=3)
+    prep = prepare(load_config(config(tmp_path, ALL_PER_GROUP)))
+    assert (prep.program is not None) is agrees
+    assert len(groups._AGREES) == 1
+
+
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("with_sigma", [False, True])
 @pytest.mark.parametrize("length", [None, 16])

@@ -254,6 +254,66 @@ def test_a_translation_that_disagrees_with_autograd_is_not_used(monkeypatch):
     monkeypatch.setattr(program, "linearize", off)
     monkeypatch.setattr(groups, "_AGREES", {})
     assert groups.compiled(program, model, all_per_group(model), data, start(model, 4)) is None
+    assert groups.verified(program, model, all_per_group(model), data, start(model, 4)) is None
+
+
+def test_the_set_up_check_is_the_one_the_fit_asks(monkeypatch):
+    # A run checks the translation at its set-up (`groups.verified`, on the groups with enough
+    # points) and the fit reuses that verdict: the check against autograd runs once.
+    model = make_model(GAUSS, {"a": 4, "c": 0.2, "s": 1.2})
+    x, y = gaussians(6, seed=6)
+    x, y = x.copy(), y.copy()
+    x[0, 2:], y[0, 2:] = np.nan, np.nan  # group 0: two points, too few for three parameters
+    flat = ~np.isnan(y.reshape(-1))
+    label = np.repeat(np.arange(6), x.shape[1])[flat]
+    data = groups.pack(
+        x.reshape(-1)[flat], y.reshape(-1)[flat], None, label, 6, torch.float64,
+        torch.device("cpu"),
+    )  # fmt: skip
+    program = lm_jit.compile_groups(model, torch.float64)
+    layout = all_per_group(model)
+    calls = []
+    honest = groups._agrees
+
+    def counted(program, model, layout, few, th):
+        calls.append(few.counts.tolist())
+        return honest(program, model, layout, few, th)
+
+    monkeypatch.setattr(groups, "_AGREES", {})
+    monkeypatch.setattr(groups, "_agrees", counted)
+    assert groups.verified(program, model, layout, data, start(model, 6)) is program
+    fit = groups.fit_independent(model, layout, data, start(model, 6), LMOptions(), program=program)
+    # Groups 1-4 once (the RSS of group 0, left unfitted, is a check of its own).
+    assert calls.count([x.shape[1]] * 4) == 1
+    assert fit.status[0] == "failed" and set(fit.status[1:]) == {"converged"}
+
+
+def test_a_forked_child_runs_compiled_fits():
+    # The helper threads are kept between calls; a child forked after a call has none of them
+    # and makes its own (else its fit would wait for threads that do not exist).
+    import multiprocessing
+
+    if lm_jit.threads() < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs two threads and fork")
+    model = make_model(GAUSS, {"a": 4, "c": 0.2, "s": 1.2})
+    x, y = gaussians(40, seed=7)
+    program = lm_jit.compile_groups(model, torch.float64)
+    arrays = groups._arrays(packed(x, y))
+    here = program.fit(*arrays, start(model, 40).numpy(), np.full(40, 1e-3), LMOptions())
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(
+        target=lambda: out.put(
+            program.fit(*arrays, start(model, 40).numpy(), np.full(40, 1e-3), LMOptions())["theta"]
+        )
+    )
+    child.start()
+    child.join(120)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive, "the forked child's fit did not finish"
+    np.testing.assert_array_equal(out.get(timeout=10), here["theta"])
 
 
 def test_should_stop_interrupts_and_a_second_call_continues():

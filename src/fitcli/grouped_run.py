@@ -138,6 +138,14 @@ def prepare_grouped(
     packed = pack(
         dataset.x, dataset.y, dataset.sigma, dataset.group, n_groups, dtype, device, length
     )
+    if program is not None:
+        from fitcli.groups import verified
+
+        # The translation's check against torch's autograd is part of compiling (its verdict
+        # is kept for the fit): done here, at the start values, so that fit_s is fitting.
+        raw = model.raw.detach()
+        start = raw[layout.per_group].expand(n_groups, len(per)).clone()
+        program = verified(program, model, layout, packed, start)
     return GroupedPrepared(
         cfg, dataset, model, device, dtype, packed, layout, lm, per, shared, program=program
     )

@@ -422,6 +422,20 @@ def compiled(
     return program if _AGREES[key] else None
 
 
+def verified(
+    program: lm_jit.Program, model: FitModel, layout: Layout, data: Packed, theta: torch.Tensor
+) -> lm_jit.Program | None:
+    """`compiled` asked at a run's set-up, on the groups an independent fit would give it
+    (those with enough points for their parameters) at theta [G, q]: the program, or None where
+    its translation disagrees with torch's autograd. The verdict is kept, so the fit's own ask
+    on the same groups costs a digest of their data."""
+    keep = np.flatnonzero(~too_few(data.counts, theta.shape[1]))
+    if not keep.size:
+        return program
+    idx = torch.as_tensor(keep, device=theta.device)
+    return compiled(program, model, layout, data.take(idx), theta[idx])
+
+
 # Verdicts of `_agrees` by (program, the first groups' data): a run asks at the fit, the
 # residuals and the error bars, on the same groups (at the parameters of its first ask).
 _AGREES: dict[tuple[int, str], bool] = {}

@@ -561,6 +561,35 @@ def threads() -> int:
     return max(1, n)
 
 
+# The helper threads of the compiled calls (`_helpers`): one pool per process, kept between
+# calls (starting threads for each call cost about 1 ms of a 30 ms fit), made again for another
+# thread count and in a forked child (which inherits the pool but not its threads).
+_HELPERS: dict[str, Any] = {}
+_HELPERS_LOCK = threading.Lock()
+
+
+def _helpers() -> concurrent.futures.ThreadPoolExecutor | None:
+    """The pool of threads() - 1 helper threads (None for one thread). The calling thread
+    takes a share of each call and waits for the helpers, which never wait for each other, so
+    calls from several threads at once share the pool without deadlock."""
+    n = threads() - 1
+    if n < 1:
+        return None
+    with _HELPERS_LOCK:
+        pool = _HELPERS.get("pool")
+        if pool is None or pool._max_workers != n:
+            if pool is not None:
+                pool.shutdown(wait=False)
+            pool = _HELPERS["pool"] = concurrent.futures.ThreadPoolExecutor(
+                n, thread_name_prefix="fitcli-lm"
+            )
+        return pool
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_HELPERS.clear)
+
+
 @dataclass
 class Program:
     """A model's compiled group fit: `fit` and `linearize` over packed groups (numpy arrays:
@@ -598,8 +627,7 @@ class Program:
             job.result()
 
     def _pool(self) -> Any:
-        n = threads()
-        return concurrent.futures.ThreadPoolExecutor(n - 1) if n > 1 else None
+        return _helpers()
 
     def fit(
         self,
@@ -660,24 +688,20 @@ class Program:
             return run
 
         interrupted = False
-        try:
-            for lo in range(0, g, block):
-                hi = min(g, lo + block)
-                if interrupted:
-                    code[lo:hi] = int(Stop.INTERRUPTED)
-                    continue
-                self._run(start, lo, hi, pool)
-                if should_stop is None:
-                    self._each(step(int(opts.max_iter)), np.arange(lo, hi), pool)
-                else:
-                    interrupted = self._rounds(
-                        step, lo, hi, code, int(opts.max_iter), should_stop, pool
-                    )
-                left = code[lo:hi]
-                left[left == 0] = int(Stop.INTERRUPTED if interrupted else Stop.LIMIT)
-        finally:
-            if pool is not None:
-                pool.shutdown()
+        for lo in range(0, g, block):
+            hi = min(g, lo + block)
+            if interrupted:
+                code[lo:hi] = int(Stop.INTERRUPTED)
+                continue
+            self._run(start, lo, hi, pool)
+            if should_stop is None:
+                self._each(step(int(opts.max_iter)), np.arange(lo, hi), pool)
+            else:
+                interrupted = self._rounds(
+                    step, lo, hi, code, int(opts.max_iter), should_stop, pool
+                )
+            left = code[lo:hi]
+            left[left == 0] = int(Stop.INTERRUPTED if interrupted else Stop.LIMIT)
         return {
             "theta": th,
             "damping": state[:, 0].copy(),
@@ -781,12 +805,7 @@ class Program:
 
     def _over_groups(self, task: Callable[[int, int], None], g: int) -> None:
         """`task(lo, hi)` once over all g groups, split over the threads."""
-        pool = self._pool()
-        try:
-            self._run(task, 0, g, pool)
-        finally:
-            if pool is not None:
-                pool.shutdown()
+        self._run(task, 0, g, self._pool())
 
 
 # Iterations a block of groups runs per round when the fit can be stopped (`Program._rounds`):
