@@ -82,6 +82,7 @@ def _at(where: str, key: Any) -> str:
 
 def encode(obj: Any) -> Any:
     """Plain JSON data for `obj`: tensors, floats (exact), tuples and dicts with any keys."""
+    import numpy as np
     import torch
 
     if obj is None or isinstance(obj, bool | int | str):
@@ -96,7 +97,12 @@ def encode(obj: Any) -> Any:
             out["hex"] = bytes(t.flatten().tolist()).hex()
         elif dtype in _FLOAT_DTYPES:
             # Every float32/16 value is a float64 exactly; repr round-trips a float64 exactly.
-            out["data"] = [_float_out(v) for v in t.flatten().double().tolist()]
+            # The non-finite ones are found by numpy: a grouped run's state holds 10^6 values.
+            flat = t.flatten().double().numpy()
+            data = flat.tolist()
+            for i in np.flatnonzero(~np.isfinite(flat)).tolist():
+                data[i] = _float_out(data[i])
+            out["data"] = data
         elif dtype in _INT_DTYPES or dtype == "bool":
             out["data"] = t.flatten().tolist()
         else:
