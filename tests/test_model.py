@@ -131,3 +131,22 @@ def test_batched_parameters_broadcast():
     out = m.predict(raw, x)
     assert out.shape == (2, 7)
     assert torch.allclose(out[0], m(x).detach())
+
+
+@pytest.mark.parametrize("rows", [4, 1 << 17])
+def test_the_start_check_names_the_first_point_where_the_model_is_not_finite(monkeypatch, rows):
+    # The check evaluates the model chunk by chunk on large data: the point it names is the
+    # first one in the data's order where numpy's log is not finite, in whichever chunk.
+    import numpy as np
+
+    from fitcli import model as model_module
+    from fitcli.errors import DataError
+
+    monkeypatch.setattr(model_module, "CHECK_ROWS", rows)
+    m = expr_model("a*log(x - c)", [ParamInfo("a", 2.0), ParamInfo("c", 0.5)])
+    xs = np.concatenate([np.linspace(1, 3, 9), [0.25, 0.4], np.linspace(1, 2, 8)])
+    first = int(np.flatnonzero(~np.isfinite(2.0 * np.log(xs - 0.5)))[0])
+    with pytest.raises(DataError, match=f"at x = {float(xs[first])!r} with"):
+        model_module.check_finite_start(m, torch.as_tensor(xs), xs)
+    good = xs[xs > 0.5]
+    model_module.check_finite_start(m, torch.as_tensor(good), good)  # finite: no error

@@ -454,13 +454,22 @@ def _ordered_ties(infos: Sequence[ParamInfo]) -> list[tuple[int, Expression]]:
     return [(pos[name], ties[name]) for name in order]
 
 
+# Rows of the data per evaluation of `check_finite_start`: a model is a function of each point,
+# and on 10^7 points a chunk's temporaries stay in the cache (1.15 s in one piece, 0.07 s so).
+CHECK_ROWS = 1 << 17
+
+
 def check_finite_start(model: FitModel, x: torch.Tensor, xs_cpu: np.ndarray) -> None:
     """A model that is NaN or infinite at its starting point on the data is a config error."""
+    k = None
     with torch.no_grad():
-        yhat = model(x)
-    finite = torch.isfinite(yhat)
-    if not bool(finite.all()):
-        k = int((~finite).nonzero()[0, 0])
+        for a in range(0, max(1, x.shape[0]), CHECK_ROWS):
+            # x itself where it is one chunk: a basis model keeps its design matrix for it.
+            finite = torch.isfinite(model(x if x.shape[0] <= CHECK_ROWS else x[a : a + CHECK_ROWS]))
+            if not bool(finite.all()):
+                k = a + int((~finite).nonzero()[0, 0])
+                break
+    if k is not None:
         what = "model.basis" if model.kind == "basis" else "model.expr"
         from fitcli.data import point_text
 
