@@ -85,6 +85,12 @@ GROUPED = {
     "a vertical tab in a label": ("x,y,g\n1,2,a\x0bz\n3,4,b\n", "g", False, False),
     "a lone carriage return": ("x,y,g\n1,2,a\n3,4,b\r5,6,a\n7,8,b\n", "g", False, False),
     "a line separator in a label": ("x,y,g\n1,2,a\u2028z\n3,4,b\n", "g", False, False),
+    "a no-break space in a whitespace table's label": (
+        "x y g\n1 2 a\xa0z\n3 4 b\n",
+        "g",
+        False,
+        False,
+    ),
 }
 
 
