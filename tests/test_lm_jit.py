@@ -600,3 +600,26 @@ def test_compiling_a_model_writes_nothing_to_stderr(tmp_path, monkeypatch, capfd
         assert "remark" not in err and "vectorized" not in err, err[:500]
     finally:
         lm_jit._program.cache_clear()
+
+
+def test_the_cli_exits_at_once_after_a_compiled_fit(monkeypatch):
+    # The helper threads stay between calls; the CLI's quick exit (no interpreter teardown,
+    # which any other live thread prevents) ends them first, and a later fit starts them again.
+    import atexit
+
+    from fitcli import cli
+
+    if lm_jit.threads() < 2 or sys.gettrace() is not None or sys.getprofile() is not None:
+        pytest.skip("needs two threads and no tracer")
+    model = make_model(GAUSS, {"a": 4, "c": 0.2, "s": 1.2})
+    x, y = gaussians(20, seed=8)
+    program = lm_jit.compile_groups(model, torch.float64)
+    arrays = groups._arrays(packed(x, y))
+    first = program.fit(*arrays, start(model, 20).numpy(), np.full(20, 1e-3), LMOptions())
+    exits: list = []
+    monkeypatch.setattr(cli.os, "_exit", exits.append)
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: None)  # not pytest's own handlers
+    cli._exit_now(SystemExit(0))
+    assert exits == [0]
+    again = program.fit(*arrays, start(model, 20).numpy(), np.full(20, 1e-3), LMOptions())
+    np.testing.assert_array_equal(again["theta"], first["theta"])

@@ -875,6 +875,9 @@ def _exit_now(done: SystemExit) -> None:
         raise done  # a message to print: Python's own exit does that
     if sys.getprofile() is not None or sys.gettrace() is not None:
         raise done
+    jit = sys.modules.get("fitcli.lm_jit")
+    if jit is not None:
+        jit.stop_helpers()  # the compiled fits' idle helper threads
     if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
         raise done
     try:
