@@ -288,6 +288,15 @@ def test_the_set_up_check_is_the_one_the_fit_asks(monkeypatch):
     assert fit.status[0] == "failed" and set(fit.status[1:]) == {"converged"}
 
 
+def gaussian_fit(g: int, seed: int):
+    """The compiled fit of g Gaussian groups from the start, as a call (the same each time)."""
+    model = make_model(GAUSS, {"a": 4, "c": 0.2, "s": 1.2})
+    x, y = gaussians(g, seed=seed)
+    program = lm_jit.compile_groups(model, torch.float64)
+    arrays = groups._arrays(packed(x, y))
+    return lambda: program.fit(*arrays, start(model, g).numpy(), np.full(g, 1e-3), LMOptions())
+
+
 def test_a_forked_child_runs_compiled_fits():
     # The helper threads are kept between calls; a child forked after a call has none of them
     # and makes its own (else its fit would wait for threads that do not exist).
@@ -295,18 +304,11 @@ def test_a_forked_child_runs_compiled_fits():
 
     if lm_jit.threads() < 2 or "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("needs two threads and fork")
-    model = make_model(GAUSS, {"a": 4, "c": 0.2, "s": 1.2})
-    x, y = gaussians(40, seed=7)
-    program = lm_jit.compile_groups(model, torch.float64)
-    arrays = groups._arrays(packed(x, y))
-    here = program.fit(*arrays, start(model, 40).numpy(), np.full(40, 1e-3), LMOptions())
+    fit = gaussian_fit(40, seed=7)
+    here = fit()
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
-    child = ctx.Process(
-        target=lambda: out.put(
-            program.fit(*arrays, start(model, 40).numpy(), np.full(40, 1e-3), LMOptions())["theta"]
-        )
-    )
+    child = ctx.Process(target=lambda: out.put(fit()["theta"]))
     child.start()
     child.join(120)
     alive = child.is_alive()
@@ -611,15 +613,11 @@ def test_the_cli_exits_at_once_after_a_compiled_fit(monkeypatch):
 
     if lm_jit.threads() < 2 or sys.gettrace() is not None or sys.getprofile() is not None:
         pytest.skip("needs two threads and no tracer")
-    model = make_model(GAUSS, {"a": 4, "c": 0.2, "s": 1.2})
-    x, y = gaussians(20, seed=8)
-    program = lm_jit.compile_groups(model, torch.float64)
-    arrays = groups._arrays(packed(x, y))
-    first = program.fit(*arrays, start(model, 20).numpy(), np.full(20, 1e-3), LMOptions())
+    fit = gaussian_fit(20, seed=8)
+    first = fit()
     exits: list = []
     monkeypatch.setattr(cli.os, "_exit", exits.append)
     monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: None)  # not pytest's own handlers
     cli._exit_now(SystemExit(0))
     assert exits == [0]
-    again = program.fit(*arrays, start(model, 20).numpy(), np.full(20, 1e-3), LMOptions())
-    np.testing.assert_array_equal(again["theta"], first["theta"])
+    np.testing.assert_array_equal(fit()["theta"], first["theta"])
