@@ -621,3 +621,17 @@ def test_the_cli_exits_at_once_after_a_compiled_fit(monkeypatch):
     cli._exit_now(SystemExit(0))
     assert exits == [0]
     np.testing.assert_array_equal(fit()["theta"], first["theta"])
+
+
+def test_the_helper_threads_follow_the_thread_count(monkeypatch):
+    # OMP_NUM_THREADS is read at each call: one thread fits alone, more get a pool of their
+    # size; the answers are the same bits either way (each group is fitted by one thread).
+    fit = gaussian_fit(12, seed=9)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert lm_jit._helpers() is None
+    alone = fit()
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    if lm_jit.threads() < 2:
+        pytest.skip("needs two cores")
+    assert lm_jit._helpers()._max_workers == 1
+    np.testing.assert_array_equal(fit()["theta"], alone["theta"])

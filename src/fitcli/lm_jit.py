@@ -578,8 +578,8 @@ def _helpers() -> concurrent.futures.ThreadPoolExecutor | None:
     with _HELPERS_LOCK:
         pool = _HELPERS.get("pool")
         if pool is None or pool._max_workers != n:
-            if pool is not None:
-                pool.shutdown(wait=False)
+            # A pool of another size is dropped, not shut down: a call in another thread may
+            # still be handing it work; its threads end once it is no longer referenced.
             pool = _HELPERS["pool"] = concurrent.futures.ThreadPoolExecutor(
                 n, thread_name_prefix="fitcli-lm"
             )
