@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -377,7 +379,16 @@ def test_fitcli_plot_rebuilds_a_grouped_runs_pages_as_train_wrote_them(tmp_path)
         elsewhere.parent.mkdir(exist_ok=True)
         plotted = runner.invoke(app, ["plot", str(run), "--out", str(elsewhere)])
         assert plotted.exit_code == 0, plotted.output
-        assert elsewhere.read_bytes() == before[Path("report.html")]
+        # The same page, its links to the snapshot pages made relative to where it is.
+        page = elsewhere.read_text(encoding="utf-8")
+        links = re.findall(r'<a href="([^"]+)"', page)
+        assert links and all((elsewhere.parent / link).resolve().is_file() for link in links)
+        assert {(elsewhere.parent / link).resolve() for link in links} == {
+            p.resolve() for p in (run / "snapshots").glob("*.html")
+        }
+        target = os.path.relpath(run / "snapshots", elsewhere.parent)
+        own = before[Path("report.html")].decode("utf-8")
+        assert page == own.replace('href="snapshots/', f'href="{target}/')
         assert (elsewhere.parent / "plotly.min.js").is_file()
         elsewhere.unlink()
     # Comparisons and static figures take single runs: said plainly, exit 2.

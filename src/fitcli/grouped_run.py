@@ -24,7 +24,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -697,7 +697,7 @@ def execute_grouped(
             summary.update(interruption_fields(by, f"after epoch {state.epoch}"))
             summary["converged"] = False
         summary.pop("process", None)
-        _write_pages(prep, run_dir, rows, result, plotlyjs)
+        _write_pages(prep, run_dir, rows, result, plotlyjs, summary)
         summary["elapsed_s"] = time.perf_counter() - t0
         summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         files.write_json(run_dir / files.SUMMARY, summary)
@@ -774,8 +774,21 @@ def rebuild_report(run_dir: Path, *, out: Path | None = None, plotlyjs: str = "d
     shared_t = torch.tensor([to_internal(infos[n], values[n]) for n in shared], dtype=dtype)
     page = Path(out) if out is not None else run.path / files.REPORT
     files.check_output_file(page, "--out")
-    pages = _pages(prep, rows, SimpleNamespace(theta=theta, shared=shared_t), plotlyjs)
-    if plotlyjs == "directory" and page.parent.resolve() != run.path.resolve():
+    from fitcli.report import _href
+
+    elsewhere = page.parent.resolve() != run.path.resolve()
+    pages = _pages(
+        prep,
+        rows,
+        SimpleNamespace(theta=theta, shared=shared_t),
+        plotlyjs,
+        run.summary,
+        run.config_text,
+        snapshot_href=(_href(run.path / files.SNAPSHOTS, page.parent) + "/")
+        if elsewhere
+        else "snapshots/",
+    )
+    if plotlyjs == "directory" and elsewhere:
         files.copy_plotly_js(page.parent)
     written = []
     for rel, text in pages.items():
@@ -787,41 +800,92 @@ def rebuild_report(run_dir: Path, *, out: Path | None = None, plotlyjs: str = "d
 
 
 def _write_pages(
-    prep: GroupedPrepared, run_dir: Path, rows: list[dict], result: Any, plotlyjs: str
+    prep: GroupedPrepared,
+    run_dir: Path,
+    rows: list[dict],
+    result: Any,
+    plotlyjs: str,
+    summary: dict,
 ) -> None:
-    """report.html (small multiples and histograms) and the two snapshot pages: the start and
-    the fit, both as small multiples."""
+    """report.html (summary, small multiples and histograms) and the two snapshot pages: the
+    start and the fit, both as small multiples."""
     from fitcli.rundir import files
 
-    for rel, text in _pages(prep, rows, result, plotlyjs).items():
+    config_text = (run_dir / files.CONFIG).read_text(encoding="utf-8")
+    pages = _pages(prep, rows, result, plotlyjs, summary, config_text)
+    for rel, text in pages.items():
         files.atomic_write(run_dir / rel, text)
 
 
-def _pages(prep: GroupedPrepared, rows: list[dict], result: Any, plotlyjs: str) -> dict[str, str]:
+def _pages(
+    prep: GroupedPrepared,
+    rows: list[dict],
+    result: Any,
+    plotlyjs: str,
+    summary: dict,
+    config_text: str,
+    snapshot_href: str = "snapshots/",
+) -> dict[str, str]:
     """The grouped run's pages by their paths in the run directory: report.html and the two
-    snapshots."""
-    from fitcli.plots import group_histograms, group_small_multiples, groups_page
+    snapshots. `snapshot_href`: how report.html links to the snapshot pages (written elsewhere
+    by `fitcli plot --out`, plotly.min.js is copied beside it)."""
+    from fitcli.plots import axis_labels, group_histograms, group_small_multiples, groups_page
+    from fitcli.report import grouped_report_page
     from fitcli.rundir import files
 
+    columns = summary.get("columns")
+    labels = axis_labels(prep.cfg.report, columns if isinstance(columns, dict) else None)
+    several = prep.packed.x.dim() > 2
+    if several:  # the variables' names are not an axis here: the fit is drawn against y
+        labels = replace(labels, x="x")
     theta0, shared0 = _start(prep)
-    curves_fit = _curves(prep, result.theta, result.shared, rows)
-    curves_start = _curves(prep, theta0, shared0, rows)
-    fig_fit = group_small_multiples(curves_fit, title=f"{prep.cfg.name}: fits by group")
-    fig_start = group_small_multiples(curves_start, title=f"{prep.cfg.name}: start")
+    curves_fit = _curves(prep, result.theta, result.shared, rows, labels.log_x)
+    curves_start = _curves(prep, theta0, shared0, rows, labels.log_x)
+    name = prep.cfg.name
+
+    def grid(curves: list, title: str) -> dict:
+        return group_small_multiples(curves, title=title, labels=labels, versus_fitted=several)
+
+    fig_fit = grid(curves_fit, f"{name}: fits by group")
+    fig_start = grid(curves_start, f"{name}: start")
     hist = group_histograms(rows, prep.per_group)
     width = len(str(prep.cfg.epochs))
     last = int(max((r["iterations"] for r in rows), default=0))
-    js, name = plotlyjs, prep.cfg.name
+    start_page = f"{files.SNAPSHOTS}/epoch-{0:0{width}d}.html"
+    fit_page = f"{files.SNAPSHOTS}/epoch-{last:0{width}d}.html"
+    js = plotlyjs
+    links = [
+        (f"{0} (start)", snapshot_href + start_page.split("/", 1)[1]),
+        (f"{last} (fit)", snapshot_href + fit_page.split("/", 1)[1]),
+    ]
+    report = grouped_report_page(
+        summary=summary,
+        rows=rows,
+        config_text=config_text,
+        fits=fig_fit,
+        histograms=hist,
+        shown=len(curves_fit),
+        snapshots=links,
+        plotlyjs_src=plotlyjs if plotlyjs in ("embed", "cdn") else files.PLOTLY_JS,
+    )
     return {
-        f"{files.SNAPSHOTS}/epoch-{0:0{width}d}.html": groups_page([fig_start], js, 1, name),
-        f"{files.SNAPSHOTS}/epoch-{last:0{width}d}.html": groups_page([fig_fit], js, 1, name),
-        files.REPORT: groups_page([fig_fit, hist], js, 0, name),
+        start_page: groups_page([fig_start], js, 1, name),
+        fit_page: groups_page([fig_fit], js, 1, name),
+        files.REPORT: report,
     }
 
 
-def _curves(prep: GroupedPrepared, theta: torch.Tensor, shared: torch.Tensor, rows: list[dict]):
+def _curves(
+    prep: GroupedPrepared,
+    theta: torch.Tensor,
+    shared: torch.Tensor,
+    rows: list[dict],
+    log_x: bool = False,
+):
     """At most 36 groups, spread over the loss distribution with the worst first: each one's
-    label, status, data (x, y) and fitted curve (x grid, model)."""
+    label, status, data (x, y) and fitted curve (x grid, model). The grid spans the group's
+    x, evenly in log x with `log_x` where its x are positive. Several variables: (label,
+    status, the fit at the data points, y, None, None)."""
     from fitcli.groups import _model
 
     finite = [j for j, r in enumerate(rows) if math.isfinite(r["loss"])]
@@ -839,18 +903,25 @@ def _curves(prep: GroupedPrepared, theta: torch.Tensor, shared: torch.Tensor, ro
     x = sub.x
     with torch.no_grad():
         if x.dim() == 2:
+            # A group's pads (weight 0) lie inside its points' range: the padding repeats one.
             lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
             t = torch.linspace(0, 1, 200, dtype=x.dtype, device=x.device)
             grid = lo + (hi - lo) * t
+            if log_x:
+                ratio = torch.where(lo > 0, hi / lo.clamp_min(torch.finfo(x.dtype).tiny), 1.0)
+                grid = torch.where(lo > 0, lo * ratio**t, grid)
         else:
             grid = x  # several variables: the fit at the data points
         m = _model(prep.model, prep.layout, grid, False)(theta[idx], shared).cpu().numpy()
-    out = []
+    out: list[tuple[Any, ...]] = []
     for k, j in enumerate(order):
         n = int(data.counts[j])
         w = sub.w[k, :n].cpu().numpy()
-        xs = sub.x[k, :n].cpu().numpy()
         ys = (sub.wy[k, :n].cpu().numpy() / np.where(w > 0, w, 1.0)) if n else np.zeros(0)
-        gx = grid[k].cpu().numpy()
-        out.append((rows[j]["group"], rows[j]["status"], xs, ys, gx, m[k]))
+        label, status = rows[j]["group"], rows[j]["status"]
+        if x.dim() == 2:
+            xs = sub.x[k, :n].cpu().numpy()
+            out.append((label, status, xs, ys, grid[k].cpu().numpy(), m[k]))
+        else:
+            out.append((label, status, m[k, :n], ys, None, None))
     return out

@@ -1461,44 +1461,75 @@ def paper_loss_figure(*, epoch: np.ndarray, loss: np.ndarray, loss_name: str) ->
     }
 
 
-def group_small_multiples(curves: list, *, title: str) -> dict:
-    """A grid of small plots, one per group: its data (markers) and its fit (line); `curves`
-    holds (label, status, x, y, grid x, model on the grid) per group, at most 36."""
+def group_small_multiples(
+    curves: list, *, title: str, labels: Labels | None = None, versus_fitted: bool = False
+) -> dict:
+    """A grid of small plots, one per group, at most 36: `curves` holds (label, status, x, y,
+    grid x, model on the grid) per group. One variable: its data (markers) and its fit (a
+    line) against x, on the axes `labels` name (log axes where it says). Several
+    (`versus_fitted`): x is the fit at the data points, drawn against the observations with
+    the diagonal where they agree; the grid is not used. The x axis is titled on the panels
+    with none below, the y axis on the first column."""
+    labels = labels or Labels()
     n = max(len(curves), 1)
     cols = min(6, n)
     rows = -(-n // cols)
     data: list[dict] = []
-    layout: dict[str, Any] = {"title": {"text": text(title)}, "showlegend": False}
+    layout: dict[str, Any] = {"title": {"text": text(title)}, "showlegend": False, **STYLE}
+    x_title = f"fitted {labels.y}" if versus_fitted else labels.x
+    y_title = f"observed {labels.y}" if versus_fitted else labels.y
+    log_x = labels.log_x and not versus_fitted
+    log_y = labels.log_y
+    small = {"font": {"size": 10}}
     gap = 0.04
     for k, (label, status, x, y, gx, gy) in enumerate(curves):
         r, c = divmod(k, cols)
         axis = "" if k == 0 else str(k + 1)
         x0 = c / cols + gap / 2
         y1 = 1 - r / rows - gap
-        layout[f"xaxis{axis}"] = {"domain": [x0, (c + 1) / cols - gap / 2], "anchor": f"y{axis}"}
-        layout[f"yaxis{axis}"] = {"domain": [1 - (r + 1) / rows + gap, y1], "anchor": f"x{axis}"}
+        xaxis: dict[str, Any] = {
+            **AXIS,
+            "domain": [x0, (c + 1) / cols - gap / 2],
+            "anchor": f"y{axis}",
+            **({"type": "log"} if log_x or (versus_fitted and log_y) else {}),
+        }
+        yaxis: dict[str, Any] = {
+            **AXIS,
+            "domain": [1 - (r + 1) / rows + gap, y1],
+            "anchor": f"x{axis}",
+            **({"type": "log"} if log_y else {}),
+        }
+        if k + cols >= len(curves):
+            xaxis["title"] = {"text": text(x_title), **small}
+        if c == 0:
+            yaxis["title"] = {"text": text(y_title), **small}
+        layout[f"xaxis{axis}"], layout[f"yaxis{axis}"] = xaxis, yaxis
         color = "#d62728" if status == "failed" else "#1f77b4"
+        on = {"xaxis": f"x{axis}", "yaxis": f"y{axis}"}
         data.append(
             {
                 "type": "scattergl",
                 "mode": "markers",
                 "x": typed(x),
                 "y": typed(y),
-                "xaxis": f"x{axis}",
-                "yaxis": f"y{axis}",
+                **on,
                 "name": text(label),
                 "marker": {"size": 3, "color": "#444"},
             }
         )
+        if versus_fitted:
+            both = np.concatenate([np.asarray(x, float), np.asarray(y, float)])
+            both = both[np.isfinite(both) & ((both > 0) if log_y else True)]
+            line = [float(both.min()), float(both.max())] if both.size else []
+            gx = gy = np.array(line)
         data.append(
             {
                 "type": "scatter",
                 "mode": "lines",
                 "x": typed(gx),
                 "y": typed(gy),
-                "xaxis": f"x{axis}",
-                "yaxis": f"y{axis}",
-                "name": text(f"{label} fit"),
+                **on,
+                "name": text(f"{label} " + ("observed = fitted" if versus_fitted else "fit")),
                 "line": {"color": color, "width": 1.5},
             }
         )
@@ -1519,28 +1550,41 @@ def group_small_multiples(curves: list, *, title: str) -> dict:
 
 
 def group_histograms(rows: list[dict], names: list[str]) -> dict:
-    """One histogram per per-group parameter over the groups that did not fail."""
+    """One histogram per per-group parameter over the groups that did not fail; a parameter
+    whose values are all positive and span two decades or more is binned by its log10."""
     n = max(len(names), 1)
     data: list[dict] = []
-    layout: dict[str, Any] = {"title": {"text": "per-group parameters"}, "showlegend": False}
+    layout: dict[str, Any] = {
+        "title": {"text": "per-group parameters"},
+        "showlegend": False,
+        **STYLE,
+    }
     for k, name in enumerate(names):
         axis = "" if k == 0 else str(k + 1)
         values = np.array(
             [r[name] for r in rows if r["status"] != "failed" and np.isfinite(r[name])], dtype=float
         )
+        title = name
+        if values.size and values.min() > 0 and values.max() >= 100 * values.min():
+            values, title = np.log10(values), f"log10 {name}"
         layout[f"xaxis{axis}"] = {
+            **AXIS,
             "domain": [k / n + 0.02, (k + 1) / n - 0.02],
             "anchor": f"y{axis}",
-            "title": {"text": text(name)},
+            "title": {"text": text(title)},
         }
-        layout[f"yaxis{axis}"] = {"anchor": f"x{axis}"}
+        layout[f"yaxis{axis}"] = {
+            **AXIS,
+            "anchor": f"x{axis}",
+            **({"title": {"text": "groups"}} if k == 0 else {}),
+        }
         data.append(
             {
                 "type": "histogram",
                 "x": typed(values),
                 "xaxis": f"x{axis}",
                 "yaxis": f"y{axis}",
-                "name": text(name),
+                "name": text(title),
             }
         )
     layout["height"] = 360

@@ -663,3 +663,176 @@ def write_compare(run_dirs: list[Path], out: Path, *, plotlyjs: str = "directory
     src = _plotlyjs_for(out, out.parent, plotlyjs)
     files.atomic_write(out, compare_page(runs, src))
     return Written(out, [])
+
+
+# -- grouped runs ------------------------------------------------------------------------------
+
+# Failed groups listed by name on a grouped run's report (all of them are in groups.csv).
+FAILED_SHOWN = 20
+
+
+def _grouped_summary_rows(s: dict) -> list[tuple[str, str]]:
+    """The summary table of a grouped run, from its summary.json values known when the pages
+    are drawn (not elapsed_s: the pages are part of that time)."""
+    status = str(s.get("status", "-"))
+    counts = (
+        f"{_g(s.get('groups'))}: {_g(s.get('groups_converged'))} converged, "
+        f"{_g(s.get('groups_failed'))} failed"
+    )
+    if s.get("groups_completed"):
+        counts += f", {_g(s['groups_completed'])} completed but not converged"
+    fit_s, rate = s.get("fit_s"), s.get("fits_per_s")
+    timing = "-"
+    if _number(fit_s):
+        timing = f"{fit_s:.3g} s" + (f" ({rate:,.0f} groups/s)" if _number(rate) else "")
+    rows = [
+        ("status", f'<span class="status {_e(status)}">{_e(status)}</span>'),
+        ("groups", counts),
+        ("iterations", f"up to {_g(s.get('epochs_run'))} of {_g(s.get('epochs'))}"),
+        ("final loss", f"{_g(s.get('final_loss'))} ({_e(s.get('loss', '-'))}, over all points)"),
+        (
+            "fit",
+            f"RSS {_g(s.get('rss'))}, {_g(s.get('n_points'))} points, "
+            f"{_g(s.get('n_params'))} free parameters",
+        ),
+        ("optimizer", _e(s.get("optimizer", "-"))),
+        ("device", _e(s.get("device", "-"))),
+        ("dtype", _e(s.get("dtype", "-"))),
+        ("fitting time", timing),
+    ]
+    if s.get("started_at"):
+        rows.append(("started", _e(s["started_at"])))
+    if s.get("reason"):
+        rows.append(("stopped", _e(s["reason"])))
+    return rows
+
+
+def _shared_table(s: dict) -> str:
+    """The shared parameters with their standard errors (from the whole stacked problem)."""
+    values, errors = s.get("params") or {}, s.get("stderr") or {}
+    if not values:
+        return "<p>No shared parameters: every group is its own fit.</p>"
+    body = "".join(
+        f"<tr><td>{_e(n)}</td><td class=num>{_g(v)}</td>"
+        f"<td class=num>{_g(errors.get(n), 3)}</td></tr>"
+        for n, v in values.items()
+    )
+    return (
+        '<table class="params"><tr><th>shared parameter</th><th>value</th>'
+        f"<th>± stderr</th></tr>{body}</table>"
+    )
+
+
+def per_group_statistics(rows: list[dict], names: list[str]) -> dict[str, dict[str, float]]:
+    """Each per-group parameter over the groups that did not fail (finite values): their
+    count, median, 16th and 84th percentiles, and the median standard error."""
+    out: dict[str, dict[str, float]] = {}
+    for name in names:
+        kept = [r for r in rows if r["status"] != "failed" and math.isfinite(r[name])]
+        values = np.array([r[name] for r in kept], dtype=float)
+        errors = np.array([r[f"{name}_stderr"] for r in kept], dtype=float)
+        errors = errors[np.isfinite(errors)]
+        if not values.size:
+            out[name] = {"groups": 0}
+            continue
+        lo, mid, hi = np.percentile(values, [16, 50, 84])
+        out[name] = {"groups": int(values.size), "median": mid, "p16": lo, "p84": hi}
+        if errors.size:
+            out[name]["median_stderr"] = float(np.median(errors))
+    return out
+
+
+def _per_group_table(rows: list[dict], names: list[str]) -> str:
+    if not names:
+        return ""
+    body = []
+    for name, st in per_group_statistics(rows, names).items():
+        if not st["groups"]:
+            body.append(f"<tr><td>{_e(name)}</td><td colspan=4>no group fitted</td></tr>")
+            continue
+        body.append(
+            f"<tr><td>{_e(name)}</td><td class=num>{_g(st['median'])}</td>"
+            f"<td class=num>{_g(st['p16'], 4)} to {_g(st['p84'], 4)}</td>"
+            f"<td class=num>{_g(st.get('median_stderr'), 3)}</td>"
+            f"<td class=num>{st['groups']}</td></tr>"
+        )
+    return (
+        '<table class="per-group"><tr><th>per-group parameter</th><th>median</th>'
+        "<th>middle 68% of groups</th><th>median stderr</th><th>groups</th></tr>"
+        f"{''.join(body)}</table>"
+        "<p>Over the groups that did not fail; every group's value and standard error are in "
+        "<code>groups.csv</code>.</p>"
+    )
+
+
+def _failed_section(rows: list[dict]) -> str:
+    failed = [r for r in rows if r["status"] == "failed"]
+    if not failed:
+        return ""
+    body = "".join(
+        f"<tr><td>{_e(r['group'])}</td><td>{_e(r['reason'])}</td>"
+        f"<td class=num>{_g(r['n_points'])}</td><td class=num>{_g(r['iterations'])}</td></tr>"
+        for r in failed[:FAILED_SHOWN]
+    )
+    more = (
+        f"<p>and {len(failed) - FAILED_SHOWN} more: every row of <code>groups.csv</code> with "
+        "status <code>failed</code>.</p>"
+        if len(failed) > FAILED_SHOWN
+        else ""
+    )
+    return (
+        f'<section id="failed"><h2>Failed groups ({len(failed)})</h2>'
+        '<table class="failed-groups"><tr><th>group</th><th>reason</th><th>points</th>'
+        f"<th>iterations</th></tr>{body}</table>{more}</section>"
+    )
+
+
+def grouped_report_page(
+    *,
+    summary: dict,
+    rows: list[dict],
+    config_text: str,
+    fits: dict,
+    histograms: dict,
+    shown: int,
+    snapshots: list[tuple[str, str]],
+    plotlyjs_src: str,
+) -> str:
+    """report.html of a grouped run: its summary (groups, shared parameters, the per-group
+    parameters' spread), the failed groups, the fits of `shown` groups (`fits`, small
+    multiples), the per-group parameters' histograms and the config; `snapshots` are the
+    snapshot pages' (label, href)."""
+    fig = _Figures(plotlyjs_src)
+    name = str(summary.get("name", "run"))
+    table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in _grouped_summary_rows(summary))
+    per = [str(n) for n in summary.get("per_group_params") or []]
+    parts = [
+        f"<h1>{_e(name)}: fitcli report</h1>",
+        '<section id="summary"><h2>Summary</h2><div class="cols">'
+        f'<table class="summary">{table}</table>'
+        f"<div>{_shared_table(summary)}{_per_group_table(rows, per)}</div></div></section>",
+        _failed_section(rows),
+    ]
+    total = len(rows)
+    which = (
+        f"All {total} groups"
+        if shown >= total
+        else f"{shown} of {total} groups, spread over the distribution of their loss"
+    )
+    links = " ".join(f'<a href="{_e(href)}">{_e(label)}</a>' for label, href in snapshots)
+    parts.append(
+        '<section id="fit"><h2>Fits by group</h2>'
+        f"<p>{which}, the worst first (failed groups in red).</p>"
+        + fig(fits, "fitcli-groups")
+        + f"<p>Snapshot pages: {links}</p></section>"
+    )
+    if per:
+        parts.append(
+            '<section id="per-group"><h2>Per-group parameters</h2>'
+            + fig(histograms, "fitcli-histograms", 360)
+            + "</section>"
+        )
+    parts.append(
+        f'<section id="config"><h2>Config</h2><pre class="config">{_e(config_text)}</pre></section>'
+    )
+    return _page(f"{name} - fitcli report", "\n".join(p for p in parts if p))

@@ -656,6 +656,7 @@ class GroupedRun:
     cfg: Any
     dataset: Any  # fitcli.data.Dataset, group and group_labels set
     rows: list[dict]
+    config_text: str = ""  # config.yaml as the run wrote it
 
 
 def is_grouped(run_dir: Path) -> bool:
@@ -670,7 +671,7 @@ def read_grouped(run_dir: Path) -> GroupedRun:
     truncated, garbled or changed file is a RunFileError naming it (exit 2)."""
     run_dir = Path(run_dir)
     summary = files.read_summary(run_dir)
-    _, cfg = _check_config(run_dir, summary)
+    config_text, cfg = _check_config(run_dir, summary)
     x_cols = _x_columns(summary)
     referenced = summary.get("data_file") is not None and not os.path.lexists(run_dir / files.DATA)
     groups = _read_frame(run_dir, "groups.csv")
@@ -700,7 +701,7 @@ def read_grouped(run_dir: Path) -> GroupedRun:
         dataset = _read_grouped_file(run_dir, summary, cfg, labels)
     else:
         dataset = _read_grouped_csv(run_dir, x_cols, labels)
-    return GroupedRun(run_dir, summary, cfg, dataset, rows)
+    return GroupedRun(run_dir, summary, cfg, dataset, rows, config_text)
 
 
 def _read_frame(run_dir: Path, rel: str) -> Any:
