@@ -21,6 +21,7 @@ from fitcli.cli import app
 from fitcli.plots import group_histograms
 
 runner = CliRunner()
+LEFT_OUT_NAMES = (" omitted (NaN)", " outside range")
 
 
 def train(tmp_path: Path, cfg: dict, code: int = 0) -> Path:
@@ -39,7 +40,8 @@ def rows_of(run: Path) -> list[dict]:
 
 def panels(traces: list[dict]) -> dict[str, tuple[dict, dict]]:
     """Each group's (markers, line) traces of the small multiples, by group label."""
-    marks = {t["name"]: t for t in traces if t["mode"] == "markers"}
+    marks = {t["name"]: t for t in traces if t["mode"] == "markers" and "xaxis" in t}
+    marks = {n: t for n, t in marks.items() if not n.endswith(LEFT_OUT_NAMES)}
     lines = {t["name"]: t for t in traces if t["mode"] == "lines"}
     out = {}
     for label, m in marks.items():
@@ -108,7 +110,7 @@ def test_two_variables_are_drawn_as_observed_against_the_fit_at_each_point(tmp_p
     y_titles = [
         axis_of(layout, t, "y").get("title", {}).get("text")
         for t in traces
-        if t["mode"] == "markers"
+        if t["mode"] == "markers" and t["name"] in drawn
     ]
     assert y_titles == ["observed z", None, None, None]  # the first column's
 
@@ -156,7 +158,7 @@ def test_the_small_multiples_take_the_report_sections_titles_and_log_axes(tmp_pa
         p = [float(rows[label][k]) for k in start]
         np.testing.assert_allclose(values(line["y"]), dose_response(gx, *p), rtol=1e-9)
     cols = 6  # panels per row
-    order = [t["name"] for t in traces if t["mode"] == "markers"]
+    order = [t["name"] for t in traces if t["mode"] == "markers" and t["name"] in drawn]
     for k, label in enumerate(order):
         marks = drawn[label][0]
         x_title = axis_of(layout, marks, "x").get("title", {}).get("text")
@@ -259,3 +261,87 @@ def test_a_parameter_spanning_decades_is_binned_by_its_log10():
     assert fig["layout"]["xaxis"]["title"]["text"] == "log10 ec50"
     np.testing.assert_array_equal(values(second["x"]), top)  # 90-110: binned as it is
     assert fig["layout"]["xaxis2"]["title"]["text"] == "top"
+
+
+def test_rows_left_out_are_drawn_in_their_groups_panel_and_kept_in_left_out_csv(tmp_path):
+    # A grouped run dropped the rows it left out from its plots and kept no left_out.csv; and
+    # data.range lost the file's column names (the axes were titled x and y, not t and y).
+    rng = np.random.default_rng(3)
+    lines = ["t,y,well"]
+    blank = {("w1", 5), ("w2", 11)}  # (group, row): an empty y cell
+    for g in range(3):
+        for i, t in enumerate(np.linspace(0, 5, 20).tolist()):
+            y = 2 * np.exp(-0.7 * t) + 0.2 + rng.normal(0, 0.02)
+            lines.append(f"{t!r},{'' if (f'w{g}', i) in blank else repr(float(y))},w{g}")
+    (tmp_path / "wells.csv").write_text("\n".join(lines) + "\n")
+    params = {"a": {"value": 1, "per_group": True}, "b": {"value": 1, "per_group": True}}
+    cfg = {
+        **WELLS_CFG,
+        "data": {**WELLS_CFG["data"], "nan_policy": "omit", "range": {"x": [0, 4]}},
+        "model": {"expr": "a*exp(-b*x) + 0.2", "params": params},
+    }
+    run = train(tmp_path, cfg)
+    # What left_out.csv should hold, from the file itself: each row's x, y, reason and group.
+    t, y, well = [], [], []
+    for line in lines[1:]:
+        a, b, c = line.split(",")
+        t.append(float(a)), y.append(float(b) if b else np.nan), well.append(c)
+    t, y, well = np.array(t), np.array(y), np.array(well)
+    nan, outside = np.isnan(y), (t > 4) & ~np.isnan(y)
+    with open(run / "left_out.csv", newline="") as fh:
+        left = list(csv.DictReader(fh))
+    assert list(left[0]) == ["x", "y", "reason", "group"]
+    got = sorted((float(r["x"]), r["reason"], r["group"]) for r in left)
+    want = sorted(
+        [(v, "nan", w) for v, w in zip(t[nan], well[nan], strict=True)]
+        + [(v, "range", w) for v, w in zip(t[outside], well[outside], strict=True)]
+    )
+    assert got == want
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rows"]["omitted_nan"] == 2 and summary["rows"]["outside_range"] == int(
+        outside.sum()
+    )
+    page = (run / "report.html").read_text(encoding="utf-8")
+    traces, layout = figure(page, "fitcli-groups")
+    drawn = panels(traces)
+    for label, (marks, _) in drawn.items():
+        grey = [t for t in traces if t["name"] == f"{label} outside range"]
+        assert len(grey) == 1 and grey[0]["xaxis"] == marks["xaxis"]
+        sel = outside & (well == label)
+        np.testing.assert_array_equal(values(grey[0]["x"]), t[sel])
+        np.testing.assert_array_equal(values(grey[0]["y"]), y[sel])
+        # The NaN rows have no y to draw: no hollow markers for them.
+        assert not [t for t in traces if t["name"] == f"{label} omitted (NaN)"]
+        assert axis_of(layout, marks, "x")["title"]["text"] == "t"  # the file's column name
+    # `fitcli plot` draws the same page again from the run directory.
+    before = page
+    (run / "report.html").unlink()
+    assert runner.invoke(app, ["plot", str(run)]).exit_code == 0
+    assert (run / "report.html").read_text(encoding="utf-8") == before
+
+
+def test_rows_left_out_of_several_files_are_labelled_by_their_file(tmp_path):
+    rng = np.random.default_rng(5)
+    for name in ("plate_a", "plate_b"):
+        rows = ["t,y"]
+        for t in np.linspace(0, 6, 15).tolist():
+            rows.append(f"{t!r},{float(2 * np.exp(-0.5 * t) + rng.normal(0, 0.02))!r}")
+        (tmp_path / f"{name}.csv").write_text("\n".join(rows) + "\n")
+    params = {"a": {"value": 1, "per_group": True}, "b": {"value": 1, "per_group": True}}
+    cfg = {
+        **WELLS_CFG,
+        "data": {
+            "files": [str(tmp_path / "plate_a.csv"), str(tmp_path / "plate_b.csv")],
+            "columns": {"x": "t", "y": "y"},
+            "range": {"x": [0, 5]},
+        },
+        "model": {"expr": "a*exp(-b*x)", "params": params},
+    }
+    run = train(tmp_path, cfg)
+    with open(run / "left_out.csv", newline="") as fh:
+        left = list(csv.DictReader(fh))
+    beyond = [t for t in np.linspace(0, 6, 15).tolist() if t > 5]
+    assert sorted((r["group"], float(r["x"])) for r in left) == sorted(
+        (g, t) for g in ("plate_a", "plate_b") for t in beyond
+    )
+    assert {r["reason"] for r in left} == {"range"}

@@ -178,3 +178,23 @@ def test_relative_sigma_scales_the_covariance_as_curve_fit(runner, tmp_path):
         covs[absolute] = np.array(s["covariance"])
         chi2 = s["chi2_reduced"]
     np.testing.assert_allclose(covs[False], covs[True] * chi2, rtol=1e-9)
+
+
+def test_range_keeps_the_files_column_names_for_the_axes(runner, tmp_path):
+    # data.range rebuilt the data set without the file's header names: the run's axes were
+    # titled x and y instead of the columns' names.
+    rng = np.random.default_rng(1)
+    t = np.linspace(0, 10, 30)
+    rows = ["time_s,counts"] + [
+        f"{a!r},{b!r}"
+        for a, b in zip(
+            t.tolist(), (_f(t, 3.0, 0.4) + rng.normal(0, 0.05, t.size)).tolist(), strict=True
+        )
+    ]
+    path = tmp_path / "named.csv"
+    path.write_text("\n".join(rows) + "\n")
+    data = f"{{file: {path}, columns: {{x: time_s, y: counts}}, range: {{x: [1, 8]}}}}"
+    result, run_dir, s = _train(runner, tmp_path, data)
+    assert result.exit_code == 0, result.output
+    assert s["columns"] == {"x": "time_s", "y": "counts"}
+    assert s["rows"]["outside_range"] == int(((t < 1) | (t > 8)).sum())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import itertools
@@ -29,11 +30,14 @@ READ_BLOCK = 16 * 1024**2  # bytes of a data file parsed at a time by the fast r
 @dataclass
 class LeftOut:
     """Rows read but not fitted: their x (n x k for several variables), y (NaN where the cell
-    was), and why, per row: "nan" (`data.nan_policy: omit`) or "range" (`data.range`)."""
+    was), and why, per row: "nan" (`data.nan_policy: omit`) or "range" (`data.range`); for
+    grouped data, each row's group label (the cell as read: it may be empty or a group none
+    of whose rows was kept)."""
 
     x: np.ndarray
     y: np.ndarray
     reason: np.ndarray
+    group: np.ndarray | None = None
 
 
 @dataclass
@@ -188,26 +192,33 @@ def restrict(ds: Dataset, ranges: dict[str, list[float]]) -> Dataset:
         )
     rows = dict(ds.rows or {"read": ds.n, "used": ds.n, "omitted_nan": 0, "outside_range": 0})
     rows["used"], rows["outside_range"] = ds.n - outside, outside
-    left = LeftOut(ds.x[~keep], ds.y[~keep], np.full(outside, "range"))
+    group = None
+    if ds.group is not None and ds.group_labels is not None:
+        group = np.asarray(ds.group_labels, dtype=object)[ds.group[~keep]]
+    left = LeftOut(ds.x[~keep], ds.y[~keep], np.full(outside, "range"), group)
     if ds.left_out is not None:
-        left = LeftOut(
-            np.concatenate([ds.left_out.x, left.x]),
-            np.concatenate([ds.left_out.y, left.y]),
-            np.concatenate([ds.left_out.reason, left.reason]),
-        )
-    return Dataset(
+        left = concat_left_out([ds.left_out, left])
+    return dataclasses.replace(  # the file's digest, size and column names kept
+        ds,
         x=np.ascontiguousarray(ds.x[keep]),
         y=ds.y[keep],
         y_true=None if ds.y_true is None else ds.y_true[keep],
         sigma=None if ds.sigma is None else ds.sigma[keep],
-        source=ds.source,
-        digest=ds.digest,
-        variables=ds.variables,
         rows=rows,
         omitted_lines=ds.omitted_lines if ds.omitted_lines is not None else [],
         left_out=left,
         group=None if ds.group is None else ds.group[keep],
-        group_labels=ds.group_labels,
+    )
+
+
+def concat_left_out(parts: list[LeftOut]) -> LeftOut:
+    """Several `LeftOut` one after the other (their groups kept where every part has them)."""
+    groups = [p.group for p in parts]
+    return LeftOut(
+        np.concatenate([p.x for p in parts]),
+        np.concatenate([p.y for p in parts]),
+        np.concatenate([p.reason for p in parts]),
+        None if any(g is None for g in groups) else np.concatenate(groups),  # type: ignore[arg-type]
     )
 
 
@@ -455,7 +466,7 @@ def load_table_text(
     else:
         ds = _dataset(path, fast.table, columns)
         if omit_nan:
-            _note_omitted(ds, fast.omitted, len(fast.table))
+            _note_omitted(ds, fast.omitted, len(fast.table), labelled=fast.text is not None)
     ds.digest, ds.size = file_digest(path), size
     ds.names = column_names(path, columns)
     return ds, None if fast is None else fast.text
@@ -621,7 +632,7 @@ class _FastTable:
     or empty cells (`omit_nan`: 1-based line, wanted values), and the text column if asked."""
 
     table: list[np.ndarray]
-    omitted: list[tuple[int, list[float]]]
+    omitted: list[tuple[int, list[float], str]]  # with the text column's cell ("" without)
     text: TextColumn | None
 
 
@@ -694,7 +705,7 @@ def _read_fast(
         released = 0
         out = [np.empty(nrows, dtype=np.float64) for _ in wanted]
         labels = _Labels(nrows, delimiter) if ti is not None else None
-        omitted: list[tuple[int, list[float]]] = []
+        omitted: list[tuple[int, list[float], str]] = []
         row = 0
         a = body_start
         try:
@@ -747,7 +758,7 @@ def _read_fast(
                         if what != "keep":
                             keep[r] = False
                             if what == "omit":
-                                omitted.append((line_at + r, values))
+                                omitted.append((line_at + r, values, cell))
                             continue
                         table[r] = values
                         if cells is not None:
@@ -815,9 +826,9 @@ def _check_row(
     omit_nan: bool,
 ) -> tuple[str, list[float], str] | None:
     """A row the block parser found non-finite (or with an empty text cell), read as the
-    precise reader reads it: ("skip", ...) for a blank line, ("omit", values) for a row with a
-    NaN or empty cell under `omit_nan`, ("keep", values, text cell) for a good row; None for
-    anything the precise reader refuses (it names the fault)."""
+    precise reader reads it: ("skip", ...) for a blank line, ("omit", values, text cell) for a
+    row with a NaN or empty cell under `omit_nan`, ("keep", values, text cell) for a good row;
+    None for anything the precise reader refuses (it names the fault)."""
     if _is_skipped(line):
         return "skip", [], ""
     cells = _split(line, delimiter)
@@ -838,9 +849,7 @@ def _check_row(
         if not math.isfinite(value):
             return None
         values.append(value)
-    if missing:
-        return "omit", values, ""
-    return "keep", values, "" if text is None else cells[text]
+    return "omit" if missing else "keep", values, "" if text is None else cells[text]
 
 
 def _missing(cells: np.ndarray, omit_nan: bool) -> np.ndarray:
@@ -980,7 +989,7 @@ def _read_precise(path: Path, columns: ColumnsSpec | None, omit_nan: bool = Fals
         raise DataError(f"data.file: {path} holds no data")
     header, delimiter, ncols, wanted = _layout(lines[first], first + 1, path, columns)
     body_start = first + 1 if header is not None else first
-    omitted: list[tuple[int, list[float]]] | None = [] if omit_nan else None
+    omitted: list[tuple[int, list[float], str]] | None = [] if omit_nan else None
     table = _parse_body(lines, body_start, delimiter, ncols, path, wanted, omitted)
     ds = _dataset(path, [np.ascontiguousarray(table[:, j]) for j in range(len(wanted))], columns)
     if omitted is not None:
@@ -988,23 +997,30 @@ def _read_precise(path: Path, columns: ColumnsSpec | None, omit_nan: bool = Fals
     return ds
 
 
-def _note_omitted(ds: Dataset, omitted: list[tuple[int, list[float]]], width: int) -> None:
+def _note_omitted(
+    ds: Dataset,
+    omitted: list[tuple[int, list[float], str]],
+    width: int,
+    labelled: bool = False,
+) -> None:
     """`rows`, `omitted_lines` and `left_out` of the rows left out for NaN or empty cells
-    (1-based line, their `width` wanted values with NaN for those cells)."""
+    (1-based line, their `width` wanted values with NaN for those cells, the text column's
+    cell: with `labelled`, the rows' group labels)."""
     k = len(ds.variables)
-    dropped = np.array([v for _, v in omitted], dtype=np.float64).reshape(-1, width)
+    dropped = np.array([v for _, v, _ in omitted], dtype=np.float64).reshape(-1, width)
     ds.rows = {
         "read": ds.n + len(omitted),
         "used": ds.n,
         "omitted_nan": len(omitted),
         "outside_range": 0,
     }
-    ds.omitted_lines = [line for line, _ in omitted]
+    ds.omitted_lines = [line for line, _, _ in omitted]
     if omitted:
         ds.left_out = LeftOut(
             dropped[:, 0] if k == 1 else dropped[:, :k],
             dropped[:, k],
             np.full(len(omitted), "nan"),
+            np.array([c for _, _, c in omitted], dtype=object) if labelled else None,
         )
 
 
@@ -1015,7 +1031,7 @@ def _parse_body(
     ncols: int,
     path: Path,
     wanted: list[int],
-    omitted: list[tuple[int, list[float]]] | None = None,
+    omitted: list[tuple[int, list[float], str]] | None = None,
 ) -> np.ndarray:
     """The wanted columns of the table body as an (n, len(wanted)) float64 array. With
     `omitted` (a list), a row with a NaN or empty cell in a wanted column is left out and
@@ -1054,7 +1070,7 @@ def _parse_body(
                 )
             out[row, j] = value
         if missing and omitted is not None:
-            omitted.append((lineno + 1, out[row].tolist()))
+            omitted.append((lineno + 1, out[row].tolist(), ""))
             continue
         row += 1
     return out[:row]

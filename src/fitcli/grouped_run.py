@@ -645,6 +645,8 @@ def execute_grouped(
                     group=ds.group,
                     group_labels=prep.labels,
                 )
+            if ds.left_out is not None and len(ds.left_out.y):
+                files.write_left_out_csv(run_dir / files.LEFT_OUT, ds.left_out, ds.variables)
         else:
             tidy_snapshots(run_dir, prep.cfg.epochs)  # temporary files a kill left
             if resume.overrides:  # resumed with overrides: config.yaml is the config now
@@ -883,9 +885,10 @@ def _curves(
     log_x: bool = False,
 ):
     """At most 36 groups, spread over the loss distribution with the worst first: each one's
-    label, status, data (x, y) and fitted curve (x grid, model). The grid spans the group's
-    x, evenly in log x with `log_x` where its x are positive. Several variables: (label,
-    status, the fit at the data points, y, None, None)."""
+    label, status, data (x, y), fitted curve (x grid, model) and its rows left out (x, y,
+    reason; None if none). The grid spans the group's x, evenly in log x with `log_x` where
+    its x are positive. Several variables: (label, status, the fit at the data points, y,
+    None, None, None)."""
     from fitcli.groups import _model
 
     finite = [j for j, r in enumerate(rows) if math.isfinite(r["loss"])]
@@ -913,6 +916,8 @@ def _curves(
         else:
             grid = x  # several variables: the fit at the data points
         m = _model(prep.model, prep.layout, grid, False)(theta[idx], shared).cpu().numpy()
+    left = prep.dataset.left_out
+    left_groups = None if left is None or left.group is None else left.group.astype(str)
     out: list[tuple[Any, ...]] = []
     for k, j in enumerate(order):
         n = int(data.counts[j])
@@ -921,7 +926,12 @@ def _curves(
         label, status = rows[j]["group"], rows[j]["status"]
         if x.dim() == 2:
             xs = sub.x[k, :n].cpu().numpy()
-            out.append((label, status, xs, ys, grid[k].cpu().numpy(), m[k]))
+            mine = None
+            if left is not None and left_groups is not None:
+                sel = left_groups == label
+                if sel.any():
+                    mine = (left.x[sel], left.y[sel], left.reason[sel])
+            out.append((label, status, xs, ys, grid[k].cpu().numpy(), m[k], mine))
         else:
-            out.append((label, status, m[k, :n], ys, None, None))
+            out.append((label, status, m[k, :n], ys, None, None, None))
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from fitcli.data import (
     _is_number,
     _is_skipped,
     _split,
+    concat_left_out,
     load_table,
     load_table_text,
 )
@@ -88,17 +90,23 @@ def attach_group_column(ds: Dataset, path: Path, spec: str | int) -> None:
         index = cells.index(spec)
     omitted = set(ds.omitted_lines or [])
     labels: list[str] = []
+    left: list[str] = []  # the group cells of the rows left out for NaN, in line order
     for k in range(first + 1 if header else first, len(lines)):
         line = lines[k]
-        if _is_skipped(line) or (k + 1) in omitted:
+        if _is_skipped(line):
             continue
         row = _split(line, delimiter)
         cell = row[index] if index < len(row) else ""
+        if (k + 1) in omitted:
+            left.append(cell)
+            continue
         if cell == "":
             raise DataError(f"{key}: {path} line {k + 1}: the group cell is empty")
         labels.append(cell)
     codes, uniq = _codes(labels)
     _set_groups(ds, path, spec, codes, uniq)
+    if ds.left_out is not None and ds.left_out.group is None:
+        ds.left_out.group = np.array(left, dtype=object)
 
 
 def _set_groups(
@@ -190,6 +198,11 @@ def load_files(
             k: sum((p.rows or {}).get(k, 0) for p in parts)
             for k in ("read", "used", "omitted_nan", "outside_range")
         }
+    left = [
+        replace(p.left_out, group=np.full(len(p.left_out.y), label, dtype=object))
+        for p, label in zip(parts, labels, strict=True)
+        if p.left_out is not None
+    ]
     return Dataset(
         x=np.concatenate([p.x for p in parts]),
         y=np.concatenate([p.y for p in parts]),
@@ -200,6 +213,7 @@ def load_files(
         digest=f"sha256:{digest}",
         variables=parts[0].variables,
         rows=rows,
+        left_out=concat_left_out(left) if left else None,
         group=np.repeat(np.arange(len(parts), dtype=np.int64), counts),
         group_labels=tuple(labels),
     )

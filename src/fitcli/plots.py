@@ -1465,8 +1465,9 @@ def group_small_multiples(
     curves: list, *, title: str, labels: Labels | None = None, versus_fitted: bool = False
 ) -> dict:
     """A grid of small plots, one per group, at most 36: `curves` holds (label, status, x, y,
-    grid x, model on the grid) per group. One variable: its data (markers) and its fit (a
-    line) against x, on the axes `labels` name (log axes where it says). Several
+    grid x, model on the grid, left out) per group. One variable: its data (markers) and its
+    fit (a line) against x, on the axes `labels` name (log axes where it says), and the rows
+    left out (x, y, reason, or None) as `left_out_traces` draws them. Several
     (`versus_fitted`): x is the fit at the data points, drawn against the observations with
     the diagonal where they agree; the grid is not used. The x axis is titled on the panels
     with none below, the y axis on the first column."""
@@ -1482,7 +1483,7 @@ def group_small_multiples(
     log_y = labels.log_y
     small = {"font": {"size": 10}}
     gap = 0.04
-    for k, (label, status, x, y, gx, gy) in enumerate(curves):
+    for k, (label, status, x, y, gx, gy, left) in enumerate(curves):
         r, c = divmod(k, cols)
         axis = "" if k == 0 else str(k + 1)
         x0 = c / cols + gap / 2
@@ -1533,6 +1534,10 @@ def group_small_multiples(
                 "line": {"color": color, "width": 1.5},
             }
         )
+        if left is not None and not versus_fitted:
+            lx, ly, why = left
+            traces = left_out_traces(lx, ly, why, on)
+            data += [{**t, "name": f"{label} {t['name']}"} for t in traces]
         layout.setdefault("annotations", []).append(
             {
                 "text": text(f"{label} ({status})"),

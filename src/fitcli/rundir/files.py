@@ -586,13 +586,18 @@ def _csv_cell(text: str) -> str:
 
 def write_left_out_csv(path: Path, left_out: Any, variables: tuple[str, ...]) -> None:
     """left_out.csv: the rows read but not fitted, their variables' columns (x for one), y
-    (nan where the cell was empty or NaN) and `reason`: nan or range."""
+    (nan where the cell was empty or NaN) and `reason`: nan or range; for grouped data then
+    `group`, each row's group cell as read."""
     x = left_out.x
     columns = list(variables) if x.ndim == 2 else ["x"]
-    lines = [",".join([*columns, "y", "reason"])]
+    grouped = getattr(left_out, "group", None) is not None
+    lines = [",".join([*columns, "y", "reason", *(["group"] if grouped else [])])]
     xs = x.tolist() if x.ndim == 2 else [[v] for v in x.tolist()]
-    for row, y, why in zip(xs, left_out.y.tolist(), left_out.reason.tolist(), strict=True):
-        lines.append(",".join([*map(repr, row), repr(y), str(why)]))
+    groups = [[_csv_cell(str(g))] for g in left_out.group] if grouped else [[]] * len(xs)
+    for row, y, why, g in zip(
+        xs, left_out.y.tolist(), left_out.reason.tolist(), groups, strict=True
+    ):
+        lines.append(",".join([*map(repr, row), repr(y), str(why), *g]))
     atomic_write(path, "\n".join(lines) + "\n")
 
 

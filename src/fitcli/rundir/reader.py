@@ -481,7 +481,7 @@ def read_run(run_dir: Path) -> Run:
             f"{files.METRICS} is not written yet (status {status}): no loss curve or parameter "
             "trajectories"
         )
-    left_out = _read_left_out(run_dir, x_cols) if (run_dir / files.LEFT_OUT).exists() else None
+    left_out = _read_left_out(run_dir, x_cols)[:3] if (run_dir / files.LEFT_OUT).exists() else None
     bands = _read_bands(run_dir, summary, data["x"])
     return Run(
         run_dir,
@@ -498,27 +498,34 @@ def read_run(run_dir: Path) -> Run:
     )
 
 
-def _read_left_out(run_dir: Path, x_cols: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """left_out.csv (`files.write_left_out_csv`): x (n x k for several variables), y, reason."""
+def _read_left_out(
+    run_dir: Path, x_cols: list[str], grouped: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """left_out.csv (`files.write_left_out_csv`): x (n x k for several variables), y, reason,
+    and with `grouped` each row's group (else None)."""
+    import csv
+
     path = run_dir / files.LEFT_OUT
     lines = _read_text(run_dir, files.LEFT_OUT, None).splitlines()
-    header = [*x_cols, "y", "reason"]
+    header = [*x_cols, "y", "reason", *(["group"] if grouped else [])]
     if not lines or lines[0].split(",") != header:
         raise RunFileError(f"{path}: garbled header; expected {','.join(header)}")
-    values, reasons = [], []
-    for lineno, line in enumerate(lines[1:], start=2):
-        cells = line.split(",")
+    width = len(x_cols) + 1
+    values, reasons, groups = [], [], []
+    for lineno, cells in enumerate(csv.reader(lines[1:]), start=2):
         try:
-            if len(cells) != len(header) or cells[-1] not in ("nan", "range"):
+            if len(cells) != len(header) or cells[width] not in ("nan", "range"):
                 raise ValueError
-            values.append([float(c) for c in cells[:-1]])
+            values.append([float(c) for c in cells[:width]])
         except ValueError:
             raise RunFileError(f"{path} line {lineno}: garbled row") from None
-        reasons.append(cells[-1])
-    table = np.array(values, dtype=np.float64).reshape(-1, len(header) - 1)
+        reasons.append(cells[width])
+        groups.append(cells[-1])
+    table = np.array(values, dtype=np.float64).reshape(-1, width)
     k = len(x_cols)
     x = table[:, 0] if k == 1 else table[:, :k]
-    return x, table[:, k], np.array(reasons)
+    group = np.array(groups, dtype=object) if grouped else None
+    return x, table[:, k], np.array(reasons), group
 
 
 def _read_bands(run_dir: Path, summary: dict, x: np.ndarray) -> dict[str, Any] | None:
@@ -698,9 +705,13 @@ def read_grouped(run_dir: Path) -> GroupedRun:
     except (TypeError, ValueError) as exc:
         raise RunFileError(f"{run_dir / 'groups.csv'}: holds a non-number ({exc})") from None
     if referenced:
-        dataset = _read_grouped_file(run_dir, summary, cfg, labels)
+        dataset = _read_grouped_file(run_dir, summary, cfg, labels)  # its left_out as read
     else:
         dataset = _read_grouped_csv(run_dir, x_cols, labels)
+        if (run_dir / files.LEFT_OUT).exists():
+            from fitcli.data import LeftOut
+
+            dataset.left_out = LeftOut(*_read_left_out(run_dir, x_cols, grouped=True))
     return GroupedRun(run_dir, summary, cfg, dataset, rows, config_text)
 
 
