@@ -345,3 +345,15 @@ def test_rows_left_out_of_several_files_are_labelled_by_their_file(tmp_path):
         (g, t) for g in ("plate_a", "plate_b") for t in beyond
     )
     assert {r["reason"] for r in left} == {"range"}
+
+
+def test_predict_and_ci_of_a_grouped_run_say_they_take_single_runs(tmp_path):
+    # They said "comparisons and --format figures take single runs": not what was asked.
+    write_wells(tmp_path / "wells.csv", [20, 20, 20])
+    per = {k: {"value": v, "per_group": True} for k, v in {"a": 1, "b": 1, "c": 0.1}.items()}
+    run = train(tmp_path, {**WELLS_CFG, "model": {**WELLS_CFG["model"], "params": per}})
+    for args in (["predict", str(run), "--x", "0:1:3"], ["ci", str(run)]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "a grouped run (3 groups); predict, ci" in result.output
+        assert "groups.csv" in result.output and "Traceback" not in result.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 
 from sweep_helpers import SEED, SMALL
 from typer.testing import CliRunner
@@ -122,3 +123,35 @@ def test_a_running_run_whose_process_is_gone_is_stale_and_only_this_host_is_chec
     assert got == {name: want for name, (_, want) in cases.items()}
     res = runner.invoke(app, ["runs", str(tmp_path / "listed"), "--status", "stale"])
     assert res.exit_code == 0 and res.stdout.count("stale") == 3, res.output
+
+
+def test_a_grouped_run_is_listed_with_its_group_counts(tmp_path):
+    # A grouped run of independent fits showed an empty params cell: its values are per group.
+    rows = ["t,y,well"]
+    for g, (a, b) in enumerate([(2.0, 0.5), (1.5, 0.9), (3.0, 0.3)]):
+        rows += [f"{t!r},{a * math.exp(-b * t)!r},w{g}" for t in [0.0, 0.5, 1.0, 2.0, 3.0, 4.0]]
+    rows += ["0.0,1.0,w3", "1.0,0.5,w3"]  # two points for two parameters: fails, too few
+    (tmp_path / "w.csv").write_text("\n".join(rows) + "\n")
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text(
+        "name: plate\ndata: {file: w.csv, columns: {x: t, y: y, group: well}}\n"
+        "model: {expr: a*exp(-b*x), params: {a: {value: 1, per_group: true}, "
+        "b: {value: 1, per_group: true}}}\noptimizer: {name: LM}\n"
+    )
+    run = tmp_path / "runs" / "plate"
+    res = runner.invoke(app, ["train", str(cfg), "--run-dir", str(run), "--progress", "none"])
+    assert res.exit_code == 1, res.output
+    summary = json.loads((run / "summary.json").read_text())
+    res = runner.invoke(app, ["runs", str(tmp_path / "runs")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("plate"))
+    counts = (
+        f"{summary['groups']} groups: {summary['groups_converged']} converged, "
+        f"{summary['groups_failed']} failed"
+    )
+    assert counts == "4 groups: 3 converged, 1 failed" and counts in line
+    # The machine-readable forms keep their columns: the counts are summary.json's.
+    listed = json.loads(
+        runner.invoke(app, ["runs", str(tmp_path / "runs"), "--format", "json"]).stdout
+    )
+    assert listed[0]["params"] == {}

@@ -62,12 +62,33 @@ def _row(run_dir: Path, summary: dict) -> dict:
         "display": {
             "epochs": "" if summary.get("epochs_run") is None else str(summary["epochs_run"]),
             "final_loss": "-" if loss is None else f"{loss:.6g}",
-            "params": ", ".join(
-                f"{k}={'-' if v is None else format(v, '.6g')}" for k, v in params.items()
+            "params": "; ".join(
+                part
+                for part in (
+                    _groups_text(summary),
+                    ", ".join(
+                        f"{k}={'-' if v is None else format(v, '.6g')}" for k, v in params.items()
+                    ),
+                )
+                if part
             ),
             "time_s": "-" if t is None else f"{t:.2f}",
         },
     }
+
+
+def _groups_text(summary: dict) -> str:
+    """A grouped run's counts, shown before its shared parameters in the table: "96 groups: 95
+    converged, 1 failed" (its per-group values are in its groups.csv); "" for a single run."""
+    groups = summary.get("groups")
+    if type(groups) is not int:
+        return ""
+    done = [
+        f"{summary[key]} {word}"
+        for key, word in (("groups_converged", "converged"), ("groups_failed", "failed"))
+        if type(summary.get(key)) is int
+    ]
+    return f"{groups} groups" + (": " + ", ".join(done) if done else "")
 
 
 def collect(paths: Iterable[Path]) -> tuple[list[dict], list[tuple[Path, str]]]:

@@ -395,8 +395,9 @@ def read_run(run_dir: Path) -> Run:
     summary = _check_summary(run_dir, files.read_summary(run_dir))
     if "groups" in summary:
         raise RunFileError(
-            f"{run_dir}: a grouped run ({summary['groups']} groups): `fitcli plot {run_dir}` "
-            "rebuilds its report; comparisons and --format figures take single runs"
+            f"{run_dir}: a grouped run ({summary['groups']} groups); predict, ci, comparison "
+            f"pages and --format figures take single runs (`fitcli plot {run_dir}` rebuilds "
+            "its report; each group's values and errors are in its groups.csv)"
         )
     status = summary["status"]
     names = list(summary["params"])
