@@ -186,6 +186,7 @@ MAGNITUDES = st.floats(0.05, 2) | st.floats(-2, -0.05)
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(source=EXPRESSIONS, a=MAGNITUDES, b=MAGNITUDES, c=st.floats(0.2, 2))
 @example(source="atan2(max(x, a), (b / x))", a=-0.5, b=0.5, c=1.0)
+@example(source="hypot(x, where(x > 0.3, a, x))", a=1.0, b=1.0, c=1.0)
 def test_random_expressions_match_autograd(source, a, b, c):
     e = parse_expression(source)
     values = {"a": a, "b": b, "c": c}

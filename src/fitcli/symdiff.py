@@ -182,12 +182,21 @@ def _load_special() -> None:
             "expm1": _one(np.expm1, lambda u, v: np.exp(u)),
             "sinc": _one(_sinc, _sinc_derivative),
             "atan2": NumpyFunction(np.arctan2, (_atan2_dy, _atan2_dx)),
-            "hypot": NumpyFunction(np.hypot, (lambda a, b, v: a / v, lambda a, b, v: b / v)),
+            "hypot": NumpyFunction(
+                np.hypot, (_hypot_partial, lambda a, b, v: _hypot_partial(b, a, v))
+            ),
             "heaviside": _one(lambda u: 0.5 * (np.sign(u) + 1.0), lambda u, v: np.zeros_like(u)),
         }
     )
     FUNCTIONS["expit"] = FUNCTIONS["sigmoid"]
     _loaded = True
+
+
+def _hypot_partial(a: Any, b: Any, v: Any) -> Any:
+    # a / hypot(a, b), and 0 at the origin (a subgradient of the norm there): 0 / 0 would make
+    # a derivative NaN even where the argument does not depend on the parameter (the tangent
+    # 0 of a `where` branch not taken, which autograd's reverse pass masks to 0).
+    return np.where(v == 0, 0.0, a / np.where(v == 0, 1.0, v))
 
 
 def _atan2_dy(y: Any, x: Any, v: Any) -> Any:
