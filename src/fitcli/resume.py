@@ -99,17 +99,10 @@ def start(
     if config is None:
         raise InputError("missing the config file: fitcli train CONFIG [key=value ...]")
     cfg = load_config(config, overrides)  # before torch: bad input fails fast
-    dataset = None
-    if cfg.data.file is not None or cfg.data.files is not None:
-        from fitcli.data import make_dataset
-        from fitcli.torchboot import importing_meanwhile
-
-        with importing_meanwhile():  # a data file is read while torch is imported
-            dataset = make_dataset(cfg)
     from fitcli.experiment import make_run_dir  # lazy: imports torch
     from fitcli.prepare import prepare
 
-    prep = prepare(cfg, dataset)
+    prep = prepare(cfg)
     if cfg.starts > 1:  # before the run directory exists: a stop meanwhile leaves nothing
         from fitcli.starts import search
 

@@ -8,20 +8,14 @@ torch._dynamo for anything else it is a small stand-in module; the first other a
 reads loads the real torch._dynamo and is answered from it (torch.func.jacrev does this).
 
 Set FITCLI_EAGER_DYNAMO=1 to import the real module as usual.
-
-`importing_meanwhile` imports torch in a helper thread while a run reads its data file
-(FITCLI_IMPORT_MEANWHILE=0: one after the other).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import sys
-import threading
 import types
-from collections.abc import Iterator
 
 
 class _DeferredDynamo(types.ModuleType):
@@ -65,30 +59,3 @@ def import_torch():
     sys.modules["torch._dynamo"] = stub
     torch._dynamo = stub
     return torch
-
-
-@contextlib.contextmanager
-def importing_meanwhile() -> Iterator[None]:
-    """Import torch (as `import_torch` does) in a helper thread while the block runs, and wait
-    for it at the end, so that work that needs no torch (reading a data file) overlaps the
-    second or so torch takes. pandas' parser and numpy release the GIL for most of a read, and
-    the import is mostly its own; a large CSV then costs the longer of the two, not their sum.
-
-    The block's own outcome comes first: an exception from it is raised after the import has
-    ended (the process then exits as usual), and a failed import is left for the next
-    `import torch` to raise where it is needed. Nothing happens where torch is loaded already.
-    """
-    if "torch" in sys.modules or os.environ.get("FITCLI_IMPORT_MEANWHILE") == "0":
-        yield
-        return
-
-    def run() -> None:
-        with contextlib.suppress(BaseException):  # raised again by the next import
-            import_torch()
-
-    helper = threading.Thread(target=run, name="fitcli-import-torch", daemon=True)
-    helper.start()
-    try:
-        yield
-    finally:
-        helper.join()
