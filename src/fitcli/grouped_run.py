@@ -24,7 +24,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -837,9 +837,7 @@ def _pages(
 
     columns = summary.get("columns")
     labels = axis_labels(prep.cfg.report, columns if isinstance(columns, dict) else None)
-    several = prep.packed.x.dim() > 2
-    if several:  # the variables' names are not an axis here: the fit is drawn against y
-        labels = replace(labels, x="x")
+    several = prep.packed.x.dim() > 2  # then drawn as observed against fitted y
     theta0, shared0 = _start(prep)
     curves_fit = _curves(prep, result.theta, result.shared, rows, labels.log_x)
     curves_start = _curves(prep, theta0, shared0, rows, labels.log_x)
@@ -853,13 +851,8 @@ def _pages(
     hist = group_histograms(rows, prep.per_group)
     width = len(str(prep.cfg.epochs))
     last = int(max((r["iterations"] for r in rows), default=0))
-    start_page = f"{files.SNAPSHOTS}/epoch-{0:0{width}d}.html"
-    fit_page = f"{files.SNAPSHOTS}/epoch-{last:0{width}d}.html"
-    js = plotlyjs
-    links = [
-        (f"{0} (start)", snapshot_href + start_page.split("/", 1)[1]),
-        (f"{last} (fit)", snapshot_href + fit_page.split("/", 1)[1]),
-    ]
+    start_file, fit_file = (f"epoch-{k:0{width}d}.html" for k in (0, last))
+    links = [("0 (start)", snapshot_href + start_file), (f"{last} (fit)", snapshot_href + fit_file)]
     report = grouped_report_page(
         summary=summary,
         rows=rows,
@@ -871,8 +864,8 @@ def _pages(
         plotlyjs_src=plotlyjs if plotlyjs in ("embed", "cdn") else files.PLOTLY_JS,
     )
     return {
-        start_page: groups_page([fig_start], js, 1, name),
-        fit_page: groups_page([fig_fit], js, 1, name),
+        f"{files.SNAPSHOTS}/{start_file}": groups_page([fig_start], plotlyjs, 1, name),
+        f"{files.SNAPSHOTS}/{fit_file}": groups_page([fig_fit], plotlyjs, 1, name),
         files.REPORT: report,
     }
 
